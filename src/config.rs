@@ -1,0 +1,473 @@
+//! [`CacheBuilder`]: every setting, its default, and the environment variables that set it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use url::Url;
+
+use crate::cache::ImageCache;
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, ErrorKind, Result};
+use crate::key;
+
+/// One mebibyte: `CACHE_MAX_SIZE_MB` counts these, as the original design did.
+pub const MB: u64 = 1024 * 1024;
+/// Default size cap: 1024 MB.
+pub const DEFAULT_MAX_SIZE_BYTES: u64 = 1024 * MB;
+/// Default time to live: 24 hours.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default interval of the background sweep.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// Default permission bits of cached files.
+pub const DEFAULT_FILE_MODE: u32 = 0o600;
+
+/// Builds an [`ImageCache`]. Every setter documents its default; [`build`](Self::build)
+/// validates them and never panics.
+#[must_use = "a builder does nothing until .build().await"]
+#[derive(Clone)]
+pub struct CacheBuilder {
+    cache_dir: Option<PathBuf>,
+    max_size_bytes: u64,
+    default_ttl: Duration,
+    image_server: Option<String>,
+    http_client: Option<reqwest::Client>,
+    sweep_interval: Duration,
+    file_mode: u32,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    clock: Arc<dyn Clock>,
+}
+
+impl fmt::Debug for CacheBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("cache_dir", &self.cache_dir)
+            .field("max_size_bytes", &self.max_size_bytes)
+            .field("default_ttl", &self.default_ttl)
+            .field("image_server", &self.image_server)
+            .field("custom_http_client", &self.http_client.is_some())
+            .field("sweep_interval", &self.sweep_interval)
+            .field("file_mode", &format_args!("{:o}", self.file_mode))
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
+impl Default for CacheBuilder {
+    fn default() -> Self {
+        CacheBuilder {
+            cache_dir: None,
+            max_size_bytes: DEFAULT_MAX_SIZE_BYTES,
+            default_ttl: DEFAULT_TTL,
+            image_server: None,
+            http_client: None,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            file_mode: DEFAULT_FILE_MODE,
+            connect_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(60),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// The validated configuration an [`ImageCache`] runs with.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) cache_dir: PathBuf,
+    pub(crate) max_size_bytes: u64,
+    pub(crate) default_ttl: Duration,
+    pub(crate) image_server: Option<Url>,
+    pub(crate) http_client: reqwest::Client,
+    pub(crate) sweep_interval: Duration,
+    pub(crate) file_mode: u32,
+    pub(crate) dir_mode: u32,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl CacheBuilder {
+    /// A builder with every default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A builder whose settings come from the environment variables in the table of the crate
+    /// documentation, and from a `.env` file in the current directory for variables the
+    /// environment does not set. Setters called afterwards override them.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] naming the variable when a value cannot be parsed, or when the
+    /// `.env` file exists but cannot be read.
+    pub fn from_env() -> Result<Self> {
+        Self::from_env_and_file(Path::new(".env"))
+    }
+
+    /// Like [`from_env`](Self::from_env), with the `.env` file at `dotenv` (ignored if absent).
+    ///
+    /// # Errors
+    /// As [`from_env`](Self::from_env).
+    pub fn from_env_and_file(dotenv: &Path) -> Result<Self> {
+        let file = read_dotenv(dotenv)?;
+        Self::from_lookup(|name| std::env::var(name).ok().or_else(|| file.get(name).cloned()))
+    }
+
+    pub(crate) fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let mut b = CacheBuilder::new();
+        let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        if let Some(v) = var("IMAGE_SERVER") {
+            b.image_server = Some(v);
+        }
+        if let Some(v) = var("CACHE_DIR") {
+            b.cache_dir = Some(expand_home(&v));
+        }
+        if let Some(v) = var("CACHE_MAX_SIZE_MB") {
+            let mb: f64 = parse_number("CACHE_MAX_SIZE_MB", &v)?;
+            b.max_size_bytes = (mb * MB as f64) as u64;
+        }
+        if let Some(v) = var("CACHE_DEFAULT_TTL_HOURS") {
+            let hours: f64 = parse_number("CACHE_DEFAULT_TTL_HOURS", &v)?;
+            b.default_ttl = Duration::try_from_secs_f64(hours * 3600.0)
+                .map_err(|_| config_error("CACHE_DEFAULT_TTL_HOURS", &v, "out of range"))?;
+        }
+        if let Some(v) = var("CACHE_SWEEP_INTERVAL") {
+            b.sweep_interval = humantime::parse_duration(v.trim())
+                .map_err(|e| config_error("CACHE_SWEEP_INTERVAL", &v, &e.to_string()))?;
+        }
+        if let Some(v) = var("CACHE_FILE_MODE") {
+            b.file_mode = u32::from_str_radix(v.trim().trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| config_error("CACHE_FILE_MODE", &v, "expected octal such as 600"))?;
+        }
+        Ok(b)
+    }
+
+    /// Directory of the cache. Default: `$XDG_CACHE_HOME/vista3d`, else `~/.cache/vista3d`
+    /// (env `CACHE_DIR`). Created with mode 0700 if missing.
+    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache_dir = Some(dir.into());
+        self
+    }
+
+    /// Size cap in bytes for committed files. Default 1024 MB (env `CACHE_MAX_SIZE_MB`).
+    /// Least recently used entries are evicted to stay under it; a larger file is refused
+    /// with [`ErrorKind::TooLarge`].
+    pub fn max_size_bytes(mut self, bytes: u64) -> Self {
+        self.max_size_bytes = bytes;
+        self
+    }
+
+    /// Time to live of new entries. Default 24 hours (env `CACHE_DEFAULT_TTL_HOURS`).
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// Base URL that relative URLs are resolved against, such as `http://images:8042/data/`
+    /// (env `IMAGE_SERVER`). Default: none, so only absolute URLs are accepted. A relative URL
+    /// may not resolve outside this path.
+    pub fn image_server(mut self, url: impl Into<String>) -> Self {
+        self.image_server = Some(url.into());
+        self
+    }
+
+    /// The HTTP client to download with. Default: a client built by the cache with rustls,
+    /// the platform's root certificates, no automatic decompression and the timeouts below.
+    /// A client given here should not decompress bodies (reqwest does not unless its `gzip`
+    /// feature is on): the cache stores bytes exactly as sent.
+    pub fn http_client(mut self, client: reqwest::Client) -> Self {
+        self.http_client = Some(client);
+        self
+    }
+
+    /// How often the background sweeper expires entries, enforces the cap and saves access
+    /// times. Default 60 s (env `CACHE_SWEEP_INTERVAL`, e.g. `30s`); zero disables the
+    /// background task ([`ImageCache::cleanup`] still works).
+    pub fn sweep_interval(mut self, every: Duration) -> Self {
+        self.sweep_interval = every;
+        self
+    }
+
+    /// Permission bits of cached files. Default `0o600` (env `CACHE_FILE_MODE`, octal);
+    /// directories get the same bits plus search permission (`0o600` gives `0o700`).
+    /// Use `0o640` for a cache a group reads.
+    pub fn file_mode(mut self, mode: u32) -> Self {
+        self.file_mode = mode;
+        self
+    }
+
+    /// Connect timeout of the default HTTP client. Default 30 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Idle read timeout of the default HTTP client: a body that sends nothing for this long
+    /// fails. Default 60 s.
+    pub fn read_timeout(mut self, timeout: Duration) -> Self {
+        self.read_timeout = timeout;
+        self
+    }
+
+    /// The clock used for expiry. Default: the system clock. Tests pass a
+    /// [`ManualClock`](crate::ManualClock) and advance it.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Validates the settings, recovers the cache directory (off the async workers) and starts
+    /// the background sweeper.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for an invalid setting, [`ErrorKind::Locked`] when another process
+    /// uses the directory, [`ErrorKind::Io`] when it cannot be created or read.
+    ///
+    /// # Panics
+    /// When called outside a Tokio runtime.
+    pub async fn build(self) -> Result<ImageCache> {
+        let config = self.into_config()?;
+        ImageCache::open(config).await
+    }
+
+    pub(crate) fn into_config(self) -> Result<Config> {
+        let cache_dir = match self.cache_dir {
+            Some(dir) => dir,
+            None => default_cache_dir()?,
+        };
+        if cache_dir.as_os_str().is_empty() {
+            return Err(Error::new(ErrorKind::Config, "CACHE_DIR is empty"));
+        }
+        if self.max_size_bytes == 0 {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "the size cap (CACHE_MAX_SIZE_MB) must be greater than zero",
+            ));
+        }
+        if self.default_ttl.is_zero() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "the TTL (CACHE_DEFAULT_TTL_HOURS) must be greater than zero",
+            ));
+        }
+        if self.file_mode > 0o777 || self.file_mode & 0o600 != 0o600 {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "file mode {:o} must be at most 777 and let the owner read and write",
+                    self.file_mode
+                ),
+            ));
+        }
+        let image_server = self
+            .image_server
+            .as_deref()
+            .map(key::normalise_base)
+            .transpose()?;
+        let http_client = match self.http_client {
+            Some(client) => client,
+            None => default_client(self.connect_timeout, self.read_timeout)?,
+        };
+        // Search permission wherever read permission is granted.
+        let dir_mode = self.file_mode | ((self.file_mode & 0o444) >> 2);
+        Ok(Config {
+            cache_dir,
+            max_size_bytes: self.max_size_bytes,
+            default_ttl: self.default_ttl,
+            image_server,
+            http_client,
+            sweep_interval: self.sweep_interval,
+            file_mode: self.file_mode,
+            dir_mode,
+            clock: self.clock,
+        })
+    }
+}
+
+fn default_client(connect: Duration, read: Duration) -> Result<reqwest::Client> {
+    // reqwest is built without a bundled crypto provider; install ring once per process.
+    // An error means one is installed already, which is what we need.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(concat!("imgcache/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(connect)
+        .read_timeout(read)
+        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            // Never follow a redirect from https down to http.
+            let downgrade = attempt.url().scheme() == "http"
+                && attempt.previous().iter().any(|u| u.scheme() == "https");
+            if downgrade {
+                attempt.error("refusing a redirect from https to http")
+            } else if attempt.previous().len() >= 10 {
+                attempt.error("too many redirects")
+            } else {
+                attempt.follow()
+            }
+        }))
+        .build()
+        .map_err(|e| Error::new(ErrorKind::Config, "cannot build the HTTP client").with_source(e))
+}
+
+/// `$XDG_CACHE_HOME/vista3d`, else `$HOME/.cache/vista3d`.
+pub(crate) fn default_cache_dir() -> Result<PathBuf> {
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        let xdg = PathBuf::from(xdg);
+        if xdg.is_absolute() {
+            return Ok(xdg.join("vista3d"));
+        }
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(home) => Ok(PathBuf::from(home).join(".cache").join("vista3d")),
+        None => Err(Error::new(
+            ErrorKind::Config,
+            "no CACHE_DIR given and neither XDG_CACHE_HOME nor HOME is set",
+        )),
+    }
+}
+
+fn expand_home(v: &str) -> PathBuf {
+    match v.trim().strip_prefix("~/") {
+        Some(rest) => match std::env::var_os("HOME") {
+            Some(home) => PathBuf::from(home).join(rest),
+            None => PathBuf::from(v.trim()),
+        },
+        None => PathBuf::from(v.trim()),
+    }
+}
+
+fn parse_number(name: &str, v: &str) -> Result<f64> {
+    v.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite() && *n > 0.0)
+        .ok_or_else(|| config_error(name, v, "expected a positive number"))
+}
+
+fn config_error(name: &str, value: &str, why: &str) -> Error {
+    Error::new(ErrorKind::Config, format!("{name}={value:?}: {why}"))
+}
+
+fn read_dotenv(path: &Path) -> Result<HashMap<String, String>> {
+    match dotenvy::from_path_iter(path) {
+        Ok(iter) => iter
+            .map(|item| {
+                item.map_err(|e| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("cannot parse {}", path.display()),
+                    )
+                    .with_source(e)
+                })
+            })
+            .collect(),
+        Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(HashMap::new())
+        }
+        Err(e) => Err(
+            Error::new(ErrorKind::Config, format!("cannot read {}", path.display())).with_source(e),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_match_the_original_design() {
+        let b = CacheBuilder::from_lookup(lookup(&[])).unwrap();
+        assert_eq!(b.max_size_bytes, 1024 * 1024 * 1024);
+        assert_eq!(b.default_ttl, Duration::from_secs(86_400));
+        assert_eq!(b.file_mode, 0o600);
+        assert!(b.image_server.is_none());
+        let config = b.cache_dir("/tmp/x").into_config().unwrap();
+        assert_eq!(config.dir_mode, 0o700);
+    }
+
+    #[test]
+    fn environment_values_are_read() {
+        let b = CacheBuilder::from_lookup(lookup(&[
+            ("IMAGE_SERVER", "http://img:8042/data"),
+            ("CACHE_DIR", "/var/cache/imgs"),
+            ("CACHE_MAX_SIZE_MB", "2048"),
+            ("CACHE_DEFAULT_TTL_HOURS", "0.5"),
+            ("CACHE_SWEEP_INTERVAL", "5s"),
+            ("CACHE_FILE_MODE", "640"),
+        ]))
+        .unwrap();
+        assert_eq!(b.max_size_bytes, 2048 * MB);
+        assert_eq!(b.default_ttl, Duration::from_secs(1800));
+        assert_eq!(b.sweep_interval, Duration::from_secs(5));
+        assert_eq!(b.cache_dir.as_deref(), Some(Path::new("/var/cache/imgs")));
+        let config = b.into_config().unwrap();
+        assert_eq!(
+            config.image_server.unwrap().as_str(),
+            "http://img:8042/data/"
+        );
+        assert_eq!((config.file_mode, config.dir_mode), (0o640, 0o750));
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (name, value) in [
+            ("CACHE_MAX_SIZE_MB", "lots"),
+            ("CACHE_MAX_SIZE_MB", "-5"),
+            ("CACHE_DEFAULT_TTL_HOURS", "NaN"),
+            ("CACHE_SWEEP_INTERVAL", "often"),
+            ("CACHE_FILE_MODE", "999"),
+        ] {
+            let err = CacheBuilder::from_lookup(lookup(&[(name, value)])).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(err.to_string().contains(name), "{err}");
+        }
+        let err = CacheBuilder::from_lookup(lookup(&[("IMAGE_SERVER", "not a url")]))
+            .unwrap()
+            .cache_dir("/tmp/x")
+            .into_config()
+            .unwrap_err();
+        assert!(err.to_string().contains("IMAGE_SERVER"), "{err}");
+    }
+
+    #[test]
+    fn invalid_builder_settings_are_errors_not_panics() {
+        let base = || CacheBuilder::new().cache_dir("/tmp/x");
+        for b in [
+            base().max_size_bytes(0),
+            base().default_ttl(Duration::ZERO),
+            base().file_mode(0o7777),
+            base().file_mode(0o200),
+            CacheBuilder::new().cache_dir(""),
+        ] {
+            assert_eq!(b.into_config().unwrap_err().kind(), ErrorKind::Config);
+        }
+    }
+
+    #[test]
+    fn dotenv_file_fills_in_what_the_environment_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".env");
+        std::fs::write(
+            &path,
+            "CACHE_MAX_SIZE_MB=64\n# comment\nIMAGE_SERVER=http://from-file/\n",
+        )
+        .unwrap();
+        let file = read_dotenv(&path).unwrap();
+        let env = lookup(&[("IMAGE_SERVER", "http://from-env/")]);
+        let b = CacheBuilder::from_lookup(|k| env(k).or_else(|| file.get(k).cloned())).unwrap();
+        assert_eq!(b.max_size_bytes, 64 * MB);
+        assert_eq!(b.image_server.as_deref(), Some("http://from-env/"));
+        assert!(read_dotenv(&dir.path().join("absent")).unwrap().is_empty());
+        std::fs::write(&path, "BROKEN LINE WITHOUT EQUALS\n").unwrap();
+        assert_eq!(read_dotenv(&path).unwrap_err().kind(), ErrorKind::Config);
+    }
+}

@@ -1,0 +1,409 @@
+//! In-memory entries: lookup, LRU order, size totals, reservations and pins.
+//!
+//! The index is also where committed files change on disk, because the map and the directory
+//! must change together: a commit renames the data and meta.json into place and a removal
+//! takes them away while holding the one lock, so no lookup ever sees an entry whose files are
+//! half there. Those critical sections are a few metadata syscalls (rename, unlink, mkdir);
+//! deleting the bytes of a removed file (which can take milliseconds for gigabytes) happens
+//! after the lock is released, from a trash name in the temp directory.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::key::Key;
+use crate::store::{Layout, Meta, TempFile};
+
+/// One committed entry. Its meta is immutable: a new download makes a new `Entry`.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) key: Key,
+    pub(crate) meta: Meta,
+    pub(crate) path: PathBuf,
+    /// Wall-clock milliseconds of the last hit or commit; persisted in state.json.
+    pub(crate) last_access_ms: AtomicU64,
+    /// Position in LRU order (larger is more recent).
+    tick: AtomicU64,
+    /// Hits on this entry, persisted.
+    pub(crate) hits: AtomicU64,
+    /// Live `CachedFile`s. Incremented only under the index lock (so eviction, which checks it
+    /// under the lock, never races a new pin); decremented anywhere.
+    pins: AtomicUsize,
+    /// Removed from the map while pinned: its bytes go when the last pin does.
+    doomed: AtomicBool,
+}
+
+impl Entry {
+    pub(crate) fn new(
+        key: Key,
+        meta: Meta,
+        path: PathBuf,
+        last_access_ms: u64,
+        hits: u64,
+    ) -> Entry {
+        Entry {
+            key,
+            meta,
+            path,
+            last_access_ms: AtomicU64::new(last_access_ms),
+            tick: AtomicU64::new(0),
+            hits: AtomicU64::new(hits),
+            pins: AtomicUsize::new(0),
+            doomed: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn is_pinned(&self) -> bool {
+        self.pins.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// Why an entry left the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reason {
+    Evicted,
+    Expired,
+    Invalidated,
+    Corrupt,
+    Replaced,
+}
+
+/// An entry taken out of the index; `trash` (if any) still has to be deleted.
+#[derive(Debug)]
+pub(crate) struct Removed {
+    pub(crate) entry: Arc<Entry>,
+    pub(crate) reason: Reason,
+    pub(crate) trash: Option<PathBuf>,
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub(crate) enum Lookup {
+    /// Fresh; pinned on behalf of the caller.
+    Hit(Arc<Entry>),
+    /// Present but past its expiry (or the caller's maximum age).
+    Stale,
+    Missing,
+}
+
+/// Totals for the statistics.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Figures {
+    pub(crate) entries: u64,
+    pub(crate) committed_bytes: u64,
+    pub(crate) doomed_bytes: u64,
+    pub(crate) reserved_bytes: u64,
+    pub(crate) pinned: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: HashMap<Key, Arc<Entry>>,
+    /// Removed but pinned; at most one per key (a newer commit overwrites its bytes).
+    doomed: HashMap<Key, Arc<Entry>>,
+    committed_bytes: u64,
+    doomed_bytes: u64,
+    reserved_bytes: u64,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub(crate) struct Index {
+    // A std Mutex rather than an async one or a sharded map: every critical section is short,
+    // none spans an .await, and a lookup, an LRU touch and a pin must happen atomically.
+    state: Mutex<State>,
+    tick: AtomicU64,
+    layout: Layout,
+}
+
+impl Index {
+    pub(crate) fn new(layout: Layout) -> Index {
+        Index {
+            state: Mutex::new(State::default()),
+            tick: AtomicU64::new(1),
+            layout,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the maps consistent (every mutation is a
+        // single insert or remove), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn touch(&self, entry: &Entry, now_ms: u64) {
+        entry
+            .tick
+            .store(self.tick.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        entry.last_access_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Inserts entries found by recovery, oldest access first so that LRU order survives.
+    pub(crate) fn load(&self, mut entries: Vec<Entry>) {
+        entries.sort_by_key(|e| e.last_access_ms.load(Ordering::Relaxed));
+        let mut st = self.lock();
+        for entry in entries {
+            let ms = entry.last_access_ms.load(Ordering::Relaxed);
+            self.touch(&entry, ms);
+            st.committed_bytes += entry.meta.size;
+            if let Some(old) = st.entries.insert(entry.key.clone(), Arc::new(entry)) {
+                st.committed_bytes -= old.meta.size;
+            }
+        }
+    }
+
+    /// Looks `key` up; a fresh entry is touched and pinned.
+    pub(crate) fn lookup(&self, key: &Key, now_ms: u64, max_age_ms: Option<u64>) -> Lookup {
+        let st = self.lock();
+        let Some(entry) = st.entries.get(key) else {
+            return Lookup::Missing;
+        };
+        let expired = now_ms >= entry.meta.expires_at
+            || max_age_ms.is_some_and(|age| now_ms >= entry.meta.fetched_at.saturating_add(age));
+        if expired {
+            return Lookup::Stale;
+        }
+        entry.pins.fetch_add(1, Ordering::SeqCst);
+        self.touch(entry, now_ms);
+        Lookup::Hit(Arc::clone(entry))
+    }
+
+    /// Pins the current entry for `key`, fresh or not, without touching its LRU position.
+    pub(crate) fn pin_current(&self, key: &Key) -> Option<Arc<Entry>> {
+        let st = self.lock();
+        let entry = st.entries.get(key)?;
+        entry.pins.fetch_add(1, Ordering::SeqCst);
+        Some(Arc::clone(entry))
+    }
+
+    /// Drops one pin. When it was the last on a doomed entry, its files are removed.
+    pub(crate) fn unpin(&self, entry: &Arc<Entry>) -> Option<Removed> {
+        if entry.pins.fetch_sub(1, Ordering::SeqCst) != 1 || !entry.doomed.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut st = self.lock();
+        let ours = st
+            .doomed
+            .get(&entry.key)
+            .is_some_and(|d| Arc::ptr_eq(d, entry));
+        if !ours || entry.is_pinned() {
+            return None;
+        }
+        st.doomed.remove(&entry.key);
+        st.doomed_bytes -= entry.meta.size;
+        Some(self.take_files(entry, Reason::Invalidated, true))
+    }
+
+    /// Reserves `bytes` for a download, evicting unpinned LRU entries to make room.
+    /// Pinned entries may keep the total above the cap for a while.
+    pub(crate) fn reserve(&self, bytes: u64, max: u64) -> Vec<Removed> {
+        let mut st = self.lock();
+        st.reserved_bytes += bytes;
+        self.evict_locked(&mut st, max)
+    }
+
+    /// Returns a reservation that was not committed.
+    pub(crate) fn release(&self, bytes: u64) {
+        let mut st = self.lock();
+        st.reserved_bytes = st.reserved_bytes.saturating_sub(bytes);
+    }
+
+    /// Commits a verified download: moves its data and meta into the entry directory and
+    /// inserts it pinned once (for the download's callers). Releases `reserved` bytes and
+    /// evicts to honour `max`.
+    pub(crate) fn commit(
+        &self,
+        entry: Entry,
+        data: TempFile,
+        meta_file: TempFile,
+        reserved: u64,
+        now_ms: u64,
+        max: u64,
+    ) -> io::Result<(Arc<Entry>, Vec<Removed>)> {
+        let entry = Arc::new(entry);
+        let dir = self.layout.entry_dir(&entry.key);
+        let meta_path = self.layout.meta_path(&entry.key);
+        let mut st = self.lock();
+        st.reserved_bytes = st.reserved_bytes.saturating_sub(reserved);
+        let mut removed = Vec::new();
+        // The old entry, if any, is replaced; its bytes are overwritten by the rename below, so
+        // neither it nor an older doomed entry may delete anything when unpinned.
+        if let Some(old) = st.entries.remove(&entry.key) {
+            st.committed_bytes -= old.meta.size;
+            removed.push(Removed {
+                entry: old,
+                reason: Reason::Replaced,
+                trash: None,
+            });
+        }
+        if let Some(old) = st.doomed.remove(&entry.key) {
+            st.doomed_bytes -= old.meta.size;
+        }
+        let moved = (|| {
+            self.layout.create_dir_all(&dir)?;
+            // Meta goes first on the way out and last on the way in: at no instant does a
+            // meta.json describe bytes other than its own.
+            match fs::remove_file(&meta_path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            data.persist(&entry.path)?;
+            crate::failpoint("commit-after-data");
+            meta_file.persist(&meta_path)
+        })();
+        if let Err(e) = moved {
+            // The old entry, if there was one, is gone from the map already and its meta may
+            // be gone from disk; remove whatever is left so that the directory stays valid.
+            let _ = fs::remove_file(&meta_path);
+            let _ = fs::remove_file(&entry.path);
+            return Err(e);
+        }
+        entry.pins.fetch_add(1, Ordering::SeqCst);
+        self.touch(&entry, now_ms);
+        st.committed_bytes += entry.meta.size;
+        st.entries.insert(entry.key.clone(), Arc::clone(&entry));
+        removed.extend(self.evict_locked(&mut st, max));
+        drop(st);
+        crate::store::sync_dir(&dir);
+        Ok((entry, removed))
+    }
+
+    /// Removes `key` (invalidate). A pinned entry's bytes stay until its last pin drops.
+    pub(crate) fn remove(&self, key: &Key, reason: Reason) -> Option<Removed> {
+        let mut st = self.lock();
+        let entry = st.entries.remove(key)?;
+        Some(self.detach_locked(&mut st, entry, reason))
+    }
+
+    /// Removes `entry` if it is still the current entry for its key (used after a failed
+    /// integrity check, which must not remove a newer download).
+    pub(crate) fn remove_exact(&self, entry: &Arc<Entry>, reason: Reason) -> Option<Removed> {
+        let mut st = self.lock();
+        if !st
+            .entries
+            .get(&entry.key)
+            .is_some_and(|e| Arc::ptr_eq(e, entry))
+        {
+            return None;
+        }
+        let entry = st.entries.remove(&entry.key)?;
+        Some(self.detach_locked(&mut st, entry, reason))
+    }
+
+    /// Removes every entry.
+    pub(crate) fn clear(&self) -> Vec<Removed> {
+        let mut st = self.lock();
+        let all: Vec<_> = st.entries.drain().map(|(_, e)| e).collect();
+        all.into_iter()
+            .map(|e| self.detach_locked(&mut st, e, Reason::Invalidated))
+            .collect()
+    }
+
+    /// Removes unpinned expired entries, then evicts to honour `max`. Returns what was removed
+    /// and the earliest expiry among the entries left.
+    pub(crate) fn sweep(&self, now_ms: u64, max: u64) -> (Vec<Removed>, Option<u64>) {
+        let mut st = self.lock();
+        let expired: Vec<Key> = st
+            .entries
+            .values()
+            .filter(|e| now_ms >= e.meta.expires_at && !e.is_pinned())
+            .map(|e| e.key.clone())
+            .collect();
+        let mut removed = Vec::with_capacity(expired.len());
+        for key in expired {
+            if let Some(entry) = st.entries.remove(&key) {
+                removed.push(self.detach_locked(&mut st, entry, Reason::Expired));
+            }
+        }
+        removed.extend(self.evict_locked(&mut st, max));
+        let next = st.entries.values().map(|e| e.meta.expires_at).min();
+        (removed, next)
+    }
+
+    /// Evicts unpinned entries, least recently used first, until the total fits `max`.
+    fn evict_locked(&self, st: &mut State, max: u64) -> Vec<Removed> {
+        let total = |st: &State| st.committed_bytes + st.doomed_bytes + st.reserved_bytes;
+        if total(st) <= max {
+            return Vec::new();
+        }
+        let mut candidates: Vec<(u64, Key)> = st
+            .entries
+            .values()
+            .filter(|e| !e.is_pinned())
+            .map(|e| (e.tick.load(Ordering::Relaxed), e.key.clone()))
+            .collect();
+        candidates.sort_unstable();
+        let mut removed = Vec::new();
+        for (_, key) in candidates {
+            if total(st) <= max {
+                break;
+            }
+            if let Some(entry) = st.entries.remove(&key) {
+                removed.push(self.detach_locked(st, entry, Reason::Evicted));
+            }
+        }
+        removed
+    }
+
+    /// Accounts for an entry just taken out of the map and removes its files, or dooms it
+    /// when pinned.
+    fn detach_locked(&self, st: &mut State, entry: Arc<Entry>, reason: Reason) -> Removed {
+        st.committed_bytes -= entry.meta.size;
+        // Doomed before the pin count is read; `unpin` decrements before it reads `doomed`.
+        // With both SeqCst, either this sees the pin gone or `unpin` sees the doom.
+        entry.doomed.store(true, Ordering::SeqCst);
+        if entry.is_pinned() {
+            let _ = fs::remove_file(self.layout.meta_path(&entry.key));
+            st.doomed_bytes += entry.meta.size;
+            st.doomed.insert(entry.key.clone(), Arc::clone(&entry));
+            return Removed {
+                entry,
+                reason,
+                trash: None,
+            };
+        }
+        self.take_files(&entry, reason, false)
+    }
+
+    /// Unlinks meta.json and moves the data to a trash name (called with the lock held).
+    fn take_files(&self, entry: &Arc<Entry>, reason: Reason, meta_gone: bool) -> Removed {
+        if !meta_gone {
+            let _ = fs::remove_file(self.layout.meta_path(&entry.key));
+        }
+        let trash = self.layout.temp_path(&entry.key, "trash");
+        let trash = match fs::rename(&entry.path, &trash) {
+            Ok(()) => Some(trash),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!(path = %entry.path.display(), error = %e, "cannot move a removed file away");
+                None
+            }
+        };
+        let _ = fs::remove_dir(self.layout.entry_dir(&entry.key));
+        Removed {
+            entry: Arc::clone(entry),
+            reason,
+            trash,
+        }
+    }
+
+    /// Every committed entry.
+    pub(crate) fn entries(&self) -> Vec<Arc<Entry>> {
+        self.lock().entries.values().cloned().collect()
+    }
+
+    pub(crate) fn figures(&self) -> Figures {
+        let st = self.lock();
+        Figures {
+            entries: st.entries.len() as u64,
+            committed_bytes: st.committed_bytes,
+            doomed_bytes: st.doomed_bytes,
+            reserved_bytes: st.reserved_bytes,
+            pinned: st.entries.values().filter(|e| e.is_pinned()).count() as u64
+                + st.doomed.len() as u64,
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! URL normalisation, relative URLs, cache keys and safe file names.
+//!
+//! URLs are hostile input. Nothing derived from a URL becomes a path component except the
+//! sanitised file name, which can hold no separator, no `..` and no control character, and
+//! whose length is bounded. The entry directory is the hex SHA-256 of the normalised URL.
+
+use std::fmt;
+
+use percent_encoding::percent_decode_str;
+use sha2::{Digest, Sha256};
+use url::Url;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Longest file name kept, in bytes (file systems allow 255).
+const MAX_NAME_BYTES: usize = 120;
+/// Longest suffix (from the first dot) that survives truncation, so `.nii.gz` is kept.
+const MAX_SUFFIX_BYTES: usize = 24;
+/// Name used when the URL's last segment is empty or unusable.
+const FALLBACK_NAME: &str = "download";
+
+/// A URL resolved and checked, with everything the cache derives from it.
+#[derive(Clone)]
+pub(crate) struct Resolved {
+    /// The URL to request: may carry credentials, so it is never logged or stored.
+    pub(crate) request: Url,
+    /// The normalised URL without credentials or fragment: logged, stored in meta.json.
+    pub(crate) display: String,
+    /// Hex SHA-256 of `display`.
+    pub(crate) key: Key,
+    /// Sanitised last path segment.
+    pub(crate) file_name: String,
+}
+
+impl fmt::Debug for Resolved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resolved")
+            .field("url", &self.display)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+/// A cache key: 64 lowercase hex digits.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Key(String);
+
+impl Key {
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Accepts a directory name found on disk if it is a well-formed key.
+    pub(crate) fn parse(s: &str) -> Option<Key> {
+        (s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| Key(s.to_owned()))
+    }
+
+    /// The two-character fan-out directory.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.0[..2]
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0[..12])
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Resolves `input` (absolute, or relative to `base`) and derives key and file name.
+pub(crate) fn resolve(input: &str, base: Option<&Url>) -> Result<Resolved> {
+    let input = input.trim();
+    let invalid = |msg: &str| Error::new(ErrorKind::InvalidUrl, msg.to_owned());
+    if input.is_empty() {
+        return Err(invalid("empty URL"));
+    }
+    let mut url = match Url::parse(input) {
+        Ok(url) => url,
+        Err(url::ParseError::RelativeUrlWithoutBase) => {
+            let Some(base) = base else {
+                return Err(invalid(
+                    "relative URL but no image server is configured (IMAGE_SERVER)",
+                ));
+            };
+            let joined = base
+                .join(input)
+                .map_err(|e| invalid("cannot join the URL to the image server").with_source(e))?;
+            if joined.origin() != base.origin() || !joined.path().starts_with(base.path()) {
+                return Err(invalid("relative URL escapes the image server's path"));
+            }
+            joined
+        }
+        Err(e) => {
+            return Err(invalid("cannot parse")
+                .with_source(e)
+                .with_url(redact_raw(input)));
+        }
+    };
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid("only http and https URLs can be cached").with_url(redact(&url)));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("URL has no host"));
+    }
+    url.set_fragment(None);
+    let display = redact(&url);
+    let key = Key(hex::encode(Sha256::digest(display.as_bytes())));
+    let file_name = file_name_of(&url);
+    Ok(Resolved {
+        request: url,
+        display,
+        key,
+        file_name,
+    })
+}
+
+/// Normalises an image server URL so that relative URLs resolve below its path.
+pub(crate) fn normalise_base(server: &str) -> Result<Url> {
+    let mut url = Url::parse(server.trim()).map_err(|e| {
+        Error::new(
+            ErrorKind::Config,
+            "IMAGE_SERVER is not a valid absolute URL",
+        )
+        .with_source(e)
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "IMAGE_SERVER must be an http or https URL",
+        ));
+    }
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    url.set_query(None);
+    url.set_fragment(None);
+    Ok(url)
+}
+
+/// The URL as text without user name, password or fragment: safe for logs and meta.json.
+pub(crate) fn redact(url: &Url) -> String {
+    let mut url = url.clone();
+    // Both calls fail only for URLs that cannot have credentials, which then have none.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_fragment(None);
+    url.into()
+}
+
+/// Best-effort redaction of text that did not parse as a URL.
+fn redact_raw(input: &str) -> String {
+    let (scheme, rest) = input.split_once("://").unwrap_or(("", input));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let shown = match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => input.to_owned(),
+    };
+    shown.chars().take(200).collect()
+}
+
+/// The sanitised last path segment of `url`.
+fn file_name_of(url: &Url) -> String {
+    let last = url
+        .path_segments()
+        .and_then(|mut s| s.next_back())
+        .unwrap_or("");
+    sanitise(&percent_decode_str(last).decode_utf8_lossy())
+}
+
+/// Makes `raw` safe as one path component that keeps its extension.
+pub(crate) fn sanitise(raw: &str) -> String {
+    let cleaned: String = raw
+        .chars()
+        .map(|c| match c {
+            '/' | '\\' | ':' | '\0' => '_',
+            c if c.is_control() => '_',
+            c => c,
+        })
+        .collect();
+    let trimmed = cleaned.trim_matches(|c: char| c == '.' || c.is_whitespace());
+    // "meta.json" is the entry's own metadata; a download may not take its name.
+    if trimmed.is_empty() || trimmed == crate::store::META_FILE {
+        return match trimmed {
+            "" => FALLBACK_NAME.to_owned(),
+            other => format!("_{other}"),
+        };
+    }
+    // A name that was all dots (`..`) is empty after trimming and took the fallback above.
+    truncate_keeping_suffix(trimmed)
+}
+
+fn truncate_keeping_suffix(name: &str) -> String {
+    if name.len() <= MAX_NAME_BYTES {
+        return name.to_owned();
+    }
+    let suffix = match name[1..].find('.') {
+        Some(i) if name.len() - (i + 1) <= MAX_SUFFIX_BYTES => &name[i + 1..],
+        _ => "",
+    };
+    let mut stem_end = MAX_NAME_BYTES - suffix.len();
+    while !name.is_char_boundary(stem_end) {
+        stem_end -= 1;
+    }
+    format!("{}{}", &name[..stem_end], suffix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Url {
+        normalise_base("http://images.example:8080/data").unwrap()
+    }
+
+    #[test]
+    fn normalisation_makes_equivalent_urls_one_key() {
+        let a = resolve("HTTP://Images.Example:80/ct/0042.nii.gz#frag", None).unwrap();
+        let b = resolve("http://images.example/ct/0042.nii.gz", None).unwrap();
+        let c = resolve("http://user:secret@images.example/ct/0042.nii.gz", None).unwrap();
+        assert_eq!(a.key, b.key);
+        assert_eq!(b.key, c.key);
+        assert_eq!(a.display, "http://images.example/ct/0042.nii.gz");
+        assert_eq!(a.file_name, "0042.nii.gz");
+        assert_eq!(a.key.as_str().len(), 64);
+        let d = resolve("http://images.example/ct/0042.nii.gz?v=2", None).unwrap();
+        assert_ne!(d.key, b.key, "the query selects a different resource");
+    }
+
+    #[test]
+    fn credentials_are_kept_for_the_request_but_never_displayed() {
+        let r = resolve("https://alice:pw@host/a.nii.gz", None).unwrap();
+        assert_eq!(r.request.username(), "alice");
+        assert_eq!(r.request.password(), Some("pw"));
+        assert!(!r.display.contains("alice") && !r.display.contains("pw"));
+        assert!(!format!("{r:?}").contains("pw"));
+        let err = resolve("ftp://alice:pw@host/a", None).unwrap_err();
+        assert!(!err.to_string().contains("pw"), "{err}");
+        assert_eq!(redact_raw("http://u:p@[bad/x"), "http://[bad/x");
+    }
+
+    #[test]
+    fn relative_urls_resolve_below_the_image_server() {
+        let r = resolve("ct/0042.nii.gz", Some(&base())).unwrap();
+        assert_eq!(r.display, "http://images.example:8080/data/ct/0042.nii.gz");
+        for hostile in [
+            "../secret.nii.gz",
+            "/etc/passwd",
+            "ct/../../x.nii.gz",
+            "%2e%2e/x.nii.gz",
+            "//evil.example/x.nii.gz",
+        ] {
+            let err = resolve(hostile, Some(&base())).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidUrl, "{hostile}");
+        }
+        let err = resolve("ct/0042.nii.gz", None).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidUrl);
+    }
+
+    #[test]
+    fn bad_schemes_and_garbage_are_invalid() {
+        for bad in [
+            "",
+            "   ",
+            "file:///etc/passwd",
+            "ftp://h/x",
+            "http://",
+            "not a url at all",
+        ] {
+            let err = resolve(bad, None).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidUrl, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn file_names_cannot_escape_or_break_the_directory() {
+        let name = |u: &str| resolve(u, None).unwrap().file_name;
+        assert_eq!(name("http://h/a/..%2F..%2Fetc%2Fpasswd"), "_.._etc_passwd");
+        assert_eq!(
+            name("http://h/a/%2e%2e"),
+            "a",
+            "the URL parser resolves an encoded .."
+        );
+        assert_eq!(name("http://h/x/%2e%2e%2f"), "download");
+        assert_eq!(name("http://h/"), "download");
+        assert_eq!(name("http://h/dir/"), "download");
+        assert_eq!(name("http://h/a%5Cb%00c.nii.gz"), "a_b_c.nii.gz");
+        assert_eq!(name("http://h/meta.json"), "_meta.json");
+        assert_eq!(name("http://h/.hidden.nii.gz"), "hidden.nii.gz");
+        let long = format!("http://h/{}.nii.gz", "é".repeat(300));
+        let n = name(&long);
+        assert!(n.len() <= MAX_NAME_BYTES, "{}", n.len());
+        assert!(n.ends_with(".nii.gz"));
+        let long_ext = format!("http://h/a.{}", "x".repeat(500));
+        assert!(name(&long_ext).len() <= MAX_NAME_BYTES);
+    }
+
+    #[test]
+    fn base_is_normalised() {
+        assert_eq!(base().as_str(), "http://images.example:8080/data/");
+        assert_eq!(
+            normalise_base("ftp://x").unwrap_err().kind(),
+            ErrorKind::Config
+        );
+        assert_eq!(
+            normalise_base("nope").unwrap_err().kind(),
+            ErrorKind::Config
+        );
+    }
+
+    #[test]
+    fn keys_parse_only_well_formed_hex() {
+        let k = resolve("http://h/a", None).unwrap().key;
+        assert_eq!(Key::parse(k.as_str()), Some(k.clone()));
+        assert_eq!(Key::parse("zz"), None);
+        assert_eq!(Key::parse(&k.as_str().to_uppercase()), None);
+    }
+}

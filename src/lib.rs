@@ -1,0 +1,194 @@
+//! A local disk cache for large remote files, such as NIfTI volumes on an image server: it
+//! turns a URL into a local path, downloading each file once.
+//!
+//! # How data travels
+//!
+//! ```text
+//! get(url) ─> key ─> index ──hit──> cheap check (size, mtime) ─> touch LRU, pin ─> CachedFile
+//!                      │miss/expired
+//!                      v
+//!                  in-flight map (DashMap of shared futures): join the running download, or spawn one
+//!                      v
+//!                  fetch (reqwest stream, Accept-Encoding: identity, status and length checked)
+//!                      v
+//!                  store (temp file in the cache dir, SHA-256 and length while streaming, fsync,
+//!                         rename, meta.json written last and atomically)
+//!                      v
+//!                  index insert (size accounting, LRU eviction) ─> every waiter gets the same result
+//! sweeper (background task): expire by TTL, evict LRU down to the cap (pinned entries skipped),
+//!                  save access times and counters to state.json
+//! ```
+//!
+//! On disk (`<cache_dir>/v1/...`): `entries/<k[0..2]>/<key>/<file name>` holds the bytes,
+//! `meta.json` beside it the URL, SHA-256, size, mtime, validators and expiry;
+//! `tmp/` holds downloads in progress; `state.json` access times and counters. `key` is the hex
+//! SHA-256 of the normalised URL (credentials and fragment removed). Files are created 0600 and
+//! directories 0700 unless [`CacheBuilder::file_mode`] says otherwise. One process uses a cache
+//! directory at a time (a lock file enforces it).
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! # async fn demo() -> imgcache::Result<()> {
+//! let cache = imgcache::ImageCache::builder()
+//!     .cache_dir("/tmp/volumes")
+//!     .image_server("http://images.example:8042/data/")
+//!     .build()
+//!     .await?;
+//! let file = cache.get("ct/0042.nii.gz").await?; // downloads once
+//! println!("{} ({} bytes, sha256 {})", file.path().display(), file.size(), file.sha256());
+//! let again = cache.get("ct/0042.nii.gz").await?; // a hit: no network, no re-hash
+//! assert_eq!(again.path(), file.path());
+//! println!("hit rate {:.0} %", cache.stats().hit_rate * 100.0);
+//! cache.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! - A path handed to a caller holds complete bytes whose SHA-256 is recorded in its meta.json.
+//!   Short bodies, bodies longer than `Content-Length`, non-2xx answers and digests that differ
+//!   from [`GetOptions::expected_sha256`] commit nothing and leave no temp file.
+//! - A crash at any instant loses at most downloads in progress and the access times since the
+//!   last save. On start, temp files, bytes without meta, meta without bytes and unreadable
+//!   meta are removed (each with a WARN) and the size total is recomputed.
+//! - One download per URL at a time, however many tasks ask; errors reach every waiter and are
+//!   never cached.
+//! - Committed bytes stay under the size cap except while pinned entries hold them; a download
+//!   reserves its `Content-Length` first; a file larger than the cap is
+//!   [`ErrorKind::TooLarge`].
+//!
+//! # Cancel safety
+//!
+//! Every download runs in a task of its own, owned by the cache. Dropping the future of
+//! [`ImageCache::get`] (a timeout, a client that disconnected) never cancels the download for
+//! the other callers, and a download that nobody waits for any more still completes and is
+//! cached. The in-flight slot is cleared on every exit path, a panic included.
+//!
+//! # Configuration from the environment
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `IMAGE_SERVER` | none | base URL for relative URLs |
+//! | `CACHE_DIR` | `$XDG_CACHE_HOME/vista3d`, else `~/.cache/vista3d` | cache directory |
+//! | `CACHE_MAX_SIZE_MB` | `1024` | size cap in MB (2^20 bytes) |
+//! | `CACHE_DEFAULT_TTL_HOURS` | `24` | time to live of new entries (fractions allowed) |
+//! | `CACHE_SWEEP_INTERVAL` | `60s` | background sweep period (`0s` disables) |
+//! | `CACHE_FILE_MODE` | `600` | permission bits of cached files (octal) |
+//!
+//! Read by [`CacheBuilder::from_env`], [`ImageCache::from_env`] and the process-wide functions
+//! below; a `.env` file in the current directory supplies variables the environment lacks.
+//!
+//! # Process-wide cache
+//!
+//! [`get_cached_file`], [`clear_cache`] and [`get_cache_stats`] use one cache built from the
+//! environment on first use, as the original design's module-level functions did. It lives in
+//! the runtime that first used it.
+//!
+//! # Features
+//!
+//! - `cli` (default): the `imgcache` binary.
+//! - `failpoints`: lets the environment variable `IMGCACHE_FAILPOINT` abort the process at
+//!   named steps of a commit, for crash tests. Never enable it in production.
+
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+
+mod cache;
+mod clock;
+mod config;
+mod error;
+mod fetch;
+mod index;
+mod key;
+mod stats;
+mod store;
+
+pub use cache::{
+    CacheStatus, CachedFile, CleanupReport, EntryInfo, GetOptions, ImageCache, Verification,
+    VerifyReport,
+};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{
+    CacheBuilder, DEFAULT_FILE_MODE, DEFAULT_MAX_SIZE_BYTES, DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL,
+    MB,
+};
+pub use error::{Error, ErrorKind, Result};
+pub use stats::Stats;
+
+use tokio::sync::OnceCell;
+
+static DEFAULT_CACHE: OnceCell<ImageCache> = OnceCell::const_new();
+
+/// The process-wide cache, built from the environment on first use.
+///
+/// # Errors
+/// As [`ImageCache::from_env`]; a failed build is retried on the next call.
+pub async fn default_cache() -> Result<&'static ImageCache> {
+    DEFAULT_CACHE.get_or_try_init(ImageCache::from_env).await
+}
+
+/// The local path of `url` through the process-wide cache, downloading it if needed (the
+/// original design's `get_cached_file`).
+///
+/// # Errors
+/// As [`default_cache`] and [`ImageCache::get`].
+///
+/// # Cancel safety
+/// As [`ImageCache::get`].
+pub async fn get_cached_file(url: impl AsRef<str>) -> Result<CachedFile> {
+    default_cache().await?.get(url).await
+}
+
+/// Removes every entry of the process-wide cache; returns how many there were.
+///
+/// # Errors
+/// As [`default_cache`].
+pub async fn clear_cache() -> Result<u64> {
+    default_cache().await?.clear().await
+}
+
+/// The statistics of the process-wide cache.
+///
+/// # Errors
+/// As [`default_cache`].
+pub async fn get_cache_stats() -> Result<Stats> {
+    Ok(default_cache().await?.stats())
+}
+
+/// Aborts the process at the named step when `IMGCACHE_FAILPOINT` names it (crash tests).
+#[cfg(feature = "failpoints")]
+pub(crate) fn failpoint(name: &str) {
+    if std::env::var("IMGCACHE_FAILPOINT").is_ok_and(|v| v == name) {
+        eprintln!("imgcache: failpoint {name}: aborting");
+        std::process::abort();
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) fn failpoint(_name: &str) {}
+
+#[cfg(test)]
+mod send_sync {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>(_: &T) {}
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[allow(dead_code, clippy::diverging_sub_expression)]
+    fn handles_and_futures_are_send_and_sync(cache: ImageCache) {
+        assert_send_sync(&cache);
+        let file: CachedFile = unimplemented!();
+        assert_send_sync(&file);
+        assert_send_sync(&Error::new(ErrorKind::Io, ""));
+        assert_send(&cache.get("x"));
+        assert_send(&cache.get_with("x", GetOptions::new()));
+        assert_send(&cache.refresh("x"));
+        assert_send(&cache.invalidate("x"));
+        assert_send(&cache.clear());
+        assert_send(&cache.cleanup());
+        assert_send(&cache.verify_all());
+        assert_send(&cache.shutdown());
+        assert_send(&get_cached_file("x"));
+    }
+}

@@ -1,0 +1,383 @@
+//! The disk: layout, meta.json, the streaming temp writer, and start-up recovery.
+//!
+//! ```text
+//! <cache_dir>/v1/entries/<k[0..2]>/<key>/<file name>   the bytes
+//! <cache_dir>/v1/entries/<k[0..2]>/<key>/meta.json     written last, atomically
+//! <cache_dir>/v1/tmp/<key>.<unique>.part               downloads in progress (and .meta, .trash)
+//! <cache_dir>/v1/state.json                            access times and counters
+//! <cache_dir>/v1/lock                                  held by the process using the directory
+//! ```
+//!
+//! Every write is all or nothing: bytes go to a uniquely named temp file that is removed if the
+//! writer is dropped before commit; a committed entry's data is renamed into place before its
+//! meta.json, so a crash leaves at worst bytes without meta, which recovery removes.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::UNIX_EPOCH;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::key::Key;
+
+/// Name of an entry's metadata file.
+pub(crate) const META_FILE: &str = "meta.json";
+const FORMAT: &str = "v1";
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// Paths inside the cache directory, and the modes new files and directories get.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    pub(crate) root: PathBuf,
+    entries: PathBuf,
+    tmp: PathBuf,
+    file_mode: u32,
+    dir_mode: u32,
+}
+
+/// What meta.json holds for one entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct Meta {
+    /// Format version of this record.
+    pub(crate) version: u32,
+    /// The normalised URL without credentials.
+    pub(crate) url: String,
+    /// Name of the data file in the entry directory.
+    pub(crate) file_name: String,
+    /// Hex SHA-256 of the bytes.
+    pub(crate) sha256: String,
+    /// Length of the bytes.
+    pub(crate) size: u64,
+    /// Modification time of the data file, nanoseconds since the epoch: the cheap check.
+    pub(crate) mtime_ns: u64,
+    pub(crate) etag: Option<String>,
+    pub(crate) last_modified: Option<String>,
+    /// Milliseconds since the epoch.
+    pub(crate) fetched_at: u64,
+    /// Milliseconds since the epoch.
+    pub(crate) expires_at: u64,
+}
+
+static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+impl Layout {
+    pub(crate) fn new(cache_dir: &Path, file_mode: u32, dir_mode: u32) -> Layout {
+        let root = cache_dir.join(FORMAT);
+        Layout {
+            entries: root.join("entries"),
+            tmp: root.join("tmp"),
+            root,
+            file_mode,
+            dir_mode,
+        }
+    }
+
+    pub(crate) fn entry_dir(&self, key: &Key) -> PathBuf {
+        self.entries.join(key.prefix()).join(key.as_str())
+    }
+
+    pub(crate) fn data_path(&self, key: &Key, file_name: &str) -> PathBuf {
+        self.entry_dir(key).join(file_name)
+    }
+
+    pub(crate) fn meta_path(&self, key: &Key) -> PathBuf {
+        self.entry_dir(key).join(META_FILE)
+    }
+
+    pub(crate) fn state_path(&self) -> PathBuf {
+        self.root.join("state.json")
+    }
+
+    /// A fresh, unique path in the temp directory.
+    pub(crate) fn temp_path(&self, key: &Key, ext: &str) -> PathBuf {
+        let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+        let salt = fastrand::u32(..);
+        self.tmp.join(format!(
+            "{}.{}-{n}-{salt:08x}.{ext}",
+            key.as_str(),
+            std::process::id()
+        ))
+    }
+
+    pub(crate) fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(self.dir_mode)
+            .create(dir)
+    }
+
+    pub(crate) fn create_new_file(&self, path: &Path) -> io::Result<File> {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(self.file_mode)
+            .open(path)
+    }
+
+    /// Writes `bytes` to `path` atomically: temp file, fsync, rename.
+    pub(crate) fn write_atomic(&self, path: &Path, key_hint: &str, bytes: &[u8]) -> io::Result<()> {
+        let tmp = self.tmp.join(format!(
+            "{key_hint}.{}.{}.new",
+            std::process::id(),
+            UNIQUE.fetch_add(1, Ordering::Relaxed)
+        ));
+        let result = (|| {
+            let mut f = self.create_new_file(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_data()?;
+            fs::rename(&tmp, path)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Creates the directories and takes the process lock.
+    pub(crate) fn open(&self) -> Result<File> {
+        for dir in [&self.root, &self.entries, &self.tmp] {
+            self.create_dir_all(dir)
+                .map_err(|e| Error::io("cannot create the cache directory", e).with_path(dir))?;
+        }
+        let lock_path = self.root.join("lock");
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(self.file_mode)
+            .open(&lock_path)
+            .map_err(|e| Error::io("cannot open the lock file", e).with_path(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => Ok(lock),
+            Err(fs::TryLockError::WouldBlock) => Err(Error::new(
+                ErrorKind::Locked,
+                "another process is using this cache directory",
+            )
+            .with_path(&self.root)),
+            Err(fs::TryLockError::Error(e)) => {
+                Err(Error::io("cannot lock the cache directory", e).with_path(&lock_path))
+            }
+        }
+    }
+}
+
+/// A temp file that is removed unless it was renamed away.
+#[derive(Debug)]
+pub(crate) struct TempFile {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl TempFile {
+    pub(crate) fn new(path: PathBuf) -> TempFile {
+        TempFile { path, armed: true }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the file to `to`; after success nothing is removed on drop.
+    pub(crate) fn persist(mut self, to: &Path) -> io::Result<()> {
+        fs::rename(&self.path, to)?;
+        self.armed = false;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = fs::remove_file(&self.path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot remove temp file");
+                }
+            }
+        }
+    }
+}
+
+/// The writer thread's end of a download: receives chunks, writes them through a large buffer,
+/// and finishes with `fdatasync`. Hashing happens on the network side, so the two overlap.
+pub(crate) struct SpawnedWriter {
+    pub(crate) tx: mpsc::Sender<bytes::Bytes>,
+    pub(crate) done: tokio::task::JoinHandle<io::Result<File>>,
+}
+
+/// Starts a blocking writer for `temp`. The file is created there, mode `file_mode`.
+pub(crate) fn spawn_writer(layout: &Layout, temp: &TempFile) -> SpawnedWriter {
+    let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(64);
+    let path = temp.path().to_owned();
+    let layout = layout.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let file = layout.create_new_file(&path)?;
+        let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+        while let Some(chunk) = rx.blocking_recv() {
+            out.write_all(&chunk)?;
+        }
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_data()?;
+        Ok(file)
+    });
+    SpawnedWriter { tx, done }
+}
+
+/// Nanoseconds since the epoch of a file's modification time.
+pub(crate) fn mtime_ns(md: &fs::Metadata) -> u64 {
+    md.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+        .unwrap_or(0)
+}
+
+/// The cheap check of the hit path: the file exists with the recorded size and mtime.
+pub(crate) fn cheap_check(path: &Path, meta: &Meta) -> bool {
+    match fs::metadata(path) {
+        Ok(md) => md.is_file() && md.len() == meta.size && mtime_ns(&md) == meta.mtime_ns,
+        Err(_) => false,
+    }
+}
+
+/// Full re-hash of a file (blocking).
+pub(crate) fn hash_file(path: &Path) -> io::Result<(String, u64)> {
+    use sha2::{Digest, Sha256};
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; WRITE_BUFFER];
+    let mut n = 0u64;
+    loop {
+        let read = io::Read::read(&mut file, &mut buf)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buf[..read]);
+        n += read as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), n))
+}
+
+/// Fsyncs a directory so that renames inside it are durable.
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::debug!(dir = %dir.display(), error = %e, "directory fsync failed");
+    }
+}
+
+/// One entry found valid on disk by recovery.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    pub(crate) key: Key,
+    pub(crate) meta: Meta,
+    pub(crate) path: PathBuf,
+}
+
+/// What recovery found and did.
+#[derive(Debug, Default)]
+pub(crate) struct RecoveryReport {
+    pub(crate) entries: Vec<Recovered>,
+    pub(crate) removed: usize,
+}
+
+/// Scans the directory (blocking): keeps entries whose meta.json parses and matches its data
+/// file; removes temp files, data without meta, meta without data, unreadable meta and
+/// anything else that is not a valid entry, each with a WARN.
+pub(crate) fn recover(layout: &Layout) -> Result<RecoveryReport> {
+    let mut report = RecoveryReport::default();
+    let read_dir = |dir: &Path| {
+        fs::read_dir(dir)
+            .map_err(|e| Error::io("cannot read the cache directory", e).with_path(dir))
+    };
+    for item in read_dir(&layout.tmp)? {
+        let Ok(item) = item else { continue };
+        tracing::warn!(path = %item.path().display(), "removing a temp file left by an earlier run");
+        remove_any(&item.path());
+        report.removed += 1;
+    }
+    for prefix in read_dir(&layout.entries)? {
+        let Ok(prefix) = prefix else { continue };
+        let prefix_path = prefix.path();
+        let name = prefix.file_name();
+        let valid_prefix = name.len() == 2
+            && name
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_hexdigit()))
+            && prefix_path.is_dir();
+        if !valid_prefix {
+            tracing::warn!(path = %prefix_path.display(), "removing a stray item from the cache directory");
+            remove_any(&prefix_path);
+            report.removed += 1;
+            continue;
+        }
+        for entry in read_dir(&prefix_path)? {
+            let Ok(entry) = entry else { continue };
+            let dir = entry.path();
+            match recover_entry(&dir, entry.file_name().to_str(), &name.to_string_lossy()) {
+                Ok(found) => report.entries.push(found),
+                Err(why) => {
+                    tracing::warn!(path = %dir.display(), reason = why, "removing an invalid cache entry");
+                    remove_any(&dir);
+                    report.removed += 1;
+                }
+            }
+        }
+        // Empty fan-out directories are left: they cost nothing and will be reused.
+    }
+    Ok(report)
+}
+
+fn recover_entry(dir: &Path, name: Option<&str>, prefix: &str) -> Result<Recovered, &'static str> {
+    let key = name.and_then(Key::parse).ok_or("not a cache key")?;
+    if key.prefix() != prefix {
+        return Err("key in the wrong directory");
+    }
+    let raw = match fs::read(dir.join(META_FILE)) {
+        Ok(raw) => raw,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err("bytes without meta.json"),
+        Err(_) => return Err("unreadable meta.json"),
+    };
+    let meta: Meta = serde_json::from_slice(&raw).map_err(|_| "corrupt meta.json")?;
+    if meta.version != 1
+        || crate::key::sanitise(&meta.file_name) != meta.file_name
+        || meta.sha256.len() != 64
+    {
+        return Err("invalid meta.json");
+    }
+    let path = dir.join(&meta.file_name);
+    let md = fs::metadata(&path).map_err(|_| "meta.json without bytes")?;
+    if !md.is_file() || md.len() != meta.size {
+        return Err("data file has the wrong size");
+    }
+    if mtime_ns(&md) != meta.mtime_ns {
+        return Err("data file was modified");
+    }
+    // Anything else in the directory is not ours: a leftover from an interrupted replace.
+    if let Ok(items) = fs::read_dir(dir) {
+        for item in items.flatten() {
+            let n = item.file_name();
+            if n != META_FILE && n.to_str() != Some(meta.file_name.as_str()) {
+                remove_any(&item.path());
+            }
+        }
+    }
+    Ok(Recovered { key, meta, path })
+}
+
+/// Removes a file or a directory tree, logging failures.
+pub(crate) fn remove_any(path: &Path) {
+    let result = match fs::symlink_metadata(path) {
+        Ok(md) if md.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove");
+    }
+}
