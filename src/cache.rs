@@ -64,7 +64,6 @@ pub(crate) struct Inner {
     inflight: DashMap<Key, Inflight>,
     next_download_id: AtomicU64,
     counters: Counters,
-    max_size_bytes: AtomicU64,
     default_ttl_ms: AtomicU64,
     /// Access times or counters changed since state.json was last written.
     dirty: AtomicBool,
@@ -86,9 +85,8 @@ struct Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        if let Some(removed) = self.inner.index.unpin(&self.entry) {
-            self.inner.dispose_in_background(vec![removed]);
-        }
+        let removed = self.inner.index.unpin(&self.entry);
+        self.inner.dispose_in_background(removed);
     }
 }
 
@@ -301,6 +299,8 @@ struct SavedState {
 #[serde(default)]
 struct SavedAccess {
     last_access_ms: u64,
+    /// Position in LRU order when saved.
+    lru: u64,
     hits: u64,
 }
 
@@ -309,10 +309,7 @@ impl fmt::Debug for ImageCache {
         let inner = &self.handle.inner;
         f.debug_struct("ImageCache")
             .field("cache_dir", &inner.config.cache_dir)
-            .field(
-                "max_size_bytes",
-                &inner.max_size_bytes.load(Ordering::Relaxed),
-            )
+            .field("max_size_bytes", &inner.index.max())
             .field("entries", &inner.index.figures().entries)
             .finish()
     }
@@ -346,7 +343,7 @@ impl ImageCache {
             .map_err(|e| Error::new(ErrorKind::Internal, format!("recovery panicked: {e}")))??
         };
         let (lock, report, state) = opened;
-        let index = Index::new(layout.clone());
+        let index = Index::new(layout.clone(), config.max_size_bytes);
         let recovered = report.entries.len();
         index.load(
             report
@@ -356,14 +353,14 @@ impl ImageCache {
                     let saved = state.entries.get(r.key.as_str());
                     let last = saved.map_or(r.meta.fetched_at, |s| s.last_access_ms);
                     let hits = saved.map_or(0, |s| s.hits);
-                    Entry::new(r.key, r.meta, r.path, last, hits)
+                    let lru = saved.map_or(0, |s| s.lru);
+                    Entry::new(r.key, r.meta, r.path, last, lru, hits)
                 })
                 .collect(),
         );
         let counters = Counters::default();
         counters.restore(&state.counters);
         let inner = Arc::new(Inner {
-            max_size_bytes: AtomicU64::new(config.max_size_bytes),
             default_ttl_ms: AtomicU64::new(duration_ms(config.default_ttl)),
             layout,
             index,
@@ -431,10 +428,10 @@ impl ImageCache {
         let inner = self.inner();
         inner.check_open()?;
         let resolved = inner.resolve(url.as_ref())?;
-        if !options.force {
-            if let Some(hit) = inner.try_hit(&resolved, &options) {
-                return Ok(hit);
-            }
+        if !options.force
+            && let Some(hit) = inner.try_hit(&resolved, &options)
+        {
+            return Ok(hit);
         }
         let (download, status) = match inner.join_or_start(&resolved, &options) {
             Joined::Hit(hit) => return Ok(hit),
@@ -560,7 +557,7 @@ impl ImageCache {
     /// Every committed entry, most recently used first.
     pub fn entries(&self) -> Vec<EntryInfo> {
         let mut all = self.inner().index.entries();
-        all.sort_by_key(|e| std::cmp::Reverse(e.last_access_ms.load(Ordering::Relaxed)));
+        all.sort_by_key(|e| std::cmp::Reverse(e.lru()));
         all.iter()
             .map(|e| EntryInfo {
                 url: e.meta.url.clone(),
@@ -581,7 +578,7 @@ impl ImageCache {
         let inner = self.inner();
         let f = inner.index.figures();
         let c = inner.counters.save();
-        let max = inner.max_size_bytes.load(Ordering::Relaxed);
+        let max = inner.index.max();
         let size = f.committed_bytes + f.doomed_bytes;
         Stats {
             hit_rate: stats::hit_rate(c.hits, c.misses),
@@ -626,8 +623,7 @@ impl ImageCache {
             ));
         }
         let inner = self.inner();
-        inner.max_size_bytes.store(bytes, Ordering::Relaxed);
-        let (removed, _) = inner.sweep_now();
+        let removed = inner.index.set_max(bytes);
         inner.dispose_in_background(removed);
         inner.wake_sweeper.notify_one();
         Ok(())
@@ -725,10 +721,10 @@ impl Inner {
             inner: Arc::clone(self),
         });
         let entry = &entry;
-        if let Some(expected) = &options.expected_sha256 {
-            if !entry.meta.sha256.eq_ignore_ascii_case(expected.trim()) {
-                return None;
-            }
+        if let Some(expected) = &options.expected_sha256
+            && !entry.meta.sha256.eq_ignore_ascii_case(expected.trim())
+        {
+            return None;
         }
         // A plain stat, not tokio::fs: it costs about a microsecond on a local disk, far less
         // than a trip through the blocking pool.
@@ -757,6 +753,15 @@ impl Inner {
 
     /// Joins the running download of this key, or starts one.
     fn join_or_start(self: &Arc<Self>, resolved: &Resolved, options: &GetOptions) -> Joined {
+        self.join_or_start_inner(resolved, options, !options.force)
+    }
+
+    fn join_or_start_inner(
+        self: &Arc<Self>,
+        resolved: &Resolved,
+        options: &GetOptions,
+        recheck: bool,
+    ) -> Joined {
         match self.inflight.entry(resolved.key.clone()) {
             MapEntry::Occupied(running) => {
                 Joined::Download(running.get().download.clone(), CacheStatus::Coalesced)
@@ -764,7 +769,7 @@ impl Inner {
             MapEntry::Vacant(slot) => {
                 // A download may have committed between our lookup and taking this slot; it
                 // removes its slot only after committing, so looking again is enough.
-                if !options.force {
+                if recheck {
                     let max_age = options.ttl.map(duration_ms);
                     if let Lookup::Hit(entry) =
                         self.index.lookup(&resolved.key, self.now_ms(), max_age)
@@ -773,8 +778,8 @@ impl Inner {
                         if let Some(hit) = self.accept_hit(entry, options) {
                             return Joined::Hit(hit);
                         }
-                        // The entry failed its check and was removed: download after all.
-                        return self.join_or_start(resolved, options);
+                        // The entry failed its check or has another digest: download after all.
+                        return self.join_or_start_inner(resolved, options, false);
                     }
                 }
                 let id = self.next_download_id.fetch_add(1, Ordering::Relaxed);
@@ -807,13 +812,13 @@ impl Inner {
     async fn download(self: &Arc<Self>, r: &Resolved, options: &GetOptions) -> DownloadResult {
         let started = Instant::now();
         let mut response = fetch::start(&self.config.http_client, &r.request).await?;
-        let max = self.max_size_bytes.load(Ordering::Relaxed);
+        let max = self.index.max();
         let length = response.content_length();
         if let Some(length) = length.filter(|l| *l > max) {
             return Err(too_large(length, max));
         }
         let validators = fetch::validators(response.headers());
-        let reservation = Reservation::new(self, length.unwrap_or(0), max).await;
+        let reservation = Reservation::new(self, length.unwrap_or(0)).await;
         let temp = TempFile::new(self.layout.temp_path(&r.key, "part"));
         let writer = store::spawn_writer(&self.layout, &temp);
         let mut hasher = Sha256::new();
@@ -861,11 +866,11 @@ impl Inner {
             ));
         }
         let sha256 = hex::encode(hasher.finalize());
-        if let Some(expected) = &options.expected_sha256 {
-            if !sha256.eq_ignore_ascii_case(expected.trim()) {
-                Counters::add(&self.counters.integrity_failures, 1);
-                return Err(checksum_error(expected, &sha256));
-            }
+        if let Some(expected) = &options.expected_sha256
+            && !sha256.eq_ignore_ascii_case(expected.trim())
+        {
+            Counters::add(&self.counters.integrity_failures, 1);
+            return Err(checksum_error(expected, &sha256));
         }
         let now = self.now_ms();
         let ttl = options
@@ -933,11 +938,10 @@ impl Inner {
         .map_err(|e| io_err("cannot write meta.json", e))?;
         let path = self.layout.data_path(&key, &meta.file_name);
         let now = self.now_ms();
-        let entry = Entry::new(key, meta, path, now, 0);
-        let max = self.max_size_bytes.load(Ordering::Relaxed);
+        let entry = Entry::new(key, meta, path, now, 0, 0);
         let (entry, removed) = self
             .index
-            .commit(entry, temp, meta_temp, reserved, now, max)
+            .commit(entry, temp, meta_temp, reserved, now)
             .map_err(|e| io_err("cannot commit the download", e))?;
         crate::failpoint("commit-after-meta");
         self.dispose_now(removed);
@@ -969,8 +973,7 @@ impl Inner {
 
     /// Expires and evicts now; returns what was removed and the next expiry.
     fn sweep_now(&self) -> (Vec<Removed>, Option<u64>) {
-        self.index
-            .sweep(self.now_ms(), self.max_size_bytes.load(Ordering::Relaxed))
+        self.index.sweep(self.now_ms())
     }
 
     /// Counts and logs removals, then deletes their bytes (blocking).
@@ -1027,6 +1030,7 @@ impl Inner {
                 .map(|e| {
                     let access = SavedAccess {
                         last_access_ms: e.last_access_ms.load(Ordering::Relaxed),
+                        lru: e.lru(),
                         hits: e.hits.load(Ordering::Relaxed),
                     };
                     (e.key.as_str().to_owned(), access)
@@ -1122,8 +1126,8 @@ struct Reservation {
 }
 
 impl Reservation {
-    async fn new(inner: &Arc<Inner>, bytes: u64, max: u64) -> Reservation {
-        let removed = inner.index.reserve(bytes, max);
+    async fn new(inner: &Arc<Inner>, bytes: u64) -> Reservation {
+        let removed = inner.index.reserve(bytes);
         inner.dispose_blocking(removed).await;
         Reservation {
             inner: Arc::clone(inner),

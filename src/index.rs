@@ -37,11 +37,13 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
+    /// `lru` orders entries loaded with equal access times (their saved LRU position).
     pub(crate) fn new(
         key: Key,
         meta: Meta,
         path: PathBuf,
         last_access_ms: u64,
+        lru: u64,
         hits: u64,
     ) -> Entry {
         Entry {
@@ -49,11 +51,16 @@ impl Entry {
             meta,
             path,
             last_access_ms: AtomicU64::new(last_access_ms),
-            tick: AtomicU64::new(0),
+            tick: AtomicU64::new(lru),
             hits: AtomicU64::new(hits),
             pins: AtomicUsize::new(0),
             doomed: AtomicBool::new(false),
         }
+    }
+
+    /// Position in LRU order: larger is more recent.
+    pub(crate) fn lru(&self) -> u64 {
+        self.tick.load(Ordering::Relaxed)
     }
 
     pub(crate) fn is_pinned(&self) -> bool {
@@ -116,16 +123,30 @@ pub(crate) struct Index {
     // none spans an .await, and a lookup, an LRU touch and a pin must happen atomically.
     state: Mutex<State>,
     tick: AtomicU64,
+    /// The size cap in bytes; changed at run time by `set_max`.
+    max: AtomicU64,
     layout: Layout,
 }
 
 impl Index {
-    pub(crate) fn new(layout: Layout) -> Index {
+    pub(crate) fn new(layout: Layout, max: u64) -> Index {
         Index {
             state: Mutex::new(State::default()),
             tick: AtomicU64::new(1),
+            max: AtomicU64::new(max),
             layout,
         }
+    }
+
+    pub(crate) fn max(&self) -> u64 {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// Changes the cap and evicts to honour it.
+    pub(crate) fn set_max(&self, max: u64) -> Vec<Removed> {
+        let mut st = self.lock();
+        self.max.store(max, Ordering::Relaxed);
+        self.evict_locked(&mut st)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -143,7 +164,7 @@ impl Index {
 
     /// Inserts entries found by recovery, oldest access first so that LRU order survives.
     pub(crate) fn load(&self, mut entries: Vec<Entry>) {
-        entries.sort_by_key(|e| e.last_access_ms.load(Ordering::Relaxed));
+        entries.sort_by_key(|e| (e.last_access_ms.load(Ordering::Relaxed), e.lru()));
         let mut st = self.lock();
         for entry in entries {
             let ms = entry.last_access_ms.load(Ordering::Relaxed);
@@ -179,30 +200,36 @@ impl Index {
         Some(Arc::clone(entry))
     }
 
-    /// Drops one pin. When it was the last on a doomed entry, its files are removed.
-    pub(crate) fn unpin(&self, entry: &Arc<Entry>) -> Option<Removed> {
-        if entry.pins.fetch_sub(1, Ordering::SeqCst) != 1 || !entry.doomed.load(Ordering::SeqCst) {
-            return None;
+    /// Drops one pin. When it was the last, a doomed entry's files are removed, and entries
+    /// that pins kept above the cap are evicted.
+    pub(crate) fn unpin(&self, entry: &Arc<Entry>) -> Vec<Removed> {
+        if entry.pins.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return Vec::new();
         }
+        let doomed = entry.doomed.load(Ordering::SeqCst);
         let mut st = self.lock();
-        let ours = st
-            .doomed
-            .get(&entry.key)
-            .is_some_and(|d| Arc::ptr_eq(d, entry));
-        if !ours || entry.is_pinned() {
-            return None;
+        let mut removed = Vec::new();
+        if doomed {
+            let ours = st
+                .doomed
+                .get(&entry.key)
+                .is_some_and(|d| Arc::ptr_eq(d, entry));
+            if ours && !entry.is_pinned() {
+                st.doomed.remove(&entry.key);
+                st.doomed_bytes -= entry.meta.size;
+                removed.push(self.take_files(entry, Reason::Invalidated, true));
+            }
         }
-        st.doomed.remove(&entry.key);
-        st.doomed_bytes -= entry.meta.size;
-        Some(self.take_files(entry, Reason::Invalidated, true))
+        removed.extend(self.evict_locked(&mut st));
+        removed
     }
 
     /// Reserves `bytes` for a download, evicting unpinned LRU entries to make room.
     /// Pinned entries may keep the total above the cap for a while.
-    pub(crate) fn reserve(&self, bytes: u64, max: u64) -> Vec<Removed> {
+    pub(crate) fn reserve(&self, bytes: u64) -> Vec<Removed> {
         let mut st = self.lock();
         st.reserved_bytes += bytes;
-        self.evict_locked(&mut st, max)
+        self.evict_locked(&mut st)
     }
 
     /// Returns a reservation that was not committed.
@@ -213,7 +240,7 @@ impl Index {
 
     /// Commits a verified download: moves its data and meta into the entry directory and
     /// inserts it pinned once (for the download's callers). Releases `reserved` bytes and
-    /// evicts to honour `max`.
+    /// evicts to honour the cap.
     pub(crate) fn commit(
         &self,
         entry: Entry,
@@ -221,7 +248,6 @@ impl Index {
         meta_file: TempFile,
         reserved: u64,
         now_ms: u64,
-        max: u64,
     ) -> io::Result<(Arc<Entry>, Vec<Removed>)> {
         let entry = Arc::new(entry);
         let dir = self.layout.entry_dir(&entry.key);
@@ -265,7 +291,7 @@ impl Index {
         self.touch(&entry, now_ms);
         st.committed_bytes += entry.meta.size;
         st.entries.insert(entry.key.clone(), Arc::clone(&entry));
-        removed.extend(self.evict_locked(&mut st, max));
+        removed.extend(self.evict_locked(&mut st));
         drop(st);
         crate::store::sync_dir(&dir);
         Ok((entry, removed))
@@ -302,9 +328,9 @@ impl Index {
             .collect()
     }
 
-    /// Removes unpinned expired entries, then evicts to honour `max`. Returns what was removed
-    /// and the earliest expiry among the entries left.
-    pub(crate) fn sweep(&self, now_ms: u64, max: u64) -> (Vec<Removed>, Option<u64>) {
+    /// Removes unpinned expired entries, then evicts to honour the cap. Returns what was
+    /// removed and the earliest expiry among the entries left.
+    pub(crate) fn sweep(&self, now_ms: u64) -> (Vec<Removed>, Option<u64>) {
         let mut st = self.lock();
         let expired: Vec<Key> = st
             .entries
@@ -318,13 +344,14 @@ impl Index {
                 removed.push(self.detach_locked(&mut st, entry, Reason::Expired));
             }
         }
-        removed.extend(self.evict_locked(&mut st, max));
+        removed.extend(self.evict_locked(&mut st));
         let next = st.entries.values().map(|e| e.meta.expires_at).min();
         (removed, next)
     }
 
-    /// Evicts unpinned entries, least recently used first, until the total fits `max`.
-    fn evict_locked(&self, st: &mut State, max: u64) -> Vec<Removed> {
+    /// Evicts unpinned entries, least recently used first, until the total fits the cap.
+    fn evict_locked(&self, st: &mut State) -> Vec<Removed> {
+        let max = self.max();
         let total = |st: &State| st.committed_bytes + st.doomed_bytes + st.reserved_bytes;
         if total(st) <= max {
             return Vec::new();

@@ -201,8 +201,10 @@ fn truncate_keeping_suffix(name: &str) -> String {
     if name.len() <= MAX_NAME_BYTES {
         return name.to_owned();
     }
-    let suffix = match name[1..].find('.') {
-        Some(i) if name.len() - (i + 1) <= MAX_SUFFIX_BYTES => &name[i + 1..],
+    // The suffix starts at the first dot after the first character (so `.nii.gz` is kept).
+    let first_dot = name.char_indices().skip(1).find(|(_, c)| *c == '.');
+    let suffix = match first_dot {
+        Some((i, _)) if name.len() - i <= MAX_SUFFIX_BYTES => &name[i..],
         _ => "",
     };
     let mut stem_end = MAX_NAME_BYTES - suffix.len();
@@ -283,12 +285,9 @@ mod tests {
     fn file_names_cannot_escape_or_break_the_directory() {
         let name = |u: &str| resolve(u, None).unwrap().file_name;
         assert_eq!(name("http://h/a/..%2F..%2Fetc%2Fpasswd"), "_.._etc_passwd");
-        assert_eq!(
-            name("http://h/a/%2e%2e"),
-            "a",
-            "the URL parser resolves an encoded .."
-        );
-        assert_eq!(name("http://h/x/%2e%2e%2f"), "download");
+        // The URL parser resolves an encoded `..`: `/a/%2e%2e` is `/`.
+        assert_eq!(name("http://h/a/%2e%2e"), "download");
+        assert_eq!(name("http://h/x/%2e%2e%2f"), "_");
         assert_eq!(name("http://h/"), "download");
         assert_eq!(name("http://h/dir/"), "download");
         assert_eq!(name("http://h/a%5Cb%00c.nii.gz"), "a_b_c.nii.gz");

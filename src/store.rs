@@ -193,12 +193,14 @@ impl TempFile {
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        if self.armed {
-            if let Err(e) = fs::remove_file(&self.path) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(path = %self.path.display(), error = %e, "cannot remove temp file");
-                }
+        if !self.armed {
+            return;
+        }
+        match fs::remove_file(&self.path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove temp file");
             }
+            _ => {}
         }
     }
 }

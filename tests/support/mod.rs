@@ -1,0 +1,63 @@
+//! Shared test fixtures: the scriptable origin and helpers to inspect a cache directory.
+#![allow(dead_code)]
+
+pub mod origin;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use imgcache::{CacheBuilder, ImageCache, ManualClock};
+
+/// A builder on `dir` with a manual clock and no background sweeper (tests sweep explicitly).
+pub fn builder(dir: &Path, clock: &Arc<ManualClock>) -> CacheBuilder {
+    ImageCache::builder()
+        .cache_dir(dir)
+        .sweep_interval(Duration::ZERO)
+        .clock(Arc::clone(clock) as Arc<dyn imgcache::Clock>)
+}
+
+pub async fn open(dir: &Path) -> (ImageCache, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new());
+    let cache = builder(dir, &clock).build().await.expect("build");
+    (cache, clock)
+}
+
+/// Every file below `dir`, relative, sorted.
+pub fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(items) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for item in items.flatten() {
+            let p = item.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().to_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Files in the temp directory (downloads in progress, trash).
+pub fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    files(&dir.join("v1/tmp"))
+}
+
+/// Data files of committed entries (excluding meta.json).
+pub fn data_files(dir: &Path) -> Vec<PathBuf> {
+    files(&dir.join("v1/entries"))
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n != "meta.json"))
+        .collect()
+}
+
+pub fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
