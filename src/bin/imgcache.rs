@@ -1,1 +1,284 @@
-fn main() {}
+//! `imgcache`: the cache from the command line.
+//!
+//! Exit codes: 0 success; 1 a download, verification or other operation failed; 2 bad usage.
+//! A closed stdout (`imgcache ls | head -1`) is not an error.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use imgcache::{CacheBuilder, ImageCache, Verification};
+
+/// A local cache of large remote files (NIfTI volumes): URL in, local path out.
+///
+/// Settings come from the environment (IMAGE_SERVER, CACHE_DIR, CACHE_MAX_SIZE_MB,
+/// CACHE_DEFAULT_TTL_HOURS, ...) and a .env file in the current directory; flags override them.
+#[derive(Debug, Parser)]
+#[command(name = "imgcache", version, about)]
+struct Cli {
+    /// Cache directory [env: CACHE_DIR; default ~/.cache/vista3d]
+    #[arg(long, global = true, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Size cap in MB (2^20 bytes) [env: CACHE_MAX_SIZE_MB; default 1024]
+    #[arg(long, global = true, value_name = "N")]
+    max_size_mb: Option<f64>,
+    /// Time to live of new entries, e.g. 90s, 30m, 24h [env: CACHE_DEFAULT_TTL_HOURS]
+    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
+    /// Base URL for relative URLs [env: IMAGE_SERVER]
+    #[arg(long, global = true, value_name = "URL")]
+    image_server: Option<String>,
+    /// Log more (-v info, -vv debug); RUST_LOG overrides
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fetch each URL (concurrently; repeated URLs share one download) and print one local
+    /// path per line, in the order given
+    Get {
+        #[arg(required = true, value_name = "URL")]
+        urls: Vec<String>,
+    },
+    /// Show the statistics
+    Stats {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the entries, most recently used first
+    Ls {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the entry of a URL
+    Invalidate {
+        #[arg(value_name = "URL")]
+        url: String,
+    },
+    /// Remove every entry
+    Clear,
+    /// Remove expired entries and enforce the size cap now
+    Cleanup,
+    /// Re-hash one entry, or all; corrupt entries are removed (exit 1 if any)
+    Verify {
+        #[arg(value_name = "URL")]
+        url: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("imgcache: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("imgcache: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .init();
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<io::Error>())
+        .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
+}
+
+async fn open(cli: &Cli) -> anyhow::Result<ImageCache> {
+    let mut builder = CacheBuilder::from_env()?;
+    if let Some(dir) = &cli.cache_dir {
+        builder = builder.cache_dir(dir);
+    }
+    if let Some(mb) = cli.max_size_mb {
+        anyhow::ensure!(mb.is_finite() && mb > 0.0, "--max-size-mb must be positive");
+        builder = builder.max_size_bytes((mb * imgcache::MB as f64) as u64);
+    }
+    if let Some(ttl) = cli.ttl {
+        builder = builder.default_ttl(ttl);
+    }
+    if let Some(server) = &cli.image_server {
+        builder = builder.image_server(server);
+    }
+    // A short-lived command sweeps only when asked (`cleanup`).
+    let cache = builder.sweep_interval(Duration::ZERO).build().await?;
+    Ok(cache)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let cache = open(&cli).await?;
+    let result = command(&cache, &cli.command).await;
+    cache.shutdown().await;
+    result
+}
+
+async fn command(cache: &ImageCache, command: &Command) -> anyhow::Result<ExitCode> {
+    let mut out = io::stdout().lock();
+    match command {
+        Command::Get { urls } => {
+            let results =
+                futures_util::future::join_all(urls.iter().map(|url| cache.get(url))).await;
+            let mut failed = false;
+            for (url, result) in urls.iter().zip(results) {
+                match result {
+                    Ok(file) => writeln!(out, "{}", file.path().display())?,
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("imgcache: {url}: {e}");
+                    }
+                }
+            }
+            return Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+        Command::Stats { json } => {
+            let s = cache.stats();
+            if *json {
+                serde_json::to_writer_pretty(&mut out, &s)?;
+                writeln!(out)?;
+            } else {
+                let rows: [(&str, String); 14] = [
+                    ("cache_dir", s.cache_dir.clone()),
+                    ("entries_count", s.entries_count.to_string()),
+                    (
+                        "current_size_mb",
+                        format!("{:.1} of {:.1}", s.current_size_mb, s.max_size_mb),
+                    ),
+                    ("hit_rate", format!("{:.1} %", s.hit_rate * 100.0)),
+                    ("hits", s.hits.to_string()),
+                    ("misses", s.misses.to_string()),
+                    ("coalesced_waits", s.coalesced_waits.to_string()),
+                    ("total_downloads", s.total_downloads.to_string()),
+                    ("bytes_downloaded", s.bytes_downloaded.to_string()),
+                    (
+                        "bytes_served_from_cache",
+                        s.bytes_served_from_cache.to_string(),
+                    ),
+                    ("evictions", s.evictions.to_string()),
+                    ("expirations", s.expirations.to_string()),
+                    ("integrity_failures", s.integrity_failures.to_string()),
+                    ("errors", s.errors.to_string()),
+                ];
+                for (name, value) in rows {
+                    writeln!(out, "{name:<24}{value}")?;
+                }
+                writeln!(out, "{:<24}{} h", "default_ttl", s.default_ttl_hours)?;
+            }
+        }
+        Command::Ls { json } => {
+            let entries = cache.entries();
+            if *json {
+                serde_json::to_writer_pretty(&mut out, &entries)?;
+                writeln!(out)?;
+            } else {
+                let now = SystemTime::now();
+                for e in entries {
+                    let expires = imgcache_expiry(now, e.expires_at_ms);
+                    writeln!(
+                        out,
+                        "{:>10.1} MB  {:<14}  {}\n{:>16}{}",
+                        e.size as f64 / imgcache::MB as f64,
+                        expires,
+                        e.url,
+                        "",
+                        e.path.display()
+                    )?;
+                }
+            }
+        }
+        Command::Invalidate { url } => {
+            if !cache.invalidate(url).await? {
+                eprintln!("imgcache: {url}: not cached");
+            }
+        }
+        Command::Clear => {
+            let n = cache.clear().await?;
+            writeln!(out, "removed {n} entries")?;
+        }
+        Command::Cleanup => {
+            let r = cache.cleanup().await?;
+            writeln!(
+                out,
+                "expired {}, evicted {}, freed {:.1} MB",
+                r.expired,
+                r.evicted,
+                r.bytes_freed as f64 / imgcache::MB as f64
+            )?;
+        }
+        Command::Verify { url: Some(url) } => {
+            let outcome = cache.verify(url).await?;
+            let word = match outcome {
+                Verification::Ok => "ok",
+                Verification::Corrupt => "corrupt (removed)",
+                Verification::NotCached => "not cached",
+                _ => "unknown",
+            };
+            writeln!(out, "{word}  {url}")?;
+            if outcome != Verification::Ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Verify { url: None } => {
+            let report = cache.verify_all().await.context("verification failed")?;
+            for url in &report.corrupt {
+                writeln!(out, "corrupt (removed)  {url}")?;
+            }
+            writeln!(
+                out,
+                "checked {}, corrupt {}",
+                report.checked,
+                report.corrupt.len()
+            )?;
+            if !report.corrupt.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn imgcache_expiry(now: SystemTime, expires_at_ms: u64) -> String {
+    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(expires_at_ms);
+    match at.duration_since(now) {
+        Ok(left) => format!(
+            "in {}",
+            humantime::format_duration(Duration::from_secs(left.as_secs()))
+        ),
+        Err(_) => "expired".to_owned(),
+    }
+}

@@ -1,0 +1,269 @@
+//! The `imgcache` binary end to end, against a local origin.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use support::origin::{Origin, Route, sha256_hex, volume};
+
+/// Runs the binary in `cwd` with a clean environment (no CACHE_* or IMAGE_SERVER from the
+/// machine) and `HOME` inside the test directory.
+async fn run(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgcache"));
+    cmd.current_dir(cwd).args(args).env_clear();
+    cmd.env("HOME", cwd.join("home"))
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().await.expect("run imgcache")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+struct Fixture {
+    origin: Origin,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let origin = Origin::start().await;
+        origin.route("ct/a.nii.gz", Route::ok(volume(1, 300_000)));
+        origin.route("ct/b.nii.gz", Route::ok(volume(2, 200_000)));
+        Fixture {
+            origin,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn cache_dir(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        let dir = self.cache_dir();
+        let mut all = vec!["--cache-dir", dir.to_str().unwrap()];
+        all.extend_from_slice(args);
+        run(self.dir.path(), &all, &[]).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_prints_one_path_per_url_in_order_and_shares_repeated_downloads() {
+    let f = Fixture::new().await;
+    let a = f.origin.url("ct/a.nii.gz");
+    let b = f.origin.url("ct/b.nii.gz");
+    let out = f.run(&["get", &b, &a, &b, &a]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<_> = stdout(&out).lines().map(PathBuf::from).collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[0], lines[2]);
+    assert_eq!(lines[1], lines[3]);
+    assert!(lines[0].ends_with("b.nii.gz") && lines[1].ends_with("a.nii.gz"));
+    assert_eq!(
+        sha256_hex(&std::fs::read(&lines[1]).unwrap()),
+        sha256_hex(&volume(1, 300_000))
+    );
+    assert_eq!(f.origin.hits("ct/a.nii.gz"), 1);
+    assert_eq!(f.origin.hits("ct/b.nii.gz"), 1);
+
+    // A second run is served from disk.
+    let again = f.run(&["get", &a]).await;
+    assert_eq!(stdout(&again).trim(), lines[1].to_str().unwrap());
+    assert_eq!(f.origin.hits("ct/a.nii.gz"), 1);
+
+    let stats = f.run(&["stats", "--json"]).await;
+    let s: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(s["total_downloads"], 2);
+    assert_eq!(s["hits"], 1);
+    assert_eq!(s["entries_count"], 2);
+    assert!(s["coalesced_waits"].as_u64().unwrap() >= 1, "{s}");
+    let text = stdout(&f.run(&["stats"]).await);
+    assert!(
+        text.contains("hit_rate") && text.contains("entries_count"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_fails_with_a_nonzero_exit_but_prints_what_worked() {
+    let f = Fixture::new().await;
+    let good = f.origin.url("ct/a.nii.gz");
+    let bad = f.origin.url("ct/missing.nii.gz");
+    let out = f.run(&["get", &good, &bad]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stdout(&out).lines().count(), 1);
+    assert!(stderr(&out).contains("404"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("ct/missing.nii.gz"));
+
+    let usage = f.run(&["get"]).await;
+    assert_eq!(usage.status.code(), Some(2));
+    let bad_ttl = f.run(&["--ttl", "soon", "stats"]).await;
+    assert_eq!(bad_ttl.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ls_invalidate_clear_cleanup_and_verify() {
+    let f = Fixture::new().await;
+    let a = f.origin.url("ct/a.nii.gz");
+    let b = f.origin.url("ct/b.nii.gz");
+    assert!(f.run(&["get", &a, &b]).await.status.success());
+
+    let ls = f.run(&["ls", "--json"]).await;
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(entries.len(), 2);
+    for e in &entries {
+        for field in ["url", "path", "size", "sha256", "expires_at_ms"] {
+            assert!(!e[field].is_null(), "{field} missing in {e}");
+        }
+    }
+    let text = stdout(&f.run(&["ls"]).await);
+    assert!(text.contains(&a) && text.contains(&b), "{text}");
+
+    let ok = f.run(&["verify"]).await;
+    assert!(ok.status.success(), "{}", stdout(&ok));
+    assert!(stdout(&ok).contains("checked 2, corrupt 0"));
+
+    // Flip a byte and restore the mtime: only a full verification can tell.
+    let path = entries
+        .iter()
+        .find(|e| e["url"] == a.as_str())
+        .map(|e| PathBuf::from(e["path"].as_str().unwrap()))
+        .unwrap();
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[1000] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let bad = f.run(&["verify", &a]).await;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stdout(&bad).contains("corrupt"));
+    assert!(!path.exists());
+
+    let inv = f.run(&["invalidate", &b]).await;
+    assert!(inv.status.success());
+    let ls = f.run(&["ls", "--json"]).await;
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&ls.stdout).unwrap();
+    assert!(entries.is_empty());
+
+    assert!(f.run(&["get", &a, &b]).await.status.success());
+    let cleared = f.run(&["clear"]).await;
+    assert_eq!(stdout(&cleared).trim(), "removed 2 entries");
+
+    assert!(f.run(&["--ttl", "1s", "get", &a]).await.status.success());
+    let cleanup = f.run(&["cleanup"]).await;
+    assert!(cleanup.status.success());
+    assert!(
+        stdout(&cleanup).starts_with("expired "),
+        "{}",
+        stdout(&cleanup)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_come_from_the_environment_and_dotenv_and_flags_win() {
+    let origin = Origin::start().await;
+    origin.route("data/ct/c.nii.gz", Route::ok(volume(3, 2 * 1024 * 1024)));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("from-dotenv");
+    std::fs::write(
+        dir.path().join(".env"),
+        format!(
+            "IMAGE_SERVER={}\nCACHE_DIR={}\nCACHE_MAX_SIZE_MB=1\n",
+            origin.url("data"),
+            cache.display()
+        ),
+    )
+    .unwrap();
+
+    // The .env cap (1 MB) refuses the 2 MB file, relative to IMAGE_SERVER from .env.
+    let out = run(dir.path(), &["get", "ct/c.nii.gz"], &[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("larger than the cache"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The environment overrides .env; a flag overrides both.
+    let out = run(
+        dir.path(),
+        &["get", "ct/c.nii.gz"],
+        &[("CACHE_MAX_SIZE_MB", "8")],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).trim().starts_with(cache.to_str().unwrap()));
+    let out = run(
+        dir.path(),
+        &["--max-size-mb", "1", "stats", "--json"],
+        &[("CACHE_MAX_SIZE_MB", "8")],
+    )
+    .await;
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["max_size_mb"], 1.0);
+    assert_eq!(
+        s["entries_count"], 0,
+        "lowering the cap evicted the 2 MB entry"
+    );
+
+    // A bad value names its variable.
+    let out = run(
+        dir.path(),
+        &["stats"],
+        &[("CACHE_DEFAULT_TTL_HOURS", "forever")],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("CACHE_DEFAULT_TTL_HOURS"),
+        "{}",
+        stderr(&out)
+    );
+
+    // With no CACHE_DIR anywhere, the default is ~/.cache/vista3d.
+    std::fs::remove_file(dir.path().join(".env")).unwrap();
+    let out = run(dir.path(), &["stats", "--json"], &[]).await;
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let home = dir.path().join("home/.cache/vista3d");
+    assert_eq!(s["cache_dir"], home.to_str().unwrap());
+    let out = run(
+        dir.path(),
+        &["stats", "--json"],
+        &[("XDG_CACHE_HOME", "/tmp/xdg-imgcache-test")],
+    )
+    .await;
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["cache_dir"], "/tmp/xdg-imgcache-test/vista3d");
+    let _ = std::fs::remove_dir_all("/tmp/xdg-imgcache-test");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_is_not_an_error() {
+    let f = Fixture::new().await;
+    let a = f.origin.url("ct/a.nii.gz");
+    assert!(f.run(&["get", &a]).await.status.success());
+    let dir = f.cache_dir();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .args(["--cache-dir", dir.to_str().unwrap(), "stats"])
+        .current_dir(f.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away at once
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
