@@ -192,3 +192,8 @@ mod send_sync {
         assert_send(&get_cached_file("x"));
     }
 }
+
+/// The README's examples are compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
