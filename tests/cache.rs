@@ -956,3 +956,19 @@ async fn shared_group_mode_is_configurable() {
     assert_eq!(mode(file.path()), 0o640);
     assert_eq!(mode(file.path().parent().unwrap()), 0o750);
 }
+
+#[tokio::test]
+async fn urls_may_be_str_string_or_url() {
+    let origin = Origin::start().await;
+    origin.route("k.nii.gz", Route::ok(volume(180, 1000)));
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let text: String = origin.url("k.nii.gz");
+    let parsed = url::Url::parse(&text).unwrap();
+    let a = cache.get(text.as_str()).await.unwrap();
+    let b = cache.get(text.clone()).await.unwrap();
+    let c = cache.get(&parsed).await.unwrap();
+    let d = cache.get(parsed).await.unwrap();
+    assert!([&b, &c, &d].iter().all(|f| f.path() == a.path()));
+    assert_eq!(origin.hits("k.nii.gz"), 1);
+}
