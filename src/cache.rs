@@ -47,7 +47,15 @@ impl Drop for Handle {
     }
 }
 
-type DownloadResult = Result<Arc<Pinned>>;
+type DownloadResult = Result<(Arc<Pinned>, Outcome)>;
+
+/// How a download task ended, for its callers' [`CacheStatus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Downloaded,
+    Revalidated,
+    Stale,
+}
 type SharedDownload = Shared<BoxFuture<'static, DownloadResult>>;
 
 struct Inflight {
@@ -101,6 +109,11 @@ pub enum CacheStatus {
     Downloaded,
     /// This call joined a download another call had started.
     Coalesced,
+    /// The entry had expired; a conditional request found it unchanged (304) and renewed it.
+    Revalidated,
+    /// The entry had expired and the origin failed (or the cache is offline): this is the
+    /// expired copy.
+    Stale,
 }
 
 /// A file in the cache, complete and verified. Derefs to its [`Path`].
@@ -136,24 +149,24 @@ impl CachedFile {
         &self.pinned.entry.meta.sha256
     }
 
-    /// When the bytes were downloaded.
+    /// When the bytes were downloaded, or last confirmed current by the origin.
     pub fn fetched_at(&self) -> SystemTime {
-        from_unix_ms(self.pinned.entry.meta.fetched_at)
+        from_unix_ms(self.pinned.entry.fetched_at())
     }
 
     /// When the entry expires.
     pub fn expires_at(&self) -> SystemTime {
-        from_unix_ms(self.pinned.entry.meta.expires_at)
+        from_unix_ms(self.pinned.entry.expires_at())
     }
 
     /// The origin's `ETag`, if it sent one.
-    pub fn etag(&self) -> Option<&str> {
-        self.pinned.entry.meta.etag.as_deref()
+    pub fn etag(&self) -> Option<String> {
+        self.pinned.entry.validators().etag
     }
 
     /// The origin's `Last-Modified`, if it sent one.
-    pub fn last_modified(&self) -> Option<&str> {
-        self.pinned.entry.meta.last_modified.as_deref()
+    pub fn last_modified(&self) -> Option<String> {
+        self.pinned.entry.validators().last_modified
     }
 
     /// Whether this call was a hit, started the download, or joined one.
@@ -343,7 +356,12 @@ impl ImageCache {
             .map_err(|e| Error::new(ErrorKind::Internal, format!("recovery panicked: {e}")))??
         };
         let (lock, report, state) = opened;
-        let index = Index::new(layout.clone(), config.max_size_bytes);
+        let index = Index::new(
+            layout.clone(),
+            config.max_size_bytes,
+            duration_ms(config.stale_grace),
+            Arc::clone(&config.clock),
+        );
         let recovered = report.entries.len();
         index.load(
             report
@@ -428,6 +446,9 @@ impl ImageCache {
         let inner = self.inner();
         inner.check_open()?;
         let resolved = inner.resolve(url.as_ref())?;
+        if inner.config.offline {
+            return inner.get_offline(&resolved, &options);
+        }
         if !options.force
             && let Some(hit) = inner.try_hit(&resolved, &options)
         {
@@ -442,7 +463,12 @@ impl ImageCache {
         if status == CacheStatus::Coalesced {
             Counters::add(&inner.counters.coalesced_waits, 1);
         }
-        let pinned = download.await?;
+        let (pinned, outcome) = download.await?;
+        let status = match outcome {
+            Outcome::Downloaded => status,
+            Outcome::Revalidated => CacheStatus::Revalidated,
+            Outcome::Stale => CacheStatus::Stale,
+        };
         let file = CachedFile { pinned, status };
         if let Some(expected) = &options.expected_sha256 {
             // A joined download was started without this caller's digest.
@@ -564,8 +590,8 @@ impl ImageCache {
                 path: e.path.clone(),
                 size: e.meta.size,
                 sha256: e.meta.sha256.clone(),
-                fetched_at_ms: e.meta.fetched_at,
-                expires_at_ms: e.meta.expires_at,
+                fetched_at_ms: e.fetched_at(),
+                expires_at_ms: e.expires_at(),
                 last_access_ms: e.last_access_ms.load(Ordering::Relaxed),
                 hits: e.hits.load(Ordering::Relaxed),
                 pinned: e.is_pinned(),
@@ -595,6 +621,10 @@ impl ImageCache {
             expirations: c.expirations,
             integrity_failures: c.integrity_failures,
             errors: c.errors,
+            revalidations: c.revalidations,
+            stale_served: c.stale_served,
+            retries: c.retries,
+            resumes: c.resumes,
             current_size_bytes: size,
             max_size_bytes: max,
             reserved_bytes: f.reserved_bytes,
@@ -705,12 +735,34 @@ impl Inner {
         unix_ms(self.config.clock.now())
     }
 
+    /// Offline: serve what is cached, fresh or expired; a miss is [`ErrorKind::NotCached`].
+    fn get_offline(self: &Arc<Self>, r: &Resolved, options: &GetOptions) -> Result<CachedFile> {
+        let not_cached = || {
+            Error::new(
+                ErrorKind::NotCached,
+                "offline mode and the file is not cached",
+            )
+            .with_url(&r.display)
+        };
+        let max_age = options.ttl.map(duration_ms);
+        let entry = match self.index.lookup(&r.key, self.now_ms(), max_age) {
+            Lookup::Hit(entry) => return self.accept_hit(entry, options).ok_or_else(not_cached),
+            Lookup::Stale(entry) if self.index.pin_if_current(&entry) => entry,
+            Lookup::Stale(_) | Lookup::Missing => return Err(not_cached()),
+        };
+        let mut file = self.accept_hit(entry, options).ok_or_else(not_cached)?;
+        file.status = CacheStatus::Stale;
+        Counters::add(&self.counters.stale_served, 1);
+        tracing::warn!(url = %r.display, "offline mode: serving an expired copy");
+        Ok(file)
+    }
+
     /// The hit path: lookup and pin under the index lock, then one `stat` for the cheap check.
     fn try_hit(self: &Arc<Self>, resolved: &Resolved, options: &GetOptions) -> Option<CachedFile> {
         let max_age = options.ttl.map(duration_ms);
         let entry = match self.index.lookup(&resolved.key, self.now_ms(), max_age) {
             Lookup::Hit(entry) => entry,
-            Lookup::Stale | Lookup::Missing => return None,
+            Lookup::Stale(_) | Lookup::Missing => return None,
         };
         self.accept_hit(entry, options)
     }
@@ -808,64 +860,116 @@ impl Inner {
         }
     }
 
-    /// Streams the body to a temp file while hashing it, verifies, and commits.
-    async fn download(self: &Arc<Self>, r: &Resolved, options: &GetOptions) -> DownloadResult {
-        let started = Instant::now();
-        let mut response = fetch::start(&self.config.http_client, &r.request).await?;
-        let max = self.index.max();
-        let length = response.content_length();
-        if let Some(length) = length.filter(|l| *l > max) {
-            return Err(too_large(length, max));
-        }
-        let validators = fetch::validators(response.headers());
-        let reservation = Reservation::new(self, length.unwrap_or(0)).await;
-        let temp = TempFile::new(self.layout.temp_path(&r.key, "part"));
-        let writer = store::spawn_writer(&self.layout, &temp);
-        let mut hasher = Sha256::new();
-        let mut received: u64 = 0;
-        let streamed: Result<()> = async {
-            while let Some(chunk) = response.chunk().await.map_err(fetch::body_error)? {
-                received += chunk.len() as u64;
-                Counters::add(&self.counters.bytes_downloaded, chunk.len() as u64);
-                if received > max {
-                    return Err(too_large(received, max));
-                }
-                if length.is_some_and(|l| received > l) {
-                    return Err(Error::new(
-                        ErrorKind::Incomplete,
-                        "body longer than Content-Length",
-                    ));
-                }
-                hasher.update(&chunk);
-                if writer.tx.send(chunk).await.is_err() {
-                    break; // The writer failed; its error is reported below.
-                }
-            }
-            Ok(())
-        }
-        .await;
-        drop(writer.tx);
-        let written = writer.done.await;
-        streamed?;
-        let file = match written {
-            Ok(Ok(file)) => file,
-            Ok(Err(e)) => {
-                return Err(Error::io("cannot write the download", e).with_path(temp.path()));
-            }
-            Err(e) => {
-                return Err(Error::new(
-                    ErrorKind::Internal,
-                    format!("writer failed: {e}"),
-                ));
-            }
+    /// The download task's work: revalidate or download with retries, and fall back to the
+    /// expired copy when the origin fails.
+    async fn fetch_entry(self: &Arc<Self>, r: &Resolved, options: &GetOptions) -> DownloadResult {
+        let previous = if options.force {
+            None
+        } else {
+            self.index.current(&r.key)
         };
-        if let Some(length) = length.filter(|l| *l != received) {
-            return Err(Error::new(
-                ErrorKind::Incomplete,
-                format!("received {received} of {length} bytes"),
-            ));
+        let attempts = self.download_with_retries(r, options, previous.as_ref());
+        let result = match self.config.download_timeout {
+            Some(limit) => tokio::time::timeout(limit, attempts)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::new(
+                        ErrorKind::Network,
+                        format!(
+                            "download took longer than {}",
+                            humantime::format_duration(limit)
+                        ),
+                    ))
+                }),
+            None => attempts.await,
+        };
+        match (result, previous) {
+            (Err(e), Some(stale)) if self.config.stale_if_error && e.is_transient() => {
+                if !self.index.pin_if_current(&stale) {
+                    return Err(e);
+                }
+                Counters::add(&self.counters.stale_served, 1);
+                self.dirty.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    url = %r.display,
+                    path = %stale.path.display(),
+                    error = %e,
+                    "origin failed; serving the expired copy"
+                );
+                Ok((self.pinned(stale), Outcome::Stale))
+            }
+            (result, _) => result,
         }
-        let sha256 = hex::encode(hasher.finalize());
+    }
+
+    fn pinned(self: &Arc<Self>, entry: Arc<Entry>) -> Arc<Pinned> {
+        Arc::new(Pinned {
+            entry,
+            inner: Arc::clone(self),
+        })
+    }
+
+    /// Attempts until the body is complete, a 304 renews `previous`, or a failure is final.
+    async fn download_with_retries(
+        self: &Arc<Self>,
+        r: &Resolved,
+        options: &GetOptions,
+        previous: Option<&Arc<Entry>>,
+    ) -> DownloadResult {
+        let started = Instant::now();
+        let mut transfer = Transfer::new(self, r);
+        let mut revalidate = previous
+            .map(|p| (p, p.validators()))
+            .filter(|(_, v)| !v.is_empty());
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let step = transfer.attempt(revalidate.as_ref().map(|(_, v)| v)).await;
+            match step {
+                Ok(Step::Complete) => break,
+                Ok(Step::NotModified(validators)) => {
+                    let (entry, _) = revalidate.take().expect("a 304 answers a conditional GET");
+                    let this = Arc::clone(self);
+                    let entry = Arc::clone(entry);
+                    let ttl = self.ttl_ms(options);
+                    let renewed = tokio::task::spawn_blocking(move || {
+                        this.renew(&entry, validators, ttl)
+                            .map(|ok| ok.then_some(entry))
+                    })
+                    .await
+                    .map_err(|e| {
+                        Error::new(ErrorKind::Internal, format!("renewal failed: {e}"))
+                    })??;
+                    // The entry went away meanwhile: download it after all.
+                    let Some(entry) = renewed else { continue };
+                    Counters::add(&self.counters.revalidations, 1);
+                    self.dirty.store(true, Ordering::Relaxed);
+                    tracing::info!(url = %r.display, "revalidated: not modified");
+                    return Ok((self.pinned(entry), Outcome::Revalidated));
+                }
+                Err(e) if e.is_transient() && attempt <= self.config.retries => {
+                    Counters::add(&self.counters.retries, 1);
+                    let delay = fetch::backoff(
+                        attempt,
+                        self.config.retry_base_delay,
+                        self.config.retry_max_delay,
+                        e.retry_after(),
+                    );
+                    tracing::warn!(
+                        url = %r.display,
+                        attempt,
+                        delay_ms = delay.as_millis() as u64,
+                        received = transfer.received,
+                        error = %e,
+                        "download attempt failed; retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (temp, file, sha256, validators) = transfer.finish().await?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or_default();
         if let Some(expected) = &options.expected_sha256
             && !sha256.eq_ignore_ascii_case(expected.trim())
         {
@@ -873,22 +977,19 @@ impl Inner {
             return Err(checksum_error(expected, &sha256));
         }
         let now = self.now_ms();
-        let ttl = options
-            .ttl
-            .map_or_else(|| self.default_ttl_ms.load(Ordering::Relaxed), duration_ms);
         let meta = Meta {
             version: 1,
             url: r.display.clone(),
             file_name: r.file_name.clone(),
             sha256,
-            size: received,
+            size,
             mtime_ns: 0,
             etag: validators.etag,
             last_modified: validators.last_modified,
             fetched_at: now,
-            expires_at: now.saturating_add(ttl),
+            expires_at: now.saturating_add(self.ttl_ms(options)),
         };
-        let reserved = reservation.disarm();
+        let reserved = transfer.reservation.take().map_or(0, Reservation::disarm);
         let this = Arc::clone(self);
         let key = r.key.clone();
         let entry =
@@ -897,18 +998,55 @@ impl Inner {
                 .map_err(|e| Error::new(ErrorKind::Internal, format!("commit failed: {e}")))??;
         Counters::add(&self.counters.total_downloads, 1);
         self.dirty.store(true, Ordering::Relaxed);
-        let elapsed = started.elapsed();
         tracing::info!(
             url = %r.display,
             path = %entry.path.display(),
-            bytes = received,
-            elapsed_ms = elapsed.as_millis() as u64,
+            bytes = size,
+            attempts = attempt,
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "cached file"
         );
-        Ok(Arc::new(Pinned {
-            entry,
-            inner: Arc::clone(self),
-        }))
+        Ok((self.pinned(entry), Outcome::Downloaded))
+    }
+
+    fn ttl_ms(&self, options: &GetOptions) -> u64 {
+        options
+            .ttl
+            .map_or_else(|| self.default_ttl_ms.load(Ordering::Relaxed), duration_ms)
+    }
+
+    /// Writes the renewed meta.json of `entry` and updates it in place (blocking).
+    fn renew(
+        &self,
+        entry: &Arc<Entry>,
+        validators: fetch::Validators,
+        ttl_ms: u64,
+    ) -> Result<bool> {
+        let now = self.now_ms();
+        let meta = Meta {
+            fetched_at: now,
+            expires_at: now.saturating_add(ttl_ms),
+            etag: validators.etag,
+            last_modified: validators.last_modified,
+            ..entry.meta.clone()
+        };
+        let meta_temp = self.write_meta_temp(&entry.key, &meta)?;
+        self.index
+            .renew(entry, &meta, meta_temp)
+            .map_err(|e| Error::io("cannot renew meta.json", e))
+    }
+
+    fn write_meta_temp(&self, key: &Key, meta: &Meta) -> Result<TempFile> {
+        let meta_temp = TempFile::new(self.layout.temp_path(key, "meta"));
+        let json = serde_json::to_vec_pretty(meta).expect("Meta always serialises");
+        (|| {
+            use std::io::Write;
+            let mut f = self.layout.create_new_file(meta_temp.path())?;
+            f.write_all(&json)?;
+            f.sync_data()
+        })()
+        .map_err(|e| Error::io("cannot write meta.json", e))?;
+        Ok(meta_temp)
     }
 
     /// Makes the temp file durable, writes meta.json, and moves both into place (blocking).
@@ -927,15 +1065,7 @@ impl Inner {
         drop(file);
         meta.mtime_ns = store::mtime_ns(&md);
         crate::failpoint("commit-before-meta");
-        let meta_temp = TempFile::new(self.layout.temp_path(&key, "meta"));
-        let json = serde_json::to_vec_pretty(&meta).expect("Meta always serialises");
-        (|| {
-            use std::io::Write;
-            let mut f = self.layout.create_new_file(meta_temp.path())?;
-            f.write_all(&json)?;
-            f.sync_data()
-        })()
-        .map_err(|e| io_err("cannot write meta.json", e))?;
+        let meta_temp = self.write_meta_temp(&key, &meta)?;
         let path = self.layout.data_path(&key, &meta.file_name);
         let now = self.now_ms();
         let entry = Entry::new(key, meta, path, now, 0, 0);
@@ -1108,7 +1238,7 @@ async fn run_download(
         id,
     };
     let result = inner
-        .download(&r, &options)
+        .fetch_entry(&r, &options)
         .await
         .map_err(|e| e.with_url(&r.display));
     if let Err(e) = &result {
@@ -1146,6 +1276,212 @@ impl Drop for Reservation {
         if self.bytes > 0 {
             self.inner.index.release(self.bytes);
         }
+    }
+}
+
+/// What one attempt achieved.
+enum Step {
+    /// The body is complete.
+    Complete,
+    /// 304: the expired copy is current.
+    NotModified(fetch::Validators),
+}
+
+/// One download across its attempts: the temp file, the writer, the running hash and the
+/// byte count survive a cut-off body so that the next attempt can resume.
+struct Transfer<'a> {
+    inner: &'a Arc<Inner>,
+    r: &'a Resolved,
+    temp: Option<TempFile>,
+    writer: Option<store::SpawnedWriter>,
+    hasher: Sha256,
+    received: u64,
+    /// The full length, from `Content-Length` of the 200 (or `Content-Range` of a 206).
+    total: Option<u64>,
+    /// Of the version being downloaded: what `If-Range` binds a resume to.
+    validators: fetch::Validators,
+    reservation: Option<Reservation>,
+}
+
+impl<'a> Transfer<'a> {
+    fn new(inner: &'a Arc<Inner>, r: &'a Resolved) -> Transfer<'a> {
+        Transfer {
+            inner,
+            r,
+            temp: None,
+            writer: None,
+            hasher: Sha256::new(),
+            received: 0,
+            total: None,
+            validators: fetch::Validators::default(),
+            reservation: None,
+        }
+    }
+
+    fn limit(&self) -> u64 {
+        self.inner
+            .index
+            .max()
+            .min(self.inner.config.max_file_size_bytes)
+    }
+
+    /// Forgets the bytes received so far (the next body starts at zero).
+    async fn restart(&mut self) -> Result<()> {
+        self.hasher = Sha256::new();
+        self.received = 0;
+        if let Some(writer) = &self.writer
+            && writer.tx.send(store::WriteOp::Restart).await.is_err()
+        {
+            return Err(self.writer_failure().await);
+        }
+        Ok(())
+    }
+
+    /// The writer thread stopped early; its error says why (a full disk, usually).
+    async fn writer_failure(&mut self) -> Error {
+        let path = self.temp.as_ref().map(|t| t.path().to_owned());
+        let err = match self.writer.take() {
+            Some(writer) => match writer.done.await {
+                Ok(Err(e)) => Error::io("cannot write the download", e),
+                Ok(Ok(_)) => Error::new(ErrorKind::Internal, "writer stopped early"),
+                Err(e) => Error::new(ErrorKind::Internal, format!("writer failed: {e}")),
+            },
+            None => Error::new(ErrorKind::Internal, "no writer"),
+        };
+        match path {
+            Some(p) => err.with_path(p),
+            None => err,
+        }
+    }
+
+    /// One request and as much of its body as arrives.
+    async fn attempt(&mut self, revalidate: Option<&fetch::Validators>) -> Result<Step> {
+        let client = &self.inner.config.http_client;
+        let url = &self.r.request;
+        let if_range = self.validators.if_range().map(str::to_owned);
+        let ask = match (&if_range, self.received) {
+            (Some(v), n) if n > 0 => fetch::Ask::From(n, v),
+            (None, n) if n > 0 => {
+                // Nothing binds the partial to a version of the file: start again.
+                self.restart().await?;
+                fetch::Ask::Whole
+            }
+            _ => revalidate.map_or(fetch::Ask::Whole, fetch::Ask::IfChanged),
+        };
+        let mut response = match fetch::send(client, url, ask).await? {
+            fetch::Answer::NotModified(v) => return Ok(Step::NotModified(v)),
+            fetch::Answer::RangeRefused => {
+                self.restart().await?;
+                return Err(Error::new(
+                    ErrorKind::Incomplete,
+                    "the server refused to resume; starting again",
+                ));
+            }
+            fetch::Answer::Rest(response) => {
+                let total = fetch::content_range_total(response.headers());
+                if total.is_some() && self.total.is_some() && total != self.total {
+                    self.restart().await?;
+                    return Err(Error::new(
+                        ErrorKind::Incomplete,
+                        "the file changed length between attempts; starting again",
+                    ));
+                }
+                Counters::add(&self.inner.counters.resumes, 1);
+                tracing::info!(url = %self.r.display, offset = self.received, "resuming");
+                response
+            }
+            fetch::Answer::Whole(response) => {
+                if self.received > 0 {
+                    self.restart().await?;
+                }
+                self.validators = fetch::validators(response.headers());
+                self.total = response.content_length();
+                let limit = self.limit();
+                if let Some(total) = self.total.filter(|t| *t > limit) {
+                    return Err(too_large(total, limit));
+                }
+                let wanted = self.total.unwrap_or(0);
+                if self.reservation.as_ref().map(|r| r.bytes) != Some(wanted) {
+                    self.reservation = None; // releases the old amount first
+                    self.reservation = Some(Reservation::new(self.inner, wanted).await);
+                }
+                response
+            }
+        };
+        if self.writer.is_none() {
+            let temp = TempFile::new(self.inner.layout.temp_path(&self.r.key, "part"));
+            let inner = Arc::clone(self.inner);
+            let make_room: store::MakeRoom = Box::new(move |bytes| {
+                let removed = inner.index.make_room(bytes);
+                let freed = !removed.is_empty();
+                if freed {
+                    tracing::warn!(
+                        bytes,
+                        entries = removed.len(),
+                        "disk full: evicting to make room"
+                    );
+                }
+                inner.dispose_now(removed);
+                freed
+            });
+            self.writer = Some(store::spawn_writer(&self.inner.layout, &temp, make_room));
+            self.temp = Some(temp);
+        }
+        let limit = self.limit();
+        while let Some(chunk) = response.chunk().await.map_err(fetch::body_error)? {
+            self.received += chunk.len() as u64;
+            Counters::add(&self.inner.counters.bytes_downloaded, chunk.len() as u64);
+            if self.received > limit {
+                return Err(too_large(self.received, limit));
+            }
+            if self.total.is_some_and(|t| self.received > t) {
+                return Err(Error::new(
+                    ErrorKind::Incomplete,
+                    "body longer than Content-Length",
+                ));
+            }
+            self.hasher.update(&chunk);
+            let writer = self.writer.as_ref().expect("created above");
+            if writer.tx.send(store::WriteOp::Data(chunk)).await.is_err() {
+                return Err(self.writer_failure().await);
+            }
+        }
+        if let Some(total) = self.total.filter(|t| *t != self.received) {
+            return Err(Error::new(
+                ErrorKind::Incomplete,
+                format!("received {} of {total} bytes", self.received),
+            ));
+        }
+        Ok(Step::Complete)
+    }
+
+    /// Closes the writer (which fsyncs) and returns the temp file, the open file, the digest
+    /// and the validators of the version received.
+    async fn finish(&mut self) -> Result<(TempFile, std::fs::File, String, fetch::Validators)> {
+        let Some(writer) = self.writer.take() else {
+            return Err(Error::new(ErrorKind::Internal, "no body was received"));
+        };
+        // Closing the channel lets the writer flush, fsync and return the file.
+        drop(writer.tx);
+        let file = match writer.done.await {
+            Ok(Ok(file)) => file,
+            Ok(Err(e)) => {
+                let err = Error::io("cannot write the download", e);
+                return Err(match &self.temp {
+                    Some(t) => err.with_path(t.path()),
+                    None => err,
+                });
+            }
+            Err(e) => {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    format!("writer failed: {e}"),
+                ));
+            }
+        };
+        let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        let temp = self.temp.take().expect("created with the writer");
+        Ok((temp, file, sha256, std::mem::take(&mut self.validators)))
     }
 }
 

@@ -23,6 +23,10 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Default permission bits of cached files.
 pub const DEFAULT_FILE_MODE: u32 = 0o600;
+/// Default time expired entries are kept for revalidation and stale fallback: 7 days.
+pub const DEFAULT_STALE_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default largest file accepted: 16 GiB (the size cap applies too).
+pub const DEFAULT_MAX_FILE_SIZE_BYTES: u64 = 16 * 1024 * MB;
 
 /// Builds an [`ImageCache`]. Every setter documents its default; [`build`](Self::build)
 /// validates them and never panics.
@@ -38,6 +42,17 @@ pub struct CacheBuilder {
     file_mode: u32,
     connect_timeout: Duration,
     read_timeout: Duration,
+    download_timeout: Option<Duration>,
+    retries: u32,
+    retry_base_delay: Duration,
+    retry_max_delay: Duration,
+    max_file_size_bytes: u64,
+    max_redirects: usize,
+    stale_grace: Duration,
+    stale_if_error: bool,
+    offline: bool,
+    ca_certificate: Option<PathBuf>,
+    insecure_tls: bool,
     clock: Arc<dyn Clock>,
 }
 
@@ -51,6 +66,19 @@ impl fmt::Debug for CacheBuilder {
             .field("custom_http_client", &self.http_client.is_some())
             .field("sweep_interval", &self.sweep_interval)
             .field("file_mode", &format_args!("{:o}", self.file_mode))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("download_timeout", &self.download_timeout)
+            .field("retries", &self.retries)
+            .field("retry_base_delay", &self.retry_base_delay)
+            .field("retry_max_delay", &self.retry_max_delay)
+            .field("max_file_size_bytes", &self.max_file_size_bytes)
+            .field("max_redirects", &self.max_redirects)
+            .field("stale_grace", &self.stale_grace)
+            .field("stale_if_error", &self.stale_if_error)
+            .field("offline", &self.offline)
+            .field("ca_certificate", &self.ca_certificate)
+            .field("insecure_tls", &self.insecure_tls)
             .field("clock", &self.clock)
             .finish()
     }
@@ -68,6 +96,17 @@ impl Default for CacheBuilder {
             file_mode: DEFAULT_FILE_MODE,
             connect_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(60),
+            download_timeout: None,
+            retries: 3,
+            retry_base_delay: Duration::from_millis(500),
+            retry_max_delay: Duration::from_secs(30),
+            max_file_size_bytes: DEFAULT_MAX_FILE_SIZE_BYTES,
+            max_redirects: 10,
+            stale_grace: DEFAULT_STALE_GRACE,
+            stale_if_error: true,
+            offline: false,
+            ca_certificate: None,
+            insecure_tls: false,
             clock: Arc::new(SystemClock),
         }
     }
@@ -84,6 +123,14 @@ pub(crate) struct Config {
     pub(crate) sweep_interval: Duration,
     pub(crate) file_mode: u32,
     pub(crate) dir_mode: u32,
+    pub(crate) download_timeout: Option<Duration>,
+    pub(crate) retries: u32,
+    pub(crate) retry_base_delay: Duration,
+    pub(crate) retry_max_delay: Duration,
+    pub(crate) max_file_size_bytes: u64,
+    pub(crate) stale_grace: Duration,
+    pub(crate) stale_if_error: bool,
+    pub(crate) offline: bool,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -140,6 +187,55 @@ impl CacheBuilder {
                 .ok()
                 .filter(|m| *m <= 0o777)
                 .ok_or_else(|| config_error("CACHE_FILE_MODE", &v, "expected octal such as 600"))?;
+        }
+        let duration = |name: &str, v: &str| {
+            humantime::parse_duration(v.trim()).map_err(|e| config_error(name, v, &e.to_string()))
+        };
+        if let Some(v) = var("CACHE_CONNECT_TIMEOUT") {
+            b.connect_timeout = duration("CACHE_CONNECT_TIMEOUT", &v)?;
+        }
+        if let Some(v) = var("CACHE_READ_TIMEOUT") {
+            b.read_timeout = duration("CACHE_READ_TIMEOUT", &v)?;
+        }
+        if let Some(v) = var("CACHE_DOWNLOAD_TIMEOUT") {
+            b.download_timeout = Some(duration("CACHE_DOWNLOAD_TIMEOUT", &v)?);
+        }
+        if let Some(v) = var("CACHE_RETRIES") {
+            b.retries = v
+                .trim()
+                .parse()
+                .map_err(|_| config_error("CACHE_RETRIES", &v, "expected a whole number"))?;
+        }
+        if let Some(v) = var("CACHE_RETRY_DELAY") {
+            b.retry_base_delay = duration("CACHE_RETRY_DELAY", &v)?;
+        }
+        if let Some(v) = var("CACHE_RETRY_MAX_DELAY") {
+            b.retry_max_delay = duration("CACHE_RETRY_MAX_DELAY", &v)?;
+        }
+        if let Some(v) = var("CACHE_MAX_FILE_SIZE_MB") {
+            let mb = parse_number("CACHE_MAX_FILE_SIZE_MB", &v)?;
+            b.max_file_size_bytes = (mb * MB as f64) as u64;
+        }
+        if let Some(v) = var("CACHE_MAX_REDIRECTS") {
+            b.max_redirects = v
+                .trim()
+                .parse()
+                .map_err(|_| config_error("CACHE_MAX_REDIRECTS", &v, "expected a whole number"))?;
+        }
+        if let Some(v) = var("CACHE_STALE_GRACE") {
+            b.stale_grace = duration("CACHE_STALE_GRACE", &v)?;
+        }
+        if let Some(v) = var("CACHE_STALE_IF_ERROR") {
+            b.stale_if_error = parse_bool("CACHE_STALE_IF_ERROR", &v)?;
+        }
+        if let Some(v) = var("CACHE_OFFLINE") {
+            b.offline = parse_bool("CACHE_OFFLINE", &v)?;
+        }
+        if let Some(v) = var("CACHE_CA_CERT") {
+            b.ca_certificate = Some(expand_home(&v));
+        }
+        if let Some(v) = var("CACHE_INSECURE_TLS") {
+            b.insecure_tls = parse_bool("CACHE_INSECURE_TLS", &v)?;
         }
         Ok(b)
     }
@@ -211,6 +307,87 @@ impl CacheBuilder {
         self
     }
 
+    /// Total time one download may take, retries included; none by default
+    /// (env `CACHE_DOWNLOAD_TIMEOUT`, e.g. `30m`). Catches an origin that trickles bytes too
+    /// slowly for the idle timeout to fire.
+    pub fn download_timeout(mut self, timeout: Duration) -> Self {
+        self.download_timeout = Some(timeout);
+        self
+    }
+
+    /// How many times a transient failure (connect error, timeout, 408, 429, 5xx, a body cut
+    /// off midway) is retried. Default 3 (env `CACHE_RETRIES`); 0 turns retries off. A body
+    /// cut off midway resumes with `Range` where the server allows it.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// First retry delay, doubled at each attempt with jitter. Default 500 ms
+    /// (env `CACHE_RETRY_DELAY`).
+    pub fn retry_base_delay(mut self, delay: Duration) -> Self {
+        self.retry_base_delay = delay;
+        self
+    }
+
+    /// Longest retry delay, including one asked for by `Retry-After`. Default 30 s
+    /// (env `CACHE_RETRY_MAX_DELAY`).
+    pub fn retry_max_delay(mut self, delay: Duration) -> Self {
+        self.retry_max_delay = delay;
+        self
+    }
+
+    /// Largest file accepted, so that an origin that sends without end cannot fill the disk.
+    /// Default 16 GiB (env `CACHE_MAX_FILE_SIZE_MB`); the size cap limits files too.
+    pub fn max_file_size_bytes(mut self, bytes: u64) -> Self {
+        self.max_file_size_bytes = bytes;
+        self
+    }
+
+    /// Redirects followed per request. Default 10 (env `CACHE_MAX_REDIRECTS`). A redirect
+    /// from https to http is always refused.
+    pub fn max_redirects(mut self, n: usize) -> Self {
+        self.max_redirects = n;
+        self
+    }
+
+    /// How long expired entries are kept so that they can be revalidated (a conditional GET;
+    /// 304 renews them without a download) or served when the origin fails. Default 7 days
+    /// (env `CACHE_STALE_GRACE`). Space pressure evicts expired entries first.
+    pub fn stale_grace(mut self, grace: Duration) -> Self {
+        self.stale_grace = grace;
+        self
+    }
+
+    /// Serve an expired copy, with a WARN, when the origin cannot be reached or answers 5xx.
+    /// Default on (env `CACHE_STALE_IF_ERROR=0` turns it off).
+    pub fn stale_if_error(mut self, on: bool) -> Self {
+        self.stale_if_error = on;
+        self
+    }
+
+    /// Never touch the network: serve cached entries, fresh or expired, and fail a miss with
+    /// [`ErrorKind::NotCached`]. Default off (env `CACHE_OFFLINE=1`).
+    pub fn offline(mut self, on: bool) -> Self {
+        self.offline = on;
+        self
+    }
+
+    /// A PEM file of CA certificates trusted in addition to the platform's roots, for an
+    /// image server with a self-signed or private certificate (env `CACHE_CA_CERT`). Applies
+    /// to the default HTTP client only.
+    pub fn ca_certificate(mut self, pem_file: impl Into<PathBuf>) -> Self {
+        self.ca_certificate = Some(pem_file.into());
+        self
+    }
+
+    /// Accept any TLS certificate. Dangerous: only for a test server you control. Logs a WARN
+    /// at start-up (env `CACHE_INSECURE_TLS=1`). Applies to the default HTTP client only.
+    pub fn danger_accept_invalid_certs(mut self, on: bool) -> Self {
+        self.insecure_tls = on;
+        self
+    }
+
     /// The clock used for expiry. Default: the system clock. Tests pass a
     /// [`ManualClock`](crate::ManualClock) and advance it.
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
@@ -266,9 +443,21 @@ impl CacheBuilder {
             .as_deref()
             .map(key::normalise_base)
             .transpose()?;
+        if self.max_file_size_bytes == 0 {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "the largest file size (CACHE_MAX_FILE_SIZE_MB) must be greater than zero",
+            ));
+        }
         let http_client = match self.http_client {
             Some(client) => client,
-            None => default_client(self.connect_timeout, self.read_timeout)?,
+            None => default_client(&ClientSettings {
+                connect: self.connect_timeout,
+                read: self.read_timeout,
+                max_redirects: self.max_redirects,
+                ca_certificate: self.ca_certificate.as_deref(),
+                insecure: self.insecure_tls,
+            })?,
         };
         // Search permission wherever read permission is granted.
         let dir_mode = self.file_mode | ((self.file_mode & 0o444) >> 2);
@@ -281,31 +470,78 @@ impl CacheBuilder {
             sweep_interval: self.sweep_interval,
             file_mode: self.file_mode,
             dir_mode,
+            download_timeout: self.download_timeout,
+            retries: self.retries,
+            retry_base_delay: self.retry_base_delay,
+            retry_max_delay: self.retry_max_delay,
+            max_file_size_bytes: self.max_file_size_bytes,
+            stale_grace: self.stale_grace,
+            stale_if_error: self.stale_if_error,
+            offline: self.offline,
             clock: self.clock,
         })
     }
 }
 
-fn default_client(connect: Duration, read: Duration) -> Result<reqwest::Client> {
+struct ClientSettings<'a> {
+    connect: Duration,
+    read: Duration,
+    max_redirects: usize,
+    ca_certificate: Option<&'a Path>,
+    insecure: bool,
+}
+
+fn default_client(settings: &ClientSettings<'_>) -> Result<reqwest::Client> {
     // reqwest is built without a bundled crypto provider; install ring once per process.
     // An error means one is installed already, which is what we need.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
+    let max_redirects = settings.max_redirects;
+    let mut builder = reqwest::Client::builder()
         .user_agent(concat!("imgcache/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(connect)
-        .read_timeout(read)
-        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+        .connect_timeout(settings.connect)
+        .read_timeout(settings.read)
+        .redirect(reqwest::redirect::Policy::custom(move |attempt| {
             // Never follow a redirect from https down to http.
             let downgrade = attempt.url().scheme() == "http"
                 && attempt.previous().iter().any(|u| u.scheme() == "https");
             if downgrade {
                 attempt.error("refusing a redirect from https to http")
-            } else if attempt.previous().len() >= 10 {
+            } else if attempt.previous().len() > max_redirects {
                 attempt.error("too many redirects")
             } else {
                 attempt.follow()
             }
-        }))
+        }));
+    if let Some(path) = settings.ca_certificate {
+        let pem = std::fs::read(path).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                "cannot read the CA certificate (CACHE_CA_CERT)",
+            )
+            .with_path(path)
+            .with_source(e)
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                "CACHE_CA_CERT holds no valid PEM certificate",
+            )
+            .with_path(path)
+            .with_source(e)
+        })?;
+        if certs.is_empty() {
+            return Err(
+                Error::new(ErrorKind::Config, "CACHE_CA_CERT holds no PEM certificate")
+                    .with_path(path),
+            );
+        }
+        builder = builder.tls_certs_merge(certs);
+    }
+    if settings.insecure {
+        tracing::warn!("TLS certificate verification is OFF (CACHE_INSECURE_TLS)");
+        builder = builder.danger_accept_invalid_certs(true);
+    }
+    builder
         .build()
         .map_err(|e| Error::new(ErrorKind::Config, "cannot build the HTTP client").with_source(e))
 }
@@ -343,6 +579,14 @@ fn parse_number(name: &str, v: &str) -> Result<f64> {
         .ok()
         .filter(|n| n.is_finite() && *n > 0.0)
         .ok_or_else(|| config_error(name, v, "expected a positive number"))
+}
+
+fn parse_bool(name: &str, v: &str) -> Result<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(config_error(name, v, "expected 1 or 0 (true or false)")),
+    }
 }
 
 fn config_error(name: &str, value: &str, why: &str) -> Error {
@@ -418,6 +662,56 @@ mod tests {
     }
 
     #[test]
+    fn network_settings_are_read() {
+        let b = CacheBuilder::from_lookup(lookup(&[
+            ("CACHE_CONNECT_TIMEOUT", "5s"),
+            ("CACHE_READ_TIMEOUT", "20s"),
+            ("CACHE_DOWNLOAD_TIMEOUT", "1h"),
+            ("CACHE_RETRIES", "7"),
+            ("CACHE_RETRY_DELAY", "100ms"),
+            ("CACHE_RETRY_MAX_DELAY", "10s"),
+            ("CACHE_MAX_FILE_SIZE_MB", "4096"),
+            ("CACHE_MAX_REDIRECTS", "3"),
+            ("CACHE_STALE_GRACE", "2days"),
+            ("CACHE_STALE_IF_ERROR", "0"),
+            ("CACHE_OFFLINE", "yes"),
+            ("CACHE_INSECURE_TLS", "false"),
+        ]))
+        .unwrap();
+        assert_eq!(b.connect_timeout, Duration::from_secs(5));
+        assert_eq!(b.read_timeout, Duration::from_secs(20));
+        assert_eq!(b.download_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!((b.retries, b.max_redirects), (7, 3));
+        assert_eq!(b.retry_base_delay, Duration::from_millis(100));
+        assert_eq!(b.retry_max_delay, Duration::from_secs(10));
+        assert_eq!(b.max_file_size_bytes, 4096 * MB);
+        assert_eq!(b.stale_grace, Duration::from_secs(2 * 86_400));
+        assert!(!b.stale_if_error && b.offline && !b.insecure_tls);
+        let d = CacheBuilder::new();
+        assert!(d.stale_if_error && !d.offline && d.retries == 3);
+        assert_eq!(d.stale_grace, DEFAULT_STALE_GRACE);
+    }
+
+    #[test]
+    fn a_missing_or_empty_ca_file_is_a_config_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = CacheBuilder::new()
+            .cache_dir(dir.path())
+            .ca_certificate(dir.path().join("absent.pem"))
+            .into_config()
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate").unwrap();
+        let err = CacheBuilder::new()
+            .cache_dir(dir.path())
+            .ca_certificate(&empty)
+            .into_config()
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    }
+
+    #[test]
     fn bad_values_name_their_variable() {
         for (name, value) in [
             ("CACHE_MAX_SIZE_MB", "lots"),
@@ -425,6 +719,10 @@ mod tests {
             ("CACHE_DEFAULT_TTL_HOURS", "NaN"),
             ("CACHE_SWEEP_INTERVAL", "often"),
             ("CACHE_FILE_MODE", "999"),
+            ("CACHE_OFFLINE", "maybe"),
+            ("CACHE_RETRIES", "-1"),
+            ("CACHE_READ_TIMEOUT", "1 fortnight-ish"),
+            ("CACHE_MAX_FILE_SIZE_MB", "0"),
         ] {
             let err = CacheBuilder::from_lookup(lookup(&[(name, value)])).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Config);

@@ -37,7 +37,7 @@ pub enum ErrorKind {
     Config,
     /// Another process holds this cache directory.
     Locked,
-    /// The entry is not in the cache and the call may not download it.
+    /// The entry is not in the cache and the call may not download it (offline mode).
     NotCached,
     /// The cache was shut down.
     Shutdown,
@@ -80,6 +80,7 @@ struct Inner {
     url: Option<String>,
     path: Option<PathBuf>,
     status: Option<u16>,
+    retry_after: Option<std::time::Duration>,
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
@@ -92,6 +93,7 @@ impl Error {
                 url: None,
                 path: None,
                 status: None,
+                retry_after: None,
                 source: None,
             }),
         }
@@ -109,6 +111,7 @@ impl Error {
                     url: old.url.clone(),
                     path: old.path.clone(),
                     status: old.status,
+                    retry_after: old.retry_after,
                     source: Some(Box::new(self.clone())),
                 };
                 f(&mut inner);
@@ -131,6 +134,15 @@ impl Error {
 
     pub(crate) fn with_status(self, status: u16) -> Self {
         self.map_inner(|i| i.status = Some(status))
+    }
+
+    pub(crate) fn with_retry_after(self, after: std::time::Duration) -> Self {
+        self.map_inner(|i| i.retry_after = Some(after))
+    }
+
+    /// The delay the server asked for with `Retry-After`, if it did.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.inner.retry_after
     }
 
     pub(crate) fn with_source(

@@ -1,44 +1,128 @@
-//! HTTP: the request, status mapping and error classification.
+//! HTTP: requests (plain, conditional, ranged), status mapping, retry delays.
 
-use reqwest::header::{self, HeaderMap};
+use std::time::{Duration, SystemTime};
+
+use reqwest::StatusCode;
+use reqwest::header::{self, HeaderMap, HeaderValue};
 use url::Url;
 
 use crate::error::{Error, ErrorKind, Result};
 
-/// What the response headers say about the body.
-#[derive(Debug, Clone, Default)]
+/// What the response headers say about the body's version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Validators {
     pub(crate) etag: Option<String>,
     pub(crate) last_modified: Option<String>,
 }
 
-/// Sends the GET. Bodies are asked for as stored (`Accept-Encoding: identity`): a `.nii.gz`
-/// served with `Content-Encoding: gzip` must not be inflated. A non-2xx status is an error
-/// carrying the status.
-pub(crate) async fn start(client: &reqwest::Client, url: &Url) -> Result<reqwest::Response> {
-    let response = client
+impl Validators {
+    /// The value for `If-Range`: a strong ETag, else Last-Modified (RFC 9110 13.1.5: a weak
+    /// ETag cannot be used).
+    pub(crate) fn if_range(&self) -> Option<&str> {
+        match &self.etag {
+            Some(etag) if !etag.starts_with("W/") => Some(etag),
+            _ => self.last_modified.as_deref(),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.etag.is_none() && self.last_modified.is_none()
+    }
+}
+
+/// How a request is made.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Ask<'a> {
+    /// The whole body.
+    Whole,
+    /// The whole body unless the copy described by these validators is still current (304).
+    IfChanged(&'a Validators),
+    /// The bytes from `offset` on, if the resource is still the one these validators describe.
+    From(u64, &'a str),
+}
+
+/// The answer, before the body is read.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    /// 200: the whole body follows.
+    Whole(reqwest::Response),
+    /// 206 with a `Content-Range` starting at the offset asked for.
+    Rest(reqwest::Response),
+    /// 304: the cached copy is current.
+    NotModified(Validators),
+    /// The range cannot be used (416, or a 206 for other bytes): start again from zero.
+    RangeRefused,
+}
+
+/// Sends one request. Bodies are asked for as stored (`Accept-Encoding: identity`): a
+/// `.nii.gz` served with `Content-Encoding: gzip` must not be inflated.
+pub(crate) async fn send(client: &reqwest::Client, url: &Url, ask: Ask<'_>) -> Result<Answer> {
+    let mut request = client
         .get(url.clone())
-        .header(header::ACCEPT_ENCODING, "identity")
+        .header(header::ACCEPT_ENCODING, "identity");
+    match ask {
+        Ask::Whole => {}
+        Ask::IfChanged(v) => {
+            if let Some(etag) = &v.etag {
+                request = request.header(header::IF_NONE_MATCH, etag);
+            }
+            if let Some(lm) = &v.last_modified {
+                request = request.header(header::IF_MODIFIED_SINCE, lm);
+            }
+        }
+        Ask::From(offset, if_range) => {
+            request = request
+                .header(header::RANGE, format!("bytes={offset}-"))
+                .header(header::IF_RANGE, if_range);
+        }
+    }
+    let response = request
         .send()
         .await
         .map_err(|e| classify(e, "request failed"))?;
     let status = response.status();
-    if !status.is_success() {
-        return Err(Error::new(
+    match (status, ask) {
+        (StatusCode::OK, _) => Ok(Answer::Whole(response)),
+        (StatusCode::NOT_MODIFIED, Ask::IfChanged(old)) => {
+            let mut fresh = validators(response.headers());
+            // A 304 may omit validators that did not change.
+            fresh.etag = fresh.etag.or_else(|| old.etag.clone());
+            fresh.last_modified = fresh.last_modified.or_else(|| old.last_modified.clone());
+            Ok(Answer::NotModified(fresh))
+        }
+        (StatusCode::PARTIAL_CONTENT, Ask::From(offset, _)) => {
+            match content_range_start(response.headers()) {
+                Some(start) if start == offset => Ok(Answer::Rest(response)),
+                _ => Ok(Answer::RangeRefused),
+            }
+        }
+        (StatusCode::RANGE_NOT_SATISFIABLE, Ask::From(..)) => Ok(Answer::RangeRefused),
+        _ if status.is_success() => Err(Error::new(
             ErrorKind::HttpStatus,
-            status.canonical_reason().unwrap_or("unexpected status"),
+            "unexpected success status for a GET",
         )
-        .with_status(status.as_u16()));
+        .with_status(status.as_u16())),
+        _ => {
+            let retry_after = retry_after(response.headers(), SystemTime::now());
+            let mut err = Error::new(
+                ErrorKind::HttpStatus,
+                status.canonical_reason().unwrap_or("unexpected status"),
+            )
+            .with_status(status.as_u16());
+            if let Some(after) = retry_after {
+                err = err.with_retry_after(after);
+            }
+            Err(err)
+        }
     }
-    Ok(response)
 }
 
-/// The validators a later revalidation can send.
+/// The validators a later revalidation or resume can send.
 pub(crate) fn validators(headers: &HeaderMap) -> Validators {
     let text = |name| {
         headers
             .get(name)
-            .and_then(|v: &header::HeaderValue| v.to_str().ok())
+            .and_then(|v: &HeaderValue| v.to_str().ok())
             .map(str::to_owned)
     };
     Validators {
@@ -47,18 +131,67 @@ pub(crate) fn validators(headers: &HeaderMap) -> Validators {
     }
 }
 
+/// The first byte of `Content-Range: bytes START-END/TOTAL`.
+fn content_range_start(headers: &HeaderMap) -> Option<u64> {
+    let value = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let range = value.trim().strip_prefix("bytes ")?;
+    let (start, _) = range.split_once('-')?;
+    start.trim().parse().ok()
+}
+
+/// The total length in `Content-Range: bytes START-END/TOTAL`, when known.
+pub(crate) fn content_range_total(headers: &HeaderMap) -> Option<u64> {
+    let value = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let (_, total) = value.rsplit_once('/')?;
+    total.trim().parse().ok()
+}
+
+/// `Retry-After` as a delay: seconds, or an HTTP date relative to `now`.
+pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The delay before attempt `attempt + 1` (attempt counts from 1): exponential from `base`,
+/// capped at `max`, with jitter in its upper half so that many clients do not retry in step.
+/// A `Retry-After` from the server wins, capped at `max`.
+pub(crate) fn backoff(
+    attempt: u32,
+    base: Duration,
+    max: Duration,
+    retry_after: Option<Duration>,
+) -> Duration {
+    if let Some(after) = retry_after {
+        return after.min(max);
+    }
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let capped = exp.min(max);
+    let half = capped / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
 /// Maps a reqwest error before the body: connection trouble and timeouts are `Network`.
 pub(crate) fn classify(err: reqwest::Error, what: &str) -> Error {
     let message = if err.is_timeout() {
         format!("{what}: timed out")
     } else if err.is_connect() {
         format!("{what}: cannot connect")
+    } else if err.is_redirect() {
+        format!("{what}: redirect refused")
     } else {
         what.to_owned()
     };
-    // reqwest's own message may include the URL with credentials; keep it as the source only
-    // after removing the URL.
-    Error::new(ErrorKind::Network, message).with_source(err.without_url())
+    let kind = if err.is_redirect() {
+        ErrorKind::InvalidUrl
+    } else {
+        ErrorKind::Network
+    };
+    // reqwest's message may include the URL with credentials; keep it only without the URL.
+    Error::new(kind, message).with_source(err.without_url())
 }
 
 /// Maps an error while reading the body: the body is incomplete.
@@ -69,4 +202,74 @@ pub(crate) fn body_error(err: reqwest::Error) -> Error {
         "connection failed mid-body"
     };
     Error::new(ErrorKind::Incomplete, message).with_source(err.without_url())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn content_range_is_parsed() {
+        let h = headers(&[("content-range", "bytes 100-199/200")]);
+        assert_eq!(content_range_start(&h), Some(100));
+        assert_eq!(content_range_total(&h), Some(200));
+        let h = headers(&[("content-range", "bytes 5-9/*")]);
+        assert_eq!(
+            (content_range_start(&h), content_range_total(&h)),
+            (Some(5), None)
+        );
+        assert_eq!(
+            content_range_start(&headers(&[("content-range", "junk")])),
+            None
+        );
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let now = httpdate::parse_http_date("Tue, 24 Nov 2026 10:00:00 GMT").unwrap();
+        let h = headers(&[("retry-after", "7")]);
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(7)));
+        let h = headers(&[("retry-after", "Tue, 24 Nov 2026 10:00:30 GMT")]);
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(30)));
+        let h = headers(&[("retry-after", "Tue, 24 Nov 2026 09:00:00 GMT")]);
+        assert_eq!(retry_after(&h, now), Some(Duration::ZERO));
+        assert_eq!(retry_after(&headers(&[("retry-after", "soon")]), now), None);
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(2);
+        for attempt in 1..=10 {
+            let d = backoff(attempt, base, max, None);
+            let full = (base * 2u32.pow(attempt - 1)).min(max);
+            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
+        }
+        assert_eq!(
+            backoff(1, base, max, Some(Duration::from_secs(1))),
+            Duration::from_secs(1)
+        );
+        assert_eq!(backoff(1, base, max, Some(Duration::from_secs(60))), max);
+        assert!(backoff(u32::MAX, base, max, None) <= max);
+    }
+
+    #[test]
+    fn if_range_prefers_a_strong_etag() {
+        let v = |etag: Option<&str>, lm: Option<&str>| Validators {
+            etag: etag.map(str::to_owned),
+            last_modified: lm.map(str::to_owned),
+        };
+        assert_eq!(v(Some("\"a\""), Some("date")).if_range(), Some("\"a\""));
+        assert_eq!(v(Some("W/\"a\""), Some("date")).if_range(), Some("date"));
+        assert_eq!(v(Some("W/\"a\""), None).if_range(), None);
+        assert!(v(None, None).is_empty());
+    }
 }

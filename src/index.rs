@@ -14,15 +14,24 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::clock::{Clock, unix_ms};
+use crate::fetch::Validators;
 use crate::key::Key;
 use crate::store::{Layout, Meta, TempFile};
 
-/// One committed entry. Its meta is immutable: a new download makes a new `Entry`.
+/// One committed entry. Its bytes (and so `meta`'s url, sha256, size and mtime) never change:
+/// a new download makes a new `Entry`. Its freshness does change in place when a 304 renews
+/// it, so that the pins on it keep protecting the one file.
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub(crate) key: Key,
+    /// As committed; read expiry and validators through the accessors, which see renewals.
     pub(crate) meta: Meta,
     pub(crate) path: PathBuf,
+    fetched_at: AtomicU64,
+    expires_at: AtomicU64,
+    // A std Mutex: read when listing or revalidating, written on a 304; never held long.
+    validators: Mutex<Validators>,
     /// Wall-clock milliseconds of the last hit or commit; persisted in state.json.
     pub(crate) last_access_ms: AtomicU64,
     /// Position in LRU order (larger is more recent).
@@ -48,6 +57,12 @@ impl Entry {
     ) -> Entry {
         Entry {
             key,
+            fetched_at: AtomicU64::new(meta.fetched_at),
+            expires_at: AtomicU64::new(meta.expires_at),
+            validators: Mutex::new(Validators {
+                etag: meta.etag.clone(),
+                last_modified: meta.last_modified.clone(),
+            }),
             meta,
             path,
             last_access_ms: AtomicU64::new(last_access_ms),
@@ -56,6 +71,27 @@ impl Entry {
             pins: AtomicUsize::new(0),
             doomed: AtomicBool::new(false),
         }
+    }
+
+    /// Milliseconds since the epoch of the download or the last renewal.
+    pub(crate) fn fetched_at(&self) -> u64 {
+        self.fetched_at.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds since the epoch when the entry expires.
+    pub(crate) fn expires_at(&self) -> u64 {
+        self.expires_at.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn validators(&self) -> Validators {
+        self.validators
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn is_fresh(&self, now_ms: u64) -> bool {
+        now_ms < self.expires_at()
     }
 
     /// Position in LRU order: larger is more recent.
@@ -91,8 +127,9 @@ pub(crate) struct Removed {
 pub(crate) enum Lookup {
     /// Fresh; pinned on behalf of the caller.
     Hit(Arc<Entry>),
-    /// Present but past its expiry (or the caller's maximum age).
-    Stale,
+    /// Past its expiry (or the caller's maximum age) but within the grace period: usable
+    /// for revalidation or as a fallback. Not pinned.
+    Stale(Arc<Entry>),
     Missing,
 }
 
@@ -125,17 +162,26 @@ pub(crate) struct Index {
     tick: AtomicU64,
     /// The size cap in bytes; changed at run time by `set_max`.
     max: AtomicU64,
+    /// How long past expiry an entry is kept, in milliseconds.
+    grace_ms: u64,
+    clock: Arc<dyn Clock>,
     layout: Layout,
 }
 
 impl Index {
-    pub(crate) fn new(layout: Layout, max: u64) -> Index {
+    pub(crate) fn new(layout: Layout, max: u64, grace_ms: u64, clock: Arc<dyn Clock>) -> Index {
         Index {
             state: Mutex::new(State::default()),
             tick: AtomicU64::new(1),
             max: AtomicU64::new(max),
+            grace_ms,
+            clock,
             layout,
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        unix_ms(self.clock.now())
     }
 
     pub(crate) fn max(&self) -> u64 {
@@ -182,14 +228,90 @@ impl Index {
         let Some(entry) = st.entries.get(key) else {
             return Lookup::Missing;
         };
-        let expired = now_ms >= entry.meta.expires_at
-            || max_age_ms.is_some_and(|age| now_ms >= entry.meta.fetched_at.saturating_add(age));
+        let expired = now_ms >= entry.expires_at()
+            || max_age_ms.is_some_and(|age| now_ms >= entry.fetched_at().saturating_add(age));
         if expired {
-            return Lookup::Stale;
+            if now_ms >= entry.expires_at().saturating_add(self.grace_ms) {
+                return Lookup::Missing;
+            }
+            return Lookup::Stale(Arc::clone(entry));
         }
         entry.pins.fetch_add(1, Ordering::SeqCst);
         self.touch(entry, now_ms);
         Lookup::Hit(Arc::clone(entry))
+    }
+
+    /// Pins `entry` (to serve it stale) if it is still the current entry for its key.
+    pub(crate) fn pin_if_current(&self, entry: &Arc<Entry>) -> bool {
+        let st = self.lock();
+        if !st
+            .entries
+            .get(&entry.key)
+            .is_some_and(|e| Arc::ptr_eq(e, entry))
+        {
+            return false;
+        }
+        entry.pins.fetch_add(1, Ordering::SeqCst);
+        self.touch(entry, self.now_ms());
+        true
+    }
+
+    /// Renews an entry after a 304: its new meta.json replaces the old one, expiry and
+    /// validators change in place, and it is pinned for the download's callers. Returns false
+    /// (changing nothing) when the entry was removed or replaced meanwhile.
+    pub(crate) fn renew(
+        &self,
+        entry: &Arc<Entry>,
+        meta: &Meta,
+        meta_file: TempFile,
+    ) -> io::Result<bool> {
+        let st = self.lock();
+        if !st
+            .entries
+            .get(&entry.key)
+            .is_some_and(|e| Arc::ptr_eq(e, entry))
+        {
+            return Ok(false);
+        }
+        meta_file.persist(&self.layout.meta_path(&entry.key))?;
+        entry.fetched_at.store(meta.fetched_at, Ordering::Relaxed);
+        entry.expires_at.store(meta.expires_at, Ordering::Relaxed);
+        *entry.validators.lock().unwrap_or_else(|e| e.into_inner()) = Validators {
+            etag: meta.etag.clone(),
+            last_modified: meta.last_modified.clone(),
+        };
+        entry.pins.fetch_add(1, Ordering::SeqCst);
+        self.touch(entry, self.now_ms());
+        drop(st);
+        Ok(true)
+    }
+
+    /// Evicts unpinned entries (expired first, then least recently used) until `bytes` are
+    /// freed or nothing is left to evict: room for a download that hit a full disk.
+    pub(crate) fn make_room(&self, bytes: u64) -> Vec<Removed> {
+        let mut st = self.lock();
+        let mut freed = 0;
+        let mut removed = Vec::new();
+        for key in self.eviction_order(&st) {
+            if freed >= bytes {
+                break;
+            }
+            if let Some(entry) = st.entries.remove(&key) {
+                freed += entry.meta.size;
+                removed.push(self.detach_locked(&mut st, entry, Reason::Evicted));
+            }
+        }
+        removed
+    }
+
+    /// The current entry for `key` if it is fresh or within its grace period; not pinned.
+    pub(crate) fn current(&self, key: &Key) -> Option<Arc<Entry>> {
+        let now = self.now_ms();
+        let st = self.lock();
+        st.entries
+            .get(key)
+            .filter(|e| now < e.expires_at().saturating_add(self.grace_ms))
+            .cloned()
     }
 
     /// Pins the current entry for `key`, fresh or not, without touching its LRU position.
@@ -328,14 +450,15 @@ impl Index {
             .collect()
     }
 
-    /// Removes unpinned expired entries, then evicts to honour the cap. Returns what was
-    /// removed and the earliest expiry among the entries left.
+    /// Removes unpinned entries past their expiry and grace period, then evicts to honour the
+    /// cap. Returns what was removed and the next instant an entry leaves its grace period.
     pub(crate) fn sweep(&self, now_ms: u64) -> (Vec<Removed>, Option<u64>) {
         let mut st = self.lock();
+        let grace = self.grace_ms;
         let expired: Vec<Key> = st
             .entries
             .values()
-            .filter(|e| now_ms >= e.meta.expires_at && !e.is_pinned())
+            .filter(|e| now_ms >= e.expires_at().saturating_add(grace) && !e.is_pinned())
             .map(|e| e.key.clone())
             .collect();
         let mut removed = Vec::with_capacity(expired.len());
@@ -345,7 +468,11 @@ impl Index {
             }
         }
         removed.extend(self.evict_locked(&mut st));
-        let next = st.entries.values().map(|e| e.meta.expires_at).min();
+        let next = st
+            .entries
+            .values()
+            .map(|e| e.expires_at().saturating_add(grace))
+            .min();
         (removed, next)
     }
 
@@ -356,15 +483,8 @@ impl Index {
         if total(st) <= max {
             return Vec::new();
         }
-        let mut candidates: Vec<(u64, Key)> = st
-            .entries
-            .values()
-            .filter(|e| !e.is_pinned())
-            .map(|e| (e.tick.load(Ordering::Relaxed), e.key.clone()))
-            .collect();
-        candidates.sort_unstable();
         let mut removed = Vec::new();
-        for (_, key) in candidates {
+        for key in self.eviction_order(st) {
             if total(st) <= max {
                 break;
             }
@@ -373,6 +493,20 @@ impl Index {
             }
         }
         removed
+    }
+
+    /// Unpinned entries in the order they are evicted: expired ones first (they are kept
+    /// only for revalidation and fallback), then least recently used first.
+    fn eviction_order(&self, st: &State) -> Vec<Key> {
+        let now = self.now_ms();
+        let mut candidates: Vec<(bool, u64, Key)> = st
+            .entries
+            .values()
+            .filter(|e| !e.is_pinned())
+            .map(|e| (e.is_fresh(now), e.lru(), e.key.clone()))
+            .collect();
+        candidates.sort_unstable();
+        candidates.into_iter().map(|(_, _, key)| key).collect()
     }
 
     /// Accounts for an entry just taken out of the map and removes its files, or dooms it

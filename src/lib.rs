@@ -109,8 +109,8 @@ pub use cache::{
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    CacheBuilder, DEFAULT_FILE_MODE, DEFAULT_MAX_SIZE_BYTES, DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL,
-    MB,
+    CacheBuilder, DEFAULT_FILE_MODE, DEFAULT_MAX_FILE_SIZE_BYTES, DEFAULT_MAX_SIZE_BYTES,
+    DEFAULT_STALE_GRACE, DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL, MB,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use stats::Stats;

@@ -18,6 +18,10 @@ pub(crate) struct Counters {
     pub(crate) expirations: AtomicU64,
     pub(crate) integrity_failures: AtomicU64,
     pub(crate) errors: AtomicU64,
+    pub(crate) revalidations: AtomicU64,
+    pub(crate) stale_served: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) resumes: AtomicU64,
 }
 
 /// The counters as saved in state.json.
@@ -34,6 +38,10 @@ pub(crate) struct SavedCounters {
     pub(crate) expirations: u64,
     pub(crate) integrity_failures: u64,
     pub(crate) errors: u64,
+    pub(crate) revalidations: u64,
+    pub(crate) stale_served: u64,
+    pub(crate) retries: u64,
+    pub(crate) resumes: u64,
 }
 
 macro_rules! each_counter {
@@ -48,7 +56,11 @@ macro_rules! each_counter {
             evictions,
             expirations,
             integrity_failures,
-            errors
+            errors,
+            revalidations,
+            stale_served,
+            retries,
+            resumes
         )
     };
 }
@@ -114,6 +126,14 @@ pub struct Stats {
     pub integrity_failures: u64,
     /// Failed downloads (each counted once, however many callers waited on it).
     pub errors: u64,
+    /// Expired entries renewed by a 304 answer to a conditional GET, without a download.
+    pub revalidations: u64,
+    /// Expired copies served because the origin failed (or in offline mode).
+    pub stale_served: u64,
+    /// Attempts repeated after a transient failure.
+    pub retries: u64,
+    /// Retries that continued a cut-off body with `Range` instead of starting again.
+    pub resumes: u64,
 
     /// Bytes of committed entries (and of removed entries still pinned).
     pub current_size_bytes: u64,

@@ -13,7 +13,7 @@
 //! meta.json, so a crash leaves at worst bytes without meta, which recovery removes.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -205,29 +205,75 @@ impl Drop for TempFile {
     }
 }
 
-/// The writer thread's end of a download: receives chunks, writes them through a large buffer,
-/// and finishes with `fdatasync`. Hashing happens on the network side, so the two overlap.
+/// What the network side sends the writer thread.
+#[derive(Debug)]
+pub(crate) enum WriteOp {
+    /// The next bytes of the body.
+    Data(bytes::Bytes),
+    /// Drop everything written so far: the download starts again from byte zero.
+    Restart,
+}
+
+/// Called by the writer when the disk is full, with the bytes it needs; returns whether it
+/// freed anything (by evicting entries), in which case the write is tried again.
+pub(crate) type MakeRoom = Box<dyn Fn(u64) -> bool + Send>;
+
+/// The network side's handle on a download's writer thread, which writes chunks through a
+/// large buffer and finishes with `fdatasync`. Hashing happens on the network side, so the
+/// two overlap.
+#[derive(Debug)]
 pub(crate) struct SpawnedWriter {
-    pub(crate) tx: mpsc::Sender<bytes::Bytes>,
+    pub(crate) tx: mpsc::Sender<WriteOp>,
     pub(crate) done: tokio::task::JoinHandle<io::Result<File>>,
 }
 
-/// Starts a blocking writer for `temp`. The file is created there, mode `file_mode`.
-pub(crate) fn spawn_writer(layout: &Layout, temp: &TempFile) -> SpawnedWriter {
-    let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(64);
+/// Starts a blocking writer that creates `temp` (mode `file_mode`) and writes into it.
+pub(crate) fn spawn_writer(layout: &Layout, temp: &TempFile, make_room: MakeRoom) -> SpawnedWriter {
+    let (tx, mut rx) = mpsc::channel::<WriteOp>(64);
     let path = temp.path().to_owned();
     let layout = layout.clone();
     let done = tokio::task::spawn_blocking(move || {
-        let file = layout.create_new_file(&path)?;
-        let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
-        while let Some(chunk) = rx.blocking_recv() {
-            out.write_all(&chunk)?;
+        let mut file = layout.create_new_file(&path)?;
+        let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
+        while let Some(op) = rx.blocking_recv() {
+            match op {
+                WriteOp::Data(chunk) => {
+                    if buf.len() + chunk.len() > WRITE_BUFFER {
+                        write_all_making_room(&mut file, &buf, &make_room)?;
+                        buf.clear();
+                    }
+                    if chunk.len() >= WRITE_BUFFER {
+                        write_all_making_room(&mut file, &chunk, &make_room)?;
+                    } else {
+                        buf.extend_from_slice(&chunk);
+                    }
+                }
+                WriteOp::Restart => {
+                    buf.clear();
+                    file.set_len(0)?;
+                    io::Seek::seek(&mut file, io::SeekFrom::Start(0))?;
+                }
+            }
         }
-        let file = out.into_inner().map_err(|e| e.into_error())?;
+        write_all_making_room(&mut file, &buf, &make_room)?;
         file.sync_data()?;
         Ok(file)
     });
     SpawnedWriter { tx, done }
+}
+
+/// `write_all`, except that a full disk first asks `make_room` for space and tries again.
+fn write_all_making_room(file: &mut File, mut data: &[u8], make_room: &MakeRoom) -> io::Result<()> {
+    while !data.is_empty() {
+        match file.write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::StorageFull && make_room(data.len() as u64) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Nanoseconds since the epoch of a file's modification time.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use imgcache::{CacheStatus, ErrorKind, GetOptions, ImageCache, Verification};
 use support::origin::{Fault, Origin, Route, sha256_hex, volume};
-use support::{data_files, files, mode, open, temp_files};
+use support::{data_files, files, mode, open, open_without_retries, temp_files};
 
 const MB: usize = 1024 * 1024;
 
@@ -26,7 +26,7 @@ async fn first_get_downloads_and_second_is_a_hit() {
     assert_eq!(std::fs::read(file.path()).unwrap(), body);
     assert_eq!(file.sha256(), sha256_hex(&body));
     assert_eq!(file.size(), body.len() as u64);
-    assert_eq!(file.etag(), Some("\"v1\""));
+    assert_eq!(file.etag().as_deref(), Some("\"v1\""));
     assert!(file.path().starts_with(dir.path()));
     assert_eq!(file.path().file_name().unwrap(), "0042.nii.gz");
     assert_eq!(mode(file.path()), 0o600);
@@ -169,7 +169,7 @@ async fn errors_reach_every_waiter_and_are_not_cached() {
     let (route, gate) = Route::status(503).gated();
     origin.route("flaky.nii.gz", route);
     let dir = tempfile::tempdir().unwrap();
-    let (cache, _clock) = open(dir.path()).await;
+    let (cache, _clock) = open_without_retries(dir.path()).await;
     let url = origin.url("flaky.nii.gz");
 
     let tasks: Vec<_> = (0..10)
@@ -203,7 +203,7 @@ async fn errors_reach_every_waiter_and_are_not_cached() {
 async fn not_found_and_refused_connections_are_clear_errors() {
     let origin = Origin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (cache, _clock) = open(dir.path()).await;
+    let (cache, _clock) = open_without_retries(dir.path()).await;
     let err = cache.get(origin.url("missing.nii.gz")).await.unwrap_err();
     assert_eq!(
         (err.kind(), err.status()),
@@ -230,7 +230,7 @@ async fn broken_bodies_commit_nothing_and_the_next_call_downloads_again() {
     let origin = Origin::start().await;
     let body = volume(6, 2 * MB);
     let dir = tempfile::tempdir().unwrap();
-    let (cache, _clock) = open(dir.path()).await;
+    let (cache, _clock) = open_without_retries(dir.path()).await;
     let cases = [
         ("close-0", Fault::CloseAfter(0)),
         ("close-half", Fault::CloseAfter(MB)),
@@ -317,6 +317,11 @@ async fn entries_expire_by_the_controlled_clock() {
         "expired entries are not served"
     );
 
+    // Kept for revalidation and stale fallback during the grace period (7 days by default).
+    let report = cache.cleanup().await.unwrap();
+    assert_eq!((report.expired, report.evicted), (0, 0));
+    assert_eq!(data_files(dir.path()).len(), 1);
+    clock.advance(imgcache::DEFAULT_STALE_GRACE);
     let report = cache.cleanup().await.unwrap();
     assert_eq!((report.expired, report.evicted), (1, 0));
     assert_eq!(report.bytes_freed, MB as u64);
@@ -789,7 +794,7 @@ async fn refresh_replaces_the_entry_while_open_readers_keep_their_bytes() {
     let fresh = cache.refresh(&url).await.unwrap();
     assert_eq!(fresh.status(), CacheStatus::Downloaded);
     assert_eq!(fresh.sha256(), sha256_hex(&new));
-    assert_eq!(fresh.etag(), Some("\"2\""));
+    assert_eq!(fresh.etag().as_deref(), Some("\"2\""));
     let mut kept = Vec::new();
     std::io::Read::read_to_end(&mut reader, &mut kept).unwrap();
     assert_eq!(kept, old, "an open reader keeps the old bytes");
@@ -912,6 +917,7 @@ async fn the_background_sweeper_expires_entries() {
     let cache = ImageCache::builder()
         .cache_dir(dir.path())
         .clock(Arc::clone(&clock) as Arc<dyn imgcache::Clock>)
+        .stale_grace(Duration::ZERO)
         .sweep_interval(Duration::from_millis(20))
         .build()
         .await

@@ -10,12 +10,26 @@ use std::time::Duration;
 
 use imgcache::{CacheBuilder, ImageCache, ManualClock};
 
-/// A builder on `dir` with a manual clock and no background sweeper (tests sweep explicitly).
+/// A builder on `dir` with a manual clock, no background sweeper (tests sweep explicitly) and
+/// retry delays of a millisecond.
 pub fn builder(dir: &Path, clock: &Arc<ManualClock>) -> CacheBuilder {
     ImageCache::builder()
         .cache_dir(dir)
         .sweep_interval(Duration::ZERO)
+        .retry_base_delay(Duration::from_millis(1))
+        .retry_max_delay(Duration::from_millis(5))
         .clock(Arc::clone(clock) as Arc<dyn imgcache::Clock>)
+}
+
+/// [`builder`] with retries off: for tests of what a single failed attempt does.
+pub async fn open_without_retries(dir: &Path) -> (ImageCache, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new());
+    let cache = builder(dir, &clock)
+        .retries(0)
+        .build()
+        .await
+        .expect("build");
+    (cache, clock)
 }
 
 pub async fn open(dir: &Path) -> (ImageCache, Arc<ManualClock>) {
