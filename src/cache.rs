@@ -1386,6 +1386,7 @@ impl<'a> Transfer<'a> {
                         "the file changed length between attempts; starting again",
                     ));
                 }
+                self.total = self.total.or(total);
                 Counters::add(&self.inner.counters.resumes, 1);
                 tracing::info!(url = %self.r.display, offset = self.received, "resuming");
                 response

@@ -49,6 +49,12 @@ pub struct Route {
     pub gate: Option<Arc<Semaphore>>,
     /// Whether the gate holds only the body (the headers are sent first).
     pub gate_body_only: bool,
+    /// Whether `Range` requests are honoured (206), as most servers do.
+    pub ranges: bool,
+    /// `Last-Modified` to send and to match against `If-Modified-Since` and `If-Range`.
+    pub last_modified: Option<String>,
+    /// Bytes written at a time (with `rate`, the trickle's step).
+    pub piece: usize,
 }
 
 impl Route {
@@ -62,6 +68,9 @@ impl Route {
             rate: None,
             gate: None,
             gate_body_only: false,
+            ranges: true,
+            last_modified: None,
+            piece: 64 * 1024,
         }
     }
 
@@ -78,6 +87,23 @@ impl Route {
 
     pub fn etag(mut self, etag: &str) -> Route {
         self.etag = Some(etag.to_owned());
+        self
+    }
+
+    pub fn last_modified(mut self, date: &str) -> Route {
+        self.last_modified = Some(date.to_owned());
+        self
+    }
+
+    /// Answers `Range` requests with the whole body (200), as some servers do.
+    pub fn ignore_range(mut self) -> Route {
+        self.ranges = false;
+        self
+    }
+
+    /// Sends `bytes` at a time.
+    pub fn piece(mut self, bytes: usize) -> Route {
+        self.piece = bytes.max(1);
         self
     }
 
@@ -125,7 +151,8 @@ impl Seen {
 
 #[derive(Default)]
 struct Shared {
-    routes: Mutex<HashMap<String, Route>>,
+    /// Per path, the routes still to serve in order; the last one repeats.
+    routes: Mutex<HashMap<String, Vec<Route>>>,
     hits: Mutex<HashMap<String, usize>>,
     seen: Mutex<Vec<Seen>>,
     total: AtomicUsize,
@@ -187,8 +214,19 @@ impl Origin {
     }
 
     pub fn route(&self, path: &str, route: Route) {
+        self.route_seq(path, vec![route]);
+    }
+
+    /// Serves `routes` to successive requests for `path`; the last one repeats.
+    pub fn route_seq(&self, path: &str, routes: Vec<Route>) {
+        assert!(!routes.is_empty());
         let path = format!("/{}", path.trim_start_matches('/'));
-        self.shared.routes.lock().unwrap().insert(path, route);
+        self.shared.routes.lock().unwrap().insert(path, routes);
+    }
+
+    /// Connections being served now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open_connections.load(Ordering::SeqCst)
     }
 
     /// Requests received for `path` (its leading slash optional).
@@ -253,12 +291,20 @@ async fn serve(mut stream: TcpStream, state: &Shared) -> std::io::Result<()> {
         .unwrap()
         .entry(route_path.clone())
         .or_insert(0) += 1;
-    state.seen.lock().unwrap().push(Seen {
+    let seen = Seen {
         method: method.clone(),
         path: path.clone(),
         headers,
-    });
-    let route = state.routes.lock().unwrap().get(&route_path).cloned();
+    };
+    state.seen.lock().unwrap().push(seen.clone());
+    let route = {
+        let mut routes = state.routes.lock().unwrap();
+        match routes.get_mut(&route_path) {
+            Some(seq) if seq.len() > 1 => Some(seq.remove(0)),
+            Some(seq) => seq.first().cloned(),
+            None => None,
+        }
+    };
     let route = route.unwrap_or_else(|| Route::status(404));
     if route.fault == Fault::CloseImmediately {
         return Ok(());
@@ -266,26 +312,72 @@ async fn serve(mut stream: TcpStream, state: &Shared) -> std::io::Result<()> {
     if let Some(gate) = route.gate.as_ref().filter(|_| !route.gate_body_only) {
         gate.acquire().await.expect("gate closed").forget();
     }
-    let chunked = matches!(route.fault, Fault::Chunked | Fault::ChunkedNoEnd);
+    let validator_matches = |value: &str| {
+        route.etag.as_deref() == Some(value) || route.last_modified.as_deref() == Some(value)
+    };
+    let len = route.body.len();
+    let mut status = route.status;
+    let mut start = 0usize;
+    let mut content_range = None;
+    if status == 200 {
+        let not_modified = seen
+            .header("if-none-match")
+            .map(|v| route.etag.as_deref() == Some(v))
+            .or_else(|| {
+                seen.header("if-modified-since")
+                    .map(|v| route.last_modified.as_deref() == Some(v))
+            })
+            .unwrap_or(false);
+        let range_start = seen
+            .header("range")
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.strip_suffix('-'))
+            .and_then(|n| n.parse::<usize>().ok());
+        let if_range_ok = seen.header("if-range").is_none_or(validator_matches);
+        if not_modified {
+            status = 304;
+        } else if let (Some(n), true, true) = (range_start, route.ranges, if_range_ok) {
+            if n >= len {
+                status = 416;
+                content_range = Some(format!("bytes */{len}"));
+            } else {
+                status = 206;
+                start = n;
+                content_range = Some(format!("bytes {n}-{}/{len}", len - 1));
+            }
+        }
+    }
+    let body: &[u8] = match status {
+        304 | 416 => &[],
+        _ => &route.body[start..],
+    };
+    let chunked = matches!(route.fault, Fault::Chunked | Fault::ChunkedNoEnd) && status != 304;
     let mut response = format!(
-        "HTTP/1.1 {} {}\r\nConnection: close\r\n",
-        route.status,
-        reason(route.status)
+        "HTTP/1.1 {} {}\r\nConnection: close\r\nAccept-Ranges: bytes\r\n",
+        status,
+        reason(status)
     );
     if chunked {
         response.push_str("Transfer-Encoding: chunked\r\n");
-    } else {
-        response.push_str(&format!("Content-Length: {}\r\n", route.body.len()));
+    } else if status != 304 {
+        response.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    if let Some(range) = &content_range {
+        response.push_str(&format!("Content-Range: {range}\r\n"));
     }
     if let Some(etag) = &route.etag {
         response.push_str(&format!("ETag: {etag}\r\n"));
+    }
+    if let Some(lm) = &route.last_modified {
+        response.push_str(&format!("Last-Modified: {lm}\r\n"));
     }
     for (k, v) in &route.extra_headers {
         response.push_str(&format!("{k}: {v}\r\n"));
     }
     response.push_str("\r\n");
     stream.write_all(response.as_bytes()).await?;
-    if method == "HEAD" {
+    if method == "HEAD" || body.is_empty() {
+        stream.flush().await?;
         return Ok(());
     }
     if route.fault == Fault::StallAfterHeaders {
@@ -298,15 +390,14 @@ async fn serve(mut stream: TcpStream, state: &Shared) -> std::io::Result<()> {
         gate.acquire().await.expect("gate closed").forget();
     }
     let limit = match route.fault {
-        Fault::CloseAfter(n) | Fault::ResetAfter(n) => n.min(route.body.len()),
-        _ => route.body.len(),
+        Fault::CloseAfter(n) | Fault::ResetAfter(n) => n.min(body.len()),
+        _ => body.len(),
     };
     let started = Instant::now();
     let mut sent = 0usize;
-    const PIECE: usize = 64 * 1024;
     while sent < limit {
-        let end = (sent + PIECE).min(limit);
-        let piece = &route.body[sent..end];
+        let end = (sent + route.piece).min(limit);
+        let piece = &body[sent..end];
         if chunked {
             stream
                 .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
@@ -318,6 +409,7 @@ async fn serve(mut stream: TcpStream, state: &Shared) -> std::io::Result<()> {
         }
         sent = end;
         if let Some(rate) = route.rate {
+            stream.flush().await?;
             let due = Duration::from_secs_f64(sent as f64 / rate as f64);
             let elapsed = started.elapsed();
             if due > elapsed {
