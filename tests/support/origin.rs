@@ -382,7 +382,9 @@ async fn serve(mut stream: TcpStream, state: &Shared) -> std::io::Result<()> {
     }
     if route.fault == Fault::StallAfterHeaders {
         stream.flush().await?;
-        tokio::time::sleep(Duration::from_secs(3600)).await;
+        // Silence until the client gives up and closes (a read then returns 0).
+        let mut sink = [0u8; 64];
+        while stream.read(&mut sink).await? > 0 {}
         return Ok(());
     }
     if let Some(gate) = route.gate.as_ref().filter(|_| route.gate_body_only) {
