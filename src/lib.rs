@@ -9,7 +9,8 @@
 //!                      v
 //!                  in-flight map (DashMap of shared futures): join the running download, or spawn one
 //!                      v
-//!                  fetch (reqwest stream, Accept-Encoding: identity, status and length checked)
+//!                  fetch (reqwest stream, Accept-Encoding: identity; conditional GET for an expired
+//!                         copy; retries with backoff; Range resume; stale copy if the origin fails)
 //!                      v
 //!                  store (temp file in the cache dir, SHA-256 and length while streaming, fsync,
 //!                         rename, meta.json written last and atomically)
@@ -75,6 +76,17 @@
 //! | `CACHE_DEFAULT_TTL_HOURS` | `24` | time to live of new entries (fractions allowed) |
 //! | `CACHE_SWEEP_INTERVAL` | `60s` | background sweep period (`0s` disables) |
 //! | `CACHE_FILE_MODE` | `600` | permission bits of cached files (octal) |
+//! | `CACHE_STALE_GRACE` | `7days` | expired entries kept for revalidation and stale fallback |
+//! | `CACHE_STALE_IF_ERROR` | `1` | serve an expired copy when the origin fails |
+//! | `CACHE_OFFLINE` | `0` | never touch the network |
+//! | `CACHE_RETRIES` | `3` | retries of transient failures |
+//! | `CACHE_RETRY_DELAY`, `CACHE_RETRY_MAX_DELAY` | `500ms`, `30s` | backoff bounds |
+//! | `CACHE_CONNECT_TIMEOUT`, `CACHE_READ_TIMEOUT` | `30s`, `60s` | connect and idle timeouts |
+//! | `CACHE_DOWNLOAD_TIMEOUT` | none | total time of one download, retries included |
+//! | `CACHE_MAX_FILE_SIZE_MB` | `16384` | largest file accepted |
+//! | `CACHE_MAX_REDIRECTS` | `10` | redirects followed (never https to http) |
+//! | `CACHE_CA_CERT` | none | extra CA certificates (PEM) |
+//! | `CACHE_INSECURE_TLS` | `0` | accept any certificate (dangerous) |
 //!
 //! Read by [`CacheBuilder::from_env`], [`ImageCache::from_env`] and the process-wide functions
 //! below; a `.env` file in the current directory supplies variables the environment lacks.
