@@ -37,9 +37,11 @@ CLI="$ROOT/target/release/imgcache"
 LIB="$ROOT/target/release/examples/peer_harness"
 
 mkdir -p "$WORK/www" "$WORK/logs"
+chmod 755 "$WORK" "$WORK/www"   # nginx's workers are not root
 for mb in $SIZES; do
   head -c $((mb * 1024 * 1024)) /dev/urandom > "$WORK/www/ct_${mb}mb.nii.gz"
 done
+chmod 644 "$WORK"/www/*
 cat > "$WORK/nginx.conf" <<CONF
 worker_processes 2;
 pid $WORK/nginx.pid;
@@ -68,11 +70,11 @@ run() {
   case $tool in
     curl)
       case $mode in
-        cold) curl -s -o "$dir/out" -w '%{time_total}\n' "$url" ;;
+        cold) curl -sf -o "$dir/out" -w '%{time_total}\n' "$url" ;;
         concurrent)
           local t0 t1
           t0=$(date +%s.%N)
-          seq "$n" | xargs -P "$n" -I{} curl -s -o "$dir/out{}" "$url"
+          seq "$n" | xargs -P "$n" -I{} curl -sf -o "$dir/out{}" "$url"
           t1=$(date +%s.%N)
           calc "$t1 - $t0" ;;
         warm) echo "" ;;
