@@ -868,21 +868,9 @@ impl Inner {
         } else {
             self.index.current(&r.key)
         };
-        let attempts = self.download_with_retries(r, options, previous.as_ref());
-        let result = match self.config.download_timeout {
-            Some(limit) => tokio::time::timeout(limit, attempts)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::new(
-                        ErrorKind::Network,
-                        format!(
-                            "download took longer than {}",
-                            humantime::format_duration(limit)
-                        ),
-                    ))
-                }),
-            None => attempts.await,
-        };
+        let result = self
+            .download_with_retries(r, options, previous.as_ref())
+            .await;
         match (result, previous) {
             (Err(e), Some(stale)) if self.config.stale_if_error && e.is_transient() => {
                 if !self.index.pin_if_current(&stale) {
@@ -909,15 +897,45 @@ impl Inner {
         })
     }
 
-    /// Attempts until the body is complete, a 304 renews `previous`, or a failure is final.
+    /// Attempts within the total deadline; on failure, waits until the writer has removed
+    /// its temp file, so that an error never leaves one behind.
     async fn download_with_retries(
         self: &Arc<Self>,
         r: &Resolved,
         options: &GetOptions,
         previous: Option<&Arc<Entry>>,
     ) -> DownloadResult {
-        let started = Instant::now();
         let mut transfer = Transfer::new(self, r);
+        let attempts = self.attempts(&mut transfer, r, options, previous);
+        let result = match self.config.download_timeout {
+            Some(limit) => tokio::time::timeout(limit, attempts)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::new(
+                        ErrorKind::Network,
+                        format!(
+                            "download took longer than {}",
+                            humantime::format_duration(limit)
+                        ),
+                    ))
+                }),
+            None => attempts.await,
+        };
+        if result.is_err() {
+            transfer.abandon().await;
+        }
+        result
+    }
+
+    /// Attempts until the body is complete, a 304 renews `previous`, or a failure is final.
+    async fn attempts(
+        self: &Arc<Self>,
+        transfer: &mut Transfer<'_>,
+        r: &Resolved,
+        options: &GetOptions,
+        previous: Option<&Arc<Entry>>,
+    ) -> DownloadResult {
+        let started = Instant::now();
         let mut revalidate = previous
             .map(|p| (p, p.validators()))
             .filter(|(_, v)| !v.is_empty());
@@ -1292,7 +1310,6 @@ enum Step {
 struct Transfer<'a> {
     inner: &'a Arc<Inner>,
     r: &'a Resolved,
-    temp: Option<TempFile>,
     writer: Option<store::SpawnedWriter>,
     hasher: Sha256,
     received: u64,
@@ -1308,7 +1325,6 @@ impl<'a> Transfer<'a> {
         Transfer {
             inner,
             r,
-            temp: None,
             writer: None,
             hasher: Sha256::new(),
             received: 0,
@@ -1337,21 +1353,25 @@ impl<'a> Transfer<'a> {
         Ok(())
     }
 
+    /// Stops the writer and waits until it has removed the temp file.
+    async fn abandon(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            drop(writer.tx);
+            let _ = writer.done.await;
+        }
+    }
+
     /// The writer thread stopped early; its error says why (a full disk, usually).
     async fn writer_failure(&mut self) -> Error {
-        let path = self.temp.as_ref().map(|t| t.path().to_owned());
-        let err = match self.writer.take() {
-            Some(writer) => match writer.done.await {
-                Ok(Err(e)) => Error::io("cannot write the download", e),
-                Ok(Ok(_)) => Error::new(ErrorKind::Internal, "writer stopped early"),
-                Err(e) => Error::new(ErrorKind::Internal, format!("writer failed: {e}")),
-            },
-            None => Error::new(ErrorKind::Internal, "no writer"),
+        let Some(writer) = self.writer.take() else {
+            return Error::new(ErrorKind::Internal, "no writer");
         };
-        match path {
-            Some(p) => err.with_path(p),
-            None => err,
-        }
+        let err = match writer.done.await {
+            Ok(Err(e)) => Error::io("cannot write the download", e),
+            Ok(Ok(_)) => Error::new(ErrorKind::Internal, "writer stopped early"),
+            Err(e) => Error::new(ErrorKind::Internal, format!("writer failed: {e}")),
+        };
+        err.with_path(writer.path)
     }
 
     /// One request and as much of its body as arrives.
@@ -1425,8 +1445,7 @@ impl<'a> Transfer<'a> {
                 inner.dispose_now(removed);
                 freed
             });
-            self.writer = Some(store::spawn_writer(&self.inner.layout, &temp, make_room));
-            self.temp = Some(temp);
+            self.writer = Some(store::spawn_writer(&self.inner.layout, temp, make_room));
         }
         let limit = self.limit();
         while let Some(chunk) = response.chunk().await.map_err(fetch::body_error)? {
@@ -1462,16 +1481,13 @@ impl<'a> Transfer<'a> {
         let Some(writer) = self.writer.take() else {
             return Err(Error::new(ErrorKind::Internal, "no body was received"));
         };
-        // Closing the channel lets the writer flush, fsync and return the file.
+        // `Finish` lets the writer flush, fsync and hand back the file.
+        let _ = writer.tx.send(store::WriteOp::Finish).await;
         drop(writer.tx);
-        let file = match writer.done.await {
-            Ok(Ok(file)) => file,
+        let (temp, file) = match writer.done.await {
+            Ok(Ok(done)) => done,
             Ok(Err(e)) => {
-                let err = Error::io("cannot write the download", e);
-                return Err(match &self.temp {
-                    Some(t) => err.with_path(t.path()),
-                    None => err,
-                });
+                return Err(Error::io("cannot write the download", e).with_path(writer.path));
             }
             Err(e) => {
                 return Err(Error::new(
@@ -1481,7 +1497,6 @@ impl<'a> Transfer<'a> {
             }
         };
         let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        let temp = self.temp.take().expect("created with the writer");
         Ok((temp, file, sha256, std::mem::take(&mut self.validators)))
     }
 }

@@ -212,6 +212,9 @@ pub(crate) enum WriteOp {
     Data(bytes::Bytes),
     /// Drop everything written so far: the download starts again from byte zero.
     Restart,
+    /// The body is complete: flush, fsync and hand the file back. A channel that closes
+    /// without `Finish` means the download was abandoned, and the temp file is removed.
+    Finish,
 }
 
 /// Called by the writer when the disk is full, with the bytes it needs; returns whether it
@@ -224,18 +227,26 @@ pub(crate) type MakeRoom = Box<dyn Fn(u64) -> bool + Send>;
 #[derive(Debug)]
 pub(crate) struct SpawnedWriter {
     pub(crate) tx: mpsc::Sender<WriteOp>,
-    pub(crate) done: tokio::task::JoinHandle<io::Result<File>>,
+    pub(crate) done: tokio::task::JoinHandle<io::Result<(TempFile, File)>>,
+    /// Where the temp file is, for error messages.
+    pub(crate) path: PathBuf,
 }
 
-/// Starts a blocking writer that creates `temp` (mode `file_mode`) and writes into it.
-pub(crate) fn spawn_writer(layout: &Layout, temp: &TempFile, make_room: MakeRoom) -> SpawnedWriter {
+/// Starts a blocking writer that owns `temp`: it creates the file (mode `file_mode`), writes
+/// into it, and removes it on every path but a `Finish`. Owning the file on the thread that
+/// creates it closes a race: a guard on the network side could run before the file exists.
+pub(crate) fn spawn_writer(layout: &Layout, temp: TempFile, make_room: MakeRoom) -> SpawnedWriter {
     let (tx, mut rx) = mpsc::channel::<WriteOp>(64);
     let path = temp.path().to_owned();
     let layout = layout.clone();
     let done = tokio::task::spawn_blocking(move || {
-        let mut file = layout.create_new_file(&path)?;
+        let mut file = layout.create_new_file(temp.path())?;
         let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
-        while let Some(op) = rx.blocking_recv() {
+        loop {
+            let Some(op) = rx.blocking_recv() else {
+                // Dropping `temp` on return removes the file.
+                return Err(io::Error::other("download abandoned"));
+            };
             match op {
                 WriteOp::Data(chunk) => {
                     if buf.len() + chunk.len() > WRITE_BUFFER {
@@ -253,13 +264,14 @@ pub(crate) fn spawn_writer(layout: &Layout, temp: &TempFile, make_room: MakeRoom
                     file.set_len(0)?;
                     io::Seek::seek(&mut file, io::SeekFrom::Start(0))?;
                 }
+                WriteOp::Finish => break,
             }
         }
         write_all_making_room(&mut file, &buf, &make_room)?;
         file.sync_data()?;
-        Ok(file)
+        Ok((temp, file))
     });
-    SpawnedWriter { tx, done }
+    SpawnedWriter { tx, done, path }
 }
 
 /// `write_all`, except that a full disk first asks `make_room` for space and tries again.

@@ -978,3 +978,26 @@ async fn urls_may_be_str_string_or_url() {
     assert!([&b, &c, &d].iter().all(|f| f.path() == a.path()));
     assert_eq!(origin.hits("k.nii.gz"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_that_fail_at_once_never_leave_a_temp_file() {
+    // A failure right after the headers races the writer thread that creates the temp file;
+    // the file must be removed whichever side wins.
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open_without_retries(dir.path()).await;
+    let body = volume(190, 100_000);
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let path = format!("fail-{i}.nii.gz");
+            origin.route(&path, Route::ok(body.clone()).fault(Fault::CloseAfter(10)));
+            let (cache, url) = (cache.clone(), origin.url(&path));
+            tokio::spawn(async move { cache.get(url).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap_err().kind(), ErrorKind::Incomplete);
+    }
+    wait_until(|| temp_files(dir.path()).is_empty()).await;
+    assert!(data_files(dir.path()).is_empty());
+}
