@@ -539,3 +539,35 @@ async fn redirects_are_followed_up_to_the_limit() {
         "the first request and 3 redirects"
     );
 }
+
+#[tokio::test]
+async fn space_pressure_evicts_expired_entries_before_fresh_ones() {
+    let origin = Origin::start().await;
+    for (i, name) in ["old", "fresh", "new"].iter().enumerate() {
+        origin.route(
+            &format!("{name}.nii.gz"),
+            Route::ok(volume(30 + i as u64, MB)),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new());
+    let cache = builder(dir.path(), &clock)
+        .max_size_bytes(2 * MB as u64 + 100)
+        .build()
+        .await
+        .unwrap();
+    let url = |n: &str| origin.url(&format!("{n}.nii.gz"));
+    // "fresh" is the least recently used, but "old" has expired (a short per-call TTL).
+    drop(cache.get(url("fresh")).await.unwrap());
+    let short = imgcache::GetOptions::new().ttl(Duration::from_secs(60));
+    drop(cache.get_with(url("old"), short).await.unwrap());
+    clock.advance(Duration::from_secs(120));
+    drop(cache.get(url("new")).await.unwrap());
+    assert!(
+        cache.get_cached(url("fresh")).is_some(),
+        "the fresh entry stays"
+    );
+    let urls: Vec<String> = cache.entries().into_iter().map(|e| e.url).collect();
+    assert!(!urls.iter().any(|u| u.ends_with("/old.nii.gz")), "{urls:?}");
+    assert_eq!(cache.stats().evictions, 1);
+}
