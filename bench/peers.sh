@@ -4,7 +4,7 @@
 # packages and moves gigabytes):
 #
 #   bash bench/peers.sh            # 200 MB and 1 GiB files; prints a Markdown table
-#   SIZES="200" bash bench/peers.sh
+#   SIZES="200" TOOLS="curl imgcache-lib" bash bench/peers.sh   # a subset
 #
 # Measured for each tool and file: cold download time, warm hit time per call, 16 concurrent
 # cold requests for one file (wall time and the requests nginx saw), and the peak RSS of the
@@ -68,6 +68,18 @@ requests() { grep -c "GET /$1 " "$WORK/logs/access.log" 2>/dev/null || true; }
 run() {
   local tool=$1 mode=$2 url=$3 dir=$4 n=$5 sha=$6
   case $tool in
+    curl-sync)
+      # curl, then fsync the file as the cache does before it commits.
+      case $mode in
+        cold) local t0 t1; t0=$(date +%s.%N); curl -sf -o "$dir/out" "$url"; sync "$dir/out"; t1=$(date +%s.%N); calc "$t1 - $t0" ;;
+        concurrent)
+          local t0 t1
+          t0=$(date +%s.%N)
+          seq "$n" | xargs -P "$n" -I{} sh -c 'curl -sf -o "$1/out$2" "$3" && sync "$1/out$2"' _ "$dir" {} "$url"
+          t1=$(date +%s.%N)
+          calc "$t1 - $t0" ;;
+        warm) echo "" ;;
+      esac ;;
     curl)
       case $mode in
         cold) curl -sf -o "$dir/out" -w '%{time_total}\n' "$url" ;;
@@ -107,7 +119,7 @@ fmt_time() {
   awk -v s="$1" 'BEGIN { if (s < 0.001) printf "%.1f µs", s * 1e6; else if (s < 1) printf "%.1f ms", s * 1e3; else printf "%.2f s", s }'
 }
 
-TOOLS="curl imgcache-lib imgcache-cli pooch pooch-nohash fsspec cached-path"
+TOOLS=${TOOLS:-"curl curl-sync imgcache-lib imgcache-cli pooch pooch-nohash fsspec cached-path"}
 echo
 echo "| file | tool | cold | warm hit per call | 16 concurrent cold: wall | origin requests | peak RSS (cold) |"
 echo "|---|---|---|---|---|---|---|"
