@@ -9,7 +9,9 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use imgcache::{CacheStatus, ErrorKind, GetOptions, ImageCache, Verification};
 use support::origin::{Fault, Origin, Route, sha256_hex, volume};
-use support::{data_files, files, mode, open, open_without_retries, temp_files};
+use support::{
+    data_files, files, mode, open, open_capped, open_without_retries, route_volumes, temp_files,
+};
 
 const MB: usize = 1024 * 1024;
 
@@ -377,19 +379,9 @@ async fn per_call_ttl_and_default_ttl_changes() {
 #[tokio::test]
 async fn least_recently_used_entries_are_evicted_to_honour_the_cap() {
     let origin = Origin::start().await;
-    for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
-        origin.route(
-            &format!("{name}.nii.gz"),
-            Route::ok(volume(20 + i as u64, MB)),
-        );
-    }
+    route_volumes(&origin, &["a", "b", "c", "d"], 20, MB);
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(imgcache::ManualClock::new());
-    let cache = support::builder(dir.path(), &clock)
-        .max_size_bytes(3 * MB as u64 + 100)
-        .build()
-        .await
-        .unwrap();
+    let (cache, _clock) = open_capped(dir.path(), 3 * MB as u64 + 100).await;
     let get = |n: &str| cache.get(origin.url(&format!("{n}.nii.gz")));
     drop(get("a").await.unwrap());
     drop(get("b").await.unwrap());
@@ -419,19 +411,9 @@ async fn least_recently_used_entries_are_evicted_to_honour_the_cap() {
 #[tokio::test]
 async fn a_pinned_entry_survives_eviction_invalidate_and_clear() {
     let origin = Origin::start().await;
-    for (i, name) in ["a", "b", "c"].iter().enumerate() {
-        origin.route(
-            &format!("{name}.nii.gz"),
-            Route::ok(volume(30 + i as u64, MB)),
-        );
-    }
+    route_volumes(&origin, &["a", "b", "c"], 30, MB);
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(imgcache::ManualClock::new());
-    let cache = support::builder(dir.path(), &clock)
-        .max_size_bytes(2 * MB as u64 + 100)
-        .build()
-        .await
-        .unwrap();
+    let (cache, _clock) = open_capped(dir.path(), 2 * MB as u64 + 100).await;
     let url = |n: &str| origin.url(&format!("{n}.nii.gz"));
     let held = cache.get(url("a")).await.unwrap(); // least recently used, but pinned
     drop(cache.get(url("b")).await.unwrap());

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use imgcache::{ErrorKind, ManualClock};
-use support::origin::{Origin, Route, volume};
+use support::origin::{Origin, volume};
 use support::{builder, data_files, temp_files};
 
 const MB: usize = 1024 * 1024;
@@ -70,12 +70,7 @@ async fn a_full_disk_evicts_to_make_room_then_fails_cleanly() {
         return;
     };
     let origin = Origin::start().await;
-    for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
-        origin.route(
-            &format!("{name}.nii.gz"),
-            Route::ok(volume(i as u64, 3 * MB)).etag("\"x\""),
-        );
-    }
+    support::route_volumes(&origin, &["a", "b", "c", "d"], 0, 3 * MB);
     let clock = Arc::new(ManualClock::new());
     // The cap (100 MB) is far above the disk (8 MB): only the disk can run out.
     let cache = builder(&fs.path, &clock)

@@ -543,19 +543,9 @@ async fn redirects_are_followed_up_to_the_limit() {
 #[tokio::test]
 async fn space_pressure_evicts_expired_entries_before_fresh_ones() {
     let origin = Origin::start().await;
-    for (i, name) in ["old", "fresh", "new"].iter().enumerate() {
-        origin.route(
-            &format!("{name}.nii.gz"),
-            Route::ok(volume(30 + i as u64, MB)),
-        );
-    }
+    support::route_volumes(&origin, &["old", "fresh", "new"], 30, MB);
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new());
-    let cache = builder(dir.path(), &clock)
-        .max_size_bytes(2 * MB as u64 + 100)
-        .build()
-        .await
-        .unwrap();
+    let (cache, clock) = support::open_capped(dir.path(), 2 * MB as u64 + 100).await;
     let url = |n: &str| origin.url(&format!("{n}.nii.gz"));
     // "fresh" is the least recently used, but "old" has expired (a short per-call TTL).
     drop(cache.get(url("fresh")).await.unwrap());

@@ -75,3 +75,25 @@ pub fn data_files(dir: &Path) -> Vec<PathBuf> {
 pub fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
+
+/// Routes `<name>.nii.gz` for each of `names`: distinct volumes of `size` bytes, the i-th
+/// made from seed `seed + i`.
+pub fn route_volumes(origin: &origin::Origin, names: &[&str], seed: u64, size: usize) {
+    for (i, name) in names.iter().enumerate() {
+        origin.route(
+            &format!("{name}.nii.gz"),
+            origin::Route::ok(origin::volume(seed + i as u64, size)),
+        );
+    }
+}
+
+/// [`open`] with a size cap of `max_bytes`.
+pub async fn open_capped(dir: &Path, max_bytes: u64) -> (ImageCache, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new());
+    let cache = builder(dir, &clock)
+        .max_size_bytes(max_bytes)
+        .build()
+        .await
+        .expect("build");
+    (cache, clock)
+}
