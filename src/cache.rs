@@ -70,6 +70,8 @@ pub(crate) struct Inner {
     // DashMap: coalescing touches only the one key's shard, so cold requests for different
     // URLs never wait on each other; no guard is ever held across an .await (clippy.toml).
     inflight: DashMap<Key, Inflight>,
+    /// URLs as callers wrote them, resolved (see `resolve`).
+    resolved: DashMap<Box<str>, Arc<Resolved>>,
     next_download_id: AtomicU64,
     counters: Counters,
     default_ttl_ms: AtomicU64,
@@ -383,6 +385,7 @@ impl ImageCache {
             layout,
             index,
             inflight: DashMap::new(),
+            resolved: DashMap::new(),
             next_download_id: AtomicU64::new(1),
             counters,
             dirty: AtomicBool::new(report.removed > 0),
@@ -727,8 +730,20 @@ impl Inner {
         Ok(())
     }
 
-    fn resolve(&self, url: &str) -> Result<Resolved> {
-        key::resolve(url, self.config.image_server.as_ref())
+    /// Resolves a URL as the caller wrote it. Parsing, normalising and hashing a URL costs
+    /// more than the rest of a hit together, so results are remembered, in a map that is
+    /// emptied when it reaches `RESOLVED_CAPACITY` (a bound, not an LRU: the work it saves is
+    /// cheap to redo).
+    fn resolve(&self, url: &str) -> Result<Arc<Resolved>> {
+        if let Some(found) = self.resolved.get(url) {
+            return Ok(Arc::clone(found.value()));
+        }
+        let resolved = Arc::new(key::resolve(url, self.config.image_server.as_ref())?);
+        if self.resolved.len() >= RESOLVED_CAPACITY {
+            self.resolved.clear();
+        }
+        self.resolved.insert(url.into(), Arc::clone(&resolved));
+        Ok(resolved)
     }
 
     fn now_ms(&self) -> u64 {
@@ -1528,6 +1543,9 @@ async fn sweeper_loop(inner: Arc<Inner>) {
     }
 }
 
+/// How many resolved URLs are remembered at most.
+const RESOLVED_CAPACITY: usize = 4096;
+
 fn duration_ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
@@ -1544,4 +1562,37 @@ fn checksum_error(expected: &str, actual: &str) -> Error {
         ErrorKind::ChecksumMismatch,
         format!("expected {}, got {actual}", expected.trim()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn resolved_urls_are_remembered_within_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::builder()
+            .cache_dir(dir.path())
+            .sweep_interval(Duration::ZERO)
+            .build()
+            .await
+            .unwrap();
+        let inner = cache.inner();
+        let a = inner.resolve("http://h/a.nii.gz").unwrap();
+        let again = inner.resolve("http://h/a.nii.gz").unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &again),
+            "the second resolution is remembered"
+        );
+        // Equivalent spellings resolve to one key, remembered separately.
+        let upper = inner.resolve("HTTP://H/a.nii.gz").unwrap();
+        assert_eq!(upper.key, a.key);
+        for i in 0..RESOLVED_CAPACITY + 10 {
+            inner.resolve(&format!("http://h/{i}.nii.gz")).unwrap();
+            assert!(inner.resolved.len() <= RESOLVED_CAPACITY);
+        }
+        // Errors are not remembered.
+        assert!(inner.resolve("ftp://h/x").is_err());
+        assert!(inner.resolved.get("ftp://h/x").is_none());
+    }
 }
