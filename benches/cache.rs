@@ -6,7 +6,8 @@
 //! ```
 //!
 //! - `hit`: `get` on a cached entry (one task, and 64 tasks on the multi-thread runtime)
-//!   against `tokio::fs::metadata` on the same file, the floor of any check that touches disk.
+//!   against `tokio::fs::metadata` on the same file, the floor of any async check that touches
+//!   disk, and `std::fs::metadata`, the one stat the hit path makes.
 //! - `coalescing`: 64 tasks asking for one cold 64 MiB URL against one task downloading it.
 //! - `cold_1gib`: a 1 GiB download through the cache, against a plain reqwest stream written to
 //!   a file (no hashing) and SHA-256 alone over the same bytes in memory.
@@ -66,6 +67,10 @@ fn hit(c: &mut Criterion) {
     group.bench_function("tokio_fs_metadata", |b| {
         b.to_async(&rt)
             .iter(|| async { tokio::fs::metadata(&path).await.unwrap() })
+    });
+    // The floor of the hit path's own check, which is one synchronous stat.
+    group.bench_function("std_fs_metadata", |b| {
+        b.iter(|| std::fs::metadata(&path).unwrap())
     });
     const TASKS: u64 = 64;
     group.throughput(Throughput::Elements(1));
