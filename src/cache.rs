@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{from_unix_ms, unix_ms};
 use crate::config::{CacheBuilder, Config};
 use crate::error::{Error, ErrorKind, Result};
+use crate::events::{Event, Events, Subscription};
 use crate::fetch;
 use crate::index::{Entry, Index, Lookup, Reason, Removed};
 use crate::key::{self, Key, Resolved};
@@ -70,6 +71,7 @@ pub(crate) struct Inner {
     // DashMap: coalescing touches only the one key's shard, so cold requests for different
     // URLs never wait on each other; no guard is ever held across an .await (clippy.toml).
     inflight: DashMap<Key, Inflight>,
+    events: Events,
     /// URLs as callers wrote them, resolved (see `resolve`).
     resolved: DashMap<Box<str>, Arc<Resolved>>,
     next_download_id: AtomicU64,
@@ -385,6 +387,7 @@ impl ImageCache {
             layout,
             index,
             inflight: DashMap::new(),
+            events: Events::new(),
             resolved: DashMap::new(),
             next_download_id: AtomicU64::new(1),
             counters,
@@ -465,6 +468,9 @@ impl ImageCache {
         inner.dirty.store(true, Ordering::Relaxed);
         if status == CacheStatus::Coalesced {
             Counters::add(&inner.counters.coalesced_waits, 1);
+            inner.events.emit(|| Event::CoalescedWait {
+                url: resolved.display.clone(),
+            });
         }
         let (pinned, outcome) = download.await?;
         let status = match outcome {
@@ -636,6 +642,13 @@ impl ImageCache {
             default_ttl_hours: inner.default_ttl_ms.load(Ordering::Relaxed) as f64 / 3_600_000.0,
             cache_dir: inner.config.cache_dir.display().to_string(),
         }
+    }
+
+    /// A stream of [`Event`]s: downloads starting, progressing, finishing or failing, hits,
+    /// coalesced waits, evictions and expirations. A subscriber that falls behind loses the
+    /// oldest events; it never slows the cache down.
+    pub fn subscribe(&self) -> Subscription {
+        self.inner().events.subscribe()
     }
 
     /// Sets every counter to zero.
@@ -812,6 +825,9 @@ impl Inner {
         entry.hits.fetch_add(1, Ordering::Relaxed);
         self.dirty.store(true, Ordering::Relaxed);
         tracing::debug!(url = %entry.meta.url, path = %entry.path.display(), "cache hit");
+        self.events.emit(|| Event::Hit {
+            url: entry.meta.url.clone(),
+        });
         Some(CachedFile {
             pinned,
             status: CacheStatus::Hit,
@@ -1031,6 +1047,11 @@ impl Inner {
                 .map_err(|e| Error::new(ErrorKind::Internal, format!("commit failed: {e}")))??;
         Counters::add(&self.counters.total_downloads, 1);
         self.dirty.store(true, Ordering::Relaxed);
+        self.events.emit(|| Event::DownloadFinished {
+            url: r.display.clone(),
+            bytes: size,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        });
         tracing::info!(
             url = %r.display,
             path = %entry.path.display(),
@@ -1146,10 +1167,18 @@ impl Inner {
             match r.reason {
                 Reason::Evicted => {
                     Counters::add(&self.counters.evictions, 1);
+                    self.events.emit(|| Event::Evicted {
+                        url: m.url.clone(),
+                        bytes: m.size,
+                    });
                     tracing::info!(url = %m.url, bytes = m.size, "evicted (size cap)");
                 }
                 Reason::Expired => {
                     Counters::add(&self.counters.expirations, 1);
+                    self.events.emit(|| Event::Expired {
+                        url: m.url.clone(),
+                        bytes: m.size,
+                    });
                     tracing::info!(url = %m.url, bytes = m.size, "expired");
                 }
                 Reason::Invalidated | Reason::Corrupt | Reason::Replaced => {}
@@ -1275,6 +1304,10 @@ async fn run_download(
         .await
         .map_err(|e| e.with_url(&r.display));
     if let Err(e) = &result {
+        inner.events.emit(|| Event::DownloadFailed {
+            url: r.display.clone(),
+            error: e.to_string(),
+        });
         Counters::add(&inner.counters.errors, 1);
         inner.dirty.store(true, Ordering::Relaxed);
         tracing::warn!(url = %r.display, error = %e, "download failed");
@@ -1332,6 +1365,8 @@ struct Transfer<'a> {
     total: Option<u64>,
     /// Of the version being downloaded: what `If-Range` binds a resume to.
     validators: fetch::Validators,
+    /// `received` when progress was last reported.
+    reported: u64,
     reservation: Option<Reservation>,
 }
 
@@ -1345,6 +1380,7 @@ impl<'a> Transfer<'a> {
             received: 0,
             total: None,
             validators: fetch::Validators::default(),
+            reported: 0,
             reservation: None,
         }
     }
@@ -1360,6 +1396,7 @@ impl<'a> Transfer<'a> {
     async fn restart(&mut self) -> Result<()> {
         self.hasher = Sha256::new();
         self.received = 0;
+        self.reported = 0;
         if let Some(writer) = &self.writer
             && writer.tx.send(store::WriteOp::Restart).await.is_err()
         {
@@ -1445,6 +1482,10 @@ impl<'a> Transfer<'a> {
             }
         };
         if self.writer.is_none() {
+            self.inner.events.emit(|| Event::DownloadStarted {
+                url: self.r.display.clone(),
+                total: self.total,
+            });
             let temp = TempFile::new(self.inner.layout.temp_path(&self.r.key, "part"));
             let inner = Arc::clone(self.inner);
             let make_room: store::MakeRoom = Box::new(move |bytes| {
@@ -1468,6 +1509,16 @@ impl<'a> Transfer<'a> {
             Counters::add(&self.inner.counters.bytes_downloaded, chunk.len() as u64);
             if self.received > limit {
                 return Err(too_large(self.received, limit));
+            }
+            if self.received >= self.reported + crate::events::PROGRESS_STEP
+                && self.inner.events.wanted()
+            {
+                self.reported = self.received;
+                self.inner.events.emit(|| Event::Progress {
+                    url: self.r.display.clone(),
+                    received: self.received,
+                    total: self.total,
+                });
             }
             if self.total.is_some_and(|t| self.received > t) {
                 return Err(Error::new(

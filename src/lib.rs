@@ -109,6 +109,7 @@ mod cache;
 mod clock;
 mod config;
 mod error;
+mod events;
 mod fetch;
 mod index;
 mod key;
@@ -125,6 +126,7 @@ pub use config::{
     DEFAULT_STALE_GRACE, DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL, MB,
 };
 pub use error::{Error, ErrorKind, Result};
+pub use events::{Event, Received, Subscription};
 pub use stats::Stats;
 
 use tokio::sync::OnceCell;
@@ -201,6 +203,9 @@ mod send_sync {
         assert_send(&cache.cleanup());
         assert_send(&cache.verify_all());
         assert_send(&cache.shutdown());
+        let mut events = cache.subscribe();
+        assert_send(&events.recv());
+        assert_send_sync(&events);
         assert_send(&get_cached_file("x"));
     }
 }
