@@ -267,3 +267,144 @@ async fn a_closed_stdout_is_not_an_error() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_warms_the_cache_from_a_file_or_stdin_with_bounded_jobs() {
+    let f = Fixture::new().await;
+    let list = f.dir.path().join("urls.txt");
+    std::fs::write(
+        &list,
+        format!(
+            "# volumes for tomorrow\n{}\n\n{}\n{}\n{}\n",
+            f.origin.url("ct/a.nii.gz"),
+            f.origin.url("ct/b.nii.gz"),
+            f.origin.url("ct/missing.nii.gz"),
+            f.origin.url("ct/a.nii.gz"),
+        ),
+    )
+    .unwrap();
+    let out = f
+        .run(&["prefetch", "--jobs", "2", list.to_str().unwrap()])
+        .await;
+    assert_eq!(out.status.code(), Some(1), "one URL fails");
+    let summary = stdout(&out);
+    // The repeated URL either joins the running download or hits once it is committed.
+    assert!(summary.starts_with("4 files: "), "{summary}");
+    assert!(summary.trim_end().ends_with("1 failed"), "{summary}");
+    assert!(
+        stderr(&out).contains("ct/missing.nii.gz"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(f.origin.hits("ct/a.nii.gz"), 1);
+    assert_eq!(f.origin.hits("ct/b.nii.gz"), 1);
+
+    // From stdin, everything is cached now.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .args([
+            "--cache-dir",
+            f.cache_dir().to_str().unwrap(),
+            "prefetch",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let urls = format!(
+        "{}\n{}\n",
+        f.origin.url("ct/a.nii.gz"),
+        f.origin.url("ct/b.nii.gz")
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, urls.as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        stdout(&out).trim(),
+        "2 files: 0 fetched, 2 already cached, 0 failed"
+    );
+
+    let zero = f
+        .run(&["prefetch", "--jobs", "0", list.to_str().unwrap()])
+        .await;
+    assert_eq!(zero.status.code(), Some(2), "--jobs 0 is a usage error");
+}
+
+/// Runs the binary under a pseudo-terminal (util-linux `script`) and returns what it drew.
+async fn run_on_a_terminal(cwd: &Path, args: &[&str]) -> String {
+    let command = std::iter::once(env!("CARGO_BIN_EXE_imgcache"))
+        .chain(args.iter().copied())
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = tokio::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .current_dir(cwd)
+        .env("COLUMNS", "150")
+        .output()
+        .await
+        .expect("util-linux script");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_bars_show_on_a_terminal_only() {
+    let origin = Origin::start().await;
+    // Slow enough (about 1.5 s) for the bar to be drawn several times.
+    origin.route(
+        "slow.nii.gz",
+        Route::ok(volume(7, 12 * 1024 * 1024)).rate(8 * 1024 * 1024),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let url = origin.url("slow.nii.gz");
+    let drawn = run_on_a_terminal(
+        dir.path(),
+        &["--cache-dir", cache.to_str().unwrap(), "get", &url],
+    )
+    .await;
+    assert!(
+        drawn.contains("slow.nii.gz") && drawn.contains("MiB/s"),
+        "no bar drawn: {drawn:?}"
+    );
+    assert!(
+        drawn.contains(&cache.display().to_string()),
+        "the path is still printed"
+    );
+
+    std::fs::remove_dir_all(&cache).unwrap();
+    let quiet = run_on_a_terminal(
+        dir.path(),
+        &[
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--quiet",
+            "get",
+            &url,
+        ],
+    )
+    .await;
+    assert!(!quiet.contains("MiB/s"), "--quiet drew a bar: {quiet:?}");
+
+    std::fs::remove_dir_all(&cache).unwrap();
+    let piped = run(
+        dir.path(),
+        &["--cache-dir", cache.to_str().unwrap(), "get", &url],
+        &[],
+    )
+    .await;
+    assert!(piped.status.success());
+    assert!(
+        !stderr(&piped).contains("MiB/s"),
+        "a bar without a terminal"
+    );
+}

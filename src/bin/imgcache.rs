@@ -3,14 +3,17 @@
 //! Exit codes: 0 success; 1 a download, verification or other operation failed; 2 bad usage.
 //! A closed stdout (`imgcache ls | head -1`) is not an error.
 
-use std::io::{self, Write};
+use std::collections::HashMap;
+use std::io::{self, BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use imgcache::{CacheBuilder, ImageCache, Verification};
+use futures_util::StreamExt;
+use imgcache::{CacheBuilder, Event, ImageCache, Received, Verification};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 /// A local cache of large remote files (NIfTI volumes): URL in, local path out.
 ///
@@ -34,6 +37,9 @@ struct Cli {
     /// Log more (-v info, -vv debug); RUST_LOG overrides
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// No progress bars (they are drawn on stderr only when stdout is a terminal)
+    #[arg(short, long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,6 +51,15 @@ enum Command {
     Get {
         #[arg(required = true, value_name = "URL")]
         urls: Vec<String>,
+    },
+    /// Fetch every URL listed in FILE (one a line; blank lines and # comments skipped; - for
+    /// stdin) with bounded concurrency, to warm the cache
+    Prefetch {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Downloads at once
+        #[arg(short, long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+        jobs: u16,
     },
     /// Show the statistics
     Stats {
@@ -139,17 +154,110 @@ async fn open(cli: &Cli) -> anyhow::Result<ImageCache> {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let cache = open(&cli).await?;
-    let result = command(&cache, &cli.command).await;
+    let bars = (!cli.quiet && io::stdout().is_terminal()).then(|| Bars::start(&cache));
+    let result = command(&cache, &cli.command, bars.as_ref()).await;
+    if let Some(bars) = bars {
+        bars.stop();
+    }
     cache.shutdown().await;
     result
 }
 
-async fn command(cache: &ImageCache, command: &Command) -> anyhow::Result<ExitCode> {
+/// Progress bars on stderr, one per running download, driven by the cache's events.
+struct Bars {
+    multi: MultiProgress,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Bars {
+    fn start(cache: &ImageCache) -> Bars {
+        let multi = MultiProgress::new();
+        let mut events = cache.subscribe();
+        let shown = multi.clone();
+        let task = tokio::spawn(async move {
+            let style = ProgressStyle::with_template(
+                "{msg:30!} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} ETA {eta}",
+            )
+            .expect("a valid template");
+            let mut bars: HashMap<String, ProgressBar> = HashMap::new();
+            loop {
+                match events.recv().await {
+                    Received::Event(Event::DownloadStarted { url, total }) => {
+                        let bar = shown.add(ProgressBar::new(total.unwrap_or(0)));
+                        bar.set_style(style.clone());
+                        bar.set_message(url.rsplit('/').next().unwrap_or("").to_owned());
+                        bars.insert(url, bar);
+                    }
+                    Received::Event(Event::Progress { url, received, .. }) => {
+                        if let Some(bar) = bars.get(&url) {
+                            bar.set_position(received);
+                        }
+                    }
+                    Received::Event(
+                        Event::DownloadFinished { url, .. } | Event::DownloadFailed { url, .. },
+                    ) => {
+                        if let Some(bar) = bars.remove(&url) {
+                            bar.finish_and_clear();
+                        }
+                    }
+                    Received::Closed => break,
+                    _ => {}
+                }
+            }
+        });
+        Bars { multi, task }
+    }
+
+    /// An overall bar of `total` files, below the download bars.
+    fn overall(&self, total: u64) -> ProgressBar {
+        let bar = self.multi.add(ProgressBar::new(total));
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} files, {elapsed}")
+                .expect("a valid template"),
+        );
+        bar.set_prefix("prefetch");
+        bar
+    }
+
+    fn stop(self) {
+        self.task.abort();
+        let _ = self.multi.clear();
+    }
+}
+
+/// URLs listed one a line in `file` (`-` for stdin), without blank lines and # comments.
+fn read_url_list(file: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
+        Box::new(io::BufReader::new(io::stdin()))
+    } else {
+        let f =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        Box::new(io::BufReader::new(f))
+    };
+    let mut urls = Vec::new();
+    for line in reader.lines() {
+        let line = line.with_context(|| format!("cannot read {}", file.display()))?;
+        let line = line.trim();
+        if !line.is_empty() && !line.starts_with('#') {
+            urls.push(line.to_owned());
+        }
+    }
+    Ok(urls)
+}
+
+async fn command(
+    cache: &ImageCache,
+    command: &Command,
+    bars: Option<&Bars>,
+) -> anyhow::Result<ExitCode> {
     let mut out = io::stdout().lock();
     match command {
         Command::Get { urls } => {
             let results =
                 futures_util::future::join_all(urls.iter().map(|url| cache.get(url))).await;
+            if let Some(bars) = bars {
+                let _ = bars.multi.clear();
+            }
             let mut failed = false;
             for (url, result) in urls.iter().zip(results) {
                 match result {
@@ -161,6 +269,44 @@ async fn command(cache: &ImageCache, command: &Command) -> anyhow::Result<ExitCo
                 }
             }
             return Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+        Command::Prefetch { file, jobs } => {
+            let urls = read_url_list(file)?;
+            let overall = bars.map(|b| b.overall(urls.len() as u64));
+            let mut results = futures_util::stream::iter(urls.iter())
+                .map(|url| async move { (url, cache.get(url).await) })
+                .buffer_unordered(usize::from(*jobs));
+            let (mut fetched, mut hits, mut failed) = (0u64, 0u64, 0u64);
+            while let Some((url, result)) = results.next().await {
+                match result {
+                    Ok(file) if file.status() == imgcache::CacheStatus::Hit => hits += 1,
+                    Ok(_) => fetched += 1,
+                    Err(e) => {
+                        failed += 1;
+                        let line = format!("imgcache: {url}: {e}");
+                        match &overall {
+                            Some(bar) => bar.println(line),
+                            None => eprintln!("{line}"),
+                        }
+                    }
+                }
+                if let Some(bar) = &overall {
+                    bar.inc(1);
+                }
+            }
+            if let Some(bar) = overall {
+                bar.finish_and_clear();
+            }
+            writeln!(
+                out,
+                "{} files: {fetched} fetched, {hits} already cached, {failed} failed",
+                urls.len()
+            )?;
+            return Ok(if failed > 0 {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
