@@ -694,6 +694,15 @@ impl ImageCache {
         Ok(())
     }
 
+    /// The image server relative URLs resolve against, if one is configured.
+    pub fn image_server(&self) -> Option<&str> {
+        self.inner()
+            .config
+            .image_server
+            .as_ref()
+            .map(url::Url::as_str)
+    }
+
     /// The cache directory.
     pub fn cache_dir(&self) -> &Path {
         &self.inner().config.cache_dir

@@ -99,7 +99,9 @@
 //!
 //! # Features
 //!
-//! - `cli` (default): the `imgcache` binary.
+//! - `cli` (default): the `imgcache` binary (with `server`).
+//! - `server`: [`server::router`], the dashboard, JSON API, Prometheus metrics and the
+//!   `/files` sidecar as an axum router.
 //! - `failpoints`: lets the environment variable `IMGCACHE_FAILPOINT` abort the process at
 //!   named steps of a commit, for crash tests. Never enable it in production.
 
@@ -113,6 +115,8 @@ mod events;
 mod fetch;
 mod index;
 mod key;
+#[cfg(feature = "server")]
+pub mod server;
 mod stats;
 mod store;
 

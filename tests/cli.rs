@@ -408,3 +408,23 @@ async fn progress_bars_show_on_a_terminal_only() {
         "a bar without a terminal"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_public_address_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let out = run(
+        dir.path(),
+        &[
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("admin token"), "{}", stderr(&out));
+}

@@ -61,6 +61,16 @@ enum Command {
         #[arg(short, long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
         jobs: u16,
     },
+    /// Serve the dashboard (/), the JSON API (/api), Prometheus metrics (/metrics) and the
+    /// caching sidecar (/files/PATH fetches IMAGE_SERVER/PATH through the cache)
+    Serve {
+        /// Address to listen on; another than loopback needs an admin token
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        listen: std::net::SocketAddr,
+        /// Bearer token required by the mutating endpoints
+        #[arg(long, env = "IMGCACHE_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+    },
     /// Show the statistics
     Stats {
         /// Print JSON
@@ -147,13 +157,25 @@ async fn open(cli: &Cli) -> anyhow::Result<ImageCache> {
     if let Some(server) = &cli.image_server {
         builder = builder.image_server(server);
     }
-    // A short-lived command sweeps only when asked (`cleanup`).
-    let cache = builder.sweep_interval(Duration::ZERO).build().await?;
+    // A short-lived command sweeps only when asked (`cleanup`); the server sweeps as configured.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        builder = builder.sweep_interval(Duration::ZERO);
+    }
+    let cache = builder.build().await?;
     Ok(cache)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let cache = open(&cli).await?;
+    if let Command::Serve {
+        listen,
+        admin_token,
+    } = &cli.command
+    {
+        let result = serve(&cache, *listen, admin_token.clone()).await;
+        cache.shutdown().await;
+        return result;
+    }
     let bars = (!cli.quiet && io::stdout().is_terminal()).then(|| Bars::start(&cache));
     let result = command(&cache, &cli.command, bars.as_ref()).await;
     if let Some(bars) = bars {
@@ -161,6 +183,43 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     cache.shutdown().await;
     result
+}
+
+/// Runs the server until Ctrl-C or SIGTERM.
+async fn serve(
+    cache: &ImageCache,
+    listen: std::net::SocketAddr,
+    admin_token: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    imgcache::server::check_listen(listen, admin_token.as_deref()).map_err(anyhow::Error::msg)?;
+    let mut options = imgcache::server::ServerOptions::new();
+    if let Some(token) = admin_token {
+        options = options.admin_token(token);
+    }
+    let app = imgcache::server::router_with(cache.clone(), options);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let local = listener.local_addr()?;
+    eprintln!("imgcache: dashboard on http://{local}/ (API /api, metrics /metrics)");
+    match cache.image_server() {
+        Some(server) => {
+            eprintln!("imgcache: sidecar http://{local}/files/PATH serves {server}PATH")
+        }
+        None => eprintln!("imgcache: no IMAGE_SERVER configured: /files/ is off"),
+    }
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("a SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        })
+        .await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Progress bars on stderr, one per running download, driven by the cache's events.
@@ -312,6 +371,7 @@ async fn command(
                 ExitCode::SUCCESS
             });
         }
+        Command::Serve { .. } => unreachable!("handled in run"),
         Command::Stats { json } => {
             let s = cache.stats();
             if *json {

@@ -1,0 +1,400 @@
+//! The server (JSON API, metrics, the /files sidecar, the token rule) against a real HTTP
+//! client, with the origin and the server both on 127.0.0.1.
+#![cfg(feature = "server")]
+
+mod support;
+
+use std::net::SocketAddr;
+
+use futures_util::future::join_all;
+use imgcache::ImageCache;
+use imgcache::server::{ServerOptions, router_with};
+use reqwest::StatusCode;
+use support::origin::{Origin, Route, sha256_hex, volume};
+use support::{builder, route_volumes};
+
+const MB: usize = 1024 * 1024;
+
+struct Server {
+    base: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(cache: ImageCache, options: ServerOptions) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let app = router_with(cache, options);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Server {
+        base: format!("http://{addr}"),
+        task,
+    }
+}
+
+async fn setup(dir: &std::path::Path, origin: &Origin) -> ImageCache {
+    let clock = std::sync::Arc::new(imgcache::ManualClock::new());
+    builder(dir, &clock)
+        .image_server(origin.url("data"))
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_api_reads_and_changes_the_cache() {
+    let origin = Origin::start().await;
+    route_volumes(&origin, &["data/a", "data/b"], 1, MB);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    drop(cache.get("a.nii.gz").await.unwrap());
+    drop(cache.get("b.nii.gz").await.unwrap());
+    let server = serve(cache.clone(), ServerOptions::new()).await;
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("{}{p}", server.base);
+
+    let stats: serde_json::Value = http
+        .get(url("/api/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["entries_count"], 2);
+    assert_eq!(stats["total_downloads"], 2);
+    let entries: Vec<serde_json::Value> = http
+        .get(url("/api/entries"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 2);
+
+    let a = origin.url("data/a.nii.gz");
+    let r = http
+        .delete(url("/api/entries"))
+        .query(&[("url", &a)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(cache.get_cached(&a).is_none());
+    let again = http
+        .delete(url("/api/entries"))
+        .query(&[("url", &a)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_FOUND);
+    let body: serde_json::Value = again.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("not cached"));
+
+    let r = http
+        .put(url("/api/config"))
+        .json(&serde_json::json!({"ttl_hours": 2.5, "max_size_mb": 512}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let s = cache.stats();
+    assert_eq!((s.default_ttl_hours, s.max_size_mb), (2.5, 512.0));
+    let bad = http
+        .put(url("/api/config"))
+        .json(&serde_json::json!({"ttl_hours": -1, "max_size_mb": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        cache.stats().max_size_mb,
+        512.0,
+        "nothing changes on a bad request"
+    );
+
+    let r: serde_json::Value = http
+        .post(url("/api/cleanup"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["expired"], 0);
+    let r: serde_json::Value = http
+        .post(url("/api/clear"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["removed"], 1);
+    assert_eq!(cache.stats().entries_count, 0);
+
+    let page = http
+        .get(url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Clear cache") && page.contains("/api/events"));
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "no external assets"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_prometheus_text() {
+    let origin = Origin::start().await;
+    route_volumes(&origin, &["data/m"], 5, 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    let server = serve(cache.clone(), ServerOptions::new()).await;
+    drop(cache.get("m.nii.gz").await.unwrap());
+    drop(cache.get("m.nii.gz").await.unwrap());
+    let text = reqwest::get(format!("{}/metrics", server.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "imgcache_hits_total 1",
+        "imgcache_misses_total 1",
+        "imgcache_downloads_total 1",
+        "imgcache_entries 1",
+        "imgcache_hit_rate 0.5",
+        "imgcache_download_duration_seconds_count 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_on_a_cold_file_make_one_origin_request() {
+    let origin = Origin::start().await;
+    let body = volume(10, 3 * MB);
+    let (route, gate) = Route::ok(body.clone()).gated();
+    origin.route("data/ct/cold.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    let server = serve(cache.clone(), ServerOptions::new()).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/files/ct/cold.nii.gz", server.base);
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                let r = http.get(url).send().await.unwrap();
+                let status = r.headers()["cache-status"].to_str().unwrap().to_owned();
+                (r.status(), status, r.bytes().await.unwrap())
+            })
+        })
+        .collect();
+    origin.wait_for_hits("data/ct/cold.nii.gz", 1).await;
+    gate.add_permits(1);
+    let mut coalesced = 0;
+    for t in join_all(tasks).await {
+        let (status, cache_status, bytes) = t.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(sha256_hex(&bytes), sha256_hex(&body));
+        assert!(cache_status.starts_with("imgcache; "), "{cache_status}");
+        coalesced += usize::from(cache_status.contains("detail=coalesced"));
+    }
+    assert_eq!(origin.hits("data/ct/cold.nii.gz"), 1);
+    assert!(coalesced > 0);
+    let hit = http.get(&url).send().await.unwrap();
+    assert_eq!(hit.headers()["cache-status"], "imgcache; hit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_answers_ranges_head_and_conditional_requests() {
+    let origin = Origin::start().await;
+    let body = volume(11, 10_000);
+    origin.route("data/r.nii.gz", Route::ok(body.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    let server = serve(cache.clone(), ServerOptions::new()).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/files/r.nii.gz", server.base);
+
+    let full = http.get(&url).send().await.unwrap();
+    assert_eq!(full.headers()["cache-status"], "imgcache; fwd=miss");
+    let etag = full.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(etag, format!("\"{}\"", sha256_hex(&body)));
+    assert!(full.headers().contains_key("last-modified"));
+    assert_eq!(full.headers()["accept-ranges"], "bytes");
+    assert_eq!(full.bytes().await.unwrap(), body);
+
+    for (range, start, end) in [
+        ("bytes=0-9", 0, 9),
+        ("bytes=9990-", 9990, 9999),
+        ("bytes=-5", 9995, 9999),
+        ("bytes=100-99999", 100, 9999),
+    ] {
+        let r = http.get(&url).header("range", range).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(
+            r.headers()["content-range"],
+            format!("bytes {start}-{end}/10000"),
+            "{range}"
+        );
+        assert_eq!(r.bytes().await.unwrap(), &body[start..=end], "{range}");
+    }
+    let r = http
+        .get(&url)
+        .header("range", "bytes=10000-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(r.headers()["content-range"], "bytes */10000");
+    let r = http
+        .get(&url)
+        .header("range", "bytes=0-1,5-6")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "multiple ranges: the whole file"
+    );
+
+    let head = http.head(&url).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(head.headers()["content-length"], "10000");
+    assert!(head.bytes().await.unwrap().is_empty());
+
+    let not_modified = http
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_modified.status(), StatusCode::NOT_MODIFIED);
+    let other = http
+        .get(&url)
+        .header("if-none-match", "\"other\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
+    assert_eq!(origin.hits("data/r.nii.gz"), 1);
+
+    let missing = http
+        .get(format!("{}/files/absent.nii.gz", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let body: serde_json::Value = missing.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("404"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_refuses_traversal_and_never_fetches_another_host() {
+    let origin = Origin::start().await;
+    origin.route("secret.nii.gz", Route::ok(volume(12, 100)));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    let server = serve(cache, ServerOptions::new()).await;
+    // Send the paths exactly as written (reqwest would normalise dot segments).
+    for path in [
+        "/files/../secret.nii.gz",
+        "/files/a/%2e%2e/%2e%2e/secret.nii.gz",
+        "/files/..%2fsecret.nii.gz",
+        "/files/a%5c..%5csecret.nii.gz",
+        "/files//evil.example/x.nii.gz",
+        "/files/%2F%2Fevil.example/x",
+    ] {
+        let status = raw_get(&server.base, path).await;
+        assert!(status == 400 || status == 404, "{path}: {status}");
+    }
+    assert_eq!(origin.total_hits(), 0, "nothing reached the origin");
+}
+
+/// A GET with the request line written by hand; returns the status code.
+async fn raw_get(base: &str, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_guards_the_mutating_endpoints() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    let server = serve(cache, ServerOptions::new().admin_token("s3cret")).await;
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("{}{p}", server.base);
+    for (method, path) in [
+        ("POST", "/api/clear"),
+        ("POST", "/api/cleanup"),
+        ("DELETE", "/api/entries?url=http://x/y"),
+    ] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let denied = http.request(m.clone(), url(path)).send().await.unwrap();
+        assert_eq!(denied.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+        let wrong = http
+            .request(m.clone(), url(path))
+            .bearer_auth("s3cre7")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+        let allowed = http
+            .request(m, url(path))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(
+            allowed.status(),
+            StatusCode::UNAUTHORIZED,
+            "{method} {path}"
+        );
+    }
+    let put = http
+        .put(url("/api/config"))
+        .json(&serde_json::json!({"ttl_hours": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), StatusCode::UNAUTHORIZED);
+    // Reading needs no token.
+    assert_eq!(
+        http.get(url("/api/stats")).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        http.get(url("/metrics")).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+}
