@@ -39,6 +39,11 @@ async fn serve(cache: ImageCache, options: ServerOptions) -> Server {
     }
 }
 
+/// Sends `request` and decodes its JSON answer.
+async fn json<T: serde::de::DeserializeOwned>(request: reqwest::RequestBuilder) -> T {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 async fn setup(dir: &std::path::Path, origin: &Origin) -> ImageCache {
     let clock = std::sync::Arc::new(imgcache::ManualClock::new());
     builder(dir, &clock)
@@ -60,24 +65,10 @@ async fn the_json_api_reads_and_changes_the_cache() {
     let http = reqwest::Client::new();
     let url = |p: &str| format!("{}{p}", server.base);
 
-    let stats: serde_json::Value = http
-        .get(url("/api/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: serde_json::Value = json(http.get(url("/api/stats"))).await;
     assert_eq!(stats["entries_count"], 2);
     assert_eq!(stats["total_downloads"], 2);
-    let entries: Vec<serde_json::Value> = http
-        .get(url("/api/entries"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let entries: Vec<serde_json::Value> = json(http.get(url("/api/entries"))).await;
     assert_eq!(entries.len(), 2);
 
     let a = origin.url("data/a.nii.gz");
@@ -121,23 +112,9 @@ async fn the_json_api_reads_and_changes_the_cache() {
         "nothing changes on a bad request"
     );
 
-    let r: serde_json::Value = http
-        .post(url("/api/cleanup"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: serde_json::Value = json(http.post(url("/api/cleanup"))).await;
     assert_eq!(r["expired"], 0);
-    let r: serde_json::Value = http
-        .post(url("/api/clear"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: serde_json::Value = json(http.post(url("/api/clear"))).await;
     assert_eq!(r["removed"], 1);
     assert_eq!(cache.stats().entries_count, 0);
 
