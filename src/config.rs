@@ -170,8 +170,7 @@ impl CacheBuilder {
             b.cache_dir = Some(expand_home(&v));
         }
         if let Some(v) = var("CACHE_MAX_SIZE_MB") {
-            let mb: f64 = parse_number("CACHE_MAX_SIZE_MB", &v)?;
-            b.max_size_bytes = (mb * MB as f64) as u64;
+            b.max_size_bytes = parse_mb("CACHE_MAX_SIZE_MB", &v)?;
         }
         if let Some(v) = var("CACHE_DEFAULT_TTL_HOURS") {
             let hours: f64 = parse_number("CACHE_DEFAULT_TTL_HOURS", &v)?;
@@ -179,8 +178,7 @@ impl CacheBuilder {
                 .map_err(|_| config_error("CACHE_DEFAULT_TTL_HOURS", &v, "out of range"))?;
         }
         if let Some(v) = var("CACHE_SWEEP_INTERVAL") {
-            b.sweep_interval = humantime::parse_duration(v.trim())
-                .map_err(|e| config_error("CACHE_SWEEP_INTERVAL", &v, &e.to_string()))?;
+            b.sweep_interval = parse_duration("CACHE_SWEEP_INTERVAL", &v)?;
         }
         if let Some(v) = var("CACHE_FILE_MODE") {
             b.file_mode = u32::from_str_radix(v.trim().trim_start_matches("0o"), 8)
@@ -188,42 +186,32 @@ impl CacheBuilder {
                 .filter(|m| *m <= 0o777)
                 .ok_or_else(|| config_error("CACHE_FILE_MODE", &v, "expected octal such as 600"))?;
         }
-        let duration = |name: &str, v: &str| {
-            humantime::parse_duration(v.trim()).map_err(|e| config_error(name, v, &e.to_string()))
-        };
         if let Some(v) = var("CACHE_CONNECT_TIMEOUT") {
-            b.connect_timeout = duration("CACHE_CONNECT_TIMEOUT", &v)?;
+            b.connect_timeout = parse_duration("CACHE_CONNECT_TIMEOUT", &v)?;
         }
         if let Some(v) = var("CACHE_READ_TIMEOUT") {
-            b.read_timeout = duration("CACHE_READ_TIMEOUT", &v)?;
+            b.read_timeout = parse_duration("CACHE_READ_TIMEOUT", &v)?;
         }
         if let Some(v) = var("CACHE_DOWNLOAD_TIMEOUT") {
-            b.download_timeout = Some(duration("CACHE_DOWNLOAD_TIMEOUT", &v)?);
+            b.download_timeout = Some(parse_duration("CACHE_DOWNLOAD_TIMEOUT", &v)?);
         }
         if let Some(v) = var("CACHE_RETRIES") {
-            b.retries = v
-                .trim()
-                .parse()
-                .map_err(|_| config_error("CACHE_RETRIES", &v, "expected a whole number"))?;
+            b.retries = parse_whole("CACHE_RETRIES", &v)?;
         }
         if let Some(v) = var("CACHE_RETRY_DELAY") {
-            b.retry_base_delay = duration("CACHE_RETRY_DELAY", &v)?;
+            b.retry_base_delay = parse_duration("CACHE_RETRY_DELAY", &v)?;
         }
         if let Some(v) = var("CACHE_RETRY_MAX_DELAY") {
-            b.retry_max_delay = duration("CACHE_RETRY_MAX_DELAY", &v)?;
+            b.retry_max_delay = parse_duration("CACHE_RETRY_MAX_DELAY", &v)?;
         }
         if let Some(v) = var("CACHE_MAX_FILE_SIZE_MB") {
-            let mb = parse_number("CACHE_MAX_FILE_SIZE_MB", &v)?;
-            b.max_file_size_bytes = (mb * MB as f64) as u64;
+            b.max_file_size_bytes = parse_mb("CACHE_MAX_FILE_SIZE_MB", &v)?;
         }
         if let Some(v) = var("CACHE_MAX_REDIRECTS") {
-            b.max_redirects = v
-                .trim()
-                .parse()
-                .map_err(|_| config_error("CACHE_MAX_REDIRECTS", &v, "expected a whole number"))?;
+            b.max_redirects = parse_whole("CACHE_MAX_REDIRECTS", &v)?;
         }
         if let Some(v) = var("CACHE_STALE_GRACE") {
-            b.stale_grace = duration("CACHE_STALE_GRACE", &v)?;
+            b.stale_grace = parse_duration("CACHE_STALE_GRACE", &v)?;
         }
         if let Some(v) = var("CACHE_STALE_IF_ERROR") {
             b.stale_if_error = parse_bool("CACHE_STALE_IF_ERROR", &v)?;
@@ -579,6 +567,22 @@ fn parse_number(name: &str, v: &str) -> Result<f64> {
         .ok()
         .filter(|n| n.is_finite() && *n > 0.0)
         .ok_or_else(|| config_error(name, v, "expected a positive number"))
+}
+
+/// Megabytes (2^20 bytes, fractions allowed) as bytes.
+fn parse_mb(name: &str, v: &str) -> Result<u64> {
+    Ok((parse_number(name, v)? * MB as f64) as u64)
+}
+
+fn parse_whole<T: std::str::FromStr>(name: &str, v: &str) -> Result<T> {
+    v.trim()
+        .parse()
+        .map_err(|_| config_error(name, v, "expected a whole number"))
+}
+
+/// `90s`, `30m`, `24h`, `7days`.
+fn parse_duration(name: &str, v: &str) -> Result<Duration> {
+    humantime::parse_duration(v.trim()).map_err(|e| config_error(name, v, &e.to_string()))
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool> {
