@@ -1100,16 +1100,10 @@ impl Inner {
     }
 
     fn write_meta_temp(&self, key: &Key, meta: &Meta) -> Result<TempFile> {
-        let meta_temp = TempFile::new(self.layout.temp_path(key, "meta"));
         let json = serde_json::to_vec_pretty(meta).expect("Meta always serialises");
-        (|| {
-            use std::io::Write;
-            let mut f = self.layout.create_new_file(meta_temp.path())?;
-            f.write_all(&json)?;
-            f.sync_data()
-        })()
-        .map_err(|e| Error::io("cannot write meta.json", e))?;
-        Ok(meta_temp)
+        self.layout
+            .write_temp(key.as_str(), "meta", &json)
+            .map_err(|e| Error::io("cannot write meta.json", e))
     }
 
     /// Makes the temp file durable, writes meta.json, and moves both into place (blocking).

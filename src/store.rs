@@ -95,13 +95,26 @@ impl Layout {
 
     /// A fresh, unique path in the temp directory.
     pub(crate) fn temp_path(&self, key: &Key, ext: &str) -> PathBuf {
+        self.unique_temp(key.as_str(), ext)
+    }
+
+    fn unique_temp(&self, prefix: &str, ext: &str) -> PathBuf {
         let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
         let salt = fastrand::u32(..);
         self.tmp.join(format!(
-            "{}.{}-{n}-{salt:08x}.{ext}",
-            key.as_str(),
+            "{prefix}.{}-{n}-{salt:08x}.{ext}",
             std::process::id()
         ))
+    }
+
+    /// Writes `bytes` to a new temp file named after `prefix` and fsyncs it; the file is
+    /// removed if it is dropped before being persisted.
+    pub(crate) fn write_temp(&self, prefix: &str, ext: &str, bytes: &[u8]) -> io::Result<TempFile> {
+        let temp = TempFile::new(self.unique_temp(prefix, ext));
+        let mut f = self.create_new_file(temp.path())?;
+        f.write_all(bytes)?;
+        f.sync_data()?;
+        Ok(temp)
     }
 
     pub(crate) fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
@@ -120,22 +133,8 @@ impl Layout {
     }
 
     /// Writes `bytes` to `path` atomically: temp file, fsync, rename.
-    pub(crate) fn write_atomic(&self, path: &Path, key_hint: &str, bytes: &[u8]) -> io::Result<()> {
-        let tmp = self.tmp.join(format!(
-            "{key_hint}.{}.{}.new",
-            std::process::id(),
-            UNIQUE.fetch_add(1, Ordering::Relaxed)
-        ));
-        let result = (|| {
-            let mut f = self.create_new_file(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_data()?;
-            fs::rename(&tmp, path)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+    pub(crate) fn write_atomic(&self, path: &Path, prefix: &str, bytes: &[u8]) -> io::Result<()> {
+        self.write_temp(prefix, "new", bytes)?.persist(path)
     }
 
     /// Creates the directories and takes the process lock.
