@@ -8,13 +8,11 @@ use std::time::Duration;
 
 use url::Url;
 
-use crate::cache::ImageCache;
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, ErrorKind, Result};
+use crate::fetch::{self, ClientSettings};
 use crate::key;
-
-/// One mebibyte: `CACHE_MAX_SIZE_MB` counts these, as the original design did.
-pub const MB: u64 = 1024 * 1024;
+use crate::stats::MB;
 /// Default size cap: 1024 MB.
 pub const DEFAULT_MAX_SIZE_BYTES: u64 = 1024 * MB;
 /// Default time to live: 24 hours.
@@ -28,7 +26,7 @@ pub const DEFAULT_STALE_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Default largest file accepted: 16 GiB (the size cap applies too).
 pub const DEFAULT_MAX_FILE_SIZE_BYTES: u64 = 16 * 1024 * MB;
 
-/// Builds an [`ImageCache`]. Every setter documents its default; [`build`](Self::build)
+/// Builds an [`ImageCache`](crate::ImageCache). Every setter documents its default; [`build`](Self::build)
 /// validates them and never panics.
 #[must_use = "a builder does nothing until .build().await"]
 #[derive(Clone)]
@@ -112,7 +110,7 @@ impl Default for CacheBuilder {
     }
 }
 
-/// The validated configuration an [`ImageCache`] runs with.
+/// The validated configuration an [`ImageCache`](crate::ImageCache) runs with.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) cache_dir: PathBuf,
@@ -133,6 +131,67 @@ pub(crate) struct Config {
     pub(crate) offline: bool,
     pub(crate) clock: Arc<dyn Clock>,
 }
+
+/// Sets one field of a builder from the variable named by the first argument.
+type Setter = fn(&mut CacheBuilder, &str, &str) -> Result<()>;
+
+/// A [`Setter`] that stores `parse(name, value)` in `field`.
+macro_rules! set {
+    ($field:ident = $parse:expr) => {
+        |b: &mut CacheBuilder, name: &str, value: &str| -> Result<()> {
+            b.$field = $parse(name, value)?;
+            Ok(())
+        }
+    };
+}
+
+/// Every environment variable the builder reads, one row each, in the order of the crate
+/// documentation's table: the variable, and the builder field it sets through its parser.
+const ENVIRONMENT: &[(&str, Setter)] = &[
+    (
+        "IMAGE_SERVER",
+        set!(image_server = |_, v: &str| ok(Some(v.to_owned()))),
+    ),
+    (
+        "CACHE_DIR",
+        set!(cache_dir = |_, v| ok(Some(expand_home(v)))),
+    ),
+    ("CACHE_MAX_SIZE_MB", set!(max_size_bytes = parse_mb)),
+    ("CACHE_DEFAULT_TTL_HOURS", set!(default_ttl = parse_hours)),
+    (
+        "CACHE_SWEEP_INTERVAL",
+        set!(sweep_interval = parse_duration),
+    ),
+    ("CACHE_FILE_MODE", set!(file_mode = parse_mode)),
+    ("CACHE_STALE_GRACE", set!(stale_grace = parse_duration)),
+    ("CACHE_STALE_IF_ERROR", set!(stale_if_error = parse_bool)),
+    ("CACHE_OFFLINE", set!(offline = parse_bool)),
+    ("CACHE_RETRIES", set!(retries = parse_whole)),
+    ("CACHE_RETRY_DELAY", set!(retry_base_delay = parse_duration)),
+    (
+        "CACHE_RETRY_MAX_DELAY",
+        set!(retry_max_delay = parse_duration),
+    ),
+    (
+        "CACHE_CONNECT_TIMEOUT",
+        set!(connect_timeout = parse_duration),
+    ),
+    ("CACHE_READ_TIMEOUT", set!(read_timeout = parse_duration)),
+    (
+        "CACHE_DOWNLOAD_TIMEOUT",
+        set!(download_timeout = |n, v| parse_duration(n, v).map(Some)),
+    ),
+    (
+        "CACHE_MAX_FILE_SIZE_MB",
+        set!(max_file_size_bytes = parse_mb),
+    ),
+    ("CACHE_MAX_REDIRECTS", set!(max_redirects = parse_whole)),
+    (
+        "CACHE_CA_CERT",
+        set!(ca_certificate = |_, v| ok(Some(expand_home(v)))),
+    ),
+    ("CACHE_INSECURE_TLS", set!(insecure_tls = parse_bool)),
+];
 
 impl CacheBuilder {
     /// A builder with every default.
@@ -162,68 +221,10 @@ impl CacheBuilder {
 
     pub(crate) fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let mut b = CacheBuilder::new();
-        let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
-        if let Some(v) = var("IMAGE_SERVER") {
-            b.image_server = Some(v);
-        }
-        if let Some(v) = var("CACHE_DIR") {
-            b.cache_dir = Some(expand_home(&v));
-        }
-        if let Some(v) = var("CACHE_MAX_SIZE_MB") {
-            b.max_size_bytes = parse_mb("CACHE_MAX_SIZE_MB", &v)?;
-        }
-        if let Some(v) = var("CACHE_DEFAULT_TTL_HOURS") {
-            let hours: f64 = parse_number("CACHE_DEFAULT_TTL_HOURS", &v)?;
-            b.default_ttl = Duration::try_from_secs_f64(hours * 3600.0)
-                .map_err(|_| config_error("CACHE_DEFAULT_TTL_HOURS", &v, "out of range"))?;
-        }
-        if let Some(v) = var("CACHE_SWEEP_INTERVAL") {
-            b.sweep_interval = parse_duration("CACHE_SWEEP_INTERVAL", &v)?;
-        }
-        if let Some(v) = var("CACHE_FILE_MODE") {
-            b.file_mode = u32::from_str_radix(v.trim().trim_start_matches("0o"), 8)
-                .ok()
-                .filter(|m| *m <= 0o777)
-                .ok_or_else(|| config_error("CACHE_FILE_MODE", &v, "expected octal such as 600"))?;
-        }
-        if let Some(v) = var("CACHE_CONNECT_TIMEOUT") {
-            b.connect_timeout = parse_duration("CACHE_CONNECT_TIMEOUT", &v)?;
-        }
-        if let Some(v) = var("CACHE_READ_TIMEOUT") {
-            b.read_timeout = parse_duration("CACHE_READ_TIMEOUT", &v)?;
-        }
-        if let Some(v) = var("CACHE_DOWNLOAD_TIMEOUT") {
-            b.download_timeout = Some(parse_duration("CACHE_DOWNLOAD_TIMEOUT", &v)?);
-        }
-        if let Some(v) = var("CACHE_RETRIES") {
-            b.retries = parse_whole("CACHE_RETRIES", &v)?;
-        }
-        if let Some(v) = var("CACHE_RETRY_DELAY") {
-            b.retry_base_delay = parse_duration("CACHE_RETRY_DELAY", &v)?;
-        }
-        if let Some(v) = var("CACHE_RETRY_MAX_DELAY") {
-            b.retry_max_delay = parse_duration("CACHE_RETRY_MAX_DELAY", &v)?;
-        }
-        if let Some(v) = var("CACHE_MAX_FILE_SIZE_MB") {
-            b.max_file_size_bytes = parse_mb("CACHE_MAX_FILE_SIZE_MB", &v)?;
-        }
-        if let Some(v) = var("CACHE_MAX_REDIRECTS") {
-            b.max_redirects = parse_whole("CACHE_MAX_REDIRECTS", &v)?;
-        }
-        if let Some(v) = var("CACHE_STALE_GRACE") {
-            b.stale_grace = parse_duration("CACHE_STALE_GRACE", &v)?;
-        }
-        if let Some(v) = var("CACHE_STALE_IF_ERROR") {
-            b.stale_if_error = parse_bool("CACHE_STALE_IF_ERROR", &v)?;
-        }
-        if let Some(v) = var("CACHE_OFFLINE") {
-            b.offline = parse_bool("CACHE_OFFLINE", &v)?;
-        }
-        if let Some(v) = var("CACHE_CA_CERT") {
-            b.ca_certificate = Some(expand_home(&v));
-        }
-        if let Some(v) = var("CACHE_INSECURE_TLS") {
-            b.insecure_tls = parse_bool("CACHE_INSECURE_TLS", &v)?;
+        for (name, set) in ENVIRONMENT {
+            if let Some(value) = var(name).filter(|v| !v.trim().is_empty()) {
+                set(&mut b, name, &value)?;
+            }
         }
         Ok(b)
     }
@@ -268,7 +269,7 @@ impl CacheBuilder {
 
     /// How often the background sweeper expires entries, enforces the cap and saves access
     /// times. Default 60 s (env `CACHE_SWEEP_INTERVAL`, e.g. `30s`); zero disables the
-    /// background task ([`ImageCache::cleanup`] still works).
+    /// background task ([`ImageCache::cleanup`](crate::ImageCache::cleanup) still works).
     pub fn sweep_interval(mut self, every: Duration) -> Self {
         self.sweep_interval = every;
         self
@@ -383,20 +384,6 @@ impl CacheBuilder {
         self
     }
 
-    /// Validates the settings, recovers the cache directory (off the async workers) and starts
-    /// the background sweeper.
-    ///
-    /// # Errors
-    /// [`ErrorKind::Config`] for an invalid setting, [`ErrorKind::Locked`] when another process
-    /// uses the directory, [`ErrorKind::Io`] when it cannot be created or read.
-    ///
-    /// # Panics
-    /// When called outside a Tokio runtime.
-    pub async fn build(self) -> Result<ImageCache> {
-        let config = self.into_config()?;
-        ImageCache::open(config).await
-    }
-
     pub(crate) fn into_config(self) -> Result<Config> {
         let cache_dir = match self.cache_dir {
             Some(dir) => dir,
@@ -439,7 +426,7 @@ impl CacheBuilder {
         }
         let http_client = match self.http_client {
             Some(client) => client,
-            None => default_client(&ClientSettings {
+            None => fetch::default_client(&ClientSettings {
                 connect: self.connect_timeout,
                 read: self.read_timeout,
                 max_redirects: self.max_redirects,
@@ -471,69 +458,6 @@ impl CacheBuilder {
     }
 }
 
-struct ClientSettings<'a> {
-    connect: Duration,
-    read: Duration,
-    max_redirects: usize,
-    ca_certificate: Option<&'a Path>,
-    insecure: bool,
-}
-
-fn default_client(settings: &ClientSettings<'_>) -> Result<reqwest::Client> {
-    // reqwest is built without a bundled crypto provider; install ring once per process.
-    // An error means one is installed already, which is what we need.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let max_redirects = settings.max_redirects;
-    let mut builder = reqwest::Client::builder()
-        .user_agent(concat!("imgcache/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(settings.connect)
-        .read_timeout(settings.read)
-        .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-            // Never follow a redirect from https down to http.
-            let downgrade = attempt.url().scheme() == "http"
-                && attempt.previous().iter().any(|u| u.scheme() == "https");
-            if downgrade {
-                attempt.error("refusing a redirect from https to http")
-            } else if attempt.previous().len() > max_redirects {
-                attempt.error("too many redirects")
-            } else {
-                attempt.follow()
-            }
-        }));
-    if let Some(path) = settings.ca_certificate {
-        let pem = std::fs::read(path).map_err(|e| {
-            Error::new(
-                ErrorKind::Config,
-                "cannot read the CA certificate (CACHE_CA_CERT)",
-            )
-            .with_path(path)
-            .with_source(e)
-        })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            Error::new(
-                ErrorKind::Config,
-                "CACHE_CA_CERT holds no valid PEM certificate",
-            )
-            .with_path(path)
-            .with_source(e)
-        })?;
-        if certs.is_empty() {
-            return Err(
-                Error::new(ErrorKind::Config, "CACHE_CA_CERT holds no PEM certificate")
-                    .with_path(path),
-            );
-        }
-        builder = builder.tls_certs_merge(certs);
-    }
-    if settings.insecure {
-        tracing::warn!("TLS certificate verification is OFF (CACHE_INSECURE_TLS)");
-        builder = builder.danger_accept_invalid_certs(true);
-    }
-    builder
-        .build()
-        .map_err(|e| Error::new(ErrorKind::Config, "cannot build the HTTP client").with_source(e))
-}
-
 /// `$XDG_CACHE_HOME/vista3d`, else `$HOME/.cache/vista3d`.
 pub(crate) fn default_cache_dir() -> Result<PathBuf> {
     if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
@@ -559,6 +483,24 @@ fn expand_home(v: &str) -> PathBuf {
         },
         None => PathBuf::from(v.trim()),
     }
+}
+
+fn ok<T>(value: T) -> Result<T> {
+    Ok(value)
+}
+
+/// Hours, fractions allowed.
+fn parse_hours(name: &str, v: &str) -> Result<Duration> {
+    let hours = parse_number(name, v)?;
+    Duration::try_from_secs_f64(hours * 3600.0).map_err(|_| config_error(name, v, "out of range"))
+}
+
+/// Octal permission bits, such as `600` or `0o640`.
+fn parse_mode(name: &str, v: &str) -> Result<u32> {
+    u32::from_str_radix(v.trim().trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| config_error(name, v, "expected octal such as 600"))
 }
 
 fn parse_number(name: &str, v: &str) -> Result<f64> {
@@ -629,6 +571,25 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn every_variable_is_documented_in_the_crate_docs_and_the_readme() {
+        let crate_docs = include_str!("lib.rs");
+        let readme = include_str!("../README.md");
+        for (name, _) in ENVIRONMENT {
+            let cell = format!("`{name}`");
+            assert!(
+                crate_docs.contains(&cell),
+                "{name} is not in the crate docs' table"
+            );
+            assert!(
+                readme.contains(&cell),
+                "{name} is not in the README's table"
+            );
+        }
+        let names: std::collections::HashSet<_> = ENVIRONMENT.iter().map(|(n, _)| n).collect();
+        assert_eq!(names.len(), ENVIRONMENT.len(), "a variable is listed twice");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! HTTP: requests (plain, conditional, ranged), status mapping, retry delays.
 
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use reqwest::StatusCode;
@@ -7,28 +8,7 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use url::Url;
 
 use crate::error::{Error, ErrorKind, Result};
-
-/// What the response headers say about the body's version.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Validators {
-    pub(crate) etag: Option<String>,
-    pub(crate) last_modified: Option<String>,
-}
-
-impl Validators {
-    /// The value for `If-Range`: a strong ETag, else Last-Modified (RFC 9110 13.1.5: a weak
-    /// ETag cannot be used).
-    pub(crate) fn if_range(&self) -> Option<&str> {
-        match &self.etag {
-            Some(etag) if !etag.starts_with("W/") => Some(etag),
-            _ => self.last_modified.as_deref(),
-        }
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.etag.is_none() && self.last_modified.is_none()
-    }
-}
+use crate::store::Validators;
 
 /// How a request is made.
 #[derive(Debug, Clone, Copy)]
@@ -202,6 +182,73 @@ pub(crate) fn body_error(err: reqwest::Error) -> Error {
         "connection failed mid-body"
     };
     Error::new(ErrorKind::Incomplete, message).with_source(err.without_url())
+}
+
+/// What the default client is built from.
+pub(crate) struct ClientSettings<'a> {
+    pub(crate) connect: Duration,
+    pub(crate) read: Duration,
+    pub(crate) max_redirects: usize,
+    pub(crate) ca_certificate: Option<&'a Path>,
+    pub(crate) insecure: bool,
+}
+
+/// The client the cache downloads with unless it is given one: rustls with ring, the
+/// platform's roots (and an extra CA), no decompression, timeouts, and redirects that never
+/// go from https to http.
+pub(crate) fn default_client(settings: &ClientSettings<'_>) -> Result<reqwest::Client> {
+    // reqwest is built without a bundled crypto provider; install ring once per process.
+    // An error means one is installed already, which is what we need.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let max_redirects = settings.max_redirects;
+    let mut builder = reqwest::Client::builder()
+        .user_agent(concat!("imgcache/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(settings.connect)
+        .read_timeout(settings.read)
+        .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+            // Never follow a redirect from https down to http.
+            let downgrade = attempt.url().scheme() == "http"
+                && attempt.previous().iter().any(|u| u.scheme() == "https");
+            if downgrade {
+                attempt.error("refusing a redirect from https to http")
+            } else if attempt.previous().len() > max_redirects {
+                attempt.error("too many redirects")
+            } else {
+                attempt.follow()
+            }
+        }));
+    if let Some(path) = settings.ca_certificate {
+        let pem = std::fs::read(path).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                "cannot read the CA certificate (CACHE_CA_CERT)",
+            )
+            .with_path(path)
+            .with_source(e)
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                "CACHE_CA_CERT holds no valid PEM certificate",
+            )
+            .with_path(path)
+            .with_source(e)
+        })?;
+        if certs.is_empty() {
+            return Err(
+                Error::new(ErrorKind::Config, "CACHE_CA_CERT holds no PEM certificate")
+                    .with_path(path),
+            );
+        }
+        builder = builder.tls_certs_merge(certs);
+    }
+    if settings.insecure {
+        tracing::warn!("TLS certificate verification is OFF (CACHE_INSECURE_TLS)");
+        builder = builder.danger_accept_invalid_certs(true);
+    }
+    builder
+        .build()
+        .map_err(|e| Error::new(ErrorKind::Config, "cannot build the HTTP client").with_source(e))
 }
 
 #[cfg(test)]

@@ -1,23 +1,21 @@
 //! In-memory entries: lookup, LRU order, size totals, reservations and pins.
 //!
-//! The index is also where committed files change on disk, because the map and the directory
-//! must change together: a commit renames the data and meta.json into place and a removal
-//! takes them away while holding the one lock, so no lookup ever sees an entry whose files are
-//! half there. Those critical sections are a few metadata syscalls (rename, unlink, mkdir);
-//! deleting the bytes of a removed file (which can take milliseconds for gigabytes) happens
-//! after the lock is released, from a trash name in the temp directory.
+//! The map and the directory must change together, so the index asks the store to install or
+//! take away an entry's files while it holds its one lock: no lookup ever sees an entry whose
+//! files are half there. The store's side of those critical sections is a few metadata
+//! syscalls (rename, unlink, mkdir); deleting the bytes of a removed file (which can take
+//! milliseconds for gigabytes) happens after the lock is released, from a trash name. The
+//! index itself makes no file-system call.
 
 use std::collections::HashMap;
-use std::fs;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::clock::{Clock, unix_ms};
-use crate::fetch::Validators;
 use crate::key::Key;
-use crate::store::{Layout, Meta, TempFile};
+use crate::store::{Layout, Meta, TempFile, Validators};
 
 /// One committed entry. Its bytes (and so `meta`'s url, sha256, size and mtime) never change:
 /// a new download makes a new `Entry`. Its freshness does change in place when a 304 renews
@@ -273,7 +271,7 @@ impl Index {
         {
             return Ok(false);
         }
-        meta_file.persist(&self.layout.meta_path(&entry.key))?;
+        self.layout.replace_meta(&entry.key, meta_file)?;
         entry.fetched_at.store(meta.fetched_at, Ordering::Relaxed);
         entry.expires_at.store(meta.expires_at, Ordering::Relaxed);
         *entry.validators.lock().unwrap_or_else(|e| e.into_inner()) = Validators {
@@ -339,7 +337,11 @@ impl Index {
             if ours && !entry.is_pinned() {
                 st.doomed.remove(&entry.key);
                 st.doomed_bytes -= entry.meta.size;
-                removed.push(self.take_files(entry, Reason::Invalidated, true));
+                removed.push(Removed {
+                    entry: Arc::clone(entry),
+                    reason: Reason::Invalidated,
+                    trash: self.layout.trash(&entry.key, &entry.path),
+                });
             }
         }
         removed.extend(self.evict_locked(&mut st));
@@ -372,13 +374,11 @@ impl Index {
         now_ms: u64,
     ) -> io::Result<(Arc<Entry>, Vec<Removed>)> {
         let entry = Arc::new(entry);
-        let dir = self.layout.entry_dir(&entry.key);
-        let meta_path = self.layout.meta_path(&entry.key);
         let mut st = self.lock();
         st.reserved_bytes = st.reserved_bytes.saturating_sub(reserved);
         let mut removed = Vec::new();
-        // The old entry, if any, is replaced; its bytes are overwritten by the rename below, so
-        // neither it nor an older doomed entry may delete anything when unpinned.
+        // The old entry, if any, is replaced; its bytes are overwritten by the install below,
+        // so neither it nor an older doomed entry may delete anything when unpinned.
         if let Some(old) = st.entries.remove(&entry.key) {
             st.committed_bytes -= old.meta.size;
             removed.push(Removed {
@@ -390,32 +390,15 @@ impl Index {
         if let Some(old) = st.doomed.remove(&entry.key) {
             st.doomed_bytes -= old.meta.size;
         }
-        let moved = (|| {
-            self.layout.create_dir_all(&dir)?;
-            // Meta goes first on the way out and last on the way in: at no instant does a
-            // meta.json describe bytes other than its own.
-            match fs::remove_file(&meta_path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-            data.persist(&entry.path)?;
-            crate::failpoint("commit-after-data");
-            meta_file.persist(&meta_path)
-        })();
-        if let Err(e) = moved {
-            // The old entry, if there was one, is gone from the map already and its meta may
-            // be gone from disk; remove whatever is left so that the directory stays valid.
-            let _ = fs::remove_file(&meta_path);
-            let _ = fs::remove_file(&entry.path);
-            return Err(e);
-        }
+        self.layout
+            .install(&entry.key, data, &entry.path, meta_file)?;
         entry.pins.fetch_add(1, Ordering::SeqCst);
         self.touch(&entry, now_ms);
         st.committed_bytes += entry.meta.size;
         st.entries.insert(entry.key.clone(), Arc::clone(&entry));
         removed.extend(self.evict_locked(&mut st));
         drop(st);
-        crate::store::sync_dir(&dir);
+        self.layout.sync_entry(&entry.key);
         Ok((entry, removed))
     }
 
@@ -517,7 +500,7 @@ impl Index {
         // With both SeqCst, either this sees the pin gone or `unpin` sees the doom.
         entry.doomed.store(true, Ordering::SeqCst);
         if entry.is_pinned() {
-            let _ = fs::remove_file(self.layout.meta_path(&entry.key));
+            self.layout.withdraw(&entry.key);
             st.doomed_bytes += entry.meta.size;
             st.doomed.insert(entry.key.clone(), Arc::clone(&entry));
             return Removed {
@@ -526,26 +509,9 @@ impl Index {
                 trash: None,
             };
         }
-        self.take_files(&entry, reason, false)
-    }
-
-    /// Unlinks meta.json and moves the data to a trash name (called with the lock held).
-    fn take_files(&self, entry: &Arc<Entry>, reason: Reason, meta_gone: bool) -> Removed {
-        if !meta_gone {
-            let _ = fs::remove_file(self.layout.meta_path(&entry.key));
-        }
-        let trash = self.layout.temp_path(&entry.key, "trash");
-        let trash = match fs::rename(&entry.path, &trash) {
-            Ok(()) => Some(trash),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => {
-                tracing::warn!(path = %entry.path.display(), error = %e, "cannot move a removed file away");
-                None
-            }
-        };
-        let _ = fs::remove_dir(self.layout.entry_dir(&entry.key));
+        let trash = self.layout.take_away(&entry.key, &entry.path);
         Removed {
-            entry: Arc::clone(entry),
+            entry,
             reason,
             trash,
         }

@@ -18,6 +18,8 @@ const MAX_NAME_BYTES: usize = 120;
 const MAX_SUFFIX_BYTES: usize = 24;
 /// Name used when the URL's last segment is empty or unusable.
 const FALLBACK_NAME: &str = "download";
+/// Name of an entry's metadata file, beside its data file: no URL's file name may take it.
+pub(crate) const META_FILE: &str = "meta.json";
 
 /// A URL resolved and checked, with everything the cache derives from it.
 #[derive(Clone)]
@@ -187,7 +189,7 @@ pub(crate) fn sanitise(raw: &str) -> String {
         .collect();
     let trimmed = cleaned.trim_matches(|c: char| c == '.' || c.is_whitespace());
     // "meta.json" is the entry's own metadata; a download may not take its name.
-    if trimmed.is_empty() || trimmed == crate::store::META_FILE {
+    if trimmed.is_empty() || trimmed == META_FILE {
         return match trimmed {
             "" => FALLBACK_NAME.to_owned(),
             other => format!("_{other}"),

@@ -112,6 +112,7 @@ mod clock;
 mod config;
 mod error;
 mod events;
+mod failpoint;
 mod fetch;
 mod index;
 mod key;
@@ -127,11 +128,11 @@ pub use cache::{
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     CacheBuilder, DEFAULT_FILE_MODE, DEFAULT_MAX_FILE_SIZE_BYTES, DEFAULT_MAX_SIZE_BYTES,
-    DEFAULT_STALE_GRACE, DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL, MB,
+    DEFAULT_STALE_GRACE, DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Received, Subscription};
-pub use stats::Stats;
+pub use stats::{CounterInfo, MB, Stats};
 
 use tokio::sync::OnceCell;
 
@@ -172,19 +173,6 @@ pub async fn clear_cache() -> Result<u64> {
 pub async fn get_cache_stats() -> Result<Stats> {
     Ok(default_cache().await?.stats())
 }
-
-/// Aborts the process at the named step when `IMGCACHE_FAILPOINT` names it (crash tests).
-#[cfg(feature = "failpoints")]
-pub(crate) fn failpoint(name: &str) {
-    if std::env::var("IMGCACHE_FAILPOINT").is_ok_and(|v| v == name) {
-        eprintln!("imgcache: failpoint {name}: aborting");
-        std::process::abort();
-    }
-}
-
-#[cfg(not(feature = "failpoints"))]
-#[inline(always)]
-pub(crate) fn failpoint(_name: &str) {}
 
 #[cfg(test)]
 mod send_sync {

@@ -23,10 +23,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::key::Key;
+use crate::failpoint::failpoint;
+use crate::key::{Key, META_FILE};
 
-/// Name of an entry's metadata file.
-pub(crate) const META_FILE: &str = "meta.json";
 const FORMAT: &str = "v1";
 const WRITE_BUFFER: usize = 1 << 20;
 
@@ -61,6 +60,29 @@ pub(crate) struct Meta {
     pub(crate) fetched_at: u64,
     /// Milliseconds since the epoch.
     pub(crate) expires_at: u64,
+}
+
+/// What the origin said about the version of the bytes: recorded in meta.json, sent back in
+/// a conditional GET (revalidation) and in `If-Range` (resume).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Validators {
+    pub(crate) etag: Option<String>,
+    pub(crate) last_modified: Option<String>,
+}
+
+impl Validators {
+    /// The value for `If-Range`: a strong ETag, else Last-Modified (RFC 9110 13.1.5: a weak
+    /// ETag cannot be used).
+    pub(crate) fn if_range(&self) -> Option<&str> {
+        match &self.etag {
+            Some(etag) if !etag.starts_with("W/") => Some(etag),
+            _ => self.last_modified.as_deref(),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.etag.is_none() && self.last_modified.is_none()
+    }
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -163,6 +185,80 @@ impl Layout {
                 Err(Error::io("cannot lock the cache directory", e).with_path(&lock_path))
             }
         }
+    }
+}
+
+/// Installing and taking away committed entries. The index calls these while it holds its
+/// lock, so that the map and the directory change together: each is a few metadata syscalls
+/// (mkdir, rename, unlink); deleting a removed file's bytes happens later, from its trash name.
+impl Layout {
+    /// Installs a verified download as the entry `key`: `data` renamed to `data_path`, then
+    /// `meta` to meta.json. Meta goes first on the way out and last on the way in, so at no
+    /// instant does a meta.json describe bytes other than its own. On failure nothing of the
+    /// new entry is left in the directory (and an old entry's meta.json may be gone with it).
+    pub(crate) fn install(
+        &self,
+        key: &Key,
+        data: TempFile,
+        data_path: &Path,
+        meta: TempFile,
+    ) -> io::Result<()> {
+        let meta_path = self.meta_path(key);
+        let moved = (|| {
+            self.create_dir_all(&self.entry_dir(key))?;
+            match fs::remove_file(&meta_path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            data.persist(data_path)?;
+            failpoint("commit-after-data");
+            meta.persist(&meta_path)
+        })();
+        if moved.is_err() {
+            let _ = fs::remove_file(&meta_path);
+            let _ = fs::remove_file(data_path);
+        }
+        moved
+    }
+
+    /// Makes the renames of an installed entry durable.
+    pub(crate) fn sync_entry(&self, key: &Key) {
+        sync_dir(&self.entry_dir(key));
+    }
+
+    /// Replaces the meta.json of entry `key` (a renewal: same bytes, new expiry).
+    pub(crate) fn replace_meta(&self, key: &Key, meta: TempFile) -> io::Result<()> {
+        meta.persist(&self.meta_path(key))
+    }
+
+    /// Unlinks the meta.json of entry `key`: the entry is gone for every later start, while
+    /// its bytes stay for the callers that hold them.
+    pub(crate) fn withdraw(&self, key: &Key) {
+        let _ = fs::remove_file(self.meta_path(key));
+    }
+
+    /// Moves an entry's data file to a trash name in the temp directory (to be deleted with
+    /// [`remove_any`] off the lock) and removes the entry directory if that left it empty.
+    /// Returns the trash path, or `None` when there was nothing to move.
+    pub(crate) fn trash(&self, key: &Key, data_path: &Path) -> Option<PathBuf> {
+        let trash = self.temp_path(key, "trash");
+        let trash = match fs::rename(data_path, &trash) {
+            Ok(()) => Some(trash),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!(path = %data_path.display(), error = %e, "cannot move a removed file away");
+                None
+            }
+        };
+        let _ = fs::remove_dir(self.entry_dir(key));
+        trash
+    }
+
+    /// Takes an entry's files away: [`withdraw`](Self::withdraw), then
+    /// [`trash`](Self::trash).
+    pub(crate) fn take_away(&self, key: &Key, data_path: &Path) -> Option<PathBuf> {
+        self.withdraw(key);
+        self.trash(key, data_path)
     }
 }
 

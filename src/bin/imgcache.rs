@@ -378,7 +378,7 @@ async fn command(
                 serde_json::to_writer_pretty(&mut out, &s)?;
                 writeln!(out)?;
             } else {
-                let rows: [(&str, String); 14] = [
+                let rows = [
                     ("cache_dir", s.cache_dir.clone()),
                     ("entries_count", s.entries_count.to_string()),
                     (
@@ -386,22 +386,12 @@ async fn command(
                         format!("{:.1} of {:.1}", s.current_size_mb, s.max_size_mb),
                     ),
                     ("hit_rate", format!("{:.1} %", s.hit_rate * 100.0)),
-                    ("hits", s.hits.to_string()),
-                    ("misses", s.misses.to_string()),
-                    ("coalesced_waits", s.coalesced_waits.to_string()),
-                    ("total_downloads", s.total_downloads.to_string()),
-                    ("bytes_downloaded", s.bytes_downloaded.to_string()),
-                    (
-                        "bytes_served_from_cache",
-                        s.bytes_served_from_cache.to_string(),
-                    ),
-                    ("evictions", s.evictions.to_string()),
-                    ("expirations", s.expirations.to_string()),
-                    ("integrity_failures", s.integrity_failures.to_string()),
-                    ("errors", s.errors.to_string()),
                 ];
                 for (name, value) in rows {
                     writeln!(out, "{name:<24}{value}")?;
+                }
+                for (counter, value) in s.counters() {
+                    writeln!(out, "{:<24}{value}", counter.name)?;
                 }
                 writeln!(out, "{:<24}{} h", "default_ttl", s.default_ttl_hours)?;
             }

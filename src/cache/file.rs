@@ -1,0 +1,242 @@
+//! What callers hold and pass: [`CachedFile`] and its pin, [`GetOptions`], [`CacheStatus`],
+//! and the report types of the public methods.
+
+use std::fmt;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::Inner;
+use crate::clock::from_unix_ms;
+#[cfg(doc)]
+use crate::error::ErrorKind;
+use crate::index::Entry;
+
+/// A committed entry pinned on behalf of one or more callers: while it lives, eviction and
+/// expiry leave the file alone.
+pub(crate) struct Pinned {
+    pub(super) entry: Arc<Entry>,
+    pub(super) inner: Arc<Inner>,
+}
+
+impl Inner {
+    /// Wraps an entry the index has just pinned, so that dropping it unpins.
+    pub(super) fn pinned(self: &Arc<Self>, entry: Arc<Entry>) -> Arc<Pinned> {
+        Arc::new(Pinned {
+            entry,
+            inner: Arc::clone(self),
+        })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let removed = self.inner.index.unpin(&self.entry);
+        self.inner.dispose_in_background(removed);
+    }
+}
+
+/// How a [`CachedFile`] was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum CacheStatus {
+    /// From a committed entry, without touching the network.
+    Hit,
+    /// This call started the download.
+    Downloaded,
+    /// This call joined a download another call had started.
+    Coalesced,
+    /// The entry had expired; a conditional request found it unchanged (304) and renewed it.
+    Revalidated,
+    /// The entry had expired and the origin failed (or the cache is offline): this is the
+    /// expired copy.
+    Stale,
+}
+
+/// A file in the cache, complete and verified. Derefs to its [`Path`].
+///
+/// While any clone of it is alive its entry is pinned: eviction, expiry, `invalidate` and
+/// `clear` never delete the file under it (a removed entry's file goes when the last
+/// `CachedFile` does). A later download of the same URL (after expiry or `refresh`) replaces
+/// the file at this path atomically; a reader that opened the file keeps its bytes.
+#[derive(Clone)]
+pub struct CachedFile {
+    pub(super) pinned: Arc<Pinned>,
+    pub(super) status: CacheStatus,
+}
+
+impl CachedFile {
+    /// The local path. Its file name is the URL's own (so it ends in `.nii.gz`).
+    pub fn path(&self) -> &Path {
+        &self.pinned.entry.path
+    }
+
+    /// The URL, normalised and without credentials.
+    pub fn url(&self) -> &str {
+        &self.pinned.entry.meta.url
+    }
+
+    /// Length in bytes.
+    pub fn size(&self) -> u64 {
+        self.pinned.entry.meta.size
+    }
+
+    /// Hex SHA-256 of the bytes, computed while they were downloaded.
+    pub fn sha256(&self) -> &str {
+        &self.pinned.entry.meta.sha256
+    }
+
+    /// When the bytes were downloaded, or last confirmed current by the origin.
+    pub fn fetched_at(&self) -> SystemTime {
+        from_unix_ms(self.pinned.entry.fetched_at())
+    }
+
+    /// When the entry expires.
+    pub fn expires_at(&self) -> SystemTime {
+        from_unix_ms(self.pinned.entry.expires_at())
+    }
+
+    /// The origin's `ETag`, if it sent one.
+    pub fn etag(&self) -> Option<String> {
+        self.pinned.entry.validators().etag
+    }
+
+    /// The origin's `Last-Modified`, if it sent one.
+    pub fn last_modified(&self) -> Option<String> {
+        self.pinned.entry.validators().last_modified
+    }
+
+    /// Whether this call was a hit, started the download, or joined one.
+    pub fn status(&self) -> CacheStatus {
+        self.status
+    }
+}
+
+impl Deref for CachedFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.path()
+    }
+}
+
+impl AsRef<Path> for CachedFile {
+    fn as_ref(&self) -> &Path {
+        self.path()
+    }
+}
+
+impl fmt::Debug for CachedFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedFile")
+            .field("path", &self.path())
+            .field("size", &self.size())
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+/// Per-call options for [`ImageCache::get_with`](crate::ImageCache::get_with).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct GetOptions {
+    /// Maximum age for this call, and the TTL of an entry this call downloads. A cached entry
+    /// older than this is downloaded again. Default: the cache's default TTL.
+    pub ttl: Option<Duration>,
+    /// The SHA-256 the bytes must have (hex, either case). A download that does not match is
+    /// an [`ErrorKind::ChecksumMismatch`] and is not cached; a cached entry that does not match
+    /// is downloaded again.
+    pub expected_sha256: Option<String>,
+    /// Download even if a fresh entry exists (a download already running is joined).
+    pub force: bool,
+}
+
+impl GetOptions {
+    /// Options with every default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets [`ttl`](Self::ttl).
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Sets [`expected_sha256`](Self::expected_sha256).
+    #[must_use]
+    pub fn expected_sha256(mut self, hex: impl Into<String>) -> Self {
+        self.expected_sha256 = Some(hex.into());
+        self
+    }
+
+    /// Sets [`force`](Self::force).
+    #[must_use]
+    pub fn force(mut self, force: bool) -> Self {
+        self.force = force;
+        self
+    }
+}
+
+/// One entry as [`ImageCache::entries`](crate::ImageCache::entries) lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EntryInfo {
+    /// The URL, normalised and without credentials.
+    pub url: String,
+    /// The local file.
+    pub path: PathBuf,
+    /// Length in bytes.
+    pub size: u64,
+    /// Hex SHA-256.
+    pub sha256: String,
+    /// Download time, milliseconds since the Unix epoch.
+    pub fetched_at_ms: u64,
+    /// Expiry, milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+    /// Last hit or download, milliseconds since the Unix epoch.
+    pub last_access_ms: u64,
+    /// Hits on this entry.
+    pub hits: u64,
+    /// Whether a live [`CachedFile`] holds it.
+    pub pinned: bool,
+}
+
+/// What [`ImageCache::cleanup`](crate::ImageCache::cleanup) removed.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CleanupReport {
+    /// Entries removed because their TTL passed.
+    pub expired: u64,
+    /// Entries removed to honour the size cap.
+    pub evicted: u64,
+    /// Bytes those entries held.
+    pub bytes_freed: u64,
+}
+
+/// The outcome of verifying one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Verification {
+    /// The bytes hash to the recorded SHA-256.
+    Ok,
+    /// They do not (or the file is gone); the entry was removed.
+    Corrupt,
+    /// The URL has no entry.
+    NotCached,
+}
+
+/// What [`ImageCache::verify_all`](crate::ImageCache::verify_all) found.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VerifyReport {
+    /// Entries hashed.
+    pub checked: u64,
+    /// URLs of the entries that failed and were removed.
+    pub corrupt: Vec<String>,
+}

@@ -1,0 +1,324 @@
+//! Coalescing: one running task per key, however many callers ask for it at once.
+//!
+//! A caller either joins the task already running for its key or starts one. The task is
+//! spawned, so it belongs to the map and not to the caller who started it: a caller that is
+//! cancelled never cancels it for the others, and a task nobody waits for any more still runs
+//! to its end. Every caller gets a clone of the one result, and a drop guard that travels with
+//! the task clears the key's slot on every exit path: completion, panic, or the task being
+//! dropped before it was ever polled (a runtime shutting down).
+//!
+//! Generic over the key and the result, so that it is tested here on its own.
+
+use std::future::Future;
+use std::hash::Hash;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use tokio::sync::oneshot;
+
+/// The result of a task, shared by every caller that waits on it.
+pub(crate) type SharedTask<T> = Shared<BoxFuture<'static, T>>;
+
+struct Running<T> {
+    /// Tells this task's slot from a later one for the same key.
+    id: u64,
+    task: SharedTask<T>,
+}
+
+/// The running tasks by key.
+pub(crate) struct Inflight<K, T> {
+    // DashMap: joining touches only the one key's shard, so callers for different keys never
+    // wait on each other; no guard is ever held across an .await (clippy.toml).
+    map: DashMap<K, Running<T>>,
+    next_id: AtomicU64,
+}
+
+/// What [`Inflight::join_or_start`] did.
+pub(crate) enum Join<F, T> {
+    /// The re-check, made while holding the key's vacant slot, found what the caller wanted.
+    Found(F),
+    /// A task was already running for the key: its result.
+    Joined(SharedTask<T>),
+    /// This call started the task: its result.
+    Started(SharedTask<T>),
+}
+
+/// Removes its key's slot when dropped, if the slot is still its own. It is moved into the
+/// task's future before the task is spawned, so it drops with the task however the task ends.
+struct SlotGuard<K: Hash + Eq, T> {
+    inflight: Arc<Inflight<K, T>>,
+    key: K,
+    id: u64,
+}
+
+impl<K: Hash + Eq, T> Drop for SlotGuard<K, T> {
+    fn drop(&mut self) {
+        self.inflight
+            .map
+            .remove_if(&self.key, |_, running| running.id == self.id);
+    }
+}
+
+impl<K, T> Inflight<K, T>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    T: Clone + Send + Sync + 'static,
+{
+    pub(crate) fn new() -> Inflight<K, T> {
+        Inflight {
+            map: DashMap::new(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Joins the task running for `key`, or starts one.
+    ///
+    /// With the key's slot vacant and held, `recheck` runs first: a task that finished between
+    /// the caller's own lookup and this call has cleared its slot only after publishing its
+    /// result, so looking again here closes that window. If it finds something, no task is
+    /// started. Otherwise the slot is filled, the key's shard is released, and the future that
+    /// `start` makes is spawned on the current runtime with the slot's guard. A task that
+    /// panics, or is dropped before it ends, reaches every caller as `lost(reason)`.
+    ///
+    /// # Panics
+    /// When a task must be started outside a Tokio runtime (the slot is cleared first).
+    pub(crate) fn join_or_start<F, Fut>(
+        self: &Arc<Self>,
+        key: &K,
+        recheck: impl FnOnce() -> Option<F>,
+        start: impl FnOnce() -> Fut,
+        lost: fn(String) -> T,
+    ) -> Join<F, T>
+    where
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        let (id, result) = match self.map.entry(key.clone()) {
+            MapEntry::Occupied(running) => return Join::Joined(running.get().task.clone()),
+            MapEntry::Vacant(slot) => {
+                if let Some(found) = recheck() {
+                    return Join::Found(found);
+                }
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let (result, receive) = oneshot::channel::<T>();
+                let task = async move {
+                    receive
+                        .await
+                        .unwrap_or_else(|_| lost("task ended without a result".into()))
+                }
+                .boxed()
+                .shared();
+                slot.insert(Running {
+                    id,
+                    task: task.clone(),
+                });
+                (id, (result, task))
+            }
+        };
+        // Spawned with the shard released: the guard may drop at once (a runtime shutting
+        // down drops what is spawned on it), and dropping it takes the shard.
+        let (send, task) = result;
+        let guard = SlotGuard {
+            inflight: Arc::clone(self),
+            key: key.clone(),
+            id,
+        };
+        let work = start();
+        tokio::spawn(async move {
+            // Dropped after the result is sent: callers that look again once the slot is
+            // gone find what the task committed.
+            let _guard = guard;
+            let output = match AssertUnwindSafe(work).catch_unwind().await {
+                Ok(output) => output,
+                Err(panic) => lost(format!("task panicked: {}", panic_message(&*panic))),
+            };
+            let _ = send.send(output);
+        });
+        Join::Started(task)
+    }
+
+    /// How many tasks are running.
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The results of every running task, to wait on.
+    pub(crate) fn running(&self) -> Vec<SharedTask<T>> {
+        self.map.iter().map(|r| r.value().task.clone()).collect()
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s
+    } else {
+        "a non-string payload"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    type Result = std::result::Result<u32, String>;
+    type Map = Arc<Inflight<&'static str, Result>>;
+
+    fn map() -> Map {
+        Arc::new(Inflight::new())
+    }
+
+    fn task<F>(join: Join<F, Result>) -> SharedTask<Result> {
+        match join {
+            Join::Joined(t) | Join::Started(t) => t,
+            Join::Found(_) => panic!("nothing to find"),
+        }
+    }
+
+    #[tokio::test]
+    async fn callers_of_one_key_share_one_task_and_its_result() {
+        let inflight = map();
+        let starts = Arc::new(AtomicUsize::new(0));
+        let (release, gate) = oneshot::channel::<()>();
+        let mut gate = Some(gate);
+        let mut waits = Vec::new();
+        for i in 0..10 {
+            let starts = Arc::clone(&starts);
+            let gate = gate.take();
+            let join = inflight.join_or_start(
+                &"a",
+                || None::<()>,
+                move || async move {
+                    starts.fetch_add(1, Ordering::SeqCst);
+                    gate.expect("started once").await.unwrap();
+                    Ok(42)
+                },
+                Err,
+            );
+            assert_eq!(matches!(join, Join::Started(_)), i == 0);
+            waits.push(task(join));
+        }
+        assert_eq!(inflight.len(), 1);
+        release.send(()).unwrap();
+        for w in waits {
+            assert_eq!(w.await, Ok(42));
+        }
+        assert_eq!(starts.load(Ordering::SeqCst), 1);
+        assert_eq!(inflight.len(), 0, "the slot is cleared after the task ends");
+        // The next call starts afresh.
+        let again = inflight.join_or_start(&"a", || None::<()>, || async { Ok(7) }, Err);
+        assert!(matches!(again, Join::Started(_)));
+        assert_eq!(task(again).await, Ok(7));
+    }
+
+    #[tokio::test]
+    async fn different_keys_do_not_coalesce() {
+        let inflight = map();
+        let a = inflight.join_or_start(&"a", || None::<()>, || async { Ok(1) }, Err);
+        let b = inflight.join_or_start(&"b", || None::<()>, || async { Ok(2) }, Err);
+        assert!(matches!(a, Join::Started(_)) && matches!(b, Join::Started(_)));
+        assert_eq!((task(a).await, task(b).await), (Ok(1), Ok(2)));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_starter_does_not_stop_the_task() {
+        let inflight = map();
+        let (done_tx, done_rx) = oneshot::channel();
+        let join = inflight.join_or_start(
+            &"a",
+            || None::<()>,
+            move || async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = done_tx.send(());
+                Ok(1)
+            },
+            Err,
+        );
+        // The only caller gives up at once.
+        drop(task(join));
+        done_rx.await.expect("the task ran to its end");
+        tokio::task::yield_now().await;
+        assert_eq!(inflight.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_fails_every_caller_and_clears_its_slot() {
+        let inflight = map();
+        let first = task(inflight.join_or_start(
+            &"a",
+            || None::<()>,
+            || async move {
+                tokio::task::yield_now().await;
+                panic!("boom");
+            },
+            Err,
+        ));
+        let second = task(inflight.join_or_start(&"a", || None::<()>, || async { Ok(0) }, Err));
+        let (a, b) = (first.await, second.await);
+        assert!(a.as_ref().is_err_and(|e| e.contains("panic")), "{a:?}");
+        assert_eq!(a, b);
+        assert_eq!(inflight.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_recheck_can_answer_without_a_task() {
+        let inflight = map();
+        let join = inflight.join_or_start(
+            &"a",
+            || Some("found"),
+            || async { panic!("not started") },
+            Err,
+        );
+        assert!(matches!(join, Join::Found("found")));
+        assert_eq!(inflight.len(), 0);
+        // While a task runs, the recheck is not consulted: callers join.
+        let (release, gate) = oneshot::channel::<()>();
+        let started = inflight.join_or_start(
+            &"a",
+            || None::<()>,
+            || async move {
+                gate.await.unwrap();
+                Ok(3)
+            },
+            Err,
+        );
+        let joined = inflight.join_or_start(
+            &"a",
+            || -> Option<()> { panic!("not consulted while a task runs") },
+            || async { Ok(0) },
+            Err,
+        );
+        assert!(matches!(joined, Join::Joined(_)));
+        release.send(()).unwrap();
+        assert_eq!(task(started).await, Ok(3));
+    }
+
+    #[test]
+    fn a_task_dropped_before_its_first_poll_clears_its_slot() {
+        let inflight = map();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // Entered, not run: the spawned task is never polled.
+        let entered = rt.enter();
+        let waiting =
+            task(inflight.join_or_start(&"a", || None::<()>, || async move { Ok(1) }, Err));
+        drop(entered);
+        assert_eq!(inflight.len(), 1, "spawned, not yet polled");
+        // Shutting the runtime down drops the task unpolled.
+        drop(rt);
+        assert_eq!(inflight.len(), 0);
+        let lost = futures_util::FutureExt::now_or_never(waiting).expect("ready");
+        assert!(lost.is_err(), "{lost:?}");
+    }
+}

@@ -1,0 +1,623 @@
+//! [`ImageCache`]: the handle, its public methods, and the only place that wires the stages
+//! together.
+//!
+//! The stages live beside it, in the order a `get` meets them: [`hit`] (lookup, cheap check,
+//! pin), [`inflight`] (join or start the one download), [`download`] (fetch with retries,
+//! stream, hash, commit), then [`removal`] (what leaves the index is counted and deleted) and
+//! the background [`sweeper`]; [`state`] keeps state.json and [`file`] the types callers hold.
+
+mod download;
+mod file;
+mod hit;
+mod inflight;
+mod removal;
+mod state;
+mod sweeper;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use file::{
+    CacheStatus, CachedFile, CleanupReport, EntryInfo, GetOptions, Verification, VerifyReport,
+};
+
+use crate::clock::unix_ms;
+use crate::config::{CacheBuilder, Config};
+use crate::error::{Error, ErrorKind, Result};
+use crate::events::{Event, Events, Subscription};
+use crate::index::{Index, Lookup, Reason};
+use crate::key::{self, Key, Resolved};
+use crate::stats::{Counter, Counters, Gauges, Stats};
+use crate::store::{self, Layout};
+use file::Pinned;
+use inflight::{Inflight, Join};
+
+/// The cache. Cheap to clone (one `Arc`): clone it into every task that needs it rather than
+/// wrapping it in another `Arc`. When the last clone is dropped the background sweeper stops;
+/// call [`shutdown`](Self::shutdown) to also wait for downloads and save state.
+#[derive(Clone)]
+pub struct ImageCache {
+    handle: Arc<Handle>,
+}
+
+/// Stops the sweeper when the last `ImageCache` clone goes. Download tasks and pinned files
+/// hold `Inner` directly, so they finish normally.
+struct Handle {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.inner.cancel.cancel();
+    }
+}
+
+/// What every caller of one download gets.
+type DownloadResult = Result<(Arc<Pinned>, Outcome)>;
+
+/// How a download task ended, for its callers' [`CacheStatus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Downloaded,
+    Revalidated,
+    Stale,
+}
+
+pub(crate) struct Inner {
+    config: Config,
+    layout: Layout,
+    index: Index,
+    inflight: Arc<Inflight<Key, DownloadResult>>,
+    events: Events,
+    /// URLs as callers wrote them, resolved (see `resolve`).
+    resolved: DashMap<Box<str>, Arc<Resolved>>,
+    counters: Counters,
+    default_ttl_ms: AtomicU64,
+    closed: AtomicBool,
+    cancel: CancellationToken,
+    wake_sweeper: Notify,
+    // A std Mutex: taken once at start and once at shutdown, never across an .await.
+    sweeper: Mutex<Option<JoinHandle<()>>>,
+    /// The process lock on the cache directory, released when the cache is dropped.
+    _lock: std::fs::File,
+}
+
+impl CacheBuilder {
+    /// Validates the settings, recovers the cache directory (off the async workers) and starts
+    /// the background sweeper.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for an invalid setting, [`ErrorKind::Locked`] when another process
+    /// uses the directory, [`ErrorKind::Io`] when it cannot be created or read.
+    ///
+    /// # Panics
+    /// When called outside a Tokio runtime.
+    pub async fn build(self) -> Result<ImageCache> {
+        let config = self.into_config()?;
+        ImageCache::open(config).await
+    }
+}
+
+impl fmt::Debug for ImageCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &self.handle.inner;
+        f.debug_struct("ImageCache")
+            .field("cache_dir", &inner.config.cache_dir)
+            .field("max_size_bytes", &inner.index.max())
+            .field("entries", &inner.index.figures().entries)
+            .finish()
+    }
+}
+
+impl ImageCache {
+    /// A builder with every default (see [`CacheBuilder`]).
+    pub fn builder() -> CacheBuilder {
+        CacheBuilder::new()
+    }
+
+    /// A cache configured from the environment and `.env` (see [`CacheBuilder::from_env`]).
+    ///
+    /// # Errors
+    /// As [`CacheBuilder::from_env`] and [`CacheBuilder::build`].
+    pub async fn from_env() -> Result<ImageCache> {
+        CacheBuilder::from_env()?.build().await
+    }
+
+    pub(crate) async fn open(config: Config) -> Result<ImageCache> {
+        let layout = Layout::new(&config.cache_dir, config.file_mode, config.dir_mode);
+        let opened = {
+            let layout = layout.clone();
+            tokio::task::spawn_blocking(move || -> Result<_> {
+                let lock = layout.open()?;
+                let report = store::recover(&layout)?;
+                let state = state::load(&layout);
+                Ok((lock, report, state))
+            })
+            .await
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("recovery panicked: {e}")))??
+        };
+        let (lock, report, state) = opened;
+        let index = Index::new(
+            layout.clone(),
+            config.max_size_bytes,
+            duration_ms(config.stale_grace),
+            Arc::clone(&config.clock),
+        );
+        let recovered = report.entries.len();
+        index.load(state.entries_from(report.entries));
+        let counters = Counters::default();
+        counters.restore(&state.counters);
+        if report.removed > 0 {
+            counters.mark_unsaved();
+        }
+        let inner = Arc::new(Inner {
+            default_ttl_ms: AtomicU64::new(duration_ms(config.default_ttl)),
+            layout,
+            index,
+            inflight: Arc::new(Inflight::new()),
+            events: Events::new(),
+            resolved: DashMap::new(),
+            counters,
+            closed: AtomicBool::new(false),
+            cancel: CancellationToken::new(),
+            wake_sweeper: Notify::new(),
+            sweeper: Mutex::new(None),
+            _lock: lock,
+            config,
+        });
+        tracing::info!(
+            cache_dir = %inner.config.cache_dir.display(),
+            entries = recovered,
+            removed = report.removed,
+            "cache opened"
+        );
+        // The cap may have been lowered since the last run.
+        let (removed, _) = inner.sweep_now();
+        inner.dispose_blocking(removed).await;
+        inner.start_sweeper();
+        Ok(ImageCache {
+            handle: Arc::new(Handle { inner }),
+        })
+    }
+
+    fn inner(&self) -> &Arc<Inner> {
+        &self.handle.inner
+    }
+
+    /// The local file for `url`, downloading it if it is missing or expired.
+    ///
+    /// `url` is absolute (`http://server/ct/0042.nii.gz`) or relative to the configured image
+    /// server (`ct/0042.nii.gz`). Concurrent calls for one URL share one download.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidUrl`] for a URL that cannot be cached; for a failed download, the
+    /// download's error ([`ErrorKind::HttpStatus`], [`ErrorKind::Network`],
+    /// [`ErrorKind::Incomplete`], [`ErrorKind::TooLarge`], [`ErrorKind::StorageFull`], ...),
+    /// the same for every caller that waited on it. Errors are not cached.
+    ///
+    /// # Cancel safety
+    /// Cancel safe. The download runs in its own task: dropping this future (a timeout, a
+    /// client that went away) does not stop it for other callers, and a download nobody
+    /// waits for any more still completes and is cached.
+    pub async fn get(&self, url: impl AsRef<str>) -> Result<CachedFile> {
+        self.get_with(url, GetOptions::default()).await
+    }
+
+    /// [`get`](Self::get) with per-call options.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get), and [`ErrorKind::ChecksumMismatch`] when
+    /// [`GetOptions::expected_sha256`] does not match.
+    ///
+    /// # Cancel safety
+    /// As [`get`](Self::get).
+    pub async fn get_with(&self, url: impl AsRef<str>, options: GetOptions) -> Result<CachedFile> {
+        let inner = self.inner();
+        inner.check_open()?;
+        let resolved = inner.resolve(url.as_ref())?;
+        if inner.config.offline {
+            return inner.get_offline(&resolved, &options);
+        }
+        if !options.force
+            && let Some(hit) = inner.try_hit(&resolved, &options)
+        {
+            return Ok(hit);
+        }
+        let (download, status) = match inner.join_or_start(&resolved, &options) {
+            Joined::Hit(hit) => return Ok(hit),
+            Joined::Download(download, status) => (download, status),
+        };
+        inner.counters.add(Counter::Misses, 1);
+        if status == CacheStatus::Coalesced {
+            inner.counters.add(Counter::CoalescedWaits, 1);
+            inner.events.emit(|| Event::CoalescedWait {
+                url: resolved.display.clone(),
+            });
+        }
+        let (pinned, outcome) = download.await?;
+        let status = match outcome {
+            Outcome::Downloaded => status,
+            Outcome::Revalidated => CacheStatus::Revalidated,
+            Outcome::Stale => CacheStatus::Stale,
+        };
+        let file = CachedFile { pinned, status };
+        if let Some(expected) = &options.expected_sha256 {
+            // A joined download was started without this caller's digest.
+            if !file.sha256().eq_ignore_ascii_case(expected.trim()) {
+                return Err(checksum_error(expected, file.sha256()).with_url(&resolved.display));
+            }
+        }
+        Ok(file)
+    }
+
+    /// The cached file for `url` if a fresh, intact entry exists. Never touches the network.
+    /// Counts a hit when it returns a file and nothing otherwise.
+    pub fn get_cached(&self, url: impl AsRef<str>) -> Option<CachedFile> {
+        let inner = self.inner();
+        let resolved = inner.resolve(url.as_ref()).ok()?;
+        inner.try_hit(&resolved, &GetOptions::default())
+    }
+
+    /// Downloads `url` again even if a fresh entry exists, and replaces the entry (the
+    /// original design's `download_and_cache`). Joins a download already running.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get); on error the old entry is kept.
+    ///
+    /// # Cancel safety
+    /// As [`get`](Self::get).
+    pub async fn refresh(&self, url: impl AsRef<str>) -> Result<CachedFile> {
+        self.get_with(url, GetOptions::default().force(true)).await
+    }
+
+    /// Removes the entry for `url`. Returns whether there was one. A file a caller still holds
+    /// is deleted when it is released.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidUrl`].
+    pub async fn invalidate(&self, url: impl AsRef<str>) -> Result<bool> {
+        let inner = self.inner();
+        let resolved = inner.resolve(url.as_ref())?;
+        let removed = inner.index.remove(&resolved.key, Reason::Invalidated);
+        let found = removed.is_some();
+        inner.dispose_blocking(removed.into_iter().collect()).await;
+        Ok(found)
+    }
+
+    /// Removes every entry and returns how many there were. Files callers still hold are
+    /// deleted when released. Counters are kept (see [`reset_stats`](Self::reset_stats)).
+    ///
+    /// # Errors
+    /// None today; the `Result` leaves room for I/O errors to be reported.
+    pub async fn clear(&self) -> Result<u64> {
+        let inner = self.inner();
+        let removed = inner.index.clear();
+        let n = removed.len() as u64;
+        inner.dispose_blocking(removed).await;
+        tracing::info!(entries = n, "cache cleared");
+        Ok(n)
+    }
+
+    /// Expires entries past their TTL and evicts to honour the cap, now. The background
+    /// sweeper does the same periodically.
+    ///
+    /// # Errors
+    /// None today; the `Result` leaves room for I/O errors to be reported.
+    pub async fn cleanup(&self) -> Result<CleanupReport> {
+        let inner = self.inner();
+        let (removed, _) = inner.sweep_now();
+        let mut report = CleanupReport::default();
+        for r in &removed {
+            match r.reason {
+                Reason::Expired => report.expired += 1,
+                Reason::Evicted => report.evicted += 1,
+                _ => continue,
+            }
+            report.bytes_freed += r.entry.meta.size;
+        }
+        inner.dispose_blocking(removed).await;
+        inner.save_state_blocking().await;
+        Ok(report)
+    }
+
+    /// Re-hashes the file of `url` and compares it with the recorded SHA-256. A corrupt entry
+    /// is removed and counted as an integrity failure.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidUrl`].
+    pub async fn verify(&self, url: impl AsRef<str>) -> Result<Verification> {
+        let inner = self.inner();
+        let resolved = inner.resolve(url.as_ref())?;
+        Ok(inner.verify_key(&resolved.key).await)
+    }
+
+    /// [`verify`](Self::verify) for every entry, one at a time.
+    ///
+    /// # Errors
+    /// None today; the `Result` leaves room for I/O errors to be reported.
+    pub async fn verify_all(&self) -> Result<VerifyReport> {
+        let inner = self.inner();
+        let mut report = VerifyReport::default();
+        for entry in inner.index.entries() {
+            match inner.verify_key(&entry.key).await {
+                Verification::Ok => report.checked += 1,
+                Verification::Corrupt => {
+                    report.checked += 1;
+                    report.corrupt.push(entry.meta.url.clone());
+                }
+                Verification::NotCached => {}
+            }
+        }
+        Ok(report)
+    }
+
+    /// Every committed entry, most recently used first.
+    pub fn entries(&self) -> Vec<EntryInfo> {
+        let mut all = self.inner().index.entries();
+        all.sort_by_key(|e| std::cmp::Reverse(e.lru()));
+        all.iter()
+            .map(|e| EntryInfo {
+                url: e.meta.url.clone(),
+                path: e.path.clone(),
+                size: e.meta.size,
+                sha256: e.meta.sha256.clone(),
+                fetched_at_ms: e.fetched_at(),
+                expires_at_ms: e.expires_at(),
+                last_access_ms: e.last_access_ms.load(Ordering::Relaxed),
+                hits: e.hits.load(Ordering::Relaxed),
+                pinned: e.is_pinned(),
+            })
+            .collect()
+    }
+
+    /// A snapshot of the figures (the original design's `get_stats`).
+    pub fn stats(&self) -> Stats {
+        let inner = self.inner();
+        let f = inner.index.figures();
+        inner.counters.stats(Gauges {
+            entries_count: f.entries,
+            current_size_bytes: f.committed_bytes + f.doomed_bytes,
+            max_size_bytes: inner.index.max(),
+            reserved_bytes: f.reserved_bytes,
+            pinned_entries: f.pinned,
+            downloads_in_progress: inner.inflight.len() as u64,
+            default_ttl_hours: inner.default_ttl_ms.load(Ordering::Relaxed) as f64 / 3_600_000.0,
+            cache_dir: inner.config.cache_dir.display().to_string(),
+        })
+    }
+
+    /// A stream of [`Event`]s: downloads starting, progressing, finishing or failing, hits,
+    /// coalesced waits, evictions and expirations. A subscriber that falls behind loses the
+    /// oldest events; it never slows the cache down.
+    pub fn subscribe(&self) -> Subscription {
+        self.inner().events.subscribe()
+    }
+
+    /// Sets every counter to zero.
+    pub fn reset_stats(&self) {
+        self.inner().counters.reset();
+    }
+
+    /// Changes the size cap at run time and evicts at once to honour it.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for zero.
+    pub fn set_max_size_bytes(&self, bytes: u64) -> Result<()> {
+        if bytes == 0 {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "the size cap must be greater than zero",
+            ));
+        }
+        let inner = self.inner();
+        let removed = inner.index.set_max(bytes);
+        inner.dispose_in_background(removed);
+        inner.wake_sweeper.notify_one();
+        Ok(())
+    }
+
+    /// Changes the TTL given to entries downloaded from now on (existing entries keep the
+    /// expiry recorded when they were downloaded; pass [`GetOptions::ttl`] to demand
+    /// fresher bytes for one call).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for zero.
+    pub fn set_default_ttl(&self, ttl: Duration) -> Result<()> {
+        if ttl.is_zero() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "the TTL must be greater than zero",
+            ));
+        }
+        self.inner()
+            .default_ttl_ms
+            .store(duration_ms(ttl), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The image server relative URLs resolve against, if one is configured.
+    pub fn image_server(&self) -> Option<&str> {
+        self.inner()
+            .config
+            .image_server
+            .as_ref()
+            .map(url::Url::as_str)
+    }
+
+    /// The cache directory.
+    pub fn cache_dir(&self) -> &Path {
+        &self.inner().config.cache_dir
+    }
+
+    /// Stops the sweeper, waits for running downloads, and saves access times and counters.
+    /// Later calls to `get` fail with [`ErrorKind::Shutdown`]; cached files stay readable.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe in the sense that the cache is closed as soon as this is first polled.
+    /// Dropping it early only skips the waiting; state is also saved when the cache is dropped.
+    pub async fn shutdown(&self) {
+        let inner = self.inner();
+        inner.closed.store(true, Ordering::SeqCst);
+        inner.stop_sweeper().await;
+        for download in inner.inflight.running() {
+            let _ = download.await;
+        }
+        inner.save_state_blocking().await;
+        tracing::info!("cache shut down");
+    }
+}
+
+/// How a miss goes on.
+enum Joined {
+    /// The re-check found a fresh entry after all.
+    Hit(CachedFile),
+    /// The download to wait on, and whether this call started it or joined it.
+    Download(inflight::SharedTask<DownloadResult>, CacheStatus),
+}
+
+impl Inner {
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::Shutdown, "the cache was shut down"));
+        }
+        Ok(())
+    }
+
+    /// Resolves a URL as the caller wrote it. Parsing, normalising and hashing a URL costs
+    /// more than the rest of a hit together, so results are remembered, in a map that is
+    /// emptied when it reaches `RESOLVED_CAPACITY` (a bound, not an LRU: the work it saves is
+    /// cheap to redo).
+    fn resolve(&self, url: &str) -> Result<Arc<Resolved>> {
+        if let Some(found) = self.resolved.get(url) {
+            return Ok(Arc::clone(found.value()));
+        }
+        let resolved = Arc::new(key::resolve(url, self.config.image_server.as_ref())?);
+        if self.resolved.len() >= RESOLVED_CAPACITY {
+            self.resolved.clear();
+        }
+        self.resolved.insert(url.into(), Arc::clone(&resolved));
+        Ok(resolved)
+    }
+
+    fn now_ms(&self) -> u64 {
+        unix_ms(self.config.clock.now())
+    }
+
+    /// Joins the running download of this key, or starts one.
+    fn join_or_start(self: &Arc<Self>, resolved: &Resolved, options: &GetOptions) -> Joined {
+        let mut recheck = !options.force;
+        loop {
+            let join = self.inflight.join_or_start(
+                &resolved.key,
+                // A download may have committed between our lookup and taking the slot; it
+                // clears its slot only after committing, so looking again is enough.
+                || {
+                    if !recheck {
+                        return None;
+                    }
+                    let max_age = options.ttl.map(duration_ms);
+                    match self.index.lookup(&resolved.key, self.now_ms(), max_age) {
+                        Lookup::Hit(entry) => Some(entry),
+                        Lookup::Stale(_) | Lookup::Missing => None,
+                    }
+                },
+                || download::run_download(Arc::clone(self), resolved.clone(), options.clone()),
+                |why| Err(Error::new(ErrorKind::Internal, format!("download {why}"))),
+            );
+            match join {
+                Join::Joined(download) => {
+                    return Joined::Download(download, CacheStatus::Coalesced);
+                }
+                Join::Started(download) => {
+                    return Joined::Download(download, CacheStatus::Downloaded);
+                }
+                Join::Found(entry) => match self.accept_hit(entry, options) {
+                    Some(hit) => return Joined::Hit(hit),
+                    // The entry failed its check or has another digest: download after all.
+                    None => recheck = false,
+                },
+            }
+        }
+    }
+
+    async fn verify_key(self: &Arc<Self>, key: &Key) -> Verification {
+        let Some(entry) = self.index.pin_current(key) else {
+            return Verification::NotCached;
+        };
+        let pinned = self.pinned(entry);
+        let path = pinned.entry.path.clone();
+        let hashed = tokio::task::spawn_blocking(move || store::hash_file(&path)).await;
+        let entry = Arc::clone(&pinned.entry);
+        let intact = matches!(&hashed, Ok(Ok((sha, len))) if *sha == entry.meta.sha256 && *len == entry.meta.size);
+        if intact {
+            return Verification::Ok;
+        }
+        self.counters.add(Counter::IntegrityFailures, 1);
+        tracing::warn!(url = %entry.meta.url, path = %entry.path.display(), "verification failed; entry removed");
+        let removed = self.index.remove_exact(&entry, Reason::Corrupt);
+        drop(pinned);
+        self.dispose_blocking(removed.into_iter().collect()).await;
+        Verification::Corrupt
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.save_state_now();
+    }
+}
+
+/// How many resolved URLs are remembered at most.
+const RESOLVED_CAPACITY: usize = 4096;
+
+fn duration_ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+fn checksum_error(expected: &str, actual: &str) -> Error {
+    Error::new(
+        ErrorKind::ChecksumMismatch,
+        format!("expected {}, got {actual}", expected.trim()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn resolved_urls_are_remembered_within_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::builder()
+            .cache_dir(dir.path())
+            .sweep_interval(Duration::ZERO)
+            .build()
+            .await
+            .unwrap();
+        let inner = cache.inner();
+        let a = inner.resolve("http://h/a.nii.gz").unwrap();
+        let again = inner.resolve("http://h/a.nii.gz").unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &again),
+            "the second resolution is remembered"
+        );
+        // Equivalent spellings resolve to one key, remembered separately.
+        let upper = inner.resolve("HTTP://H/a.nii.gz").unwrap();
+        assert_eq!(upper.key, a.key);
+        for i in 0..RESOLVED_CAPACITY + 10 {
+            inner.resolve(&format!("http://h/{i}.nii.gz")).unwrap();
+            assert!(inner.resolved.len() <= RESOLVED_CAPACITY);
+        }
+        // Errors are not remembered.
+        assert!(inner.resolve("ftp://h/x").is_err());
+        assert!(inner.resolved.get("ftp://h/x").is_none());
+    }
+}

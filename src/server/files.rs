@@ -1,0 +1,223 @@
+//! The `/files` sidecar: `IMAGE_SERVER/{path}` through the cache, with `Range`, `ETag`,
+//! `If-None-Match`, `Last-Modified` and `Cache-Status`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::Response;
+use axum::routing::get;
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::{ApiError, AppResult, AppState};
+
+/// `GET` and `HEAD /files/{path}`.
+pub(super) fn routes() -> Router<Arc<AppState>> {
+    Router::new().route("/files/{*path}", get(files).head(files))
+}
+use crate::{CacheStatus, CachedFile};
+
+/// Whether the raw (still percent-encoded) sidecar path is one the origin may be asked for:
+/// no `.` or `..` segments (however encoded), no encoded or back slashes, no empty segments.
+fn safe_sidecar_path(raw: &str) -> bool {
+    if raw.is_empty() || raw.contains('\\') {
+        return false;
+    }
+    let lower = raw.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%00") {
+        return false;
+    }
+    raw.split('/').all(|segment| {
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        !segment.is_empty() && decoded != "." && decoded != ".."
+    })
+}
+
+/// `GET`/`HEAD /files/{path}`: the sidecar.
+async fn files(
+    State(st): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> AppResult<Response> {
+    // A nested router sees its own path: /files/... even when mounted under a prefix.
+    let raw = uri.path().strip_prefix("/files/").unwrap_or_default();
+    if !safe_sidecar_path(raw) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("refused path: {raw}"),
+        ));
+    }
+    let relative = match uri.query() {
+        Some(q) => format!("{raw}?{q}"),
+        None => raw.to_owned(),
+    };
+    if st.cache.image_server().is_none() {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no image server is configured (IMAGE_SERVER)".into(),
+        ));
+    }
+    let file = st.cache.get(&relative).await?;
+    serve_file(file, &method, &headers).await
+}
+
+async fn serve_file(file: CachedFile, method: &Method, headers: &HeaderMap) -> AppResult<Response> {
+    let size = file.size();
+    let etag = format!("\"{}\"", file.sha256());
+    let last_modified = file
+        .last_modified()
+        .unwrap_or_else(|| httpdate::fmt_http_date(file.fetched_at()));
+    let cache_status = match file.status() {
+        CacheStatus::Hit => "imgcache; hit".to_owned(),
+        CacheStatus::Coalesced => "imgcache; fwd=miss; detail=coalesced".to_owned(),
+        CacheStatus::Revalidated => "imgcache; fwd=stale; fwd-status=304".to_owned(),
+        CacheStatus::Stale => "imgcache; fwd=stale; detail=origin-failed".to_owned(),
+        _ => "imgcache; fwd=miss".to_owned(),
+    };
+    let mut response = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::LAST_MODIFIED, last_modified)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header("cache-status", cache_status);
+    let if_none_match = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok());
+    if if_none_match.is_some_and(|v| v.trim() == "*" || v.split(',').any(|t| t.trim() == etag)) {
+        return response
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .map_err(internal);
+    }
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| parse_range(v, size));
+    let (status, start, len) = match range {
+        None | Some(RangeRequest::Ignore) => (StatusCode::OK, 0, size),
+        Some(RangeRequest::Unsatisfiable) => {
+            return response
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{size}"))
+                .body(Body::empty())
+                .map_err(internal);
+        }
+        Some(RangeRequest::Bytes(start, end)) => {
+            response =
+                response.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"));
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+    };
+    response = response
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len);
+    if method == Method::HEAD {
+        return response.body(Body::empty()).map_err(internal);
+    }
+    let mut f = tokio::fs::File::open(file.path())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    f.seek(std::io::SeekFrom::Start(start))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    // The stream owns the CachedFile, so the entry stays pinned until the body is sent.
+    let body =
+        tokio_util::io::ReaderStream::with_capacity(f.take(len), 256 * 1024).map(move |chunk| {
+            let _pinned = &file;
+            chunk
+        });
+    response.body(Body::from_stream(body)).map_err(internal)
+}
+
+fn internal(e: axum::http::Error) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RangeRequest {
+    /// Inclusive byte positions.
+    Bytes(u64, u64),
+    Unsatisfiable,
+    /// Malformed or multiple ranges: serve the whole file (RFC 9110 allows ignoring Range).
+    Ignore,
+}
+
+fn parse_range(value: &str, size: u64) -> RangeRequest {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Ignore;
+    };
+    if spec.contains(',') {
+        return RangeRequest::Ignore;
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return RangeRequest::Ignore;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let parsed = match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(start), Ok(end)) if start <= end => Some((start, end.min(size.saturating_sub(1)))),
+        (Ok(start), Err(_)) if b.is_empty() => Some((start, size.saturating_sub(1))),
+        (Err(_), Ok(suffix)) if a.is_empty() => {
+            if suffix == 0 {
+                return RangeRequest::Unsatisfiable;
+            }
+            Some((size.saturating_sub(suffix), size.saturating_sub(1)))
+        }
+        _ => return RangeRequest::Ignore,
+    };
+    match parsed {
+        Some((start, end)) if start < size && start <= end => RangeRequest::Bytes(start, end),
+        _ => RangeRequest::Unsatisfiable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_parsed_as_rfc_9110_says() {
+        use RangeRequest::*;
+        assert_eq!(parse_range("bytes=0-9", 100), Bytes(0, 9));
+        assert_eq!(parse_range("bytes=90-", 100), Bytes(90, 99));
+        assert_eq!(parse_range("bytes=-10", 100), Bytes(90, 99));
+        assert_eq!(parse_range("bytes=-500", 100), Bytes(0, 99));
+        assert_eq!(parse_range("bytes=50-5000", 100), Bytes(50, 99));
+        assert_eq!(parse_range("bytes=100-", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=9-2", 100), Ignore);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), Ignore);
+        assert_eq!(parse_range("items=0-1", 100), Ignore);
+        assert_eq!(parse_range("bytes=0-0", 0), Unsatisfiable);
+    }
+
+    #[test]
+    fn sidecar_paths_cannot_leave_the_image_server() {
+        for ok in [
+            "ct/0042.nii.gz",
+            "a/b/c.nii.gz",
+            "name%20with%20space.nii.gz",
+        ] {
+            assert!(safe_sidecar_path(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "a/../../x",
+            "a/%2e%2e/x",
+            "a/%2E%2E/x",
+            "a%2fb",
+            "a%2Fb",
+            "a%5cb",
+            "a\\b",
+            "./x",
+            "a//b",
+            "x%00.nii.gz",
+        ] {
+            assert!(!safe_sidecar_path(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The admin dashboard, JSON API, Prometheus metrics and caching sidecar, as an axum
+//! [`Router`] to serve alone (`imgcache serve`) or to mount in an existing application.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /` | the dashboard: one page, no external assets, live through server-sent events |
+//! | `GET /api/stats`, `GET /api/entries` | [`Stats`](crate::Stats) and [`EntryInfo`](crate::EntryInfo)s as JSON |
+//! | `GET /api/counters` | the counters' table ([`CounterInfo`](crate::CounterInfo)s): name, Prometheus name, help |
+//! | `POST /api/clear`, `POST /api/cleanup` | remove every entry; expire and enforce the cap now |
+//! | `DELETE /api/entries?url=...` | invalidate one entry |
+//! | `PUT /api/config` | `{"ttl_hours": 24, "max_size_mb": 1024}` (either or both) |
+//! | `GET /api/events` | server-sent events: `stats` snapshots and cache `event`s |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET`/`HEAD /files/{path}` | `IMAGE_SERVER/{path}` through the cache, with `Range`, `ETag`, `If-None-Match` and `Cache-Status` |
+//!
+//! Errors are JSON `{"error": "..."}` with a fitting status. When the router is built with an
+//! admin token, the mutating routes require `Authorization: Bearer <token>`; [`check_listen`]
+//! refuses to serve on a non-loopback address without one.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let cache = imgcache::ImageCache::from_env().await?;
+//! let app = axum::Router::new()
+//!     .nest("/cache", imgcache::server::router(cache));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8787").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(()) }
+//! ```
+
+mod api;
+mod files;
+mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+
+use crate::{ErrorKind, ImageCache};
+use metrics::Metrics;
+
+/// Settings of the [`router_with`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct ServerOptions {
+    /// When set, `POST`, `PUT` and `DELETE` under `/api` require `Authorization: Bearer` it.
+    pub admin_token: Option<String>,
+}
+
+impl ServerOptions {
+    /// Options with no admin token.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets [`admin_token`](Self::admin_token).
+    #[must_use]
+    pub fn admin_token(mut self, token: impl Into<String>) -> Self {
+        self.admin_token = Some(token.into());
+        self
+    }
+}
+
+/// Refuses a listening address that other machines can reach unless an admin token guards the
+/// mutating endpoints.
+///
+/// # Errors
+/// A message saying why, for a non-loopback address without a token (or with an empty one).
+pub fn check_listen(addr: SocketAddr, admin_token: Option<&str>) -> Result<(), String> {
+    let has_token = admin_token.is_some_and(|t| !t.trim().is_empty());
+    if addr.ip().is_loopback() || has_token {
+        Ok(())
+    } else {
+        Err(format!(
+            "{addr} is reachable from other machines: set an admin token \
+             (--admin-token or IMGCACHE_ADMIN_TOKEN) or listen on 127.0.0.1"
+        ))
+    }
+}
+
+/// The router with no admin token (for loopback use).
+pub fn router(cache: ImageCache) -> Router {
+    router_with(cache, ServerOptions::default())
+}
+
+struct AppState {
+    cache: ImageCache,
+    token: Option<String>,
+    metrics: Metrics,
+}
+
+/// The router with `options`.
+///
+/// Called inside a Tokio runtime, it also starts a task that feeds the download-duration
+/// histogram of `/metrics` from the cache's events; it ends when the router (every clone of
+/// it) or the cache is dropped.
+pub fn router_with(cache: ImageCache, options: ServerOptions) -> Router {
+    let state = Arc::new(AppState {
+        metrics: Metrics::start(&cache),
+        cache,
+        token: options.admin_token.filter(|t| !t.trim().is_empty()),
+    });
+    api::routes()
+        .merge(metrics::routes())
+        .merge(files::routes())
+        .with_state(state)
+}
+
+type AppResult<T> = Result<T, ApiError>;
+
+/// An error answered as JSON.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<crate::Error> for ApiError {
+    fn from(e: crate::Error) -> Self {
+        let status = match e.kind() {
+            ErrorKind::InvalidUrl => StatusCode::BAD_REQUEST,
+            ErrorKind::HttpStatus if e.status() == Some(404) => StatusCode::NOT_FOUND,
+            ErrorKind::HttpStatus | ErrorKind::Network | ErrorKind::Incomplete => {
+                StatusCode::BAD_GATEWAY
+            }
+            ErrorKind::ChecksumMismatch | ErrorKind::TooLarge => StatusCode::BAD_GATEWAY,
+            ErrorKind::NotCached => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Config => StatusCode::BAD_REQUEST,
+            ErrorKind::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+fn authorize(state: &AppState, headers: &HeaderMap) -> AppResult<()> {
+    let Some(token) = &state.token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compare in time independent of where the strings differ.
+    let ok = given.is_some_and(|g| {
+        g.len() == token.len()
+            && g.bytes()
+                .zip(token.bytes())
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "this endpoint needs Authorization: Bearer <admin token>".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_loopback_addresses_need_a_token() {
+        let local: SocketAddr = "127.0.0.1:8787".parse().unwrap();
+        let v6: SocketAddr = "[::1]:8787".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:8787".parse().unwrap();
+        assert!(check_listen(local, None).is_ok());
+        assert!(check_listen(v6, None).is_ok());
+        assert!(check_listen(any, None).is_err());
+        assert!(check_listen(any, Some("  ")).is_err());
+        assert!(check_listen(any, Some("s3cret")).is_ok());
+    }
+}
