@@ -148,6 +148,25 @@ async fn metrics_are_prometheus_text() {
         .text()
         .await
         .unwrap();
+    // Every counter of the cache's one table is exported, under its metric name.
+    let table: Vec<serde_json::Value> =
+        json(reqwest::Client::new().get(format!("{}/api/counters", server.base))).await;
+    assert_eq!(table.len(), 14, "{table:?}");
+    let stats = cache.stats();
+    for row in &table {
+        let (name, metric) = (
+            row["name"].as_str().unwrap(),
+            row["metric"].as_str().unwrap(),
+        );
+        let value = serde_json::to_value(&stats).unwrap()[name]
+            .as_u64()
+            .unwrap();
+        let line = format!("imgcache_{metric}_total {value}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
     for line in [
         "imgcache_hits_total 1",
         "imgcache_misses_total 1",

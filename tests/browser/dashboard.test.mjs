@@ -63,6 +63,13 @@ try {
     const size = await page.textContent("#size");
     if (size !== "48 / 100 MB") throw new Error(`size ${size}`);
   });
+  await check("the counters table shows every counter of the cache's table", async () => {
+    const table = await (await fetch(new URL("api/counters", url))).json();
+    const rows = await page.locator("#counters-table tr").count();
+    if (rows !== table.length || rows < 14) throw new Error(`${rows} rows for ${table.length} counters`);
+    const hits = await page.textContent("#counters-table tr[data-counter=hits] td.num");
+    if (hits !== "1") throw new Error(`hits ${hits}`);
+  });
   if (screenshot) await page.screenshot({ path: screenshot, fullPage: true });
 
   await check("Clear cache empties the cache without a reload", async () => {
