@@ -13,7 +13,7 @@
 //!   a file (no hashing) and SHA-256 alone over the same bytes in memory.
 //! - `startup`: `build()` on a cache directory holding 10,000 entries.
 
-#[path = "../tests/support/origin.rs"]
+#[path = "../tests/it/support/origin.rs"]
 mod origin;
 
 use std::path::Path;

@@ -10,7 +10,7 @@
 //! alone. The cache runs first, so the peak RSS (`VmHWM`) read after it is its own. Target:
 //! under 64 MiB.
 
-#[path = "../tests/support/origin.rs"]
+#[path = "../tests/it/support/origin.rs"]
 mod origin;
 
 use std::io::{BufRead, BufReader, Read};

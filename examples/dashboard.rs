@@ -10,7 +10,7 @@
 //! `/cache/`, the API at `/cache/api/...`, metrics at `/cache/metrics` and the sidecar at
 //! `/cache/files/PATH`. It runs until stdin closes or Ctrl-C.
 
-#[path = "../tests/support/origin.rs"]
+#[path = "../tests/it/support/origin.rs"]
 mod origin;
 
 use std::time::Duration;

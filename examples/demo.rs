@@ -9,7 +9,7 @@
 //! change it), then measures the first load and the cached load of each, and 32 concurrent
 //! requests for one cold volume.
 
-#[path = "../tests/support/origin.rs"]
+#[path = "../tests/it/support/origin.rs"]
 mod origin;
 
 use std::time::{Duration, Instant};

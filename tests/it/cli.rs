@@ -1,11 +1,9 @@
 //! The `imgcache` binary end to end, against a local origin.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use support::origin::{Origin, Route, sha256_hex, volume};
+use crate::support::origin::{Origin, Route, sha256_hex, volume};
 
 /// Runs the binary in `cwd` with a clean environment (no CACHE_* or IMAGE_SERVER from the
 /// machine) and `HOME` inside the test directory.

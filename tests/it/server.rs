@@ -1,19 +1,16 @@
 //! The server (JSON API, metrics, the /files sidecar, the token rule) against a real HTTP
 //! client, with the origin and the server both on 127.0.0.1.
-#![cfg(feature = "server")]
-
-mod support;
 
 use std::net::SocketAddr;
 
+use crate::support::origin::{Origin, Route, sha256_hex, volume};
+use crate::support::{builder, route_volumes};
 use futures_util::future::join_all;
 use imgcache::ImageCache;
 use imgcache::server::{ServerOptions, router_with};
 use reqwest::StatusCode;
-use support::origin::{Origin, Route, sha256_hex, volume};
-use support::{builder, route_volumes};
 
-const MB: usize = 1024 * 1024;
+use crate::MB;
 
 struct Server {
     base: String,

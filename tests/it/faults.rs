@@ -2,16 +2,14 @@
 //! the bytes and SHA-256 callers receive, the requests the origin saw, and that no temp file
 //! is left behind.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::origin::{Fault, Origin, Route, sha256_hex, volume};
+use crate::support::{builder, data_files, temp_files};
 use imgcache::{CacheStatus, ErrorKind, ImageCache, ManualClock};
-use support::origin::{Fault, Origin, Route, sha256_hex, volume};
-use support::{builder, data_files, temp_files};
 
-const MB: usize = 1024 * 1024;
+use crate::MB;
 
 async fn cache(dir: &std::path::Path) -> (ImageCache, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new());
@@ -543,9 +541,9 @@ async fn redirects_are_followed_up_to_the_limit() {
 #[tokio::test]
 async fn space_pressure_evicts_expired_entries_before_fresh_ones() {
     let origin = Origin::start().await;
-    support::route_volumes(&origin, &["old", "fresh", "new"], 30, MB);
+    crate::support::route_volumes(&origin, &["old", "fresh", "new"], 30, MB);
     let dir = tempfile::tempdir().unwrap();
-    let (cache, clock) = support::open_capped(dir.path(), 2 * MB as u64 + 100).await;
+    let (cache, clock) = crate::support::open_capped(dir.path(), 2 * MB as u64 + 100).await;
     let url = |n: &str| origin.url(&format!("{n}.nii.gz"));
     // "fresh" is the least recently used, but "old" has expired (a short per-call TTL).
     drop(cache.get(url("fresh")).await.unwrap());

@@ -2,19 +2,17 @@
 //! of the commit (failpoints, with the `failpoints` feature); the cache reopened on the same
 //! directory serves no partial file, removes the orphans, and downloads again.
 //!
-//! The child is this test binary itself, run as `--exact crash_child --ignored`.
-
-mod support;
+//! The child is this test binary itself, run as `--exact crash::crash_child --ignored`.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::origin::{Origin, Route, sha256_hex, volume};
+use crate::support::{data_files, files, open, temp_files};
 use imgcache::CacheStatus;
-use support::origin::{Origin, Route, sha256_hex, volume};
-use support::{data_files, files, open, temp_files};
 
-const MB: usize = 1024 * 1024;
+use crate::MB;
 
 /// The child: opens the cache in `IMGCACHE_CRASH_DIR` and gets (or refreshes) the URL.
 #[test]
@@ -46,7 +44,7 @@ fn crash_child() {
 
 fn spawn_child(dir: &Path, url: &str, env: &[(&str, &str)]) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "crash_child", "--ignored", "--nocapture"])
+    cmd.args(["--exact", "crash::crash_child", "--ignored", "--nocapture"])
         .env("IMGCACHE_CRASH_DIR", dir)
         .env("IMGCACHE_CRASH_URL", url)
         .env_remove("IMGCACHE_FAILPOINT")

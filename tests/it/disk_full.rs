@@ -4,17 +4,15 @@
 //! Needs permission to mount a tmpfs (root, as on this project's machines and CI). Where that
 //! is refused the test prints SKIPPED and returns.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use crate::support::origin::{Origin, volume};
+use crate::support::{builder, data_files, temp_files};
 use imgcache::{ErrorKind, ManualClock};
-use support::origin::{Origin, volume};
-use support::{builder, data_files, temp_files};
 
-const MB: usize = 1024 * 1024;
+use crate::MB;
 
 struct Tmpfs {
     path: PathBuf,
@@ -70,7 +68,7 @@ async fn a_full_disk_evicts_to_make_room_then_fails_cleanly() {
         return;
     };
     let origin = Origin::start().await;
-    support::route_volumes(&origin, &["a", "b", "c", "d"], 0, 3 * MB);
+    crate::support::route_volumes(&origin, &["a", "b", "c", "d"], 0, 3 * MB);
     let clock = Arc::new(ManualClock::new());
     // The cap (100 MB) is far above the disk (8 MB): only the disk can run out.
     let cache = builder(&fs.path, &clock)

@@ -1,14 +1,12 @@
 //! TLS against an image server with a private CA, on 127.0.0.1: verification is on by default,
 //! a CA file makes it trusted, and the explicit insecure switch accepts it; never downgrade.
 
-mod support;
-
 use std::sync::Arc;
 
+use crate::support::builder;
+use crate::support::origin::{Origin, Route, volume};
 use imgcache::{ErrorKind, ManualClock};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-use support::builder;
-use support::origin::{Origin, Route, volume};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;

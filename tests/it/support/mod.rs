@@ -97,3 +97,46 @@ pub async fn open_capped(dir: &Path, max_bytes: u64) -> (ImageCache, Arc<ManualC
         .expect("build");
     (cache, clock)
 }
+
+/// Removal of a released file runs on the blocking pool; wait for it (bounded).
+pub async fn wait_until(cond: impl Fn() -> bool) {
+    for _ in 0..2000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("condition not reached");
+}
+
+/// Runs the test `name` (its full path, such as `leaks::leak_check`) of this binary in a child
+/// process of its own with `env` set, and asserts that it ran and passed. Such a test is
+/// `#[ignore]`d and starts with [`child_only`], so that it does its work only as a child.
+pub fn run_child(name: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        name,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("IMGCACHE_TEST_CHILD", name);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "the child {name} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Whether this process is the child that [`run_child`] started for `name`; a test meant
+/// to run only as a child returns at once otherwise.
+pub fn child_only(name: &str) -> bool {
+    std::env::var("IMGCACHE_TEST_CHILD").is_ok_and(|v| v == name)
+}

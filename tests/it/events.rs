@@ -1,14 +1,12 @@
 //! The event stream: what progress bars and dashboards see.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::origin::{Origin, Route, volume};
+use crate::support::{open_capped, open_without_retries, route_volumes};
 use imgcache::{Event, Received, Subscription};
-use support::origin::{Origin, Route, volume};
-use support::{open_capped, open_without_retries, route_volumes};
 
-const MB: usize = 1024 * 1024;
+use crate::MB;
 
 /// Every event waiting now.
 fn drain(events: &mut Subscription) -> Vec<Event> {

@@ -1,16 +1,15 @@
 //! No task or file descriptor outlives the downloads that needed it, whatever the origin did.
-//! Alone in its test binary so that the process's descriptor count is this test's alone.
-
-mod support;
+//! The check runs in a child process of its own, so that the process's descriptor count is
+//! this test's alone.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::origin::{Fault, Origin, Route, volume};
+use crate::support::{builder, child_only, run_child, temp_files};
 use imgcache::ManualClock;
-use support::origin::{Fault, Origin, Route, volume};
-use support::{builder, temp_files};
 
-const MB: usize = 1024 * 1024;
+use crate::MB;
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
@@ -18,8 +17,26 @@ fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failures_leak_no_task_and_no_file_descriptor() {
+#[test]
+fn failures_leak_no_task_and_no_file_descriptor() {
+    run_child("leaks::leak_check", &[]);
+}
+
+#[test]
+#[ignore = "run in a child process by failures_leak_no_task_and_no_file_descriptor"]
+fn leak_check() {
+    if !child_only("leaks::leak_check") {
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(leak_check_body());
+}
+
+async fn leak_check_body() {
     let origin = Origin::start().await;
     let body = volume(1, 2 * MB);
     origin.route("ok.nii.gz", Route::ok(body.clone()).etag("\"1\""));

@@ -1,0 +1,148 @@
+//! Coalescing and cancellation: one download per URL however many callers, and callers that go away.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use imgcache::{CacheStatus, ErrorKind};
+
+use crate::support::origin::{Origin, Route, sha256_hex, volume};
+use crate::support::{open, open_without_retries, temp_files, wait_until};
+
+use crate::MB;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_gets_make_one_request() {
+    let origin = Origin::start().await;
+    let body = volume(2, 4 * MB);
+    let (route, gate) = Route::ok(body.clone()).gated();
+    origin.route("cold.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let url = origin.url("cold.nii.gz");
+
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let cache = cache.clone();
+            let url = url.clone();
+            tokio::spawn(async move { cache.get(url).await })
+        })
+        .collect();
+    origin.wait_for_hits("cold.nii.gz", 1).await;
+    gate.add_permits(1);
+    let files: Vec<_> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+
+    assert_eq!(origin.hits("cold.nii.gz"), 1);
+    let first = files[0].path().to_owned();
+    assert!(files.iter().all(|f| f.path() == first));
+    assert!(files.iter().all(|f| f.sha256() == sha256_hex(&body)));
+    assert_eq!(std::fs::read(&first).unwrap(), body);
+    let downloaded = files
+        .iter()
+        .filter(|f| f.status() == CacheStatus::Downloaded)
+        .count();
+    let stats = cache.stats();
+    assert_eq!(stats.total_downloads, 1);
+    assert_eq!(stats.hits + stats.misses, 100);
+    assert_eq!(stats.coalesced_waits, stats.misses - 1);
+    assert_eq!(downloaded, 1);
+    assert_eq!(stats.downloads_in_progress, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_first_caller_does_not_stop_the_download() {
+    let origin = Origin::start().await;
+    let body = volume(3, 2 * MB);
+    let (route, gate) = Route::ok(body.clone()).gated();
+    origin.route("a.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let url = origin.url("a.nii.gz");
+
+    let first = tokio::spawn({
+        let (cache, url) = (cache.clone(), url.clone());
+        async move { cache.get(url).await }
+    });
+    origin.wait_for_hits("a.nii.gz", 1).await;
+    let second = tokio::spawn({
+        let (cache, url) = (cache.clone(), url.clone());
+        async move { cache.get(url).await }
+    });
+    // A caller that gives up after a timeout is another form of cancellation.
+    let third = tokio::time::timeout(Duration::from_millis(20), cache.get(&url)).await;
+    assert!(
+        third.is_err(),
+        "the body is held, so the third caller times out"
+    );
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    gate.add_permits(1);
+
+    let file = second.await.unwrap().unwrap();
+    assert_eq!(std::fs::read(file.path()).unwrap(), body);
+    assert_eq!(origin.hits("a.nii.gz"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_nobody_waits_for_still_completes_and_is_cached() {
+    let origin = Origin::start().await;
+    let body = volume(4, MB);
+    let (route, gate) = Route::ok(body.clone()).gated();
+    origin.route("a.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let url = origin.url("a.nii.gz");
+
+    let only = tokio::spawn({
+        let (cache, url) = (cache.clone(), url.clone());
+        async move { cache.get(url).await }
+    });
+    origin.wait_for_hits("a.nii.gz", 1).await;
+    only.abort();
+    let _ = only.await;
+    gate.add_permits(1);
+    // Joins the download that is still running (or hits the entry it committed).
+    let file = cache.get(&url).await.unwrap();
+    assert_ne!(file.status(), CacheStatus::Downloaded);
+    assert_eq!(std::fs::read(file.path()).unwrap(), body);
+    assert_eq!(origin.hits("a.nii.gz"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_reach_every_waiter_and_are_not_cached() {
+    let origin = Origin::start().await;
+    let (route, gate) = Route::status(503).gated();
+    origin.route("flaky.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open_without_retries(dir.path()).await;
+    let url = origin.url("flaky.nii.gz");
+
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (cache, url) = (cache.clone(), url.clone());
+            tokio::spawn(async move { cache.get(url).await })
+        })
+        .collect();
+    origin.wait_for_hits("flaky.nii.gz", 1).await;
+    wait_until(|| cache.stats().coalesced_waits == 9).await;
+    gate.add_permits(1);
+    for result in join_all(tasks).await {
+        let err = result.unwrap().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::HttpStatus);
+        assert_eq!(err.status(), Some(503));
+        assert!(err.url().unwrap().ends_with("/flaky.nii.gz"));
+    }
+    assert_eq!(origin.hits("flaky.nii.gz"), 1);
+    assert_eq!(cache.stats().errors, 1);
+    assert_eq!(cache.stats().downloads_in_progress, 0);
+
+    let body = volume(5, MB);
+    origin.route("flaky.nii.gz", Route::ok(body.clone()));
+    let file = cache.get(&url).await.unwrap();
+    assert_eq!(std::fs::read(file.path()).unwrap(), body);
+    assert_eq!(origin.hits("flaky.nii.gz"), 2);
+    assert!(temp_files(dir.path()).is_empty());
+}

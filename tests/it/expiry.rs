@@ -1,0 +1,114 @@
+//! Time to live through the controlled clock, per call and by default, and the background sweeper.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use imgcache::{CacheStatus, ErrorKind, GetOptions, ImageCache};
+
+use crate::support::origin::{Origin, Route, volume};
+use crate::support::{data_files, open, wait_until};
+
+use crate::MB;
+
+#[tokio::test]
+async fn entries_expire_by_the_controlled_clock() {
+    let origin = Origin::start().await;
+    origin.route("t.nii.gz", Route::ok(volume(9, MB)));
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, clock) = open(dir.path()).await;
+    let url = origin.url("t.nii.gz");
+
+    let first = cache.get(&url).await.unwrap();
+    let ttl = first
+        .expires_at()
+        .duration_since(first.fetched_at())
+        .unwrap();
+    assert_eq!(ttl, Duration::from_secs(24 * 3600));
+    drop(first);
+    clock.advance(Duration::from_secs(23 * 3600));
+    assert!(cache.get_cached(&url).is_some());
+    clock.advance(Duration::from_secs(3600));
+    assert!(
+        cache.get_cached(&url).is_none(),
+        "expired entries are not served"
+    );
+
+    // Kept for revalidation and stale fallback during the grace period (7 days by default).
+    let report = cache.cleanup().await.unwrap();
+    assert_eq!((report.expired, report.evicted), (0, 0));
+    assert_eq!(data_files(dir.path()).len(), 1);
+    clock.advance(imgcache::DEFAULT_STALE_GRACE);
+    let report = cache.cleanup().await.unwrap();
+    assert_eq!((report.expired, report.evicted), (1, 0));
+    assert_eq!(report.bytes_freed, MB as u64);
+    assert!(data_files(dir.path()).is_empty());
+    assert_eq!(cache.stats().expirations, 1);
+
+    let again = cache.get(&url).await.unwrap();
+    assert_eq!(again.status(), CacheStatus::Downloaded);
+    assert_eq!(origin.hits("t.nii.gz"), 2);
+}
+
+#[tokio::test]
+async fn per_call_ttl_and_default_ttl_changes() {
+    let origin = Origin::start().await;
+    origin.route("t.nii.gz", Route::ok(volume(10, 1000)));
+    origin.route("u.nii.gz", Route::ok(volume(11, 1000)));
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, clock) = open(dir.path()).await;
+    let url = origin.url("t.nii.gz");
+
+    let short = GetOptions::new().ttl(Duration::from_secs(60));
+    let file = cache.get_with(&url, short.clone()).await.unwrap();
+    assert_eq!(
+        file.expires_at().duration_since(file.fetched_at()).unwrap(),
+        Duration::from_secs(60)
+    );
+    clock.advance(Duration::from_secs(61));
+    assert!(cache.get_cached(&url).is_none());
+    cache.get_with(&url, short.clone()).await.unwrap();
+    assert_eq!(origin.hits("t.nii.gz"), 2);
+
+    // A per-call TTL shorter than an entry's age asks for fresher bytes.
+    clock.advance(Duration::from_secs(30));
+    cache
+        .get_with(&url, GetOptions::new().ttl(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(origin.hits("t.nii.gz"), 3);
+
+    cache.set_default_ttl(Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        cache.set_default_ttl(Duration::ZERO).unwrap_err().kind(),
+        ErrorKind::Config
+    );
+    let u = cache.get(origin.url("u.nii.gz")).await.unwrap();
+    assert_eq!(
+        u.expires_at().duration_since(u.fetched_at()).unwrap(),
+        Duration::from_secs(5)
+    );
+    assert!((cache.stats().default_ttl_hours - 5.0 / 3600.0).abs() < 1e-9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_sweeper_expires_entries() {
+    let origin = Origin::start().await;
+    origin.route("s.nii.gz", Route::ok(volume(150, 1000)));
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(imgcache::ManualClock::new());
+    let cache = ImageCache::builder()
+        .cache_dir(dir.path())
+        .clock(Arc::clone(&clock) as Arc<dyn imgcache::Clock>)
+        .stale_grace(Duration::ZERO)
+        .sweep_interval(Duration::from_millis(20))
+        .build()
+        .await
+        .unwrap();
+    drop(cache.get(origin.url("s.nii.gz")).await.unwrap());
+    clock.advance(Duration::from_secs(25 * 3600));
+    // The sweeper runs on its own schedule; wait (bounded) for it to act.
+    wait_until(|| cache.stats().expirations == 1).await;
+    assert!(data_files(dir.path()).is_empty());
+    wait_until(|| dir.path().join("v1/state.json").exists()).await;
+    cache.shutdown().await;
+}
