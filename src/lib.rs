@@ -3,21 +3,34 @@
 //!
 //! # How data travels
 //!
+//! Each stage is a file of its own, named in the margin:
+//!
 //! ```text
-//! get(url) ─> key ─> index ──hit──> cheap check (size, mtime) ─> touch LRU, pin ─> CachedFile
-//!                      │miss/expired
-//!                      v
-//!                  in-flight map (DashMap of shared futures): join the running download, or spawn one
-//!                      v
-//!                  fetch (reqwest stream, Accept-Encoding: identity; conditional GET for an expired
-//!                         copy; retries with backoff; Range resume; stale copy if the origin fails)
-//!                      v
-//!                  store (temp file in the cache dir, SHA-256 and length while streaming, fsync,
-//!                         rename, meta.json written last and atomically)
-//!                      v
-//!                  index insert (size accounting, LRU eviction) ─> every waiter gets the same result
-//! sweeper (background task): expire by TTL, evict LRU down to the cap (pinned entries skipped),
-//!                  save access times and counters to state.json
+//! get(url) ─> key ─> index ──hit──> cheap check, touch LRU, pin ─> CachedFile
+//!            key.rs  index.rs │      cache/hit.rs                cache/file.rs
+//!                             │miss/expired
+//!                             v
+//!          in-flight map: join the running download or spawn one        cache/inflight.rs
+//!                             v
+//!          download task: reserve Content-Length, attempts, retries,    cache/download.rs
+//!          Range resume, revalidation, stale copy if the origin fails
+//!                             v
+//!          fetch: reqwest stream, Accept-Encoding: identity, status     fetch.rs
+//!          mapping, conditional and ranged requests, backoff
+//!                             v
+//!          store: temp file, SHA-256 and length while streaming,        store.rs
+//!          fsync, install (data renamed, meta.json last); recovery
+//!                             v
+//!          index insert (size accounting, LRU eviction)                 index.rs
+//!          ─> every waiter gets the same result
+//!
+//! removals (evicted, expired, invalidated): counted, deleted            cache/removal.rs
+//! sweeper (background task): expire, evict to the cap, save             cache/sweeper.rs
+//! state.json: access times, LRU order, counters across restarts         cache/state.rs
+//! counters (one table) and the Stats snapshot                           stats.rs
+//! settings and the environment table                                    config.rs
+//! the handle and its public methods, wiring the stages                  cache/mod.rs
+//! dashboard, JSON API, /metrics, /files (feature `server`)              server/
 //! ```
 //!
 //! On disk (`<cache_dir>/v1/...`): `entries/<k[0..2]>/<key>/<file name>` holds the bytes,
@@ -100,7 +113,7 @@
 //! # Features
 //!
 //! - `cli` (default): the `imgcache` binary (with `server`).
-//! - `server`: [`server::router`], the dashboard, JSON API, Prometheus metrics and the
+//! - `server`: `server::router`, the dashboard, JSON API, Prometheus metrics and the
 //!   `/files` sidecar as an axum router.
 //! - `failpoints`: lets the environment variable `IMGCACHE_FAILPOINT` abort the process at
 //!   named steps of a commit, for crash tests. Never enable it in production.

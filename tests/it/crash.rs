@@ -9,7 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::origin::{Origin, Route, sha256_hex, volume};
-use crate::support::{data_files, files, open, temp_files};
+#[cfg(feature = "failpoints")]
+use crate::support::{data_files, files};
+use crate::support::{open, temp_files};
 use imgcache::CacheStatus;
 
 use crate::MB;

@@ -66,7 +66,10 @@ async fn one_process_per_directory() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Locked);
     drop(cache);
-    crate::support::builder(dir.path(), &clock).build().await.unwrap();
+    crate::support::builder(dir.path(), &clock)
+        .build()
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
