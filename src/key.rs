@@ -123,6 +123,26 @@ pub(crate) fn resolve(input: &str, base: Option<&Url>) -> Result<Resolved> {
     })
 }
 
+/// The URL of `path` below `base`, joined as a path and never parsed as a URL of its own: a
+/// `path` such as `http:host/x`, `//host/x` or `file:x` stays a run of path segments on the
+/// image server. `path` is raw (its percent-escapes are kept); `query` is appended as given.
+///
+/// # Errors
+/// [`ErrorKind::InvalidUrl`] when the joined path does not stay below `base`'s path (dot
+/// segments, however encoded).
+pub(crate) fn below(base: &Url, path: &str, query: Option<&str>) -> Result<Url> {
+    let mut url = base.clone();
+    url.set_path(&format!("{}{}", base.path(), path.trim_start_matches('/')));
+    url.set_query(query);
+    if url.origin() != base.origin() || !url.path().starts_with(base.path()) {
+        return Err(Error::new(
+            ErrorKind::InvalidUrl,
+            "the path escapes the image server's path",
+        ));
+    }
+    Ok(url)
+}
+
 /// Normalises an image server URL so that relative URLs resolve below its path.
 pub(crate) fn normalise_base(server: &str) -> Result<Url> {
     let mut url = Url::parse(server.trim()).map_err(|e| {
@@ -301,6 +321,34 @@ mod tests {
         assert!(n.ends_with(".nii.gz"));
         let long_ext = format!("http://h/a.{}", "x".repeat(500));
         assert!(name(&long_ext).len() <= MAX_NAME_BYTES);
+    }
+
+    #[test]
+    fn paths_joined_below_the_server_never_name_another_host() {
+        let b = base();
+        for path in [
+            "http:127.0.0.1:9/x",
+            "https:127.0.0.1:9/x",
+            "//127.0.0.1:9/x",
+            "%68ttp:127.0.0.1:9/x",
+            "file:/etc/passwd",
+            "http:%2f%2f127.0.0.1:9/x",
+            "http:\\\\127.0.0.1:9\\x",
+            "ct/0042.nii.gz",
+        ] {
+            let url = below(&b, path, None).unwrap();
+            assert_eq!(url.origin(), b.origin(), "{path}");
+            assert!(url.path().starts_with("/data/"), "{path}: {url}");
+        }
+        let url = below(&b, "ct/a.nii.gz", Some("v=2")).unwrap();
+        assert_eq!(
+            url.as_str(),
+            "http://images.example:8080/data/ct/a.nii.gz?v=2"
+        );
+        for escape in ["../x", "a/../../x", "%2e%2e/x", "a/%2E%2E/%2e%2e/x"] {
+            let err = below(&b, escape, None).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidUrl, "{escape}");
+        }
     }
 
     #[test]

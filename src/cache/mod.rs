@@ -452,6 +452,12 @@ impl ImageCache {
             .map(url::Url::as_str)
     }
 
+    /// The image server as a parsed URL (for the sidecar, which joins paths below it).
+    #[cfg(feature = "server")]
+    pub(crate) fn image_server_url(&self) -> Option<&url::Url> {
+        self.inner().config.image_server.as_ref()
+    }
+
     /// The cache directory.
     pub fn cache_dir(&self) -> &Path {
         &self.inner().config.cache_dir

@@ -51,17 +51,16 @@ async fn files(
             format!("refused path: {raw}"),
         ));
     }
-    let relative = match uri.query() {
-        Some(q) => format!("{raw}?{q}"),
-        None => raw.to_owned(),
-    };
-    if st.cache.image_server().is_none() {
+    let Some(server) = st.cache.image_server_url() else {
         return Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "no image server is configured (IMAGE_SERVER)".into(),
         ));
-    }
-    let file = st.cache.get(&relative).await?;
+    };
+    // Joined as a path, so that `http:other-host/x` is a path on the image server and never
+    // a URL of its own.
+    let url = crate::key::below(server, raw, uri.query())?;
+    let file = st.cache.get(url.as_str()).await?;
     serve_file(file, &method, &headers).await
 }
 

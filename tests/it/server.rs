@@ -323,6 +323,40 @@ async fn the_sidecar_refuses_traversal_and_never_fetches_another_host() {
     assert_eq!(origin.total_hits(), 0, "nothing reached the origin");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_path_that_looks_like_a_url_stays_on_the_image_server() {
+    let origin = Origin::start().await;
+    let victim = Origin::start().await;
+    victim.route("secret.nii.gz", Route::ok(volume(13, 100)));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    let server = serve(cache, ServerOptions::new()).await;
+    let host = victim
+        .url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let paths = [
+        format!("/files/http:{host}/secret.nii.gz"),
+        format!("/files/https:{host}/secret.nii.gz"),
+        format!("/files/HTTP:{host}/secret.nii.gz"),
+        format!("/files/%68ttp:{host}/secret.nii.gz"),
+        format!("/files/http%3a{host}/secret.nii.gz"),
+        format!("/files/http:%2f%2f{host}/secret.nii.gz"),
+        format!("/files/http:\\\\{host}\\secret.nii.gz"),
+        format!("/files/http:%5c%5c{host}%5csecret.nii.gz"),
+        format!("/files//{host}/secret.nii.gz"),
+        format!("/files/%2f%2f{host}/secret.nii.gz"),
+        "/files/file:/etc/passwd".to_owned(),
+        "/files/file:%2fetc%2fpasswd".to_owned(),
+    ];
+    for path in &paths {
+        let status = raw_get(&server.base, path).await;
+        assert_ne!(status, 200, "{path} was served");
+    }
+    assert_eq!(victim.total_hits(), 0, "another host was reached");
+}
+
 /// A GET with the request line written by hand; returns the status code.
 async fn raw_get(base: &str, path: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
