@@ -14,7 +14,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::UNIX_EPOCH;
@@ -27,6 +27,8 @@ use crate::failpoint::failpoint;
 use crate::key::{Key, META_FILE};
 
 const FORMAT: &str = "v1";
+/// Opened files are never symbolic links: the cache follows no link it did not make.
+const O_NOFOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
 const WRITE_BUFFER: usize = 1 << 20;
 
 /// Paths inside the cache directory, and the modes new files and directories get.
@@ -159,9 +161,23 @@ impl Layout {
         self.write_temp(prefix, "new", bytes)?.persist(path)
     }
 
-    /// Creates the directories and takes the process lock.
+    /// Creates the directories, checks that nothing in them leads out of the cache, and takes
+    /// the process lock.
+    ///
+    /// The configured directory itself may be a symbolic link (users point `~/.cache` at a
+    /// bigger disk); below it nothing is followed. `v1` must be a real directory owned by this
+    /// user, or, when the file mode shares the cache with a group, one of this process's
+    /// groups that others cannot write. `entries` and `tmp` planted as links are removed as
+    /// links and made again.
     pub(crate) fn open(&self) -> Result<File> {
-        for dir in [&self.root, &self.entries, &self.tmp] {
+        self.create_dir_all(&self.root)
+            .map_err(|e| Error::io("cannot create the cache directory", e).with_path(&self.root))?;
+        self.check_root()?;
+        for dir in [&self.entries, &self.tmp] {
+            if fs::symlink_metadata(dir).is_ok_and(|md| !md.is_dir()) {
+                tracing::warn!(path = %dir.display(), "removing what stands in place of a cache directory (a link or a file)");
+                remove_any(dir);
+            }
             self.create_dir_all(dir)
                 .map_err(|e| Error::io("cannot create the cache directory", e).with_path(dir))?;
         }
@@ -172,6 +188,7 @@ impl Layout {
             .create(true)
             .truncate(false)
             .mode(self.file_mode)
+            .custom_flags(O_NOFOLLOW)
             .open(&lock_path)
             .map_err(|e| Error::io("cannot open the lock file", e).with_path(&lock_path))?;
         match lock.try_lock() {
@@ -185,6 +202,42 @@ impl Layout {
                 Err(Error::io("cannot lock the cache directory", e).with_path(&lock_path))
             }
         }
+    }
+}
+
+impl Layout {
+    /// Refuses a `v1` that is a link, or that another user could have planted (see `open`).
+    fn check_root(&self) -> Result<()> {
+        let refuse = |why: &str| {
+            Err(Error::new(
+                ErrorKind::Config,
+                format!("refusing the cache directory: {why}"),
+            )
+            .with_path(&self.root))
+        };
+        let md = fs::symlink_metadata(&self.root)
+            .map_err(|e| Error::io("cannot read the cache directory", e).with_path(&self.root))?;
+        if md.file_type().is_symlink() {
+            return refuse("it is a symbolic link, which the cache never follows");
+        }
+        if !md.is_dir() {
+            return refuse("it is not a directory");
+        }
+        if md.uid() == rustix::process::geteuid().as_raw() {
+            return Ok(());
+        }
+        let shared_with_group = self.file_mode & 0o070 != 0;
+        let ours = rustix::process::getegid().as_raw() == md.gid()
+            || rustix::process::getgroups()
+                .is_ok_and(|groups| groups.iter().any(|g| g.as_raw() == md.gid()));
+        if shared_with_group && ours && md.mode() & 0o002 == 0 {
+            return Ok(());
+        }
+        refuse(&format!(
+            "it belongs to user {} (a cache shared with a group needs a group file mode such as \
+             640, a directory of one of this process's groups, and no write permission for others)",
+            md.uid()
+        ))
     }
 }
 
@@ -394,7 +447,8 @@ pub(crate) fn mtime_ns(md: &fs::Metadata) -> u64 {
 
 /// The cheap check of the hit path: the file exists with the recorded size and mtime.
 pub(crate) fn cheap_check(path: &Path, meta: &Meta) -> bool {
-    match fs::metadata(path) {
+    // lstat, as cheap as stat: a data file replaced by a link fails the check.
+    match fs::symlink_metadata(path) {
         Ok(md) => md.is_file() && md.len() == meta.size && mtime_ns(&md) == meta.mtime_ns,
         Err(_) => false,
     }
@@ -403,7 +457,7 @@ pub(crate) fn cheap_check(path: &Path, meta: &Meta) -> bool {
 /// Full re-hash of a file (blocking).
 pub(crate) fn hash_file(path: &Path) -> io::Result<(String, u64)> {
     use sha2::{Digest, Sha256};
-    let mut file = File::open(path)?;
+    let mut file = open_no_follow(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; WRITE_BUFFER];
     let mut n = 0u64;
@@ -416,6 +470,21 @@ pub(crate) fn hash_file(path: &Path) -> io::Result<(String, u64)> {
         n += read as u64;
     }
     Ok((hex::encode(hasher.finalize()), n))
+}
+
+/// Opens `path` for reading unless it is a symbolic link.
+pub(crate) fn open_no_follow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NOFOLLOW)
+        .open(path)
+}
+
+/// Reads a whole file unless it is a symbolic link.
+pub(crate) fn read_no_follow(path: &Path) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut open_no_follow(path)?, &mut bytes)?;
+    Ok(bytes)
 }
 
 /// Fsyncs a directory so that renames inside it are durable.
@@ -438,6 +507,8 @@ pub(crate) struct Recovered {
 pub(crate) struct RecoveryReport {
     pub(crate) entries: Vec<Recovered>,
     pub(crate) removed: usize,
+    /// Of those removed, the entries whose data no longer matched meta.json.
+    pub(crate) integrity_failures: u64,
 }
 
 /// Scans the directory (blocking): keeps entries whose meta.json parses and matches its data
@@ -463,7 +534,8 @@ pub(crate) fn recover(layout: &Layout) -> Result<RecoveryReport> {
             && name
                 .to_str()
                 .is_some_and(|n| n.bytes().all(|b| b.is_ascii_hexdigit()))
-            && prefix_path.is_dir();
+            // The entry's own type: a link to a directory is not one of ours.
+            && prefix.file_type().is_ok_and(|t| t.is_dir());
         if !valid_prefix {
             tracing::warn!(path = %prefix_path.display(), "removing a stray item from the cache directory");
             remove_any(&prefix_path);
@@ -473,12 +545,20 @@ pub(crate) fn recover(layout: &Layout) -> Result<RecoveryReport> {
         for entry in read_dir(&prefix_path)? {
             let Ok(entry) = entry else { continue };
             let dir = entry.path();
-            match recover_entry(&dir, entry.file_name().to_str(), &name.to_string_lossy()) {
+            let found = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                recover_entry(&dir, entry.file_name().to_str(), &name.to_string_lossy())
+            } else {
+                Err(Invalid::Other("not a directory"))
+            };
+            match found {
                 Ok(found) => report.entries.push(found),
                 Err(why) => {
-                    tracing::warn!(path = %dir.display(), reason = why, "removing an invalid cache entry");
+                    tracing::warn!(path = %dir.display(), reason = why.reason(), "removing an invalid cache entry");
                     remove_any(&dir);
                     report.removed += 1;
+                    if matches!(why, Invalid::Changed(_)) {
+                        report.integrity_failures += 1;
+                    }
                 }
             }
         }
@@ -487,30 +567,53 @@ pub(crate) fn recover(layout: &Layout) -> Result<RecoveryReport> {
     Ok(report)
 }
 
-fn recover_entry(dir: &Path, name: Option<&str>, prefix: &str) -> Result<Recovered, &'static str> {
-    let key = name.and_then(Key::parse).ok_or("not a cache key")?;
-    if key.prefix() != prefix {
-        return Err("key in the wrong directory");
+/// Why recovery removed an entry directory.
+#[derive(Debug, Clone, Copy)]
+enum Invalid {
+    /// The data file is not what meta.json recorded: an integrity failure.
+    Changed(&'static str),
+    /// Anything else: an interrupted commit, a stray or planted item.
+    Other(&'static str),
+}
+
+impl Invalid {
+    fn reason(self) -> &'static str {
+        match self {
+            Invalid::Changed(why) | Invalid::Other(why) => why,
+        }
     }
-    let raw = match fs::read(dir.join(META_FILE)) {
+}
+
+fn recover_entry(dir: &Path, name: Option<&str>, prefix: &str) -> Result<Recovered, Invalid> {
+    use Invalid::{Changed, Other};
+    let key = name.and_then(Key::parse).ok_or(Other("not a cache key"))?;
+    if key.prefix() != prefix {
+        return Err(Other("key in the wrong directory"));
+    }
+    let raw = match read_no_follow(&dir.join(META_FILE)) {
         Ok(raw) => raw,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err("bytes without meta.json"),
-        Err(_) => return Err("unreadable meta.json"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(Other("bytes without meta.json"));
+        }
+        Err(_) => return Err(Other("unreadable meta.json (or a link)")),
     };
-    let meta: Meta = serde_json::from_slice(&raw).map_err(|_| "corrupt meta.json")?;
+    let meta: Meta = serde_json::from_slice(&raw).map_err(|_| Other("corrupt meta.json"))?;
     if meta.version != 1
         || crate::key::sanitise(&meta.file_name) != meta.file_name
         || meta.sha256.len() != 64
     {
-        return Err("invalid meta.json");
+        return Err(Other("invalid meta.json"));
     }
     let path = dir.join(&meta.file_name);
-    let md = fs::metadata(&path).map_err(|_| "meta.json without bytes")?;
-    if !md.is_file() || md.len() != meta.size {
-        return Err("data file has the wrong size");
+    let md = fs::symlink_metadata(&path).map_err(|_| Other("meta.json without bytes"))?;
+    if !md.is_file() {
+        return Err(Other("the data file is not a regular file (a link?)"));
+    }
+    if md.len() != meta.size {
+        return Err(Changed("data file has the wrong size"));
     }
     if mtime_ns(&md) != meta.mtime_ns {
-        return Err("data file was modified");
+        return Err(Changed("data file was modified"));
     }
     // Anything else in the directory is not ours: a leftover from an interrupted replace.
     if let Ok(items) = fs::read_dir(dir) {

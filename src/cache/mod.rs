@@ -158,6 +158,7 @@ impl ImageCache {
         if report.removed > 0 {
             counters.mark_unsaved();
         }
+        counters.add(Counter::IntegrityFailures, report.integrity_failures);
         let inner = Arc::new(Inner {
             default_ttl_ms: AtomicU64::new(duration_ms(config.default_ttl)),
             layout,

@@ -93,7 +93,7 @@ impl Inner {
 /// Loads state.json; a missing or corrupt file gives empty state (with a WARN when corrupt).
 pub(super) fn load(layout: &Layout) -> SavedState {
     let path = layout.state_path();
-    match std::fs::read(&path) {
+    match crate::store::read_no_follow(&path) {
         Ok(raw) => serde_json::from_slice(&raw).unwrap_or_else(|e| {
             tracing::warn!(path = %path.display(), error = %e, "state.json is corrupt; counters start from zero");
             SavedState::default()

@@ -23,6 +23,7 @@ mod persistence;
 mod process_wide;
 #[cfg(feature = "server")]
 mod server;
+mod tamper;
 mod tls;
 mod urls;
 mod wiremock;

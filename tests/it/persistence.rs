@@ -230,3 +230,26 @@ async fn shared_group_mode_is_configurable() {
     assert_eq!(mode(file.path()), 0o640);
     assert_eq!(mode(file.path().parent().unwrap()), 0o750);
 }
+
+#[tokio::test]
+async fn recovery_counts_files_changed_behind_its_back_as_integrity_failures() {
+    let origin = Origin::start().await;
+    origin.route("a.nii.gz", Route::ok(volume(41, 10_000)));
+    origin.route("b.nii.gz", Route::ok(volume(42, 10_000)));
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let a = cache.get(origin.url("a.nii.gz")).await.unwrap();
+    let b = cache.get(origin.url("b.nii.gz")).await.unwrap();
+    let (a_path, b_meta) = (a.path().to_owned(), b.path().with_file_name("meta.json"));
+    drop((a, b));
+    cache.shutdown().await;
+    drop(cache);
+    // One data file grows; another entry loses its meta.json (not an integrity failure).
+    let mut bytes = std::fs::read(&a_path).unwrap();
+    bytes.push(0);
+    std::fs::write(&a_path, bytes).unwrap();
+    std::fs::remove_file(b_meta).unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let stats = cache.stats();
+    assert_eq!((stats.entries_count, stats.integrity_failures), (0, 1));
+}

@@ -1,0 +1,185 @@
+//! A cache directory someone tampered with: links planted at every level lead nowhere, and a
+//! `v1` directory that belongs to someone else is refused.
+
+use std::os::unix::fs::{MetadataExt, symlink};
+use std::path::{Path, PathBuf};
+
+use imgcache::ErrorKind;
+
+use crate::support::origin::{Origin, Route, volume};
+use crate::support::{data_files, open};
+
+/// A directory outside the cache with files that must survive.
+fn victim() -> (tempfile::TempDir, Vec<PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<PathBuf> = ["keep.txt", "meta.json", "other.nii.gz"]
+        .iter()
+        .map(|n| dir.path().join(n))
+        .collect();
+    for f in &files {
+        std::fs::write(f, b"do not delete").unwrap();
+    }
+    (dir, files)
+}
+
+fn assert_untouched(files: &[PathBuf]) {
+    for f in files {
+        assert_eq!(
+            std::fs::read(f).ok().as_deref(),
+            Some(&b"do not delete"[..]),
+            "{} was touched",
+            f.display()
+        );
+    }
+}
+
+/// A cache in `dir` with one committed entry; returns the entry's data path.
+async fn one_entry(dir: &Path, origin: &Origin) -> PathBuf {
+    let (cache, _clock) = open(dir).await;
+    let file = cache.get(origin.url("a.nii.gz")).await.unwrap();
+    let path = file.path().to_owned();
+    drop(file);
+    cache.shutdown().await;
+    path
+}
+
+fn replace_with_link(place: &Path, target: &Path) {
+    if std::fs::symlink_metadata(place).is_ok_and(|m| m.is_dir()) {
+        std::fs::remove_dir_all(place).unwrap();
+    } else {
+        let _ = std::fs::remove_file(place);
+    }
+    symlink(target, place).unwrap();
+}
+
+#[tokio::test]
+async fn links_planted_below_v1_are_removed_as_links_and_never_followed() {
+    let origin = Origin::start().await;
+    let body = volume(40, 200_000);
+    origin.route("a.nii.gz", Route::ok(body.clone()));
+    type Plant = fn(&Path, &Path, &Path);
+    let plants: [(&str, Plant); 6] = [
+        ("tmp", |v1, _, victim| {
+            replace_with_link(&v1.join("tmp"), victim)
+        }),
+        ("entries", |v1, _, victim| {
+            replace_with_link(&v1.join("entries"), victim)
+        }),
+        ("a prefix directory", |_, data, victim| {
+            let prefix = data.parent().unwrap().parent().unwrap();
+            replace_with_link(prefix, victim)
+        }),
+        ("an entry directory", |_, data, victim| {
+            replace_with_link(data.parent().unwrap(), victim)
+        }),
+        ("the data file", |_, data, victim| {
+            // Same size and mtime as the data: only refusing the link keeps it out.
+            let target = victim.join("other.nii.gz");
+            let md = std::fs::metadata(data).unwrap();
+            std::fs::write(&target, vec![b'v'; md.len() as usize]).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&target)
+                .unwrap()
+                .set_modified(md.modified().unwrap())
+                .unwrap();
+            replace_with_link(data, &target);
+        }),
+        ("meta.json", |_, data, victim| {
+            let meta = data.parent().unwrap().join("meta.json");
+            std::fs::copy(&meta, victim.join("meta.json")).unwrap();
+            replace_with_link(&meta, &victim.join("meta.json"));
+        }),
+    ];
+    for (level, plant) in plants {
+        let dir = tempfile::tempdir().unwrap();
+        let data = one_entry(dir.path(), &origin).await;
+        let (victim_dir, victim_files) = victim();
+        plant(&dir.path().join("v1"), &data, victim_dir.path());
+        // What the planting wrote into the victim must survive too.
+        let mut watched = victim_files.clone();
+        watched.retain(|f| !f.ends_with("other.nii.gz") && !f.ends_with("meta.json"));
+        let before: Vec<_> = std::fs::read_dir(victim_dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+
+        let (cache, _clock) = open(dir.path()).await;
+        let file = cache.get(origin.url("a.nii.gz")).await.unwrap();
+        assert_eq!(std::fs::read(file.path()).unwrap(), body, "{level}");
+        assert!(file.path().starts_with(dir.path()), "{level}");
+        assert!(
+            !std::fs::symlink_metadata(file.path())
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "{level}"
+        );
+        drop(file);
+        cache.shutdown().await;
+
+        assert_untouched(&watched);
+        for f in before {
+            assert!(f.exists(), "{level}: {} was removed", f.display());
+        }
+        assert_eq!(data_files(dir.path()).len(), 1, "{level}");
+    }
+}
+
+#[tokio::test]
+async fn a_v1_that_is_a_link_is_refused_and_its_target_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (victim_dir, victim_files) = victim();
+    symlink(victim_dir.path(), dir.path().join("v1")).unwrap();
+    let clock = std::sync::Arc::new(imgcache::ManualClock::new());
+    let err = crate::support::builder(dir.path(), &clock)
+        .build()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert_eq!(err.path(), Some(dir.path().join("v1").as_path()));
+    assert_untouched(&victim_files);
+}
+
+#[tokio::test]
+async fn a_v1_owned_by_another_user_is_refused_unless_shared_with_our_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = dir.path().join("v1");
+    std::fs::create_dir(&v1).unwrap();
+    let me = std::fs::metadata(dir.path()).unwrap();
+    if std::os::unix::fs::chown(&v1, Some(4242), None).is_err() {
+        println!("SKIPPED: changing a directory's owner needs root");
+        return;
+    }
+    let clock = std::sync::Arc::new(imgcache::ManualClock::new());
+    let build = |mode: u32| {
+        crate::support::builder(dir.path(), &clock)
+            .file_mode(mode)
+            .build()
+    };
+    let err = build(0o600).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("belongs to user 4242"), "{err}");
+
+    // A group cache: our group owns it and others cannot write.
+    std::os::unix::fs::chown(&v1, Some(4242), Some(me.gid())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&v1, std::fs::Permissions::from_mode(0o770)).unwrap();
+    assert_eq!(
+        build(0o600).await.unwrap_err().kind(),
+        ErrorKind::Config,
+        "a private file mode still refuses it"
+    );
+    let shared = build(0o660)
+        .await
+        .expect("a group cache of our group opens");
+    drop(shared);
+    // Others may write: refused even for a group cache.
+    std::fs::set_permissions(&v1, std::fs::Permissions::from_mode(0o777)).unwrap();
+    assert_eq!(build(0o660).await.unwrap_err().kind(), ErrorKind::Config);
+    // Another group: refused.
+    std::os::unix::fs::chown(&v1, None, Some(4343)).unwrap();
+    std::fs::set_permissions(&v1, std::fs::Permissions::from_mode(0o770)).unwrap();
+    assert_eq!(build(0o660).await.unwrap_err().kind(), ErrorKind::Config);
+}
