@@ -11,7 +11,9 @@ use url::Url;
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fetch::{self, ClientSettings};
-use crate::key;
+#[cfg(doc)]
+use crate::key::DEFAULT_IGNORED_QUERY_PARAMS;
+use crate::key::{self, UrlPolicy};
 use crate::stats::MB;
 /// Default size cap: 1024 MB.
 pub const DEFAULT_MAX_SIZE_BYTES: u64 = 1024 * MB;
@@ -51,6 +53,7 @@ pub struct CacheBuilder {
     offline: bool,
     ca_certificate: Option<PathBuf>,
     insecure_tls: bool,
+    ignore_query_params: Option<Vec<String>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -60,7 +63,13 @@ impl fmt::Debug for CacheBuilder {
             .field("cache_dir", &self.cache_dir)
             .field("max_size_bytes", &self.max_size_bytes)
             .field("default_ttl", &self.default_ttl)
-            .field("image_server", &self.image_server)
+            .field(
+                "image_server",
+                &self
+                    .image_server
+                    .as_deref()
+                    .map(|s| self.url_policy().redact_text(s)),
+            )
             .field("custom_http_client", &self.http_client.is_some())
             .field("sweep_interval", &self.sweep_interval)
             .field("file_mode", &format_args!("{:o}", self.file_mode))
@@ -77,6 +86,7 @@ impl fmt::Debug for CacheBuilder {
             .field("offline", &self.offline)
             .field("ca_certificate", &self.ca_certificate)
             .field("insecure_tls", &self.insecure_tls)
+            .field("ignore_query_params", &self.ignore_query_params)
             .field("clock", &self.clock)
             .finish()
     }
@@ -105,6 +115,7 @@ impl Default for CacheBuilder {
             offline: false,
             ca_certificate: None,
             insecure_tls: false,
+            ignore_query_params: None,
             clock: Arc::new(SystemClock),
         }
     }
@@ -129,6 +140,7 @@ pub(crate) struct Config {
     pub(crate) stale_grace: Duration,
     pub(crate) stale_if_error: bool,
     pub(crate) offline: bool,
+    pub(crate) url_policy: UrlPolicy,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -191,6 +203,10 @@ const ENVIRONMENT: &[(&str, Setter)] = &[
         set!(ca_certificate = |_, v| ok(Some(expand_home(v)))),
     ),
     ("CACHE_INSECURE_TLS", set!(insecure_tls = parse_bool)),
+    (
+        "CACHE_IGNORE_QUERY_PARAMS",
+        set!(ignore_query_params = parse_names),
+    ),
 ];
 
 impl CacheBuilder {
@@ -377,6 +393,27 @@ impl CacheBuilder {
         self
     }
 
+    /// Query parameters that sign a URL rather than name a file: left out of the cache key,
+    /// so that a presigned URL signed again hits the same entry, and shown as `REDACTED` in
+    /// meta.json, logs, events, errors, the dashboard and the API (they are still sent to the
+    /// origin). Compared without case. Default [`DEFAULT_IGNORED_QUERY_PARAMS`]
+    /// (env `CACHE_IGNORE_QUERY_PARAMS`, a comma-separated list; `none` for no parameter).
+    /// Credentials in a URL's user-info are never part of a key nor shown, whatever this says.
+    pub fn ignore_query_params<S: Into<String>>(
+        mut self,
+        names: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.ignore_query_params = Some(names.into_iter().map(Into::into).collect());
+        self
+    }
+
+    fn url_policy(&self) -> UrlPolicy {
+        match &self.ignore_query_params {
+            Some(names) => UrlPolicy::ignoring(names),
+            None => UrlPolicy::default(),
+        }
+    }
+
     /// The clock used for expiry. Default: the system clock. Tests pass a
     /// [`ManualClock`](crate::ManualClock) and advance it.
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
@@ -385,6 +422,7 @@ impl CacheBuilder {
     }
 
     pub(crate) fn into_config(self) -> Result<Config> {
+        let url_policy = self.url_policy();
         let cache_dir = match self.cache_dir {
             Some(dir) => dir,
             None => default_cache_dir()?,
@@ -437,6 +475,7 @@ impl CacheBuilder {
         // Search permission wherever read permission is granted.
         let dir_mode = self.file_mode | ((self.file_mode & 0o444) >> 2);
         Ok(Config {
+            url_policy,
             cache_dir,
             max_size_bytes: self.max_size_bytes,
             default_ttl: self.default_ttl,
@@ -483,6 +522,20 @@ fn expand_home(v: &str) -> PathBuf {
         },
         None => PathBuf::from(v.trim()),
     }
+}
+
+/// A comma-separated list of names; `none` is the empty list.
+fn parse_names(_name: &str, v: &str) -> Result<Option<Vec<String>>> {
+    if v.trim().eq_ignore_ascii_case("none") {
+        return Ok(Some(Vec::new()));
+    }
+    Ok(Some(
+        v.split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    ))
 }
 
 fn ok<T>(value: T) -> Result<T> {
@@ -590,6 +643,30 @@ mod tests {
         }
         let names: std::collections::HashSet<_> = ENVIRONMENT.iter().map(|(n, _)| n).collect();
         assert_eq!(names.len(), ENVIRONMENT.len(), "a variable is listed twice");
+    }
+
+    #[test]
+    fn ignored_query_params_come_from_the_environment_and_credentials_stay_hidden() {
+        let b = CacheBuilder::from_lookup(lookup(&[
+            ("CACHE_IGNORE_QUERY_PARAMS", "token, sig"),
+            ("IMAGE_SERVER", "http://alice:s3cret@img:8042/data"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            b.ignore_query_params.as_deref(),
+            Some(&["token".to_owned(), "sig".to_owned()][..])
+        );
+        let shown = format!("{b:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("alice"),
+            "{shown}"
+        );
+        let none = CacheBuilder::from_lookup(lookup(&[("CACHE_IGNORE_QUERY_PARAMS", "none")]));
+        assert_eq!(none.unwrap().ignore_query_params, Some(Vec::new()));
+        assert!(
+            CacheBuilder::new().ignore_query_params.is_none(),
+            "the default list"
+        );
     }
 
     #[test]

@@ -76,8 +76,126 @@ impl fmt::Display for Key {
     }
 }
 
-/// Resolves `input` (absolute, or relative to `base`) and derives key and file name.
+/// The query parameters that sign a URL rather than name a file: left out of the cache key (so
+/// that a URL signed again hits the same entry) and shown as `REDACTED`. AWS signature versions
+/// 4 and 2, CloudFront, Google Cloud Storage and Azure shared access signatures.
+pub const DEFAULT_IGNORED_QUERY_PARAMS: &[&str] = &[
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-Signature",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Security-Token",
+    "AWSAccessKeyId",
+    "Signature",
+    "Expires",
+    "Policy",
+    "Key-Pair-Id",
+    "X-Goog-Algorithm",
+    "X-Goog-Credential",
+    "X-Goog-Date",
+    "X-Goog-Expires",
+    "X-Goog-Signature",
+    "X-Goog-SignedHeaders",
+    "sig",
+    "se",
+    "st",
+];
+
+/// What stands in for the value of an ignored query parameter wherever a URL is shown.
+const REDACTED: &str = "REDACTED";
+
+/// How URLs are shown and keyed: which query parameters are ignored (compared without case).
+#[derive(Debug, Clone)]
+pub(crate) struct UrlPolicy {
+    ignored: Vec<String>,
+}
+
+impl Default for UrlPolicy {
+    fn default() -> Self {
+        UrlPolicy::ignoring(DEFAULT_IGNORED_QUERY_PARAMS.iter().copied())
+    }
+}
+
+impl UrlPolicy {
+    pub(crate) fn ignoring<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> UrlPolicy {
+        UrlPolicy {
+            ignored: names
+                .into_iter()
+                .map(|n| n.as_ref().trim().to_ascii_lowercase())
+                .filter(|n| !n.is_empty())
+                .collect(),
+        }
+    }
+
+    fn is_ignored(&self, raw_name: &str) -> bool {
+        let name = percent_decode_str(raw_name).decode_utf8_lossy();
+        self.ignored.iter().any(|n| name.eq_ignore_ascii_case(n))
+    }
+
+    /// The query with ignored parameters dropped (`None`) or their values redacted (`Some`);
+    /// untouched, byte for byte, when none is present.
+    fn rewrite_query(&self, url: &mut Url, replacement: Option<&str>) {
+        let Some(query) = url.query() else { return };
+        if !query
+            .split('&')
+            .any(|pair| self.is_ignored(pair.split('=').next().unwrap_or("")))
+        {
+            return;
+        }
+        let kept: Vec<String> = query
+            .split('&')
+            .filter_map(|pair| {
+                let name = pair.split('=').next().unwrap_or("");
+                match (self.is_ignored(name), replacement) {
+                    (false, _) => Some(pair.to_owned()),
+                    (true, Some(r)) => Some(format!("{name}={r}")),
+                    (true, None) => None,
+                }
+            })
+            .collect();
+        url.set_query((!kept.is_empty()).then(|| kept.join("&")).as_deref());
+    }
+
+    /// The URL as it may be shown: without credentials or fragment, signing values redacted.
+    pub(crate) fn display(&self, url: &Url) -> String {
+        let mut url = without_credentials(url);
+        self.rewrite_query(&mut url, Some(REDACTED));
+        url.into()
+    }
+
+    /// The text of the URL the key is the digest of: as shown, but with the ignored
+    /// parameters left out.
+    fn key_text(&self, url: &Url) -> String {
+        let mut url = without_credentials(url);
+        self.rewrite_query(&mut url, None);
+        url.into()
+    }
+
+    /// Text a caller gave, fit to print: a URL shown as [`display`](Self::display) does,
+    /// anything else with what looks like user-info removed.
+    pub(crate) fn redact_text(&self, input: &str) -> String {
+        match Url::parse(input.trim()) {
+            Ok(url) => self.display(&url),
+            Err(_) => redact_raw(input),
+        }
+    }
+}
+
+/// Resolves `input` (absolute, or relative to `base`) and derives key and file name, with the
+/// default [`UrlPolicy`].
+#[cfg(test)]
 pub(crate) fn resolve(input: &str, base: Option<&Url>) -> Result<Resolved> {
+    resolve_with(input, base, &UrlPolicy::default())
+}
+
+/// [`resolve`] with the cache's [`UrlPolicy`].
+pub(crate) fn resolve_with(
+    input: &str,
+    base: Option<&Url>,
+    policy: &UrlPolicy,
+) -> Result<Resolved> {
     let input = input.trim();
     let invalid = |msg: &str| Error::new(ErrorKind::InvalidUrl, msg.to_owned());
     if input.is_empty() {
@@ -106,14 +224,18 @@ pub(crate) fn resolve(input: &str, base: Option<&Url>) -> Result<Resolved> {
         }
     };
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(invalid("only http and https URLs can be cached").with_url(redact(&url)));
+        return Err(
+            invalid("only http and https URLs can be cached").with_url(policy.display(&url))
+        );
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid("URL has no host"));
     }
     url.set_fragment(None);
-    let display = redact(&url);
-    let key = Key(hex::encode(Sha256::digest(display.as_bytes())));
+    let display = policy.display(&url);
+    let key = Key(hex::encode(Sha256::digest(
+        policy.key_text(&url).as_bytes(),
+    )));
     let file_name = file_name_of(&url);
     Ok(Resolved {
         request: url,
@@ -167,14 +289,14 @@ pub(crate) fn normalise_base(server: &str) -> Result<Url> {
     Ok(url)
 }
 
-/// The URL as text without user name, password or fragment: safe for logs and meta.json.
-pub(crate) fn redact(url: &Url) -> String {
+/// The URL without user name, password or fragment.
+fn without_credentials(url: &Url) -> Url {
     let mut url = url.clone();
     // Both calls fail only for URLs that cannot have credentials, which then have none.
     let _ = url.set_username("");
     let _ = url.set_password(None);
     url.set_fragment(None);
-    url.into()
+    url
 }
 
 /// Best-effort redaction of text that did not parse as a URL.
@@ -268,6 +390,55 @@ mod tests {
         let err = resolve("ftp://alice:pw@host/a", None).unwrap_err();
         assert!(!err.to_string().contains("pw"), "{err}");
         assert_eq!(redact_raw("http://u:p@[bad/x"), "http://[bad/x");
+    }
+
+    #[test]
+    fn signing_parameters_leave_the_key_and_are_redacted() {
+        let a = resolve(
+            "https://b.s3.example/ct/1.nii.gz?X-Amz-Date=20261202&x-amz-signature=abc&v=2",
+            None,
+        )
+        .unwrap();
+        let b = resolve(
+            "https://b.s3.example/ct/1.nii.gz?v=2&X-Amz-Signature=def&X-Amz-Date=20261203",
+            None,
+        )
+        .unwrap();
+        let plain = resolve("https://b.s3.example/ct/1.nii.gz?v=2", None).unwrap();
+        assert_eq!(a.key, b.key, "signed again: the same entry");
+        assert_eq!(a.key, plain.key, "and the same as the unsigned URL");
+        assert_eq!(
+            a.display,
+            "https://b.s3.example/ct/1.nii.gz?X-Amz-Date=REDACTED&x-amz-signature=REDACTED&v=2"
+        );
+        assert!(
+            a.request.as_str().contains("x-amz-signature=abc"),
+            "sent as given"
+        );
+        // The display form resolves to the same key (the dashboard sends it back).
+        assert_eq!(resolve(&a.display, None).unwrap().key, a.key);
+        // A query without ignored parameters is kept byte for byte, so keys made before this
+        // policy existed still match.
+        let odd = "http://h/x.nii.gz?a=%7e&b&c=1+2";
+        let r = resolve(odd, None).unwrap();
+        assert_eq!(r.display, odd);
+        assert_eq!(r.key.as_str(), hex::encode(Sha256::digest(odd.as_bytes())));
+        // Only the signature dropped: no dangling `?`.
+        let only = resolve("http://h/x.nii.gz?Signature=s", None).unwrap();
+        assert_eq!(only.key, resolve("http://h/x.nii.gz", None).unwrap().key);
+        // A policy with no ignored parameter keys the whole query.
+        let none = UrlPolicy::ignoring(Vec::<String>::new());
+        let c = resolve_with("http://h/x?Signature=1", None, &none).unwrap();
+        let d = resolve_with("http://h/x?Signature=2", None, &none).unwrap();
+        assert_ne!(c.key, d.key);
+        assert_eq!(
+            UrlPolicy::default().redact_text("http://alice:pw@h/x?sig=1"),
+            "http://h/x?sig=REDACTED"
+        );
+        assert_eq!(
+            UrlPolicy::default().redact_text("http://alice:pw@[bad/x"),
+            "http://[bad/x"
+        );
     }
 
     #[test]

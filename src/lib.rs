@@ -100,6 +100,7 @@
 //! | `CACHE_MAX_REDIRECTS` | `10` | redirects followed (never https to http) |
 //! | `CACHE_CA_CERT` | none | extra CA certificates (PEM) |
 //! | `CACHE_INSECURE_TLS` | `0` | accept any certificate (dangerous) |
+//! | `CACHE_IGNORE_QUERY_PARAMS` | [`DEFAULT_IGNORED_QUERY_PARAMS`] | query parameters left out of the key and redacted (`none` for none) |
 //!
 //! Read by [`CacheBuilder::from_env`], [`ImageCache::from_env`] and the process-wide functions
 //! below; a `.env` file in the current directory supplies variables the environment lacks.
@@ -145,6 +146,7 @@ pub use config::{
 };
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Received, Subscription};
+pub use key::DEFAULT_IGNORED_QUERY_PARAMS;
 pub use stats::{CounterInfo, MB, Stats};
 
 use tokio::sync::OnceCell;

@@ -204,6 +204,7 @@ async fn serve(
     eprintln!("imgcache: dashboard on http://{local}/ (API /api, metrics /metrics)");
     match cache.image_server() {
         Some(server) => {
+            let server = cache.redacted(server);
             eprintln!("imgcache: sidecar http://{local}/files/PATH serves {server}PATH")
         }
         None => eprintln!("imgcache: no IMAGE_SERVER configured: /files/ is off"),
@@ -323,7 +324,7 @@ async fn command(
                     Ok(file) => writeln!(out, "{}", file.path().display())?,
                     Err(e) => {
                         failed = true;
-                        eprintln!("imgcache: {url}: {e}");
+                        eprintln!("imgcache: {}: {e}", cache.redacted(url));
                     }
                 }
             }
@@ -346,7 +347,7 @@ async fn command(
                     Ok(_) => fetched += 1,
                     Err(e) => {
                         failed += 1;
-                        let line = format!("imgcache: {url}: {e}");
+                        let line = format!("imgcache: {}: {e}", cache.redacted(url));
                         match &overall {
                             Some(bar) => bar.println(line),
                             None => eprintln!("{line}"),
@@ -419,7 +420,7 @@ async fn command(
         }
         Command::Invalidate { url } => {
             if !cache.invalidate(url).await? {
-                eprintln!("imgcache: {url}: not cached");
+                eprintln!("imgcache: {}: not cached", cache.redacted(url));
             }
         }
         Command::Clear => {
@@ -444,7 +445,7 @@ async fn command(
                 Verification::NotCached => "not cached",
                 _ => "unknown",
             };
-            writeln!(out, "{word}  {url}")?;
+            writeln!(out, "{word}  {}", cache.redacted(url))?;
             if outcome != Verification::Ok {
                 return Ok(ExitCode::FAILURE);
             }

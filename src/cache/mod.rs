@@ -459,6 +459,14 @@ impl ImageCache {
         self.inner().config.image_server.as_ref()
     }
 
+    /// `url` as the cache shows it, fit for a log or a terminal: without user name, password
+    /// or fragment, and with the values of the query parameters that sign it (see
+    /// [`CacheBuilder::ignore_query_params`]) redacted. Text that is not a URL comes back with
+    /// anything that looks like user-info removed.
+    pub fn redacted(&self, url: impl AsRef<str>) -> String {
+        self.inner().config.url_policy.redact_text(url.as_ref())
+    }
+
     /// The cache directory.
     pub fn cache_dir(&self) -> &Path {
         &self.inner().config.cache_dir
@@ -506,7 +514,11 @@ impl Inner {
         if let Some(found) = self.resolved.get(url) {
             return Ok(Arc::clone(found.value()));
         }
-        let resolved = Arc::new(key::resolve(url, self.config.image_server.as_ref())?);
+        let resolved = Arc::new(key::resolve_with(
+            url,
+            self.config.image_server.as_ref(),
+            &self.config.url_policy,
+        )?);
         if self.resolved.len() >= RESOLVED_CAPACITY {
             self.resolved.clear();
         }

@@ -426,3 +426,54 @@ async fn serve_refuses_a_public_address_without_a_token() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("admin token"), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_and_signatures_never_reach_the_terminal() {
+    let f = Fixture::new().await;
+    let host = f.origin.url("").trim_start_matches("http://").to_owned();
+    let bad = format!("http://alice:s3cret@{host}ct/missing.nii.gz?X-Amz-Signature=zz9zz");
+    let out = f.run(&["get", &bad]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("ct/missing.nii.gz"), "{err}");
+    for secret in ["alice", "s3cret", "zz9zz"] {
+        assert!(!err.contains(secret), "{secret} in {err}");
+    }
+
+    // The serve banner shows the image server without its password.
+    let cache = f.dir.path().join("serve-cache");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .args([
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env_clear()
+        .env("HOME", f.dir.path())
+        .env("IMAGE_SERVER", format!("http://alice:s3cret@{host}data/"))
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut banner = String::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        banner.push_str(&line);
+        banner.push('\n');
+        if line.contains("sidecar") {
+            break;
+        }
+    }
+    child.kill().await.unwrap();
+    assert!(
+        banner.contains("sidecar") && banner.contains(&host),
+        "{banner}"
+    );
+    assert!(
+        !banner.contains("s3cret") && !banner.contains("alice"),
+        "{banner}"
+    );
+}

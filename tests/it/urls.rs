@@ -123,3 +123,49 @@ async fn urls_may_be_str_string_or_url() {
     assert!([&b, &c, &d].iter().all(|f| f.path() == a.path()));
     assert_eq!(origin.hits("k.nii.gz"), 1);
 }
+
+#[tokio::test]
+async fn a_presigned_url_signed_again_is_a_hit_and_its_signature_is_never_shown() {
+    let origin = Origin::start().await;
+    let body = volume(43, 50_000);
+    origin.route("ct/9.nii.gz", Route::ok(body.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let mut events = cache.subscribe();
+    let signed = |sig: &str| {
+        origin.url(&format!(
+            "ct/9.nii.gz?X-Amz-Credential=AKIA%2F1&X-Amz-Date=20261202T000000Z&X-Amz-Signature={sig}"
+        ))
+    };
+    let first = cache.get(signed("aaaa1111")).await.unwrap();
+    let second = cache.get(signed("bbbb2222")).await.unwrap();
+    assert_eq!(second.status(), CacheStatus::Hit, "signed again: a hit");
+    assert_eq!(origin.hits("ct/9.nii.gz"), 1);
+    assert_eq!(std::fs::read(second.path()).unwrap(), body);
+    // The origin got the signature; nothing the cache shows or stores has it.
+    assert!(origin.seen()[0].path.contains("X-Amz-Signature=aaaa1111"));
+    let secrets = ["aaaa1111", "bbbb2222", "AKIA"];
+    let mut shown = vec![first.url().to_owned(), format!("{first:?}")];
+    shown.extend(cache.entries().iter().map(|e| format!("{e:?}")));
+    while let Some(imgcache::Received::Event(e)) = events.try_recv() {
+        shown.push(serde_json::to_string(&e).unwrap());
+    }
+    for file in files(dir.path()) {
+        shown.push(
+            String::from_utf8_lossy(&std::fs::read(dir.path().join(file)).unwrap()).into_owned(),
+        );
+    }
+    shown.push(cache.redacted(signed("cccc3333")));
+    for text in &shown {
+        for secret in secrets {
+            assert!(!text.contains(secret), "{secret} shown in {text}");
+        }
+    }
+    assert!(
+        first.url().contains("X-Amz-Signature=REDACTED"),
+        "{}",
+        first.url()
+    );
+    // What the dashboard shows can be handed back: it names the same entry.
+    assert!(cache.invalidate(first.url()).await.unwrap());
+}
