@@ -185,8 +185,10 @@ pub(crate) struct Counters {
 impl Counters {
     /// Counts `n` and marks the state unsaved, in one call.
     pub(crate) fn add(&self, counter: Counter, n: u64) {
-        self.values[counter as usize].fetch_add(n, Relaxed);
-        self.unsaved.store(true, Relaxed);
+        if n > 0 {
+            self.values[counter as usize].fetch_add(n, Relaxed);
+            self.unsaved.store(true, Relaxed);
+        }
     }
 
     /// Marks the state unsaved without counting (an access time changed).

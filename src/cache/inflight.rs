@@ -129,14 +129,19 @@ where
         };
         let work = start();
         tokio::spawn(async move {
-            // Dropped after the result is sent: callers that look again once the slot is
-            // gone find what the task committed.
-            let _guard = guard;
             let output = match AssertUnwindSafe(work).catch_unwind().await {
                 Ok(output) => output,
                 Err(panic) => lost(format!("task panicked: {}", panic_message(&*panic))),
             };
-            let _ = send.send(output);
+            // The slot goes before the result is sent, as a plain `Drop` at the end of the
+            // task would: a caller that has the result and asks again (a refresh, a retry
+            // after an error) starts a new task instead of joining this finished one. The
+            // work, the commit included, is done by now, so a caller that finds no slot
+            // finds what it committed. Dropping the slot here drops no result under the
+            // map's lock: none has been sent yet.
+            drop(guard);
+            // With nobody waiting the result comes back, and is dropped here.
+            drop(send.send(output));
         });
         Join::Started(task)
     }
@@ -219,6 +224,27 @@ mod tests {
         let again = inflight.join_or_start(&"a", || None::<()>, || async { Ok(7) }, Err);
         assert!(matches!(again, Join::Started(_)));
         assert_eq!(task(again).await, Ok(7));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_with_the_result_never_finds_the_finished_task_again() {
+        let inflight = map();
+        for round in 0..200 {
+            let first = task(inflight.join_or_start(
+                &"a",
+                || None::<()>,
+                move || async move { Ok(round) },
+                Err,
+            ));
+            assert_eq!(first.await, Ok(round));
+            // Asked again at once, from the same task: a new task, never the old result.
+            let again = inflight.join_or_start(&"a", || None::<()>, || async { Ok(u32::MAX) }, Err);
+            assert!(
+                matches!(again, Join::Started(_)),
+                "round {round} joined a finished task"
+            );
+            assert_eq!(task(again).await, Ok(u32::MAX));
+        }
     }
 
     #[tokio::test]

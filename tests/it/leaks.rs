@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::origin::{Fault, Origin, Route, volume};
-use crate::support::{builder, child_only, run_child, temp_files};
+use crate::support::{builder, child_done, child_only, run_child, temp_files};
 use imgcache::ManualClock;
 
 use crate::MB;
@@ -34,6 +34,7 @@ fn leak_check() {
         .build()
         .unwrap()
         .block_on(leak_check_body());
+    child_done("leaks::leak_check");
 }
 
 async fn leak_check_body() {

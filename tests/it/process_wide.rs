@@ -4,7 +4,7 @@
 use imgcache::{clear_cache, get_cache_stats, get_cached_file};
 
 use crate::support::origin::{Origin, Route, volume};
-use crate::support::{child_only, run_child};
+use crate::support::{child_done, child_only, run_child};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn module_level_functions_use_one_cache_built_from_the_environment() {
@@ -59,4 +59,5 @@ fn the_module_level_functions() {
         assert_eq!(clear_cache().await.unwrap(), 1);
         assert_eq!(get_cache_stats().await.unwrap().entries_count, 0);
     });
+    child_done("process_wide::the_module_level_functions");
 }

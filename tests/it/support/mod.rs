@@ -128,15 +128,24 @@ pub fn run_child(name: &str, env: &[(&str, &str)]) -> std::process::Output {
     let out = cmd.output().expect("run the child");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && stdout.contains("1 passed"),
+        out.status.success() && stdout.contains(&format!("{CHILD_DONE} {name}\n")),
         "the child {name} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     out
 }
 
+/// What a child prints when its work is done: a child that returned early (not started by
+/// [`run_child`], or under another name) never prints it, so its parent fails.
+const CHILD_DONE: &str = "imgcache-test-child-done:";
+
 /// Whether this process is the child that [`run_child`] started for `name`; a test meant
 /// to run only as a child returns at once otherwise.
 pub fn child_only(name: &str) -> bool {
     std::env::var("IMGCACHE_TEST_CHILD").is_ok_and(|v| v == name)
+}
+
+/// Says, at the end of a child's work, that it was done (see [`run_child`]).
+pub fn child_done(name: &str) {
+    println!("{CHILD_DONE} {name}");
 }

@@ -1,0 +1,200 @@
+//! Unit tests of the index.
+
+use std::path::Path;
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::store::testing::{disk, key, put, tree};
+
+const FAR: u64 = u64::MAX / 2;
+
+/// An index on `layout` holding entries `0..sizes.len()` of the given sizes, loaded in
+/// that order (so entry 0 is the least recently used).
+fn index_with(layout: &Layout, max: u64, sizes: &[usize]) -> Index {
+    let index = Index::new(layout.clone(), max, 1000, Arc::new(ManualClock::new()));
+    let entries = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, size)| {
+            let k = key(i as u64);
+            let (meta, path) = put(layout, &k, &vec![b'x'; *size], FAR);
+            Entry::new(k, meta, path, i as u64, 0, 0)
+        })
+        .collect();
+    index.load(entries);
+    index
+}
+
+fn keys(removed: &[Removed]) -> Vec<Key> {
+    removed.iter().map(|r| r.entry.key.clone()).collect()
+}
+
+fn hit(index: &Index, k: &Key, now: u64) -> Arc<Entry> {
+    match index.lookup(k, now, None) {
+        Lookup::Hit(entry) => entry,
+        other => panic!("expected a hit, got {other:?}"),
+    }
+}
+
+fn delete_trash(removed: &[Removed]) {
+    for r in removed {
+        if let Some(t) = &r.trash {
+            crate::store::remove_any(t);
+        }
+    }
+}
+
+#[test]
+fn eviction_follows_lru_order_and_a_lookup_moves_an_entry_to_the_back() {
+    let (_dir, layout) = disk();
+    let index = index_with(&layout, 100, &[10, 10, 10, 10]);
+    // Entry 0 is used: 1 is now the least recently used.
+    let used = hit(&index, &key(0), 5);
+    assert!(index.unpin(&used).is_empty());
+    let removed = index.set_max(25);
+    assert_eq!(keys(&removed), vec![key(1), key(2)]);
+    assert_eq!(index.figures().committed_bytes, 20);
+    assert!(removed.iter().all(|r| r.reason == Reason::Evicted));
+    // Their files went to the trash; the survivors' files are in place.
+    for r in &removed {
+        assert!(!r.entry.path.exists() && r.trash.as_deref().is_some_and(Path::exists));
+    }
+    delete_trash(&removed);
+    assert!(tree(&layout.root.join("tmp")).is_empty());
+    for k in [key(0), key(3)] {
+        assert!(layout.meta_path(&k).exists());
+    }
+}
+
+#[test]
+fn expired_entries_are_evicted_before_fresh_ones() {
+    let (_dir, layout) = disk();
+    let index = index_with(&layout, 100, &[10, 10]);
+    // The more recently used entry 1 has expired.
+    let (meta, path) = put(&layout, &key(1), &[b'y'; 10], 0);
+    index.load(vec![Entry::new(key(1), meta, path, 9, 0, 0)]);
+    let removed = index.set_max(15);
+    assert_eq!(keys(&removed), vec![key(1)]);
+    delete_trash(&removed);
+}
+
+#[test]
+fn a_pinned_entry_is_skipped_by_eviction_and_doomed_by_removal() {
+    let (_dir, layout) = disk();
+    let index = index_with(&layout, 100, &[10, 20]);
+    let held = hit(&index, &key(0), 1);
+    assert!(held.is_pinned());
+    // Eviction skips the held, least recently used entry and takes the next.
+    let removed = index.set_max(15);
+    assert_eq!(keys(&removed), vec![key(1)]);
+    delete_trash(&removed);
+    // Invalidating the held entry dooms it: its meta goes, its bytes stay and count.
+    let gone = index.remove(&key(0), Reason::Invalidated).unwrap();
+    assert!(gone.trash.is_none());
+    assert!(!layout.meta_path(&key(0)).exists() && held.path.exists());
+    let f = index.figures();
+    assert_eq!(
+        (f.entries, f.committed_bytes, f.doomed_bytes, f.pinned),
+        (0, 0, 10, 1)
+    );
+    assert!(matches!(index.lookup(&key(0), 1, None), Lookup::Missing));
+    // A second pin on the doomed entry: the first unpin removes nothing.
+    held.pins.fetch_add(1, Ordering::SeqCst);
+    assert!(index.unpin(&held).is_empty());
+    assert!(held.path.exists());
+    // The last unpin takes its bytes away.
+    let removed = index.unpin(&held);
+    assert_eq!(keys(&removed), vec![key(0)]);
+    assert!(!held.path.exists());
+    delete_trash(&removed);
+    let f = index.figures();
+    assert_eq!((f.doomed_bytes, f.pinned), (0, 0));
+    assert!(tree(&layout.root.join("entries")).is_empty());
+}
+
+#[test]
+fn entries_held_above_the_cap_are_evicted_when_released() {
+    let (_dir, layout) = disk();
+    let index = index_with(&layout, 100, &[40, 40]);
+    let a = hit(&index, &key(0), 1);
+    let b = hit(&index, &key(1), 2);
+    assert!(index.set_max(50).is_empty(), "both held");
+    assert_eq!(index.figures().committed_bytes, 80);
+    let removed = index.unpin(&a);
+    assert_eq!(keys(&removed), vec![key(0)], "released and over the cap");
+    delete_trash(&removed);
+    assert!(index.unpin(&b).is_empty(), "40 bytes fit under 50");
+}
+
+#[test]
+fn reservations_count_against_the_cap_and_come_back() {
+    let (_dir, layout) = disk();
+    let index = index_with(&layout, 100, &[30, 30, 30]);
+    let removed = index.reserve(50);
+    assert_eq!(
+        keys(&removed),
+        vec![key(0), key(1)],
+        "LRU first, until 50 fit"
+    );
+    delete_trash(&removed);
+    let f = index.figures();
+    assert_eq!((f.committed_bytes, f.reserved_bytes), (30, 50));
+    index.release(50);
+    assert_eq!(index.figures().reserved_bytes, 0);
+    // Releasing more than is reserved never underflows.
+    index.release(1);
+    assert_eq!(index.figures().reserved_bytes, 0);
+}
+
+#[test]
+fn a_commit_replaces_the_entry_and_releases_its_reservation() {
+    let (_dir, layout) = disk();
+    let index = index_with(&layout, 100, &[10]);
+    let old = hit(&index, &key(0), 1);
+    assert!(index.reserve(20).is_empty());
+    let data = layout
+        .write_temp(key(0).as_str(), "part", &[b'n'; 20])
+        .unwrap();
+    let meta_file = layout.write_temp(key(0).as_str(), "meta", b"{}").unwrap();
+    let mut meta = old.meta.clone();
+    meta.size = 20;
+    let entry = Entry::new(key(0), meta, old.path.clone(), 2, 0, 0);
+    let (new, removed) = index.commit(entry, data, meta_file, 20, 2).unwrap();
+    assert_eq!(removed.len(), 1);
+    assert_eq!(removed[0].reason, Reason::Replaced);
+    assert!(
+        removed[0].trash.is_none(),
+        "the old bytes were overwritten, not trashed"
+    );
+    let f = index.figures();
+    assert_eq!((f.entries, f.committed_bytes, f.reserved_bytes), (1, 20, 0));
+    assert!(new.is_pinned(), "pinned once for the download's callers");
+    // Releasing the replaced entry deletes nothing: the path holds the new bytes.
+    assert!(index.unpin(&old).is_empty());
+    assert_eq!(std::fs::read(&new.path).unwrap(), vec![b'n'; 20]);
+}
+
+#[test]
+fn the_sweep_removes_entries_past_their_grace_unless_pinned() {
+    let (_dir, layout) = disk();
+    let index = Index::new(layout.clone(), 100, 1000, Arc::new(ManualClock::new()));
+    let entries = (0..3)
+        .map(|i| {
+            let (meta, path) = put(&layout, &key(i), b"abc", 100 * (i + 1));
+            Entry::new(key(i), meta, path, 0, 0, 0)
+        })
+        .collect();
+    index.load(entries);
+    let held = index.pin_current(&key(0)).unwrap();
+    // At 1250 entries 0 (expired at 100) and 1 (at 200) are past their 1000 ms of grace.
+    let (removed, _) = index.sweep(1250);
+    assert_eq!(keys(&removed), vec![key(1)], "the held entry stays");
+    delete_trash(&removed);
+    // Within its grace an entry is stale, not missing.
+    assert!(matches!(
+        index.lookup(&key(2), 1250, None),
+        Lookup::Stale(_)
+    ));
+    assert!(matches!(index.lookup(&key(2), 1300, None), Lookup::Missing));
+    drop(held);
+}
