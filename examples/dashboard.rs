@@ -50,6 +50,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     cache.get("ct_0042.nii.gz").await?; // a hit, so the figures are not all zero
 
+    // With IMGCACHE_ADMIN_TOKEN set, the dashboard asks for it (a login form) and every route
+    // but the page requires it.
+    let mut options = imgcache::server::ServerOptions::new();
+    if let Ok(token) = std::env::var("IMGCACHE_ADMIN_TOKEN") {
+        options = options.admin_token(token);
+    }
+
     // The application: its own routes, and the cache mounted under /cache.
     let app = Router::new()
         .route(
@@ -57,7 +64,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             get(|| async { Html("<h1>Viewer</h1><p><a href=\"/cache/\">Cache</a></p>") }),
         )
         .route("/cache", get(|| async { Redirect::permanent("/cache/") }))
-        .nest("/cache/", imgcache::server::router(cache.clone()));
+        .nest(
+            "/cache/",
+            imgcache::server::router_with(cache.clone(), options),
+        );
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     println!("dashboard: http://{}/cache/", listener.local_addr()?);
     let stop = async {

@@ -194,6 +194,15 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The [`Display`](fmt::Display) text without the local path: for answers to clients that
+    /// have no business knowing the cache's layout.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) fn to_string_without_path(&self) -> String {
+        self.clone().map_inner(|i| i.path = None).to_string()
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let i = &self.inner;

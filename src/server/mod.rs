@@ -13,9 +13,14 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET`/`HEAD /files/{path}` | `IMAGE_SERVER/{path}` through the cache, with `Range`, `ETag`, `If-None-Match` and `Cache-Status` |
 //!
-//! Errors are JSON `{"error": "..."}` with a fitting status. When the router is built with an
-//! admin token, the mutating routes require `Authorization: Bearer <token>`; [`check_listen`]
-//! refuses to serve on a non-loopback address without one.
+//! | `POST /api/login`, `POST /api/logout` | `{"token": "..."}`: the dashboard's login cookie |
+//!
+//! Errors are JSON `{"error": "..."}` with a fitting status, and never name a local path.
+//! When the router is built with an admin token, every route but the page and its login
+//! requires it, as `Authorization: Bearer <token>` or the login cookie; [`check_listen`]
+//! refuses to serve on a non-loopback address without one. A change (`POST`, `PUT`,
+//! `DELETE`) from another site is always refused. Responses carry `nosniff` and
+//! `no-referrer`; the page a strict Content-Security-Policy.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,6 +33,7 @@
 //! ```
 
 mod api;
+mod auth;
 mod files;
 mod metrics;
 
@@ -35,8 +41,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
+use axum::routing::post;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::{ErrorKind, ImageCache};
 use metrics::Metrics;
@@ -45,7 +55,8 @@ use metrics::Metrics;
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct ServerOptions {
-    /// When set, `POST`, `PUT` and `DELETE` under `/api` require `Authorization: Bearer` it.
+    /// When set, every route but the dashboard page and its login requires it, as
+    /// `Authorization: Bearer <token>` or as the cookie the page's login form sets.
     pub admin_token: Option<String>,
 }
 
@@ -105,6 +116,20 @@ pub fn router_with(cache: ImageCache, options: ServerOptions) -> Router {
     api::routes()
         .merge(metrics::routes())
         .merge(files::routes())
+        .route("/api/login", post(auth::login))
+        .route("/api/logout", post(auth::logout))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            auth::guard,
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ))
         .with_state(state)
 }
 
@@ -116,6 +141,35 @@ struct ApiError(StatusCode, String);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+/// [`axum::Json`] whose rejection (a malformed or mistyped body) is an [`ApiError`], so that
+/// it too is answered as JSON.
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(JsonBody(value)),
+            Err(rejection) => Err(ApiError(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+/// [`axum::extract::Query`] whose rejection is an [`ApiError`].
+struct QueryArgs<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for QueryArgs<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(QueryArgs(value)),
+            Err(rejection) => Err(ApiError(rejection.status(), rejection.body_text())),
+        }
     }
 }
 
@@ -133,33 +187,8 @@ impl From<crate::Error> for ApiError {
             ErrorKind::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError(status, e.to_string())
-    }
-}
-
-fn authorize(state: &AppState, headers: &HeaderMap) -> AppResult<()> {
-    let Some(token) = &state.token else {
-        return Ok(());
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    // Compare in time independent of where the strings differ.
-    let ok = given.is_some_and(|g| {
-        g.len() == token.len()
-            && g.bytes()
-                .zip(token.bytes())
-                .fold(0u8, |a, (x, y)| a | (x ^ y))
-                == 0
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            "this endpoint needs Authorization: Bearer <admin token>".into(),
-        ))
+        // Never a local path: a sidecar's clients are not the cache's operators.
+        ApiError(status, e.to_string_without_path())
     }
 }
 

@@ -1,6 +1,7 @@
 // The dashboard in headless Chromium (Debian's /usr/bin/chromium), driven by playwright-core:
-// the figures load, "Clear cache" empties the cache without a reload, the TTL form changes the
-// setting, and the page follows changes made behind its back (server-sent events).
+// the figures load, "Clear cache" asks and then empties the cache without a reload, the TTL
+// form changes the setting, the page follows changes made behind its back (server-sent
+// events), and with an admin token it logs in through its form.
 //
 //   cargo build --example dashboard && (cd tests/browser && npm install && npm test)
 //   IMGCACHE_SCREENSHOT=docs/dashboard.png ...   also writes the screenshot shown in the README
@@ -32,15 +33,21 @@ const waitText = (page, id, text) =>
     { timeout: 15000 },
   );
 
-const server = spawn(example, [], { stdio: ["pipe", "pipe", "inherit"] });
-const url = await new Promise((resolve, reject) => {
-  createInterface({ input: server.stdout }).on("line", (line) => {
-    const found = line.match(/^dashboard: (\S+)/);
-    if (found) resolve(found[1]);
+function startExample(env = {}) {
+  const server = spawn(example, [], { stdio: ["pipe", "pipe", "inherit"], env: { ...process.env, ...env } });
+  const url = new Promise((resolve, reject) => {
+    createInterface({ input: server.stdout }).on("line", (line) => {
+      const found = line.match(/^dashboard: (\S+)/);
+      if (found) resolve(found[1]);
+    });
+    server.on("exit", (code) => reject(new Error(`the example exited with ${code}`)));
+    setTimeout(() => reject(new Error("the example never printed its URL")), 60000);
   });
-  server.on("exit", (code) => reject(new Error(`the example exited with ${code}`)));
-  setTimeout(() => reject(new Error("the example never printed its URL")), 60000);
-});
+  return { server, url };
+}
+const main = startExample();
+const server = main.server;
+const url = await main.url;
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -72,9 +79,12 @@ try {
   });
   if (screenshot) await page.screenshot({ path: screenshot, fullPage: true });
 
-  await check("Clear cache empties the cache without a reload", async () => {
+  await check("Clear cache asks first, then empties the cache without a reload", async () => {
     await page.evaluate(() => { window.sameDocument = true; });
+    let asked = "";
+    page.once("dialog", (dialog) => { asked = dialog.message(); dialog.accept(); });
     await page.click("#clear");
+    if (!asked.includes("Remove every cached file")) throw new Error(`asked ${JSON.stringify(asked)}`);
     await waitText(page, "entries-count", "0");
     await page.waitForSelector("text=The cache is empty.", { timeout: 15000 });
     if (!(await page.evaluate(() => window.sameDocument))) throw new Error("the page reloaded");
@@ -92,6 +102,32 @@ try {
     const response = await fetch(new URL("files/mr_0007.nii.gz", url));
     await response.arrayBuffer();
     await waitText(page, "entries-count", "1");
+  });
+
+  await check("with an admin token the page logs in through a form, never the URL", async () => {
+    const guarded = startExample({ IMGCACHE_ADMIN_TOKEN: "s3cret-token" });
+    try {
+      const page = await browser.newPage();
+      const base = await guarded.url;
+      await page.goto(base);
+      await page.waitForSelector("#login:not([hidden])", { timeout: 15000 });
+      if ((await page.textContent("#entries-count")) !== "-") throw new Error("figures shown before login");
+      await page.fill("#token", "wrong");
+      await page.click("#login-form button[type=submit]");
+      await page.waitForSelector("text=wrong admin token", { timeout: 15000 });
+      await page.fill("#token", "s3cret-token");
+      await page.click("#login-form button[type=submit]");
+      await waitText(page, "entries-count", "3");
+      await waitText(page, "live", "live");
+      if (page.url().includes("s3cret")) throw new Error(`token in the URL ${page.url()}`);
+      const visible = await page.evaluate(() => document.cookie);
+      if (visible.includes("s3cret")) throw new Error("the token cookie is readable by the page");
+      const anonymous = await fetch(new URL("api/entries", base));
+      if (anonymous.status !== 401) throw new Error(`api/entries without the token: ${anonymous.status}`);
+    } finally {
+      guarded.server.stdin.end();
+      guarded.server.kill();
+    }
   });
 } finally {
   await browser.close();

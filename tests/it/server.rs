@@ -374,14 +374,22 @@ async fn raw_get(base: &str, path: &str) -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_admin_token_guards_the_mutating_endpoints() {
+async fn an_admin_token_guards_every_route_but_the_page_and_its_login() {
     let origin = Origin::start().await;
+    route_volumes(&origin, &["data/t"], 7, 1000);
     let dir = tempfile::tempdir().unwrap();
     let cache = setup(dir.path(), &origin).await;
     let server = serve(cache, ServerOptions::new().admin_token("s3cret")).await;
     let http = reqwest::Client::new();
     let url = |p: &str| format!("{}{p}", server.base);
     for (method, path) in [
+        ("GET", "/api/stats"),
+        ("GET", "/api/entries"),
+        ("GET", "/api/counters"),
+        ("GET", "/api/events"),
+        ("GET", "/metrics"),
+        ("GET", "/files/t.nii.gz"),
+        ("HEAD", "/files/t.nii.gz"),
         ("POST", "/api/clear"),
         ("POST", "/api/cleanup"),
         ("DELETE", "/api/entries?url=http://x/y"),
@@ -408,6 +416,11 @@ async fn an_admin_token_guards_the_mutating_endpoints() {
             "{method} {path}"
         );
     }
+    assert_eq!(
+        origin.hits("data/t.nii.gz"),
+        1,
+        "only the authorised request fetched"
+    );
     let put = http
         .put(url("/api/config"))
         .json(&serde_json::json!({"ttl_hours": 1}))
@@ -415,13 +428,169 @@ async fn an_admin_token_guards_the_mutating_endpoints() {
         .await
         .unwrap();
     assert_eq!(put.status(), StatusCode::UNAUTHORIZED);
-    // Reading needs no token.
+    // The page itself shows without the token (it asks for it).
     assert_eq!(
-        http.get(url("/api/stats")).send().await.unwrap().status(),
+        http.get(url("/")).send().await.unwrap().status(),
         StatusCode::OK
     );
+
+    // The login form's cookie: wrong token refused, right one set HttpOnly and SameSite=Strict.
+    let login = |token: &str| {
+        http.post(url("/api/login"))
+            .json(&serde_json::json!({ "token": token }))
+            .send()
+    };
     assert_eq!(
-        http.get(url("/metrics")).send().await.unwrap().status(),
-        StatusCode::OK
+        login("nope").await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
     );
+    let ok = login("s3cret").await.unwrap();
+    assert_eq!(ok.status(), StatusCode::NO_CONTENT);
+    let cookie = ok.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for part in [
+        "imgcache_token=s3cret",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/",
+    ] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+    let with_cookie = http
+        .get(url("/api/entries"))
+        .header("cookie", "other=1; imgcache_token=s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_cookie.status(), StatusCode::OK);
+    let bad_cookie = http
+        .get(url("/api/entries"))
+        .header("cookie", "imgcache_token=s3cre7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_cookie.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_a_json_error_too() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    let server = serve(cache, ServerOptions::new()).await;
+    let http = reqwest::Client::new();
+    let config = format!("{}/api/config", server.base);
+    for (body, content_type) in [
+        ("{not json", "application/json"),
+        (r#"{"ttl_hours": "soon"}"#, "application/json"),
+        (r#"{"colour": 1}"#, "application/json"),
+        (r#"{"ttl_hours": 1}"#, "text/plain"),
+    ] {
+        let answer = http
+            .put(&config)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            answer.status().is_client_error(),
+            "{body}: {}",
+            answer.status()
+        );
+        let json: serde_json::Value = answer.json().await.unwrap();
+        assert!(
+            json["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{body}"
+        );
+    }
+    let no_url = http
+        .delete(format!("{}/api/entries", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_url.status(), StatusCode::BAD_REQUEST);
+    let json: serde_json::Value = no_url.json().await.unwrap();
+    assert!(json["error"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_from_another_site_cannot_change_the_cache() {
+    let origin = Origin::start().await;
+    route_volumes(&origin, &["data/c"], 8, 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    drop(cache.get("c.nii.gz").await.unwrap());
+    let server = serve(cache.clone(), ServerOptions::new()).await;
+    let http = reqwest::Client::new();
+    let host = server.base.trim_start_matches("http://").to_owned();
+    for (name, value) in [
+        ("origin", "http://evil.example".to_owned()),
+        ("origin", "null".to_owned()),
+        ("sec-fetch-site", "cross-site".to_owned()),
+    ] {
+        let refused = http
+            .post(format!("{}/api/clear", server.base))
+            .header(name, value.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN, "{name}: {value}");
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert!(body["error"].is_string());
+    }
+    assert_eq!(cache.stats().entries_count, 1, "nothing was cleared");
+    // A cross-site read is not a change: allowed.
+    let read = http
+        .get(format!("{}/api/stats", server.base))
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), StatusCode::OK);
+    // The page's own requests (same origin) change it.
+    let own = http
+        .post(format!("{}/api/clear", server.base))
+        .header("origin", format!("http://{host}"))
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), StatusCode::OK);
+    assert_eq!(cache.stats().entries_count, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_carry_security_headers_and_errors_no_local_paths() {
+    let origin = Origin::start().await;
+    route_volumes(&origin, &["data/e"], 9, 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    let server = serve(cache, ServerOptions::new()).await;
+    let page = reqwest::get(format!("{}/", server.base)).await.unwrap();
+    let h = page.headers();
+    let csp = h["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("script-src 'sha256-") && csp.contains("default-src 'none'"),
+        "{csp}"
+    );
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["referrer-policy"], "no-referrer");
+    let stats = reqwest::get(format!("{}/api/stats", server.base))
+        .await
+        .unwrap();
+    assert_eq!(stats.headers()["x-content-type-options"], "nosniff");
+
+    // A download that fails on the cache's own disk: the client learns nothing of its layout.
+    let tmp = dir.path().join("v1/tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, b"not a directory").unwrap();
+    let failed = reqwest::get(format!("{}/files/e.nii.gz", server.base))
+        .await
+        .unwrap();
+    assert!(failed.status().is_server_error(), "{}", failed.status());
+    let body = failed.text().await.unwrap();
+    assert!(body.contains("error"), "{body}");
+    let dir_text = dir.path().to_str().unwrap();
+    assert!(!body.contains(dir_text) && !body.contains("v1/"), "{body}");
 }

@@ -1,0 +1,219 @@
+//! Who may use the server: the admin token, the dashboard's login, and the refusal of
+//! cross-site requests that change the cache.
+//!
+//! With an admin token set, every route but the dashboard page and its login requires it, as
+//! `Authorization: Bearer <token>` (scripts) or as the cookie that `POST /api/login` sets
+//! (the dashboard: `HttpOnly`, `SameSite=Strict`, scoped to the router's mount point, so the
+//! token is never in a URL or readable by the page's script). Whether or not a token is set,
+//! a request that changes something (anything but `GET` and `HEAD`) from another site is
+//! refused: browsers say where a request comes from in `Sec-Fetch-Site` and `Origin`, which a
+//! page on another site cannot forge.
+
+use std::sync::Arc;
+
+use axum::extract::{OriginalUri, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::{ApiError, AppResult, AppState, JsonBody};
+
+/// The cookie the dashboard's login sets.
+const COOKIE: &str = "imgcache_token";
+
+/// Routes that answer without the token: the page, which shows the login form, and the
+/// login itself.
+fn is_open(path: &str) -> bool {
+    matches!(path, "/" | "/api/login" | "/api/logout")
+}
+
+/// The layer in front of every route: refuses cross-site changes, then requires the token.
+pub(super) async fn guard(
+    State(st): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let changes = !matches!(*request.method(), Method::GET | Method::HEAD);
+    if changes && from_another_site(request.headers()) {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            "a request from another site may not change the cache".into(),
+        )
+        .into_response();
+    }
+    if !is_open(request.uri().path())
+        && let Err(e) = authorize(&st, request.headers())
+    {
+        return e.into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether the browser says the request comes from a page of another origin.
+fn from_another_site(headers: &HeaderMap) -> bool {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    if let Some(site) = text(header::HeaderName::from_static("sec-fetch-site")) {
+        // `none` is the user's own action (a typed URL, a bookmark).
+        return !matches!(site, "same-origin" | "none");
+    }
+    match (text(header::ORIGIN), text(header::HOST)) {
+        (None, _) => false,
+        (Some(origin), Some(host)) => {
+            let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
+            !origin_host.eq_ignore_ascii_case(host)
+        }
+        // An `Origin` (or `null`) with no `Host` to compare it to.
+        (Some(_), None) => true,
+    }
+}
+
+/// Accepts the token as a bearer token or as the login cookie (compared in constant time).
+fn authorize(state: &AppState, headers: &HeaderMap) -> AppResult<()> {
+    let Some(token) = &state.token else {
+        return Ok(());
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value);
+    if bearer.or(cookie).is_some_and(|given| same(given, token)) {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "this endpoint needs the admin token (Authorization: Bearer <token>, or log in on the dashboard)"
+                .into(),
+        ))
+    }
+}
+
+/// Equality in time independent of where the strings differ.
+fn same(given: &str, token: &str) -> bool {
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            == 0
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Login {
+    token: String,
+}
+
+/// The path the router is mounted at (`/` alone, `/cache/` nested), from the full request
+/// path and the router's own: the cookie is scoped to it.
+fn mount_point(original: &str, own: &str) -> String {
+    let prefix = original.strip_suffix(own).unwrap_or("");
+    format!("{}/", prefix.trim_end_matches('/'))
+}
+
+/// `POST /api/login` `{"token": "..."}`: sets the cookie when the token is right.
+pub(super) async fn login(
+    State(st): State<Arc<AppState>>,
+    OriginalUri(original): OriginalUri,
+    JsonBody(login): JsonBody<Login>,
+) -> AppResult<Response> {
+    let Some(token) = &st.token else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    if !same(login.token.trim(), token) {
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "wrong admin token".into(),
+        ));
+    }
+    // Tokens with characters a cookie cannot carry are for bearer use only.
+    if !token
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b';' && b != b',' && b != b'"')
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "this token cannot be stored in a cookie; use Authorization: Bearer".into(),
+        ));
+    }
+    let path = mount_point(original.path(), "/api/login");
+    let cookie = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path={path}");
+    Ok(([(header::SET_COOKIE, cookie)], StatusCode::NO_CONTENT).into_response())
+}
+
+/// `POST /api/logout`: removes the cookie.
+pub(super) async fn logout(OriginalUri(original): OriginalUri) -> Response {
+    let path = mount_point(original.path(), "/api/logout");
+    let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path={path}; Max-Age=0");
+    ([(header::SET_COOKIE, cookie)], StatusCode::NO_CONTENT).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn cross_site_requests_are_told_apart_from_same_site_ones() {
+        assert!(!from_another_site(&headers(&[])), "curl sends neither");
+        assert!(!from_another_site(&headers(&[(
+            "sec-fetch-site",
+            "same-origin"
+        )])));
+        assert!(!from_another_site(&headers(&[("sec-fetch-site", "none")])));
+        assert!(from_another_site(&headers(&[(
+            "sec-fetch-site",
+            "cross-site"
+        )])));
+        assert!(from_another_site(&headers(&[(
+            "sec-fetch-site",
+            "same-site"
+        )])));
+        let same = [
+            ("origin", "http://127.0.0.1:8787"),
+            ("host", "127.0.0.1:8787"),
+        ];
+        assert!(!from_another_site(&headers(&same)));
+        let other = [
+            ("origin", "http://evil.example"),
+            ("host", "127.0.0.1:8787"),
+        ];
+        assert!(from_another_site(&headers(&other)));
+        assert!(from_another_site(&headers(&[
+            ("origin", "null"),
+            ("host", "h")
+        ])));
+    }
+
+    #[test]
+    fn the_cookie_is_scoped_to_the_mount_point() {
+        assert_eq!(mount_point("/api/login", "/api/login"), "/");
+        assert_eq!(mount_point("/cache/api/login", "/api/login"), "/cache/");
+        assert_eq!(mount_point("/a/b/api/login", "/api/login"), "/a/b/");
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same("s3cret", "s3cret"));
+        assert!(!same("s3cre", "s3cret") && !same("s3cret!", "s3cret") && !same("", "x"));
+    }
+}
