@@ -104,6 +104,31 @@ try {
     await waitText(page, "entries-count", "1");
   });
 
+  await check("under a steady stream of events the entry table still refreshes", async () => {
+    const hitsCell = () => page.evaluate(() => {
+      const row = [...document.querySelectorAll("#entries-table tr")].find((r) => r.dataset.url?.endsWith("mr_0007.nii.gz"));
+      return row ? row.cells[4].textContent : null;
+    });
+    const before = await hitsCell();
+    let streaming = true;
+    const stream = (async () => {
+      while (streaming) {
+        await (await fetch(new URL("files/mr_0007.nii.gz", url))).arrayBuffer();
+        await new Promise((r) => setTimeout(r, 40));
+      }
+    })();
+    try {
+      const deadline = Date.now() + 1500;
+      while ((await hitsCell()) === before) {
+        if (Date.now() > deadline) throw new Error(`hits still ${before} after 1.5 s of events`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    } finally {
+      streaming = false;
+      await stream;
+    }
+  });
+
   await check("with an admin token the page logs in through a form, never the URL", async () => {
     const guarded = startExample({ IMGCACHE_ADMIN_TOKEN: "s3cret-token" });
     try {
