@@ -16,7 +16,7 @@ mod sweeper;
 
 use std::fmt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -78,7 +78,7 @@ pub(crate) struct Inner {
     inflight: Arc<Inflight<Key, DownloadResult>>,
     events: Events,
     /// URLs as callers wrote them, resolved (see `resolve`).
-    resolved: DashMap<Box<str>, Arc<Resolved>>,
+    resolved: Resolutions,
     counters: Counters,
     default_ttl_ms: AtomicU64,
     closed: AtomicBool,
@@ -165,7 +165,7 @@ impl ImageCache {
             index,
             inflight: Arc::new(Inflight::new()),
             events: Events::new(),
-            resolved: DashMap::new(),
+            resolved: Resolutions::default(),
             counters,
             closed: AtomicBool::new(false),
             cancel: CancellationToken::new(),
@@ -512,17 +512,14 @@ impl Inner {
     /// cheap to redo).
     fn resolve(&self, url: &str) -> Result<Arc<Resolved>> {
         if let Some(found) = self.resolved.get(url) {
-            return Ok(Arc::clone(found.value()));
+            return Ok(found);
         }
         let resolved = Arc::new(key::resolve_with(
             url,
             self.config.image_server.as_ref(),
             &self.config.url_policy,
         )?);
-        if self.resolved.len() >= RESOLVED_CAPACITY {
-            self.resolved.clear();
-        }
-        self.resolved.insert(url.into(), Arc::clone(&resolved));
+        self.resolved.insert(url, &resolved);
         Ok(resolved)
     }
 
@@ -596,6 +593,56 @@ impl Drop for Inner {
 
 /// How many resolved URLs are remembered at most.
 const RESOLVED_CAPACITY: usize = 4096;
+/// How many bytes of URLs (as written, resolved and shown) are remembered at most.
+const RESOLVED_BYTES: usize = 4 << 20;
+
+/// URLs as callers wrote them and what they resolve to, bounded in count and in bytes: when
+/// either bound is reached the map is emptied (a bound, not an LRU: the work it saves is cheap
+/// to redo).
+#[derive(Default)]
+struct Resolutions {
+    // DashMap: read on every hit from any task; a guard never lives past one call.
+    map: DashMap<Box<str>, Arc<Resolved>>,
+    /// Bytes held, about: what `cost` says of each entry.
+    bytes: AtomicUsize,
+}
+
+impl Resolutions {
+    fn get(&self, url: &str) -> Option<Arc<Resolved>> {
+        self.map.get(url).map(|found| Arc::clone(found.value()))
+    }
+
+    /// The memory an entry holds: the text as written, and the URL resolved, shown, keyed.
+    fn cost(url: &str, resolved: &Resolved) -> usize {
+        url.len()
+            + resolved.request.as_str().len()
+            + resolved.display.len()
+            + resolved.file_name.len()
+            + 64
+            + 128
+    }
+
+    fn insert(&self, url: &str, resolved: &Arc<Resolved>) {
+        let cost = Self::cost(url, resolved);
+        if cost > RESOLVED_BYTES / 16 {
+            return; // A URL this long is not worth the room.
+        }
+        if self.map.len() >= RESOLVED_CAPACITY
+            || self.bytes.load(Ordering::Relaxed) + cost > RESOLVED_BYTES
+        {
+            self.map.clear();
+            self.bytes.store(0, Ordering::Relaxed);
+        }
+        if self.map.insert(url.into(), Arc::clone(resolved)).is_none() {
+            self.bytes.fetch_add(cost, Ordering::Relaxed);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
 
 fn duration_ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
@@ -638,5 +685,31 @@ mod tests {
         // Errors are not remembered.
         assert!(inner.resolve("ftp://h/x").is_err());
         assert!(inner.resolved.get("ftp://h/x").is_none());
+    }
+
+    #[tokio::test]
+    async fn resolved_urls_are_bounded_in_bytes_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::builder()
+            .cache_dir(dir.path())
+            .sweep_interval(Duration::ZERO)
+            .build()
+            .await
+            .unwrap();
+        let inner = cache.inner();
+        // Long URLs (100 KB of query each): far fewer than RESOLVED_CAPACITY fit.
+        let long = "q".repeat(100_000);
+        for i in 0..200 {
+            inner
+                .resolve(&format!("http://h/{i}.nii.gz?{long}"))
+                .unwrap();
+            assert!(inner.resolved.bytes.load(Ordering::Relaxed) <= RESOLVED_BYTES);
+            assert!(inner.resolved.len() * 300_000 <= RESOLVED_BYTES + 300_000);
+        }
+        // A URL longer than a sixteenth of the bound is resolved every time, never kept.
+        let huge = format!("http://h/x.nii.gz?{}", "z".repeat(RESOLVED_BYTES / 8));
+        let a = inner.resolve(&huge).unwrap();
+        assert!(inner.resolved.get(&huge).is_none());
+        assert_eq!(inner.resolve(&huge).unwrap().key, a.key);
     }
 }
