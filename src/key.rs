@@ -319,8 +319,21 @@ fn file_name_of(url: &Url) -> String {
     sanitise(&percent_decode_str(last).decode_utf8_lossy())
 }
 
-/// Makes `raw` safe as one path component that keeps its extension.
+/// Makes `raw` safe as one path component that keeps its extension. Idempotent, as recovery
+/// requires (it refuses a recorded name that sanitising would change): cutting a long name
+/// can leave a trailing dot or space, so the rules apply until nothing changes.
 pub(crate) fn sanitise(raw: &str) -> String {
+    let mut name = sanitise_once(raw);
+    loop {
+        let again = sanitise_once(&name);
+        if again == name {
+            return name;
+        }
+        name = again;
+    }
+}
+
+fn sanitise_once(raw: &str) -> String {
     let cleaned: String = raw
         .chars()
         .map(|c| match c {
@@ -345,12 +358,15 @@ fn truncate_keeping_suffix(name: &str) -> String {
     if name.len() <= MAX_NAME_BYTES {
         return name.to_owned();
     }
-    // The suffix starts at the first dot after the first character (so `.nii.gz` is kept).
-    let first_dot = name.char_indices().skip(1).find(|(_, c)| *c == '.');
-    let suffix = match first_dot {
-        Some((i, _)) if name.len() - i <= MAX_SUFFIX_BYTES => &name[i..],
-        _ => "",
-    };
+    // The suffix starts at the first dot after the first character that leaves at most
+    // MAX_SUFFIX_BYTES (so `.nii.gz` is kept, however many dots the name has before it).
+    let suffix = name
+        .char_indices()
+        .skip(1)
+        .filter(|(_, c)| *c == '.')
+        .map(|(i, _)| i)
+        .find(|i| name.len() - i <= MAX_SUFFIX_BYTES)
+        .map_or("", |i| &name[i..]);
     let mut stem_end = MAX_NAME_BYTES - suffix.len();
     while !name.is_char_boundary(stem_end) {
         stem_end -= 1;
@@ -492,6 +508,9 @@ mod tests {
         assert!(n.ends_with(".nii.gz"));
         let long_ext = format!("http://h/a.{}", "x".repeat(500));
         assert!(name(&long_ext).len() <= MAX_NAME_BYTES);
+        // Dots early in a long name do not cost it its extension.
+        let dotted = format!("http://h/{}.nii.gz", "a.b".repeat(100));
+        assert!(name(&dotted).ends_with(".nii.gz"), "{}", name(&dotted));
     }
 
     #[test]
@@ -519,6 +538,36 @@ mod tests {
         for escape in ["../x", "a/../../x", "%2e%2e/x", "a/%2E%2E/%2e%2e/x"] {
             let err = below(&b, escape, None).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidUrl, "{escape}");
+        }
+    }
+
+    #[test]
+    fn a_name_cut_to_length_never_ends_in_a_dot_or_a_space() {
+        for filler in [".", " ", ". "] {
+            // No suffix is kept (the last dot is too far from the end), so the cut falls in
+            // the filler.
+            let raw = format!(
+                "{}{}{}",
+                "a".repeat(MAX_NAME_BYTES - 1),
+                filler.repeat(20),
+                "b".repeat(40)
+            );
+            let name = sanitise(&raw);
+            assert!(name.len() <= MAX_NAME_BYTES, "{}", name.len());
+            assert!(!name.ends_with(['.', ' ']), "{name:?}");
+            assert_eq!(sanitise(&name), name);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #[test]
+        fn sanitising_is_idempotent_and_bounded(raw in "\\PC{0,300}|[. a-z]{100,200}") {
+            let name = sanitise(&raw);
+            proptest::prop_assert_eq!(&sanitise(&name), &name);
+            proptest::prop_assert!(name.len() <= MAX_NAME_BYTES);
+            proptest::prop_assert!(!name.is_empty() && name != META_FILE);
+            proptest::prop_assert!(!name.contains(['/', '\\', '\0']));
         }
     }
 

@@ -169,3 +169,43 @@ async fn a_presigned_url_signed_again_is_a_hit_and_its_signature_is_never_shown(
     // What the dashboard shows can be handed back: it names the same entry.
     assert!(cache.invalidate(first.url()).await.unwrap());
 }
+
+/// Every file name `get` accepts survives a restart: get, reopen, hit.
+#[test]
+fn any_name_that_get_accepts_is_still_a_hit_after_a_restart() {
+    use proptest::test_runner::{Config, TestRunner};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let origin = rt.block_on(Origin::start());
+    let body = volume(44, 1000);
+    let strategy = "\\PC{1,200}|[a-z. ]{100,200}\\.nii\\.gz|[. ]{1,10}[a-z]{130,140}[. ]{1,10}";
+    let mut runner = TestRunner::new(Config::with_cases(24));
+    runner
+        .run(&strategy, |name| {
+            let segment: String =
+                percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC)
+                    .collect();
+            let url = url::Url::parse(&origin.url(&format!("p/{segment}"))).unwrap();
+            origin.route(url.path(), Route::ok(body.clone()));
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let (cache, _clock) = open(dir.path()).await;
+                let file = cache.get(url.as_str()).await.unwrap();
+                let path = file.path().to_owned();
+                drop(file);
+                cache.shutdown().await;
+                drop(cache);
+                let (cache, _clock) = open(dir.path()).await;
+                let hit = cache.get_cached(url.as_str());
+                assert!(hit.is_some(), "{name:?} ({path:?}) was lost at the restart");
+                let hit = hit.unwrap();
+                assert_eq!(hit.status(), CacheStatus::Hit);
+                assert_eq!(hit.path(), path);
+                assert_eq!(std::fs::read(hit.path()).unwrap(), body);
+                if name.ends_with(".nii.gz") {
+                    assert!(path.to_string_lossy().ends_with(".nii.gz"), "{path:?}");
+                }
+            });
+            Ok(())
+        })
+        .unwrap();
+}
