@@ -36,6 +36,15 @@ impl Drop for Pinned {
     fn drop(&mut self) {
         let removed = self.inner.index.unpin(&self.entry);
         self.inner.dispose_in_background(removed);
+        // The sweeper does not wake for an entry that pins keep past its grace; now it may be
+        // free to go.
+        if self
+            .inner
+            .index
+            .past_grace(&self.entry, self.inner.now_ms())
+        {
+            self.inner.wake_sweeper.notify_one();
+        }
     }
 }
 

@@ -88,6 +88,9 @@ pub(crate) struct Inner {
     sweeper: Mutex<Option<JoinHandle<()>>>,
     /// The process lock on the cache directory, released when the cache is dropped.
     _lock: std::fs::File,
+    /// Sweeps run, for the sweeper's tests.
+    #[cfg(test)]
+    sweeps: AtomicU64,
 }
 
 impl CacheBuilder {
@@ -172,6 +175,8 @@ impl ImageCache {
             wake_sweeper: Notify::new(),
             sweeper: Mutex::new(None),
             _lock: lock,
+            #[cfg(test)]
+            sweeps: AtomicU64::new(0),
             config,
         });
         tracing::info!(

@@ -21,6 +21,9 @@ impl Inner {
 
     /// One sweep with its side effects (blocking): removals disposed of, state saved.
     fn sweep_once(&self) -> Option<u64> {
+        #[cfg(test)]
+        self.sweeps
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (removed, next) = self.sweep_now();
         self.dispose_now(removed);
         self.save_state_now();
@@ -69,5 +72,54 @@ async fn sweeper_loop(inner: Arc<Inner>) {
             () = tokio::time::sleep(wait) => {}
             () = inner.wake_sweeper.notified() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::clock::{ManualClock, unix_ms};
+    use crate::store::testing::{disk, key, put};
+    use crate::{Clock, ImageCache};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sweeper_sleeps_while_only_a_held_entry_is_past_its_grace() {
+        let (dir, layout) = disk();
+        let clock = Arc::new(ManualClock::new());
+        let expires = unix_ms(clock.now()) + 1000;
+        put(&layout, &key(1), b"abc", expires);
+        let cache = ImageCache::builder()
+            .cache_dir(dir.path())
+            .clock(Arc::clone(&clock) as Arc<dyn Clock>)
+            .sweep_interval(Duration::from_secs(3600))
+            .stale_grace(Duration::from_secs(1))
+            .build()
+            .await
+            .unwrap();
+        let inner = Arc::clone(cache.inner());
+        let held = inner.pinned(inner.index.pin_current(&key(1)).unwrap());
+        clock.advance(Duration::from_secs(60));
+        inner.wake_sweeper.notify_one();
+        // Real time, bounded: a sweeper that took the held entry's past deadline for its
+        // next would wake every 10 ms.
+        let before = inner.sweeps.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let woke = inner.sweeps.load(Ordering::Relaxed) - before;
+        assert!(
+            woke <= 2,
+            "the sweeper woke {woke} times for nothing it could do"
+        );
+        assert_eq!(inner.index.figures().entries, 1, "held, so kept");
+        // The last pin dropping wakes it, and the entry goes.
+        drop(held);
+        for _ in 0..200 {
+            if inner.index.figures().entries == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the released entry was never swept");
     }
 }

@@ -186,6 +186,11 @@ impl Index {
         self.max.load(Ordering::Relaxed)
     }
 
+    /// Whether `entry` is past its expiry and grace period at `now_ms`: the sweep's to take.
+    pub(crate) fn past_grace(&self, entry: &Entry, now_ms: u64) -> bool {
+        now_ms >= entry.expires_at().saturating_add(self.grace_ms)
+    }
+
     /// Changes the cap and evicts to honour it.
     pub(crate) fn set_max(&self, max: u64) -> Vec<Removed> {
         let mut st = self.lock();
@@ -451,10 +456,13 @@ impl Index {
             }
         }
         removed.extend(self.evict_locked(&mut st));
+        // A pinned entry already past its grace is not a deadline: nothing can be done about
+        // it until its last pin drops, which wakes the sweeper (see `Pinned`).
         let next = st
             .entries
             .values()
             .map(|e| e.expires_at().saturating_add(grace))
+            .filter(|deadline| *deadline > now_ms)
             .min();
         (removed, next)
     }
