@@ -88,6 +88,7 @@
 //! | `CACHE_MAX_SIZE_MB` | `1024` | size cap in MB (2^20 bytes) |
 //! | `CACHE_DEFAULT_TTL_HOURS` | `24` | time to live of new entries (fractions allowed) |
 //! | `CACHE_SWEEP_INTERVAL` | `60s` | background sweep period (`0s` disables) |
+//! | `CACHE_STATE_SAVE_INTERVAL` | `5s` | longest time before changed access times and counters are saved |
 //! | `CACHE_FILE_MODE` | `600` | permission bits of cached files (octal) |
 //! | `CACHE_STALE_GRACE` | `7days` | expired entries kept for revalidation and stale fallback |
 //! | `CACHE_STALE_IF_ERROR` | `1` | serve an expired copy when the origin fails |
@@ -142,7 +143,7 @@ pub use cache::{
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     CacheBuilder, DEFAULT_FILE_MODE, DEFAULT_MAX_FILE_SIZE_BYTES, DEFAULT_MAX_SIZE_BYTES,
-    DEFAULT_STALE_GRACE, DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL,
+    DEFAULT_STALE_GRACE, DEFAULT_STATE_SAVE_INTERVAL, DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Received, Subscription};

@@ -209,18 +209,34 @@ async fn serve(
         }
         None => eprintln!("imgcache: no IMAGE_SERVER configured: /files/ is off"),
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("a SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let mut server = std::pin::pin!(server.into_future());
+    tokio::select! {
+        served = &mut server => served?,
+        () = signalled() => {
+            // Requests in flight get a moment to finish; dashboards' event streams never
+            // would, so they are cut after it and the state is saved (by the caller).
+            stop.cancel();
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+                eprintln!("imgcache: closing the connections still open after {} s", SHUTDOWN_GRACE.as_secs());
             }
-        })
-        .await?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long requests in flight may go on after Ctrl-C or SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Ctrl-C or SIGTERM.
+async fn signalled() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 /// Progress bars on stderr, one per running download, driven by the cache's events.

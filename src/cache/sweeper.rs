@@ -9,6 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use super::Inner;
 use crate::index::Removed;
 
@@ -30,9 +32,9 @@ impl Inner {
         next
     }
 
-    /// Starts the background task, unless the interval is zero.
+    /// Starts the background task, unless both its intervals are zero.
     pub(super) fn start_sweeper(self: &Arc<Self>) {
-        if self.config.sweep_interval.is_zero() {
+        if self.config.sweep_interval.is_zero() && self.config.state_save_interval.is_zero() {
             return;
         }
         let task = tokio::spawn(sweeper_loop(Arc::clone(self)));
@@ -54,23 +56,42 @@ impl Inner {
 }
 
 /// Sweeps at the next expiry or every `sweep_interval`, whichever comes first, and whenever
-/// woken; stops when the cache is dropped or shut down.
+/// woken; between sweeps, saves state.json every `state_save_interval` if anything changed.
+/// Stops when the cache is dropped or shut down.
 async fn sweeper_loop(inner: Arc<Inner>) {
-    let interval = inner.config.sweep_interval;
+    let sweep_every = inner.config.sweep_interval;
+    let save_every = inner.config.state_save_interval;
+    let mut next_sweep = (!sweep_every.is_zero()).then(Instant::now);
     loop {
+        let sweep = next_sweep.is_some_and(|at| Instant::now() >= at);
         let this = Arc::clone(&inner);
-        let next = tokio::task::spawn_blocking(move || this.sweep_once())
-            .await
-            .ok()
-            .flatten();
-        let until_expiry = next.map(|at| Duration::from_millis(at.saturating_sub(inner.now_ms())));
-        let wait = until_expiry
-            .map_or(interval, |d| d.min(interval))
-            .max(Duration::from_millis(10));
+        let next_expiry = tokio::task::spawn_blocking(move || {
+            if sweep {
+                this.sweep_once()
+            } else {
+                this.save_state_now();
+                None
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        if sweep {
+            let until_expiry = next_expiry
+                .map(|at| Duration::from_millis(at.saturating_sub(inner.now_ms())))
+                .unwrap_or(sweep_every);
+            next_sweep = Some(Instant::now() + until_expiry.min(sweep_every));
+        }
+        let mut wait = next_sweep.map_or(Duration::MAX, |at| at - Instant::now());
+        if !save_every.is_zero() {
+            wait = wait.min(save_every);
+        }
         tokio::select! {
             () = inner.cancel.cancelled() => break,
-            () = tokio::time::sleep(wait) => {}
-            () = inner.wake_sweeper.notified() => {}
+            () = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+            () = inner.wake_sweeper.notified() => {
+                next_sweep = next_sweep.map(|_| Instant::now());
+            }
         }
     }
 }
@@ -94,6 +115,7 @@ mod tests {
             .cache_dir(dir.path())
             .clock(Arc::clone(&clock) as Arc<dyn Clock>)
             .sweep_interval(Duration::from_secs(3600))
+            .state_save_interval(Duration::ZERO)
             .stale_grace(Duration::from_secs(1))
             .build()
             .await
@@ -121,5 +143,50 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         panic!("the released entry was never swept");
+    }
+}
+
+#[cfg(test)]
+mod saving {
+    use std::time::Duration;
+
+    use crate::ImageCache;
+    use crate::store::Layout;
+    use crate::store::testing::put;
+
+    /// state.json as saved, if it is there.
+    fn saved(dir: &std::path::Path) -> serde_json::Value {
+        std::fs::read(dir.join("v1/state.json"))
+            .ok()
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hit_reaches_state_json_within_the_save_interval_without_a_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path(), 0o600, 0o700);
+        let url = "http://h/ct/1.nii.gz";
+        let key = crate::key::resolve(url, None).unwrap().key;
+        std::fs::create_dir_all(dir.path().join("v1/tmp")).unwrap();
+        put(&layout, &key, b"abc", u64::MAX / 2);
+        let cache = ImageCache::builder()
+            .cache_dir(dir.path())
+            .sweep_interval(Duration::ZERO)
+            .state_save_interval(Duration::from_millis(50))
+            .build()
+            .await
+            .unwrap();
+        assert!(cache.get_cached(url).is_some());
+        // Bounded polling: the hit is saved by the background task, not at exit.
+        for _ in 0..400 {
+            let state = saved(dir.path());
+            if state["counters"]["hits"] == 1 && state["entries"][key.as_str()]["hits"] == 1 {
+                drop(cache);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("state.json never got the hit: {}", saved(dir.path()));
     }
 }

@@ -21,6 +21,8 @@ pub const DEFAULT_MAX_SIZE_BYTES: u64 = 1024 * MB;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Default interval of the background sweep.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// Default longest time between a hit and the saving of its access time: 5 seconds.
+pub const DEFAULT_STATE_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Default permission bits of cached files.
 pub const DEFAULT_FILE_MODE: u32 = 0o600;
 /// Default time expired entries are kept for revalidation and stale fallback: 7 days.
@@ -39,6 +41,7 @@ pub struct CacheBuilder {
     image_server: Option<String>,
     http_client: Option<reqwest::Client>,
     sweep_interval: Duration,
+    state_save_interval: Duration,
     file_mode: u32,
     connect_timeout: Duration,
     read_timeout: Duration,
@@ -72,6 +75,7 @@ impl fmt::Debug for CacheBuilder {
             )
             .field("custom_http_client", &self.http_client.is_some())
             .field("sweep_interval", &self.sweep_interval)
+            .field("state_save_interval", &self.state_save_interval)
             .field("file_mode", &format_args!("{:o}", self.file_mode))
             .field("connect_timeout", &self.connect_timeout)
             .field("read_timeout", &self.read_timeout)
@@ -101,6 +105,7 @@ impl Default for CacheBuilder {
             image_server: None,
             http_client: None,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            state_save_interval: DEFAULT_STATE_SAVE_INTERVAL,
             file_mode: DEFAULT_FILE_MODE,
             connect_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(60),
@@ -130,6 +135,7 @@ pub(crate) struct Config {
     pub(crate) image_server: Option<Url>,
     pub(crate) http_client: reqwest::Client,
     pub(crate) sweep_interval: Duration,
+    pub(crate) state_save_interval: Duration,
     pub(crate) file_mode: u32,
     pub(crate) dir_mode: u32,
     pub(crate) download_timeout: Option<Duration>,
@@ -173,6 +179,10 @@ const ENVIRONMENT: &[(&str, Setter)] = &[
     (
         "CACHE_SWEEP_INTERVAL",
         set!(sweep_interval = parse_duration),
+    ),
+    (
+        "CACHE_STATE_SAVE_INTERVAL",
+        set!(state_save_interval = parse_duration),
     ),
     ("CACHE_FILE_MODE", set!(file_mode = parse_mode)),
     ("CACHE_STALE_GRACE", set!(stale_grace = parse_duration)),
@@ -288,6 +298,15 @@ impl CacheBuilder {
     /// background task ([`ImageCache::cleanup`](crate::ImageCache::cleanup) still works).
     pub fn sweep_interval(mut self, every: Duration) -> Self {
         self.sweep_interval = every;
+        self
+    }
+
+    /// How soon access times, hits and counters that changed are saved to state.json, so that
+    /// a crash loses at most this much of them. Default 5 s (env `CACHE_STATE_SAVE_INTERVAL`);
+    /// zero saves only at [`shutdown`](crate::ImageCache::shutdown), when the cache is dropped
+    /// and at each sweep. Saving writes one small file, and only when something changed.
+    pub fn state_save_interval(mut self, every: Duration) -> Self {
+        self.state_save_interval = every;
         self
     }
 
@@ -482,6 +501,7 @@ impl CacheBuilder {
             image_server,
             http_client,
             sweep_interval: self.sweep_interval,
+            state_save_interval: self.state_save_interval,
             file_mode: self.file_mode,
             dir_mode,
             download_timeout: self.download_timeout,

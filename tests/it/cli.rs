@@ -477,3 +477,72 @@ async fn credentials_and_signatures_never_reach_the_terminal() {
         "{banner}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exits_soon_after_sigterm_with_dashboards_listening_and_saves_its_state() {
+    // reqwest is built without a crypto provider of its own (the cache installs one).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let f = Fixture::new().await;
+    let cache = f.dir.path().join("serve-cache");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .args([
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env_clear()
+        .env("HOME", f.dir.path())
+        .env("IMAGE_SERVER", f.origin.url(""))
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut base = None;
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(rest) = line.strip_prefix("imgcache: dashboard on ") {
+            base = rest
+                .split_whitespace()
+                .next()
+                .map(|u| u.trim_end_matches('/').to_owned());
+            break;
+        }
+    }
+    let base = base.expect("the banner names the address");
+    let file = reqwest::get(format!("{base}/files/ct/a.nii.gz"))
+        .await
+        .unwrap();
+    assert_eq!(file.bytes().await.unwrap().len(), 300_000);
+    let again = reqwest::get(format!("{base}/files/ct/a.nii.gz"))
+        .await
+        .unwrap();
+    assert_eq!(again.bytes().await.unwrap().len(), 300_000);
+    // Two dashboards listening.
+    let events = [
+        reqwest::get(format!("{base}/api/events")).await.unwrap(),
+        reqwest::get(format!("{base}/api/events")).await.unwrap(),
+    ];
+    assert!(events.iter().all(|e| e.status().is_success()));
+    let pid = child.id().unwrap().to_string();
+    let started = std::time::Instant::now();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait())
+        .await
+        .expect("serve still running 5 s after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?} after {:?}", started.elapsed());
+    drop(events);
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cache.join("v1/state.json")).unwrap()).unwrap();
+    assert_eq!(state["counters"]["total_downloads"], 1, "{state}");
+    assert_eq!(state["counters"]["hits"], 1, "{state}");
+}
