@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use imgcache::{CacheBuilder, ImageCache, ManualClock};
 
-/// A builder on `dir` with a manual clock, no background sweeper (tests sweep explicitly) and
-/// retry delays of a millisecond.
+/// A builder on `dir` with a manual clock, no background task (tests sweep explicitly, and
+/// state is saved at shutdown and drop) and retry delays of a millisecond.
 pub fn builder(dir: &Path, clock: &Arc<ManualClock>) -> CacheBuilder {
     ImageCache::builder()
         .cache_dir(dir)
         .sweep_interval(Duration::ZERO)
+        .state_save_interval(Duration::ZERO)
         .retry_base_delay(Duration::from_millis(1))
         .retry_max_delay(Duration::from_millis(5))
         .clock(Arc::clone(clock) as Arc<dyn imgcache::Clock>)
