@@ -33,8 +33,9 @@
 //! dashboard, JSON API, /metrics, /files (feature `server`)              server/
 //! ```
 //!
-//! On disk (`<cache_dir>/v1/...`): `entries/<k[0..2]>/<key>/<file name>` holds the bytes,
-//! `meta.json` beside it the URL, SHA-256, size, mtime, validators and expiry;
+//! On disk (`<cache_dir>/v1/...`): `entries/<k[0..2]>/<key>/<gen>/<file name>` holds the bytes
+//! of one version, `entries/<k[0..2]>/<key>/meta.json` the current version's URL, SHA-256,
+//! size, mtime, validators and expiry;
 //! `tmp/` holds downloads in progress; `state.json` access times and counters. `key` is the hex
 //! SHA-256 of the normalised URL (credentials and fragment removed). Files are created 0600 and
 //! directories 0700 unless [`CacheBuilder::file_mode`] says otherwise. One process uses a cache

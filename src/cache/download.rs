@@ -19,7 +19,7 @@ use crate::fetch;
 use crate::index::Entry;
 use crate::key::{Key, Resolved};
 use crate::stats::Counter;
-use crate::store::{self, Meta, TempFile, Validators};
+use crate::store::{self, Layout, Meta, TempFile, Validators};
 
 /// The body of the download task that an in-flight slot runs (its slot is cleared however
 /// it ends, a panic included: see `inflight`).
@@ -126,19 +126,21 @@ impl Inner {
                     let this = Arc::clone(self);
                     let entry = Arc::clone(entry);
                     let ttl = self.ttl_ms(options);
+                    // The renewal pins the entry; it is wrapped at once, on the blocking
+                    // thread, so that a deadline that drops this future unpins it again.
                     let renewed = tokio::task::spawn_blocking(move || {
                         this.renew(&entry, validators, ttl)
-                            .map(|ok| ok.then_some(entry))
+                            .map(|ok| ok.then(|| this.pinned(entry)))
                     })
                     .await
                     .map_err(|e| {
                         Error::new(ErrorKind::Internal, format!("renewal failed: {e}"))
                     })??;
                     // The entry went away meanwhile: download it after all.
-                    let Some(entry) = renewed else { continue };
+                    let Some(pinned) = renewed else { continue };
                     self.counters.add(Counter::Revalidations, 1);
                     tracing::info!(url = %r.display, "revalidated: not modified");
-                    return Ok((self.pinned(entry), Outcome::Revalidated));
+                    return Ok((pinned, Outcome::Revalidated));
                 }
                 Err(e) if e.is_transient() && attempt <= self.config.retries => {
                     self.counters.add(Counter::Retries, 1);
@@ -181,14 +183,21 @@ impl Inner {
             last_modified: validators.last_modified,
             fetched_at: now,
             expires_at: now.saturating_add(self.ttl_ms(options)),
+            generation: String::new(),
         };
-        let reserved = transfer.reservation.take().map_or(0, Reservation::disarm);
+        // The reservation goes with the commit: released by the index when the entry is in
+        // place, by its own drop when the commit fails. The commit's pin is wrapped on the
+        // blocking thread, so that a deadline that drops this future unpins it again.
+        let reservation = transfer.reservation.take();
         let this = Arc::clone(self);
         let key = r.key.clone();
-        let entry =
-            tokio::task::spawn_blocking(move || this.commit(key, temp, file, meta, reserved))
-                .await
-                .map_err(|e| Error::new(ErrorKind::Internal, format!("commit failed: {e}")))??;
+        let pinned = tokio::task::spawn_blocking(move || {
+            this.commit(key, temp, file, meta, reservation)
+                .map(|entry| this.pinned(entry))
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("commit failed: {e}")))??;
+        let entry = &pinned.entry;
         self.counters.add(Counter::TotalDownloads, 1);
         self.events.emit(|| Event::DownloadFinished {
             url: r.display.clone(),
@@ -203,7 +212,7 @@ impl Inner {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "cached file"
         );
-        Ok((self.pinned(entry), Outcome::Downloaded))
+        Ok((pinned, Outcome::Downloaded))
     }
 
     fn ttl_ms(&self, options: &GetOptions) -> u64 {
@@ -223,6 +232,7 @@ impl Inner {
             ..entry.meta.clone()
         };
         let meta_temp = self.write_meta_temp(&entry.key, &meta)?;
+        failpoint("renew");
         self.index
             .renew(entry, &meta, meta_temp)
             .map_err(|e| Error::io("cannot renew meta.json", e))
@@ -230,6 +240,8 @@ impl Inner {
 
     fn write_meta_temp(&self, key: &Key, meta: &Meta) -> Result<TempFile> {
         let json = serde_json::to_vec_pretty(meta).expect("Meta always serialises");
+        crate::failpoint::failpoint_error("write-meta")
+            .map_err(|e| Error::io("cannot write meta.json", e))?;
         self.layout
             .write_temp(key.as_str(), "meta", &json)
             .map_err(|e| Error::io("cannot write meta.json", e))
@@ -242,7 +254,7 @@ impl Inner {
         temp: TempFile,
         file: std::fs::File,
         mut meta: Meta,
-        reserved: u64,
+        reservation: Option<Reservation>,
     ) -> Result<Arc<Entry>> {
         let io_err = |what: &str, e| Error::io(what.to_owned(), e);
         let md = file
@@ -251,14 +263,18 @@ impl Inner {
         drop(file);
         meta.mtime_ns = store::mtime_ns(&md);
         failpoint("commit-before-meta");
+        meta.generation = Layout::new_generation();
         let meta_temp = self.write_meta_temp(&key, &meta)?;
-        let path = self.layout.data_path(&key, &meta.file_name);
+        let path = self.layout.data_path(&key, &meta);
         let now = self.now_ms();
         let entry = Entry::new(key, meta, path, now, 0, 0);
+        let reserved = reservation.as_ref().map_or(0, |r| r.bytes);
         let (entry, removed) = self
             .index
             .commit(entry, temp, meta_temp, reserved, now)
             .map_err(|e| io_err("cannot commit the download", e))?;
+        // Released by the index with the commit.
+        reservation.map(Reservation::disarm);
         failpoint("commit-after-meta");
         self.dispose_now(removed);
         Ok(entry)

@@ -70,8 +70,8 @@ pub enum CacheStatus {
 ///
 /// While any clone of it is alive its entry is pinned: eviction, expiry, `invalidate` and
 /// `clear` never delete the file under it (a removed entry's file goes when the last
-/// `CachedFile` does). A later download of the same URL (after expiry or `refresh`) replaces
-/// the file at this path atomically; a reader that opened the file keeps its bytes.
+/// `CachedFile` does). A later download of the same URL (after expiry or `refresh`) is a new
+/// version at a path of its own: the bytes at this path never change while it is held.
 #[derive(Clone)]
 pub struct CachedFile {
     pub(super) pinned: Arc<Pinned>,

@@ -39,7 +39,8 @@ pub(crate) struct Entry {
     /// Live `CachedFile`s. Incremented only under the index lock (so eviction, which checks it
     /// under the lock, never races a new pin); decremented anywhere.
     pins: AtomicUsize,
-    /// Removed from the map while pinned: its bytes go when the last pin does.
+    /// Removed from the map (or replaced by a newer version) while pinned: its bytes go
+    /// when the last pin does.
     doomed: AtomicBool,
 }
 
@@ -144,8 +145,9 @@ pub(crate) struct Figures {
 #[derive(Debug, Default)]
 struct State {
     entries: HashMap<Key, Arc<Entry>>,
-    /// Removed but pinned; at most one per key (a newer commit overwrites its bytes).
-    doomed: HashMap<Key, Arc<Entry>>,
+    /// Removed or replaced but pinned, by key and version: each version has its own
+    /// directory, so any number of them may wait for their holders.
+    doomed: HashMap<(Key, String), Arc<Entry>>,
     committed_bytes: u64,
     doomed_bytes: u64,
     reserved_bytes: u64,
@@ -335,12 +337,10 @@ impl Index {
         let mut st = self.lock();
         let mut removed = Vec::new();
         if doomed {
-            let ours = st
-                .doomed
-                .get(&entry.key)
-                .is_some_and(|d| Arc::ptr_eq(d, entry));
+            let id = (entry.key.clone(), entry.meta.generation.clone());
+            let ours = st.doomed.get(&id).is_some_and(|d| Arc::ptr_eq(d, entry));
             if ours && !entry.is_pinned() {
-                st.doomed.remove(&entry.key);
+                st.doomed.remove(&id);
                 st.doomed_bytes -= entry.meta.size;
                 removed.push(Removed {
                     entry: Arc::clone(entry),
@@ -380,23 +380,18 @@ impl Index {
     ) -> io::Result<(Arc<Entry>, Vec<Removed>)> {
         let entry = Arc::new(entry);
         let mut st = self.lock();
-        st.reserved_bytes = st.reserved_bytes.saturating_sub(reserved);
-        let mut removed = Vec::new();
-        // The old entry, if any, is replaced; its bytes are overwritten by the install below,
-        // so neither it nor an older doomed entry may delete anything when unpinned.
-        if let Some(old) = st.entries.remove(&entry.key) {
-            st.committed_bytes -= old.meta.size;
-            removed.push(Removed {
-                entry: old,
-                reason: Reason::Replaced,
-                trash: None,
-            });
-        }
-        if let Some(old) = st.doomed.remove(&entry.key) {
-            st.doomed_bytes -= old.meta.size;
-        }
+        // Installed first: should it fail, the map, the old entry and the reservation (which
+        // its owner releases) are as they were.
         self.layout
             .install(&entry.key, data, &entry.path, meta_file)?;
+        st.reserved_bytes = st.reserved_bytes.saturating_sub(reserved);
+        let mut removed = Vec::new();
+        // The old version, if any, is replaced: its meta.json is gone (the new one took its
+        // place), its bytes stay in their own directory while a caller holds them.
+        if let Some(old) = st.entries.remove(&entry.key) {
+            st.committed_bytes -= old.meta.size;
+            removed.push(self.retire_locked(&mut st, old, Reason::Replaced));
+        }
         entry.pins.fetch_add(1, Ordering::SeqCst);
         self.touch(&entry, now_ms);
         st.committed_bytes += entry.meta.size;
@@ -500,24 +495,31 @@ impl Index {
         candidates.into_iter().map(|(_, _, key)| key).collect()
     }
 
-    /// Accounts for an entry just taken out of the map and removes its files, or dooms it
-    /// when pinned.
+    /// Accounts for an entry just taken out of the map and removes its files (meta.json
+    /// first), or dooms it when pinned.
     fn detach_locked(&self, st: &mut State, entry: Arc<Entry>, reason: Reason) -> Removed {
         st.committed_bytes -= entry.meta.size;
+        self.layout.withdraw(&entry.key);
+        self.retire_locked(st, entry, reason)
+    }
+
+    /// Removes the bytes of a version that no meta.json describes any more, or dooms it when
+    /// pinned (its bytes then go with its last pin).
+    fn retire_locked(&self, st: &mut State, entry: Arc<Entry>, reason: Reason) -> Removed {
         // Doomed before the pin count is read; `unpin` decrements before it reads `doomed`.
         // With both SeqCst, either this sees the pin gone or `unpin` sees the doom.
         entry.doomed.store(true, Ordering::SeqCst);
         if entry.is_pinned() {
-            self.layout.withdraw(&entry.key);
             st.doomed_bytes += entry.meta.size;
-            st.doomed.insert(entry.key.clone(), Arc::clone(&entry));
+            let id = (entry.key.clone(), entry.meta.generation.clone());
+            st.doomed.insert(id, Arc::clone(&entry));
             return Removed {
                 entry,
                 reason,
                 trash: None,
             };
         }
-        let trash = self.layout.take_away(&entry.key, &entry.path);
+        let trash = self.layout.trash(&entry.key, &entry.path);
         Removed {
             entry,
             reason,

@@ -151,27 +151,49 @@ fn a_commit_replaces_the_entry_and_releases_its_reservation() {
     let (_dir, layout) = disk();
     let index = index_with(&layout, 100, &[10]);
     let old = hit(&index, &key(0), 1);
+    let old_bytes = std::fs::read(&old.path).unwrap();
     assert!(index.reserve(20).is_empty());
     let data = layout
         .write_temp(key(0).as_str(), "part", &[b'n'; 20])
         .unwrap();
-    let meta_file = layout.write_temp(key(0).as_str(), "meta", b"{}").unwrap();
     let mut meta = old.meta.clone();
     meta.size = 20;
-    let entry = Entry::new(key(0), meta, old.path.clone(), 2, 0, 0);
+    meta.generation = Layout::new_generation();
+    let meta_file = layout
+        .write_temp(key(0).as_str(), "meta", &serde_json::to_vec(&meta).unwrap())
+        .unwrap();
+    let path = layout.data_path(&key(0), &meta);
+    assert_ne!(path, old.path, "each version has its own path");
+    let entry = Entry::new(key(0), meta, path, 2, 0, 0);
     let (new, removed) = index.commit(entry, data, meta_file, 20, 2).unwrap();
     assert_eq!(removed.len(), 1);
     assert_eq!(removed[0].reason, Reason::Replaced);
-    assert!(
-        removed[0].trash.is_none(),
-        "the old bytes were overwritten, not trashed"
-    );
+    assert!(removed[0].trash.is_none(), "held: the old bytes stay");
     let f = index.figures();
     assert_eq!((f.entries, f.committed_bytes, f.reserved_bytes), (1, 20, 0));
+    assert_eq!(
+        (f.doomed_bytes, f.pinned),
+        (10, 2),
+        "the old version waits for its holder"
+    );
     assert!(new.is_pinned(), "pinned once for the download's callers");
-    // Releasing the replaced entry deletes nothing: the path holds the new bytes.
-    assert!(index.unpin(&old).is_empty());
-    assert_eq!(std::fs::read(&new.path).unwrap(), vec![b'n'; 20]);
+    assert_eq!(
+        std::fs::read(&old.path).unwrap(),
+        old_bytes,
+        "the holder's bytes never change"
+    );
+    // A later invalidation of the new version leaves the old holder's file alone.
+    assert!(index.unpin(&new).is_empty());
+    let gone = index.remove(&key(0), Reason::Invalidated).unwrap();
+    delete_trash(&[gone]);
+    assert_eq!(std::fs::read(&old.path).unwrap(), old_bytes);
+    // The old version goes with its last pin.
+    let removed = index.unpin(&old);
+    assert_eq!(keys(&removed), vec![key(0)]);
+    assert!(!old.path.exists());
+    delete_trash(&removed);
+    assert_eq!(index.figures().doomed_bytes, 0);
+    assert!(tree(&layout.root.join("entries")).is_empty());
 }
 
 #[test]

@@ -1,16 +1,18 @@
 //! The disk: layout, meta.json, the streaming temp writer, and start-up recovery.
 //!
 //! ```text
-//! <cache_dir>/v1/entries/<k[0..2]>/<key>/<file name>   the bytes
-//! <cache_dir>/v1/entries/<k[0..2]>/<key>/meta.json     written last, atomically
-//! <cache_dir>/v1/tmp/<key>.<unique>.part               downloads in progress (and .meta, .trash)
-//! <cache_dir>/v1/state.json                            access times and counters
-//! <cache_dir>/v1/lock                                  held by the process using the directory
+//! <cache_dir>/v1/entries/<k[0..2]>/<key>/<gen>/<file name>   the bytes of one version
+//! <cache_dir>/v1/entries/<k[0..2]>/<key>/meta.json           names the current version
+//! <cache_dir>/v1/tmp/<key>.<unique>.part                     downloads in progress (and .meta, .trash)
+//! <cache_dir>/v1/state.json                                  access times and counters
+//! <cache_dir>/v1/lock                                        held by the process using the directory
 //! ```
 //!
 //! Every write is all or nothing: bytes go to a uniquely named temp file that is removed if the
-//! writer is dropped before commit; a committed entry's data is renamed into place before its
-//! meta.json, so a crash leaves at worst bytes without meta, which recovery removes.
+//! writer is dropped before commit; a committed version's data is renamed into its own
+//! directory before meta.json is renamed over the old one, so a crash leaves at worst a
+//! version that no meta.json names, which recovery removes, and the bytes of a version a
+//! caller holds are never touched by a newer one.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
@@ -23,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::failpoint::failpoint;
+use crate::failpoint::{failpoint, failpoint_error};
 use crate::key::{Key, META_FILE};
 
 const FORMAT: &str = "v1";
@@ -62,6 +64,11 @@ pub(crate) struct Meta {
     pub(crate) fetched_at: u64,
     /// Milliseconds since the epoch.
     pub(crate) expires_at: u64,
+    /// The directory of this version below the entry's, so that a new version never touches
+    /// the bytes of an old one that a caller holds. Empty for entries written before versions
+    /// had directories (their bytes are beside meta.json).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) generation: String,
 }
 
 /// What the origin said about the version of the bytes: recorded in meta.json, sent back in
@@ -105,8 +112,18 @@ impl Layout {
         self.entries.join(key.prefix()).join(key.as_str())
     }
 
-    pub(crate) fn data_path(&self, key: &Key, file_name: &str) -> PathBuf {
-        self.entry_dir(key).join(file_name)
+    /// Where the bytes of `meta`'s version of entry `key` are: in the version's own
+    /// directory, or (entries written before versions had directories) beside meta.json.
+    pub(crate) fn data_path(&self, key: &Key, meta: &Meta) -> PathBuf {
+        match meta.generation.as_str() {
+            "" => self.entry_dir(key).join(&meta.file_name),
+            generation => self.entry_dir(key).join(generation).join(&meta.file_name),
+        }
+    }
+
+    /// A new version's directory name: unique among the versions of one key.
+    pub(crate) fn new_generation() -> String {
+        format!("g{:016x}", fastrand::u64(..))
     }
 
     pub(crate) fn meta_path(&self, key: &Key) -> PathBuf {
@@ -245,10 +262,11 @@ impl Layout {
 /// lock, so that the map and the directory change together: each is a few metadata syscalls
 /// (mkdir, rename, unlink); deleting a removed file's bytes happens later, from its trash name.
 impl Layout {
-    /// Installs a verified download as the entry `key`: `data` renamed to `data_path`, then
-    /// `meta` to meta.json. Meta goes first on the way out and last on the way in, so at no
-    /// instant does a meta.json describe bytes other than its own. On failure nothing of the
-    /// new entry is left in the directory (and an old entry's meta.json may be gone with it).
+    /// Installs a verified download as the current version of entry `key`: `data` renamed
+    /// to `data_path` in the version's own directory, then `meta` renamed over meta.json,
+    /// which replaces the previous version's meta.json in one step. At no instant does a
+    /// meta.json describe bytes other than its own, and an older version's bytes are never
+    /// touched. On failure the new version's directory is removed and the entry is as it was.
     pub(crate) fn install(
         &self,
         key: &Key,
@@ -256,20 +274,16 @@ impl Layout {
         data_path: &Path,
         meta: TempFile,
     ) -> io::Result<()> {
-        let meta_path = self.meta_path(key);
+        let version_dir = data_path.parent().unwrap_or(data_path);
         let moved = (|| {
-            self.create_dir_all(&self.entry_dir(key))?;
-            match fs::remove_file(&meta_path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
+            failpoint_error("install")?;
+            self.create_dir_all(version_dir)?;
             data.persist(data_path)?;
             failpoint("commit-after-data");
-            meta.persist(&meta_path)
+            meta.persist(&self.meta_path(key))
         })();
-        if moved.is_err() {
-            let _ = fs::remove_file(&meta_path);
-            let _ = fs::remove_file(data_path);
+        if moved.is_err() && version_dir != self.entry_dir(key) {
+            remove_any(version_dir);
         }
         moved
     }
@@ -290,28 +304,27 @@ impl Layout {
         let _ = fs::remove_file(self.meta_path(key));
     }
 
-    /// Moves an entry's data file to a trash name in the temp directory (to be deleted with
-    /// [`remove_any`] off the lock) and removes the entry directory if that left it empty.
+    /// Moves one version's bytes (its directory, or the data file of an entry written before
+    /// versions had directories) to a trash name in the temp directory, to be deleted with
+    /// [`remove_any`] off the lock, and removes the entry directory if that left it empty.
     /// Returns the trash path, or `None` when there was nothing to move.
     pub(crate) fn trash(&self, key: &Key, data_path: &Path) -> Option<PathBuf> {
+        let entry_dir = self.entry_dir(key);
+        let version = match data_path.parent() {
+            Some(dir) if dir != entry_dir => dir,
+            _ => data_path,
+        };
         let trash = self.temp_path(key, "trash");
-        let trash = match fs::rename(data_path, &trash) {
+        let trash = match fs::rename(version, &trash) {
             Ok(()) => Some(trash),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => {
-                tracing::warn!(path = %data_path.display(), error = %e, "cannot move a removed file away");
+                tracing::warn!(path = %version.display(), error = %e, "cannot move a removed file away");
                 None
             }
         };
-        let _ = fs::remove_dir(self.entry_dir(key));
+        let _ = fs::remove_dir(entry_dir);
         trash
-    }
-
-    /// Takes an entry's files away: [`withdraw`](Self::withdraw), then
-    /// [`trash`](Self::trash).
-    pub(crate) fn take_away(&self, key: &Key, data_path: &Path) -> Option<PathBuf> {
-        self.withdraw(key);
-        self.trash(key, data_path)
     }
 }
 
@@ -604,7 +617,25 @@ fn recover_entry(dir: &Path, name: Option<&str>, prefix: &str) -> Result<Recover
     {
         return Err(Other("invalid meta.json"));
     }
-    let path = dir.join(&meta.file_name);
+    let valid_generation = meta.generation.is_empty()
+        || (meta.generation.len() == 17
+            && meta.generation.starts_with('g')
+            && meta.generation[1..].bytes().all(|b| b.is_ascii_hexdigit()));
+    if !valid_generation {
+        return Err(Other("invalid meta.json"));
+    }
+    // The version's own directory (if it has one) must be a directory, not a link.
+    let version_dir = match meta.generation.as_str() {
+        "" => dir.to_owned(),
+        generation => {
+            let version_dir = dir.join(generation);
+            if !fs::symlink_metadata(&version_dir).is_ok_and(|md| md.is_dir()) {
+                return Err(Other("meta.json without bytes"));
+            }
+            version_dir
+        }
+    };
+    let path = version_dir.join(&meta.file_name);
     let md = fs::symlink_metadata(&path).map_err(|_| Other("meta.json without bytes"))?;
     if !md.is_file() {
         return Err(Other("the data file is not a regular file (a link?)"));
@@ -615,16 +646,29 @@ fn recover_entry(dir: &Path, name: Option<&str>, prefix: &str) -> Result<Recover
     if mtime_ns(&md) != meta.mtime_ns {
         return Err(Changed("data file was modified"));
     }
-    // Anything else in the directory is not ours: a leftover from an interrupted replace.
+    // Anything else is not this version: older versions (their holders are gone with the
+    // process) and leftovers of an interrupted commit.
+    let keep_in_entry = if meta.generation.is_empty() {
+        meta.file_name.as_str()
+    } else {
+        meta.generation.as_str()
+    };
+    remove_all_but(dir, &[META_FILE, keep_in_entry]);
+    if !meta.generation.is_empty() {
+        remove_all_but(&version_dir, &[meta.file_name.as_str()]);
+    }
+    Ok(Recovered { key, meta, path })
+}
+
+/// Removes everything in `dir` but the items named `keep`.
+fn remove_all_but(dir: &Path, keep: &[&str]) {
     if let Ok(items) = fs::read_dir(dir) {
         for item in items.flatten() {
-            let n = item.file_name();
-            if n != META_FILE && n.to_str() != Some(meta.file_name.as_str()) {
+            if !item.file_name().to_str().is_some_and(|n| keep.contains(&n)) {
                 remove_any(&item.path());
             }
         }
     }
-    Ok(Recovered { key, meta, path })
 }
 
 /// Removes a file or a directory tree, logging failures.

@@ -18,24 +18,42 @@ pub(crate) fn key(i: u64) -> Key {
     Key::parse(&format!("{i:064x}")).unwrap()
 }
 
-/// Writes `bytes` and a matching meta.json as entry `key`, expiring at `expires_at`.
+/// Writes `bytes` and a matching meta.json as entry `key` (a version in its own directory),
+/// expiring at `expires_at`.
 pub(crate) fn put(layout: &Layout, key: &Key, bytes: &[u8], expires_at: u64) -> (Meta, PathBuf) {
+    put_version(layout, key, bytes, expires_at, &Layout::new_generation())
+}
+
+/// [`put`] as an entry written before versions had directories: its bytes beside meta.json.
+pub(crate) fn put_legacy(layout: &Layout, key: &Key, bytes: &[u8]) -> (Meta, PathBuf) {
+    put_version(layout, key, bytes, u64::MAX / 2, "")
+}
+
+fn put_version(
+    layout: &Layout,
+    key: &Key,
+    bytes: &[u8],
+    expires_at: u64,
+    generation: &str,
+) -> (Meta, PathBuf) {
     let file_name = format!("{}.nii.gz", &key.as_str()[60..]);
-    let path = layout.data_path(key, &file_name);
-    layout.create_dir_all(&layout.entry_dir(key)).unwrap();
-    fs::write(&path, bytes).unwrap();
-    let meta = Meta {
+    let mut meta = Meta {
         version: 1,
         url: format!("http://h/{file_name}"),
         file_name,
         sha256: "0".repeat(64),
         size: bytes.len() as u64,
-        mtime_ns: mtime_ns(&fs::metadata(&path).unwrap()),
+        mtime_ns: 0,
         etag: None,
         last_modified: None,
         fetched_at: 0,
         expires_at,
+        generation: generation.to_owned(),
     };
+    let path = layout.data_path(key, &meta);
+    layout.create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, bytes).unwrap();
+    meta.mtime_ns = mtime_ns(&fs::metadata(&path).unwrap());
     fs::write(layout.meta_path(key), serde_json::to_vec(&meta).unwrap()).unwrap();
     (meta, path)
 }

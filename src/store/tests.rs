@@ -23,6 +23,41 @@ fn recovery_keeps_valid_entries_and_removes_temp_files() {
 }
 
 #[test]
+fn recovery_keeps_entries_written_before_versions_had_directories() {
+    let (_dir, layout) = disk();
+    let (meta, path) = super::testing::put_legacy(&layout, &key(3), b"old layout");
+    assert_eq!(path.parent().unwrap(), layout.entry_dir(&key(3)));
+    let report = recover(&layout).unwrap();
+    assert_eq!(recovered_keys(&report), vec![key(3)]);
+    assert_eq!(
+        (&report.entries[0].meta, &report.entries[0].path),
+        (&meta, &path)
+    );
+}
+
+#[test]
+fn recovery_keeps_only_the_version_meta_json_names() {
+    let (_dir, layout) = disk();
+    let (_, old) = put(&layout, &key(4), b"old", 10);
+    let (meta, new) = put(&layout, &key(4), b"new", 10);
+    assert!(old.exists() && new.exists());
+    let report = recover(&layout).unwrap();
+    assert_eq!(report.entries[0].meta, meta);
+    assert!(new.exists());
+    assert!(
+        !old.parent().unwrap().exists(),
+        "the older version's directory is removed"
+    );
+    // meta.json naming a version directory that is a link, or missing: invalid.
+    let (meta, path) = put(&layout, &key(5), b"abc", 10);
+    let version = path.parent().unwrap();
+    fs::remove_dir_all(version).unwrap();
+    std::os::unix::fs::symlink(layout.entry_dir(&key(4)).join(&meta.generation), version).unwrap();
+    let report = recover(&layout).unwrap();
+    assert_eq!(recovered_keys(&report), vec![key(4)]);
+}
+
+#[test]
 fn recovery_removes_each_kind_of_invalid_entry() {
     type Damage = fn(&Layout, &Key, &Path);
     let cases: [(&str, Damage); 8] = [
@@ -104,12 +139,15 @@ fn recovery_removes_stray_items_and_misplaced_keys() {
 }
 
 #[test]
-fn install_moves_data_then_meta_and_take_away_trashes_the_data() {
+fn install_moves_data_then_meta_and_trash_takes_the_data_away() {
     let (_dir, layout) = disk();
     let k = key(7);
     let data = layout.write_temp(k.as_str(), "part", b"bytes").unwrap();
     let meta = layout.write_temp(k.as_str(), "meta", b"{}").unwrap();
-    let path = layout.data_path(&k, "a.nii.gz");
+    let path = layout
+        .entry_dir(&k)
+        .join("g0000000000000001")
+        .join("a.nii.gz");
     layout.install(&k, data, &path, meta).unwrap();
     assert_eq!(fs::read(&path).unwrap(), b"bytes");
     assert!(layout.meta_path(&k).exists());
@@ -117,15 +155,16 @@ fn install_moves_data_then_meta_and_take_away_trashes_the_data() {
     // A pinned entry is withdrawn: its meta goes, its bytes stay.
     layout.withdraw(&k);
     assert!(!layout.meta_path(&k).exists() && path.exists());
-    // Taken away: the data moves to a trash name and the directory goes.
-    let trash = layout.take_away(&k, &path).expect("moved to the trash");
+    // Trashed: the data moves to a trash name and the directory goes.
+    let trash = layout.trash(&k, &path).expect("moved to the trash");
     assert!(trash.starts_with(&layout.tmp) && !layout.entry_dir(&k).exists());
-    assert_eq!(fs::read(&trash).unwrap(), b"bytes");
-    remove_any(&trash);
-    assert!(
-        layout.take_away(&k, &path).is_none(),
-        "nothing left to move"
+    assert_eq!(
+        fs::read(trash.join("a.nii.gz")).unwrap(),
+        b"bytes",
+        "the version's directory"
     );
+    remove_any(&trash);
+    assert!(layout.trash(&k, &path).is_none(), "nothing left to move");
 }
 
 #[test]
@@ -135,7 +174,10 @@ fn a_failed_install_leaves_nothing_of_the_new_entry() {
     let data = layout.write_temp(k.as_str(), "part", b"bytes").unwrap();
     let meta = layout.write_temp(k.as_str(), "meta", b"{}").unwrap();
     // The data's target is a directory: the rename fails.
-    let path = layout.data_path(&k, "a.nii.gz");
+    let path = layout
+        .entry_dir(&k)
+        .join("g0000000000000001")
+        .join("a.nii.gz");
     fs::create_dir_all(path.join("blocker")).unwrap();
     assert!(layout.install(&k, data, &path, meta).is_err());
     assert!(!layout.meta_path(&k).exists());

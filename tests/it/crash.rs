@@ -187,9 +187,14 @@ async fn a_crash_while_replacing_an_entry_never_pairs_old_meta_with_new_bytes() 
     );
     assert!(wait_child(child));
     let (cache, _clock) = open(dir.path()).await;
-    // The new bytes were in place without their meta: the entry is gone, not mislabelled.
-    assert!(cache.get_cached(&url).is_none());
-    let file = cache.get(&url).await.unwrap();
+    // The new bytes were in their own version's directory, not yet named by meta.json: the
+    // old version is intact and served, the new one's leftovers are gone.
+    let kept = cache.get_cached(&url).expect("the old version survives");
+    assert_eq!(kept.sha256(), sha256_hex(&old));
+    assert_eq!(std::fs::read(kept.path()).unwrap(), old);
+    assert_eq!(data_files(dir.path()).len(), 1);
+    drop(kept);
+    let file = cache.refresh(&url).await.unwrap();
     assert_eq!(file.sha256(), sha256_hex(&new));
     assert_eq!(std::fs::read(file.path()).unwrap(), new);
 }

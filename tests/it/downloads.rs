@@ -28,10 +28,7 @@ async fn first_get_downloads_and_second_is_a_hit() {
     assert_eq!(file.path().file_name().unwrap(), "0042.nii.gz");
     assert_eq!(mode(file.path()), 0o600);
     assert_eq!(mode(file.path().parent().unwrap()), 0o700);
-    assert_eq!(
-        mode(&file.path().parent().unwrap().join("meta.json")),
-        0o600
-    );
+    assert_eq!(mode(&crate::support::meta_of(file.path())), 0o600);
 
     let again = cache.get(origin.url("ct/0042.nii.gz")).await.unwrap();
     assert_eq!(again.status(), CacheStatus::Hit);
@@ -52,7 +49,7 @@ async fn first_get_downloads_and_second_is_a_hit() {
     assert!(temp_files(dir.path()).is_empty());
 
     let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(file.path().with_file_name("meta.json")).unwrap())
+        serde_json::from_slice(&std::fs::read(crate::support::meta_of(file.path())).unwrap())
             .unwrap();
     assert_eq!(meta["sha256"], sha256_hex(&body));
     assert_eq!(meta["size"], body.len() as u64);

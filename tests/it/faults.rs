@@ -394,6 +394,11 @@ async fn a_changed_etag_replaces_the_entry_while_open_readers_keep_their_bytes()
     std::io::Read::read_to_end(&mut reader, &mut kept).unwrap();
     assert!(kept == old, "an open reader keeps the old bytes");
     assert_eq!(cache.stats().revalidations, 0);
+    // The holder's path still holds the old version; it goes when released.
+    assert_ne!(held.path(), fresh.path());
+    assert_eq!(std::fs::read(held.path()).unwrap(), old);
+    assert_eq!(data_files(dir.path()).len(), 2);
+    drop(held);
     assert_eq!(data_files(dir.path()).len(), 1);
 }
 

@@ -26,6 +26,7 @@ mod server;
 mod tamper;
 mod tls;
 mod urls;
+mod versions;
 mod wiremock;
 
 /// One mebibyte, for sizes of test volumes.

@@ -94,7 +94,7 @@ async fn recovery_removes_orphans_and_keeps_valid_entries() {
         }
         cache.shutdown().await;
     }
-    let meta = |n: &str| paths[n].with_file_name("meta.json");
+    let meta = |n: &str| crate::support::meta_of(&paths[n]);
     std::fs::remove_file(meta("no-meta")).unwrap();
     std::fs::remove_file(&paths["no-data"]).unwrap();
     std::fs::write(meta("bad-json"), b"{ not json").unwrap();
@@ -157,6 +157,8 @@ async fn a_damaged_file_is_detected_on_the_hit_path_and_fetched_again() {
     let again = cache.get(&url).await.unwrap();
     assert_eq!(again.status(), CacheStatus::Downloaded);
     assert_eq!(std::fs::read(again.path()).unwrap(), body);
+    // The new download is a new version, with a path of its own.
+    let path = again.path().to_owned();
     drop(again);
     // Rewritten with other bytes of the same length (mtime changes).
     std::fs::write(&path, volume(81, MB)).unwrap();
@@ -240,7 +242,7 @@ async fn recovery_counts_files_changed_behind_its_back_as_integrity_failures() {
     let (cache, _clock) = open(dir.path()).await;
     let a = cache.get(origin.url("a.nii.gz")).await.unwrap();
     let b = cache.get(origin.url("b.nii.gz")).await.unwrap();
-    let (a_path, b_meta) = (a.path().to_owned(), b.path().with_file_name("meta.json"));
+    let (a_path, b_meta) = (a.path().to_owned(), crate::support::meta_of(b.path()));
     drop((a, b));
     cache.shutdown().await;
     drop(cache);

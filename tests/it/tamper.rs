@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use imgcache::ErrorKind;
 
 use crate::support::origin::{Origin, Route, volume};
-use crate::support::{data_files, open};
+use crate::support::{data_files, entry_dir_of, meta_of, open};
 
 /// A directory outside the cache with files that must survive.
 fn victim() -> (tempfile::TempDir, Vec<PathBuf>) {
@@ -58,7 +58,7 @@ async fn links_planted_below_v1_are_removed_as_links_and_never_followed() {
     let body = volume(40, 200_000);
     origin.route("a.nii.gz", Route::ok(body.clone()));
     type Plant = fn(&Path, &Path, &Path);
-    let plants: [(&str, Plant); 6] = [
+    let plants: [(&str, Plant); 7] = [
         ("tmp", |v1, _, victim| {
             replace_with_link(&v1.join("tmp"), victim)
         }),
@@ -66,10 +66,13 @@ async fn links_planted_below_v1_are_removed_as_links_and_never_followed() {
             replace_with_link(&v1.join("entries"), victim)
         }),
         ("a prefix directory", |_, data, victim| {
-            let prefix = data.parent().unwrap().parent().unwrap();
-            replace_with_link(prefix, victim)
+            let prefix = entry_dir_of(data).parent().unwrap().to_owned();
+            replace_with_link(&prefix, victim)
         }),
         ("an entry directory", |_, data, victim| {
+            replace_with_link(&entry_dir_of(data), victim)
+        }),
+        ("a version directory", |_, data, victim| {
             replace_with_link(data.parent().unwrap(), victim)
         }),
         ("the data file", |_, data, victim| {
@@ -86,7 +89,7 @@ async fn links_planted_below_v1_are_removed_as_links_and_never_followed() {
             replace_with_link(data, &target);
         }),
         ("meta.json", |_, data, victim| {
-            let meta = data.parent().unwrap().join("meta.json");
+            let meta = meta_of(data);
             std::fs::copy(&meta, victim.join("meta.json")).unwrap();
             replace_with_link(&meta, &victim.join("meta.json"));
         }),

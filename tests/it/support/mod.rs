@@ -73,6 +73,23 @@ pub fn data_files(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The directory of the entry whose data file is `data`: its version's directory's parent
+/// (entries keep each version in a directory of its own, named `g` and 16 hex digits).
+pub fn entry_dir_of(data: &Path) -> PathBuf {
+    let dir = data.parent().unwrap();
+    let name = dir.file_name().unwrap().to_string_lossy();
+    if name.len() == 17 && name.starts_with('g') {
+        dir.parent().unwrap().to_owned()
+    } else {
+        dir.to_owned()
+    }
+}
+
+/// The meta.json of the entry whose data file is `data`.
+pub fn meta_of(data: &Path) -> PathBuf {
+    entry_dir_of(data).join("meta.json")
+}
+
 pub fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
