@@ -81,6 +81,8 @@ struct Inner {
     path: Option<PathBuf>,
     status: Option<u16>,
     retry_after: Option<std::time::Duration>,
+    /// The SHA-256 the bytes had, for a [`ErrorKind::ChecksumMismatch`].
+    actual_digest: Option<String>,
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
@@ -94,6 +96,7 @@ impl Error {
                 path: None,
                 status: None,
                 retry_after: None,
+                actual_digest: None,
                 source: None,
             }),
         }
@@ -112,6 +115,7 @@ impl Error {
                     path: old.path.clone(),
                     status: old.status,
                     retry_after: old.retry_after,
+                    actual_digest: old.actual_digest.clone(),
                     source: Some(Box::new(self.clone())),
                 };
                 f(&mut inner);
@@ -119,6 +123,16 @@ impl Error {
             }
         }
         self
+    }
+
+    /// Attaches the digest the bytes had (a checksum mismatch).
+    pub(crate) fn with_actual_digest(self, sha256: &str) -> Self {
+        self.map_inner(|i| i.actual_digest = Some(sha256.to_owned()))
+    }
+
+    /// The digest the bytes had, for a checksum mismatch.
+    pub(crate) fn actual_digest(&self) -> Option<&str> {
+        self.inner.actual_digest.as_deref()
     }
 
     /// Attaches the URL (already stripped of credentials).

@@ -4,8 +4,8 @@
 //! `Content-Length` against the cap, and commits: fsync, meta.json, then the index and the
 //! store install the entry together. When the origin fails it falls back to the expired copy.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
@@ -26,10 +26,11 @@ use crate::store::{self, Layout, Meta, TempFile, Validators};
 pub(super) async fn run_download(
     inner: Arc<Inner>,
     r: Resolved,
-    options: GetOptions,
+    force: bool,
+    wants: Arc<Wants>,
 ) -> DownloadResult {
     let result = inner
-        .fetch_entry(&r, &options)
+        .fetch_entry(&r, force, &wants)
         .await
         .map_err(|e| e.with_url(&r.display));
     if let Err(e) = &result {
@@ -46,14 +47,19 @@ pub(super) async fn run_download(
 impl Inner {
     /// The download task's work: revalidate or download with retries, and fall back to the
     /// expired copy when the origin fails.
-    async fn fetch_entry(self: &Arc<Self>, r: &Resolved, options: &GetOptions) -> DownloadResult {
-        let previous = if options.force {
+    async fn fetch_entry(
+        self: &Arc<Self>,
+        r: &Resolved,
+        force: bool,
+        wants: &Wants,
+    ) -> DownloadResult {
+        let previous = if force {
             None
         } else {
             self.index.current(&r.key)
         };
         let result = self
-            .download_with_retries(r, options, previous.as_ref())
+            .download_with_retries(r, wants, previous.as_ref())
             .await;
         match (result, previous) {
             (Err(e), Some(stale)) if self.config.stale_if_error && e.is_transient() => {
@@ -78,11 +84,11 @@ impl Inner {
     async fn download_with_retries(
         self: &Arc<Self>,
         r: &Resolved,
-        options: &GetOptions,
+        wants: &Wants,
         previous: Option<&Arc<Entry>>,
     ) -> DownloadResult {
         let mut transfer = Transfer::new(self, r);
-        let attempts = self.attempts(&mut transfer, r, options, previous);
+        let attempts = self.attempts(&mut transfer, r, wants, previous);
         let result = match self.config.download_timeout {
             Some(limit) => tokio::time::timeout(limit, attempts)
                 .await
@@ -108,7 +114,7 @@ impl Inner {
         self: &Arc<Self>,
         transfer: &mut Transfer<'_>,
         r: &Resolved,
-        options: &GetOptions,
+        wants: &Wants,
         previous: Option<&Arc<Entry>>,
     ) -> DownloadResult {
         let started = Instant::now();
@@ -125,7 +131,7 @@ impl Inner {
                     let (entry, _) = revalidate.take().expect("a 304 answers a conditional GET");
                     let this = Arc::clone(self);
                     let entry = Arc::clone(entry);
-                    let ttl = self.ttl_ms(options);
+                    let ttl = wants.ttl_ms();
                     // The renewal pins the entry; it is wrapped at once, on the blocking
                     // thread, so that a deadline that drops this future unpins it again.
                     let renewed = tokio::task::spawn_blocking(move || {
@@ -165,11 +171,9 @@ impl Inner {
         }
         let (temp, file, sha256, validators) = transfer.finish().await?;
         let size = file.metadata().map(|m| m.len()).unwrap_or_default();
-        if let Some(expected) = &options.expected_sha256
-            && !sha256.eq_ignore_ascii_case(expected.trim())
-        {
+        if let Err(expected) = wants.check(&sha256) {
             self.counters.add(Counter::IntegrityFailures, 1);
-            return Err(checksum_error(expected, &sha256));
+            return Err(checksum_error(&expected, &sha256));
         }
         let now = self.now_ms();
         let meta = Meta {
@@ -182,7 +186,7 @@ impl Inner {
             etag: validators.etag,
             last_modified: validators.last_modified,
             fetched_at: now,
-            expires_at: now.saturating_add(self.ttl_ms(options)),
+            expires_at: now.saturating_add(wants.ttl_ms()),
             generation: String::new(),
         };
         // The reservation goes with the commit: released by the index when the entry is in
@@ -278,6 +282,83 @@ impl Inner {
         failpoint("commit-after-meta");
         self.dispose_now(removed);
         Ok(entry)
+    }
+}
+
+/// What one caller of a download asked for: the digest it expects, and the TTL it gives an
+/// entry it downloads.
+#[derive(Debug, Clone)]
+pub(super) struct Want {
+    expected_sha256: Option<String>,
+    ttl_ms: u64,
+}
+
+impl Want {
+    pub(super) fn of(inner: &Inner, options: &GetOptions) -> Want {
+        Want {
+            expected_sha256: options
+                .expected_sha256
+                .as_deref()
+                .map(|e| e.trim().to_owned()),
+            ttl_ms: inner.ttl_ms(options),
+        }
+    }
+
+    /// Whether a caller with `options` takes bytes whose SHA-256 is `sha256`.
+    pub(super) fn accepts(options: &GetOptions, sha256: &str) -> bool {
+        options
+            .expected_sha256
+            .as_deref()
+            .is_none_or(|e| e.trim().eq_ignore_ascii_case(sha256))
+    }
+}
+
+/// What every caller joined to one download asked for, so that no caller's options decide
+/// for the others: the bytes are committed if any of them takes their digest (each caller
+/// checks its own), and the entry gets the longest TTL asked for.
+#[derive(Debug)]
+pub(super) struct Wants {
+    // A std Mutex: pushed to once per joined caller, read once at the commit; never held
+    // across an .await.
+    list: Mutex<Vec<Want>>,
+}
+
+impl From<Want> for Wants {
+    fn from(first: Want) -> Wants {
+        Wants {
+            list: Mutex::new(vec![first]),
+        }
+    }
+}
+
+impl Wants {
+    pub(super) fn add(&self, want: Want) {
+        self.list
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(want);
+    }
+
+    /// Whether some caller takes `sha256`; if none does, the digest the first one expected.
+    fn check(&self, sha256: &str) -> Result<(), String> {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        let takes = |w: &Want| {
+            w.expected_sha256
+                .as_deref()
+                .is_none_or(|e| e.eq_ignore_ascii_case(sha256))
+        };
+        if list.iter().any(takes) {
+            return Ok(());
+        }
+        Err(list
+            .iter()
+            .find_map(|w| w.expected_sha256.clone())
+            .unwrap_or_default())
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter().map(|w| w.ttl_ms).max().unwrap_or_default()
     }
 }
 

@@ -153,11 +153,15 @@ impl fmt::Debug for CachedFile {
 #[non_exhaustive]
 pub struct GetOptions {
     /// Maximum age for this call, and the TTL of an entry this call downloads. A cached entry
-    /// older than this is downloaded again. Default: the cache's default TTL.
+    /// older than this is downloaded again. When several calls share one download the entry
+    /// gets the longest TTL they asked for (each call still enforces its own maximum age).
+    /// Default: the cache's default TTL.
     pub ttl: Option<Duration>,
     /// The SHA-256 the bytes must have (hex, either case). A download that does not match is
-    /// an [`ErrorKind::ChecksumMismatch`] and is not cached; a cached entry that does not match
-    /// is downloaded again.
+    /// an [`ErrorKind::ChecksumMismatch`] for this call and is not cached, unless another call
+    /// sharing the download takes those bytes (one without a digest, or with theirs): one
+    /// call's digest never fails the others. A cached entry that does not match is downloaded
+    /// again.
     pub expected_sha256: Option<String>,
     /// Download even if a fresh entry exists (a download already running is joined).
     pub force: bool,

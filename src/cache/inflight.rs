@@ -7,7 +7,12 @@
 //! the task clears the key's slot on every exit path: completion, panic, or the task being
 //! dropped before it was ever polled (a runtime shutting down).
 //!
-//! Generic over the key and the result, so that it is tested here on its own.
+//! Each running task also carries a value its callers share (`S`): the download task keeps
+//! there what every joined caller asked for, so that no caller's options decide for the
+//! others.
+//!
+//! Generic over the key, the result and the shared value, so that it is tested here on its
+//! own.
 
 use std::future::Future;
 use std::hash::Hash;
@@ -24,39 +29,40 @@ use tokio::sync::oneshot;
 /// The result of a task, shared by every caller that waits on it.
 pub(crate) type SharedTask<T> = Shared<BoxFuture<'static, T>>;
 
-struct Running<T> {
+struct Running<T, S> {
     /// Tells this task's slot from a later one for the same key.
     id: u64,
     task: SharedTask<T>,
+    shared: S,
 }
 
 /// The running tasks by key.
-pub(crate) struct Inflight<K, T> {
+pub(crate) struct Inflight<K, T, S = ()> {
     // DashMap: joining touches only the one key's shard, so callers for different keys never
     // wait on each other; no guard is ever held across an .await (clippy.toml).
-    map: DashMap<K, Running<T>>,
+    map: DashMap<K, Running<T, S>>,
     next_id: AtomicU64,
 }
 
 /// What [`Inflight::join_or_start`] did.
-pub(crate) enum Join<F, T> {
+pub(crate) enum Join<F, T, S = ()> {
     /// The re-check, made while holding the key's vacant slot, found what the caller wanted.
     Found(F),
-    /// A task was already running for the key: its result.
-    Joined(SharedTask<T>),
-    /// This call started the task: its result.
-    Started(SharedTask<T>),
+    /// A task was already running for the key: its result, and the value its callers share.
+    Joined(SharedTask<T>, S),
+    /// This call started the task: its result, and the value its callers share.
+    Started(SharedTask<T>, S),
 }
 
 /// Removes its key's slot when dropped, if the slot is still its own. It is moved into the
 /// task's future before the task is spawned, so it drops with the task however the task ends.
-struct SlotGuard<K: Hash + Eq, T> {
-    inflight: Arc<Inflight<K, T>>,
+struct SlotGuard<K: Hash + Eq, T, S> {
+    inflight: Arc<Inflight<K, T, S>>,
     key: K,
     id: u64,
 }
 
-impl<K: Hash + Eq, T> Drop for SlotGuard<K, T> {
+impl<K: Hash + Eq, T, S> Drop for SlotGuard<K, T, S> {
     fn drop(&mut self) {
         self.inflight
             .map
@@ -64,12 +70,13 @@ impl<K: Hash + Eq, T> Drop for SlotGuard<K, T> {
     }
 }
 
-impl<K, T> Inflight<K, T>
+impl<K, T, S> Inflight<K, T, S>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     T: Clone + Send + Sync + 'static,
+    S: Clone + Send + Sync + 'static,
 {
-    pub(crate) fn new() -> Inflight<K, T> {
+    pub(crate) fn new() -> Inflight<K, T, S> {
         Inflight {
             map: DashMap::new(),
             next_id: AtomicU64::new(1),
@@ -81,9 +88,10 @@ where
     /// With the key's slot vacant and held, `recheck` runs first: a task that finished between
     /// the caller's own lookup and this call has cleared its slot only after publishing its
     /// result, so looking again here closes that window. If it finds something, no task is
-    /// started. Otherwise the slot is filled, the key's shard is released, and the future that
-    /// `start` makes is spawned on the current runtime with the slot's guard. A task that
-    /// panics, or is dropped before it ends, reaches every caller as `lost(reason)`.
+    /// started. Otherwise `shared` makes the value the task's callers share, the slot is
+    /// filled, the key's shard is released, and the future that `start` makes from that value
+    /// is spawned on the current runtime with the slot's guard. A task that panics, or is
+    /// dropped before it ends, reaches every caller as `lost(reason)`.
     ///
     /// # Panics
     /// When a task must be started outside a Tokio runtime (the slot is cleared first).
@@ -91,14 +99,18 @@ where
         self: &Arc<Self>,
         key: &K,
         recheck: impl FnOnce() -> Option<F>,
-        start: impl FnOnce() -> Fut,
+        shared: impl FnOnce() -> S,
+        start: impl FnOnce(S) -> Fut,
         lost: fn(String) -> T,
-    ) -> Join<F, T>
+    ) -> Join<F, T, S>
     where
         Fut: Future<Output = T> + Send + 'static,
     {
-        let (id, result) = match self.map.entry(key.clone()) {
-            MapEntry::Occupied(running) => return Join::Joined(running.get().task.clone()),
+        let (id, result, shared) = match self.map.entry(key.clone()) {
+            MapEntry::Occupied(running) => {
+                let running = running.get();
+                return Join::Joined(running.task.clone(), running.shared.clone());
+            }
             MapEntry::Vacant(slot) => {
                 if let Some(found) = recheck() {
                     return Join::Found(found);
@@ -112,11 +124,13 @@ where
                 }
                 .boxed()
                 .shared();
+                let shared = shared();
                 slot.insert(Running {
                     id,
                     task: task.clone(),
+                    shared: shared.clone(),
                 });
-                (id, (result, task))
+                (id, (result, task), shared)
             }
         };
         // Spawned with the shard released: the guard may drop at once (a runtime shutting
@@ -127,7 +141,7 @@ where
             key: key.clone(),
             id,
         };
-        let work = start();
+        let work = start(shared.clone());
         tokio::spawn(async move {
             let output = match AssertUnwindSafe(work).catch_unwind().await {
                 Ok(output) => output,
@@ -143,7 +157,7 @@ where
             // With nobody waiting the result comes back, and is dropped here.
             drop(send.send(output));
         });
-        Join::Started(task)
+        Join::Started(task, shared)
     }
 
     /// How many tasks are running.
@@ -185,7 +199,7 @@ mod tests {
 
     fn task<F>(join: Join<F, Result>) -> SharedTask<Result> {
         match join {
-            Join::Joined(t) | Join::Started(t) => t,
+            Join::Joined(t, ()) | Join::Started(t, ()) => t,
             Join::Found(_) => panic!("nothing to find"),
         }
     }
@@ -203,14 +217,15 @@ mod tests {
             let join = inflight.join_or_start(
                 &"a",
                 || None::<()>,
-                move || async move {
+                || (),
+                move |()| async move {
                     starts.fetch_add(1, Ordering::SeqCst);
                     gate.expect("started once").await.unwrap();
                     Ok(42)
                 },
                 Err,
             );
-            assert_eq!(matches!(join, Join::Started(_)), i == 0);
+            assert_eq!(matches!(join, Join::Started(..)), i == 0);
             waits.push(task(join));
         }
         assert_eq!(inflight.len(), 1);
@@ -221,8 +236,8 @@ mod tests {
         assert_eq!(starts.load(Ordering::SeqCst), 1);
         assert_eq!(inflight.len(), 0, "the slot is cleared after the task ends");
         // The next call starts afresh.
-        let again = inflight.join_or_start(&"a", || None::<()>, || async { Ok(7) }, Err);
-        assert!(matches!(again, Join::Started(_)));
+        let again = inflight.join_or_start(&"a", || None::<()>, || (), |()| async { Ok(7) }, Err);
+        assert!(matches!(again, Join::Started(..)));
         assert_eq!(task(again).await, Ok(7));
     }
 
@@ -233,14 +248,21 @@ mod tests {
             let first = task(inflight.join_or_start(
                 &"a",
                 || None::<()>,
-                move || async move { Ok(round) },
+                || (),
+                move |()| async move { Ok(round) },
                 Err,
             ));
             assert_eq!(first.await, Ok(round));
             // Asked again at once, from the same task: a new task, never the old result.
-            let again = inflight.join_or_start(&"a", || None::<()>, || async { Ok(u32::MAX) }, Err);
+            let again = inflight.join_or_start(
+                &"a",
+                || None::<()>,
+                || (),
+                |()| async { Ok(u32::MAX) },
+                Err,
+            );
             assert!(
-                matches!(again, Join::Started(_)),
+                matches!(again, Join::Started(..)),
                 "round {round} joined a finished task"
             );
             assert_eq!(task(again).await, Ok(u32::MAX));
@@ -250,9 +272,9 @@ mod tests {
     #[tokio::test]
     async fn different_keys_do_not_coalesce() {
         let inflight = map();
-        let a = inflight.join_or_start(&"a", || None::<()>, || async { Ok(1) }, Err);
-        let b = inflight.join_or_start(&"b", || None::<()>, || async { Ok(2) }, Err);
-        assert!(matches!(a, Join::Started(_)) && matches!(b, Join::Started(_)));
+        let a = inflight.join_or_start(&"a", || None::<()>, || (), |()| async { Ok(1) }, Err);
+        let b = inflight.join_or_start(&"b", || None::<()>, || (), |()| async { Ok(2) }, Err);
+        assert!(matches!(a, Join::Started(..)) && matches!(b, Join::Started(..)));
         assert_eq!((task(a).await, task(b).await), (Ok(1), Ok(2)));
     }
 
@@ -263,7 +285,8 @@ mod tests {
         let join = inflight.join_or_start(
             &"a",
             || None::<()>,
-            move || async move {
+            || (),
+            move |()| async move {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 let _ = done_tx.send(());
                 Ok(1)
@@ -283,13 +306,15 @@ mod tests {
         let first = task(inflight.join_or_start(
             &"a",
             || None::<()>,
-            || async move {
+            || (),
+            |()| async move {
                 tokio::task::yield_now().await;
                 panic!("boom");
             },
             Err,
         ));
-        let second = task(inflight.join_or_start(&"a", || None::<()>, || async { Ok(0) }, Err));
+        let second =
+            task(inflight.join_or_start(&"a", || None::<()>, || (), |()| async { Ok(0) }, Err));
         let (a, b) = (first.await, second.await);
         assert!(a.as_ref().is_err_and(|e| e.contains("panic")), "{a:?}");
         assert_eq!(a, b);
@@ -302,7 +327,8 @@ mod tests {
         let join = inflight.join_or_start(
             &"a",
             || Some("found"),
-            || async { panic!("not started") },
+            || (),
+            |()| async { panic!("not started") },
             Err,
         );
         assert!(matches!(join, Join::Found("found")));
@@ -312,7 +338,8 @@ mod tests {
         let started = inflight.join_or_start(
             &"a",
             || None::<()>,
-            || async move {
+            || (),
+            |()| async move {
                 gate.await.unwrap();
                 Ok(3)
             },
@@ -321,10 +348,11 @@ mod tests {
         let joined = inflight.join_or_start(
             &"a",
             || -> Option<()> { panic!("not consulted while a task runs") },
-            || async { Ok(0) },
+            || (),
+            |()| async { Ok(0) },
             Err,
         );
-        assert!(matches!(joined, Join::Joined(_)));
+        assert!(matches!(joined, Join::Joined(..)));
         release.send(()).unwrap();
         assert_eq!(task(started).await, Ok(3));
     }
@@ -337,8 +365,13 @@ mod tests {
             .unwrap();
         // Entered, not run: the spawned task is never polled.
         let entered = rt.enter();
-        let waiting =
-            task(inflight.join_or_start(&"a", || None::<()>, || async move { Ok(1) }, Err));
+        let waiting = task(inflight.join_or_start(
+            &"a",
+            || None::<()>,
+            || (),
+            |()| async move { Ok(1) },
+            Err,
+        ));
         drop(entered);
         assert_eq!(inflight.len(), 1, "spawned, not yet polled");
         // Shutting the runtime down drops the task unpolled.

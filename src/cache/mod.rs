@@ -75,7 +75,7 @@ pub(crate) struct Inner {
     config: Config,
     layout: Layout,
     index: Index,
-    inflight: Arc<Inflight<Key, DownloadResult>>,
+    inflight: Arc<Inflight<Key, DownloadResult, Arc<download::Wants>>>,
     events: Events,
     /// URLs as callers wrote them, resolved (see `resolve`).
     resolved: Resolutions,
@@ -237,18 +237,35 @@ impl ImageCache {
         {
             return Ok(hit);
         }
-        let (download, status) = match inner.join_or_start(&resolved, &options) {
-            Joined::Hit(hit) => return Ok(hit),
-            Joined::Download(download, status) => (download, status),
+        let mut force = options.force;
+        let (pinned, outcome, status) = loop {
+            let (download, status) = match inner.join_or_start(&resolved, &options, force) {
+                Joined::Hit(hit) => return Ok(hit),
+                Joined::Download(download, status) => (download, status),
+            };
+            inner.counters.add(Counter::Misses, 1);
+            if status == CacheStatus::Coalesced {
+                inner.counters.add(Counter::CoalescedWaits, 1);
+                inner.events.emit(|| Event::CoalescedWait {
+                    url: resolved.display.clone(),
+                });
+            }
+            match download.await {
+                Ok((pinned, outcome)) => break (pinned, outcome, status),
+                // Refused for the digests of the callers it knew; this caller joined too late
+                // to be asked, and takes what arrived: its own download, then.
+                Err(e)
+                    if status == CacheStatus::Coalesced
+                        && !force
+                        && e.kind() == ErrorKind::ChecksumMismatch
+                        && e.actual_digest()
+                            .is_some_and(|sha| download::Want::accepts(&options, sha)) =>
+                {
+                    force = true;
+                }
+                Err(e) => return Err(e),
+            }
         };
-        inner.counters.add(Counter::Misses, 1);
-        if status == CacheStatus::Coalesced {
-            inner.counters.add(Counter::CoalescedWaits, 1);
-            inner.events.emit(|| Event::CoalescedWait {
-                url: resolved.display.clone(),
-            });
-        }
-        let (pinned, outcome) = download.await?;
         let status = match outcome {
             Outcome::Downloaded => status,
             Outcome::Revalidated => CacheStatus::Revalidated,
@@ -533,8 +550,14 @@ impl Inner {
     }
 
     /// Joins the running download of this key, or starts one.
-    fn join_or_start(self: &Arc<Self>, resolved: &Resolved, options: &GetOptions) -> Joined {
-        let mut recheck = !options.force;
+    fn join_or_start(
+        self: &Arc<Self>,
+        resolved: &Resolved,
+        options: &GetOptions,
+        force: bool,
+    ) -> Joined {
+        let mut recheck = !force;
+        let want = download::Want::of(self, options);
         loop {
             let join = self.inflight.join_or_start(
                 &resolved.key,
@@ -550,14 +573,16 @@ impl Inner {
                         Lookup::Stale(_) | Lookup::Missing => None,
                     }
                 },
-                || download::run_download(Arc::clone(self), resolved.clone(), options.clone()),
+                || Arc::new(download::Wants::from(want.clone())),
+                |wants| download::run_download(Arc::clone(self), resolved.clone(), force, wants),
                 |why| Err(Error::new(ErrorKind::Internal, format!("download {why}"))),
             );
             match join {
-                Join::Joined(download) => {
+                Join::Joined(download, wants) => {
+                    wants.add(want);
                     return Joined::Download(download, CacheStatus::Coalesced);
                 }
-                Join::Started(download) => {
+                Join::Started(download, _) => {
                     return Joined::Download(download, CacheStatus::Downloaded);
                 }
                 Join::Found(entry) => match self.accept_hit(entry, options) {
@@ -658,6 +683,7 @@ fn checksum_error(expected: &str, actual: &str) -> Error {
         ErrorKind::ChecksumMismatch,
         format!("expected {}, got {actual}", expected.trim()),
     )
+    .with_actual_digest(actual)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use imgcache::{CacheStatus, ErrorKind};
+use imgcache::{CacheStatus, ErrorKind, GetOptions, ImageCache};
 
 use crate::support::origin::{Origin, Route, sha256_hex, volume};
 use crate::support::{open, open_without_retries, temp_files, wait_until};
@@ -145,4 +145,117 @@ async fn errors_reach_every_waiter_and_are_not_cached() {
     assert_eq!(std::fs::read(file.path()).unwrap(), body);
     assert_eq!(origin.hits("flaky.nii.gz"), 2);
     assert!(temp_files(dir.path()).is_empty());
+}
+
+/// Starts a download of `url` with `first` and joins it with `second`; returns both results.
+async fn joined(
+    cache: &ImageCache,
+    origin: &Origin,
+    path: &str,
+    gate: &std::sync::Arc<tokio::sync::Semaphore>,
+    first: GetOptions,
+    second: GetOptions,
+) -> (
+    imgcache::Result<imgcache::CachedFile>,
+    imgcache::Result<imgcache::CachedFile>,
+) {
+    let url = origin.url(path);
+    let a = tokio::spawn({
+        let (cache, url) = (cache.clone(), url.clone());
+        async move { cache.get_with(url, first).await }
+    });
+    origin.wait_for_hits(path, 1).await;
+    let waits = cache.stats().coalesced_waits;
+    let b = tokio::spawn({
+        let (cache, url) = (cache.clone(), url.clone());
+        async move { cache.get_with(url, second).await }
+    });
+    wait_until(|| cache.stats().coalesced_waits == waits + 1).await;
+    gate.add_permits(1);
+    (a.await.unwrap(), b.await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_callers_digest_fails_that_caller_alone() {
+    let origin = Origin::start().await;
+    let body = volume(130, MB);
+    let right = sha256_hex(&body);
+    let wrong = "0".repeat(64);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let digest = |d: &str| GetOptions::new().expected_sha256(d);
+
+    // A wrong digest started it; a caller without one joined: only the first fails.
+    let (route, gate) = Route::ok(body.clone()).gated();
+    origin.route("a.nii.gz", route);
+    let (a, b) = joined(
+        &cache,
+        &origin,
+        "a.nii.gz",
+        &gate,
+        digest(&wrong),
+        GetOptions::new(),
+    )
+    .await;
+    assert_eq!(a.unwrap_err().kind(), ErrorKind::ChecksumMismatch);
+    let b = b.expect("the caller without a digest gets the file");
+    assert_eq!(std::fs::read(b.path()).unwrap(), body);
+    assert_eq!(origin.hits("a.nii.gz"), 1, "one download for both");
+    assert!(
+        cache.get_cached(origin.url("a.nii.gz")).is_some(),
+        "and it is cached"
+    );
+
+    // The right digest started it, a wrong one joined: the second fails, the file is kept.
+    let (route, gate) = Route::ok(body.clone()).gated();
+    origin.route("b.nii.gz", route);
+    let (a, b) = joined(
+        &cache,
+        &origin,
+        "b.nii.gz",
+        &gate,
+        digest(&right),
+        digest(&wrong),
+    )
+    .await;
+    assert_eq!(a.unwrap().sha256(), right);
+    assert_eq!(b.unwrap_err().kind(), ErrorKind::ChecksumMismatch);
+    assert!(cache.get_cached(origin.url("b.nii.gz")).is_some());
+
+    // Two wrong digests: both fail and nothing is cached.
+    let (route, gate) = Route::ok(body.clone()).gated();
+    origin.route("c.nii.gz", route);
+    let (a, b) = joined(
+        &cache,
+        &origin,
+        "c.nii.gz",
+        &gate,
+        digest(&wrong),
+        digest(&"1".repeat(64)),
+    )
+    .await;
+    assert_eq!(a.unwrap_err().kind(), ErrorKind::ChecksumMismatch);
+    assert_eq!(b.unwrap_err().kind(), ErrorKind::ChecksumMismatch);
+    assert!(cache.get_cached(origin.url("c.nii.gz")).is_none());
+    assert_eq!(origin.hits("c.nii.gz"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_callers_short_ttl_does_not_shorten_the_entry_for_the_others() {
+    let origin = Origin::start().await;
+    let (route, gate) = Route::ok(volume(131, MB)).gated();
+    origin.route("t.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let short = GetOptions::new().ttl(Duration::from_secs(60));
+    let (a, b) = joined(&cache, &origin, "t.nii.gz", &gate, short, GetOptions::new()).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let lifetime =
+        |f: &imgcache::CachedFile| f.expires_at().duration_since(f.fetched_at()).unwrap();
+    assert_eq!(
+        lifetime(&b),
+        Duration::from_secs(24 * 3600),
+        "the default TTL of the joined caller"
+    );
+    assert_eq!(a.path(), b.path());
 }
