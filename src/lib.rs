@@ -96,7 +96,7 @@
 //! | `CACHE_OFFLINE` | `0` | never touch the network |
 //! | `CACHE_RETRIES` | `3` | retries of transient failures |
 //! | `CACHE_RETRY_DELAY`, `CACHE_RETRY_MAX_DELAY` | `500ms`, `30s` | backoff bounds |
-//! | `CACHE_CONNECT_TIMEOUT`, `CACHE_READ_TIMEOUT` | `30s`, `60s` | connect and idle timeouts |
+//! | `CACHE_CONNECT_TIMEOUT`, `CACHE_READ_TIMEOUT` | `30s`, `12s` | connect and idle timeouts |
 //! | `CACHE_DOWNLOAD_TIMEOUT` | none | total time of one download, retries included |
 //! | `CACHE_MAX_FILE_SIZE_MB` | `16384` | largest file accepted |
 //! | `CACHE_MAX_REDIRECTS` | `10` | redirects followed (never https to http) |
@@ -144,7 +144,8 @@ pub use cache::{
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     CacheBuilder, DEFAULT_FILE_MODE, DEFAULT_MAX_FILE_SIZE_BYTES, DEFAULT_MAX_SIZE_BYTES,
-    DEFAULT_STALE_GRACE, DEFAULT_STATE_SAVE_INTERVAL, DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL,
+    DEFAULT_READ_TIMEOUT, DEFAULT_STALE_GRACE, DEFAULT_STATE_SAVE_INTERVAL, DEFAULT_SWEEP_INTERVAL,
+    DEFAULT_TTL,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Received, Subscription};

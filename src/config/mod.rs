@@ -21,6 +21,10 @@ pub const DEFAULT_MAX_SIZE_BYTES: u64 = 1024 * MB;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Default interval of the background sweep.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// Default idle timeout of a body: 12 seconds, so that a body that stalls on every attempt
+/// fails within a minute with the default retries (4 attempts and their backoff: 51.5 s at
+/// most).
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(12);
 /// Default longest time between a hit and the saving of its access time: 5 seconds.
 pub const DEFAULT_STATE_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Default permission bits of cached files.
@@ -108,7 +112,7 @@ impl Default for CacheBuilder {
             state_save_interval: DEFAULT_STATE_SAVE_INTERVAL,
             file_mode: DEFAULT_FILE_MODE,
             connect_timeout: Duration::from_secs(30),
-            read_timeout: Duration::from_secs(60),
+            read_timeout: DEFAULT_READ_TIMEOUT,
             download_timeout: None,
             retries: 3,
             retry_base_delay: Duration::from_millis(500),
@@ -325,7 +329,9 @@ impl CacheBuilder {
     }
 
     /// Idle read timeout of the default HTTP client: a body that sends nothing for this long
-    /// fails. Default 60 s.
+    /// fails, and is retried like any transient failure. Default 12 s (env
+    /// `CACHE_READ_TIMEOUT`), so that a body stalled on every attempt fails within a minute
+    /// with the default retries.
     pub fn read_timeout(mut self, timeout: Duration) -> Self {
         self.read_timeout = timeout;
         self
@@ -597,6 +603,11 @@ fn parse_whole<T: std::str::FromStr>(name: &str, v: &str) -> Result<T> {
 
 /// `90s`, `30m`, `24h`, `7days`.
 fn parse_duration(name: &str, v: &str) -> Result<Duration> {
+    // A bare number is seconds.
+    if let Ok(seconds) = v.trim().parse::<f64>() {
+        return Duration::try_from_secs_f64(seconds)
+            .map_err(|_| config_error(name, v, "expected a duration such as 30s or 5m"));
+    }
     humantime::parse_duration(v.trim()).map_err(|e| config_error(name, v, &e.to_string()))
 }
 

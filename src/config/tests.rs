@@ -194,3 +194,28 @@ fn dotenv_file_fills_in_what_the_environment_lacks() {
     std::fs::write(&path, "BROKEN LINE WITHOUT EQUALS\n").unwrap();
     assert_eq!(read_dotenv(&path).unwrap_err().kind(), ErrorKind::Config);
 }
+
+#[test]
+fn a_body_stalled_on_every_attempt_fails_within_a_minute_by_default() {
+    let b = CacheBuilder::new();
+    let attempts = b.retries + 1;
+    // Every attempt waits out the idle timeout; between them, the longest backoff.
+    let backoff: Duration = (1..attempts)
+        .map(|n| (b.retry_base_delay * (1 << (n - 1))).min(b.retry_max_delay))
+        .sum();
+    let worst = b.read_timeout * attempts + backoff;
+    assert!(worst < Duration::from_secs(60), "{worst:?}");
+    assert_eq!(b.read_timeout, DEFAULT_READ_TIMEOUT);
+}
+
+#[test]
+fn a_bare_number_is_seconds() {
+    let b = CacheBuilder::from_lookup(lookup(&[
+        ("CACHE_READ_TIMEOUT", "7"),
+        ("CACHE_RETRY_DELAY", "0.25"),
+    ]))
+    .unwrap();
+    assert_eq!(b.read_timeout, Duration::from_secs(7));
+    assert_eq!(b.retry_base_delay, Duration::from_millis(250));
+    assert!(CacheBuilder::from_lookup(lookup(&[("CACHE_READ_TIMEOUT", "-3")])).is_err());
+}
