@@ -78,7 +78,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    axum::serve(listener, app)
+    axum::serve(imgcache::server::nodelay(listener), app)
         .with_graceful_shutdown(stop)
         .await?;
     cache.shutdown().await;

@@ -201,6 +201,7 @@ async fn serve(
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr()?;
+    let listener = imgcache::server::nodelay(listener);
     eprintln!("imgcache: dashboard on http://{local}/ (API /api, metrics /metrics)");
     match cache.image_server() {
         Some(server) => {

@@ -546,3 +546,43 @@ async fn serve_exits_soon_after_sigterm_with_dashboards_listening_and_saves_its_
     assert_eq!(state["counters"]["total_downloads"], 1, "{state}");
     assert_eq!(state["counters"]["hits"], 1, "{state}");
 }
+
+/// Starts `imgcache serve` on 127.0.0.1 (port 0) with `IMAGE_SERVER` set; returns the child
+/// and the server's base URL, read from its banner.
+async fn start_serve(
+    f: &Fixture,
+    cache: &Path,
+    image_server: &str,
+) -> (tokio::process::Child, String) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .args([
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env_clear()
+        .env("HOME", f.dir.path())
+        .env("IMAGE_SERVER", image_server)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(rest) = line.strip_prefix("imgcache: dashboard on ") {
+            let base = rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches('/')
+                .to_owned();
+            // Keep reading stderr so the server never blocks on a full pipe.
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return (child, base);
+        }
+    }
+    panic!("serve printed no banner");
+}
