@@ -484,34 +484,7 @@ async fn serve_exits_soon_after_sigterm_with_dashboards_listening_and_saves_its_
     let _ = rustls::crypto::ring::default_provider().install_default();
     let f = Fixture::new().await;
     let cache = f.dir.path().join("serve-cache");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgcache"))
-        .args([
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .env_clear()
-        .env("HOME", f.dir.path())
-        .env("IMAGE_SERVER", f.origin.url(""))
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut base = None;
-    while let Ok(Some(line)) = lines.next_line().await {
-        if let Some(rest) = line.strip_prefix("imgcache: dashboard on ") {
-            base = rest
-                .split_whitespace()
-                .next()
-                .map(|u| u.trim_end_matches('/').to_owned());
-            break;
-        }
-    }
-    let base = base.expect("the banner names the address");
+    let (mut child, base) = start_serve(&f, &cache, &f.origin.url("")).await;
     let file = reqwest::get(format!("{base}/files/ct/a.nii.gz"))
         .await
         .unwrap();
