@@ -82,19 +82,21 @@ pub(crate) async fn send(client: &reqwest::Client, url: &Url, ask: Ask<'_>) -> R
             "unexpected success status for a GET",
         )
         .with_status(status.as_u16())),
-        _ => {
-            let retry_after = retry_after(response.headers(), SystemTime::now());
-            let mut err = Error::new(
-                ErrorKind::HttpStatus,
-                status.canonical_reason().unwrap_or("unexpected status"),
-            )
-            .with_status(status.as_u16());
-            if let Some(after) = retry_after {
-                err = err.with_retry_after(after);
-            }
-            Err(err)
-        }
+        _ => Err(status_error(status, response.headers())),
     }
+}
+
+/// The error of a non-2xx answer: its status, and when to try again if the server said.
+fn status_error(status: StatusCode, headers: &HeaderMap) -> Error {
+    let mut err = Error::new(
+        ErrorKind::HttpStatus,
+        status.canonical_reason().unwrap_or("unexpected status"),
+    )
+    .with_status(status.as_u16());
+    if let Some(after) = retry_after(headers, SystemTime::now()) {
+        err = err.with_retry_after(after);
+    }
+    err
 }
 
 /// The validators a later revalidation or resume can send.
@@ -152,6 +154,45 @@ pub(crate) fn backoff(
     let capped = exp.min(max);
     let half = capped / 2;
     half + half.mul_f64(fastrand::f64())
+}
+
+/// What a `HEAD` answer says of a file.
+#[cfg(feature = "server")]
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Head {
+    pub(crate) content_length: Option<u64>,
+    pub(crate) etag: Option<String>,
+    pub(crate) last_modified: Option<String>,
+}
+
+/// Sends a `HEAD`; a non-2xx answer is an error carrying its status, as for a `GET`.
+#[cfg(feature = "server")]
+pub(crate) async fn head(client: &reqwest::Client, url: &Url) -> Result<Head> {
+    let response = client
+        .head(url.clone())
+        .header(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        )
+        .send()
+        .await
+        .map_err(|e| classify(e, "HEAD request failed"))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(status_error(status, response.headers()));
+    }
+    let text = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    Ok(Head {
+        content_length: text(header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+        etag: text(header::ETAG),
+        last_modified: text(header::LAST_MODIFIED),
+    })
 }
 
 /// Maps a reqwest error before the body: connection trouble and timeouts are `Network`.

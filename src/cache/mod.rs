@@ -489,6 +489,24 @@ impl ImageCache {
         self.inner().config.url_policy.redact_text(url.as_ref())
     }
 
+    /// The time by the cache's clock (for the sidecar's `Age`).
+    #[cfg(feature = "server")]
+    pub(crate) fn now(&self) -> std::time::SystemTime {
+        self.inner().config.clock.now()
+    }
+
+    /// What the origin says of `url` to a `HEAD`, through the cache's client and guards;
+    /// nothing is downloaded or cached.
+    #[cfg(feature = "server")]
+    pub(crate) async fn head_origin(&self, url: &str) -> Result<crate::fetch::Head> {
+        let inner = self.inner();
+        inner.check_open()?;
+        let resolved = inner.resolve(url)?;
+        crate::fetch::head(&inner.config.http_client, &resolved.request)
+            .await
+            .map_err(|e| e.with_url(&resolved.display))
+    }
+
     /// The cache directory.
     pub fn cache_dir(&self) -> &Path {
         &self.inner().config.cache_dir

@@ -10,6 +10,8 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::Response;
 use axum::routing::get;
 use futures_util::StreamExt;
+use headers::{ETag, HeaderMapExt, IfModifiedSince, IfNoneMatch, IfRange, LastModified};
+use std::time::SystemTime;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{ApiError, AppResult, AppState};
@@ -60,39 +62,74 @@ async fn files(
     // Joined as a path, so that `http:other-host/x` is a path on the image server and never
     // a URL of its own.
     let url = crate::key::below(server, raw, uri.query())?;
-    let file = st.cache.get(url.as_str()).await?;
-    serve_file(file, &method, &headers).await
+    let file = if method == Method::HEAD {
+        match st.cache.get_cached(url.as_str()) {
+            Some(file) => file,
+            None => return head_from_origin(&st, url.as_str()).await,
+        }
+    } else {
+        st.cache.get(url.as_str()).await?
+    };
+    serve_file(file, st.cache.now(), &method, &headers).await
 }
 
-async fn serve_file(file: CachedFile, method: &Method, headers: &HeaderMap) -> AppResult<Response> {
+async fn serve_file(
+    file: CachedFile,
+    now: SystemTime,
+    method: &Method,
+    headers: &HeaderMap,
+) -> AppResult<Response> {
     let size = file.size();
-    let etag = format!("\"{}\"", file.sha256());
-    let last_modified = file
+    let etag: ETag = format!("\"{}\"", file.sha256())
+        .parse()
+        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "bad digest".into()))?;
+    let modified = file
         .last_modified()
-        .unwrap_or_else(|| httpdate::fmt_http_date(file.fetched_at()));
+        .and_then(|v| httpdate::parse_http_date(&v).ok())
+        .unwrap_or_else(|| file.fetched_at());
+    let last_modified = LastModified::from(modified);
     let cache_status = match file.status() {
-        CacheStatus::Hit => "imgcache; hit".to_owned(),
-        CacheStatus::Coalesced => "imgcache; fwd=miss; detail=coalesced".to_owned(),
-        CacheStatus::Revalidated => "imgcache; fwd=stale; fwd-status=304".to_owned(),
-        CacheStatus::Stale => "imgcache; fwd=stale; detail=origin-failed".to_owned(),
-        _ => "imgcache; fwd=miss".to_owned(),
+        CacheStatus::Hit => "imgcache; hit",
+        // RFC 9211: a request that joined another's download.
+        CacheStatus::Coalesced => "imgcache; fwd=miss; collapsed",
+        CacheStatus::Revalidated => "imgcache; fwd=stale; fwd-status=304",
+        CacheStatus::Stale => "imgcache; fwd=stale; detail=origin-failed",
+        _ => "imgcache; fwd=miss",
     };
+    let age = now
+        .duration_since(file.fetched_at())
+        .unwrap_or_default()
+        .as_secs();
     let mut response = Response::builder()
-        .header(header::ETAG, &etag)
-        .header(header::LAST_MODIFIED, last_modified)
         .header(header::ACCEPT_RANGES, "bytes")
-        .header("cache-status", cache_status);
-    let if_none_match = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok());
-    if if_none_match.is_some_and(|v| v.trim() == "*" || v.split(',').any(|t| t.trim() == etag)) {
+        .header("cache-status", cache_status)
+        .header(header::AGE, age);
+    let typed = response.headers_mut().expect("a fresh builder");
+    typed.typed_insert(etag.clone());
+    typed.typed_insert(last_modified);
+
+    // RFC 9110 13.2.2: If-None-Match (compared weakly) decides; If-Modified-Since only
+    // when there is none.
+    let not_modified = match headers.typed_get::<IfNoneMatch>() {
+        Some(if_none_match) => !if_none_match.precondition_passes(&etag),
+        None => headers
+            .typed_get::<IfModifiedSince>()
+            .is_some_and(|since| !since.is_modified(modified)),
+    };
+    if not_modified {
         return response
             .status(StatusCode::NOT_MODIFIED)
             .body(Body::empty())
             .map_err(internal);
     }
+    // A Range is honoured only if If-Range (when sent) still names this version; otherwise
+    // the whole file is the answer.
+    let range_applies = headers
+        .typed_get::<IfRange>()
+        .is_none_or(|if_range| !if_range.is_modified(Some(&etag), Some(&last_modified)));
     let range = headers
         .get(header::RANGE)
+        .filter(|_| range_applies)
         .and_then(|v| v.to_str().ok())
         .map(|v| parse_range(v, size));
     let (status, start, len) = match range {
@@ -112,7 +149,7 @@ async fn serve_file(file: CachedFile, method: &Method, headers: &HeaderMap) -> A
     };
     response = response
         .status(status)
-        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_TYPE, content_type(file.path()))
         .header(header::CONTENT_LENGTH, len);
     if method == Method::HEAD {
         return response.body(Body::empty()).map_err(internal);
@@ -130,6 +167,40 @@ async fn serve_file(file: CachedFile, method: &Method, headers: &HeaderMap) -> A
             chunk
         });
     response.body(Body::from_stream(body)).map_err(internal)
+}
+
+/// The content type a file name says (`.nii.gz` is gzip), else bytes.
+fn content_type(path: &std::path::Path) -> String {
+    mime_guess::from_path(path)
+        .first_raw()
+        .unwrap_or("application/octet-stream")
+        .to_owned()
+}
+
+/// `HEAD` on a file that is not cached: the origin is asked with a `HEAD` of its own, and
+/// nothing is downloaded or cached.
+async fn head_from_origin(st: &AppState, url: &str) -> AppResult<Response> {
+    let head = st.cache.head_origin(url).await?;
+    let mut response = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header("cache-status", "imgcache; fwd=miss; detail=head")
+        .header(
+            header::CONTENT_TYPE,
+            content_type(std::path::Path::new(url)),
+        );
+    if let Some(len) = head.content_length {
+        response = response.header(header::CONTENT_LENGTH, len);
+    }
+    for (name, value) in [
+        (header::ETAG, head.etag),
+        (header::LAST_MODIFIED, head.last_modified),
+    ] {
+        if let Some(value) = value {
+            response = response.header(name, value);
+        }
+    }
+    response.body(Body::empty()).map_err(internal)
 }
 
 fn internal(e: axum::http::Error) -> ApiError {

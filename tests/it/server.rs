@@ -208,7 +208,7 @@ async fn fifty_clients_on_a_cold_file_make_one_origin_request() {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(sha256_hex(&bytes), sha256_hex(&body));
         assert!(cache_status.starts_with("imgcache; "), "{cache_status}");
-        coalesced += usize::from(cache_status.contains("detail=coalesced"));
+        coalesced += usize::from(cache_status == "imgcache; fwd=miss; collapsed");
     }
     assert_eq!(origin.hits("data/ct/cold.nii.gz"), 1);
     assert!(coalesced > 0);
@@ -299,6 +299,124 @@ async fn the_sidecar_answers_ranges_head_and_conditional_requests() {
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     let body: serde_json::Value = missing.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("404"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_answers_conditionals_as_rfc_9110_says() {
+    let origin = Origin::start().await;
+    let body = volume(14, 10_000);
+    origin.route(
+        "data/c.nii.gz",
+        Route::ok(body.clone()).header("last-modified", "Tue, 01 Dec 2026 10:00:00 GMT"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    let server = serve(cache.clone(), ServerOptions::new()).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/files/c.nii.gz", server.base);
+    let full = http.get(&url).send().await.unwrap();
+    let etag = full.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(
+        full.headers()["content-type"],
+        "application/gzip",
+        "from the file name"
+    );
+    assert_eq!(
+        full.headers()["last-modified"],
+        "Tue, 01 Dec 2026 10:00:00 GMT"
+    );
+    full.bytes().await.unwrap();
+    let get = |name: &'static str, value: String| {
+        let request = http.get(&url).header(name, value);
+        async move { request.send().await.unwrap() }
+    };
+
+    // If-None-Match compares weakly, in a list too.
+    for value in [
+        format!("W/{etag}"),
+        format!("\"x\", {etag}"),
+        "*".to_owned(),
+    ] {
+        assert_eq!(
+            get("if-none-match", value.clone()).await.status(),
+            304,
+            "{value}"
+        );
+    }
+    // If-Modified-Since: 304 unless modified after the date; ignored beside If-None-Match.
+    let since = |date: &str| get("if-modified-since", date.to_owned());
+    assert_eq!(since("Tue, 01 Dec 2026 10:00:00 GMT").await.status(), 304);
+    assert_eq!(since("Wed, 02 Dec 2026 10:00:00 GMT").await.status(), 304);
+    assert_eq!(since("Mon, 30 Nov 2026 10:00:00 GMT").await.status(), 200);
+    let both = http
+        .get(&url)
+        .header("if-none-match", "\"other\"")
+        .header("if-modified-since", "Wed, 02 Dec 2026 10:00:00 GMT")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(both.status(), 200, "If-None-Match decides");
+
+    // If-Range: the range when it names this version, the whole file when it does not.
+    let ranged = |if_range: String| {
+        let request = http
+            .get(&url)
+            .header("range", "bytes=0-9")
+            .header("if-range", if_range);
+        async move { request.send().await.unwrap() }
+    };
+    let same = ranged(etag.clone()).await;
+    assert_eq!(same.status(), 206);
+    assert_eq!(same.bytes().await.unwrap(), &body[..10]);
+    let changed = ranged("\"another-version\"".to_owned()).await;
+    assert_eq!(changed.status(), 200);
+    assert_eq!(changed.bytes().await.unwrap(), body, "the whole file");
+    let weak = ranged(format!("W/{etag}")).await;
+    assert_eq!(weak.status(), 200, "If-Range compares strongly");
+    let dated = ranged("Tue, 01 Dec 2026 10:00:00 GMT".to_owned()).await;
+    assert_eq!(dated.status(), 206);
+    let old_date = ranged("Mon, 30 Nov 2026 10:00:00 GMT".to_owned()).await;
+    assert_eq!(old_date.status(), 200);
+
+    // Age: seconds since the file was fetched, by the cache's clock.
+    let hit = http.get(&url).send().await.unwrap();
+    let age: u64 = hit.headers()["age"].to_str().unwrap().parse().unwrap();
+    assert!(age < 60, "{age}");
+    assert_eq!(origin.hits("data/c.nii.gz"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_on_a_miss_asks_the_origin_with_a_head_and_downloads_nothing() {
+    let origin = Origin::start().await;
+    origin.route(
+        "data/h.nii.gz",
+        Route::ok(volume(15, 3 * MB)).etag("\"v1\""),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    let server = serve(cache.clone(), ServerOptions::new()).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/files/h.nii.gz", server.base);
+    let head = http.head(&url).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(head.headers()["content-length"], (3 * MB).to_string());
+    assert_eq!(head.headers()["etag"], "\"v1\"");
+    assert_eq!(
+        head.headers()["cache-status"],
+        "imgcache; fwd=miss; detail=head"
+    );
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "HEAD", "no GET: nothing downloaded");
+    assert_eq!(cache.stats().entries_count, 0);
+    assert_eq!(cache.stats().bytes_downloaded, 0);
+    // A HEAD on a file that is not there says so.
+    let missing = http
+        .head(format!("{}/files/absent.nii.gz", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
