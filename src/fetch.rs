@@ -161,8 +161,9 @@ pub(crate) fn backoff(
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Head {
     pub(crate) content_length: Option<u64>,
-    pub(crate) etag: Option<String>,
     pub(crate) last_modified: Option<String>,
+    /// The name the file would be cached under (set by the caller).
+    pub(crate) file_name: String,
 }
 
 /// Sends a `HEAD`; a non-2xx answer is an error carrying its status, as for a `GET`.
@@ -190,8 +191,8 @@ pub(crate) async fn head(client: &reqwest::Client, url: &Url) -> Result<Head> {
     };
     Ok(Head {
         content_length: text(header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
-        etag: text(header::ETAG),
         last_modified: text(header::LAST_MODIFIED),
+        file_name: String::new(),
     })
 }
 

@@ -173,7 +173,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     } = &cli.command
     {
         let result = serve(&cache, *listen, admin_token.clone()).await;
-        cache.shutdown().await;
+        // Downloads still running get a moment; the state is saved before the wait.
+        if tokio::time::timeout(DOWNLOAD_GRACE, cache.shutdown())
+            .await
+            .is_err()
+        {
+            eprintln!(
+                "imgcache: leaving downloads still running after {} s",
+                DOWNLOAD_GRACE.as_secs()
+            );
+        }
         return result;
     }
     let bars = (!cli.quiet && io::stdout().is_terminal()).then(|| Bars::start(&cache));
@@ -217,8 +226,14 @@ async fn serve(
         served = &mut server => served?,
         () = signalled() => {
             // Requests in flight get a moment to finish; dashboards' event streams never
-            // would, so they are cut after it and the state is saved (by the caller).
+            // would, so they are cut after it and the state is saved (by the caller). A
+            // second signal ends the process at once.
             stop.cancel();
+            tokio::spawn(async {
+                signalled().await;
+                eprintln!("imgcache: second signal: exiting now");
+                std::process::exit(130);
+            });
             if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
                 eprintln!("imgcache: closing the connections still open after {} s", SHUTDOWN_GRACE.as_secs());
             }
@@ -229,6 +244,9 @@ async fn serve(
 
 /// How long requests in flight may go on after Ctrl-C or SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long downloads still running then have before the process exits (state is saved
+/// first): the whole exit stays within 5 s of the signal.
+const DOWNLOAD_GRACE: Duration = Duration::from_secs(1);
 
 /// Ctrl-C or SIGTERM.
 async fn signalled() {

@@ -371,11 +371,13 @@ struct Reservation {
 impl Reservation {
     async fn new(inner: &Arc<Inner>, bytes: u64) -> Reservation {
         let removed = inner.index.reserve(bytes);
-        inner.dispose_blocking(removed).await;
-        Reservation {
+        // Made before the await below, so that a deadline firing there still releases it.
+        let reservation = Reservation {
             inner: Arc::clone(inner),
             bytes,
-        }
+        };
+        inner.dispose_blocking(removed).await;
+        reservation
     }
 
     /// Hands the reservation to the commit, which releases it under the index lock.

@@ -502,9 +502,18 @@ impl ImageCache {
         let inner = self.inner();
         inner.check_open()?;
         let resolved = inner.resolve(url)?;
-        crate::fetch::head(&inner.config.http_client, &resolved.request)
+        if inner.config.offline {
+            return Err(Error::new(
+                ErrorKind::NotCached,
+                "offline mode and the file is not cached",
+            )
+            .with_url(&resolved.display));
+        }
+        let mut head = crate::fetch::head(&inner.config.http_client, &resolved.request)
             .await
-            .map_err(|e| e.with_url(&resolved.display))
+            .map_err(|e| e.with_url(&resolved.display))?;
+        head.file_name.clone_from(&resolved.file_name);
+        Ok(head)
     }
 
     /// The cache directory.
@@ -522,6 +531,9 @@ impl ImageCache {
         let inner = self.inner();
         inner.closed.store(true, Ordering::SeqCst);
         inner.stop_sweeper().await;
+        // Saved before the wait too, so that a caller that stops waiting (a deadline on
+        // shutdown, a second Ctrl-C) loses nothing that was already known.
+        inner.save_state_blocking().await;
         for download in inner.inflight.running() {
             let _ = download.await;
         }

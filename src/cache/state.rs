@@ -93,7 +93,8 @@ impl Inner {
 /// Loads state.json; a missing or corrupt file gives empty state (with a WARN when corrupt).
 pub(super) fn load(layout: &Layout) -> SavedState {
     let path = layout.state_path();
-    match crate::store::read_no_follow(&path) {
+    // Generous: an entry's record is about 100 bytes.
+    match crate::store::read_no_follow(&path, 256 << 20) {
         Ok(raw) => serde_json::from_slice(&raw).unwrap_or_else(|e| {
             tracing::warn!(path = %path.display(), error = %e, "state.json is corrupt; counters start from zero");
             SavedState::default()

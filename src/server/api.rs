@@ -98,7 +98,7 @@ async fn api_invalidate(
     } else {
         Err(ApiError(
             StatusCode::NOT_FOUND,
-            format!("not cached: {}", q.url),
+            format!("not cached: {}", st.cache.redacted(&q.url)),
         ))
     }
 }

@@ -34,6 +34,22 @@ pub(super) async fn guard(
     request: Request,
     next: Next,
 ) -> Response {
+    // Without a token the server is for this machine alone: a page on another site that made
+    // its name resolve to 127.0.0.1 (DNS rebinding) would otherwise be "same origin".
+    if st.token.is_none()
+        && !request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .is_none_or(is_loopback_host)
+    {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            "without an admin token this server answers only requests addressed to localhost"
+                .into(),
+        )
+        .into_response();
+    }
     let changes = !matches!(*request.method(), Method::GET | Method::HEAD);
     if changes && from_another_site(request.headers()) {
         return ApiError(
@@ -48,6 +64,19 @@ pub(super) async fn guard(
         return e.into_response();
     }
     next.run(request).await
+}
+
+/// Whether a `Host` header names this machine: `localhost`, a 127.0.0.0/8 address or `[::1]`,
+/// with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Whether the browser says the request comes from a page of another origin.
@@ -89,7 +118,9 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> AppResult<()> {
         .filter_map(|c| c.trim().split_once('='))
         .find(|(name, _)| *name == COOKIE)
         .map(|(_, value)| value);
-    if bearer.or(cookie).is_some_and(|given| same(given, token)) {
+    let ok = bearer.is_some_and(|given| same(given, token))
+        || cookie.is_some_and(|given| same(given, &state.session_cookie(token)));
+    if ok {
         Ok(())
     } else {
         Err(ApiError(
@@ -138,18 +169,12 @@ pub(super) async fn login(
             "wrong admin token".into(),
         ));
     }
-    // Tokens with characters a cookie cannot carry are for bearer use only.
-    if !token
-        .bytes()
-        .all(|b| b.is_ascii_graphic() && b != b';' && b != b',' && b != b'"')
-    {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "this token cannot be stored in a cookie; use Authorization: Bearer".into(),
-        ));
-    }
     let path = mount_point(original.path(), "/api/login");
-    let cookie = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path={path}");
+    // Not the token itself: a value derived from it and a secret of this server's, so that a
+    // cookie that leaks (to another server on this host name) gives away no token and stops
+    // working when this server restarts.
+    let value = st.session_cookie(token);
+    let cookie = format!("{COOKIE}={value}; HttpOnly; SameSite=Strict; Path={path}");
     Ok(([(header::SET_COOKIE, cookie)], StatusCode::NO_CONTENT).into_response())
 }
 
@@ -202,6 +227,31 @@ mod tests {
             ("origin", "null"),
             ("host", "h")
         ])));
+    }
+
+    #[test]
+    fn only_this_machine_is_a_loopback_host() {
+        for host in [
+            "localhost",
+            "LOCALHOST:8787",
+            "127.0.0.1",
+            "127.0.0.1:8787",
+            "127.9.9.9:1",
+            "[::1]:8787",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8787",
+            "10.0.0.1:8787",
+            "localhost.evil.example",
+            "[::2]:80",
+            "0.0.0.0:8787",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 
     #[test]

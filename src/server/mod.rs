@@ -114,7 +114,20 @@ pub fn router(cache: ImageCache) -> Router {
 struct AppState {
     cache: ImageCache,
     token: Option<String>,
+    /// A secret of this router's, from which the login cookie's value is derived.
+    session_secret: [u8; 32],
     metrics: Metrics,
+}
+
+impl AppState {
+    /// The login cookie's value for `token`: hex SHA-256 of this router's secret and the token.
+    fn session_cookie(&self, token: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(self.session_secret);
+        hash.update(token.as_bytes());
+        hex::encode(hash.finalize())
+    }
 }
 
 /// The router with `options`.
@@ -127,6 +140,7 @@ pub fn router_with(cache: ImageCache, options: ServerOptions) -> Router {
         metrics: Metrics::start(&cache),
         cache,
         token: options.admin_token.filter(|t| !t.trim().is_empty()),
+        session_secret: std::array::from_fn(|_| fastrand::u8(..)),
     });
     api::routes()
         .merge(metrics::routes())

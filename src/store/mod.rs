@@ -493,12 +493,29 @@ pub(crate) fn open_no_follow(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// Reads a whole file unless it is a symbolic link.
-pub(crate) fn read_no_follow(path: &Path) -> io::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    io::Read::read_to_end(&mut open_no_follow(path)?, &mut bytes)?;
+/// Reads a whole small file of the cache's own (meta.json, state.json): never a symbolic
+/// link, never anything but a regular file (a FIFO planted there would block the open, so it
+/// is opened non-blocking), and never more than `limit` bytes.
+pub(crate) fn read_no_follow(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NOFOLLOW | nonblocking)
+        .open(path)?;
+    let md = file.metadata()?;
+    if !md.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    if md.len() > limit {
+        return Err(io::Error::other(format!("larger than {limit} bytes")));
+    }
+    let mut bytes = Vec::with_capacity(md.len() as usize);
+    io::Read::read_to_end(&mut io::Read::take(file, limit), &mut bytes)?;
     Ok(bytes)
 }
+
+/// The largest meta.json recovery reads.
+pub(crate) const META_LIMIT: u64 = 64 * 1024;
 
 /// Fsyncs a directory so that renames inside it are durable.
 pub(crate) fn sync_dir(dir: &Path) {
@@ -603,7 +620,7 @@ fn recover_entry(dir: &Path, name: Option<&str>, prefix: &str) -> Result<Recover
     if key.prefix() != prefix {
         return Err(Other("key in the wrong directory"));
     }
-    let raw = match read_no_follow(&dir.join(META_FILE)) {
+    let raw = match read_no_follow(&dir.join(META_FILE), META_LIMIT) {
         Ok(raw) => raw,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(Other("bytes without meta.json"));

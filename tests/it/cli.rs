@@ -493,6 +493,11 @@ async fn serve_exits_soon_after_sigterm_with_dashboards_listening_and_saves_its_
         .await
         .unwrap();
     assert_eq!(again.bytes().await.unwrap().len(), 300_000);
+    // A download that never ends: its bytes are held back by the origin.
+    let (slow, _gate) = Route::ok(volume(9, 1 << 20)).gated_body();
+    f.origin.route("ct/slow.nii.gz", slow);
+    let stuck = tokio::spawn(reqwest::get(format!("{base}/files/ct/slow.nii.gz")));
+    f.origin.wait_for_hits("ct/slow.nii.gz", 1).await;
     // Two dashboards listening.
     let events = [
         reqwest::get(format!("{base}/api/events")).await.unwrap(),
@@ -514,6 +519,7 @@ async fn serve_exits_soon_after_sigterm_with_dashboards_listening_and_saves_its_
         .unwrap();
     assert!(status.success(), "{status:?} after {:?}", started.elapsed());
     drop(events);
+    stuck.abort();
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(cache.join("v1/state.json")).unwrap()).unwrap();
     assert_eq!(state["counters"]["total_downloads"], 1, "{state}");

@@ -400,7 +400,9 @@ async fn head_on_a_miss_asks_the_origin_with_a_head_and_downloads_nothing() {
     let head = http.head(&url).send().await.unwrap();
     assert_eq!(head.status(), StatusCode::OK);
     assert_eq!(head.headers()["content-length"], (3 * MB).to_string());
-    assert_eq!(head.headers()["etag"], "\"v1\"");
+    // No ETag: a GET's is the SHA-256 of the bytes, which a HEAD does not fetch.
+    assert!(!head.headers().contains_key("etag"));
+    assert_eq!(head.headers()["content-type"], "application/gzip");
     assert_eq!(
         head.headers()["cache-status"],
         "imgcache; fwd=miss; detail=head"
@@ -565,21 +567,43 @@ async fn an_admin_token_guards_every_route_but_the_page_and_its_login() {
     let ok = login("s3cret").await.unwrap();
     assert_eq!(ok.status(), StatusCode::NO_CONTENT);
     let cookie = ok.headers()["set-cookie"].to_str().unwrap().to_owned();
-    for part in [
-        "imgcache_token=s3cret",
-        "HttpOnly",
-        "SameSite=Strict",
-        "Path=/",
-    ] {
+    for part in ["imgcache_token=", "HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(cookie.contains(part), "{cookie}");
     }
+    assert!(
+        !cookie.contains("s3cret"),
+        "the cookie is not the token: {cookie}"
+    );
+    let value = cookie
+        .split(';')
+        .next()
+        .unwrap()
+        .trim_start_matches("imgcache_token=")
+        .to_owned();
     let with_cookie = http
         .get(url("/api/entries"))
-        .header("cookie", "other=1; imgcache_token=s3cret")
+        .header("cookie", format!("other=1; imgcache_token={value}"))
         .send()
         .await
         .unwrap();
     assert_eq!(with_cookie.status(), StatusCode::OK);
+    // The token itself as a cookie is not a login.
+    let raw = http
+        .get(url("/api/entries"))
+        .header("cookie", "imgcache_token=s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), StatusCode::UNAUTHORIZED);
+    // Any name reaches a server with a token (it may listen beyond loopback).
+    let named = http
+        .get(url("/api/stats"))
+        .header("host", "images.example.org")
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(named.status(), StatusCode::OK);
     let bad_cookie = http
         .get(url("/api/entries"))
         .header("cookie", "imgcache_token=s3cre7")
@@ -657,6 +681,27 @@ async fn a_request_from_another_site_cannot_change_the_cache() {
         assert!(body["error"].is_string());
     }
     assert_eq!(cache.stats().entries_count, 1, "nothing was cleared");
+    // DNS rebinding: a page whose name now resolves to 127.0.0.1 is "same origin" with its
+    // own name; without a token only requests addressed to localhost are answered.
+    for path in ["/api/entries", "/api/stats", "/files/c.nii.gz"] {
+        let rebound = http
+            .get(format!("{}{path}", server.base))
+            .header("host", "evil.example:8787")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rebound.status(), StatusCode::FORBIDDEN, "{path}");
+    }
+    let rebound_change = http
+        .post(format!("{}/api/clear", server.base))
+        .header("host", "evil.example:8787")
+        .header("origin", "http://evil.example:8787")
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound_change.status(), StatusCode::FORBIDDEN);
+    assert_eq!(cache.stats().entries_count, 1);
     // A cross-site read is not a change: allowed.
     let read = http
         .get(format!("{}/api/stats", server.base))
@@ -680,7 +725,7 @@ async fn a_request_from_another_site_cannot_change_the_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_carry_security_headers_and_errors_no_local_paths() {
     let origin = Origin::start().await;
-    route_volumes(&origin, &["data/e"], 9, 1000);
+    route_volumes(&origin, &["data/e", "data/f"], 9, 1000);
     let dir = tempfile::tempdir().unwrap();
     let cache = setup(dir.path(), &origin).await;
     let server = serve(cache, ServerOptions::new()).await;
@@ -698,12 +743,32 @@ async fn responses_carry_security_headers_and_errors_no_local_paths() {
         .await
         .unwrap();
     assert_eq!(stats.headers()["x-content-type-options"], "nosniff");
+    // A cached file is never active content on this origin, whatever its type.
+    let file = reqwest::get(format!("{}/files/e.nii.gz", server.base))
+        .await
+        .unwrap();
+    assert_eq!(file.status(), StatusCode::OK);
+    assert_eq!(
+        file.headers()["content-security-policy"],
+        "sandbox; default-src 'none'"
+    );
+    assert_eq!(file.headers()["x-content-type-options"], "nosniff");
+    file.bytes().await.unwrap();
+    let head = reqwest::Client::new()
+        .head(format!("{}/files/e.nii.gz", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        head.headers()["content-security-policy"],
+        "sandbox; default-src 'none'"
+    );
 
     // A download that fails on the cache's own disk: the client learns nothing of its layout.
     let tmp = dir.path().join("v1/tmp");
     std::fs::remove_dir_all(&tmp).unwrap();
     std::fs::write(&tmp, b"not a directory").unwrap();
-    let failed = reqwest::get(format!("{}/files/e.nii.gz", server.base))
+    let failed = reqwest::get(format!("{}/files/f.nii.gz", server.base))
         .await
         .unwrap();
     assert!(failed.status().is_server_error(), "{}", failed.status());

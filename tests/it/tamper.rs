@@ -130,6 +130,43 @@ async fn links_planted_below_v1_are_removed_as_links_and_never_followed() {
 }
 
 #[tokio::test]
+async fn a_fifo_or_a_huge_file_in_place_of_meta_json_or_state_json_does_not_stop_the_start() {
+    let origin = Origin::start().await;
+    origin.route("a.nii.gz", Route::ok(volume(45, 10_000)));
+    for (what, planted) in [("fifo", true), ("huge", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = one_entry(dir.path(), &origin).await;
+        let meta = meta_of(&data);
+        let state = dir.path().join("v1/state.json");
+        for place in [&meta, &state] {
+            std::fs::remove_file(place).unwrap();
+            if planted {
+                let made = std::process::Command::new("mkfifo")
+                    .arg(place)
+                    .status()
+                    .unwrap();
+                assert!(made.success());
+            } else {
+                let f = std::fs::File::create(place).unwrap();
+                f.set_len(1 << 30).unwrap(); // sparse: a gigabyte that reads as zeros
+            }
+        }
+        // Bounded: a start that blocked on the FIFO would hang here.
+        let opened = tokio::time::timeout(std::time::Duration::from_secs(20), open(dir.path()))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the start hung"));
+        let (cache, _clock) = opened;
+        assert_eq!(
+            cache.stats().entries_count,
+            0,
+            "{what}: the entry is gone, not trusted"
+        );
+        let file = cache.get(origin.url("a.nii.gz")).await.unwrap();
+        assert_eq!(std::fs::read(file.path()).unwrap(), volume(45, 10_000));
+    }
+}
+
+#[tokio::test]
 async fn a_v1_that_is_a_link_is_refused_and_its_target_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let (victim_dir, victim_files) = victim();
