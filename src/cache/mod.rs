@@ -720,15 +720,22 @@ fn checksum_error(expected: &str, actual: &str) -> Error {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn resolved_urls_are_remembered_within_a_bound() {
+    /// A cache in a temporary directory, with no background task.
+    async fn bare_cache() -> (tempfile::TempDir, ImageCache) {
         let dir = tempfile::tempdir().unwrap();
         let cache = ImageCache::builder()
             .cache_dir(dir.path())
             .sweep_interval(Duration::ZERO)
+            .state_save_interval(Duration::ZERO)
             .build()
             .await
             .unwrap();
+        (dir, cache)
+    }
+
+    #[tokio::test]
+    async fn resolved_urls_are_remembered_within_a_bound() {
+        let (_dir, cache) = bare_cache().await;
         let inner = cache.inner();
         let a = inner.resolve("http://h/a.nii.gz").unwrap();
         let again = inner.resolve("http://h/a.nii.gz").unwrap();
@@ -750,13 +757,7 @@ mod tests {
 
     #[tokio::test]
     async fn resolved_urls_are_bounded_in_bytes_too() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = ImageCache::builder()
-            .cache_dir(dir.path())
-            .sweep_interval(Duration::ZERO)
-            .build()
-            .await
-            .unwrap();
+        let (_dir, cache) = bare_cache().await;
         let inner = cache.inner();
         // Long URLs (100 KB of query each): far fewer than RESOLVED_CAPACITY fit.
         let long = "q".repeat(100_000);

@@ -442,31 +442,8 @@ async fn credentials_and_signatures_never_reach_the_terminal() {
 
     // The serve banner shows the image server without its password.
     let cache = f.dir.path().join("serve-cache");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgcache"))
-        .args([
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .env_clear()
-        .env("HOME", f.dir.path())
-        .env("IMAGE_SERVER", format!("http://alice:s3cret@{host}data/"))
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut banner = String::new();
-    while let Ok(Some(line)) = lines.next_line().await {
-        banner.push_str(&line);
-        banner.push('\n');
-        if line.contains("sidecar") {
-            break;
-        }
-    }
+    let server = format!("http://alice:s3cret@{host}data/");
+    let (mut child, _, banner) = start_serve(&f, &cache, &server).await;
     child.kill().await.unwrap();
     assert!(
         banner.contains("sidecar") && banner.contains(&host),
@@ -484,7 +461,7 @@ async fn serve_exits_soon_after_sigterm_with_dashboards_listening_and_saves_its_
     let _ = rustls::crypto::ring::default_provider().install_default();
     let f = Fixture::new().await;
     let cache = f.dir.path().join("serve-cache");
-    let (mut child, base) = start_serve(&f, &cache, &f.origin.url("")).await;
+    let (mut child, base, _) = start_serve(&f, &cache, &f.origin.url("")).await;
     let file = reqwest::get(format!("{base}/files/ct/a.nii.gz"))
         .await
         .unwrap();
@@ -526,13 +503,13 @@ async fn serve_exits_soon_after_sigterm_with_dashboards_listening_and_saves_its_
     assert_eq!(state["counters"]["hits"], 1, "{state}");
 }
 
-/// Starts `imgcache serve` on 127.0.0.1 (port 0) with `IMAGE_SERVER` set; returns the child
-/// and the server's base URL, read from its banner.
+/// Starts `imgcache serve` on 127.0.0.1 (port 0) with `IMAGE_SERVER` set; returns the child,
+/// the server's base URL and the banner it printed (up to the sidecar's line).
 async fn start_serve(
     f: &Fixture,
     cache: &Path,
     image_server: &str,
-) -> (tokio::process::Child, String) {
+) -> (tokio::process::Child, String, String) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgcache"))
         .args([
             "--cache-dir",
@@ -550,18 +527,22 @@ async fn start_serve(
         .unwrap();
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut base, mut banner) = (None, String::new());
     while let Ok(Some(line)) = lines.next_line().await {
+        banner.push_str(&line);
+        banner.push('\n');
         if let Some(rest) = line.strip_prefix("imgcache: dashboard on ") {
-            let base = rest
+            base = rest
                 .split_whitespace()
                 .next()
-                .unwrap()
-                .trim_end_matches('/')
-                .to_owned();
-            // Keep reading stderr so the server never blocks on a full pipe.
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return (child, base);
+                .map(|u| u.trim_end_matches('/').to_owned());
+        }
+        if line.contains("sidecar") || line.contains("/files/ is off") {
+            break;
         }
     }
-    panic!("serve printed no banner");
+    let base = base.unwrap_or_else(|| panic!("serve printed no address: {banner}"));
+    // Keep reading stderr so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, base, banner)
 }
