@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! get(url) ─> key ─> index ──hit──> cheap check, touch LRU, pin ─> CachedFile
-//!            key.rs  index.rs │      cache/hit.rs                cache/file.rs
+//!            key.rs  index/ │       cache/hit.rs                 cache/file.rs
+//!            (remembered: cache/resolve.rs)
 //!                             │miss/expired
 //!                             v
 //!          in-flight map: join the running download or spawn one        cache/inflight.rs
@@ -18,17 +19,18 @@
 //!          fetch: reqwest stream, Accept-Encoding: identity, status     fetch.rs
 //!          mapping, conditional and ranged requests, backoff
 //!                             v
-//!          store: temp file, SHA-256 and length while streaming,        store.rs
-//!          fsync, install (data renamed, meta.json last); recovery
+//!          store: temp file, SHA-256 and length while streaming,        store/
+//!          fsync, install (a version's own directory, meta.json last)
 //!                             v
-//!          index insert (size accounting, LRU eviction)                 index.rs
+//!          index insert (size accounting, LRU eviction)                 index/
 //!          ─> every waiter gets the same result
 //!
 //! removals (evicted, expired, invalidated): counted, deleted            cache/removal.rs
 //! sweeper (background task): expire, evict to the cap, save             cache/sweeper.rs
 //! state.json: access times, LRU order, counters across restarts         cache/state.rs
+//! start-up recovery: valid entries kept, the rest removed               store/recover.rs
 //! counters (one table) and the Stats snapshot                           stats.rs
-//! settings and the environment table                                    config.rs
+//! settings and the environment table                                    config/
 //! the handle and its public methods, wiring the stages                  cache/mod.rs
 //! dashboard, JSON API, /metrics, /files (feature `server`)              server/
 //! ```

@@ -1,7 +1,8 @@
 //! [`ImageCache`]: the handle, its public methods, and the only place that wires the stages
 //! together.
 //!
-//! The stages live beside it, in the order a `get` meets them: [`hit`] (lookup, cheap check,
+//! The stages live beside it, in the order a `get` meets them: [`resolve`] (the URL, remembered),
+//! [`hit`] (lookup, cheap check,
 //! pin), [`inflight`] (join or start the one download), [`download`] (fetch with retries,
 //! stream, hash, commit), then [`removal`] (what leaves the index is counted and deleted) and
 //! the background [`sweeper`]; [`state`] keeps state.json and [`file`] the types callers hold.
@@ -11,16 +12,16 @@ mod file;
 mod hit;
 mod inflight;
 mod removal;
+mod resolve;
 mod state;
 mod sweeper;
 
 use std::fmt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +35,7 @@ use crate::config::{CacheBuilder, Config};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Events, Subscription};
 use crate::index::{Index, Lookup, Reason};
-use crate::key::{self, Key, Resolved};
+use crate::key::{Key, Resolved};
 use crate::stats::{Counter, Counters, Gauges, Stats};
 use crate::store::{self, Layout};
 use file::Pinned;
@@ -78,7 +79,7 @@ pub(crate) struct Inner {
     inflight: Arc<Inflight<Key, DownloadResult, Arc<download::Wants>>>,
     events: Events,
     /// URLs as callers wrote them, resolved (see `resolve`).
-    resolved: Resolutions,
+    resolved: resolve::Resolutions,
     counters: Counters,
     default_ttl_ms: AtomicU64,
     closed: AtomicBool,
@@ -168,7 +169,7 @@ impl ImageCache {
             index,
             inflight: Arc::new(Inflight::new()),
             events: Events::new(),
-            resolved: Resolutions::default(),
+            resolved: resolve::Resolutions::default(),
             counters,
             closed: AtomicBool::new(false),
             cancel: CancellationToken::new(),
@@ -558,23 +559,6 @@ impl Inner {
         Ok(())
     }
 
-    /// Resolves a URL as the caller wrote it. Parsing, normalising and hashing a URL costs
-    /// more than the rest of a hit together, so results are remembered, in a map that is
-    /// emptied when it reaches `RESOLVED_CAPACITY` (a bound, not an LRU: the work it saves is
-    /// cheap to redo).
-    fn resolve(&self, url: &str) -> Result<Arc<Resolved>> {
-        if let Some(found) = self.resolved.get(url) {
-            return Ok(found);
-        }
-        let resolved = Arc::new(key::resolve_with(
-            url,
-            self.config.image_server.as_ref(),
-            &self.config.url_policy,
-        )?);
-        self.resolved.insert(url, &resolved);
-        Ok(resolved)
-    }
-
     fn now_ms(&self) -> u64 {
         unix_ms(self.config.clock.now())
     }
@@ -651,59 +635,6 @@ impl Drop for Inner {
     }
 }
 
-/// How many resolved URLs are remembered at most.
-const RESOLVED_CAPACITY: usize = 4096;
-/// How many bytes of URLs (as written, resolved and shown) are remembered at most.
-const RESOLVED_BYTES: usize = 4 << 20;
-
-/// URLs as callers wrote them and what they resolve to, bounded in count and in bytes: when
-/// either bound is reached the map is emptied (a bound, not an LRU: the work it saves is cheap
-/// to redo).
-#[derive(Default)]
-struct Resolutions {
-    // DashMap: read on every hit from any task; a guard never lives past one call.
-    map: DashMap<Box<str>, Arc<Resolved>>,
-    /// Bytes held, about: what `cost` says of each entry.
-    bytes: AtomicUsize,
-}
-
-impl Resolutions {
-    fn get(&self, url: &str) -> Option<Arc<Resolved>> {
-        self.map.get(url).map(|found| Arc::clone(found.value()))
-    }
-
-    /// The memory an entry holds: the text as written, and the URL resolved, shown, keyed.
-    fn cost(url: &str, resolved: &Resolved) -> usize {
-        url.len()
-            + resolved.request.as_str().len()
-            + resolved.display.len()
-            + resolved.file_name.len()
-            + 64
-            + 128
-    }
-
-    fn insert(&self, url: &str, resolved: &Arc<Resolved>) {
-        let cost = Self::cost(url, resolved);
-        if cost > RESOLVED_BYTES / 16 {
-            return; // A URL this long is not worth the room.
-        }
-        if self.map.len() >= RESOLVED_CAPACITY
-            || self.bytes.load(Ordering::Relaxed) + cost > RESOLVED_BYTES
-        {
-            self.map.clear();
-            self.bytes.store(0, Ordering::Relaxed);
-        }
-        if self.map.insert(url.into(), Arc::clone(resolved)).is_none() {
-            self.bytes.fetch_add(cost, Ordering::Relaxed);
-        }
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.map.len()
-    }
-}
-
 fn duration_ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
@@ -714,64 +645,4 @@ fn checksum_error(expected: &str, actual: &str) -> Error {
         format!("expected {}, got {actual}", expected.trim()),
     )
     .with_actual_digest(actual)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A cache in a temporary directory, with no background task.
-    async fn bare_cache() -> (tempfile::TempDir, ImageCache) {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = ImageCache::builder()
-            .cache_dir(dir.path())
-            .sweep_interval(Duration::ZERO)
-            .state_save_interval(Duration::ZERO)
-            .build()
-            .await
-            .unwrap();
-        (dir, cache)
-    }
-
-    #[tokio::test]
-    async fn resolved_urls_are_remembered_within_a_bound() {
-        let (_dir, cache) = bare_cache().await;
-        let inner = cache.inner();
-        let a = inner.resolve("http://h/a.nii.gz").unwrap();
-        let again = inner.resolve("http://h/a.nii.gz").unwrap();
-        assert!(
-            Arc::ptr_eq(&a, &again),
-            "the second resolution is remembered"
-        );
-        // Equivalent spellings resolve to one key, remembered separately.
-        let upper = inner.resolve("HTTP://H/a.nii.gz").unwrap();
-        assert_eq!(upper.key, a.key);
-        for i in 0..RESOLVED_CAPACITY + 10 {
-            inner.resolve(&format!("http://h/{i}.nii.gz")).unwrap();
-            assert!(inner.resolved.len() <= RESOLVED_CAPACITY);
-        }
-        // Errors are not remembered.
-        assert!(inner.resolve("ftp://h/x").is_err());
-        assert!(inner.resolved.get("ftp://h/x").is_none());
-    }
-
-    #[tokio::test]
-    async fn resolved_urls_are_bounded_in_bytes_too() {
-        let (_dir, cache) = bare_cache().await;
-        let inner = cache.inner();
-        // Long URLs (100 KB of query each): far fewer than RESOLVED_CAPACITY fit.
-        let long = "q".repeat(100_000);
-        for i in 0..200 {
-            inner
-                .resolve(&format!("http://h/{i}.nii.gz?{long}"))
-                .unwrap();
-            assert!(inner.resolved.bytes.load(Ordering::Relaxed) <= RESOLVED_BYTES);
-            assert!(inner.resolved.len() * 300_000 <= RESOLVED_BYTES + 300_000);
-        }
-        // A URL longer than a sixteenth of the bound is resolved every time, never kept.
-        let huge = format!("http://h/x.nii.gz?{}", "z".repeat(RESOLVED_BYTES / 8));
-        let a = inner.resolve(&huge).unwrap();
-        assert!(inner.resolved.get(&huge).is_none());
-        assert_eq!(inner.resolve(&huge).unwrap().key, a.key);
-    }
 }
