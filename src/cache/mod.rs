@@ -1,11 +1,11 @@
 //! [`ImageCache`]: the handle, its public methods, and the only place that wires the stages
 //! together.
 //!
-//! The stages live beside it, in the order a `get` meets them: [`resolve`] (the URL, remembered),
-//! [`hit`] (lookup, cheap check,
-//! pin), [`inflight`] (join or start the one download), [`download`] (fetch with retries,
-//! stream, hash, commit), then [`removal`] (what leaves the index is counted and deleted) and
-//! the background [`sweeper`]; [`state`] keeps state.json and [`file`] the types callers hold.
+//! The stages live beside it, in the order a `get` meets them: [`resolve`] (the URL,
+//! remembered), [`hit`] (lookup, cheap check, pin), [`inflight`] (join or start the one
+//! download), [`download`] (fetch with retries, stream, hash, commit), then [`removal`] (what
+//! leaves the index is counted and deleted) and the background [`sweeper`]; [`state`] keeps
+//! state.json and [`file`] the types callers hold.
 
 mod download;
 mod file;
