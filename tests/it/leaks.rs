@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::origin::{Fault, Origin, Route, volume};
-use crate::support::{builder, child_done, child_only, run_child, temp_files};
+use crate::support::{as_child, builder, run_child, temp_files};
 use imgcache::ManualClock;
 
 use crate::MB;
@@ -25,16 +25,7 @@ fn failures_leak_no_task_and_no_file_descriptor() {
 #[test]
 #[ignore = "run in a child process by failures_leak_no_task_and_no_file_descriptor"]
 fn leak_check() {
-    if !child_only("leaks::leak_check") {
-        return;
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(leak_check_body());
-    child_done("leaks::leak_check");
+    as_child("leaks::leak_check", leak_check_body());
 }
 
 async fn leak_check_body() {

@@ -4,7 +4,7 @@
 use imgcache::{clear_cache, get_cache_stats, get_cached_file};
 
 use crate::support::origin::{Origin, Route, volume};
-use crate::support::{child_done, child_only, run_child};
+use crate::support::{as_child, run_child};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn module_level_functions_use_one_cache_built_from_the_environment() {
@@ -34,11 +34,7 @@ async fn module_level_functions_use_one_cache_built_from_the_environment() {
 #[test]
 #[ignore = "run in a child process by module_level_functions_use_one_cache_built_from_the_environment"]
 fn the_module_level_functions() {
-    if !child_only("process_wide::the_module_level_functions") {
-        return;
-    }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    as_child("process_wide::the_module_level_functions", async {
         let dir = std::env::var("CACHE_DIR").unwrap();
         let server = std::env::var("IMAGE_SERVER").unwrap();
         let file = get_cached_file("ct/1.nii.gz").await.unwrap();
@@ -59,5 +55,4 @@ fn the_module_level_functions() {
         assert_eq!(clear_cache().await.unwrap(), 1);
         assert_eq!(get_cache_stats().await.unwrap().entries_count, 0);
     });
-    child_done("process_wide::the_module_level_functions");
 }

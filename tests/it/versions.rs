@@ -77,20 +77,7 @@ mod faults {
     use imgcache::ErrorKind;
 
     use super::*;
-    use crate::support::{child_done, child_only, run_child};
-
-    fn in_child(name: &str, body: impl std::future::Future<Output = ()>) {
-        if !child_only(name) {
-            return;
-        }
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(body);
-        child_done(name);
-    }
+    use crate::support::{as_child, run_child};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_commit_that_fails_keeps_the_old_entry_and_returns_its_reservation() {
@@ -137,7 +124,7 @@ mod faults {
     #[test]
     #[ignore = "run in a child process"]
     fn install_fails() {
-        in_child("versions::faults::install_fails", async {
+        as_child("versions::faults::install_fails", async {
             let dir = std::env::var("IMGCACHE_TEST_DIR").unwrap();
             let url = std::env::var("IMGCACHE_TEST_URL").unwrap();
             let (cache, _clock) = open(std::path::Path::new(&dir)).await;
@@ -157,7 +144,7 @@ mod faults {
     #[test]
     #[ignore = "run in a child process"]
     fn meta_fails() {
-        in_child("versions::faults::meta_fails", async {
+        as_child("versions::faults::meta_fails", async {
             let origin = Origin::start().await;
             origin.route("m.nii.gz", Route::ok(volume(125, MB)));
             let dir = tempfile::tempdir().unwrap();
@@ -195,7 +182,7 @@ mod faults {
     #[test]
     #[ignore = "run in a child process"]
     fn deadline_in_commit() {
-        in_child("versions::faults::deadline_in_commit", async {
+        as_child("versions::faults::deadline_in_commit", async {
             let origin = Origin::start().await;
             origin.route("c.nii.gz", Route::ok(volume(126, MB)));
             let dir = tempfile::tempdir().unwrap();
@@ -216,7 +203,7 @@ mod faults {
     #[test]
     #[ignore = "run in a child process"]
     fn deadline_in_renewal() {
-        in_child("versions::faults::deadline_in_renewal", async {
+        as_child("versions::faults::deadline_in_renewal", async {
             let origin = Origin::start().await;
             origin.route("n.nii.gz", Route::ok(volume(127, MB)).etag("\"1\""));
             let dir = tempfile::tempdir().unwrap();

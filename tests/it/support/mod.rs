@@ -129,7 +129,7 @@ pub async fn wait_until(cond: impl Fn() -> bool) {
 
 /// Runs the test `name` (its full path, such as `leaks::leak_check`) of this binary in a child
 /// process of its own with `env` set, and asserts that it ran and passed. Such a test is
-/// `#[ignore]`d and starts with [`child_only`], so that it does its work only as a child.
+/// `#[ignore]`d and its body is [`as_child`], so that it does its work only as a child.
 pub fn run_child(name: &str, env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     cmd.args([
@@ -157,13 +157,18 @@ pub fn run_child(name: &str, env: &[(&str, &str)]) -> std::process::Output {
 /// [`run_child`], or under another name) never prints it, so its parent fails.
 const CHILD_DONE: &str = "imgcache-test-child-done:";
 
-/// Whether this process is the child that [`run_child`] started for `name`; a test meant
-/// to run only as a child returns at once otherwise.
-pub fn child_only(name: &str) -> bool {
-    std::env::var("IMGCACHE_TEST_CHILD").is_ok_and(|v| v == name)
-}
-
-/// Says, at the end of a child's work, that it was done (see [`run_child`]).
-pub fn child_done(name: &str) {
+/// The body of a test meant to run only as the child that [`run_child`] starts for `name`:
+/// runs `body` on a two-worker runtime and says it was done. In any other process (a plain
+/// `cargo test -- --ignored`) it does nothing, and prints no marker.
+pub fn as_child(name: &str, body: impl std::future::Future<Output = ()>) {
+    if !std::env::var("IMGCACHE_TEST_CHILD").is_ok_and(|v| v == name) {
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body);
     println!("{CHILD_DONE} {name}");
 }
