@@ -230,7 +230,9 @@ impl Inner {
         let now = self.now_ms();
         let meta = Meta {
             fetched_at: now,
-            expires_at: now.saturating_add(ttl_ms),
+            // A caller that asked for fresher bytes (a short per-call TTL) confirms them
+            // current; it does not shorten what the entry had for the others.
+            expires_at: now.saturating_add(ttl_ms).max(entry.expires_at()),
             etag: validators.etag,
             last_modified: validators.last_modified,
             ..entry.meta.clone()

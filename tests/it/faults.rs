@@ -564,3 +564,33 @@ async fn space_pressure_evicts_expired_entries_before_fresh_ones() {
     assert!(!urls.iter().any(|u| u.ends_with("/old.nii.gz")), "{urls:?}");
     assert_eq!(cache.stats().evictions, 1);
 }
+
+#[tokio::test]
+async fn a_revalidation_asked_for_by_a_short_ttl_does_not_shorten_the_entry() {
+    let origin = Origin::start().await;
+    origin.route("s.nii.gz", Route::ok(volume(18, MB)).etag("\"same\""));
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, clock) = cache(dir.path()).await;
+    let url = origin.url("s.nii.gz");
+    let first = cache.get(&url).await.unwrap();
+    let expiry = first.expires_at();
+    drop(first);
+    clock.advance(Duration::from_secs(3600));
+    // Fresher than an hour is asked for: a conditional GET, answered 304.
+    let checked = cache
+        .get_with(
+            &url,
+            imgcache::GetOptions::new().ttl(Duration::from_secs(600)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(checked.status(), CacheStatus::Revalidated);
+    assert!(
+        checked.expires_at() >= expiry,
+        "the entry keeps its own expiry"
+    );
+    drop(checked);
+    let later = cache.get(&url).await.unwrap();
+    assert_eq!(later.status(), CacheStatus::Hit);
+    assert_eq!(origin.hits("s.nii.gz"), 2);
+}
