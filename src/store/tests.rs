@@ -138,16 +138,22 @@ fn recovery_removes_stray_items_and_misplaced_keys() {
     );
 }
 
+/// A download's data and meta.json in temp files, and where the data of version 1 goes.
+fn to_install(layout: &Layout, k: &Key) -> (TempFile, TempFile, PathBuf) {
+    let data = layout.write_temp(k.as_str(), "part", b"bytes").unwrap();
+    let meta = layout.write_temp(k.as_str(), "meta", b"{}").unwrap();
+    let path = layout
+        .entry_dir(k)
+        .join("g0000000000000001")
+        .join("a.nii.gz");
+    (data, meta, path)
+}
+
 #[test]
 fn install_moves_data_then_meta_and_trash_takes_the_data_away() {
     let (_dir, layout) = disk();
     let k = key(7);
-    let data = layout.write_temp(k.as_str(), "part", b"bytes").unwrap();
-    let meta = layout.write_temp(k.as_str(), "meta", b"{}").unwrap();
-    let path = layout
-        .entry_dir(&k)
-        .join("g0000000000000001")
-        .join("a.nii.gz");
+    let (data, meta, path) = to_install(&layout, &k);
     layout.install(&k, data, &path, meta).unwrap();
     assert_eq!(fs::read(&path).unwrap(), b"bytes");
     assert!(layout.meta_path(&k).exists());
@@ -171,13 +177,8 @@ fn install_moves_data_then_meta_and_trash_takes_the_data_away() {
 fn a_failed_install_leaves_nothing_of_the_new_entry() {
     let (_dir, layout) = disk();
     let k = key(8);
-    let data = layout.write_temp(k.as_str(), "part", b"bytes").unwrap();
-    let meta = layout.write_temp(k.as_str(), "meta", b"{}").unwrap();
+    let (data, meta, path) = to_install(&layout, &k);
     // The data's target is a directory: the rename fails.
-    let path = layout
-        .entry_dir(&k)
-        .join("g0000000000000001")
-        .join("a.nii.gz");
     fs::create_dir_all(path.join("blocker")).unwrap();
     assert!(layout.install(&k, data, &path, meta).is_err());
     assert!(!layout.meta_path(&k).exists());
