@@ -105,6 +105,8 @@
 //! | `CACHE_CA_CERT` | none | extra CA certificates (PEM) |
 //! | `CACHE_INSECURE_TLS` | `0` | accept any certificate (dangerous) |
 //! | `CACHE_IGNORE_QUERY_PARAMS` | [`DEFAULT_IGNORED_QUERY_PARAMS`] | query parameters left out of the key and redacted (`none` for none) |
+//! | `CACHE_LOCK` | `shared` | `exclusive` to use the directory alone |
+//! | `CACHE_LOCK_WAIT` | `3m` | longest wait for another process's download of the same file |
 //!
 //! Read by [`CacheBuilder::from_env`], [`ImageCache::from_env`] and the process-wide functions
 //! below; a `.env` file in the current directory supplies variables the environment lacks.
@@ -145,9 +147,9 @@ pub use cache::{
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    CacheBuilder, DEFAULT_FILE_MODE, DEFAULT_MAX_FILE_SIZE_BYTES, DEFAULT_MAX_SIZE_BYTES,
-    DEFAULT_READ_TIMEOUT, DEFAULT_STALE_GRACE, DEFAULT_STATE_SAVE_INTERVAL, DEFAULT_SWEEP_INTERVAL,
-    DEFAULT_TTL,
+    CacheBuilder, DEFAULT_FILE_MODE, DEFAULT_LOCK_WAIT, DEFAULT_MAX_FILE_SIZE_BYTES,
+    DEFAULT_MAX_SIZE_BYTES, DEFAULT_READ_TIMEOUT, DEFAULT_STALE_GRACE, DEFAULT_STATE_SAVE_INTERVAL,
+    DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Received, Subscription};

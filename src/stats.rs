@@ -63,6 +63,12 @@ macro_rules! counters {
                 let [$($field),+] = values;
                 SavedCounters { $($field),+ }
             }
+
+            /// Both tallies added, counter by counter.
+            pub(crate) fn plus(&self, other: &SavedCounters) -> SavedCounters {
+                let (a, b) = (self.to_array(), other.to_array());
+                SavedCounters::from_array(std::array::from_fn(|i| a[i].saturating_add(b[i])))
+            }
         }
 
         /// A snapshot of the cache's figures, as
@@ -156,6 +162,8 @@ counters! {
     retries, Retries, "retries", "Attempts repeated after a transient failure";
     /// Retries that continued a cut-off body with `Range` instead of starting again.
     resumes, Resumes, "resumes", "Retries that resumed with Range";
+    /// Downloads started here after waiting `CACHE_LOCK_WAIT` for another process's.
+    lock_timeouts, LockTimeouts, "lock_timeouts", "Downloads started after waiting CACHE_LOCK_WAIT for another process";
 }
 
 /// The figures of a [`Stats`] that are not counters: read from the index and the settings.
@@ -217,9 +225,10 @@ impl Counters {
         self.mark_unsaved();
     }
 
-    /// The snapshot: these counters beside the `gauges`.
-    pub(crate) fn stats(&self, gauges: Gauges) -> Stats {
-        Stats::with_counters(&self.save(), gauges)
+    /// The snapshot: these counters plus `others` (what the rest of the processes on the
+    /// directory counted, and those before them), beside the `gauges`.
+    pub(crate) fn stats(&self, others: &SavedCounters, gauges: Gauges) -> Stats {
+        Stats::with_counters(&self.save().plus(others), gauges)
     }
 }
 
@@ -271,7 +280,7 @@ mod tests {
         for (i, counter) in all.iter().enumerate() {
             c.add(*counter, 100 + i as u64);
         }
-        let stats = c.stats(Gauges::default());
+        let stats = c.stats(&SavedCounters::default(), Gauges::default());
         let json = serde_json::to_value(&stats).unwrap();
         let rows: Vec<_> = stats.counters().collect();
         assert_eq!(rows.len(), COUNT);
@@ -292,10 +301,13 @@ mod tests {
         let c = Counters::default();
         c.add(Counter::Hits, 1);
         c.add(Counter::Misses, 3);
-        let s = c.stats(Gauges {
-            max_size_bytes: 2 * MB,
-            ..Gauges::default()
-        });
+        let s = c.stats(
+            &SavedCounters::default(),
+            Gauges {
+                max_size_bytes: 2 * MB,
+                ..Gauges::default()
+            },
+        );
         assert_eq!((s.hit_rate, s.max_size_mb), (0.25, 2.0));
     }
 }

@@ -19,7 +19,8 @@ use crate::fetch;
 use crate::index::Entry;
 use crate::key::{Key, Resolved};
 use crate::stats::Counter;
-use crate::store::{self, Layout, Meta, TempFile, Validators};
+use crate::store::locks::{KeyLock, Record};
+use crate::store::{self, Layout, Meta, Recovered, TempFile, Validators};
 
 /// The body of the download task that an in-flight slot runs (its slot is cleared however
 /// it ends, a panic included: see `inflight`).
@@ -45,25 +46,56 @@ pub(super) async fn run_download(
 }
 
 impl Inner {
-    /// The download task's work: revalidate or download with retries, and fall back to the
-    /// expired copy when the origin fails.
+    /// The download task's work. First the URL's writer lock, so that one process in all
+    /// downloads it (bounded by `CACHE_LOCK_WAIT`, after which this one downloads on its own
+    /// and the first commit wins); then what is on disk, since another process may have
+    /// committed it meanwhile; then revalidate or download with retries, resuming from the
+    /// part file of a holder that died; and the expired copy when the origin fails.
     async fn fetch_entry(
         self: &Arc<Self>,
         r: &Resolved,
         force: bool,
         wants: &Wants,
     ) -> DownloadResult {
+        let asked_at = self.now_ms();
+        let lock = self
+            .layout
+            .lock_key(&r.key, self.config.lock_wait)
+            .await
+            .map_err(|e| Error::io("cannot lock the cache entry", e))?;
+        if lock.is_none() {
+            self.counters.add(Counter::LockTimeouts, 1);
+            tracing::warn!(
+                url = %r.display,
+                waited_ms = duration_ms(self.config.lock_wait),
+                "another process has been downloading this file for longer than CACHE_LOCK_WAIT; downloading it here too"
+            );
+        }
+        if let Some(found) = self.from_disk(r, force, wants, asked_at).await {
+            return Ok(found);
+        }
+        let (lock, resume) = match lock {
+            Some(mut lock) => {
+                let resume = self.resumable(&mut lock, &r.key).await;
+                (Some(lock), resume)
+            }
+            None => (None, None),
+        };
         let previous = if force {
             None
         } else {
             self.index.current(&r.key)
         };
         let result = self
-            .download_with_retries(r, wants, previous.as_ref())
+            .download_with_retries(r, wants, previous.as_ref(), lock, resume, asked_at)
             .await;
         match (result, previous) {
             (Err(e), Some(stale)) if self.config.stale_if_error && e.is_transient() => {
                 if !self.index.pin_if_current(&stale) {
+                    return Err(e);
+                }
+                let pinned = self.pinned(Arc::clone(&stale));
+                if !self.hold(&stale) {
                     return Err(e);
                 }
                 self.counters.add(Counter::StaleServed, 1);
@@ -73,9 +105,112 @@ impl Inner {
                     error = %e,
                     "origin failed; serving the expired copy"
                 );
-                Ok((self.pinned(stale), Outcome::Stale))
+                Ok((pinned, Outcome::Stale))
             }
             (result, _) => result,
+        }
+    }
+
+    /// Brings this process's entry for `r` in line with the disk, and returns it pinned if it
+    /// will do: fresh, with a digest some caller takes, and (for a forced download) committed
+    /// by another process after this one asked.
+    async fn from_disk(
+        self: &Arc<Self>,
+        r: &Resolved,
+        force: bool,
+        wants: &Wants,
+        asked_at: u64,
+    ) -> Option<(Arc<super::file::Pinned>, Outcome)> {
+        let before = self.index.current(&r.key).map(|e| e.stamp());
+        let this = Arc::clone(self);
+        let key = r.key.clone();
+        let found = tokio::task::spawn_blocking(move || this.sync_key(&key))
+            .await
+            .ok()
+            .flatten()?;
+        // Committed by another process since this one asked.
+        let newer = before != Some(found.stamp) && found.meta.fetched_at >= asked_at;
+        let meta = &found.meta;
+        let now = self.now_ms();
+        let usable = now < meta.expires_at
+            && wants
+                .max_age_ms()
+                .is_none_or(|age| now < meta.fetched_at.saturating_add(age))
+            && wants.check(&meta.sha256).is_ok()
+            && (!force || newer);
+        if !usable {
+            return None;
+        }
+        let entry = self.index.pin_current(&r.key)?;
+        let pinned = self.pinned(Arc::clone(&entry));
+        if entry.stamp() != found.stamp || !self.hold(&entry) {
+            return None;
+        }
+        let outcome = if newer {
+            Outcome::Joined
+        } else {
+            Outcome::Found
+        };
+        tracing::debug!(url = %r.display, "found on disk, committed by another process");
+        Some((pinned, outcome))
+    }
+
+    /// Reads the entry of `key` from disk and puts it in the index in place of what the
+    /// index had, if that differs (blocking).
+    pub(super) fn sync_key(&self, key: &Key) -> Option<Recovered> {
+        let found = self.layout.read_entry(key);
+        let entry = found.as_ref().map(|f| {
+            Entry::new(
+                f.key.clone(),
+                f.meta.clone(),
+                f.path.clone(),
+                f.meta.fetched_at,
+                0,
+                0,
+            )
+            .with_stamp(f.stamp)
+        });
+        let removed = self.index.replace_from_disk(key, entry);
+        self.dispose_now(removed);
+        found
+    }
+
+    /// The part file a dead holder of `key`'s writer lock left, if the download can resume
+    /// from it: named by the lock's record, bound to a version by a validator, not held by
+    /// anyone, and at least as long as the record says is durable. Its kept prefix is hashed
+    /// again.
+    async fn resumable(self: &Arc<Self>, lock: &mut KeyLock, key: &Key) -> Option<Resume> {
+        let record = lock.record()?;
+        let validators = Validators {
+            etag: record.etag.clone(),
+            last_modified: record.last_modified.clone(),
+        };
+        validators.if_range()?;
+        let name = &record.part;
+        let ours = name.starts_with(&format!("{}.", key.as_str()))
+            && name.ends_with(".part")
+            && !name.contains('/')
+            && record.durable > 0;
+        if !ours {
+            return None;
+        }
+        let path = self.layout.temp_dir().join(name);
+        let resume = tokio::task::spawn_blocking(move || Resume::open(path, record, validators))
+            .await
+            .ok()?;
+        match resume {
+            Ok(resume) => {
+                tracing::info!(
+                    part = %resume.temp.path().display(),
+                    bytes = resume.received,
+                    "taking over the download of a process that died"
+                );
+                Some(resume)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot resume from a dead download's part file");
+                None
+            }
         }
     }
 
@@ -86,8 +221,14 @@ impl Inner {
         r: &Resolved,
         wants: &Wants,
         previous: Option<&Arc<Entry>>,
+        lock: Option<KeyLock>,
+        resume: Option<Resume>,
+        asked_at: u64,
     ) -> DownloadResult {
-        let mut transfer = Transfer::new(self, r);
+        let mut transfer = Transfer::new(self, r, lock, asked_at);
+        if let Some(resume) = resume {
+            transfer.resume_from(resume);
+        }
         let attempts = self.attempts(&mut transfer, r, wants, previous);
         let result = match self.config.download_timeout {
             Some(limit) => tokio::time::timeout(limit, attempts)
@@ -193,16 +334,21 @@ impl Inner {
         // place, by its own drop when the commit fails. The commit's pin is wrapped on the
         // blocking thread, so that a deadline that drops this future unpins it again.
         let reservation = transfer.reservation.take();
+        let lock = transfer.lock.take();
+        let asked_at = transfer.asked_at;
         let this = Arc::clone(self);
         let key = r.key.clone();
-        let pinned = tokio::task::spawn_blocking(move || {
-            this.commit(key, temp, file, meta, reservation)
-                .map(|entry| this.pinned(entry))
+        let committed = tokio::task::spawn_blocking(move || {
+            this.commit(key, temp, file, meta, reservation, lock, asked_at)
         })
         .await
         .map_err(|e| Error::new(ErrorKind::Internal, format!("commit failed: {e}")))??;
+        let pinned = match committed {
+            (pinned, Outcome::Downloaded) => pinned,
+            // A process that downloaded without the lock found another's commit first.
+            found => return Ok(found),
+        };
         let entry = &pinned.entry;
-        self.counters.add(Counter::TotalDownloads, 1);
         self.events.emit(|| Event::DownloadFinished {
             url: r.display.clone(),
             bytes: size,
@@ -254,19 +400,39 @@ impl Inner {
     }
 
     /// Makes the temp file durable, writes meta.json, and moves both into place (blocking).
+    /// Without the URL's writer lock (its holder took longer than `CACHE_LOCK_WAIT`), the
+    /// first commit wins: an entry another process committed after this download began is
+    /// taken instead, and these bytes are dropped.
+    #[allow(clippy::too_many_arguments)]
     fn commit(
-        &self,
+        self: &Arc<Self>,
         key: Key,
         temp: TempFile,
         file: std::fs::File,
         mut meta: Meta,
         reservation: Option<Reservation>,
-    ) -> Result<Arc<Entry>> {
+        lock: Option<Arc<Mutex<WriterLock>>>,
+        asked_at: u64,
+    ) -> DownloadResult {
         let io_err = |what: &str, e| Error::io(what.to_owned(), e);
+        if lock.is_none()
+            && let Some(found) = self.sync_key(&key)
+            && found.meta.fetched_at >= asked_at
+            && let Some(entry) = self.index.pin_current(&key)
+        {
+            let pinned = self.pinned(Arc::clone(&entry));
+            if entry.stamp() == found.stamp && self.hold(&entry) {
+                tracing::info!(url = %found.meta.url, "another process committed this file first; taking its copy");
+                return Ok((pinned, Outcome::Joined));
+            }
+        }
         let md = file
             .metadata()
             .map_err(|e| io_err("cannot stat the download", e))?;
-        drop(file);
+        // From "being written" to "held by this process": other processes may read it but
+        // not delete it.
+        file.lock_shared()
+            .map_err(|e| io_err("cannot lock the download", e))?;
         meta.mtime_ns = store::mtime_ns(&md);
         failpoint("commit-before-meta");
         meta.generation = Layout::new_generation();
@@ -277,13 +443,21 @@ impl Inner {
         let reserved = reservation.as_ref().map_or(0, |r| r.bytes);
         let (entry, removed) = self
             .index
-            .commit(entry, temp, meta_temp, reserved, now)
+            .commit(entry, temp, file, meta_temp, reserved, now)
             .map_err(|e| io_err("cannot commit the download", e))?;
-        // Released by the index with the commit.
+        // Released by the index with the commit, and so in this process's record.
         reservation.map(Reservation::disarm);
+        self.save_record();
+        if let Some(lock) = lock {
+            lock.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .lock
+                .clear_record();
+        }
         failpoint("commit-after-meta");
+        self.counters.add(Counter::TotalDownloads, 1);
         self.dispose_now(removed);
-        Ok(entry)
+        Ok((self.pinned(entry), Outcome::Downloaded))
     }
 }
 
@@ -293,6 +467,8 @@ impl Inner {
 pub(super) struct Want {
     expected_sha256: Option<String>,
     ttl_ms: u64,
+    /// The caller's own maximum age ([`GetOptions::ttl`]), if it gave one.
+    max_age_ms: Option<u64>,
 }
 
 impl Want {
@@ -303,6 +479,7 @@ impl Want {
                 .as_deref()
                 .map(|e| e.trim().to_owned()),
             ttl_ms: inner.ttl_ms(options),
+            max_age_ms: options.ttl.map(duration_ms),
         }
     }
 
@@ -362,6 +539,12 @@ impl Wants {
         let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
         list.iter().map(|w| w.ttl_ms).max().unwrap_or_default()
     }
+
+    /// The shortest maximum age a caller asked for: an entry found on disk must be younger.
+    fn max_age_ms(&self) -> Option<u64> {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter().filter_map(|w| w.max_age_ms).min()
+    }
 }
 
 /// Bytes reserved for a download from its `Content-Length`; released if it never commits.
@@ -371,14 +554,28 @@ struct Reservation {
 }
 
 impl Reservation {
+    /// Reserves `bytes` against the cap of the whole directory: under the directory's cap
+    /// lock, with what every process has committed and reserved read fresh, and this
+    /// process's reservation published before the lock is let go, so that two processes
+    /// never both take the last free bytes.
     async fn new(inner: &Arc<Inner>, bytes: u64) -> Reservation {
-        let removed = inner.index.reserve(bytes);
-        // Made before the await below, so that a deadline firing there still releases it.
+        // Made before the await below, so that a deadline firing there still releases it
+        // (the count is added by the blocking task, which runs to the end even then).
         let reservation = Reservation {
             inner: Arc::clone(inner),
             bytes,
         };
-        inner.dispose_blocking(removed).await;
+        let this = Arc::clone(inner);
+        let _ = tokio::task::spawn_blocking(move || {
+            let cap = this.layout.lock_cap();
+            this.read_others();
+            this.sync_from_disk();
+            let removed = this.index.reserve(bytes);
+            this.save_record();
+            drop(cap);
+            this.dispose_now(removed);
+        })
+        .await;
         reservation
     }
 
@@ -392,6 +589,7 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if self.bytes > 0 {
             self.inner.index.release(self.bytes);
+            self.inner.counters.mark_unsaved();
         }
     }
 }
@@ -402,6 +600,75 @@ enum Step {
     Complete,
     /// 304: the expired copy is current.
     NotModified(Validators),
+}
+
+/// The URL's writer lock while this process downloads it, and the record in it that says
+/// where a successor may resume from. Shared with the writer thread, which updates the
+/// durable length as it fsyncs.
+pub(super) struct WriterLock {
+    lock: KeyLock,
+    record: Record,
+}
+
+impl WriterLock {
+    fn update(&mut self, change: impl FnOnce(&mut Record)) {
+        change(&mut self.record);
+        self.lock.write_record(&self.record);
+    }
+}
+
+/// A dead download's part file, taken over: its kept prefix, hashed again.
+pub(super) struct Resume {
+    temp: TempFile,
+    file: std::fs::File,
+    hasher: Sha256,
+    received: u64,
+    validators: Validators,
+    total: Option<u64>,
+}
+
+impl Resume {
+    /// Takes the part file at `path` if no writer holds it, cuts it to its durable length
+    /// and hashes that prefix (blocking).
+    fn open(
+        path: std::path::PathBuf,
+        record: Record,
+        validators: Validators,
+    ) -> std::io::Result<Resume> {
+        use std::io::{Read, Seek};
+        let file = store::open_part(&path)?;
+        let mut file = match store::locks::try_exclusive(file)? {
+            store::locks::Try::Taken(file) => file,
+            _ => return Err(std::io::Error::other("its writer is alive")),
+        };
+        let temp = TempFile::new(path);
+        let md = file.metadata()?;
+        if !md.is_file() || md.len() < record.durable {
+            return Err(std::io::Error::other("shorter than its record says"));
+        }
+        file.set_len(record.durable)?;
+        file.rewind()?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = record.durable;
+        while left > 0 {
+            let n = file.read(&mut buf[..left.min(1 << 20) as usize])?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        file.seek(std::io::SeekFrom::End(0))?;
+        Ok(Resume {
+            temp,
+            file,
+            hasher,
+            received: record.durable,
+            validators,
+            total: record.total,
+        })
+    }
 }
 
 /// One download across its attempts: the temp file, the writer, the running hash and the
@@ -419,10 +686,21 @@ struct Transfer<'a> {
     /// `received` when progress was last reported.
     reported: u64,
     reservation: Option<Reservation>,
+    /// The URL's writer lock; `None` when this process downloads without it.
+    lock: Option<Arc<Mutex<WriterLock>>>,
+    /// A dead download's part file to go on from, until the writer takes it.
+    resumed: Option<(TempFile, std::fs::File)>,
+    /// When the callers asked, by the cache's clock.
+    asked_at: u64,
 }
 
 impl<'a> Transfer<'a> {
-    fn new(inner: &'a Arc<Inner>, r: &'a Resolved) -> Transfer<'a> {
+    fn new(
+        inner: &'a Arc<Inner>,
+        r: &'a Resolved,
+        lock: Option<KeyLock>,
+        asked_at: u64,
+    ) -> Transfer<'a> {
         Transfer {
             inner,
             r,
@@ -433,6 +711,33 @@ impl<'a> Transfer<'a> {
             validators: Validators::default(),
             reported: 0,
             reservation: None,
+            lock: lock.map(|lock| {
+                Arc::new(Mutex::new(WriterLock {
+                    lock,
+                    record: Record::default(),
+                }))
+            }),
+            resumed: None,
+            asked_at,
+        }
+    }
+
+    /// Goes on from a dead download's part file.
+    fn resume_from(&mut self, resume: Resume) {
+        self.hasher = resume.hasher;
+        self.received = resume.received;
+        self.reported = resume.received;
+        self.validators = resume.validators;
+        self.total = resume.total;
+        self.resumed = Some((resume.temp, resume.file));
+    }
+
+    /// Updates the lock's record, if this process holds the lock.
+    fn record(&self, change: impl FnOnce(&mut Record)) {
+        if let Some(lock) = &self.lock {
+            lock.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .update(change);
         }
     }
 
@@ -448,6 +753,8 @@ impl<'a> Transfer<'a> {
         self.hasher = Sha256::new();
         self.received = 0;
         self.reported = 0;
+        // A part file taken over and not yet written to: dropped (and removed).
+        self.resumed = None;
         if let Some(writer) = &self.writer
             && writer.tx.send(store::WriteOp::Restart).await.is_err()
         {
@@ -510,6 +817,15 @@ impl<'a> Transfer<'a> {
                     ));
                 }
                 self.total = self.total.or(total);
+                if self.reservation.is_none() {
+                    // A download taken over from a dead process starts with a 206.
+                    let limit = self.limit();
+                    if let Some(total) = self.total.filter(|t| *t > limit) {
+                        return Err(too_large(total, limit));
+                    }
+                    let wanted = self.total.unwrap_or(0);
+                    self.reservation = Some(Reservation::new(self.inner, wanted).await);
+                }
                 self.inner.counters.add(Counter::Resumes, 1);
                 tracing::info!(url = %self.r.display, offset = self.received, "resuming");
                 response
@@ -537,7 +853,37 @@ impl<'a> Transfer<'a> {
                 url: self.r.display.clone(),
                 total: self.total,
             });
-            let temp = TempFile::new(self.inner.layout.temp_path(&self.r.key, "part"));
+            let (temp, existing) = match self.resumed.take() {
+                Some((temp, file)) => (temp, Some(file)),
+                None => (
+                    TempFile::new(self.inner.layout.temp_path(&self.r.key, "part")),
+                    None,
+                ),
+            };
+            let part = temp
+                .path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let durable = if existing.is_some() { self.received } else { 0 };
+            let (validators, total) = (self.validators.clone(), self.total);
+            self.record(|rec| {
+                *rec = Record {
+                    part,
+                    etag: validators.etag,
+                    last_modified: validators.last_modified,
+                    total,
+                    durable,
+                };
+            });
+            let lock = self.lock.clone();
+            let on_sync: store::OnSync = Box::new(move |n| {
+                if let Some(lock) = &lock {
+                    lock.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .update(|rec| rec.durable = n);
+                }
+            });
             let inner = Arc::clone(self.inner);
             let make_room: store::MakeRoom = Box::new(move |bytes| {
                 let removed = inner.index.make_room(bytes);
@@ -552,7 +898,13 @@ impl<'a> Transfer<'a> {
                 inner.dispose_now(removed);
                 freed
             });
-            self.writer = Some(store::spawn_writer(&self.inner.layout, temp, make_room));
+            self.writer = Some(store::spawn_writer(
+                &self.inner.layout,
+                temp,
+                existing,
+                make_room,
+                on_sync,
+            ));
         }
         let limit = self.limit();
         while let Some(chunk) = response.chunk().await.map_err(fetch::body_error)? {

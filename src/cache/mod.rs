@@ -70,6 +70,10 @@ enum Outcome {
     Downloaded,
     Revalidated,
     Stale,
+    /// Another process had committed it before this one asked: a hit after all.
+    Found,
+    /// Another process downloaded it while this one waited.
+    Joined,
 }
 
 pub(crate) struct Inner {
@@ -87,8 +91,11 @@ pub(crate) struct Inner {
     wake_sweeper: Notify,
     // A std Mutex: taken once at start and once at shutdown, never across an .await.
     sweeper: Mutex<Option<JoinHandle<()>>>,
-    /// The process lock on the cache directory, released when the cache is dropped.
+    /// The lock on the cache directory (shared, or exclusive), released when the cache is
+    /// dropped.
     _lock: std::fs::File,
+    /// This process's record on the directory, and what the others counted.
+    procs: state::Procs,
     /// Sweeps run, for the sweeper's tests.
     #[cfg(test)]
     sweeps: AtomicU64,
@@ -139,16 +146,29 @@ impl ImageCache {
         let layout = Layout::new(&config.cache_dir, config.file_mode, config.dir_mode);
         let opened = {
             let layout = layout.clone();
+            let exclusive = config.exclusive_lock;
+            let now = unix_ms(config.clock.now());
             tokio::task::spawn_blocking(move || -> Result<_> {
-                let lock = layout.open()?;
+                let lock = layout.open(exclusive)?;
+                if let Some(kind) = layout.network_file_system() {
+                    tracing::warn!(
+                        cache_dir = %layout.root.display(),
+                        file_system = kind,
+                        "the cache directory is on a network file system: locks may not reach other hosts, so a file may be downloaded twice (the bytes handed out are still complete and verified)"
+                    );
+                }
                 let report = store::recover(&layout)?;
                 let state = state::load(&layout);
-                Ok((lock, report, state))
+                let procs = state::Procs::start(&layout, now, &state).map_err(|e| {
+                    Error::io("cannot create this process's record", e)
+                        .with_path(layout.procs_dir())
+                })?;
+                Ok((lock, report, state, procs))
             })
             .await
             .map_err(|e| Error::new(ErrorKind::Internal, format!("recovery panicked: {e}")))??
         };
-        let (lock, report, state) = opened;
+        let (lock, report, state, procs) = opened;
         let index = Index::new(
             layout.clone(),
             config.max_size_bytes,
@@ -158,7 +178,6 @@ impl ImageCache {
         let recovered = report.entries.len();
         index.load(state.entries_from(report.entries));
         let counters = Counters::default();
-        counters.restore(&state.counters);
         if report.removed > 0 {
             counters.mark_unsaved();
         }
@@ -176,6 +195,7 @@ impl ImageCache {
             wake_sweeper: Notify::new(),
             sweeper: Mutex::new(None),
             _lock: lock,
+            procs,
             #[cfg(test)]
             sweeps: AtomicU64::new(0),
             config,
@@ -244,14 +264,18 @@ impl ImageCache {
                 Joined::Hit(hit) => return Ok(hit),
                 Joined::Download(download, status) => (download, status),
             };
-            inner.counters.add(Counter::Misses, 1);
             if status == CacheStatus::Coalesced {
                 inner.counters.add(Counter::CoalescedWaits, 1);
                 inner.events.emit(|| Event::CoalescedWait {
                     url: resolved.display.clone(),
                 });
             }
-            match download.await {
+            let result = download.await;
+            // A file another process had committed before this call is a hit.
+            if !matches!(&result, Ok((_, Outcome::Found))) {
+                inner.counters.add(Counter::Misses, 1);
+            }
+            match result {
                 Ok((pinned, outcome)) => break (pinned, outcome, status),
                 // Refused for the digests of the callers it knew; this caller joined too late
                 // to be asked, and takes what arrived: its own download, then.
@@ -271,6 +295,14 @@ impl ImageCache {
             Outcome::Downloaded => status,
             Outcome::Revalidated => CacheStatus::Revalidated,
             Outcome::Stale => CacheStatus::Stale,
+            Outcome::Found => {
+                inner.counters.add(Counter::Hits, 1);
+                inner
+                    .counters
+                    .add(Counter::BytesServedFromCache, pinned.entry.meta.size);
+                CacheStatus::Hit
+            }
+            Outcome::Joined => CacheStatus::Coalesced,
         };
         let file = CachedFile { pinned, status };
         if let Some(expected) = &options.expected_sha256 {
@@ -406,16 +438,20 @@ impl ImageCache {
     pub fn stats(&self) -> Stats {
         let inner = self.inner();
         let f = inner.index.figures();
-        inner.counters.stats(Gauges {
-            entries_count: f.entries,
-            current_size_bytes: f.committed_bytes + f.doomed_bytes,
-            max_size_bytes: inner.index.max(),
-            reserved_bytes: f.reserved_bytes,
-            pinned_entries: f.pinned,
-            downloads_in_progress: inner.inflight.len() as u64,
-            default_ttl_hours: inner.default_ttl_ms.load(Ordering::Relaxed) as f64 / 3_600_000.0,
-            cache_dir: inner.config.cache_dir.display().to_string(),
-        })
+        inner.counters.stats(
+            &inner.procs.others(),
+            Gauges {
+                entries_count: f.entries,
+                current_size_bytes: f.committed_bytes + f.doomed_bytes,
+                max_size_bytes: inner.index.max(),
+                reserved_bytes: f.reserved_bytes,
+                pinned_entries: f.pinned,
+                downloads_in_progress: inner.inflight.len() as u64,
+                default_ttl_hours: inner.default_ttl_ms.load(Ordering::Relaxed) as f64
+                    / 3_600_000.0,
+                cache_dir: inner.config.cache_dir.display().to_string(),
+            },
+        )
     }
 
     /// A stream of [`Event`]s: downloads starting, progressing, finishing or failing, hits,
@@ -427,7 +463,7 @@ impl ImageCache {
 
     /// Sets every counter to zero.
     pub fn reset_stats(&self) {
-        self.inner().counters.reset();
+        self.inner().reset_all_counters();
     }
 
     /// Changes the size cap at run time and evicts at once to honour it.
@@ -631,7 +667,7 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.save_state_now();
+        self.fold_own_record();
     }
 }
 

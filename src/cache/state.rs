@@ -1,18 +1,33 @@
-//! state.json: the access times, LRU order and counters that survive a restart.
+//! What survives a restart and what the processes on one directory tell each other.
 //!
-//! Written atomically (temp file, fsync, rename) by the sweeper, by `shutdown`, and when the
-//! cache is dropped; a missing or corrupt file gives empty state, never a failed start.
+//! - `v1/procs/<id>.json`, one per live process (its `<id>.lock` held exclusive for the
+//!   process's life): the counters it counted since it started, the bytes it has reserved for
+//!   downloads, and the access times and hits of the entries it touched. Written atomically
+//!   every `state_save_interval` when something changed, and at each reservation.
+//! - `v1/state.json`: the totals of the processes that are gone. A process folds its own
+//!   record in when it closes; a record whose lock can be taken belongs to a process that
+//!   died, and the first process to see it folds it in (under `v1/locks/state.lock`, and at
+//!   most once: state.json lists the records it has folded).
+//!
+//! So every process's statistics are the cache's: state.json plus every live record. A
+//! missing or corrupt file gives empty state, never a failed start.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::fs::File;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use super::Inner;
 use crate::index::Entry;
 use crate::stats::SavedCounters;
-use crate::store::{Layout, Recovered};
+use crate::store::locks::{self, Try};
+use crate::store::{self, Layout, Recovered};
+
+/// How many folded record names state.json remembers (so that none is folded twice).
+const FOLDED_KEPT: usize = 256;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -20,15 +35,83 @@ pub(super) struct SavedState {
     version: u32,
     pub(super) counters: SavedCounters,
     entries: HashMap<String, SavedAccess>,
+    /// The process records already folded in, newest last.
+    folded: Vec<String>,
+    /// When the counters were last reset (milliseconds since the epoch).
+    reset_ms: u64,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 #[serde(default)]
 struct SavedAccess {
     last_access_ms: u64,
     /// Position in LRU order when saved.
     lru: u64,
     hits: u64,
+}
+
+/// One live process's record.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct ProcRecord {
+    pid: u32,
+    started_ms: u64,
+    /// Counted by this process since it started (or since the reset it last saw).
+    counters: SavedCounters,
+    /// Reserved for its downloads in progress.
+    reserved_bytes: u64,
+    /// Last access and hits (by this process) of the entries it touched.
+    entries: HashMap<String, SavedAccess>,
+    /// The `reset_ms` of state.json this process last applied.
+    reset_ms: u64,
+}
+
+/// This process's own record and what it knows of the others.
+pub(super) struct Procs {
+    id: String,
+    /// Held exclusive while the process lives: a record whose lock can be taken is a dead
+    /// process's.
+    _lock: File,
+    /// Counted by every other process, and those before them: state.json's totals plus the
+    /// live records.
+    others: Mutex<SavedCounters>,
+    /// The counters reset this process last applied.
+    reset_ms: std::sync::atomic::AtomicU64,
+    started_ms: u64,
+}
+
+impl Procs {
+    /// Creates this process's record and takes its lock (blocking).
+    pub(super) fn start(
+        layout: &Layout,
+        now_ms: u64,
+        state: &SavedState,
+    ) -> std::io::Result<Procs> {
+        let id = format!("{}-{now_ms}-{:08x}", std::process::id(), fastrand::u32(..));
+        let lock_path = layout.procs_dir().join(format!("{id}.lock"));
+        let lock = match locks::try_exclusive(locks::open_lock_file(&lock_path, 0o600)?)? {
+            Try::Taken(file) => file,
+            _ => return Err(std::io::Error::other("a fresh process record is locked")),
+        };
+        Ok(Procs {
+            id,
+            _lock: lock,
+            others: Mutex::new(state.counters.clone()),
+            reset_ms: std::sync::atomic::AtomicU64::new(state.reset_ms),
+            started_ms: now_ms,
+        })
+    }
+
+    pub(super) fn others(&self) -> SavedCounters {
+        self.others
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn json_path(&self, layout: &Layout) -> PathBuf {
+        layout.procs_dir().join(format!("{}.json", self.id))
+    }
 }
 
 impl SavedState {
@@ -42,46 +125,215 @@ impl SavedState {
                 let last = saved.map_or(r.meta.fetched_at, |s| s.last_access_ms);
                 let hits = saved.map_or(0, |s| s.hits);
                 let lru = saved.map_or(0, |s| s.lru);
-                Entry::new(r.key, r.meta, r.path, last, lru, hits)
+                Entry::new(r.key, r.meta, r.path, last, lru, hits).with_stamp(r.stamp)
             })
             .collect()
+    }
+
+    /// Adds a process's record to the totals, once.
+    fn fold(&mut self, name: &str, record: &ProcRecord) {
+        if self.folded.iter().any(|f| f == name) {
+            return;
+        }
+        if record.reset_ms >= self.reset_ms {
+            self.counters = self.counters.plus(&record.counters);
+        }
+        for (key, access) in &record.entries {
+            let saved = self.entries.entry(key.clone()).or_default();
+            saved.last_access_ms = saved.last_access_ms.max(access.last_access_ms);
+            saved.lru = saved.lru.max(access.lru);
+            saved.hits += access.hits;
+        }
+        self.folded.push(name.to_owned());
+        if self.folded.len() > FOLDED_KEPT {
+            self.folded.remove(0);
+        }
     }
 }
 
 impl Inner {
-    fn saved_state(&self) -> SavedState {
-        SavedState {
-            version: 1,
+    /// This process's record as it stands.
+    fn own_record(&self) -> ProcRecord {
+        let started = self.procs.started_ms;
+        ProcRecord {
+            pid: std::process::id(),
+            started_ms: started,
             counters: self.counters.save(),
+            reserved_bytes: self.index.own_reserved(),
             entries: self
                 .index
                 .entries()
                 .iter()
+                .filter(|e| {
+                    e.own_hits.load(Ordering::Relaxed) > 0
+                        || e.last_access_ms.load(Ordering::Relaxed) >= started
+                })
                 .map(|e| {
                     let access = SavedAccess {
                         last_access_ms: e.last_access_ms.load(Ordering::Relaxed),
                         lru: e.lru(),
-                        hits: e.hits.load(Ordering::Relaxed),
+                        hits: e.own_hits.load(Ordering::Relaxed),
                     };
                     (e.key.as_str().to_owned(), access)
                 })
                 .collect(),
+            reset_ms: self.procs.reset_ms.load(Ordering::Relaxed),
         }
     }
 
-    /// Writes state.json if anything changed (blocking).
-    pub(super) fn save_state_now(&self) {
-        if !self.counters.take_unsaved() {
-            return;
+    /// Writes this process's record (blocking).
+    pub(super) fn save_record(&self) {
+        let json = serde_json::to_vec(&self.own_record()).expect("a record always serialises");
+        if let Err(e) = self
+            .layout
+            .write_atomic(&self.procs.json_path(&self.layout), "proc", &json)
+        {
+            self.counters.mark_unsaved();
+            tracing::warn!(error = %e, "cannot save this process's record");
         }
-        let json = serde_json::to_vec(&self.saved_state()).expect("state always serialises");
+    }
+
+    /// Saves this process's record if anything changed, folds the records of dead processes
+    /// into state.json, and reads what the live ones counted, reserved and touched
+    /// (blocking). Called every `state_save_interval` by the sweeper.
+    pub(super) fn save_state_now(&self) {
+        if self.counters.take_unsaved() {
+            self.save_record();
+        }
+        self.read_others();
+        self.sync_from_disk();
+    }
+
+    /// Brings the index in line with the entries on disk, which other processes commit and
+    /// remove (blocking): one `lstat` per entry, a read of the new and changed ones.
+    pub(super) fn sync_from_disk(&self) {
+        let scan = store::scan(&self.layout, &self.index.stamps());
+        let changed = scan
+            .changed
+            .into_iter()
+            .map(|r| {
+                let last = r.meta.fetched_at;
+                Entry::new(r.key, r.meta, r.path, last, 0, 0).with_stamp(r.stamp)
+            })
+            .collect();
+        let removed = self.index.merge_from_disk(&scan.present, changed);
+        self.dispose_now(removed);
+    }
+
+    /// See [`save_state_now`](Self::save_state_now): the reading half.
+    pub(super) fn read_others(&self) {
+        let dir = self.layout.procs_dir();
+        let Ok(items) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        let own = format!("{}.json", self.procs.id);
+        let mut dead = Vec::new();
+        let mut live = Vec::new();
+        for item in items.flatten() {
+            let name = item.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".json") else {
+                continue;
+            };
+            if name == own {
+                continue;
+            }
+            let Ok(raw) = store::read_no_follow(&item.path(), 64 << 20) else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_slice::<ProcRecord>(&raw) else {
+                continue;
+            };
+            let alive = matches!(
+                locks::try_exclusive_at(&dir.join(format!("{id}.lock"))),
+                Ok(Try::Held)
+            );
+            if alive {
+                live.push(record);
+            } else {
+                dead.push((id.to_owned(), record));
+            }
+        }
+        let state = if dead.is_empty() {
+            load(&self.layout)
+        } else {
+            self.with_state(|state| {
+                for (id, record) in &dead {
+                    state.fold(id, record);
+                }
+                for (id, _) in &dead {
+                    let _ = std::fs::remove_file(dir.join(format!("{id}.json")));
+                    let _ = std::fs::remove_file(dir.join(format!("{id}.lock")));
+                }
+            })
+        };
+        // Another process reset the counters: what this one counted before goes too.
+        if state.reset_ms > self.procs.reset_ms.load(Ordering::Relaxed) {
+            self.procs.reset_ms.store(state.reset_ms, Ordering::Relaxed);
+            self.counters.reset();
+        }
+        let mut others = state.counters.clone();
+        let mut reserved = 0;
+        let mut access: HashMap<String, u64> = HashMap::new();
+        for record in &live {
+            if record.reset_ms >= state.reset_ms {
+                others = others.plus(&record.counters);
+            }
+            reserved += record.reserved_bytes;
+            for (key, a) in &record.entries {
+                let ms = access.entry(key.clone()).or_default();
+                *ms = (*ms).max(a.last_access_ms);
+            }
+        }
+        *self.procs.others.lock().unwrap_or_else(|e| e.into_inner()) = others;
+        self.index.set_others_reserved(reserved);
+        self.index.merge_access(&access);
+    }
+
+    /// Folds this process's record into state.json and removes it (blocking): at close.
+    pub(super) fn fold_own_record(&self) {
+        let record = self.own_record();
+        let id = self.procs.id.clone();
+        self.with_state(|state| state.fold(&id, &record));
+        let _ = std::fs::remove_file(self.procs.json_path(&self.layout));
+        let _ = std::fs::remove_file(self.layout.procs_dir().join(format!("{id}.lock")));
+    }
+
+    /// Zeroes the counters of every process on the directory: state.json's, this process's
+    /// at once, the others' at their next reading (blocking).
+    pub(super) fn reset_all_counters(&self) {
+        let now = self
+            .now_ms()
+            .max(self.procs.reset_ms.load(Ordering::Relaxed) + 1);
+        self.with_state(|state| {
+            state.counters = SavedCounters::default();
+            state.reset_ms = now;
+        });
+        self.procs.reset_ms.store(now, Ordering::Relaxed);
+        self.counters.reset();
+        *self.procs.others.lock().unwrap_or_else(|e| e.into_inner()) = SavedCounters::default();
+        self.save_record();
+    }
+
+    /// Reads, changes and writes state.json under its lock; returns what was written.
+    fn with_state(&self, change: impl FnOnce(&mut SavedState)) -> SavedState {
+        let lock_path = self.layout.locks_dir().join("state.lock");
+        let lock = locks::open_lock_file(&lock_path, self.config.file_mode)
+            .and_then(|file| file.lock().map(|()| file));
+        if let Err(e) = &lock {
+            tracing::debug!(error = %e, "cannot lock state.json; writing it anyway");
+        }
+        let mut state = load(&self.layout);
+        state.version = 1;
+        change(&mut state);
+        let json = serde_json::to_vec(&state).expect("state always serialises");
         if let Err(e) = self
             .layout
             .write_atomic(&self.layout.state_path(), "state", &json)
         {
-            self.counters.mark_unsaved();
             tracing::warn!(error = %e, "cannot save state.json");
         }
+        drop(lock);
+        state
     }
 
     pub(super) async fn save_state_blocking(self: &Arc<Self>) {
@@ -94,7 +346,7 @@ impl Inner {
 pub(super) fn load(layout: &Layout) -> SavedState {
     let path = layout.state_path();
     // Generous: an entry's record is about 100 bytes.
-    match crate::store::read_no_follow(&path, 256 << 20) {
+    match store::read_no_follow(&path, 256 << 20) {
         Ok(raw) => serde_json::from_slice(&raw).unwrap_or_else(|e| {
             tracing::warn!(path = %path.display(), error = %e, "state.json is corrupt; counters start from zero");
             SavedState::default()

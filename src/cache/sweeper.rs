@@ -154,16 +154,19 @@ mod saving {
     use crate::store::Layout;
     use crate::store::testing::put;
 
-    /// state.json as saved, if it is there.
+    /// This process's record on the directory, as saved, if it is there.
     fn saved(dir: &std::path::Path) -> serde_json::Value {
-        std::fs::read(dir.join("v1/state.json"))
-            .ok()
-            .and_then(|raw| serde_json::from_slice(&raw).ok())
+        std::fs::read_dir(dir.join("v1/procs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|item| item.path().extension().is_some_and(|e| e == "json"))
+            .find_map(|item| serde_json::from_slice(&std::fs::read(item.path()).ok()?).ok())
             .unwrap_or_default()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_hit_reaches_state_json_within_the_save_interval_without_a_sweep() {
+    async fn a_hit_reaches_disk_within_the_save_interval_without_a_sweep() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::new(dir.path(), 0o600, 0o700);
         let url = "http://h/ct/1.nii.gz";
@@ -187,6 +190,6 @@ mod saving {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        panic!("state.json never got the hit: {}", saved(dir.path()));
+        panic!("the record never got the hit: {}", saved(dir.path()));
     }
 }

@@ -31,6 +31,8 @@ pub const DEFAULT_STATE_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_FILE_MODE: u32 = 0o600;
 /// Default time expired entries are kept for revalidation and stale fallback: 7 days.
 pub const DEFAULT_STALE_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default longest wait for another process's download of the same file: 3 minutes.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(180);
 /// Default largest file accepted: 16 GiB (the size cap applies too).
 pub const DEFAULT_MAX_FILE_SIZE_BYTES: u64 = 16 * 1024 * MB;
 
@@ -61,6 +63,8 @@ pub struct CacheBuilder {
     ca_certificate: Option<PathBuf>,
     insecure_tls: bool,
     ignore_query_params: Option<Vec<String>>,
+    exclusive_lock: bool,
+    lock_wait: Duration,
     clock: Arc<dyn Clock>,
 }
 
@@ -95,6 +99,8 @@ impl fmt::Debug for CacheBuilder {
             .field("ca_certificate", &self.ca_certificate)
             .field("insecure_tls", &self.insecure_tls)
             .field("ignore_query_params", &self.ignore_query_params)
+            .field("exclusive_lock", &self.exclusive_lock)
+            .field("lock_wait", &self.lock_wait)
             .field("clock", &self.clock)
             .finish()
     }
@@ -125,6 +131,8 @@ impl Default for CacheBuilder {
             ca_certificate: None,
             insecure_tls: false,
             ignore_query_params: None,
+            exclusive_lock: false,
+            lock_wait: DEFAULT_LOCK_WAIT,
             clock: Arc::new(SystemClock),
         }
     }
@@ -151,6 +159,8 @@ pub(crate) struct Config {
     pub(crate) stale_if_error: bool,
     pub(crate) offline: bool,
     pub(crate) url_policy: UrlPolicy,
+    pub(crate) exclusive_lock: bool,
+    pub(crate) lock_wait: Duration,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -221,6 +231,8 @@ const ENVIRONMENT: &[(&str, Setter)] = &[
         "CACHE_IGNORE_QUERY_PARAMS",
         set!(ignore_query_params = parse_names),
     ),
+    ("CACHE_LOCK", set!(exclusive_lock = parse_lock_mode)),
+    ("CACHE_LOCK_WAIT", set!(lock_wait = parse_duration)),
 ];
 
 impl CacheBuilder {
@@ -432,6 +444,24 @@ impl CacheBuilder {
         self
     }
 
+    /// Use the cache directory alone: opening it fails with [`ErrorKind::Locked`] while any
+    /// other handle, in this process or another, has it open, and opening it elsewhere fails
+    /// while this one does. Default off: any number of processes and handles share a
+    /// directory (env `CACHE_LOCK=exclusive`, or `shared`).
+    pub fn exclusive_lock(mut self, on: bool) -> Self {
+        self.exclusive_lock = on;
+        self
+    }
+
+    /// How long a download waits for another process that is downloading the same file
+    /// before downloading it too (the first to commit wins). Default 3 minutes (env
+    /// `CACHE_LOCK_WAIT`). A process that dies lets the waiters go at once, whatever this
+    /// says: the kernel drops its locks.
+    pub fn lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
+    }
+
     fn url_policy(&self) -> UrlPolicy {
         match &self.ignore_query_params {
             Some(names) => UrlPolicy::ignoring(names),
@@ -518,6 +548,8 @@ impl CacheBuilder {
             stale_grace: self.stale_grace,
             stale_if_error: self.stale_if_error,
             offline: self.offline,
+            exclusive_lock: self.exclusive_lock,
+            lock_wait: self.lock_wait,
             clock: self.clock,
         })
     }
@@ -609,6 +641,15 @@ fn parse_duration(name: &str, v: &str) -> Result<Duration> {
             .map_err(|_| config_error(name, v, "expected a duration such as 30s or 5m"));
     }
     humantime::parse_duration(v.trim()).map_err(|e| config_error(name, v, &e.to_string()))
+}
+
+/// `shared` or `exclusive`, as whether the lock is exclusive.
+fn parse_lock_mode(name: &str, v: &str) -> Result<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "shared" => Ok(false),
+        "exclusive" => Ok(true),
+        _ => Err(config_error(name, v, "expected shared or exclusive")),
+    }
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool> {

@@ -7,7 +7,8 @@
 //! milliseconds for gigabytes) happens after the lock is released, from a trash name. The
 //! index itself makes no file-system call.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::clock::{Clock, unix_ms};
 use crate::key::Key;
-use crate::store::{Layout, Meta, TempFile, Validators};
+use crate::store::{Claim, Layout, Meta, Stamp, TempFile, Validators};
 
 /// One committed entry. Its bytes (and so `meta`'s url, sha256, size and mtime) never change:
 /// a new download makes a new `Entry`. Its freshness does change in place when a 304 renews
@@ -36,12 +37,20 @@ pub(crate) struct Entry {
     tick: AtomicU64,
     /// Hits on this entry, persisted.
     pub(crate) hits: AtomicU64,
+    /// Of those, the hits of this process since it started.
+    pub(crate) own_hits: AtomicU64,
     /// Live `CachedFile`s. Incremented only under the index lock (so eviction, which checks it
     /// under the lock, never races a new pin); decremented anywhere.
     pins: AtomicUsize,
     /// Removed from the map (or replaced by a newer version) while pinned: its bytes go
     /// when the last pin does.
     doomed: AtomicBool,
+    /// This process's shared lock on the data file while it has pins, so that no other
+    /// process deletes the file (see `store::hold`). Taken by the first pin, released by the
+    /// last, under the index lock.
+    pub(crate) held: Mutex<Option<File>>,
+    /// Of the meta.json this entry was read from or wrote (see [`Stamp`]).
+    stamp: [AtomicU64; 3],
 }
 
 impl Entry {
@@ -67,9 +76,41 @@ impl Entry {
             last_access_ms: AtomicU64::new(last_access_ms),
             tick: AtomicU64::new(lru),
             hits: AtomicU64::new(hits),
+            own_hits: AtomicU64::new(0),
             pins: AtomicUsize::new(0),
             doomed: AtomicBool::new(false),
+            held: Mutex::new(None),
+            stamp: Default::default(),
         }
+    }
+
+    /// The entry, as read from a meta.json stamped `stamp`.
+    #[must_use]
+    pub(crate) fn with_stamp(self, stamp: Stamp) -> Entry {
+        self.set_stamp(stamp);
+        self
+    }
+
+    pub(crate) fn stamp(&self) -> Stamp {
+        Stamp {
+            ino: self.stamp[0].load(Ordering::Relaxed),
+            mtime_ns: self.stamp[1].load(Ordering::Relaxed),
+            len: self.stamp[2].load(Ordering::Relaxed),
+        }
+    }
+
+    fn set_stamp(&self, stamp: Stamp) {
+        self.stamp[0].store(stamp.ino, Ordering::Relaxed);
+        self.stamp[1].store(stamp.mtime_ns, Ordering::Relaxed);
+        self.stamp[2].store(stamp.len, Ordering::Relaxed);
+    }
+
+    /// Takes the freshness of `newer`, the same version as read from a renewed meta.json.
+    fn renew_from(&self, newer: &Entry) {
+        self.set_stamp(newer.stamp());
+        self.fetched_at.store(newer.fetched_at(), Ordering::Relaxed);
+        self.expires_at.store(newer.expires_at(), Ordering::Relaxed);
+        *self.validators.lock().unwrap_or_else(|e| e.into_inner()) = newer.validators();
     }
 
     /// Milliseconds since the epoch of the download or the last renewal.
@@ -164,6 +205,9 @@ pub(crate) struct Index {
     max: AtomicU64,
     /// How long past expiry an entry is kept, in milliseconds.
     grace_ms: u64,
+    /// What the other live processes have reserved for their downloads (from their procs
+    /// files), counted against the cap.
+    others_reserved: AtomicU64,
     clock: Arc<dyn Clock>,
     layout: Layout,
 }
@@ -175,6 +219,7 @@ impl Index {
             tick: AtomicU64::new(1),
             max: AtomicU64::new(max),
             grace_ms,
+            others_reserved: AtomicU64::new(0),
             clock,
             layout,
         }
@@ -263,7 +308,8 @@ impl Index {
 
     /// Renews an entry after a 304: its new meta.json replaces the old one, expiry and
     /// validators change in place, and it is pinned for the download's callers. Returns false
-    /// (changing nothing) when the entry was removed or replaced meanwhile.
+    /// (changing nothing) when the entry was removed or replaced meanwhile, in this process
+    /// or on disk by another.
     pub(crate) fn renew(
         &self,
         entry: &Arc<Entry>,
@@ -275,10 +321,12 @@ impl Index {
             .entries
             .get(&entry.key)
             .is_some_and(|e| Arc::ptr_eq(e, entry))
+            || self.layout.meta_stamp(&entry.key) != Some(entry.stamp())
         {
             return Ok(false);
         }
-        self.layout.replace_meta(&entry.key, meta_file)?;
+        let stamp = self.layout.replace_meta(&entry.key, meta_file)?;
+        entry.set_stamp(stamp);
         entry.fetched_at.store(meta.fetched_at, Ordering::Relaxed);
         entry.expires_at.store(meta.expires_at, Ordering::Relaxed);
         *entry.validators.lock().unwrap_or_else(|e| e.into_inner()) = Validators {
@@ -301,9 +349,9 @@ impl Index {
             if freed >= bytes {
                 break;
             }
-            if let Some(entry) = st.entries.remove(&key) {
-                freed += entry.meta.size;
-                removed.push(self.detach_locked(&mut st, entry, Reason::Evicted));
+            if let Some(r) = self.try_remove_locked(&mut st, &key, Reason::Evicted) {
+                freed += r.entry.meta.size;
+                removed.push(r);
             }
         }
         removed
@@ -327,7 +375,8 @@ impl Index {
         Some(Arc::clone(entry))
     }
 
-    /// Drops one pin. When it was the last, a doomed entry's files are removed, and entries
+    /// Drops one pin. When it was the last, this process's lock on the file is released, a
+    /// doomed entry's files are removed (unless another process holds them), and entries
     /// that pins kept above the cap are evicted.
     pub(crate) fn unpin(&self, entry: &Arc<Entry>) -> Vec<Removed> {
         if entry.pins.fetch_sub(1, Ordering::SeqCst) != 1 {
@@ -335,6 +384,10 @@ impl Index {
         }
         let doomed = entry.doomed.load(Ordering::SeqCst);
         let mut st = self.lock();
+        // Pins are only added under the index lock, so none can arrive while it is held.
+        if !entry.is_pinned() {
+            entry.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
         let mut removed = Vec::new();
         if doomed {
             let id = (entry.key.clone(), entry.meta.generation.clone());
@@ -342,10 +395,14 @@ impl Index {
             if ours && !entry.is_pinned() {
                 st.doomed.remove(&id);
                 st.doomed_bytes -= entry.meta.size;
+                let trash = self
+                    .layout
+                    .claim(&entry.key, &entry.path)
+                    .and_then(|_claim| self.layout.trash(&entry.key, &entry.path));
                 removed.push(Removed {
                     entry: Arc::clone(entry),
                     reason: Reason::Invalidated,
-                    trash: self.layout.trash(&entry.key, &entry.path),
+                    trash,
                 });
             }
         }
@@ -367,13 +424,24 @@ impl Index {
         st.reserved_bytes = st.reserved_bytes.saturating_sub(bytes);
     }
 
+    /// What this process has reserved.
+    pub(crate) fn own_reserved(&self) -> u64 {
+        self.lock().reserved_bytes
+    }
+
+    /// Sets what the other live processes have reserved.
+    pub(crate) fn set_others_reserved(&self, bytes: u64) {
+        self.others_reserved.store(bytes, Ordering::Relaxed);
+    }
+
     /// Commits a verified download: moves its data and meta into the entry directory and
     /// inserts it pinned once (for the download's callers). Releases `reserved` bytes and
-    /// evicts to honour the cap.
+    /// evicts to honour the cap. `held` is the data file, already locked shared.
     pub(crate) fn commit(
         &self,
         entry: Entry,
         data: TempFile,
+        held: File,
         meta_file: TempFile,
         reserved: u64,
         now_ms: u64,
@@ -382,27 +450,158 @@ impl Index {
         let mut st = self.lock();
         // Installed first: should it fail, the map, the old entry and the reservation (which
         // its owner releases) are as they were.
-        self.layout
+        let stamp = self
+            .layout
             .install(&entry.key, data, &entry.path, meta_file)?;
+        entry.set_stamp(stamp);
+        *entry.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(held);
         st.reserved_bytes = st.reserved_bytes.saturating_sub(reserved);
-        let mut removed = Vec::new();
-        // The old version, if any, is replaced: its meta.json is gone (the new one took its
-        // place), its bytes stay in their own directory while a caller holds them.
-        if let Some(old) = st.entries.remove(&entry.key) {
-            st.committed_bytes -= old.meta.size;
-            removed.push(self.retire_locked(&mut st, old, Reason::Replaced));
-        }
-        entry.pins.fetch_add(1, Ordering::SeqCst);
-        self.touch(&entry, now_ms);
-        st.committed_bytes += entry.meta.size;
-        st.entries.insert(entry.key.clone(), Arc::clone(&entry));
-        removed.extend(self.evict_locked(&mut st));
+        let removed = self.insert_pinned_locked(&mut st, &entry, now_ms);
         drop(st);
         self.layout.sync_entry(&entry.key);
         Ok((entry, removed))
     }
 
-    /// Removes `key` (invalidate). A pinned entry's bytes stay until its last pin drops.
+    fn insert_pinned_locked(
+        &self,
+        st: &mut State,
+        entry: &Arc<Entry>,
+        now_ms: u64,
+    ) -> Vec<Removed> {
+        let mut removed = Vec::new();
+        // The old version, if any, is replaced: its meta.json is gone (the new one took its
+        // place), its bytes stay in their own directory while a caller holds them.
+        if let Some(old) = st.entries.remove(&entry.key) {
+            st.committed_bytes -= old.meta.size;
+            removed.push(self.retire_locked(st, old, Reason::Replaced));
+        }
+        entry.pins.fetch_add(1, Ordering::SeqCst);
+        self.touch(entry, now_ms);
+        st.committed_bytes += entry.meta.size;
+        st.entries.insert(entry.key.clone(), Arc::clone(entry));
+        removed.extend(self.evict_locked(st));
+        removed
+    }
+
+    /// Takes `entry` out of the map because the disk no longer has it (another process
+    /// removed or replaced it); its meta.json is not this process's to touch.
+    pub(crate) fn forget(&self, entry: &Arc<Entry>) -> Option<Removed> {
+        let mut st = self.lock();
+        if !st
+            .entries
+            .get(&entry.key)
+            .is_some_and(|e| Arc::ptr_eq(e, entry))
+        {
+            return None;
+        }
+        let entry = st.entries.remove(&entry.key)?;
+        st.committed_bytes -= entry.meta.size;
+        Some(self.retire_locked(&mut st, entry, Reason::Replaced))
+    }
+
+    /// The stamps of every entry, for a scan of the disk.
+    pub(crate) fn stamps(&self) -> HashMap<Key, Stamp> {
+        let st = self.lock();
+        st.entries
+            .iter()
+            .map(|(k, e)| (k.clone(), e.stamp()))
+            .collect()
+    }
+
+    /// Brings the map in line with a scan of the disk: entries whose meta.json is gone are
+    /// forgotten, `changed` ones (new, or with another meta.json) are put in place. Their
+    /// access times are the larger of the two known.
+    pub(crate) fn merge_from_disk(
+        &self,
+        present: &HashSet<Key>,
+        changed: Vec<Entry>,
+    ) -> Vec<Removed> {
+        let mut st = self.lock();
+        let gone: Vec<Key> = st
+            .entries
+            .keys()
+            .filter(|k| !present.contains(*k))
+            .cloned()
+            .collect();
+        let mut removed = Vec::new();
+        for key in gone {
+            if let Some(entry) = st.entries.remove(&key) {
+                st.committed_bytes -= entry.meta.size;
+                removed.push(self.retire_locked(&mut st, entry, Reason::Replaced));
+            }
+        }
+        for entry in changed {
+            if let Some(old) = st.entries.get(&entry.key)
+                && old.path == entry.path
+            {
+                old.renew_from(&entry);
+                continue;
+            }
+            let entry = Arc::new(entry);
+            if let Some(old) = st.entries.remove(&entry.key) {
+                let last = old.last_access_ms.load(Ordering::Relaxed);
+                entry.last_access_ms.fetch_max(last, Ordering::Relaxed);
+                entry.tick.store(old.lru(), Ordering::Relaxed);
+                st.committed_bytes -= old.meta.size;
+                removed.push(self.retire_locked(&mut st, old, Reason::Replaced));
+            } else {
+                let ms = entry.last_access_ms.load(Ordering::Relaxed);
+                self.touch(&entry, ms);
+            }
+            st.committed_bytes += entry.meta.size;
+            st.entries.insert(entry.key.clone(), entry);
+        }
+        removed
+    }
+
+    /// Puts `found` (what the disk has for `key`) in place of the current entry, unless it
+    /// is the same meta.json; `None` forgets the current entry.
+    pub(crate) fn replace_from_disk(&self, key: &Key, found: Option<Entry>) -> Vec<Removed> {
+        let mut st = self.lock();
+        let current_stamp = st.entries.get(key).map(|e| e.stamp());
+        if current_stamp == found.as_ref().map(Entry::stamp) {
+            return Vec::new();
+        }
+        if let (Some(old), Some(new)) = (st.entries.get(key), &found)
+            && old.path == new.path
+        {
+            // The same bytes with a renewed meta.json (another process revalidated them).
+            old.renew_from(new);
+            return Vec::new();
+        }
+        let mut removed = Vec::new();
+        let mut last = None;
+        if let Some(old) = st.entries.remove(key) {
+            last = Some((old.last_access_ms.load(Ordering::Relaxed), old.lru()));
+            st.committed_bytes -= old.meta.size;
+            removed.push(self.retire_locked(&mut st, old, Reason::Replaced));
+        }
+        if let Some(entry) = found {
+            match last {
+                Some((ms, tick)) => {
+                    entry.last_access_ms.fetch_max(ms, Ordering::Relaxed);
+                    entry.tick.store(tick, Ordering::Relaxed);
+                }
+                None => self.touch(&entry, self.now_ms()),
+            }
+            st.committed_bytes += entry.meta.size;
+            st.entries.insert(key.clone(), Arc::new(entry));
+        }
+        removed
+    }
+
+    /// Raises the access times of entries to what other processes recorded.
+    pub(crate) fn merge_access(&self, access: &HashMap<String, u64>) {
+        let st = self.lock();
+        for (key, entry) in &st.entries {
+            if let Some(ms) = access.get(key.as_str()) {
+                entry.last_access_ms.fetch_max(*ms, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Removes `key` (invalidate). A pinned entry's bytes stay until its last pin drops, and
+    /// those another process holds until it lets them go.
     pub(crate) fn remove(&self, key: &Key, reason: Reason) -> Option<Removed> {
         let mut st = self.lock();
         let entry = st.entries.remove(key)?;
@@ -446,9 +645,7 @@ impl Index {
             .collect();
         let mut removed = Vec::with_capacity(expired.len());
         for key in expired {
-            if let Some(entry) = st.entries.remove(&key) {
-                removed.push(self.detach_locked(&mut st, entry, Reason::Expired));
-            }
+            removed.extend(self.try_remove_locked(&mut st, &key, Reason::Expired));
         }
         removed.extend(self.evict_locked(&mut st));
         // A pinned entry already past its grace is not a deadline: nothing can be done about
@@ -462,49 +659,77 @@ impl Index {
         (removed, next)
     }
 
+    /// Committed bytes, doomed bytes and every live process's reservations.
+    fn total(&self, st: &State) -> u64 {
+        st.committed_bytes
+            + st.doomed_bytes
+            + st.reserved_bytes
+            + self.others_reserved.load(Ordering::Relaxed)
+    }
+
     /// Evicts unpinned entries, least recently used first, until the total fits the cap.
+    /// Entries another process holds, or is downloading again, are skipped.
     fn evict_locked(&self, st: &mut State) -> Vec<Removed> {
         let max = self.max();
-        let total = |st: &State| st.committed_bytes + st.doomed_bytes + st.reserved_bytes;
-        if total(st) <= max {
+        if self.total(st) <= max {
             return Vec::new();
         }
         let mut removed = Vec::new();
         for key in self.eviction_order(st) {
-            if total(st) <= max {
+            if self.total(st) <= max {
                 break;
             }
-            if let Some(entry) = st.entries.remove(&key) {
-                removed.push(self.detach_locked(st, entry, Reason::Evicted));
-            }
+            removed.extend(self.try_remove_locked(st, &key, Reason::Evicted));
         }
         removed
     }
 
     /// Unpinned entries in the order they are evicted: expired ones first (they are kept
-    /// only for revalidation and fallback), then least recently used first.
+    /// only for revalidation and fallback), then least recently used first (by the access
+    /// times of every process, then by this process's order).
     fn eviction_order(&self, st: &State) -> Vec<Key> {
         let now = self.now_ms();
-        let mut candidates: Vec<(bool, u64, Key)> = st
+        let mut candidates: Vec<(bool, u64, u64, Key)> = st
             .entries
             .values()
             .filter(|e| !e.is_pinned())
-            .map(|e| (e.is_fresh(now), e.lru(), e.key.clone()))
+            .map(|e| {
+                let last = e.last_access_ms.load(Ordering::Relaxed);
+                (e.is_fresh(now), last, e.lru(), e.key.clone())
+            })
             .collect();
         candidates.sort_unstable();
-        candidates.into_iter().map(|(_, _, key)| key).collect()
+        candidates.into_iter().map(|(_, _, _, key)| key).collect()
     }
 
-    /// Accounts for an entry just taken out of the map and removes its files (meta.json
-    /// first), or dooms it when pinned.
+    /// Removes an unpinned entry if no other process holds its bytes or is changing it (an
+    /// automatic removal skips such entries and goes on to the next).
+    fn try_remove_locked(&self, st: &mut State, key: &Key, reason: Reason) -> Option<Removed> {
+        let entry = st.entries.get(key)?;
+        if entry.is_pinned() {
+            return None;
+        }
+        let claim = self.layout.claim(key, &entry.path)?;
+        if !claim.key_free() {
+            return None;
+        }
+        let entry = st.entries.remove(key)?;
+        st.committed_bytes -= entry.meta.size;
+        self.layout.withdraw(key, entry.stamp());
+        Some(self.trash_claimed(entry, reason, claim))
+    }
+
+    /// Accounts for an entry just taken out of the map and removes its meta.json (the entry
+    /// is gone for every process), then its bytes or, when pinned, dooms it.
     fn detach_locked(&self, st: &mut State, entry: Arc<Entry>, reason: Reason) -> Removed {
         st.committed_bytes -= entry.meta.size;
-        self.layout.withdraw(&entry.key);
+        self.layout.withdraw(&entry.key, entry.stamp());
         self.retire_locked(st, entry, reason)
     }
 
     /// Removes the bytes of a version that no meta.json describes any more, or dooms it when
-    /// pinned (its bytes then go with its last pin).
+    /// pinned (its bytes then go with its last pin). Bytes another process holds stay; the
+    /// scans of the disk remove them once they are free.
     fn retire_locked(&self, st: &mut State, entry: Arc<Entry>, reason: Reason) -> Removed {
         // Doomed before the pin count is read; `unpin` decrements before it reads `doomed`.
         // With both SeqCst, either this sees the pin gone or `unpin` sees the doom.
@@ -519,7 +744,19 @@ impl Index {
                 trash: None,
             };
         }
+        match self.layout.claim(&entry.key, &entry.path) {
+            Some(claim) => self.trash_claimed(entry, reason, claim),
+            None => Removed {
+                entry,
+                reason,
+                trash: None,
+            },
+        }
+    }
+
+    fn trash_claimed(&self, entry: Arc<Entry>, reason: Reason, claim: Claim) -> Removed {
         let trash = self.layout.trash(&entry.key, &entry.path);
+        drop(claim);
         Removed {
             entry,
             reason,
@@ -538,7 +775,7 @@ impl Index {
             entries: st.entries.len() as u64,
             committed_bytes: st.committed_bytes,
             doomed_bytes: st.doomed_bytes,
-            reserved_bytes: st.reserved_bytes,
+            reserved_bytes: st.reserved_bytes + self.others_reserved.load(Ordering::Relaxed),
             pinned: st.entries.values().filter(|e| e.is_pinned()).count() as u64
                 + st.doomed.len() as u64,
         }

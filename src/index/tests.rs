@@ -18,7 +18,8 @@ fn index_with(layout: &Layout, max: u64, sizes: &[usize]) -> Index {
         .map(|(i, size)| {
             let k = key(i as u64);
             let (meta, path) = put(layout, &k, &vec![b'x'; *size], FAR);
-            Entry::new(k, meta, path, i as u64, 0, 0)
+            let stamp = layout.meta_stamp(&k).unwrap();
+            Entry::new(k, meta, path, i as u64, 0, 0).with_stamp(stamp)
         })
         .collect();
     index.load(entries);
@@ -165,7 +166,8 @@ fn a_commit_replaces_the_entry_and_releases_its_reservation() {
     let path = layout.data_path(&key(0), &meta);
     assert_ne!(path, old.path, "each version has its own path");
     let entry = Entry::new(key(0), meta, path, 2, 0, 0);
-    let (new, removed) = index.commit(entry, data, meta_file, 20, 2).unwrap();
+    let held = std::fs::File::open(data.path()).unwrap();
+    let (new, removed) = index.commit(entry, data, held, meta_file, 20, 2).unwrap();
     assert_eq!(removed.len(), 1);
     assert_eq!(removed[0].reason, Reason::Replaced);
     assert!(removed[0].trash.is_none(), "held: the old bytes stay");

@@ -5,7 +5,9 @@
 //! <cache_dir>/v1/entries/<k[0..2]>/<key>/meta.json           names the current version
 //! <cache_dir>/v1/tmp/<key>.<unique>.part                     downloads in progress (and .meta, .trash)
 //! <cache_dir>/v1/state.json                                  access times and counters
-//! <cache_dir>/v1/lock                                        held by the process using the directory
+//! <cache_dir>/v1/lock                                        shared by every process using the directory
+//! <cache_dir>/v1/locks/<k[0..2]>/<key>.lock                  the writer lock of one URL (see `locks`)
+//! <cache_dir>/v1/procs/<pid>-<start>.json                    each live process's counters and reservations
 //! ```
 //!
 //! Every write is all or nothing: bytes go to a uniquely named temp file that is removed if the
@@ -130,6 +132,10 @@ impl Layout {
         self.entry_dir(key).join(META_FILE)
     }
 
+    pub(crate) fn temp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
     pub(crate) fn state_path(&self) -> PathBuf {
         self.root.join("state.json")
     }
@@ -179,18 +185,24 @@ impl Layout {
     }
 
     /// Creates the directories, checks that nothing in them leads out of the cache, and takes
-    /// the process lock.
+    /// the directory lock: shared, so that any number of processes and handles use the
+    /// directory at once, or exclusive (`CACHE_LOCK=exclusive`), so that one has it alone.
     ///
     /// The configured directory itself may be a symbolic link (users point `~/.cache` at a
     /// bigger disk); below it nothing is followed. `v1` must be a real directory owned by this
     /// user, or, when the file mode shares the cache with a group, one of this process's
-    /// groups that others cannot write. `entries` and `tmp` planted as links are removed as
-    /// links and made again.
-    pub(crate) fn open(&self) -> Result<File> {
+    /// groups that others cannot write. `entries`, `tmp`, `locks` and `procs` planted as links
+    /// are removed as links and made again.
+    pub(crate) fn open(&self, exclusive: bool) -> Result<File> {
         self.create_dir_all(&self.root)
             .map_err(|e| Error::io("cannot create the cache directory", e).with_path(&self.root))?;
         self.check_root()?;
-        for dir in [&self.entries, &self.tmp] {
+        for dir in [
+            &self.entries,
+            &self.tmp,
+            &self.locks_dir(),
+            &self.procs_dir(),
+        ] {
             if fs::symlink_metadata(dir).is_ok_and(|md| !md.is_dir()) {
                 tracing::warn!(path = %dir.display(), "removing what stands in place of a cache directory (a link or a file)");
                 remove_any(dir);
@@ -199,26 +211,47 @@ impl Layout {
                 .map_err(|e| Error::io("cannot create the cache directory", e).with_path(dir))?;
         }
         let lock_path = self.root.join("lock");
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(self.file_mode)
-            .custom_flags(O_NOFOLLOW)
-            .open(&lock_path)
+        let lock = locks::open_lock_file(&lock_path, self.file_mode)
             .map_err(|e| Error::io("cannot open the lock file", e).with_path(&lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => Ok(lock),
-            Err(fs::TryLockError::WouldBlock) => Err(Error::new(
+        let taken = if exclusive {
+            locks::try_exclusive(lock)
+        } else {
+            locks::try_shared(lock)
+        };
+        match taken {
+            Ok(locks::Try::Taken(lock)) => Ok(lock),
+            Ok(_) => Err(Error::new(
                 ErrorKind::Locked,
-                "another process is using this cache directory",
+                if exclusive {
+                    "another process is using this cache directory (CACHE_LOCK=exclusive asks for it alone)"
+                } else {
+                    "another process holds this cache directory alone (CACHE_LOCK=exclusive)"
+                },
             )
             .with_path(&self.root)),
-            Err(fs::TryLockError::Error(e)) => {
-                Err(Error::io("cannot lock the cache directory", e).with_path(&lock_path))
-            }
+            Err(e) => Err(Error::io("cannot lock the cache directory", e).with_path(&lock_path)),
         }
+    }
+
+    /// The kind of network file system the cache directory is on, if it is on one: there,
+    /// locks may do nothing (every byte guarantee still holds; a file may be downloaded twice).
+    pub(crate) fn network_file_system(&self) -> Option<&'static str> {
+        let f_type = rustix::fs::statfs(&self.root).ok()?.f_type as i64 as u32;
+        Some(match f_type {
+            0x6969 => "NFS",
+            0xFF53_4D42 | 0xFE53_4D42 | 0x517B => "CIFS/SMB",
+            0x0BD0_0BD0 => "Lustre",
+            0x4750_4653 => "GPFS",
+            0x6573_5546 => "FUSE",
+            0x0102_1997 => "9P",
+            0x00C3_6400 => "CephFS",
+            0x0116_1970 => "GFS2",
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn procs_dir(&self) -> PathBuf {
+        self.root.join("procs")
     }
 }
 
@@ -273,19 +306,26 @@ impl Layout {
         data: TempFile,
         data_path: &Path,
         meta: TempFile,
-    ) -> io::Result<()> {
+    ) -> io::Result<Stamp> {
         let version_dir = data_path.parent().unwrap_or(data_path);
         let moved = (|| {
             failpoint_error("install")?;
             self.create_dir_all(version_dir)?;
             data.persist(data_path)?;
             failpoint("commit-after-data");
-            meta.persist(&self.meta_path(key))
+            self.persist_meta(key, meta)
         })();
         if moved.is_err() && version_dir != self.entry_dir(key) {
             remove_any(version_dir);
         }
         moved
+    }
+
+    /// Renames a written meta.json into place; returns its stamp.
+    fn persist_meta(&self, key: &Key, meta: TempFile) -> io::Result<Stamp> {
+        let md = fs::symlink_metadata(meta.path())?;
+        meta.persist(&self.meta_path(key))?;
+        Ok(Stamp::of(&md))
     }
 
     /// Makes the renames of an installed entry durable.
@@ -294,14 +334,8 @@ impl Layout {
     }
 
     /// Replaces the meta.json of entry `key` (a renewal: same bytes, new expiry).
-    pub(crate) fn replace_meta(&self, key: &Key, meta: TempFile) -> io::Result<()> {
-        meta.persist(&self.meta_path(key))
-    }
-
-    /// Unlinks the meta.json of entry `key`: the entry is gone for every later start, while
-    /// its bytes stay for the callers that hold them.
-    pub(crate) fn withdraw(&self, key: &Key) {
-        let _ = fs::remove_file(self.meta_path(key));
+    pub(crate) fn replace_meta(&self, key: &Key, meta: TempFile) -> io::Result<Stamp> {
+        self.persist_meta(key, meta)
     }
 
     /// Moves one version's bytes (its directory, or the data file of an entry written before
@@ -326,6 +360,117 @@ impl Layout {
         let _ = fs::remove_dir(entry_dir);
         trash
     }
+}
+
+/// Which meta.json is on disk: a new one (renamed over the old) has a new inode, and a
+/// reused inode a new mtime. A process compares it on each hit to see what other processes
+/// did to an entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    pub(crate) ino: u64,
+    pub(crate) mtime_ns: u64,
+    pub(crate) len: u64,
+}
+
+impl Stamp {
+    pub(crate) fn of(md: &fs::Metadata) -> Stamp {
+        Stamp {
+            ino: md.ino(),
+            mtime_ns: mtime_ns(md),
+            len: md.len(),
+        }
+    }
+}
+
+/// A version claimed for removal: the data file's exclusive lock (no process holds it) and,
+/// when it was free, the URL's writer lock (nobody is changing its meta.json). Dropped once
+/// the bytes are moved away.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    key_lock: Option<locks::KeyLock>,
+    _data: Option<File>,
+}
+
+impl Claim {
+    /// Whether nobody was downloading or changing the URL.
+    pub(crate) fn key_free(&self) -> bool {
+        self.key_lock.is_some()
+    }
+}
+
+impl Layout {
+    /// The stamp of the meta.json of `key`, if there is one.
+    pub(crate) fn meta_stamp(&self, key: &Key) -> Option<Stamp> {
+        fs::symlink_metadata(self.meta_path(key))
+            .ok()
+            .map(|md| Stamp::of(&md))
+    }
+
+    /// Claims the version of `key` at `data_path` for removal. `None` when another process
+    /// holds its bytes.
+    pub(crate) fn claim(&self, key: &Key, data_path: &Path) -> Option<Claim> {
+        let data = match locks::try_exclusive_at(data_path) {
+            Ok(locks::Try::Taken(file)) => Some(file),
+            Ok(locks::Try::Gone) => None,
+            Ok(locks::Try::Held) => return None,
+            Err(e) => {
+                tracing::debug!(path = %data_path.display(), error = %e, "cannot lock a data file");
+                None
+            }
+        };
+        let key_lock = self.try_lock_key(key).ok().flatten();
+        Some(Claim {
+            key_lock,
+            _data: data,
+        })
+    }
+
+    /// Unlinks the meta.json of `key` if it is still the one stamped `stamp`: the entry is
+    /// gone for every process and every later start, while its bytes stay for the callers
+    /// that hold them. A meta.json another process wrote since is left alone.
+    pub(crate) fn withdraw(&self, key: &Key, stamp: Stamp) {
+        if self.meta_stamp(key) == Some(stamp) {
+            let _ = fs::remove_file(self.meta_path(key));
+        }
+    }
+
+    /// Reads and checks the entry of `key` on disk, as recovery would, without removing
+    /// anything. `None` when there is no valid entry.
+    pub(crate) fn read_entry(&self, key: &Key) -> Option<Recovered> {
+        recover::read_entry(&self.entry_dir(key), key.clone()).ok()
+    }
+}
+
+/// What [`hold`] found.
+#[derive(Debug)]
+pub(crate) enum Hold {
+    /// The data file, locked shared by this process, as `meta` records it.
+    Held(File),
+    /// Another process is removing it right now.
+    Busy,
+    /// It is gone, or not what `meta` records.
+    Bad,
+}
+
+/// Takes this process's shared lock on a version's data file, so that no other process
+/// deletes it while it is held, and checks that the file is still the one `meta` records (a
+/// regular file, linked, with its size and mtime).
+pub(crate) fn hold(path: &Path, meta: &Meta) -> Hold {
+    let Ok(file) = open_no_follow(path) else {
+        return Hold::Bad;
+    };
+    match locks::try_shared(file) {
+        Ok(locks::Try::Taken(file)) if still_intact(&file, meta) => Hold::Held(file),
+        Ok(locks::Try::Held) => Hold::Busy,
+        _ => Hold::Bad,
+    }
+}
+
+/// Whether a held data file still has the size and mtime `meta` records (one `fstat`).
+pub(crate) fn still_intact(file: &File, meta: &Meta) -> bool {
+    file.metadata().is_ok_and(|md| {
+        md.is_file() && md.nlink() > 0 && md.len() == meta.size && mtime_ns(&md) == meta.mtime_ns
+    })
 }
 
 /// A temp file that is removed unless it was renamed away.
@@ -382,6 +527,14 @@ pub(crate) enum WriteOp {
 /// freed anything (by evicting entries), in which case the write is tried again.
 pub(crate) type MakeRoom = Box<dyn Fn(u64) -> bool + Send>;
 
+/// Called by the writer each time it has made the first `n` bytes durable, so that the
+/// download's lock record can say how much a successor may resume from.
+pub(crate) type OnSync = Box<dyn Fn(u64) + Send>;
+
+/// How often the writer fsyncs a download in progress: what a successor resumes from after a
+/// crash, even a power cut, is bytes that reached the disk.
+const SYNC_EVERY: u64 = 16 << 20;
+
 /// The network side's handle on a download's writer thread, which writes chunks through a
 /// large buffer and finishes with `fdatasync`. Hashing happens on the network side, so the
 /// two overlap.
@@ -393,16 +546,67 @@ pub(crate) struct SpawnedWriter {
     pub(crate) path: PathBuf,
 }
 
-/// Starts a blocking writer that owns `temp`: it creates the file (mode `file_mode`), writes
-/// into it, and removes it on every path but a `Finish`. Owning the file on the thread that
-/// creates it closes a race: a guard on the network side could run before the file exists.
-pub(crate) fn spawn_writer(layout: &Layout, temp: TempFile, make_room: MakeRoom) -> SpawnedWriter {
+/// Opens the part file of a dead download to resume it: never through a link.
+pub(crate) fn open_part(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(O_NOFOLLOW)
+        .open(path)
+}
+
+/// Creates the part file at `temp` holding its writer's exclusive lock from the first
+/// instant it has that name: made under a `.new` name, locked, then renamed, so that a part
+/// file whose lock can be taken always belongs to a dead writer.
+fn create_part(layout: &Layout, temp: &TempFile) -> io::Result<File> {
+    let fresh = temp.path().with_extension("new");
+    let file = layout.create_new_file(&fresh)?;
+    let file = match locks::try_exclusive(file) {
+        Ok(locks::Try::Taken(file)) => file,
+        Ok(_) => return Err(io::Error::other("a new part file is locked")),
+        Err(e) => return Err(e),
+    };
+    if let Err(e) = fs::rename(&fresh, temp.path()) {
+        let _ = fs::remove_file(&fresh);
+        return Err(e);
+    }
+    Ok(file)
+}
+
+/// Starts a blocking writer that owns `temp`: it creates the file (mode `file_mode`; or
+/// appends to `existing`, a dead download's part file taken over), writes into it, and
+/// removes it on every path but a `Finish`. Owning the file on the thread that creates it
+/// closes a race: a guard on the network side could run before the file exists.
+pub(crate) fn spawn_writer(
+    layout: &Layout,
+    temp: TempFile,
+    existing: Option<File>,
+    make_room: MakeRoom,
+    on_sync: OnSync,
+) -> SpawnedWriter {
     let (tx, mut rx) = mpsc::channel::<WriteOp>(64);
     let path = temp.path().to_owned();
     let layout = layout.clone();
     let done = tokio::task::spawn_blocking(move || {
-        let mut file = layout.create_new_file(temp.path())?;
+        let mut file = match existing {
+            Some(file) => file,
+            None => create_part(&layout, &temp)?,
+        };
+        let mut written = file.metadata()?.len();
+        let mut synced = written;
         let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
+        // Writes `data` and, every SYNC_EVERY bytes, makes what was written durable.
+        let flush =
+            |file: &mut File, data: &[u8], written: &mut u64, synced: &mut u64| -> io::Result<()> {
+                write_all_making_room(file, data, &make_room)?;
+                *written += data.len() as u64;
+                if *written >= *synced + SYNC_EVERY {
+                    file.sync_data()?;
+                    *synced = *written;
+                    on_sync(*synced);
+                }
+                Ok(())
+            };
         loop {
             let Some(op) = rx.blocking_recv() else {
                 // Dropping `temp` on return removes the file.
@@ -411,11 +615,11 @@ pub(crate) fn spawn_writer(layout: &Layout, temp: TempFile, make_room: MakeRoom)
             match op {
                 WriteOp::Data(chunk) => {
                     if buf.len() + chunk.len() > WRITE_BUFFER {
-                        write_all_making_room(&mut file, &buf, &make_room)?;
+                        flush(&mut file, &buf, &mut written, &mut synced)?;
                         buf.clear();
                     }
                     if chunk.len() >= WRITE_BUFFER {
-                        write_all_making_room(&mut file, &chunk, &make_room)?;
+                        flush(&mut file, &chunk, &mut written, &mut synced)?;
                     } else {
                         buf.extend_from_slice(&chunk);
                     }
@@ -424,11 +628,14 @@ pub(crate) fn spawn_writer(layout: &Layout, temp: TempFile, make_room: MakeRoom)
                     buf.clear();
                     file.set_len(0)?;
                     io::Seek::seek(&mut file, io::SeekFrom::Start(0))?;
+                    written = 0;
+                    synced = 0;
+                    on_sync(0);
                 }
                 WriteOp::Finish => break,
             }
         }
-        write_all_making_room(&mut file, &buf, &make_room)?;
+        flush(&mut file, &buf, &mut written, &mut synced)?;
         file.sync_data()?;
         Ok((temp, file))
     });
@@ -456,15 +663,6 @@ pub(crate) fn mtime_ns(md: &fs::Metadata) -> u64 {
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
         .unwrap_or(0)
-}
-
-/// The cheap check of the hit path: the file exists with the recorded size and mtime.
-pub(crate) fn cheap_check(path: &Path, meta: &Meta) -> bool {
-    // lstat, as cheap as stat: a data file replaced by a link fails the check.
-    match fs::symlink_metadata(path) {
-        Ok(md) => md.is_file() && md.len() == meta.size && mtime_ns(&md) == meta.mtime_ns,
-        Err(_) => false,
-    }
 }
 
 /// Full re-hash of a file (blocking).
@@ -537,10 +735,11 @@ pub(crate) fn remove_any(path: &Path) {
     }
 }
 
+pub(crate) mod locks;
 mod recover;
 #[cfg(test)]
 use recover::RecoveryReport;
-pub(crate) use recover::{Recovered, recover};
+pub(crate) use recover::{Recovered, recover, scan};
 
 #[cfg(test)]
 pub(crate) mod testing;

@@ -2,9 +2,13 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use super::{Layout, META_LIMIT, Meta, mtime_ns, read_no_follow, remove_any};
+use std::time::{Duration, SystemTime};
+
+use super::locks::{self, Try};
+use super::{Layout, META_LIMIT, Meta, Stamp, mtime_ns, remove_any};
 use crate::error::{Error, Result};
 use crate::key::{Key, META_FILE};
 
@@ -14,6 +18,8 @@ pub(crate) struct Recovered {
     pub(crate) key: Key,
     pub(crate) meta: Meta,
     pub(crate) path: PathBuf,
+    /// Of its meta.json.
+    pub(crate) stamp: Stamp,
 }
 
 /// What recovery found and did.
@@ -36,9 +42,11 @@ pub(crate) fn recover(layout: &Layout) -> Result<RecoveryReport> {
     };
     for item in read_dir(&layout.tmp)? {
         let Ok(item) = item else { continue };
-        tracing::warn!(path = %item.path().display(), "removing a temp file left by an earlier run");
-        remove_any(&item.path());
-        report.removed += 1;
+        if let Some(why) = unused_temp(layout, &item.path()) {
+            tracing::warn!(path = %item.path().display(), reason = why, "removing a temp file left by an earlier run");
+            remove_any(&item.path());
+            report.removed += 1;
+        }
     }
     for prefix in read_dir(&layout.entries)? {
         let Ok(prefix) = prefix else { continue };
@@ -60,12 +68,19 @@ pub(crate) fn recover(layout: &Layout) -> Result<RecoveryReport> {
             let Ok(entry) = entry else { continue };
             let dir = entry.path();
             let found = if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                recover_entry(&dir, entry.file_name().to_str(), &name.to_string_lossy())
+                recover_entry(
+                    layout,
+                    &dir,
+                    entry.file_name().to_str(),
+                    &name.to_string_lossy(),
+                )
             } else {
                 Err(Invalid::Other("not a directory"))
             };
             match found {
                 Ok(found) => report.entries.push(found),
+                // Perhaps a commit in progress in another process: left for a later start.
+                Err(Invalid::Busy) => {}
                 Err(why) => {
                     tracing::warn!(path = %dir.display(), reason = why.reason(), "removing an invalid cache entry");
                     remove_any(&dir);
@@ -83,29 +98,139 @@ pub(crate) fn recover(layout: &Layout) -> Result<RecoveryReport> {
 
 /// Why recovery removed an entry directory.
 #[derive(Debug, Clone, Copy)]
-enum Invalid {
+pub(super) enum Invalid {
     /// The data file is not what meta.json recorded: an integrity failure.
     Changed(&'static str),
     /// Anything else: an interrupted commit, a stray or planted item.
     Other(&'static str),
+    /// Not a valid entry, but another process may be committing it or holds its bytes.
+    Busy,
 }
 
 impl Invalid {
     fn reason(self) -> &'static str {
         match self {
             Invalid::Changed(why) | Invalid::Other(why) => why,
+            Invalid::Busy => "in use by another process",
         }
     }
 }
 
-fn recover_entry(dir: &Path, name: Option<&str>, prefix: &str) -> Result<Recovered, Invalid> {
-    use Invalid::{Changed, Other};
-    let key = name.and_then(Key::parse).ok_or(Other("not a cache key"))?;
-    if key.prefix() != prefix {
-        return Err(Other("key in the wrong directory"));
+/// How old a temp file or a half-committed entry must be before a process that cannot tell
+/// whether its writer lives removes it. Commits take milliseconds.
+const SETTLED: Duration = Duration::from_secs(60);
+
+/// How long the part file of a dead download is kept for a later download of its URL to
+/// resume from.
+const KEEP_DEAD_PARTS: Duration = Duration::from_secs(3600);
+
+fn age(path: &Path) -> Duration {
+    fs::symlink_metadata(path)
+        .and_then(|md| md.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .unwrap_or_default()
+}
+
+/// The pid in a temp file's name (`<prefix>.<pid>-<n>-<salt>.<ext>`, see `unique_temp`).
+fn writer_pid(name: &str) -> Option<i32> {
+    let middle = name.split('.').nth(1)?;
+    middle.split('-').next()?.parse().ok()
+}
+
+/// Whether the process with this pid is alive (a reused pid counts as alive: nothing is
+/// removed that might be in use).
+fn alive(pid: i32) -> bool {
+    rustix::process::Pid::from_raw(pid)
+        .is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok_or_eperm())
+}
+
+trait OkOrEperm {
+    fn is_ok_or_eperm(&self) -> bool;
+}
+
+impl OkOrEperm for rustix::io::Result<()> {
+    fn is_ok_or_eperm(&self) -> bool {
+        matches!(self, Ok(()) | Err(rustix::io::Errno::PERM))
     }
-    let raw = match read_no_follow(&dir.join(META_FILE), META_LIMIT) {
-        Ok(raw) => raw,
+}
+
+/// Why a temp file may be removed, or `None` when it may still be in use or of use: a part
+/// file whose writer holds its lock, a dead download's part file that its URL's lock record
+/// names as resumable (for up to [`KEEP_DEAD_PARTS`]), or anything else a live process wrote
+/// less than [`SETTLED`] ago.
+pub(crate) fn unused_temp(layout: &Layout, path: &Path) -> Option<&'static str> {
+    let name = path.file_name()?.to_str().unwrap_or_default();
+    if path.extension().is_some_and(|e| e == "part") {
+        match locks::try_exclusive_at(path) {
+            Ok(Try::Held | Try::Gone) => return None,
+            Ok(Try::Taken(_)) => {}
+            Err(_) => return (age(path) >= SETTLED).then_some("an unreadable part file"),
+        }
+        let resumable = name
+            .split('.')
+            .next()
+            .and_then(Key::parse)
+            .and_then(|key| layout.dead_record(&key))
+            .is_some_and(|record| record.part == name && record.durable > 0);
+        if resumable && age(path) < KEEP_DEAD_PARTS {
+            return None;
+        }
+        return Some("a download that died");
+    }
+    match writer_pid(name) {
+        Some(pid) if alive(pid) && age(path) < SETTLED => None,
+        _ => Some("left by an interrupted write"),
+    }
+}
+
+/// Checks one entry directory and removes what no meta.json names, unless another process
+/// may be using it: an entry is only removed or tidied while its writer lock is free (or,
+/// where locks do nothing, once it is older than [`SETTLED`]), and a version only while no
+/// process holds its bytes.
+fn recover_entry(
+    layout: &Layout,
+    dir: &Path,
+    name: Option<&str>,
+    prefix: &str,
+) -> Result<Recovered, Invalid> {
+    let key = name
+        .and_then(Key::parse)
+        .ok_or(Invalid::Other("not a cache key"))?;
+    if key.prefix() != prefix {
+        return Err(Invalid::Other("key in the wrong directory"));
+    }
+    let lock = layout.try_lock_key(&key).ok().flatten();
+    let settled = lock.is_some() || age(dir) >= SETTLED;
+    let found = match read_entry(dir, key) {
+        Ok(found) => found,
+        Err(_) if !settled => return Err(Invalid::Busy),
+        Err(why) => return Err(why),
+    };
+    if settled {
+        // Anything else is not this version: older versions whose holders are gone, and
+        // leftovers of an interrupted commit.
+        let meta = &found.meta;
+        let keep_in_entry = if meta.generation.is_empty() {
+            meta.file_name.as_str()
+        } else {
+            meta.generation.as_str()
+        };
+        remove_unheld_but(dir, &[META_FILE, keep_in_entry]);
+        if !meta.generation.is_empty() {
+            remove_all_but(&dir.join(&meta.generation), &[meta.file_name.as_str()]);
+        }
+    }
+    drop(lock);
+    Ok(found)
+}
+
+/// Reads and checks one entry directory (no removal): meta.json parses, is valid and
+/// matches its data file.
+pub(super) fn read_entry(dir: &Path, key: Key) -> Result<Recovered, Invalid> {
+    use Invalid::{Changed, Other};
+    let (raw, stamp) = match read_meta_file(&dir.join(META_FILE)) {
+        Ok(read) => read,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(Other("bytes without meta.json"));
         }
@@ -147,18 +272,51 @@ fn recover_entry(dir: &Path, name: Option<&str>, prefix: &str) -> Result<Recover
     if mtime_ns(&md) != meta.mtime_ns {
         return Err(Changed("data file was modified"));
     }
-    // Anything else is not this version: older versions (their holders are gone with the
-    // process) and leftovers of an interrupted commit.
-    let keep_in_entry = if meta.generation.is_empty() {
-        meta.file_name.as_str()
-    } else {
-        meta.generation.as_str()
-    };
-    remove_all_but(dir, &[META_FILE, keep_in_entry]);
-    if !meta.generation.is_empty() {
-        remove_all_but(&version_dir, &[meta.file_name.as_str()]);
+    Ok(Recovered {
+        key,
+        meta,
+        path,
+        stamp,
+    })
+}
+
+/// A meta.json's bytes and stamp: never through a link, never anything but a small regular
+/// file (see [`super::read_no_follow`]).
+fn read_meta_file(path: &Path) -> io::Result<(Vec<u8>, Stamp)> {
+    let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(super::O_NOFOLLOW | nonblocking)
+        .open(path)?;
+    let md = file.metadata()?;
+    if !md.is_file() || md.len() > META_LIMIT {
+        return Err(io::Error::other("not a small regular file"));
     }
-    Ok(Recovered { key, meta, path })
+    let mut bytes = Vec::with_capacity(md.len() as usize);
+    io::Read::read_to_end(&mut io::Read::take(file, META_LIMIT), &mut bytes)?;
+    Ok((bytes, Stamp::of(&md)))
+}
+
+/// In an entry directory, removes every version but `keep` whose bytes no process holds.
+fn remove_unheld_but(dir: &Path, keep: &[&str]) {
+    let Ok(items) = fs::read_dir(dir) else { return };
+    for item in items.flatten() {
+        let name = item.file_name();
+        if name.to_str().is_some_and(|n| keep.contains(&n)) {
+            continue;
+        }
+        let path = item.path();
+        // A version directory holds one data file (its name may differ from this version's).
+        let held = fs::read_dir(&path).ok().is_some_and(|files| {
+            files
+                .flatten()
+                .any(|f| matches!(locks::try_exclusive_at(&f.path()), Ok(Try::Held)))
+        });
+        if held {
+            continue;
+        }
+        remove_any(&path);
+    }
 }
 
 /// Removes everything in `dir` but the items named `keep`.
@@ -170,4 +328,48 @@ fn remove_all_but(dir: &Path, keep: &[&str]) {
             }
         }
     }
+}
+
+/// What a scan of the entries found: every key with a meta.json, and the entries that are
+/// new or whose meta.json changed since the stamps given, read and checked.
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    pub(crate) present: std::collections::HashSet<Key>,
+    pub(crate) changed: Vec<Recovered>,
+}
+
+/// Looks at every entry on disk without removing anything (blocking): one `lstat` of each
+/// meta.json, and a read only of those that are new or changed. How a process learns what
+/// the others committed and removed.
+pub(crate) fn scan(layout: &Layout, known: &std::collections::HashMap<Key, Stamp>) -> Scan {
+    let mut scan = Scan::default();
+    let Ok(prefixes) = fs::read_dir(&layout.entries) else {
+        return scan;
+    };
+    for prefix in prefixes.flatten() {
+        if !prefix.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Ok(entries) = fs::read_dir(prefix.path()) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Some(key) = entry.file_name().to_str().and_then(Key::parse) else {
+                continue;
+            };
+            let dir = entry.path();
+            let Ok(md) = fs::symlink_metadata(dir.join(META_FILE)) else {
+                continue;
+            };
+            if known.get(&key) == Some(&Stamp::of(&md)) {
+                scan.present.insert(key);
+                continue;
+            }
+            if let Ok(found) = read_entry(&dir, key.clone()) {
+                scan.present.insert(key);
+                scan.changed.push(found);
+            }
+        }
+    }
+    scan
 }

@@ -154,12 +154,18 @@ fn install_moves_data_then_meta_and_trash_takes_the_data_away() {
     let (_dir, layout) = disk();
     let k = key(7);
     let (data, meta, path) = to_install(&layout, &k);
-    layout.install(&k, data, &path, meta).unwrap();
+    let stamp = layout.install(&k, data, &path, meta).unwrap();
+    assert_eq!(layout.meta_stamp(&k), Some(stamp));
     assert_eq!(fs::read(&path).unwrap(), b"bytes");
     assert!(layout.meta_path(&k).exists());
     assert!(tree(&layout.tmp).is_empty(), "both temp files were moved");
     // A pinned entry is withdrawn: its meta goes, its bytes stay.
-    layout.withdraw(&k);
+    layout.withdraw(&k, Stamp::default());
+    assert!(
+        layout.meta_path(&k).exists(),
+        "another meta.json than the one known stays"
+    );
+    layout.withdraw(&k, stamp);
     assert!(!layout.meta_path(&k).exists() && path.exists());
     // Trashed: the data moves to a trash name and the directory goes.
     let trash = layout.trash(&k, &path).expect("moved to the trash");

@@ -109,6 +109,17 @@ async fn the_background_sweeper_expires_entries() {
     // The sweeper runs on its own schedule; wait (bounded) for it to act.
     wait_until(|| cache.stats().expirations == 1).await;
     assert!(data_files(dir.path()).is_empty());
-    wait_until(|| dir.path().join("v1/state.json").exists()).await;
+    // Counted in this process's record on the directory, and in state.json once it closes.
+    wait_until(|| {
+        std::fs::read_dir(dir.path().join("v1/procs"))
+            .unwrap()
+            .count()
+            == 2
+    })
+    .await;
     cache.shutdown().await;
+    drop(cache);
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("v1/state.json")).unwrap()).unwrap();
+    assert_eq!(state["counters"]["expirations"], 1);
 }

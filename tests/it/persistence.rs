@@ -56,20 +56,40 @@ async fn state_is_saved_when_the_cache_is_dropped_without_shutdown() {
 }
 
 #[tokio::test]
-async fn one_process_per_directory() {
+async fn handles_share_a_directory_unless_one_asks_for_it_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let (cache, _clock) = open(dir.path()).await;
+    let (first, _clock) = open(dir.path()).await;
     let clock = Arc::new(imgcache::ManualClock::new());
+    let second = crate::support::builder(dir.path(), &clock)
+        .build()
+        .await
+        .expect("a second handle shares the directory");
+    let err = crate::support::builder(dir.path(), &clock)
+        .exclusive_lock(true)
+        .build()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Locked,
+        "not alone while others use it"
+    );
+    drop((first, second));
+    let alone = crate::support::builder(dir.path(), &clock)
+        .exclusive_lock(true)
+        .build()
+        .await
+        .expect("alone once the others are gone");
     let err = crate::support::builder(dir.path(), &clock)
         .build()
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Locked);
-    drop(cache);
-    crate::support::builder(dir.path(), &clock)
-        .build()
-        .await
-        .unwrap();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Locked,
+        "nobody joins one that is alone"
+    );
+    drop(alone);
 }
 
 #[tokio::test]

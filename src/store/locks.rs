@@ -1,0 +1,238 @@
+//! The locks that let many processes share one cache directory.
+//!
+//! Every lock is an `flock` on an open file (std's `File::lock` family): one lock per open
+//! file, released by the kernel when the file is closed or its process dies, so that a
+//! `kill -9` never leaves a lock behind. `fcntl` locks are never used: they belong to the
+//! process and drop when any of its handles on the file closes. Every file here is opened
+//! close-on-exec (std's default), so a program the cache runs never inherits a lock.
+//!
+//! - `v1/lock`: shared by every handle on the directory; exclusive in `CACHE_LOCK=exclusive`.
+//! - `v1/locks/<k[0..2]>/<key>.lock`, the writer lock of one URL: held exclusive by whoever
+//!   downloads the URL or changes its meta.json. Its content (a [`Record`]) names the part
+//!   file being written, so that a process that takes the lock after its holder died can
+//!   resume from that file.
+//! - The data file of a version, held *shared* by each process that has a pin on it; a
+//!   process that wants to delete a version must take it exclusive first (`try_lock`), so a
+//!   file another process holds is skipped.
+//! - The part file of a download, held exclusive by its writer: a part file whose lock can be
+//!   taken belongs to a dead writer.
+//!
+//! No byte guarantee depends on these locks (on a network file system they may do nothing):
+//! unique temp files, atomic renames and meta.json last keep readers safe regardless.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Layout, O_NOFOLLOW};
+use crate::key::Key;
+
+/// How a lock attempt went.
+#[derive(Debug)]
+pub(crate) enum Try {
+    /// The lock is ours (or the file system does not lock, which counts as ours: no byte
+    /// guarantee depends on it).
+    Taken(File),
+    /// Someone else holds it.
+    Held,
+    /// The file is not there.
+    Gone,
+}
+
+/// Opens (creating if needed) a lock file: never through a link, never anything but a
+/// regular file.
+pub(crate) fn open_lock_file(path: &Path, mode: u32) -> io::Result<File> {
+    let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(mode)
+        .custom_flags(O_NOFOLLOW | nonblocking)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other("a lock file that is not a regular file"));
+    }
+    Ok(file)
+}
+
+/// Whether an error of a lock call means the file system does not do locks.
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno::ENOLCK | libc_errno::EOPNOTSUPP | libc_errno::ENOSYS)
+    )
+}
+
+mod libc_errno {
+    pub(super) const ENOLCK: i32 = rustix::io::Errno::NOLCK.raw_os_error();
+    pub(super) const EOPNOTSUPP: i32 = rustix::io::Errno::OPNOTSUPP.raw_os_error();
+    pub(super) const ENOSYS: i32 = rustix::io::Errno::NOSYS.raw_os_error();
+}
+
+/// `try_lock` (exclusive) on an open file.
+pub(crate) fn try_exclusive(file: File) -> io::Result<Try> {
+    match file.try_lock() {
+        Ok(()) => Ok(Try::Taken(file)),
+        Err(TryLockError::WouldBlock) => Ok(Try::Held),
+        Err(TryLockError::Error(e)) if unsupported(&e) => Ok(Try::Taken(file)),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// `try_lock_shared` on an open file.
+pub(crate) fn try_shared(file: File) -> io::Result<Try> {
+    match file.try_lock_shared() {
+        Ok(()) => Ok(Try::Taken(file)),
+        Err(TryLockError::WouldBlock) => Ok(Try::Held),
+        Err(TryLockError::Error(e)) if unsupported(&e) => Ok(Try::Taken(file)),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Takes the exclusive lock on an existing file (a data file, a part file) if nobody holds
+/// it. Opened read-only: `flock` does not care about the open mode.
+pub(crate) fn try_exclusive_at(path: &Path) -> io::Result<Try> {
+    match super::open_no_follow(path) {
+        Ok(file) => try_exclusive(file),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Try::Gone),
+        Err(e) => Err(e),
+    }
+}
+
+/// What the holder of a URL's writer lock writes into it: the part file it is downloading
+/// into, the validators that bind it to one version of the file, and how much of it is on
+/// disk for sure (fsynced). Whoever takes the lock after the holder died resumes from there.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct Record {
+    /// The part file's name in the temp directory.
+    pub(crate) part: String,
+    pub(crate) etag: Option<String>,
+    pub(crate) last_modified: Option<String>,
+    /// The file's full length, if the origin said.
+    pub(crate) total: Option<u64>,
+    /// Bytes of the part file known to be durable.
+    pub(crate) durable: u64,
+}
+
+/// The exclusive writer lock of one URL, released when dropped.
+#[derive(Debug)]
+pub(crate) struct KeyLock {
+    file: File,
+}
+
+impl KeyLock {
+    /// The record the previous holder left, if it parses.
+    pub(crate) fn record(&mut self) -> Option<Record> {
+        let mut raw = Vec::new();
+        self.file.rewind().ok()?;
+        (&self.file).take(64 * 1024).read_to_end(&mut raw).ok()?;
+        serde_json::from_slice(&raw).ok()
+    }
+
+    /// Replaces the record (not atomic: a torn record does not parse, and nobody resumes
+    /// from it).
+    pub(crate) fn write_record(&mut self, record: &Record) {
+        let json = serde_json::to_vec(record).expect("a record always serialises");
+        let written = (|| {
+            self.file.set_len(0)?;
+            self.file.rewind()?;
+            self.file.write_all(&json)
+        })();
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "cannot write a lock record");
+        }
+    }
+
+    /// Forgets the record: nothing is left to resume.
+    pub(crate) fn clear_record(&mut self) {
+        let _ = self.file.set_len(0);
+    }
+}
+
+impl Layout {
+    pub(crate) fn locks_dir(&self) -> PathBuf {
+        self.root.join("locks")
+    }
+
+    fn key_lock_path(&self, key: &Key) -> PathBuf {
+        self.locks_dir()
+            .join(key.prefix())
+            .join(format!("{}.lock", key.as_str()))
+    }
+
+    fn open_key_lock(&self, key: &Key) -> io::Result<File> {
+        let path = self.key_lock_path(key);
+        match open_lock_file(&path, self.file_mode) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.create_dir_all(path.parent().unwrap_or(&path))?;
+                open_lock_file(&path, self.file_mode)
+            }
+            opened => opened,
+        }
+    }
+
+    /// Takes the directory's cap lock, which reservations are made under (blocking; held
+    /// for a scan of the directory). `None` where locks cannot be had.
+    pub(crate) fn lock_cap(&self) -> Option<File> {
+        let file = open_lock_file(&self.locks_dir().join("cap.lock"), self.file_mode).ok()?;
+        file.lock().ok()?;
+        Some(file)
+    }
+
+    /// The record of `key`'s writer lock if nobody holds the lock (its last holder is gone).
+    pub(crate) fn dead_record(&self, key: &Key) -> Option<Record> {
+        let file = open_lock_file(&self.key_lock_path(key), self.file_mode).ok()?;
+        match try_exclusive(file).ok()? {
+            Try::Taken(file) => KeyLock { file }.record(),
+            Try::Held | Try::Gone => None,
+        }
+    }
+
+    /// Takes the writer lock of `key` if it is free (blocking, a few syscalls).
+    pub(crate) fn try_lock_key(&self, key: &Key) -> io::Result<Option<KeyLock>> {
+        Ok(match try_exclusive(self.open_key_lock(key)?)? {
+            Try::Taken(file) => Some(KeyLock { file }),
+            Try::Held | Try::Gone => None,
+        })
+    }
+
+    /// Waits for the writer lock of `key`, polling with backoff (no thread is parked), for at
+    /// most `wait`. `None` after the bound. Cancel safe: dropping the future drops the
+    /// attempt.
+    pub(crate) async fn lock_key(&self, key: &Key, wait: Duration) -> io::Result<Option<KeyLock>> {
+        let file = {
+            let layout = self.clone();
+            let key = key.clone();
+            tokio::task::spawn_blocking(move || layout.open_key_lock(&key))
+                .await
+                .map_err(io::Error::other)??
+        };
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(2);
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(Some(KeyLock { file })),
+                Err(TryLockError::WouldBlock) => {}
+                Err(TryLockError::Error(e)) if unsupported(&e) => {
+                    return Ok(Some(KeyLock { file }));
+                }
+                Err(TryLockError::Error(e)) => return Err(e),
+            }
+            let left = wait.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // Jittered, so that waiters do not poll in step; at most 100 ms, so that a dead
+            // holder is replaced within a tenth of a second of the kernel dropping its lock.
+            let jitter = Duration::from_micros(fastrand::u64(..=delay.as_micros() as u64 / 2));
+            tokio::time::sleep((delay + jitter).min(left)).await;
+            delay = (delay * 2).min(Duration::from_millis(100));
+        }
+    }
+}
