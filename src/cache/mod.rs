@@ -206,6 +206,11 @@ impl ImageCache {
             removed = report.removed,
             "cache opened"
         );
+        // What the processes still running have counted and reserved.
+        {
+            let this = Arc::clone(&inner);
+            let _ = tokio::task::spawn_blocking(move || this.read_others()).await;
+        }
         // The cap may have been lowered since the last run.
         let (removed, _) = inner.sweep_now();
         inner.dispose_blocking(removed).await;
@@ -667,6 +672,8 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // Versions this process let go that others removed meanwhile are deleted now.
+        self.sync_from_disk();
         self.fold_own_record();
     }
 }

@@ -21,6 +21,7 @@ mod faults;
 mod leaks;
 mod persistence;
 mod process_wide;
+mod processes;
 #[cfg(feature = "server")]
 mod server;
 mod tamper;

@@ -153,6 +153,39 @@ pub fn run_child(name: &str, env: &[(&str, &str)]) -> std::process::Output {
     out
 }
 
+/// Starts the test `name` as a child as [`run_child`] does, without waiting for it; see
+/// [`finish_child`].
+pub fn spawn_child(name: &str, env: &[(&str, String)]) -> std::process::Child {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        name,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("IMGCACHE_TEST_CHILD", name)
+    .env_remove("IMGCACHE_FAILPOINT")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn the child")
+}
+
+/// Waits for a child [`spawn_child`] started and asserts that it did its work.
+pub fn finish_child(name: &str, child: std::process::Child) -> String {
+    let out = child.wait_with_output().expect("wait for the child");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && stdout.contains(&format!("{CHILD_DONE} {name}\n")),
+        "the child {name} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// What a child prints when its work is done: a child that returned early (not started by
 /// [`run_child`], or under another name) never prints it, so its parent fails.
 const CHILD_DONE: &str = "imgcache-test-child-done:";

@@ -157,6 +157,8 @@ struct Shared {
     seen: Mutex<Vec<Seen>>,
     total: AtomicUsize,
     open_connections: AtomicUsize,
+    /// Body bytes written to sockets, over every request.
+    body_bytes: AtomicUsize,
 }
 
 /// The origin; stops accepting and drops its connections when dropped.
@@ -233,6 +235,11 @@ impl Origin {
     pub fn hits(&self, path: &str) -> usize {
         let path = format!("/{}", path.trim_start_matches('/'));
         *self.shared.hits.lock().unwrap().get(&path).unwrap_or(&0)
+    }
+
+    /// Body bytes sent so far, over every request.
+    pub fn body_bytes(&self) -> usize {
+        self.shared.body_bytes.load(Ordering::Relaxed)
     }
 
     pub fn total_hits(&self) -> usize {
@@ -409,6 +416,7 @@ async fn serve(mut stream: TcpStream, state: &Shared) -> std::io::Result<()> {
         } else {
             stream.write_all(piece).await?;
         }
+        state.body_bytes.fetch_add(piece.len(), Ordering::Relaxed);
         sent = end;
         if let Some(rate) = route.rate {
             stream.flush().await?;
