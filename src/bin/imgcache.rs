@@ -52,6 +52,18 @@ enum Command {
         #[arg(required = true, value_name = "URL")]
         urls: Vec<String>,
     },
+    /// Fetch each URL, then run COMMAND with its ARGS followed by the local paths (as xargs
+    /// does), holding the files for as long as it runs: eviction, clear and invalidate in
+    /// any process leave them alone until it ends. Exits with COMMAND's status.
+    ///
+    /// Example: imgcache exec ct/0042.nii.gz ct/0043.nii.gz -- python seg.py --out masks
+    Exec {
+        #[arg(required = true, value_name = "URL")]
+        urls: Vec<String>,
+        /// The program and its arguments, after `--`
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
     /// Fetch every URL listed in FILE (one a line; blank lines and # comments skipped; - for
     /// stdin) with bounded concurrency, to warm the cache
     Prefetch {
@@ -368,6 +380,39 @@ async fn command(
             } else {
                 ExitCode::SUCCESS
             });
+        }
+        Command::Exec { urls, command } => {
+            let results =
+                futures_util::future::join_all(urls.iter().map(|url| cache.get(url))).await;
+            if let Some(bars) = bars {
+                let _ = bars.multi.clear();
+            }
+            let mut files = Vec::with_capacity(results.len());
+            for (url, result) in urls.iter().zip(results) {
+                match result {
+                    Ok(file) => files.push(file),
+                    Err(e) => {
+                        eprintln!("imgcache: {}: {e}", cache.redacted(url));
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+            }
+            let (program, args) = command.split_first().context("no command given")?;
+            let mut child = std::process::Command::new(program);
+            child.args(args).args(files.iter().map(|f| f.path()));
+            let status = tokio::task::spawn_blocking(move || child.status())
+                .await
+                .context("the command's waiter failed")?
+                .with_context(|| format!("cannot run {program}"))?;
+            // Held until here.
+            drop(files);
+            let code = match status.code() {
+                Some(code) => u8::try_from(code).unwrap_or(1),
+                // Killed by a signal: 128 + its number, as shells report it.
+                None => std::os::unix::process::ExitStatusExt::signal(&status)
+                    .map_or(1, |sig| 128u8.saturating_add(sig as u8)),
+            };
+            return Ok(ExitCode::from(code));
         }
         Command::Prefetch { file, jobs } => {
             let urls = read_url_list(file)?;

@@ -546,3 +546,95 @@ async fn start_serve(
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, base, banner)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_works_beside_a_running_serve_on_the_same_directory() {
+    // reqwest is built without a crypto provider of its own (the cache installs one).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let f = Fixture::new().await;
+    let cache = f.cache_dir();
+    let (mut server, base, _) = start_serve(&f, &cache, &f.origin.url("ct/")).await;
+    // The server downloads one file through its sidecar.
+    let served = reqwest::get(format!("{base}/files/a.nii.gz"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(served.as_ref(), volume(1, 300_000).as_slice());
+    let a = f.origin.url("ct/a.nii.gz");
+    let b = f.origin.url("ct/b.nii.gz");
+
+    // The CLI finds the server's download on disk: no second origin GET.
+    let got = f.run(&["get", &a, &b]).await;
+    assert!(got.status.success(), "{}", stderr(&got));
+    assert_eq!(f.origin.hits("ct/a.nii.gz"), 1);
+    let ls = f.run(&["ls", "--json"]).await;
+    assert!(ls.status.success(), "{}", stderr(&ls));
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(listed.len(), 2);
+    let verify = f.run(&["verify"]).await;
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    // The server's download is in the directory's statistics within its save interval.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let stats = f.run(&["stats", "--json"]).await;
+        assert!(stats.status.success(), "{}", stderr(&stats));
+        let s: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+        if s["total_downloads"] == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for args in [&["invalidate", &a][..], &["cleanup"], &["clear"]] {
+        let out = f.run(args).await;
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    assert_eq!(
+        serde_json::from_slice::<Vec<serde_json::Value>>(&f.run(&["ls", "--json"]).await.stdout)
+            .unwrap()
+            .len(),
+        0
+    );
+    server.start_kill().unwrap();
+    let _ = server.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_a_command_on_the_paths_while_holding_them_and_passes_its_status_on() {
+    let f = Fixture::new().await;
+    let a = f.origin.url("ct/a.nii.gz");
+    let b = f.origin.url("ct/b.nii.gz");
+    // The command clears the cache from another process, then reads its files: they are held.
+    let cache = f.cache_dir();
+    let script = format!(
+        "{bin} --cache-dir {dir} clear >/dev/null && cat \"$@\" | sha256sum && exit 7",
+        bin = env!("CARGO_BIN_EXE_imgcache"),
+        dir = cache.display()
+    );
+    let out = f
+        .run(&["exec", &a, &b, "--", "sh", "-c", &script, "sh"])
+        .await;
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    let mut both = volume(1, 300_000);
+    both.extend(volume(2, 200_000));
+    assert!(
+        stdout(&out).starts_with(&sha256_hex(&both)),
+        "the command read both files whole after a clear: {}",
+        stdout(&out)
+    );
+    // Let go when the command ended: the cleared versions are gone.
+    assert!(crate::support::data_files(&cache).is_empty());
+
+    let missing = f
+        .run(&["exec", &f.origin.url("ct/none.nii.gz"), "--", "true"])
+        .await;
+    assert_eq!(
+        missing.status.code(),
+        Some(1),
+        "a failed download runs nothing"
+    );
+    let usage = f.run(&["exec", &a]).await;
+    assert_eq!(usage.status.code(), Some(2), "no command");
+}
