@@ -11,6 +11,7 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use super::file::GetOptions;
+use super::hit::Holding;
 use super::{DownloadResult, Inner, Outcome, checksum_error, duration_ms};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::Event;
@@ -62,7 +63,10 @@ impl Inner {
             .layout
             .lock_key(&r.key, self.config.lock_wait)
             .await
-            .map_err(|e| Error::io("cannot lock the cache entry", e))?;
+            .unwrap_or_else(|e| {
+                tracing::warn!(url = %r.display, error = %e, "cannot take the download's lock; downloading without it");
+                None
+            });
         if lock.is_none() {
             self.counters.add(Counter::LockTimeouts, 1);
             tracing::warn!(
@@ -95,7 +99,7 @@ impl Inner {
                     return Err(e);
                 }
                 let pinned = self.pinned(Arc::clone(&stale));
-                if !self.hold(&stale) {
+                if self.hold(&stale) != Holding::Held {
                     return Err(e);
                 }
                 self.counters.add(Counter::StaleServed, 1);
@@ -143,7 +147,7 @@ impl Inner {
         }
         let entry = self.index.pin_current(&r.key)?;
         let pinned = self.pinned(Arc::clone(&entry));
-        if entry.stamp() != found.stamp || !self.hold(&entry) {
+        if entry.stamp() != found.stamp || self.hold(&entry) != Holding::Held {
             return None;
         }
         let outcome = if newer {
@@ -285,6 +289,9 @@ impl Inner {
                     })??;
                     // The entry went away meanwhile: download it after all.
                     let Some(pinned) = renewed else { continue };
+                    if self.hold(&pinned.entry) != Holding::Held {
+                        continue;
+                    }
                     self.counters.add(Counter::Revalidations, 1);
                     tracing::info!(url = %r.display, "revalidated: not modified");
                     return Ok((pinned, Outcome::Revalidated));
@@ -415,13 +422,18 @@ impl Inner {
         asked_at: u64,
     ) -> DownloadResult {
         let io_err = |what: &str, e| Error::io(what.to_owned(), e);
+        // Downloaded without the lock: its holder may be gone by now.
+        let late_lock = match lock {
+            Some(_) => None,
+            None => self.layout.try_lock_key(&key).ok().flatten(),
+        };
         if lock.is_none()
             && let Some(found) = self.sync_key(&key)
             && found.meta.fetched_at >= asked_at
             && let Some(entry) = self.index.pin_current(&key)
         {
             let pinned = self.pinned(Arc::clone(&entry));
-            if entry.stamp() == found.stamp && self.hold(&entry) {
+            if entry.stamp() == found.stamp && self.hold(&entry) == Holding::Held {
                 tracing::info!(url = %found.meta.url, "another process committed this file first; taking its copy");
                 return Ok((pinned, Outcome::Joined));
             }
@@ -454,6 +466,7 @@ impl Inner {
                 .lock
                 .clear_record();
         }
+        drop(late_lock);
         failpoint("commit-after-meta");
         self.counters.add(Counter::TotalDownloads, 1);
         self.dispose_now(removed);

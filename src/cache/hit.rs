@@ -67,7 +67,7 @@ impl Inner {
         {
             return None;
         }
-        if !self.hold(entry) {
+        if self.hold(entry) != Holding::Held {
             drop(pinned);
             return None;
         }
@@ -96,10 +96,10 @@ impl Inner {
     /// - then the meta.json on disk must still be the one the entry was read from (`lstat`):
     ///   another process may have removed or replaced the entry.
     ///
-    /// On `false` the entry is taken out of the index: counted as an integrity failure when its
+    /// Otherwise the entry is taken out of the index: counted as an integrity failure when its
     /// bytes were tampered with, silently when another process changed it. The caller
     /// downloads (or finds the other process's version on disk).
-    pub(super) fn hold(self: &Arc<Self>, entry: &Arc<Entry>) -> bool {
+    pub(super) fn hold(self: &Arc<Self>, entry: &Arc<Entry>) -> Holding {
         #[derive(PartialEq)]
         enum Found {
             Intact,
@@ -123,7 +123,7 @@ impl Inner {
         };
         let unchanged = self.layout.meta_stamp(&entry.key) == Some(entry.stamp());
         match found {
-            Found::Intact if unchanged => return true,
+            Found::Intact if unchanged => Holding::Held,
             Found::Bad if unchanged => {
                 self.counters.add(Counter::IntegrityFailures, 1);
                 tracing::warn!(
@@ -133,14 +133,26 @@ impl Inner {
                 );
                 let removed = self.index.remove_exact(entry, Reason::Corrupt);
                 self.dispose_in_background(removed.into_iter().collect());
+                Holding::Corrupt
             }
             // Being removed by another process, or already removed or replaced by one.
             _ => {
                 tracing::debug!(url = %entry.meta.url, "changed on disk by another process");
                 let removed = self.index.forget(entry);
                 self.dispose_in_background(removed.into_iter().collect());
+                Holding::Changed
             }
         }
-        false
     }
+}
+
+/// What [`Inner::hold`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Holding {
+    /// Held by this process, intact, and still the entry on disk.
+    Held,
+    /// Its bytes were tampered with: counted and removed.
+    Corrupt,
+    /// Another process removed or replaced it (or is removing it now).
+    Changed,
 }

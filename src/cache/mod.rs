@@ -148,6 +148,7 @@ impl ImageCache {
             let layout = layout.clone();
             let exclusive = config.exclusive_lock;
             let now = unix_ms(config.clock.now());
+            let file_mode = config.file_mode;
             tokio::task::spawn_blocking(move || -> Result<_> {
                 let lock = layout.open(exclusive)?;
                 if let Some(kind) = layout.network_file_system() {
@@ -159,7 +160,7 @@ impl ImageCache {
                 }
                 let report = store::recover(&layout)?;
                 let state = state::load(&layout);
-                let procs = state::Procs::start(&layout, now, &state).map_err(|e| {
+                let procs = state::Procs::start(&layout, now, &state, file_mode).map_err(|e| {
                     Error::io("cannot create this process's record", e)
                         .with_path(layout.procs_dir())
                 })?;
@@ -653,7 +654,12 @@ impl Inner {
         let Some(entry) = self.index.pin_current(key) else {
             return Verification::NotCached;
         };
-        let pinned = self.pinned(entry);
+        let pinned = self.pinned(Arc::clone(&entry));
+        match self.hold(&entry) {
+            hit::Holding::Held => {}
+            hit::Holding::Corrupt => return Verification::Corrupt,
+            hit::Holding::Changed => return Verification::NotCached,
+        }
         let path = pinned.entry.path.clone();
         let hashed = tokio::task::spawn_blocking(move || store::hash_file(&path)).await;
         let entry = Arc::clone(&pinned.entry);

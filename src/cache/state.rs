@@ -86,10 +86,11 @@ impl Procs {
         layout: &Layout,
         now_ms: u64,
         state: &SavedState,
+        file_mode: u32,
     ) -> std::io::Result<Procs> {
         let id = format!("{}-{now_ms}-{:08x}", std::process::id(), fastrand::u32(..));
         let lock_path = layout.procs_dir().join(format!("{id}.lock"));
-        let lock = match locks::try_exclusive(locks::open_lock_file(&lock_path, 0o600)?)? {
+        let lock = match locks::try_exclusive(locks::open_lock_file(&lock_path, file_mode)?)? {
             Try::Taken(file) => file,
             _ => return Err(std::io::Error::other("a fresh process record is locked")),
         };

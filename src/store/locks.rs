@@ -45,16 +45,26 @@ pub(crate) enum Try {
 
 /// Opens (creating if needed) a lock file: never through a link, never anything but a
 /// regular file.
+/// A lock file another user of a group-shared cache created may not be writable: `flock`
+/// works on a read-only file too (its record then cannot be written, which only costs a
+/// resume).
 pub(crate) fn open_lock_file(path: &Path, mode: u32) -> io::Result<File> {
     let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
-    let file = OpenOptions::new()
+    let opened = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(mode)
         .custom_flags(O_NOFOLLOW | nonblocking)
-        .open(path)?;
+        .open(path);
+    let file = match opened {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => OpenOptions::new()
+            .read(true)
+            .custom_flags(O_NOFOLLOW | nonblocking)
+            .open(path)?,
+        opened => opened?,
+    };
     if !file.metadata()?.is_file() {
         return Err(io::Error::other("a lock file that is not a regular file"));
     }
