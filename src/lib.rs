@@ -40,8 +40,19 @@
 //! size, mtime, validators and expiry;
 //! `tmp/` holds downloads in progress; `state.json` access times and counters. `key` is the hex
 //! SHA-256 of the normalised URL (credentials and fragment removed). Files are created 0600 and
-//! directories 0700 unless [`CacheBuilder::file_mode`] says otherwise. One process uses a cache
-//! directory at a time (a lock file enforces it).
+//! directories 0700 unless [`CacheBuilder::file_mode`] says otherwise.
+//!
+//! # Several processes
+//!
+//! Any number of processes and handles share a cache directory (unless one asks for it alone
+//! with [`CacheBuilder::exclusive_lock`]). A download takes its URL's writer lock
+//! (`locks/<k[0..2]>/<key>.lock`) and reads the disk again first, so one process in all
+//! downloads a file and the others find it committed; a process that dies is replaced at once
+//! and its part file resumed. A file handed out is held by a shared `flock` on its data file
+//! while any [`CachedFile`] of it lives in the process, and no process deletes a file it cannot
+//! lock exclusive. Counters, reservations and access times go through one record per process
+//! (`procs/`), folded into `state.json` when the process ends. The README's "Several
+//! processes" says what holds on local disks and what on network file systems.
 //!
 //! # Quick start
 //!

@@ -53,11 +53,13 @@ impl Drop for Pinned {
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum CacheStatus {
-    /// From a committed entry, without touching the network.
+    /// From a committed entry, without touching the network (one this process had, or one
+    /// another process had committed before the call).
     Hit,
     /// This call started the download.
     Downloaded,
-    /// This call joined a download another call had started.
+    /// This call joined a download another call had started, in this process or (waiting on
+    /// the URL's lock) in another one on the same directory.
     Coalesced,
     /// The entry had expired; a conditional request found it unchanged (304) and renewed it.
     Revalidated,
