@@ -517,11 +517,17 @@ impl Index {
         changed: Vec<Entry>,
     ) -> Vec<Removed> {
         let mut st = self.lock();
+        // The scan ran without the lock: what changed since (a commit of this process, say)
+        // is what the disk says now, checked again here (one lstat per entry concerned).
         let gone: Vec<Key> = st
             .entries
-            .keys()
-            .filter(|k| !present.contains(*k))
-            .cloned()
+            .iter()
+            .filter(|(k, e)| !present.contains(*k) && self.layout.meta_stamp(k) != Some(e.stamp()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let changed: Vec<Entry> = changed
+            .into_iter()
+            .filter(|e| self.layout.meta_stamp(&e.key) == Some(e.stamp()))
             .collect();
         let mut removed = Vec::new();
         for key in gone {
@@ -559,7 +565,9 @@ impl Index {
     pub(crate) fn replace_from_disk(&self, key: &Key, found: Option<Entry>) -> Vec<Removed> {
         let mut st = self.lock();
         let current_stamp = st.entries.get(key).map(|e| e.stamp());
-        if current_stamp == found.as_ref().map(Entry::stamp) {
+        let found_stamp = found.as_ref().map(Entry::stamp);
+        // Read without the lock: only what is still on disk counts.
+        if current_stamp == found_stamp || self.layout.meta_stamp(key) != found_stamp {
             return Vec::new();
         }
         if let (Some(old), Some(new)) = (st.entries.get(key), &found)

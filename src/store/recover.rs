@@ -200,9 +200,22 @@ fn recover_entry(
     if key.prefix() != prefix {
         return Err(Invalid::Other("key in the wrong directory"));
     }
+    let found = read_entry(dir, key.clone());
+    // The common case, a valid entry and nothing else in its directory, needs no lock.
+    let tidy = found.as_ref().is_ok_and(|found| {
+        only(dir, &[META_FILE, keep_in_entry(&found.meta)])
+            && (found.meta.generation.is_empty()
+                || only(
+                    &dir.join(&found.meta.generation),
+                    &[found.meta.file_name.as_str()],
+                ))
+    });
+    if tidy {
+        return found;
+    }
     let lock = layout.try_lock_key(&key).ok().flatten();
     let settled = lock.is_some() || age(dir) >= SETTLED;
-    let found = match read_entry(dir, key) {
+    let found = match found {
         Ok(found) => found,
         Err(_) if !settled => return Err(Invalid::Busy),
         Err(why) => return Err(why),
@@ -211,18 +224,36 @@ fn recover_entry(
         // Anything else is not this version: older versions whose holders are gone, and
         // leftovers of an interrupted commit.
         let meta = &found.meta;
-        let keep_in_entry = if meta.generation.is_empty() {
-            meta.file_name.as_str()
-        } else {
-            meta.generation.as_str()
-        };
-        remove_unheld_but(dir, &[META_FILE, keep_in_entry]);
+        remove_unheld_but(dir, &[META_FILE, keep_in_entry(meta)]);
         if !meta.generation.is_empty() {
             remove_all_but(&dir.join(&meta.generation), &[meta.file_name.as_str()]);
         }
     }
     drop(lock);
     Ok(found)
+}
+
+/// What an entry directory keeps beside meta.json: the version's directory, or (written
+/// before versions had directories) its data file.
+fn keep_in_entry(meta: &Meta) -> &str {
+    if meta.generation.is_empty() {
+        meta.file_name.as_str()
+    } else {
+        meta.generation.as_str()
+    }
+}
+
+/// Whether `dir` holds exactly the items named `names`.
+fn only(dir: &Path, names: &[&str]) -> bool {
+    fs::read_dir(dir).is_ok_and(|items| {
+        let mut n = 0;
+        items.flatten().all(|item| {
+            n += 1;
+            item.file_name()
+                .to_str()
+                .is_some_and(|name| names.contains(&name))
+        }) && n == names.len()
+    })
 }
 
 /// Reads and checks one entry directory (no removal): meta.json parses, is valid and
