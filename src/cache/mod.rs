@@ -15,6 +15,7 @@ mod removal;
 mod resolve;
 mod state;
 mod sweeper;
+mod transfer;
 
 use std::fmt;
 use std::path::Path;

@@ -209,14 +209,7 @@ impl Inner {
     /// remove (blocking): one `lstat` per entry, a read of the new and changed ones.
     pub(super) fn sync_from_disk(&self) {
         let scan = store::scan(&self.layout, &self.index.stamps());
-        let changed = scan
-            .changed
-            .into_iter()
-            .map(|r| {
-                let last = r.meta.fetched_at;
-                Entry::new(r.key, r.meta, r.path, last, 0, 0).with_stamp(r.stamp)
-            })
-            .collect();
+        let changed = scan.changed.into_iter().map(Entry::found).collect();
         let removed = self.index.merge_from_disk(&scan.present, changed);
         self.dispose_now(removed);
     }

@@ -11,138 +11,15 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::clock::{Clock, unix_ms};
 use crate::key::Key;
 use crate::store::{Claim, Layout, Meta, Stamp, TempFile, Validators};
 
-/// One committed entry. Its bytes (and so `meta`'s url, sha256, size and mtime) never change:
-/// a new download makes a new `Entry`. Its freshness does change in place when a 304 renews
-/// it, so that the pins on it keep protecting the one file.
-#[derive(Debug)]
-pub(crate) struct Entry {
-    pub(crate) key: Key,
-    /// As committed; read expiry and validators through the accessors, which see renewals.
-    pub(crate) meta: Meta,
-    pub(crate) path: PathBuf,
-    fetched_at: AtomicU64,
-    expires_at: AtomicU64,
-    // A std Mutex: read when listing or revalidating, written on a 304; never held long.
-    validators: Mutex<Validators>,
-    /// Wall-clock milliseconds of the last hit or commit; persisted in state.json.
-    pub(crate) last_access_ms: AtomicU64,
-    /// Position in LRU order (larger is more recent).
-    tick: AtomicU64,
-    /// Hits on this entry, persisted.
-    pub(crate) hits: AtomicU64,
-    /// Of those, the hits of this process since it started.
-    pub(crate) own_hits: AtomicU64,
-    /// Live `CachedFile`s. Incremented only under the index lock (so eviction, which checks it
-    /// under the lock, never races a new pin); decremented anywhere.
-    pins: AtomicUsize,
-    /// Removed from the map (or replaced by a newer version) while pinned: its bytes go
-    /// when the last pin does.
-    doomed: AtomicBool,
-    /// This process's shared lock on the data file while it has pins, so that no other
-    /// process deletes the file (see `store::hold`). Taken by the first pin, released by the
-    /// last, under the index lock.
-    pub(crate) held: Mutex<Option<File>>,
-    /// Of the meta.json this entry was read from or wrote (see [`Stamp`]).
-    stamp: [AtomicU64; 3],
-}
-
-impl Entry {
-    /// `lru` orders entries loaded with equal access times (their saved LRU position).
-    pub(crate) fn new(
-        key: Key,
-        meta: Meta,
-        path: PathBuf,
-        last_access_ms: u64,
-        lru: u64,
-        hits: u64,
-    ) -> Entry {
-        Entry {
-            key,
-            fetched_at: AtomicU64::new(meta.fetched_at),
-            expires_at: AtomicU64::new(meta.expires_at),
-            validators: Mutex::new(Validators {
-                etag: meta.etag.clone(),
-                last_modified: meta.last_modified.clone(),
-            }),
-            meta,
-            path,
-            last_access_ms: AtomicU64::new(last_access_ms),
-            tick: AtomicU64::new(lru),
-            hits: AtomicU64::new(hits),
-            own_hits: AtomicU64::new(0),
-            pins: AtomicUsize::new(0),
-            doomed: AtomicBool::new(false),
-            held: Mutex::new(None),
-            stamp: Default::default(),
-        }
-    }
-
-    /// The entry, as read from a meta.json stamped `stamp`.
-    #[must_use]
-    pub(crate) fn with_stamp(self, stamp: Stamp) -> Entry {
-        self.set_stamp(stamp);
-        self
-    }
-
-    pub(crate) fn stamp(&self) -> Stamp {
-        Stamp {
-            ino: self.stamp[0].load(Ordering::Relaxed),
-            mtime_ns: self.stamp[1].load(Ordering::Relaxed),
-            len: self.stamp[2].load(Ordering::Relaxed),
-        }
-    }
-
-    fn set_stamp(&self, stamp: Stamp) {
-        self.stamp[0].store(stamp.ino, Ordering::Relaxed);
-        self.stamp[1].store(stamp.mtime_ns, Ordering::Relaxed);
-        self.stamp[2].store(stamp.len, Ordering::Relaxed);
-    }
-
-    /// Takes the freshness of `newer`, the same version as read from a renewed meta.json.
-    fn renew_from(&self, newer: &Entry) {
-        self.set_stamp(newer.stamp());
-        self.fetched_at.store(newer.fetched_at(), Ordering::Relaxed);
-        self.expires_at.store(newer.expires_at(), Ordering::Relaxed);
-        *self.validators.lock().unwrap_or_else(|e| e.into_inner()) = newer.validators();
-    }
-
-    /// Milliseconds since the epoch of the download or the last renewal.
-    pub(crate) fn fetched_at(&self) -> u64 {
-        self.fetched_at.load(Ordering::Relaxed)
-    }
-
-    /// Milliseconds since the epoch when the entry expires.
-    pub(crate) fn expires_at(&self) -> u64 {
-        self.expires_at.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn validators(&self) -> Validators {
-        self.validators
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn is_fresh(&self, now_ms: u64) -> bool {
-        now_ms < self.expires_at()
-    }
-
-    /// Position in LRU order: larger is more recent.
-    pub(crate) fn lru(&self) -> u64 {
-        self.tick.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn is_pinned(&self) -> bool {
-        self.pins.load(Ordering::SeqCst) > 0
-    }
-}
+mod entry;
+pub(crate) use entry::Entry;
 
 /// Why an entry left the index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +69,23 @@ struct State {
     committed_bytes: u64,
     doomed_bytes: u64,
     reserved_bytes: u64,
+}
+
+impl State {
+    /// Whether `entry` is the current entry for its key.
+    fn is_current(&self, entry: &Arc<Entry>) -> bool {
+        self.entries
+            .get(&entry.key)
+            .is_some_and(|e| Arc::ptr_eq(e, entry))
+    }
+
+    /// Takes `entry` out of the map if it is still the current entry for its key.
+    fn take_current(&mut self, entry: &Arc<Entry>) -> Option<Arc<Entry>> {
+        if !self.is_current(entry) {
+            return None;
+        }
+        self.entries.remove(&entry.key)
+    }
 }
 
 /// See the module documentation.
@@ -294,11 +188,7 @@ impl Index {
     /// Pins `entry` (to serve it stale) if it is still the current entry for its key.
     pub(crate) fn pin_if_current(&self, entry: &Arc<Entry>) -> bool {
         let st = self.lock();
-        if !st
-            .entries
-            .get(&entry.key)
-            .is_some_and(|e| Arc::ptr_eq(e, entry))
-        {
+        if !st.is_current(entry) {
             return false;
         }
         entry.pins.fetch_add(1, Ordering::SeqCst);
@@ -317,12 +207,7 @@ impl Index {
         meta_file: TempFile,
     ) -> io::Result<bool> {
         let st = self.lock();
-        if !st
-            .entries
-            .get(&entry.key)
-            .is_some_and(|e| Arc::ptr_eq(e, entry))
-            || self.layout.meta_stamp(&entry.key) != Some(entry.stamp())
-        {
+        if !st.is_current(entry) || self.layout.meta_stamp(&entry.key) != Some(entry.stamp()) {
             return Ok(false);
         }
         let stamp = self.layout.replace_meta(&entry.key, meta_file)?;
@@ -487,14 +372,7 @@ impl Index {
     /// removed or replaced it); its meta.json is not this process's to touch.
     pub(crate) fn forget(&self, entry: &Arc<Entry>) -> Option<Removed> {
         let mut st = self.lock();
-        if !st
-            .entries
-            .get(&entry.key)
-            .is_some_and(|e| Arc::ptr_eq(e, entry))
-        {
-            return None;
-        }
-        let entry = st.entries.remove(&entry.key)?;
+        let entry = st.take_current(entry)?;
         st.committed_bytes -= entry.meta.size;
         Some(self.retire_locked(&mut st, entry, Reason::Replaced))
     }
@@ -620,14 +498,7 @@ impl Index {
     /// integrity check, which must not remove a newer download).
     pub(crate) fn remove_exact(&self, entry: &Arc<Entry>, reason: Reason) -> Option<Removed> {
         let mut st = self.lock();
-        if !st
-            .entries
-            .get(&entry.key)
-            .is_some_and(|e| Arc::ptr_eq(e, entry))
-        {
-            return None;
-        }
-        let entry = st.entries.remove(&entry.key)?;
+        let entry = st.take_current(entry)?;
         Some(self.detach_locked(&mut st, entry, reason))
     }
 

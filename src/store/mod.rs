@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::failpoint::{failpoint, failpoint_error};
@@ -511,151 +510,6 @@ impl Drop for TempFile {
     }
 }
 
-/// What the network side sends the writer thread.
-#[derive(Debug)]
-pub(crate) enum WriteOp {
-    /// The next bytes of the body.
-    Data(bytes::Bytes),
-    /// Drop everything written so far: the download starts again from byte zero.
-    Restart,
-    /// The body is complete: flush, fsync and hand the file back. A channel that closes
-    /// without `Finish` means the download was abandoned, and the temp file is removed.
-    Finish,
-}
-
-/// Called by the writer when the disk is full, with the bytes it needs; returns whether it
-/// freed anything (by evicting entries), in which case the write is tried again.
-pub(crate) type MakeRoom = Box<dyn Fn(u64) -> bool + Send>;
-
-/// Called by the writer each time it has made the first `n` bytes durable, so that the
-/// download's lock record can say how much a successor may resume from.
-pub(crate) type OnSync = Box<dyn Fn(u64) + Send>;
-
-/// How often the writer fsyncs a download in progress: what a successor resumes from after a
-/// crash, even a power cut, is bytes that reached the disk.
-const SYNC_EVERY: u64 = 16 << 20;
-
-/// The network side's handle on a download's writer thread, which writes chunks through a
-/// large buffer and finishes with `fdatasync`. Hashing happens on the network side, so the
-/// two overlap.
-#[derive(Debug)]
-pub(crate) struct SpawnedWriter {
-    pub(crate) tx: mpsc::Sender<WriteOp>,
-    pub(crate) done: tokio::task::JoinHandle<io::Result<(TempFile, File)>>,
-    /// Where the temp file is, for error messages.
-    pub(crate) path: PathBuf,
-}
-
-/// Opens the part file of a dead download to resume it: never through a link.
-pub(crate) fn open_part(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(O_NOFOLLOW)
-        .open(path)
-}
-
-/// Creates the part file at `temp` holding its writer's exclusive lock from the first
-/// instant it has that name: made under a `.new` name, locked, then renamed, so that a part
-/// file whose lock can be taken always belongs to a dead writer.
-fn create_part(layout: &Layout, temp: &TempFile) -> io::Result<File> {
-    let fresh = temp.path().with_extension("new");
-    let file = layout.create_new_file(&fresh)?;
-    let file = match locks::try_exclusive(file) {
-        Ok(locks::Try::Taken(file)) => file,
-        Ok(_) => return Err(io::Error::other("a new part file is locked")),
-        Err(e) => return Err(e),
-    };
-    if let Err(e) = fs::rename(&fresh, temp.path()) {
-        let _ = fs::remove_file(&fresh);
-        return Err(e);
-    }
-    Ok(file)
-}
-
-/// Starts a blocking writer that owns `temp`: it creates the file (mode `file_mode`; or
-/// appends to `existing`, a dead download's part file taken over), writes into it, and
-/// removes it on every path but a `Finish`. Owning the file on the thread that creates it
-/// closes a race: a guard on the network side could run before the file exists.
-pub(crate) fn spawn_writer(
-    layout: &Layout,
-    temp: TempFile,
-    existing: Option<File>,
-    make_room: MakeRoom,
-    on_sync: OnSync,
-) -> SpawnedWriter {
-    let (tx, mut rx) = mpsc::channel::<WriteOp>(64);
-    let path = temp.path().to_owned();
-    let layout = layout.clone();
-    let done = tokio::task::spawn_blocking(move || {
-        let mut file = match existing {
-            Some(file) => file,
-            None => create_part(&layout, &temp)?,
-        };
-        let mut written = file.metadata()?.len();
-        let mut synced = written;
-        let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
-        // Writes `data` and, every SYNC_EVERY bytes, makes what was written durable.
-        let flush =
-            |file: &mut File, data: &[u8], written: &mut u64, synced: &mut u64| -> io::Result<()> {
-                write_all_making_room(file, data, &make_room)?;
-                *written += data.len() as u64;
-                if *written >= *synced + SYNC_EVERY {
-                    file.sync_data()?;
-                    *synced = *written;
-                    on_sync(*synced);
-                }
-                Ok(())
-            };
-        loop {
-            let Some(op) = rx.blocking_recv() else {
-                // Dropping `temp` on return removes the file.
-                return Err(io::Error::other("download abandoned"));
-            };
-            match op {
-                WriteOp::Data(chunk) => {
-                    if buf.len() + chunk.len() > WRITE_BUFFER {
-                        flush(&mut file, &buf, &mut written, &mut synced)?;
-                        buf.clear();
-                    }
-                    if chunk.len() >= WRITE_BUFFER {
-                        flush(&mut file, &chunk, &mut written, &mut synced)?;
-                    } else {
-                        buf.extend_from_slice(&chunk);
-                    }
-                }
-                WriteOp::Restart => {
-                    buf.clear();
-                    file.set_len(0)?;
-                    io::Seek::seek(&mut file, io::SeekFrom::Start(0))?;
-                    written = 0;
-                    synced = 0;
-                    on_sync(0);
-                }
-                WriteOp::Finish => break,
-            }
-        }
-        flush(&mut file, &buf, &mut written, &mut synced)?;
-        file.sync_data()?;
-        Ok((temp, file))
-    });
-    SpawnedWriter { tx, done, path }
-}
-
-/// `write_all`, except that a full disk first asks `make_room` for space and tries again.
-fn write_all_making_room(file: &mut File, mut data: &[u8], make_room: &MakeRoom) -> io::Result<()> {
-    while !data.is_empty() {
-        match file.write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::StorageFull && make_room(data.len() as u64) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Nanoseconds since the epoch of a file's modification time.
 pub(crate) fn mtime_ns(md: &fs::Metadata) -> u64 {
     md.modified()
@@ -736,6 +590,8 @@ pub(crate) fn remove_any(path: &Path) {
 }
 
 pub(crate) mod locks;
+mod writer;
+pub(crate) use writer::{MakeRoom, OnSync, SpawnedWriter, WriteOp, open_part, spawn_writer};
 mod recover;
 #[cfg(test)]
 use recover::RecoveryReport;

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::key::{Key, META_FILE};
 
 /// One entry found valid on disk by recovery.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Recovered {
     pub(crate) key: Key,
     pub(crate) meta: Meta,

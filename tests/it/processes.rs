@@ -143,15 +143,9 @@ fn answers(out: &Path) -> Vec<Answer> {
 
 /// Waits (bounded, real time) for `path` to exist.
 fn wait_for_file(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(&format!("{} never appeared", path.display()), || {
+        path.exists()
+    });
 }
 
 /// Waits (bounded, real time) for `cond`.
@@ -161,6 +155,18 @@ fn wait_for(what: &str, cond: impl Fn() -> bool) {
         assert!(Instant::now() < deadline, "{what}");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Bytes of the committed data files in the cache at `dir`.
+fn bytes_on_disk(dir: &Path) -> u64 {
+    data_files(dir)
+        .iter()
+        .map(|p| {
+            std::fs::metadata(dir.join("v1/entries").join(p))
+                .unwrap()
+                .len()
+        })
+        .sum()
 }
 
 async fn open_here(dir: &Path, max_bytes: u64) -> ImageCache {
@@ -363,14 +369,7 @@ async fn eviction_in_one_process_skips_a_file_another_holds() {
     b.set_max_size_bytes(5 * MB as u64).unwrap();
     b.cleanup().await.unwrap();
     assert!(!current(&b) && !held_path.exists(), "taken once let go");
-    let on_disk: u64 = data_files(dir.path())
-        .iter()
-        .map(|p| {
-            std::fs::metadata(dir.path().join("v1/entries").join(p))
-                .unwrap()
-                .len()
-        })
-        .sum();
+    let on_disk = bytes_on_disk(dir.path());
     assert!(on_disk <= 5 * MB as u64, "{on_disk} bytes on disk");
 }
 
@@ -403,14 +402,7 @@ async fn two_processes_filling_one_cap_stay_under_it() {
         finish_child(WORKER, child);
         assert_eq!(answers(&out).len(), 4);
     }
-    let on_disk: u64 = data_files(dir.path())
-        .iter()
-        .map(|p| {
-            std::fs::metadata(dir.path().join("v1/entries").join(p))
-                .unwrap()
-                .len()
-        })
-        .sum();
+    let on_disk = bytes_on_disk(dir.path());
     assert!(
         on_disk <= 50 * MB as u64,
         "{on_disk} bytes on disk, cap 50 MB"

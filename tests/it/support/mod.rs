@@ -131,31 +131,35 @@ pub async fn wait_until(cond: impl Fn() -> bool) {
 /// process of its own with `env` set, and asserts that it ran and passed. Such a test is
 /// `#[ignore]`d and its body is [`as_child`], so that it does its work only as a child.
 pub fn run_child(name: &str, env: &[(&str, &str)]) -> std::process::Output {
-    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        name,
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env("IMGCACHE_TEST_CHILD", name);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run the child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains(&format!("{CHILD_DONE} {name}\n")),
-        "the child {name} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = child_command(name, env.iter().map(|(k, v)| (*k, *v)))
+        .output()
+        .expect("run the child");
+    check_child(name, &out);
     out
 }
 
 /// Starts the test `name` as a child as [`run_child`] does, without waiting for it; see
 /// [`finish_child`].
 pub fn spawn_child(name: &str, env: &[(&str, String)]) -> std::process::Child {
+    child_command(name, env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the child")
+}
+
+/// Waits for a child [`spawn_child`] started and asserts that it did its work.
+pub fn finish_child(name: &str, child: std::process::Child) -> String {
+    let out = child.wait_with_output().expect("wait for the child");
+    check_child(name, &out);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// This binary, set to run the test `name` alone as a child with `env`.
+fn child_command<'a>(
+    name: &str,
+    env: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> std::process::Command {
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
@@ -165,25 +169,21 @@ pub fn spawn_child(name: &str, env: &[(&str, String)]) -> std::process::Child {
         "--test-threads=1",
     ])
     .env("IMGCACHE_TEST_CHILD", name)
-    .env_remove("IMGCACHE_FAILPOINT")
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped());
+    .env_remove("IMGCACHE_FAILPOINT");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.spawn().expect("spawn the child")
+    cmd
 }
 
-/// Waits for a child [`spawn_child`] started and asserts that it did its work.
-pub fn finish_child(name: &str, child: std::process::Child) -> String {
-    let out = child.wait_with_output().expect("wait for the child");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+/// Asserts that a child ran and passed (it printed its done marker).
+fn check_child(name: &str, out: &std::process::Output) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains(&format!("{CHILD_DONE} {name}\n")),
         "the child {name} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    stdout
 }
 
 /// What a child prints when its work is done: a child that returned early (not started by

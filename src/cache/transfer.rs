@@ -1,0 +1,448 @@
+//! One download across its attempts: the [`Transfer`] (temp file, writer thread, running
+//! SHA-256, byte count), what it reserves against the cap, and the writer lock and part file
+//! it may take over from a process that died.
+
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use super::Inner;
+use crate::error::{Error, ErrorKind, Result};
+use crate::events::Event;
+use crate::fetch;
+use crate::key::Resolved;
+use crate::stats::Counter;
+use crate::store::locks::{KeyLock, Record};
+use crate::store::{self, TempFile, Validators};
+
+/// Bytes reserved for a download from its `Content-Length`; released if it never commits.
+pub(super) struct Reservation {
+    pub(super) inner: Arc<Inner>,
+    pub(super) bytes: u64,
+}
+
+impl Reservation {
+    /// Reserves `bytes` against the cap of the whole directory: under the directory's cap
+    /// lock, with what every process has committed and reserved read fresh, and this
+    /// process's reservation published before the lock is let go, so that two processes
+    /// never both take the last free bytes.
+    pub(super) async fn new(inner: &Arc<Inner>, bytes: u64) -> Reservation {
+        // Made before the await below, so that a deadline firing there still releases it
+        // (the count is added by the blocking task, which runs to the end even then).
+        let reservation = Reservation {
+            inner: Arc::clone(inner),
+            bytes,
+        };
+        let this = Arc::clone(inner);
+        let _ = tokio::task::spawn_blocking(move || {
+            let cap = this.layout.lock_cap();
+            this.read_others();
+            this.sync_from_disk();
+            let removed = this.index.reserve(bytes);
+            this.save_record();
+            drop(cap);
+            this.dispose_now(removed);
+        })
+        .await;
+        reservation
+    }
+
+    /// Hands the reservation to the commit, which releases it under the index lock.
+    pub(super) fn disarm(mut self) -> u64 {
+        std::mem::take(&mut self.bytes)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.inner.index.release(self.bytes);
+            self.inner.counters.mark_unsaved();
+        }
+    }
+}
+
+/// What one attempt achieved.
+pub(super) enum Step {
+    /// The body is complete.
+    Complete,
+    /// 304: the expired copy is current.
+    NotModified(Validators),
+}
+
+/// The URL's writer lock while this process downloads it, and the record in it that says
+/// where a successor may resume from. Shared with the writer thread, which updates the
+/// durable length as it fsyncs.
+pub(super) struct WriterLock {
+    pub(super) lock: KeyLock,
+    record: Record,
+}
+
+impl WriterLock {
+    pub(super) fn update(&mut self, change: impl FnOnce(&mut Record)) {
+        change(&mut self.record);
+        self.lock.write_record(&self.record);
+    }
+}
+
+/// A dead download's part file, taken over: its kept prefix, hashed again.
+pub(super) struct Resume {
+    pub(super) temp: TempFile,
+    pub(super) file: std::fs::File,
+    pub(super) hasher: Sha256,
+    pub(super) received: u64,
+    pub(super) validators: Validators,
+    pub(super) total: Option<u64>,
+}
+
+impl Resume {
+    /// Takes the part file at `path` if no writer holds it, cuts it to its durable length
+    /// and hashes that prefix (blocking).
+    pub(super) fn open(
+        path: std::path::PathBuf,
+        record: Record,
+        validators: Validators,
+    ) -> std::io::Result<Resume> {
+        use std::io::{Read, Seek};
+        let file = store::open_part(&path)?;
+        let mut file = match store::locks::try_exclusive(file)? {
+            store::locks::Try::Taken(file) => file,
+            _ => return Err(std::io::Error::other("its writer is alive")),
+        };
+        let temp = TempFile::new(path);
+        let md = file.metadata()?;
+        if !md.is_file() || md.len() < record.durable {
+            return Err(std::io::Error::other("shorter than its record says"));
+        }
+        file.set_len(record.durable)?;
+        file.rewind()?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = record.durable;
+        while left > 0 {
+            let n = file.read(&mut buf[..left.min(1 << 20) as usize])?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        file.seek(std::io::SeekFrom::End(0))?;
+        Ok(Resume {
+            temp,
+            file,
+            hasher,
+            received: record.durable,
+            validators,
+            total: record.total,
+        })
+    }
+}
+
+/// One download across its attempts: the temp file, the writer, the running hash and the
+/// byte count survive a cut-off body so that the next attempt can resume.
+pub(super) struct Transfer<'a> {
+    pub(super) inner: &'a Arc<Inner>,
+    pub(super) r: &'a Resolved,
+    pub(super) writer: Option<store::SpawnedWriter>,
+    pub(super) hasher: Sha256,
+    pub(super) received: u64,
+    /// The full length, from `Content-Length` of the 200 (or `Content-Range` of a 206).
+    pub(super) total: Option<u64>,
+    /// Of the version being downloaded: what `If-Range` binds a resume to.
+    pub(super) validators: Validators,
+    /// `received` when progress was last reported.
+    pub(super) reported: u64,
+    pub(super) reservation: Option<Reservation>,
+    /// The URL's writer lock; `None` when this process downloads without it.
+    pub(super) lock: Option<Arc<Mutex<WriterLock>>>,
+    /// A dead download's part file to go on from, until the writer takes it.
+    pub(super) resumed: Option<(TempFile, std::fs::File)>,
+    /// When the callers asked, by the cache's clock.
+    pub(super) asked_at: u64,
+}
+
+impl<'a> Transfer<'a> {
+    pub(super) fn new(
+        inner: &'a Arc<Inner>,
+        r: &'a Resolved,
+        lock: Option<KeyLock>,
+        asked_at: u64,
+    ) -> Transfer<'a> {
+        Transfer {
+            inner,
+            r,
+            writer: None,
+            hasher: Sha256::new(),
+            received: 0,
+            total: None,
+            validators: Validators::default(),
+            reported: 0,
+            reservation: None,
+            lock: lock.map(|lock| {
+                Arc::new(Mutex::new(WriterLock {
+                    lock,
+                    record: Record::default(),
+                }))
+            }),
+            resumed: None,
+            asked_at,
+        }
+    }
+
+    /// Goes on from a dead download's part file.
+    pub(super) fn resume_from(&mut self, resume: Resume) {
+        self.hasher = resume.hasher;
+        self.received = resume.received;
+        self.reported = resume.received;
+        self.validators = resume.validators;
+        self.total = resume.total;
+        self.resumed = Some((resume.temp, resume.file));
+    }
+
+    /// Updates the lock's record, if this process holds the lock.
+    pub(super) fn record(&self, change: impl FnOnce(&mut Record)) {
+        if let Some(lock) = &self.lock {
+            lock.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .update(change);
+        }
+    }
+
+    pub(super) fn limit(&self) -> u64 {
+        self.inner
+            .index
+            .max()
+            .min(self.inner.config.max_file_size_bytes)
+    }
+
+    /// Forgets the bytes received so far (the next body starts at zero).
+    pub(super) async fn restart(&mut self) -> Result<()> {
+        self.hasher = Sha256::new();
+        self.received = 0;
+        self.reported = 0;
+        // A part file taken over and not yet written to: dropped (and removed).
+        self.resumed = None;
+        if let Some(writer) = &self.writer
+            && writer.tx.send(store::WriteOp::Restart).await.is_err()
+        {
+            return Err(self.writer_failure().await);
+        }
+        Ok(())
+    }
+
+    /// Stops the writer and waits until it has removed the temp file.
+    pub(super) async fn abandon(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            drop(writer.tx);
+            let _ = writer.done.await;
+        }
+    }
+
+    /// The writer thread stopped early; its error says why (a full disk, usually).
+    pub(super) async fn writer_failure(&mut self) -> Error {
+        let Some(writer) = self.writer.take() else {
+            return Error::new(ErrorKind::Internal, "no writer");
+        };
+        let err = match writer.done.await {
+            Ok(Err(e)) => Error::io("cannot write the download", e),
+            Ok(Ok(_)) => Error::new(ErrorKind::Internal, "writer stopped early"),
+            Err(e) => Error::new(ErrorKind::Internal, format!("writer failed: {e}")),
+        };
+        err.with_path(writer.path)
+    }
+
+    /// One request and as much of its body as arrives.
+    pub(super) async fn attempt(&mut self, revalidate: Option<&Validators>) -> Result<Step> {
+        let client = &self.inner.config.http_client;
+        let url = &self.r.request;
+        let if_range = self.validators.if_range().map(str::to_owned);
+        let ask = match (&if_range, self.received) {
+            (Some(v), n) if n > 0 => fetch::Ask::From(n, v),
+            (None, n) if n > 0 => {
+                // Nothing binds the partial to a version of the file: start again.
+                self.restart().await?;
+                fetch::Ask::Whole
+            }
+            _ => revalidate.map_or(fetch::Ask::Whole, fetch::Ask::IfChanged),
+        };
+        let mut response = match fetch::send(client, url, ask).await? {
+            fetch::Answer::NotModified(v) => return Ok(Step::NotModified(v)),
+            fetch::Answer::RangeRefused => {
+                self.restart().await?;
+                return Err(Error::new(
+                    ErrorKind::Incomplete,
+                    "the server refused to resume; starting again",
+                ));
+            }
+            fetch::Answer::Rest(response) => {
+                let total = fetch::content_range_total(response.headers());
+                if total.is_some() && self.total.is_some() && total != self.total {
+                    self.restart().await?;
+                    return Err(Error::new(
+                        ErrorKind::Incomplete,
+                        "the file changed length between attempts; starting again",
+                    ));
+                }
+                self.total = self.total.or(total);
+                if self.reservation.is_none() {
+                    // A download taken over from a dead process starts with a 206.
+                    let limit = self.limit();
+                    if let Some(total) = self.total.filter(|t| *t > limit) {
+                        return Err(too_large(total, limit));
+                    }
+                    let wanted = self.total.unwrap_or(0);
+                    self.reservation = Some(Reservation::new(self.inner, wanted).await);
+                }
+                self.inner.counters.add(Counter::Resumes, 1);
+                tracing::info!(url = %self.r.display, offset = self.received, "resuming");
+                response
+            }
+            fetch::Answer::Whole(response) => {
+                if self.received > 0 {
+                    self.restart().await?;
+                }
+                self.validators = fetch::validators(response.headers());
+                self.total = response.content_length();
+                let limit = self.limit();
+                if let Some(total) = self.total.filter(|t| *t > limit) {
+                    return Err(too_large(total, limit));
+                }
+                let wanted = self.total.unwrap_or(0);
+                if self.reservation.as_ref().map(|r| r.bytes) != Some(wanted) {
+                    self.reservation = None; // releases the old amount first
+                    self.reservation = Some(Reservation::new(self.inner, wanted).await);
+                }
+                response
+            }
+        };
+        if self.writer.is_none() {
+            self.inner.events.emit(|| Event::DownloadStarted {
+                url: self.r.display.clone(),
+                total: self.total,
+            });
+            let (temp, existing) = match self.resumed.take() {
+                Some((temp, file)) => (temp, Some(file)),
+                None => (
+                    TempFile::new(self.inner.layout.temp_path(&self.r.key, "part")),
+                    None,
+                ),
+            };
+            let part = temp
+                .path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let durable = if existing.is_some() { self.received } else { 0 };
+            let (validators, total) = (self.validators.clone(), self.total);
+            self.record(|rec| {
+                *rec = Record {
+                    part,
+                    etag: validators.etag,
+                    last_modified: validators.last_modified,
+                    total,
+                    durable,
+                };
+            });
+            let lock = self.lock.clone();
+            let on_sync: store::OnSync = Box::new(move |n| {
+                if let Some(lock) = &lock {
+                    lock.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .update(|rec| rec.durable = n);
+                }
+            });
+            let inner = Arc::clone(self.inner);
+            let make_room: store::MakeRoom = Box::new(move |bytes| {
+                let removed = inner.index.make_room(bytes);
+                let freed = !removed.is_empty();
+                if freed {
+                    tracing::warn!(
+                        bytes,
+                        entries = removed.len(),
+                        "disk full: evicting to make room"
+                    );
+                }
+                inner.dispose_now(removed);
+                freed
+            });
+            self.writer = Some(store::spawn_writer(
+                &self.inner.layout,
+                temp,
+                existing,
+                make_room,
+                on_sync,
+            ));
+        }
+        let limit = self.limit();
+        while let Some(chunk) = response.chunk().await.map_err(fetch::body_error)? {
+            self.received += chunk.len() as u64;
+            self.inner
+                .counters
+                .add(Counter::BytesDownloaded, chunk.len() as u64);
+            if self.received > limit {
+                return Err(too_large(self.received, limit));
+            }
+            if self.received >= self.reported + crate::events::PROGRESS_STEP
+                && self.inner.events.wanted()
+            {
+                self.reported = self.received;
+                self.inner.events.emit(|| Event::Progress {
+                    url: self.r.display.clone(),
+                    received: self.received,
+                    total: self.total,
+                });
+            }
+            if self.total.is_some_and(|t| self.received > t) {
+                return Err(Error::new(
+                    ErrorKind::Incomplete,
+                    "body longer than Content-Length",
+                ));
+            }
+            self.hasher.update(&chunk);
+            let writer = self.writer.as_ref().expect("created above");
+            if writer.tx.send(store::WriteOp::Data(chunk)).await.is_err() {
+                return Err(self.writer_failure().await);
+            }
+        }
+        if let Some(total) = self.total.filter(|t| *t != self.received) {
+            return Err(Error::new(
+                ErrorKind::Incomplete,
+                format!("received {} of {total} bytes", self.received),
+            ));
+        }
+        Ok(Step::Complete)
+    }
+
+    /// Closes the writer (which fsyncs) and returns the temp file, the open file, the digest
+    /// and the validators of the version received.
+    pub(super) async fn finish(&mut self) -> Result<(TempFile, std::fs::File, String, Validators)> {
+        let Some(writer) = self.writer.take() else {
+            return Err(Error::new(ErrorKind::Internal, "no body was received"));
+        };
+        // `Finish` lets the writer flush, fsync and hand back the file.
+        let _ = writer.tx.send(store::WriteOp::Finish).await;
+        drop(writer.tx);
+        let (temp, file) = match writer.done.await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                return Err(Error::io("cannot write the download", e).with_path(writer.path));
+            }
+            Err(e) => {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    format!("writer failed: {e}"),
+                ));
+            }
+        };
+        let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        Ok((temp, file, sha256, std::mem::take(&mut self.validators)))
+    }
+}
+
+fn too_large(bytes: u64, max: u64) -> Error {
+    Error::new(
+        ErrorKind::TooLarge,
+        format!("{bytes} bytes exceed the cache's size cap of {max} bytes"),
+    )
+}
