@@ -42,9 +42,8 @@ pub(crate) fn recover(layout: &Layout) -> Result<RecoveryReport> {
     };
     for item in read_dir(&layout.tmp)? {
         let Ok(item) = item else { continue };
-        if let Some(why) = unused_temp(layout, &item.path()) {
-            tracing::warn!(path = %item.path().display(), reason = why, "removing a temp file left by an earlier run");
-            remove_any(&item.path());
+        if let Some(why) = remove_unused_temp(layout, &item.path()) {
+            tracing::warn!(path = %item.path().display(), reason = why, "removed a temp file left by an earlier run");
             report.removed += 1;
         }
     }
@@ -75,6 +74,7 @@ pub(crate) fn recover(layout: &Layout) -> Result<RecoveryReport> {
                     &name.to_string_lossy(),
                 )
             } else {
+                remove_any(&dir);
                 Err(Invalid::Other("not a directory"))
             };
             match found {
@@ -83,7 +83,6 @@ pub(crate) fn recover(layout: &Layout) -> Result<RecoveryReport> {
                 Err(Invalid::Busy) => {}
                 Err(why) => {
                     tracing::warn!(path = %dir.display(), reason = why.reason(), "removing an invalid cache entry");
-                    remove_any(&dir);
                     report.removed += 1;
                     if matches!(why, Invalid::Changed(_)) {
                         report.integrity_failures += 1;
@@ -155,49 +154,64 @@ impl OkOrEperm for rustix::io::Result<()> {
     }
 }
 
-/// Why a temp file may be removed, or `None` when it may still be in use or of use: a part
-/// file whose writer holds its lock, a dead download's part file that its URL's lock record
-/// names as resumable (for up to [`KEEP_DEAD_PARTS`]), or anything else a live process wrote
-/// less than [`SETTLED`] ago.
-pub(crate) fn unused_temp(layout: &Layout, path: &Path) -> Option<&'static str> {
+/// Removes a temp file unless it may still be in use or of use, and says why it went: kept
+/// are a part file whose writer holds its lock, a dead download's part file that its URL's
+/// lock record names as resumable (for up to [`KEEP_DEAD_PARTS`]), and anything else a live
+/// process wrote less than [`SETTLED`] ago. A dead part file is removed while its lock is
+/// taken, so that no successor can take it up in between.
+pub(crate) fn remove_unused_temp(layout: &Layout, path: &Path) -> Option<&'static str> {
     let name = path.file_name()?.to_str().unwrap_or_default();
     if path.extension().is_some_and(|e| e == "part") {
-        match locks::try_exclusive_at(path) {
+        let lock = match locks::try_exclusive_at(path) {
             Ok(Try::Held | Try::Gone) => return None,
-            Ok(Try::Taken(_)) => {}
-            Err(_) => return (age(path) >= SETTLED).then_some("an unreadable part file"),
-        }
+            Ok(Try::Taken(lock)) => Some(lock),
+            Err(_) if age(path) >= SETTLED => None,
+            Err(_) => return None,
+        };
         let resumable = name
             .split('.')
             .next()
             .and_then(Key::parse)
             .and_then(|key| layout.dead_record(&key))
             .is_some_and(|record| record.part == name && record.durable > 0);
-        if resumable && age(path) < KEEP_DEAD_PARTS {
+        if lock.is_some() && resumable && age(path) < KEEP_DEAD_PARTS {
             return None;
         }
-        return Some("a download that died");
+        let why = match lock {
+            Some(_) => "a download that died",
+            None => "an unreadable part file",
+        };
+        remove_any(path);
+        drop(lock);
+        return Some(why);
     }
     match writer_pid(name) {
         Some(pid) if alive(pid) && age(path) < SETTLED => None,
-        _ => Some("left by an interrupted write"),
+        _ => {
+            remove_any(path);
+            Some("left by an interrupted write")
+        }
     }
 }
 
 /// Checks one entry directory and removes what no meta.json names, unless another process
 /// may be using it: an entry is only removed or tidied while its writer lock is free (or,
-/// where locks do nothing, once it is older than [`SETTLED`]), and a version only while no
-/// process holds its bytes.
+/// when the lock cannot be opened at all, once it is older than [`SETTLED`]), and a version
+/// only while no process holds its bytes. An invalid entry (no meta.json, say, because
+/// another process invalidated it while a third holds its bytes) loses every item nobody
+/// holds; its directory goes once nothing is left in it.
 fn recover_entry(
     layout: &Layout,
     dir: &Path,
     name: Option<&str>,
     prefix: &str,
 ) -> Result<Recovered, Invalid> {
-    let key = name
-        .and_then(Key::parse)
-        .ok_or(Invalid::Other("not a cache key"))?;
+    let Some(key) = name.and_then(Key::parse) else {
+        remove_any(dir);
+        return Err(Invalid::Other("not a cache key"));
+    };
     if key.prefix() != prefix {
+        remove_any(dir);
         return Err(Invalid::Other("key in the wrong directory"));
     }
     let found = read_entry(dir, key.clone());
@@ -213,12 +227,23 @@ fn recover_entry(
     if tidy {
         return found;
     }
-    let lock = layout.try_lock_key(&key).ok().flatten();
-    let settled = lock.is_some() || age(dir) >= SETTLED;
+    // Held by a live process, its writer may be committing right now: nothing is touched.
+    let (lock, settled) = match layout.try_lock_key(&key) {
+        Ok(Some(lock)) => (Some(lock), true),
+        Ok(None) => (None, false),
+        Err(_) => (None, age(dir) >= SETTLED),
+    };
     let found = match found {
         Ok(found) => found,
         Err(_) if !settled => return Err(Invalid::Busy),
-        Err(why) => return Err(why),
+        Err(why) => {
+            // Under the writer lock, so that no commit lands in the directory meanwhile.
+            if remove_unheld_but(dir, &[]) {
+                let _ = fs::remove_dir(dir);
+            }
+            drop(lock);
+            return Err(why);
+        }
     };
     if settled {
         // Anything else is not this version: older versions whose holders are gone, and
@@ -328,26 +353,51 @@ fn read_meta_file(path: &Path) -> io::Result<(Vec<u8>, Stamp)> {
     Ok((bytes, Stamp::of(&md)))
 }
 
-/// In an entry directory, removes every version but `keep` whose bytes no process holds.
-fn remove_unheld_but(dir: &Path, keep: &[&str]) {
-    let Ok(items) = fs::read_dir(dir) else { return };
+/// In an entry directory, removes every item but `keep` whose bytes no process holds: a
+/// version directory, or a data file written before versions had directories. Each is
+/// removed while its files' exclusive locks are taken, so that no process can take hold of
+/// one between the check and the removal. Returns whether nothing was left but `keep`.
+fn remove_unheld_but(dir: &Path, keep: &[&str]) -> bool {
+    let Ok(items) = fs::read_dir(dir) else {
+        return false;
+    };
+    let mut all = true;
     for item in items.flatten() {
         let name = item.file_name();
         if name.to_str().is_some_and(|n| keep.contains(&n)) {
             continue;
         }
         let path = item.path();
-        // A version directory holds one data file (its name may differ from this version's).
-        let held = fs::read_dir(&path).ok().is_some_and(|files| {
-            files
-                .flatten()
-                .any(|f| matches!(locks::try_exclusive_at(&f.path()), Ok(Try::Held)))
-        });
-        if held {
-            continue;
+        match claim_all(&path) {
+            Some(claims) => {
+                remove_any(&path);
+                drop(claims);
+            }
+            None => all = false,
         }
-        remove_any(&path);
     }
+    all
+}
+
+/// The exclusive locks of `path` (a file) or of every file in it (a directory), or `None`
+/// when a process holds one of them.
+fn claim_all(path: &Path) -> Option<Vec<fs::File>> {
+    let files: Vec<PathBuf> = match fs::symlink_metadata(path) {
+        Ok(md) if md.is_dir() => fs::read_dir(path)
+            .map(|items| items.flatten().map(|f| f.path()).collect())
+            .unwrap_or_default(),
+        Ok(md) if md.is_file() => vec![path.to_owned()],
+        _ => Vec::new(),
+    };
+    let mut claims = Vec::with_capacity(files.len());
+    for file in files {
+        match locks::try_exclusive_at(&file) {
+            Ok(Try::Taken(file)) => claims.push(file),
+            Ok(Try::Held) => return None,
+            Ok(Try::Gone) | Err(_) => {}
+        }
+    }
+    Some(claims)
 }
 
 /// Removes everything in `dir` but the items named `keep`.

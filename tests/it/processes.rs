@@ -312,6 +312,14 @@ async fn a_file_held_in_one_process_survives_clear_invalidate_and_eviction_from_
         held_body,
         "held through invalidate"
     );
+    // A process that starts now recovers the directory: the invalidated entry's bytes have
+    // no meta.json, but A holds them.
+    drop(open_here(dir.path(), 1024 * MB as u64).await);
+    assert_eq!(
+        std::fs::read(&held_path).unwrap(),
+        held_body,
+        "held through another process's recovery"
+    );
     let again = b.get(origin.url("held.nii.gz")).await.unwrap();
     assert_ne!(again.path(), held_path, "a new version of its own");
     drop(again);
@@ -325,6 +333,12 @@ async fn a_file_held_in_one_process_survives_clear_invalidate_and_eviction_from_
         std::fs::read(&kept_path).unwrap(),
         kept_body,
         "held through clear"
+    );
+    drop(open_here(dir.path(), 1024 * MB as u64).await);
+    assert_eq!(
+        std::fs::read(&kept_path).unwrap(),
+        kept_body,
+        "held through another process's recovery"
     );
     drop(b);
     std::fs::write(&release, b"").unwrap();
