@@ -12,7 +12,7 @@
 //! So every process's statistics are the cache's: state.json plus every live record. A
 //! missing or corrupt file gives empty state, never a failed start.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -89,11 +89,17 @@ impl Procs {
         file_mode: u32,
     ) -> std::io::Result<Procs> {
         let id = format!("{}-{now_ms}-{:08x}", std::process::id(), fastrand::u32(..));
-        let lock_path = layout.procs_dir().join(format!("{id}.lock"));
-        let lock = match locks::try_exclusive(locks::open_lock_file(&lock_path, file_mode)?)? {
+        // Locked before it is renamed into place: a free lock in `procs` is always a dead
+        // process's, which any process may remove at once.
+        let temp = layout.unique_temp("proc", "lock");
+        let lock = match locks::try_exclusive(locks::open_lock_file(&temp, file_mode)?)? {
             Try::Taken(file) => file,
             _ => return Err(std::io::Error::other("a fresh process record is locked")),
         };
+        if let Err(e) = std::fs::rename(&temp, layout.procs_dir().join(format!("{id}.lock"))) {
+            let _ = std::fs::remove_file(&temp);
+            return Err(e);
+        }
         Ok(Procs {
             id,
             _lock: lock,
@@ -223,15 +229,25 @@ impl Inner {
         let own = format!("{}.json", self.procs.id);
         let mut dead = Vec::new();
         let mut live = Vec::new();
-        for item in items.flatten() {
-            let name = item.file_name().to_string_lossy().into_owned();
+        let mut locks_alone = Vec::new();
+        let names: HashSet<String> = items
+            .flatten()
+            .map(|item| item.file_name().to_string_lossy().into_owned())
+            .collect();
+        for name in &names {
             let Some(id) = name.strip_suffix(".json") else {
+                if let Some(id) = name.strip_suffix(".lock")
+                    && id != self.procs.id
+                    && !names.contains(&format!("{id}.json"))
+                {
+                    locks_alone.push(dir.join(name));
+                }
                 continue;
             };
-            if name == own {
+            if *name == own {
                 continue;
             }
-            let Ok(raw) = store::read_no_follow(&item.path(), 64 << 20) else {
+            let Ok(raw) = store::read_no_follow(&dir.join(name), 64 << 20) else {
                 continue;
             };
             let Ok(record) = serde_json::from_slice::<ProcRecord>(&raw) else {
@@ -245,6 +261,13 @@ impl Inner {
                 live.push(record);
             } else {
                 dead.push((id.to_owned(), record));
+            }
+        }
+        // A process that died before it wrote its first record; removed under its lock.
+        for path in locks_alone {
+            if let Ok(Try::Taken(lock)) = locks::try_exclusive_at(&path) {
+                let _ = std::fs::remove_file(&path);
+                drop(lock);
             }
         }
         let state = if dead.is_empty() {

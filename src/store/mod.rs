@@ -144,7 +144,7 @@ impl Layout {
         self.unique_temp(key.as_str(), ext)
     }
 
-    fn unique_temp(&self, prefix: &str, ext: &str) -> PathBuf {
+    pub(crate) fn unique_temp(&self, prefix: &str, ext: &str) -> PathBuf {
         let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
         let salt = fastrand::u32(..);
         self.tmp.join(format!(

@@ -465,3 +465,22 @@ async fn a_third_process_sees_the_counters_of_both_others() {
     assert_eq!(c.stats().total_downloads, 2);
     assert_eq!(c.stats().hits + c.stats().misses, 6);
 }
+
+#[tokio::test]
+async fn a_process_killed_before_its_first_record_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open_here(dir.path(), MB as u64).await);
+    let procs = dir.path().join("v1/procs");
+    // One died before it wrote its record (its lock is free); one is starting (it holds it).
+    let dead = procs.join("4000000-1-00000000.lock");
+    let starting = procs.join("4000001-1-00000000.lock");
+    std::fs::write(&dead, b"").unwrap();
+    std::fs::write(&starting, b"").unwrap();
+    let held = std::fs::File::open(&starting).unwrap();
+    held.lock().unwrap();
+    let cache = open_here(dir.path(), MB as u64).await;
+    assert!(!dead.exists(), "the dead process's lock is removed");
+    assert!(starting.exists(), "a live process's lock stays");
+    drop(cache);
+    drop(held);
+}
