@@ -24,6 +24,7 @@ mod process_wide;
 mod processes;
 #[cfg(feature = "server")]
 mod server;
+mod stress;
 mod tamper;
 mod tls;
 mod urls;
