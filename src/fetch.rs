@@ -70,10 +70,11 @@ pub(crate) async fn send(client: &reqwest::Client, url: &Url, ask: Ask<'_>) -> R
             fresh.last_modified = fresh.last_modified.or_else(|| old.last_modified.clone());
             Ok(Answer::NotModified(fresh))
         }
-        (StatusCode::PARTIAL_CONTENT, Ask::From(offset, _)) => {
-            match content_range_start(response.headers()) {
-                Some(start) if start == offset => Ok(Answer::Rest(response)),
-                _ => Ok(Answer::RangeRefused),
+        (StatusCode::PARTIAL_CONTENT, Ask::From(offset, if_range)) => {
+            if rest_of_same_version(response.headers(), offset, if_range) {
+                Ok(Answer::Rest(response))
+            } else {
+                Ok(Answer::RangeRefused)
             }
         }
         (StatusCode::RANGE_NOT_SATISFIABLE, Ask::From(..)) => Ok(Answer::RangeRefused),
@@ -114,11 +115,33 @@ pub(crate) fn validators(headers: &HeaderMap) -> Validators {
 }
 
 /// The first byte of `Content-Range: bytes START-END/TOTAL`.
-fn content_range_start(headers: &HeaderMap) -> Option<u64> {
+fn content_range(headers: &HeaderMap) -> Option<(u64, u64)> {
     let value = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
     let range = value.trim().strip_prefix("bytes ")?;
-    let (start, _) = range.split_once('-')?;
-    start.trim().parse().ok()
+    let (range, _) = range.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    Some((start.trim().parse().ok()?, end.trim().parse().ok()?))
+}
+
+/// Whether a 206 is the rest of the version the resume was bound to: it starts at `offset`,
+/// runs to the end of the file when the total is given, and carries no validator other
+/// than the one `If-Range` sent. An origin that ignores `If-Range` but honours `Range`
+/// would otherwise splice a new version's tail onto the old one's head.
+fn rest_of_same_version(headers: &HeaderMap, offset: u64, if_range: &str) -> bool {
+    let Some((start, end)) = content_range(headers) else {
+        return false;
+    };
+    let total = content_range_total(headers);
+    if start != offset || end < start || total.is_some_and(|t| end.checked_add(1) != Some(t)) {
+        return false;
+    }
+    let got = validators(headers);
+    let sent_etag = if_range.starts_with('"') || if_range.starts_with("W/");
+    if sent_etag {
+        got.etag.is_none_or(|etag| etag == if_range)
+    } else {
+        got.last_modified.is_none_or(|lm| lm == if_range)
+    }
 }
 
 /// The total length in `Content-Range: bytes START-END/TOTAL`, when known.
@@ -308,17 +331,37 @@ mod tests {
     #[test]
     fn content_range_is_parsed() {
         let h = headers(&[("content-range", "bytes 100-199/200")]);
-        assert_eq!(content_range_start(&h), Some(100));
+        assert_eq!(content_range(&h), Some((100, 199)));
         assert_eq!(content_range_total(&h), Some(200));
         let h = headers(&[("content-range", "bytes 5-9/*")]);
         assert_eq!(
-            (content_range_start(&h), content_range_total(&h)),
-            (Some(5), None)
+            (content_range(&h), content_range_total(&h)),
+            (Some((5, 9)), None)
         );
-        assert_eq!(
-            content_range_start(&headers(&[("content-range", "junk")])),
-            None
+        assert_eq!(content_range(&headers(&[("content-range", "junk")])), None);
+    }
+
+    #[test]
+    fn a_partial_answer_must_be_the_rest_of_the_version_asked_for() {
+        let tag = "\"v1\"";
+        let range = ("content-range", "bytes 100-199/200");
+        let same = headers(&[range, ("etag", tag)]);
+        assert!(rest_of_same_version(&same, 100, tag));
+        assert!(
+            rest_of_same_version(&headers(&[range]), 100, tag),
+            "no validator to compare"
         );
+        // The origin ignored If-Range and sent another version's tail.
+        let other = headers(&[range, ("etag", "\"v2\"")]);
+        assert!(!rest_of_same_version(&other, 100, tag));
+        assert!(!rest_of_same_version(&same, 50, tag), "another offset");
+        let short = headers(&[("content-range", "bytes 100-149/200"), ("etag", tag)]);
+        assert!(!rest_of_same_version(&short, 100, tag), "not to the end");
+        let date = "Tue, 24 Nov 2026 10:00:00 GMT";
+        let newer = headers(&[range, ("last-modified", "Wed, 25 Nov 2026 10:00:00 GMT")]);
+        assert!(!rest_of_same_version(&newer, 100, date));
+        let same_date = headers(&[range, ("last-modified", date)]);
+        assert!(rest_of_same_version(&same_date, 100, date));
     }
 
     #[test]
