@@ -178,19 +178,36 @@ impl Inner {
             etag: record.etag.clone(),
             last_modified: record.last_modified.clone(),
         };
-        validators.if_range()?;
-        let name = &record.part;
+        let name = record.part.clone();
         let ours = name.starts_with(&format!("{}.", key.as_str()))
             && name.ends_with(".part")
-            && !name.contains('/')
-            && record.durable > 0;
+            && !name.contains('/');
         if !ours {
             return None;
         }
-        let path = self.layout.temp_dir().join(name);
-        let resume = tokio::task::spawn_blocking(move || Resume::open(path, record, validators))
-            .await
-            .ok()?;
+        let path = self.layout.temp_dir().join(&name);
+        let usable = validators.if_range().is_some() && record.durable > 0;
+        let layout = self.layout.clone();
+        let key = key.clone();
+        let max = self.index.max();
+        let resume = tokio::task::spawn_blocking(move || {
+            let resume = if usable {
+                Resume::open(&layout, &key, path.clone(), record, validators, max)
+            } else {
+                Err(std::io::Error::other("nothing to resume from"))
+            };
+            // Of no use to anyone now (no validator, nothing durable, or refused): removed
+            // while this process holds the URL's lock, unless another process holds it.
+            if resume.is_err()
+                && let Ok(store::locks::Try::Taken(lock)) = store::locks::try_exclusive_at(&path)
+            {
+                let _ = std::fs::remove_file(&path);
+                drop(lock);
+            }
+            resume
+        })
+        .await
+        .ok()?;
         match resume {
             Ok(resume) => {
                 tracing::info!(

@@ -96,24 +96,44 @@ pub(super) struct Resume {
 }
 
 impl Resume {
-    /// Takes the part file at `path` if no writer holds it, cuts it to its durable length
-    /// and hashes that prefix (blocking).
+    /// Takes the part file at `path` if no writer holds it, moves it to a name of this
+    /// process's own (so that no other successor, even where locks do nothing, writes into
+    /// the same file), cuts it to its durable length and hashes that prefix (blocking).
+    /// Refused: anything but a regular file of this user with one link, still at `path`, a
+    /// record longer than the file, the origin's length, or the cap.
     pub(super) fn open(
+        layout: &store::Layout,
+        key: &crate::key::Key,
         path: std::path::PathBuf,
         record: Record,
         validators: Validators,
+        max_bytes: u64,
     ) -> std::io::Result<Resume> {
         use std::io::{Read, Seek};
+        use std::os::unix::fs::MetadataExt;
+        let refuse = |why: &str| Err(std::io::Error::other(why.to_owned()));
         let file = store::open_part(&path)?;
         let mut file = match store::locks::try_exclusive(file)? {
             store::locks::Try::Taken(file) => file,
-            _ => return Err(std::io::Error::other("its writer is alive")),
+            _ => return refuse("its writer is alive"),
         };
-        let temp = TempFile::new(path);
         let md = file.metadata()?;
-        if !md.is_file() || md.len() < record.durable {
-            return Err(std::io::Error::other("shorter than its record says"));
+        let at_path = std::fs::symlink_metadata(&path)?;
+        if !md.is_file()
+            || md.nlink() != 1
+            || md.uid() != rustix::process::geteuid().as_raw()
+            || (md.dev(), md.ino()) != (at_path.dev(), at_path.ino())
+        {
+            return refuse("not a part file of this cache's own");
         }
+        if md.len() < record.durable
+            || record.durable > max_bytes
+            || record.total.is_some_and(|total| record.durable > total)
+        {
+            return refuse("its record does not fit the file");
+        }
+        let temp = TempFile::new(layout.temp_path(key, "part"));
+        std::fs::rename(&path, temp.path())?;
         file.set_len(record.durable)?;
         file.rewind()?;
         let mut hasher = Sha256::new();

@@ -223,3 +223,91 @@ async fn a_v1_owned_by_another_user_is_refused_unless_shared_with_our_group() {
     std::fs::set_permissions(&v1, std::fs::Permissions::from_mode(0o770)).unwrap();
     assert_eq!(build(0o660).await.unwrap_err().kind(), ErrorKind::Config);
 }
+
+fn mkfifo(place: &Path) {
+    let made = std::process::Command::new("mkfifo")
+        .arg(place)
+        .status()
+        .unwrap();
+    assert!(made.success());
+}
+
+#[tokio::test]
+async fn fifos_in_place_of_a_process_lock_a_part_file_or_a_data_file_hang_nothing() {
+    let origin = Origin::start().await;
+    let body = volume(46, 10_000);
+    origin.route("a.nii.gz", Route::ok(body.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let data = one_entry(dir.path(), &origin).await;
+    let key = entry_dir_of(&data).file_name().unwrap().to_owned();
+    let key = key.to_str().unwrap();
+    mkfifo(&dir.path().join("v1/procs/1-1-00000000.lock"));
+    mkfifo(&dir.path().join(format!("v1/tmp/{key}.1-0-00000000.part")));
+    let bounded = std::time::Duration::from_secs(20);
+    let (cache, _clock) = tokio::time::timeout(bounded, open(dir.path()))
+        .await
+        .expect("the start hung on a FIFO");
+    assert_eq!(cache.stats().entries_count, 1);
+    // The data file swapped for a FIFO once the entry is known: a hit must not block.
+    std::fs::remove_file(&data).unwrap();
+    mkfifo(&data);
+    let file = tokio::time::timeout(bounded, cache.get(origin.url("a.nii.gz")))
+        .await
+        .expect("the hit hung on a FIFO")
+        .unwrap();
+    assert_eq!(std::fs::read(file.path()).unwrap(), body);
+    assert_ne!(file.path(), data, "downloaded again");
+}
+
+#[tokio::test]
+async fn a_part_file_hard_linked_to_a_file_elsewhere_is_never_resumed_into() {
+    let origin = Origin::start().await;
+    let body = volume(47, 3 * crate::MB);
+    origin.route("a.nii.gz", Route::ok(body.clone()).etag("\"a\""));
+    let dir = tempfile::tempdir().unwrap();
+    let data = one_entry(dir.path(), &origin).await;
+    let key = entry_dir_of(&data)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    std::fs::remove_dir_all(entry_dir_of(&data)).unwrap();
+    // A file of the user's elsewhere (same file system), linked in as a dead download's part,
+    // and a lock record that names it as resumable from its 1 MB mark.
+    let (victim_dir, _) = victim();
+    let precious = victim_dir.path().join("precious.bin");
+    let kept = vec![b'p'; 2 * crate::MB];
+    std::fs::write(&precious, &kept).unwrap();
+    let part = format!("{key}.1-0-00000000.part");
+    let linked = dir.path().join("v1/tmp").join(&part);
+    if std::fs::hard_link(&precious, &linked).is_err() {
+        println!("SKIPPED: the temp directory is on another file system");
+        return;
+    }
+    let lock = dir
+        .path()
+        .join("v1/locks")
+        .join(&key[..2])
+        .join(format!("{key}.lock"));
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    let record = format!(
+        r#"{{"part":"{part}","etag":"\"a\"","last_modified":null,"total":{},"durable":{}}}"#,
+        body.len(),
+        crate::MB
+    );
+    std::fs::write(&lock, record).unwrap();
+    // Recovery may keep it (the record names it); the download must not use it.
+    let (cache, _clock) = open(dir.path()).await;
+    let file = cache.get(origin.url("a.nii.gz")).await.unwrap();
+    assert_eq!(std::fs::read(file.path()).unwrap(), body);
+    assert_eq!(
+        std::fs::read(&precious).unwrap(),
+        kept,
+        "the linked file is untouched"
+    );
+    assert!(
+        origin.seen().iter().all(|s| s.header("range").is_none()),
+        "no resume from a linked part"
+    );
+}
