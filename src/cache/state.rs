@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Inner;
 use crate::index::Entry;
+use crate::key::Key;
 use crate::stats::SavedCounters;
 use crate::store::locks::{self, Try};
 use crate::store::{self, Layout, Recovered};
@@ -149,7 +150,7 @@ impl SavedState {
             let saved = self.entries.entry(key.clone()).or_default();
             saved.last_access_ms = saved.last_access_ms.max(access.last_access_ms);
             saved.lru = saved.lru.max(access.lru);
-            saved.hits += access.hits;
+            saved.hits = saved.hits.saturating_add(access.hits);
         }
         self.folded.push(name.to_owned());
         if self.folded.len() > FOLDED_KEPT {
@@ -253,9 +254,10 @@ impl Inner {
             let Ok(record) = serde_json::from_slice::<ProcRecord>(&raw) else {
                 continue;
             };
-            let alive = matches!(
+            // Dead only when its lock could be taken or is gone: an error proves nothing.
+            let alive = !matches!(
                 locks::try_exclusive_at(&dir.join(format!("{id}.lock"))),
-                Ok(Try::Held)
+                Ok(Try::Taken(_) | Try::Gone)
             );
             if alive {
                 live.push(record);
@@ -273,15 +275,20 @@ impl Inner {
         let state = if dead.is_empty() {
             load(&self.layout)
         } else {
-            self.with_state(|state| {
+            let (state, saved) = self.with_state(|state| {
                 for (id, record) in &dead {
                     state.fold(id, record);
                 }
+            });
+            // Only once they are in state.json (its list of folded records keeps a second
+            // reader from counting them again meanwhile).
+            if saved {
                 for (id, _) in &dead {
                     let _ = std::fs::remove_file(dir.join(format!("{id}.json")));
                     let _ = std::fs::remove_file(dir.join(format!("{id}.lock")));
                 }
-            })
+            }
+            state
         };
         // Another process reset the counters: what this one counted before goes too.
         if state.reset_ms > self.procs.reset_ms.load(Ordering::Relaxed) {
@@ -295,7 +302,7 @@ impl Inner {
             if record.reset_ms >= state.reset_ms {
                 others = others.plus(&record.counters);
             }
-            reserved += record.reserved_bytes;
+            reserved = u64::saturating_add(reserved, record.reserved_bytes);
             for (key, a) in &record.entries {
                 let ms = access.entry(key.clone()).or_default();
                 *ms = (*ms).max(a.last_access_ms);
@@ -310,7 +317,11 @@ impl Inner {
     pub(super) fn fold_own_record(&self) {
         let record = self.own_record();
         let id = self.procs.id.clone();
-        self.with_state(|state| state.fold(&id, &record));
+        let (_, saved) = self.with_state(|state| state.fold(&id, &record));
+        if !saved {
+            // Left for the next process to fold, as a dead process's record.
+            return;
+        }
         let _ = std::fs::remove_file(self.procs.json_path(&self.layout));
         let _ = std::fs::remove_file(self.layout.procs_dir().join(format!("{id}.lock")));
     }
@@ -332,25 +343,37 @@ impl Inner {
     }
 
     /// Reads, changes and writes state.json under its lock; returns what was written.
-    fn with_state(&self, change: impl FnOnce(&mut SavedState)) -> SavedState {
+    /// Changes state.json under its lock; returns it, and whether it was written. Access
+    /// times of entries no longer in the cache are dropped, so that it does not grow with
+    /// every URL ever cached.
+    fn with_state(&self, change: impl FnOnce(&mut SavedState)) -> (SavedState, bool) {
         let lock_path = self.layout.locks_dir().join("state.lock");
         let lock = locks::open_lock_file(&lock_path, self.config.file_mode)
-            .and_then(|file| file.lock().map(|()| file));
-        if let Err(e) = &lock {
-            tracing::debug!(error = %e, "cannot lock state.json; writing it anyway");
+            .ok()
+            .and_then(|file| locks::lock_bounded(file, "state.lock"));
+        if lock.is_none() {
+            tracing::debug!("cannot lock state.json; writing it anyway");
         }
         let mut state = load(&self.layout);
         state.version = 1;
         change(&mut state);
+        let known: HashSet<Key> = self.index.stamps().into_keys().collect();
+        state
+            .entries
+            .retain(|key, _| Key::parse(key).is_some_and(|key| known.contains(&key)));
         let json = serde_json::to_vec(&state).expect("state always serialises");
-        if let Err(e) = self
+        let saved = match self
             .layout
             .write_atomic(&self.layout.state_path(), "state", &json)
         {
-            tracing::warn!(error = %e, "cannot save state.json");
-        }
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot save state.json");
+                false
+            }
+        };
         drop(lock);
-        state
+        (state, saved)
     }
 
     pub(super) async fn save_state_blocking(self: &Arc<Self>) {

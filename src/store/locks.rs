@@ -115,6 +115,39 @@ pub(crate) fn try_exclusive_at(path: &Path) -> io::Result<Try> {
     }
 }
 
+/// How long a directory-wide lock (`cap.lock`, `state.lock`) is waited for. Each is held for
+/// milliseconds; one held longer belongs to a stopped process (`Ctrl-Z`), and the work goes
+/// on without it rather than wait for that process forever.
+const DIRECTORY_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Takes `file`'s exclusive lock, polling (blocking) for at most [`DIRECTORY_LOCK_WAIT`];
+/// `None`, with a WARN, after that or where locks cannot be had.
+pub(crate) fn lock_bounded(file: File, name: &str) -> Option<File> {
+    lock_within(file, name, DIRECTORY_LOCK_WAIT)
+}
+
+fn lock_within(file: File, name: &str, wait: Duration) -> Option<File> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(1);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Some(file),
+            Err(TryLockError::WouldBlock) => {}
+            Err(TryLockError::Error(_)) => return None,
+        }
+        if started.elapsed() >= wait {
+            tracing::warn!(
+                lock = name,
+                waited_ms = wait.as_millis() as u64,
+                "another process holds a lock of the cache directory; going on without it"
+            );
+            return None;
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(POLL_MAX);
+    }
+}
+
 /// The longest pause between two attempts at a URL's writer lock. A waiter in another process
 /// sees the commit this long after it at most (plus jitter): at 100 ms, 4 processes on one cold
 /// 200 MB URL took 1.3x as long as one (`cargo bench --bench processes`).
@@ -196,17 +229,7 @@ impl Layout {
     /// for a scan of the directory). `None` where locks cannot be had.
     pub(crate) fn lock_cap(&self) -> Option<File> {
         let file = open_lock_file(&self.locks_dir().join("cap.lock"), self.file_mode).ok()?;
-        file.lock().ok()?;
-        Some(file)
-    }
-
-    /// The record of `key`'s writer lock if nobody holds the lock (its last holder is gone).
-    pub(crate) fn dead_record(&self, key: &Key) -> Option<Record> {
-        let file = open_lock_file(&self.key_lock_path(key), self.file_mode).ok()?;
-        match try_exclusive(file).ok()? {
-            Try::Taken(file) => KeyLock { file }.record(),
-            Try::Held | Try::Gone => None,
-        }
+        lock_bounded(file, "cap.lock")
     }
 
     /// Takes the writer lock of `key` if it is free (blocking, a few syscalls).
@@ -250,5 +273,25 @@ impl Layout {
             tokio::time::sleep((delay + jitter).min(left)).await;
             delay = (delay * 2).min(POLL_MAX);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_lock_held_for_ever_is_waited_for_a_bounded_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cap.lock");
+        let open = || open_lock_file(&path, 0o600).unwrap();
+        let holder = open();
+        holder.lock().unwrap();
+        let started = Instant::now();
+        assert!(lock_within(open(), "cap.lock", Duration::from_millis(50)).is_none());
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        drop(holder);
+        let taken = lock_within(open(), "cap.lock", Duration::from_millis(50));
+        assert!(taken.is_some(), "free: taken at once");
     }
 }

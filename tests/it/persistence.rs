@@ -275,3 +275,32 @@ async fn recovery_counts_files_changed_behind_its_back_as_integrity_failures() {
     let stats = cache.stats();
     assert_eq!((stats.entries_count, stats.integrity_failures), (0, 1));
 }
+
+#[tokio::test]
+async fn state_json_keeps_the_access_times_of_cached_entries_only() {
+    let origin = Origin::start().await;
+    for name in ["k0.nii.gz", "k1.nii.gz", "k2.nii.gz"] {
+        origin.route(name, Route::ok(volume(60, 1000)));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let entries_saved = |dir: &std::path::Path| {
+        let raw = std::fs::read(dir.join("v1/state.json")).unwrap();
+        let state: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        state["entries"].as_object().map_or(0, |m| m.len())
+    };
+    let (cache, _clock) = open(dir.path()).await;
+    for name in ["k0.nii.gz", "k1.nii.gz", "k2.nii.gz"] {
+        drop(cache.get(origin.url(name)).await.unwrap());
+    }
+    cache.shutdown().await;
+    drop(cache);
+    assert_eq!(entries_saved(dir.path()), 3);
+    // The next run removes two: state.json forgets them, rather than grow with every URL
+    // ever cached.
+    let (cache, _clock) = open(dir.path()).await;
+    cache.invalidate(origin.url("k0.nii.gz")).await.unwrap();
+    cache.invalidate(origin.url("k1.nii.gz")).await.unwrap();
+    cache.shutdown().await;
+    drop(cache);
+    assert_eq!(entries_saved(dir.path()), 1, "what is cached, no more");
+}
