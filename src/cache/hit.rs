@@ -135,7 +135,11 @@ impl Inner {
                 self.dispose_in_background(removed.into_iter().collect());
                 Holding::Corrupt
             }
-            // Being removed by another process, or already removed or replaced by one.
+            // Being removed by another process, or out of reach for now (an error that
+            // proves nothing): a miss, and the entry stays; the caller's download finds what
+            // the disk has under the URL's lock.
+            Found::Busy if unchanged => Holding::Changed,
+            // Already removed or replaced by another process.
             _ => {
                 tracing::debug!(url = %entry.meta.url, "changed on disk by another process");
                 let removed = self.index.forget(entry);

@@ -283,6 +283,11 @@ impl Index {
                 let trash = self
                     .layout
                     .claim(&entry.key, &entry.path)
+                    .filter(|_| {
+                        !self
+                            .layout
+                            .names_generation(&entry.key, &entry.meta.generation)
+                    })
                     .and_then(|_claim| self.layout.trash(&entry.key, &entry.path));
                 removed.push(Removed {
                     entry: Arc::clone(entry),
@@ -540,10 +545,11 @@ impl Index {
 
     /// Committed bytes, doomed bytes and every live process's reservations.
     fn total(&self, st: &State) -> u64 {
+        // Saturating: other processes' reservations come from files anyone may have written.
         st.committed_bytes
-            + st.doomed_bytes
-            + st.reserved_bytes
-            + self.others_reserved.load(Ordering::Relaxed)
+            .saturating_add(st.doomed_bytes)
+            .saturating_add(st.reserved_bytes)
+            .saturating_add(self.others_reserved.load(Ordering::Relaxed))
     }
 
     /// Evicts unpinned entries, least recently used first, until the total fits the cap.
@@ -592,9 +598,17 @@ impl Index {
         if !claim.key_free() {
             return None;
         }
+        // Renewed by another process since this one read it: not this process's to expire
+        // or evict on what it last knew; the next scan brings the renewal in.
+        if self.layout.meta_stamp(key) != Some(entry.stamp())
+            && self.layout.names_generation(key, &entry.meta.generation)
+        {
+            return None;
+        }
         let entry = st.entries.remove(key)?;
         st.committed_bytes -= entry.meta.size;
-        self.layout.withdraw(key, entry.stamp());
+        self.layout
+            .withdraw(key, entry.stamp(), &entry.meta.generation);
         Some(self.trash_claimed(entry, reason, claim))
     }
 
@@ -602,7 +616,8 @@ impl Index {
     /// is gone for every process), then its bytes or, when pinned, dooms it.
     fn detach_locked(&self, st: &mut State, entry: Arc<Entry>, reason: Reason) -> Removed {
         st.committed_bytes -= entry.meta.size;
-        self.layout.withdraw(&entry.key, entry.stamp());
+        self.layout
+            .withdraw(&entry.key, entry.stamp(), &entry.meta.generation);
         self.retire_locked(st, entry, reason)
     }
 
@@ -633,8 +648,15 @@ impl Index {
         }
     }
 
+    /// Moves a claimed version's bytes away, unless a meta.json still describes them (one
+    /// another process wrote since this process last read the disk).
     fn trash_claimed(&self, entry: Arc<Entry>, reason: Reason, claim: Claim) -> Removed {
-        let trash = self.layout.trash(&entry.key, &entry.path);
+        let named = self
+            .layout
+            .names_generation(&entry.key, &entry.meta.generation);
+        let trash = (!named)
+            .then(|| self.layout.trash(&entry.key, &entry.path))
+            .flatten();
         drop(claim);
         Removed {
             entry,

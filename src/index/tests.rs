@@ -73,7 +73,10 @@ fn expired_entries_are_evicted_before_fresh_ones() {
     let index = index_with(&layout, 100, &[10, 10]);
     // The more recently used entry 1 has expired.
     let (meta, path) = put(&layout, &key(1), &[b'y'; 10], 0);
-    index.load(vec![Entry::new(key(1), meta, path, 9, 0, 0)]);
+    let stamp = layout.meta_stamp(&key(1)).unwrap();
+    index.load(vec![
+        Entry::new(key(1), meta, path, 9, 0, 0).with_stamp(stamp),
+    ]);
     let removed = index.set_max(15);
     assert_eq!(keys(&removed), vec![key(1)]);
     delete_trash(&removed);
@@ -205,7 +208,8 @@ fn the_sweep_removes_entries_past_their_grace_unless_pinned() {
     let entries = (0..3)
         .map(|i| {
             let (meta, path) = put(&layout, &key(i), b"abc", 100 * (i + 1));
-            Entry::new(key(i), meta, path, 0, 0, 0)
+            let stamp = layout.meta_stamp(&key(i)).unwrap();
+            Entry::new(key(i), meta, path, 0, 0, 0).with_stamp(stamp)
         })
         .collect();
     index.load(entries);
@@ -221,4 +225,32 @@ fn the_sweep_removes_entries_past_their_grace_unless_pinned() {
     ));
     assert!(matches!(index.lookup(&key(2), 1300, None), Lookup::Missing));
     drop(held);
+}
+
+#[test]
+fn an_entry_another_process_renewed_is_neither_expired_nor_removed_on_an_old_reading() {
+    let (_dir, layout) = disk();
+    let index = Index::new(layout.clone(), 100, 1000, Arc::new(ManualClock::new()));
+    let (meta, path) = put(&layout, &key(0), b"abc", 100);
+    let stamp = layout.meta_stamp(&key(0)).unwrap();
+    index.load(vec![
+        Entry::new(key(0), meta.clone(), path.clone(), 0, 0, 0).with_stamp(stamp),
+    ]);
+    // Another process revalidated it: a new meta.json of the same version, fresh for long.
+    let renewed = Meta {
+        expires_at: FAR,
+        ..meta
+    };
+    let json = serde_json::to_vec(&renewed).unwrap();
+    let temp = layout.write_temp(key(0).as_str(), "meta", &json).unwrap();
+    layout.replace_meta(&key(0), temp).unwrap();
+    // This process still thinks it expired at 100: its sweep must not act on that.
+    let (removed, _) = index.sweep(5000);
+    assert!(removed.is_empty(), "{:?}", keys(&removed));
+    assert!(path.exists() && layout.meta_path(&key(0)).exists());
+    // An invalidation still takes it, whatever this process last read.
+    let removed = index.remove(&key(0), Reason::Invalidated).unwrap();
+    assert!(!layout.meta_path(&key(0)).exists());
+    delete_trash(&[removed]);
+    assert!(!path.exists());
 }

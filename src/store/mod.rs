@@ -412,9 +412,10 @@ impl Layout {
             Ok(locks::Try::Taken(file)) => Some(file),
             Ok(locks::Try::Gone) => None,
             Ok(locks::Try::Held) => return None,
+            // Perhaps held: an error (too many open files, a permission) proves nothing.
             Err(e) => {
                 tracing::debug!(path = %data_path.display(), error = %e, "cannot lock a data file");
-                None
+                return None;
             }
         };
         let key_lock = self.try_lock_key(key).ok().flatten();
@@ -424,13 +425,28 @@ impl Layout {
         })
     }
 
-    /// Unlinks the meta.json of `key` if it is still the one stamped `stamp`: the entry is
-    /// gone for every process and every later start, while its bytes stay for the callers
-    /// that hold them. A meta.json another process wrote since is left alone.
-    pub(crate) fn withdraw(&self, key: &Key, stamp: Stamp) {
-        if self.meta_stamp(key) == Some(stamp) {
+    /// Unlinks the meta.json of `key` if it still describes the version `generation` (the
+    /// one stamped `stamp`, or a renewal of it another process wrote): the entry is gone for
+    /// every process and every later start, while its bytes stay for the callers that hold
+    /// them. A meta.json of another version is left alone.
+    pub(crate) fn withdraw(&self, key: &Key, stamp: Stamp, generation: &str) {
+        if self.meta_stamp(key) == Some(stamp) || self.names_generation(key, generation) {
             let _ = fs::remove_file(self.meta_path(key));
         }
+    }
+
+    /// Whether the meta.json of `key` on disk describes the version `generation`: such a
+    /// version's bytes are never removed, whatever this process last read.
+    pub(crate) fn names_generation(&self, key: &Key, generation: &str) -> bool {
+        #[derive(Deserialize)]
+        struct Named {
+            #[serde(default)]
+            generation: String,
+        }
+        read_no_follow(&self.meta_path(key), META_LIMIT)
+            .ok()
+            .and_then(|raw| serde_json::from_slice::<Named>(&raw).ok())
+            .is_some_and(|named| named.generation == generation)
     }
 
     /// Reads and checks the entry of `key` on disk, as recovery would, without removing
@@ -454,22 +470,50 @@ pub(crate) enum Hold {
 /// Takes this process's shared lock on a version's data file, so that no other process
 /// deletes it while it is held, and checks that the file is still the one `meta` records (a
 /// regular file, linked, with its size and mtime).
+///
+/// Only a missing file, a link or other bytes are `Bad` (an integrity failure); an error
+/// that proves nothing (too many open files, a permission) is `Busy`. After the lock, the
+/// path must still lead to the file locked: a remover may have moved it away in between.
 pub(crate) fn hold(path: &Path, meta: &Meta) -> Hold {
-    let Ok(file) = open_no_follow(path) else {
-        return Hold::Bad;
+    let file = match open_no_follow(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(ELOOP) => {
+            return Hold::Bad;
+        }
+        Err(_) => return Hold::Busy,
     };
     match locks::try_shared(file) {
-        Ok(locks::Try::Taken(file)) if still_intact(&file, meta) => Hold::Held(file),
-        Ok(locks::Try::Held) => Hold::Busy,
-        _ => Hold::Bad,
+        Ok(locks::Try::Taken(file)) => {
+            let md = file.metadata();
+            let at_path = fs::symlink_metadata(path);
+            match (md, at_path) {
+                (Ok(md), Ok(at)) if (md.dev(), md.ino()) == (at.dev(), at.ino()) => {
+                    if intact(&md, meta) {
+                        Hold::Held(file)
+                    } else {
+                        Hold::Bad
+                    }
+                }
+                (Ok(_), Err(e)) if e.kind() != io::ErrorKind::NotFound => Hold::Busy,
+                (Err(_), _) => Hold::Busy,
+                // Moved away or replaced since the open.
+                _ => Hold::Bad,
+            }
+        }
+        Ok(locks::Try::Held) | Err(_) => Hold::Busy,
+        Ok(locks::Try::Gone) => Hold::Bad,
     }
+}
+
+const ELOOP: i32 = rustix::io::Errno::LOOP.raw_os_error();
+
+fn intact(md: &fs::Metadata, meta: &Meta) -> bool {
+    md.is_file() && md.nlink() > 0 && md.len() == meta.size && mtime_ns(md) == meta.mtime_ns
 }
 
 /// Whether a held data file still has the size and mtime `meta` records (one `fstat`).
 pub(crate) fn still_intact(file: &File, meta: &Meta) -> bool {
-    file.metadata().is_ok_and(|md| {
-        md.is_file() && md.nlink() > 0 && md.len() == meta.size && mtime_ns(&md) == meta.mtime_ns
-    })
+    file.metadata().is_ok_and(|md| intact(&md, meta))
 }
 
 /// A temp file that is removed unless it was renamed away.
@@ -537,11 +581,14 @@ pub(crate) fn hash_file(path: &Path) -> io::Result<(String, u64)> {
     Ok((hex::encode(hasher.finalize()), n))
 }
 
-/// Opens `path` for reading unless it is a symbolic link.
+/// Opens `path` for reading unless it is a symbolic link. Non-blocking, so that a FIFO
+/// planted in place of a file cannot hang the open (for a regular file the flag changes
+/// nothing); callers check the type with `fstat` where it matters.
 pub(crate) fn open_no_follow(path: &Path) -> io::Result<File> {
+    let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
     OpenOptions::new()
         .read(true)
-        .custom_flags(O_NOFOLLOW)
+        .custom_flags(O_NOFOLLOW | nonblocking)
         .open(path)
 }
 

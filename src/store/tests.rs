@@ -160,12 +160,22 @@ fn install_moves_data_then_meta_and_trash_takes_the_data_away() {
     assert!(layout.meta_path(&k).exists());
     assert!(tree(&layout.tmp).is_empty(), "both temp files were moved");
     // A pinned entry is withdrawn: its meta goes, its bytes stay.
-    layout.withdraw(&k, Stamp::default());
+    let generation = "g0000000000000001";
+    layout.withdraw(&k, Stamp::default(), generation);
     assert!(
         layout.meta_path(&k).exists(),
-        "another meta.json than the one known stays"
+        "another meta.json than the one known, of another version, stays"
     );
-    layout.withdraw(&k, stamp);
+    layout.withdraw(&k, stamp, generation);
+    assert!(!layout.meta_path(&k).exists() && path.exists());
+    // Renewed by another process (a new meta.json of the same version): withdrawn too.
+    fs::write(
+        layout.meta_path(&k),
+        format!(r#"{{"generation":"{generation}"}}"#),
+    )
+    .unwrap();
+    assert!(layout.names_generation(&k, generation));
+    layout.withdraw(&k, stamp, generation);
     assert!(!layout.meta_path(&k).exists() && path.exists());
     // Trashed: the data moves to a trash name and the directory goes.
     let trash = layout.trash(&k, &path).expect("moved to the trash");

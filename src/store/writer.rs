@@ -47,10 +47,11 @@ pub(crate) struct SpawnedWriter {
 
 /// Opens the part file of a dead download to resume it: never through a link.
 pub(crate) fn open_part(path: &Path) -> io::Result<File> {
+    let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
     OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(O_NOFOLLOW)
+        .custom_flags(O_NOFOLLOW | nonblocking)
         .open(path)
 }
 
