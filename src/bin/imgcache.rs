@@ -398,12 +398,7 @@ async fn command(
                 }
             }
             let (program, args) = command.split_first().context("no command given")?;
-            let mut child = std::process::Command::new(program);
-            child.args(args).args(files.iter().map(|f| f.path()));
-            let status = tokio::task::spawn_blocking(move || child.status())
-                .await
-                .context("the command's waiter failed")?
-                .with_context(|| format!("cannot run {program}"))?;
+            let status = run_holding(program, args, &files).await?;
             // Held until here.
             drop(files);
             let code = match status.code() {
@@ -557,5 +552,46 @@ fn imgcache_expiry(now: SystemTime, expires_at_ms: u64) -> String {
             humantime::format_duration(Duration::from_secs(left.as_secs()))
         ),
         Err(_) => "expired".to_owned(),
+    }
+}
+
+/// Runs `program` with `args` and the paths of `files`, and waits for it while the files
+/// stay held. Like `system(3)`, this process ignores SIGINT and SIGQUIT meanwhile (the
+/// terminal sends them to the command too) and passes SIGTERM and SIGHUP on to the command
+/// rather than die of them: the pins last as long as the command does.
+async fn run_holding(
+    program: &str,
+    args: &[String],
+    files: &[imgcache::CachedFile],
+) -> anyhow::Result<std::process::ExitStatus> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let watch = |kind| signal(kind).context("cannot watch signals");
+    let (mut int, mut quit) = (watch(SignalKind::interrupt())?, watch(SignalKind::quit())?);
+    let (mut term, mut hup) = (
+        watch(SignalKind::terminate())?,
+        watch(SignalKind::hangup())?,
+    );
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .args(files.iter().map(|f| f.path()))
+        .spawn()
+        .with_context(|| format!("cannot run {program}"))?;
+    let pid = rustix::process::Pid::from_child(&child);
+    let mut waiter = tokio::task::spawn_blocking(move || child.wait());
+    let forward = |sig: rustix::process::Signal| {
+        let _ = rustix::process::kill_process(pid, sig);
+    };
+    loop {
+        tokio::select! {
+            done = &mut waiter => {
+                return done
+                    .context("the command's waiter failed")?
+                    .with_context(|| format!("cannot wait for {program}"));
+            }
+            _ = term.recv() => forward(rustix::process::Signal::TERM),
+            _ = hup.recv() => forward(rustix::process::Signal::HUP),
+            _ = int.recv() => {}
+            _ = quit.recv() => {}
+        }
     }
 }

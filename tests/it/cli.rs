@@ -638,3 +638,27 @@ async fn exec_runs_a_command_on_the_paths_while_holding_them_and_passes_its_stat
     let usage = f.run(&["exec", &a]).await;
     assert_eq!(usage.status.code(), Some(2), "no command");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_outlives_a_sigterm_and_passes_it_to_the_command_which_still_reads_its_files() {
+    let f = Fixture::new().await;
+    let a = f.origin.url("ct/a.nii.gz");
+    let cache = f.cache_dir();
+    // The command sends SIGTERM to imgcache (its parent), which must pass it on and keep
+    // holding the file; then another process clears the cache, and the command reads.
+    let script = format!(
+        "trap 'echo got-term' TERM; kill -TERM $PPID; \
+         i=0; while [ $i -lt 200 ]; do i=$((i+1)); done; \
+         {bin} --cache-dir {dir} clear >/dev/null && sha256sum < \"$1\"",
+        bin = env!("CARGO_BIN_EXE_imgcache"),
+        dir = cache.display()
+    );
+    let out = f.run(&["exec", &a, "--", "sh", "-c", &script, "sh"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("got-term"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&sha256_hex(&volume(1, 300_000))),
+        "read whole after the signal and a clear: {}",
+        stdout(&out)
+    );
+}
