@@ -210,6 +210,7 @@ impl Inner {
         }
         self.read_others();
         self.sync_from_disk();
+        store::tidy_temp(&self.layout);
     }
 
     /// Brings the index in line with the entries on disk, which other processes commit and
@@ -358,9 +359,11 @@ impl Inner {
         state.version = 1;
         change(&mut state);
         let known: HashSet<Key> = self.index.stamps().into_keys().collect();
-        state
-            .entries
-            .retain(|key, _| Key::parse(key).is_some_and(|key| known.contains(&key)));
+        // Also kept: entries another process committed that this one has not scanned yet.
+        state.entries.retain(|key, _| {
+            Key::parse(key)
+                .is_some_and(|key| known.contains(&key) || self.layout.meta_stamp(&key).is_some())
+        });
         let json = serde_json::to_vec(&state).expect("state always serialises");
         let saved = match self
             .layout

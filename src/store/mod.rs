@@ -443,10 +443,19 @@ impl Layout {
             #[serde(default)]
             generation: String,
         }
-        read_no_follow(&self.meta_path(key), META_LIMIT)
-            .ok()
-            .and_then(|raw| serde_json::from_slice::<Named>(&raw).ok())
-            .is_some_and(|named| named.generation == generation)
+        match read_no_follow(&self.meta_path(key), META_LIMIT) {
+            Ok(raw) => serde_json::from_slice::<Named>(&raw)
+                .is_ok_and(|named| named.generation == generation),
+            // Gone, a link, or not a file: names nothing.
+            Err(e)
+                if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::Other)
+                    || e.raw_os_error() == Some(ELOOP) =>
+            {
+                false
+            }
+            // Unreadable for now (too many open files, say): it may name it.
+            Err(_) => true,
+        }
     }
 
     /// Reads and checks the entry of `key` on disk, as recovery would, without removing
@@ -642,7 +651,7 @@ pub(crate) use writer::{MakeRoom, OnSync, SpawnedWriter, WriteOp, open_part, spa
 mod recover;
 #[cfg(test)]
 use recover::RecoveryReport;
-pub(crate) use recover::{Recovered, recover, scan};
+pub(crate) use recover::{Recovered, recover, scan, tidy_temp};
 
 #[cfg(test)]
 pub(crate) mod testing;

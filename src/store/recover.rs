@@ -40,13 +40,8 @@ pub(crate) fn recover(layout: &Layout) -> Result<RecoveryReport> {
         fs::read_dir(dir)
             .map_err(|e| Error::io("cannot read the cache directory", e).with_path(dir))
     };
-    for item in read_dir(&layout.tmp)? {
-        let Ok(item) = item else { continue };
-        if let Some(why) = remove_unused_temp(layout, &item.path()) {
-            tracing::warn!(path = %item.path().display(), reason = why, "removed a temp file left by an earlier run");
-            report.removed += 1;
-        }
-    }
+    read_dir(&layout.tmp)?;
+    report.removed += tidy_temp(layout);
     let mut prefixes = Vec::new();
     for prefix in read_dir(&layout.entries)? {
         let Ok(prefix) = prefix else { continue };
@@ -77,18 +72,27 @@ pub(crate) fn recover(layout: &Layout) -> Result<RecoveryReport> {
         let workers: Vec<_> = prefixes
             .chunks(chunk)
             .map(|mine| {
-                scope.spawn(move || -> Result<RecoveryReport> {
+                let work = move || -> Result<RecoveryReport> {
                     let mut part = RecoveryReport::default();
                     for (path, name) in mine {
                         recover_prefix(layout, path, name, &mut part)?;
                     }
                     Ok(part)
-                })
+                };
+                // No thread to be had (a pids limit): this one does the work.
+                std::thread::Builder::new()
+                    .spawn_scoped(scope, work)
+                    .map_err(|_| work())
             })
             .collect();
         workers
             .into_iter()
-            .map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .map(|w| match w {
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+                Err(done) => done,
+            })
             .collect()
     });
     for part in parts {
@@ -133,6 +137,23 @@ fn recover_prefix(
     }
     // Empty fan-out directories are left: they cost nothing and will be reused.
     Ok(())
+}
+
+/// Removes the temp files nobody will use (see [`remove_unused_temp`]); returns how many. Run
+/// at start and by every sweep: a process killed mid-write leaves a temp file that only
+/// another process can remove.
+pub(crate) fn tidy_temp(layout: &Layout) -> usize {
+    let Ok(items) = fs::read_dir(&layout.tmp) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for item in items.flatten() {
+        if let Some(why) = remove_unused_temp(layout, &item.path()) {
+            tracing::warn!(path = %item.path().display(), reason = why, "removed a temp file left by a process that died");
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Why recovery removed an entry directory.

@@ -274,7 +274,8 @@ async fn a_killed_downloader_is_replaced_at_once_and_resumed_from_its_part_file(
         .collect();
     assert_eq!(ranges.len(), 1, "one resumed request: {ranges:?}");
     assert_eq!(origin.hits("big.nii.gz"), 2);
-    assert!(temp_files(dir.path()).is_empty(), "no temp file is left");
+    let left = temp_files(dir.path());
+    assert!(left.is_empty(), "no temp file is left: {left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
