@@ -583,6 +583,8 @@ async fn run_holding(
     };
     loop {
         tokio::select! {
+            // The child first: once it is reaped, its pid is nobody's to signal.
+            biased;
             done = &mut waiter => {
                 return done
                     .context("the command's waiter failed")?

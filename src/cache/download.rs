@@ -210,6 +210,12 @@ impl Inner {
         .ok()?;
         match resume {
             Ok(resume) => {
+                // Its new name, should this process die before its writer records it.
+                let mut record = lock.record().unwrap_or_default();
+                if let Some(name) = resume.temp.path().file_name().and_then(|n| n.to_str()) {
+                    record.part = name.to_owned();
+                    lock.write_record(&record);
+                }
                 tracing::info!(
                     part = %resume.temp.path().display(),
                     bytes = resume.received,
