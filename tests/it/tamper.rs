@@ -141,11 +141,7 @@ async fn a_fifo_or_a_huge_file_in_place_of_meta_json_or_state_json_does_not_stop
         for place in [&meta, &state] {
             std::fs::remove_file(place).unwrap();
             if planted {
-                let made = std::process::Command::new("mkfifo")
-                    .arg(place)
-                    .status()
-                    .unwrap();
-                assert!(made.success());
+                mkfifo(place);
             } else {
                 let f = std::fs::File::create(place).unwrap();
                 f.set_len(1 << 30).unwrap(); // sparse: a gigabyte that reads as zeros
