@@ -324,9 +324,37 @@ impl ImageCache {
     /// The cached file for `url` if a fresh, intact entry exists. Never touches the network.
     /// Counts a hit when it returns a file and nothing otherwise.
     pub fn get_cached(&self, url: impl AsRef<str>) -> Option<CachedFile> {
+        self.get_cached_with(url, &GetOptions::default())
+    }
+
+    /// [`get_cached`](Self::get_cached) with the options [`get_with`](Self::get_with) takes:
+    /// [`GetOptions::ttl`] is the oldest an entry may be, [`GetOptions::expected_sha256`] must
+    /// match, and [`GetOptions::force`] makes it `None`. The synchronous half of `get_with`,
+    /// for callers that try the hit path before they enter a runtime.
+    ///
+    /// ```no_run
+    /// # async fn demo(cache: imgcache::ImageCache) -> imgcache::Result<()> {
+    /// use std::time::Duration;
+    /// use imgcache::GetOptions;
+    ///
+    /// let options = GetOptions::new().ttl(Duration::from_secs(600));
+    /// let file = match cache.get_cached_with("ct/0042.nii.gz", &options) {
+    ///     Some(file) => file,
+    ///     None => cache.get_with("ct/0042.nii.gz", options).await?,
+    /// };
+    /// # Ok(()) }
+    /// ```
+    pub fn get_cached_with(
+        &self,
+        url: impl AsRef<str>,
+        options: &GetOptions,
+    ) -> Option<CachedFile> {
+        if options.force {
+            return None;
+        }
         let inner = self.inner();
         let resolved = inner.resolve(url.as_ref()).ok()?;
-        inner.try_hit(&resolved, &GetOptions::default())
+        inner.try_hit(&resolved, options)
     }
 
     /// Downloads `url` again even if a fresh entry exists, and replaces the entry (the

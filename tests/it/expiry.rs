@@ -123,3 +123,49 @@ async fn the_background_sweeper_expires_entries() {
         serde_json::from_slice(&std::fs::read(dir.path().join("v1/state.json")).unwrap()).unwrap();
     assert_eq!(state["counters"]["expirations"], 1);
 }
+
+#[tokio::test]
+async fn get_cached_with_takes_the_options_of_get_with_and_never_downloads() {
+    let origin = Origin::start().await;
+    origin.route("t.nii.gz", Route::ok(volume(12, 1000)));
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, clock) = open(dir.path()).await;
+    let url = origin.url("t.nii.gz");
+    let minute = GetOptions::new().ttl(Duration::from_secs(60));
+    assert!(cache.get_cached_with(&url, &minute).is_none(), "cold");
+    assert_eq!(origin.hits("t.nii.gz"), 0, "a lookup never downloads");
+
+    let file = cache.get(&url).await.unwrap();
+    let sha = file.sha256().to_owned();
+    drop(file);
+    clock.advance(Duration::from_secs(30));
+    let hit = cache
+        .get_cached_with(&url, &minute)
+        .expect("30 s old, 60 s allowed");
+    assert_eq!(hit.status(), CacheStatus::Hit);
+    drop(hit);
+    let ten_seconds = GetOptions::new().ttl(Duration::from_secs(10));
+    assert!(
+        cache.get_cached_with(&url, &ten_seconds).is_none(),
+        "older than the per-call TTL"
+    );
+    let upper = sha.to_uppercase();
+    assert!(
+        cache
+            .get_cached_with(&url, &GetOptions::new().expected_sha256(upper))
+            .is_some()
+    );
+    let other = "0".repeat(64);
+    assert!(
+        cache
+            .get_cached_with(&url, &GetOptions::new().expected_sha256(other))
+            .is_none()
+    );
+    assert!(
+        cache
+            .get_cached_with(&url, &GetOptions::new().force(true))
+            .is_none()
+    );
+    assert_eq!(origin.hits("t.nii.gz"), 1);
+    assert_eq!(cache.stats().hits, 2, "only the two that returned a file");
+}
