@@ -1,0 +1,377 @@
+"""imgcache: a local disk cache for large remote files (NIfTI volumes), on a Rust core.
+
+The original ``ImageCacheManager`` API, unchanged in its names, signatures and defaults::
+
+    from imgcache import ImageCacheManager, get_cached_file, show_cache_controls
+
+    path = get_cached_file("http://images.example/ct/0042.nii.gz")   # a pathlib.Path
+
+Simultaneous requests for one file (threads, asyncio tasks, processes on one cache
+directory) share one download; every file is hashed with SHA-256 while it streams and
+committed atomically; entries expire after a TTL; least recently used files are evicted to
+honour the size cap; statistics survive restarts. Configuration comes from the arguments,
+else the environment (``IMAGE_SERVER``, ``CACHE_DIR``, ``CACHE_MAX_SIZE_MB``,
+``CACHE_DEFAULT_TTL_HOURS``, ...), else a ``.env`` file in the current directory.
+"""
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Dict, Optional, Union
+
+from . import _fork, _native
+from ._errors import (
+    CacheError,
+    CacheIOError,
+    ChecksumMismatchError,
+    ConfigError,
+    HttpStatusError,
+    IncompleteDownloadError,
+    InternalError,
+    InvalidUrlError,
+    LockedError,
+    NetworkError,
+    NotCachedError,
+    ShutdownError,
+    StorageFullError,
+    TooLargeError,
+)
+from ._native import CachedFile, ManualClock
+
+__all__ = [
+    "ImageCacheManager",
+    "CacheEntry",
+    "CachedFile",
+    "ManualClock",
+    "get_cache_manager",
+    "get_cached_file",
+    "aget_cached_file",
+    "clear_cache",
+    "get_cache_stats",
+    "show_cache_controls",
+    "CacheError",
+    "InvalidUrlError",
+    "HttpStatusError",
+    "NetworkError",
+    "IncompleteDownloadError",
+    "ChecksumMismatchError",
+    "TooLargeError",
+    "StorageFullError",
+    "CacheIOError",
+    "ConfigError",
+    "LockedError",
+    "NotCachedError",
+    "ShutdownError",
+    "InternalError",
+]
+
+__version__ = "0.1.0"
+
+# A library's logger: records go wherever the application sends them (the original design
+# printed "Cached file: ..." at INFO; so does this, under "imgcache.core").
+logging.getLogger("imgcache").addHandler(logging.NullHandler())
+
+_MB = 1024 * 1024
+StrPath = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached file, with the fields of the original design's ``CacheEntry``."""
+
+    url: str
+    local_path: str
+    file_size: int
+    created_at: float
+    last_accessed: float
+    access_count: int
+    content_hash: str
+    ttl_seconds: int
+    expires_at: float
+    pinned: bool
+
+    def is_expired(self) -> bool:
+        import time
+
+        return time.time() >= self.expires_at
+
+
+class ImageCacheManager:
+    """A cache of remote files on local disk.
+
+    ``cache_dir`` defaults to ``CACHE_DIR``, else ``~/.cache/vista3d``;
+    ``max_cache_size_mb`` to ``CACHE_MAX_SIZE_MB``, else 1024; ``default_ttl_hours`` to
+    ``CACHE_DEFAULT_TTL_HOURS``, else 24; ``image_server_url`` (which relative URLs resolve
+    against) to ``IMAGE_SERVER``. An argument given wins over the environment, which wins
+    over ``.env``.
+
+    Beyond the original: ``offline`` serves only what is cached; ``hold_seconds`` (10) is
+    how long a path that :meth:`get_file` returns is kept from eviction and removal, in any
+    process, so that opening it right after the call never races the size cap (use
+    :meth:`open` to hold a file for as long as you need it); ``dotenv`` names another
+    ``.env`` file; ``clock`` (a :class:`ManualClock`) lets a test move time on by hand.
+    """
+
+    def __init__(
+        self,
+        cache_dir: Optional[StrPath] = None,
+        max_cache_size_mb: Optional[float] = None,
+        default_ttl_hours: Optional[float] = None,
+        image_server_url: Optional[str] = None,
+        *,
+        offline: Optional[bool] = None,
+        hold_seconds: float = 10.0,
+        dotenv: Optional[StrPath] = None,
+        clock: Optional[ManualClock] = None,
+    ) -> None:
+        self._cache = _native.Cache(
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            max_size_bytes=None
+            if max_cache_size_mb is None
+            else int(max_cache_size_mb * _MB),
+            default_ttl_seconds=None
+            if default_ttl_hours is None
+            else float(default_ttl_hours) * 3600.0,
+            image_server=image_server_url,
+            offline=offline,
+            hold_seconds=hold_seconds,
+            dotenv=None if dotenv is None else str(dotenv),
+            clock=clock,
+        )
+        _fork.track(self._cache)
+        # The hot path, bound once: ImageCacheManager.get_file is this plus one call.
+        self._get = self._cache.get
+
+    # -- the original API -------------------------------------------------------------------
+
+    def get_file(
+        self,
+        url: str,
+        ttl_seconds: Optional[float] = None,
+        *,
+        expected_sha256: Optional[str] = None,
+    ) -> Path:
+        """The local path of ``url``: from the cache if it is there and fresh, else
+        downloaded (once, however many threads and processes ask at the same time).
+
+        ``ttl_seconds`` is the TTL of a new entry and the oldest a cached one may be;
+        ``expected_sha256`` refuses bytes with another digest (:class:`ChecksumMismatchError`).
+        Raises a :class:`CacheError` subclass on failure."""
+        return self._get(url, ttl_seconds, expected_sha256)
+
+    def get_cached_file(self, url: str, ttl_seconds: Optional[float] = None) -> Optional[Path]:
+        """The local path of ``url`` if it is cached and fresh (younger than
+        ``ttl_seconds`` when given), else ``None``. Never touches the network."""
+        return self._cache.get_cached(url, ttl_seconds)
+
+    def download_and_cache(
+        self,
+        url: str,
+        ttl_seconds: Optional[float] = None,
+        *,
+        expected_sha256: Optional[str] = None,
+    ) -> Path:
+        """As in the original: the cached file if it is fresh, else a download. Use
+        :meth:`refresh` to download again whatever is cached."""
+        return self._get(url, ttl_seconds, expected_sha256)
+
+    def invalidate(self, url: str) -> bool:
+        """Removes ``url``'s entry; returns whether there was one. A file that someone holds
+        (:meth:`open`, or another process) is deleted when it is let go of."""
+        return self._cache.invalidate(url)
+
+    def clear_cache(self) -> int:
+        """Removes every entry; returns how many there were. The statistics are kept (they
+        belong to the cache directory, which other processes share); see
+        :meth:`reset_stats`."""
+        return self._cache.clear()
+
+    def get_stats(self) -> Dict[str, Any]:
+        """The figures: the original keys (``hit_rate`` from 0.0 to 1.0, ``entries_count``,
+        ``current_size_mb``, ``max_size_mb``, ``hits``, ``misses``, ``evictions``,
+        ``total_downloads``, ``total_bytes_cached``, ``cache_dir``) and the rest of the
+        Rust core's (``downloads_in_progress``, ``coalesced_waits``, ...)."""
+        stats = self._cache.stats()
+        stats["total_bytes_cached"] = stats["bytes_downloaded"]
+        return stats
+
+    def cleanup(self) -> Dict[str, int]:
+        """Removes expired entries and enforces the size cap now (a background task does it
+        every minute too). Returns ``{"expired": n, "evicted": n, "bytes_freed": n}``."""
+        return self._cache.cleanup()
+
+    # -- beyond the original ------------------------------------------------------------------
+
+    def aget_file(
+        self,
+        url: str,
+        ttl_seconds: Optional[float] = None,
+        *,
+        expected_sha256: Optional[str] = None,
+    ) -> Awaitable[Path]:
+        """:meth:`get_file` for asyncio: ``path = await cache.aget_file(url)``. Cancelling the
+        await leaves the download running for everyone else."""
+        return self._cache.aget(url, ttl_seconds, expected_sha256)
+
+    def open(
+        self,
+        url: str,
+        ttl_seconds: Optional[float] = None,
+        *,
+        expected_sha256: Optional[str] = None,
+    ) -> CachedFile:
+        """The file, pinned until closed: ``with cache.open(url) as f: nib.load(f)``.
+        While the block runs no eviction, expiry, invalidate or clear (in any process)
+        removes it. ``f`` is path-like (``os.fspath(f)``); ``f.path``, ``f.sha256``,
+        ``f.size`` and ``f.status`` tell the rest."""
+        return self._cache.open(url, ttl_seconds, expected_sha256)
+
+    def aopen(
+        self,
+        url: str,
+        ttl_seconds: Optional[float] = None,
+        *,
+        expected_sha256: Optional[str] = None,
+    ) -> Awaitable[CachedFile]:
+        """:meth:`open` for asyncio."""
+        return self._cache.aopen(url, ttl_seconds, expected_sha256)
+
+    def refresh(self, url: str, *, expected_sha256: Optional[str] = None) -> Path:
+        """Downloads ``url`` again even if a fresh copy is cached, and replaces it."""
+        return self._cache.get(url, None, expected_sha256, True)
+
+    def verify(self, url: str) -> str:
+        """Re-hashes ``url``'s file: ``"ok"``, ``"corrupt"`` (and removed) or
+        ``"not_cached"``."""
+        return self._cache.verify(url)
+
+    def verify_all(self) -> Dict[str, Any]:
+        """Re-hashes every file; corrupt ones are removed."""
+        return self._cache.verify_all()
+
+    def reset_stats(self) -> None:
+        """Sets every counter to zero."""
+        self._cache.reset_stats()
+
+    def redacted(self, url: str) -> str:
+        """``url`` as the cache shows it: without user-info, signing parameters redacted."""
+        return self._cache.redacted(url)
+
+    def close(self) -> None:
+        """Saves the figures and closes the cache; later calls raise
+        :class:`ShutdownError`. Called for every open manager at interpreter exit."""
+        self._cache.close()
+
+    def __enter__(self) -> "ImageCacheManager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the original attributes ------------------------------------------------------------
+
+    @property
+    def cache_dir(self) -> Path:
+        return self._cache.cache_dir
+
+    @property
+    def image_server_url(self) -> Optional[str]:
+        return self._cache.image_server
+
+    @property
+    def max_cache_size_bytes(self) -> int:
+        return self._cache.max_size_bytes
+
+    @max_cache_size_bytes.setter
+    def max_cache_size_bytes(self, value: int) -> None:
+        """Applies at once (evicting to honour a smaller cap)."""
+        self._cache.set_max_size_bytes(int(value))
+
+    @property
+    def default_ttl_seconds(self) -> float:
+        return self._cache.default_ttl_seconds
+
+    @default_ttl_seconds.setter
+    def default_ttl_seconds(self, value: float) -> None:
+        """The TTL of entries downloaded from now on."""
+        self._cache.set_default_ttl_seconds(float(value))
+
+    @property
+    def hold_seconds(self) -> float:
+        return self._cache.hold_seconds
+
+    @property
+    def entries(self) -> Dict[str, CacheEntry]:
+        """The cached files by URL, most recently used first (a snapshot)."""
+        out: Dict[str, CacheEntry] = {}
+        for e in self._cache.entries():
+            out[e["url"]] = CacheEntry(
+                url=e["url"],
+                local_path=e["path"],
+                file_size=e["size"],
+                created_at=e["fetched_at_ms"] / 1000.0,
+                last_accessed=e["last_access_ms"] / 1000.0,
+                access_count=e["hits"],
+                content_hash=e["sha256"],
+                ttl_seconds=round((e["expires_at_ms"] - e["fetched_at_ms"]) / 1000.0),
+                expires_at=e["expires_at_ms"] / 1000.0,
+                pinned=e["pinned"],
+            )
+        return out
+
+    def __repr__(self) -> str:
+        return f"ImageCacheManager(cache_dir={str(self.cache_dir)!r})"
+
+
+# -- the original module functions --------------------------------------------------------------
+
+_manager: Optional[ImageCacheManager] = None
+_manager_lock = threading.Lock()
+
+
+def get_cache_manager() -> ImageCacheManager:
+    """The process-wide manager, built from the environment on first use."""
+    global _manager
+    manager = _manager
+    if manager is None:
+        with _manager_lock:
+            if _manager is None:
+                _manager = ImageCacheManager()
+            manager = _manager
+    return manager
+
+
+def get_cached_file(url: str, ttl_seconds: Optional[float] = None) -> Path:
+    """The local path of ``url`` through the process-wide manager, downloading it if needed
+    (the original's module-level ``get_cached_file``, which calls ``get_file``)."""
+    return get_cache_manager().get_file(url, ttl_seconds)
+
+
+def aget_cached_file(url: str, ttl_seconds: Optional[float] = None) -> Awaitable[Path]:
+    """:func:`get_cached_file` for asyncio."""
+    return get_cache_manager().aget_file(url, ttl_seconds)
+
+
+def clear_cache() -> int:
+    """Removes every entry of the process-wide manager."""
+    return get_cache_manager().clear_cache()
+
+
+def get_cache_stats() -> Dict[str, Any]:
+    """The statistics of the process-wide manager (see :meth:`ImageCacheManager.get_stats`)."""
+    return get_cache_manager().get_stats()
+
+
+def show_cache_controls(
+    manager: Optional[ImageCacheManager] = None, *, refresh_seconds: float = 3.0
+) -> None:
+    """The cache's sidebar in a Streamlit app: hit rate, files, size against the cap,
+    downloads in progress, "Clear cache" and "Clean up expired" buttons, and the TTL and size
+    cap, which apply at once. The figures re-run every ``refresh_seconds``. Needs the
+    ``streamlit`` extra (``pip install 'imgcache[streamlit]'``)."""
+    from ._sidebar import show_cache_controls as show
+
+    show(manager or get_cache_manager(), refresh_seconds=refresh_seconds)
+

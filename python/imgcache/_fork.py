@@ -1,0 +1,83 @@
+"""Forks and interpreter exit.
+
+A child made by ``os.fork`` (``multiprocessing``'s "fork" start method, data-loader workers)
+inherits the parent's file descriptors, and with them the parent's ``flock`` locks on the
+cache directory: the lock that marks the parent alive, the locks that pin the files it holds,
+the locks of its downloads. Closing a copy never releases a lock the parent still has open,
+so the child closes every inherited descriptor that holds an ``flock`` on a file below a
+cache directory in use, right after the fork. The Rust side starts a fresh runtime and
+re-opens each cache the first time the child uses it, and never drops what it inherited.
+"""
+
+import atexit
+import os
+import threading
+import weakref
+from typing import Set
+
+from . import _native
+
+_dirs: Set[str] = set()
+_dirs_lock = threading.Lock()
+_caches: "weakref.WeakSet[_native.Cache]" = weakref.WeakSet()
+
+
+def track(cache: "_native.Cache") -> None:
+    """Remembers an open cache: its directory for forks, itself for exit."""
+    with _dirs_lock:
+        _dirs.add(os.path.realpath(str(cache.cache_dir)))
+    _caches.add(cache)
+
+
+def _holds_flock(fd: str) -> bool:
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
+            return any(line.startswith(b"lock:") and b"FLOCK" in line for line in info)
+    except OSError:
+        return False
+
+
+def close_inherited_locks() -> int:
+    """Closes the descriptors of this process that hold an flock below a tracked cache
+    directory; returns how many. Only ever run in a freshly forked child."""
+    dirs = tuple(d.rstrip("/") + "/" for d in _dirs)
+    if not dirs:
+        return 0
+    closed = 0
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(dirs) and _holds_flock(fd):
+            try:
+                os.close(int(fd))
+                closed += 1
+            except OSError:
+                pass
+    return closed
+
+
+def _after_fork_in_child() -> None:
+    global _dirs_lock
+    # The lock may have been held by a parent thread at the moment of the fork.
+    _dirs_lock = threading.Lock()
+    _native.forked()
+    close_inherited_locks()
+
+
+def _close_all() -> None:
+    for cache in list(_caches):
+        try:
+            cache.close()
+        except Exception:  # noqa: BLE001 - exit must go on
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_all)

@@ -1,0 +1,183 @@
+//! The core's `tracing` events, forwarded to Python's `logging` under the logger `imgcache`
+//! (`imgcache.core` for the events of the Rust core, which is a child of it).
+//!
+//! Which levels are wanted is read from the logger at most once a second (and at once after
+//! `imgcache._native.refresh_log_level()`), so an event nobody listens to costs one atomic
+//! load and no trip to the interpreter. Each record carries the event's fields as a dict in
+//! its `imgcache` attribute.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyDict;
+use tracing::field::{Field, Visit};
+use tracing::subscriber::Interest;
+use tracing::{Event, Level, Metadata, Subscriber};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+/// 0: nothing; 1 ERROR, 2 WARN, 3 INFO, 4 DEBUG, 5 TRACE: the most verbose level wanted.
+static WANTED: AtomicU8 = AtomicU8::new(0);
+/// When `WANTED` was last read from Python, in ms since the epoch; 0 for "read it now".
+static READ_AT: AtomicU64 = AtomicU64::new(0);
+static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+fn rank(level: &Level) -> u8 {
+    match *level {
+        Level::ERROR => 1,
+        Level::WARN => 2,
+        Level::INFO => 3,
+        Level::DEBUG => 4,
+        Level::TRACE => 5,
+    }
+}
+
+/// Python's number for a level (`logging.INFO` is 20).
+fn python_level(rank: u8) -> u32 {
+    match rank {
+        1 => 40,
+        2 => 30,
+        3 => 20,
+        4 => 10,
+        _ => 5,
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn logger(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    LOGGER
+        .get_or_try_init(py, || {
+            Ok::<_, PyErr>(
+                py.import("logging")?
+                    .call_method1("getLogger", ("imgcache.core",))?
+                    .unbind(),
+            )
+        })
+        .map(|l| l.bind(py))
+}
+
+fn read_wanted(py: Python<'_>) -> u8 {
+    let Ok(logger) = logger(py) else { return 0 };
+    let mut wanted = 0;
+    for rank in 1..=5 {
+        let on = logger
+            .call_method1("isEnabledFor", (python_level(rank),))
+            .and_then(|b| b.extract::<bool>())
+            .unwrap_or(false);
+        if on {
+            wanted = rank;
+        }
+    }
+    wanted
+}
+
+/// Reads the logger's level again now (tests, and callers who just changed it).
+#[pyfunction]
+pub(crate) fn refresh_log_level(py: Python<'_>) {
+    WANTED.store(read_wanted(py), Ordering::Relaxed);
+    READ_AT.store(now_ms(), Ordering::Relaxed);
+}
+
+fn wanted(level: &Level) -> bool {
+    let now = now_ms();
+    if now.saturating_sub(READ_AT.load(Ordering::Relaxed)) >= 1000 {
+        READ_AT.store(now, Ordering::Relaxed);
+        let fresh = Python::attach(read_wanted);
+        WANTED.store(fresh, Ordering::Relaxed);
+    }
+    rank(level) <= WANTED.load(Ordering::Relaxed)
+}
+
+struct Forward;
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    fields: Vec<(&'static str, String)>,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_owned();
+        } else {
+            self.fields.push((field.name(), value.to_owned()));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            self.message = text;
+        } else {
+            self.fields.push((field.name(), text));
+        }
+    }
+}
+
+impl Fields {
+    /// "Cached file: path=/x/ct.nii.gz bytes=1048576 url=http://..."
+    fn line(&self) -> String {
+        let mut line = String::new();
+        let mut chars = self.message.chars();
+        if let Some(first) = chars.next() {
+            line.extend(first.to_uppercase());
+            line.push_str(chars.as_str());
+        }
+        for (i, (name, value)) in self.fields.iter().enumerate() {
+            line.push_str(if i == 0 { ": " } else { " " });
+            let _ = write!(line, "{name}={value}");
+        }
+        line
+    }
+}
+
+impl<S: Subscriber> Layer<S> for Forward {
+    /// Asked again at every event: the logger's level can change at any time.
+    fn register_callsite(&self, _: &'static Metadata<'static>) -> Interest {
+        Interest::sometimes()
+    }
+
+    fn enabled(&self, metadata: &Metadata<'_>, _: Context<'_, S>) -> bool {
+        wanted(metadata.level())
+    }
+
+    fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let level = python_level(rank(event.metadata().level()));
+        Python::attach(|py| {
+            let sent = (|| -> PyResult<()> {
+                let extra = PyDict::new(py);
+                let values = PyDict::new(py);
+                for (name, value) in &fields.fields {
+                    values.set_item(*name, value)?;
+                }
+                values.set_item("target", event.metadata().target())?;
+                extra.set_item("imgcache", values)?;
+                let kwargs = PyDict::new(py);
+                kwargs.set_item("extra", extra)?;
+                logger(py)?.call_method("log", (level, fields.line()), Some(&kwargs))?;
+                Ok(())
+            })();
+            // A handler that raises must not take the cache down; Python prints it.
+            if let Err(e) = sent {
+                e.print(py);
+            }
+        });
+    }
+}
+
+/// Installs the forwarding subscriber for this module's copy of `tracing`.
+pub(crate) fn install() {
+    let subscriber = tracing_subscriber::registry().with(Forward);
+    // Only fails when already installed (a second import in one process).
+    let _ = tracing::subscriber::set_global_default(subscriber);
+}

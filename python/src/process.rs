@@ -1,0 +1,162 @@
+//! One Tokio runtime per process, rebuilt in a forked child.
+//!
+//! A child made by `fork` has one thread: the parent's runtime threads do not exist in it,
+//! so the runtime it inherited can run nothing and must never be dropped (dropping it would
+//! wait for those threads). `os.register_at_fork` calls [`forked`] in the child, which moves
+//! the fork generation on; every handle compares its generation with it and builds what it
+//! needs again, leaking (never dropping) what it had.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use pyo3::prelude::*;
+use pyo3_async_runtimes::TaskLocals;
+use pyo3_async_runtimes::generic::{ContextExt, JoinError, Runtime as PyRuntime};
+
+/// Moved on by [`forked`] in each child.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// The fork generation this process is in.
+pub(crate) fn generation() -> u64 {
+    GENERATION.load(Ordering::Acquire)
+}
+
+/// Called in the child after `os.fork()` (`os.register_at_fork(after_in_child=...)`).
+#[pyfunction]
+pub(crate) fn forked() {
+    GENERATION.fetch_add(1, Ordering::AcqRel);
+}
+
+pub(crate) struct Process {
+    generation: u64,
+    pub(crate) runtime: tokio::runtime::Runtime,
+}
+
+static PROCESS: ArcSwapOption<Process> = ArcSwapOption::const_empty();
+/// Taken only to build a runtime, once per process.
+static BUILDING: Mutex<()> = Mutex::new(());
+
+/// This process's runtime, built on first use (and again after a fork).
+pub(crate) fn current() -> std::io::Result<Arc<Process>> {
+    let now = generation();
+    if let Some(p) = PROCESS.load_full()
+        && p.generation == now
+    {
+        return Ok(p);
+    }
+    let _building = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = PROCESS.load_full()
+        && p.generation == now
+    {
+        return Ok(p);
+    }
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("imgcache")
+        .enable_all()
+        .build()?;
+    let fresh = Arc::new(Process {
+        generation: now,
+        runtime,
+    });
+    // The parent's runtime, inherited by a fork: its threads are gone, so it is leaked.
+    std::mem::forget(PROCESS.swap(Some(Arc::clone(&fresh))));
+    Ok(fresh)
+}
+
+impl Process {
+    /// Runs `fut` to completion with the GIL released. Every 100 ms it takes the GIL back for
+    /// a moment to let Python raise `KeyboardInterrupt` (or any signal handler's exception);
+    /// the operation itself goes on in the background, as every cache operation is cancel
+    /// safe.
+    pub(crate) fn block_on<T: Send>(
+        &self,
+        py: Python<'_>,
+        fut: impl Future<Output = T> + Send,
+    ) -> PyResult<T> {
+        py.detach(|| {
+            self.runtime.block_on(async {
+                tokio::pin!(fut);
+                loop {
+                    tokio::select! {
+                        biased;
+                        out = &mut fut => return Ok(out),
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {
+                            Python::attach(|py| py.check_signals())?;
+                        }
+                    }
+                }
+            })
+        })
+    }
+}
+
+tokio::task_local! {
+    static TASK_LOCALS: std::cell::OnceCell<TaskLocals>;
+}
+
+/// The asyncio bridge's view of the runtime: tasks go to this process's runtime.
+pub(crate) struct AsyncRuntime;
+
+pub(crate) struct Join(tokio::task::JoinError);
+
+impl JoinError for Join {
+    fn is_panic(&self) -> bool {
+        self.0.is_panic()
+    }
+    fn into_panic(self) -> Box<dyn std::any::Any + Send + 'static> {
+        self.0.into_panic()
+    }
+}
+
+type Joined = Pin<Box<dyn Future<Output = Result<(), Join>> + Send>>;
+
+fn handle() -> tokio::runtime::Handle {
+    // Only reached from a call that has just used `current()` successfully.
+    current()
+        .map(|p| p.runtime.handle().clone())
+        .expect("the runtime was built by the call that spawns")
+}
+
+impl PyRuntime for AsyncRuntime {
+    type JoinError = Join;
+    type JoinHandle = Joined;
+
+    fn spawn<F>(fut: F) -> Self::JoinHandle
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let task = handle().spawn(fut);
+        Box::pin(async move { task.await.map_err(Join) })
+    }
+
+    fn spawn_blocking<F>(f: F) -> Self::JoinHandle
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let task = handle().spawn_blocking(f);
+        Box::pin(async move { task.await.map_err(Join) })
+    }
+}
+
+impl ContextExt for AsyncRuntime {
+    fn scope<F, R>(locals: TaskLocals, fut: F) -> Pin<Box<dyn Future<Output = R> + Send>>
+    where
+        F: Future<Output = R> + Send + 'static,
+    {
+        let cell = std::cell::OnceCell::new();
+        cell.set(locals).ok();
+        Box::pin(TASK_LOCALS.scope(cell, fut))
+    }
+
+    fn get_task_locals() -> Option<TaskLocals> {
+        TASK_LOCALS
+            .try_with(|c| c.get().cloned())
+            .unwrap_or_default()
+    }
+}
