@@ -1,0 +1,134 @@
+"""Threads, processes and forks on one cold URL: one origin GET; the GIL is let go of."""
+
+import multiprocessing
+import os
+import threading
+import time
+
+import imgcache
+from imgcache import ImageCacheManager
+
+from conftest import Route, volume
+
+MB = 1024 * 1024
+
+
+def test_sixteen_threads_on_one_cold_url_make_one_get(origin, cache_dir):
+    body = volume(1, 8 * MB)
+    url = origin.route("t.nii.gz", Route(body, rate=40 * MB))
+    m = ImageCacheManager(cache_dir=cache_dir)
+    barrier = threading.Barrier(16)
+    paths, errors = [], []
+
+    def one():
+        barrier.wait()
+        try:
+            paths.append(m.get_file(url))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(paths) == 16 and len(set(paths)) == 1
+    assert paths[0].read_bytes() == body
+    assert origin.gets["t.nii.gz"] == 1
+
+
+def test_a_download_lets_other_python_threads_run(origin, cache_dir):
+    url = origin.route("slow.nii.gz", Route(volume(2, 2 * MB), rate=8 * MB))
+    m = ImageCacheManager(cache_dir=cache_dir)
+    done = threading.Event()
+    spins = [0]
+
+    def spin():
+        while not done.is_set():
+            spins[0] += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    started = time.perf_counter()
+    m.get_file(url)
+    took = time.perf_counter() - started
+    done.set()
+    t.join()
+    # About 0.25 s of download: a thread starved of the GIL would count nearly nothing.
+    assert took > 0.1
+    assert spins[0] > 10_000
+
+
+def _child_get(cache_dir, url, queue):
+    m = ImageCacheManager(cache_dir=cache_dir)
+    path = m.get_file(url)
+    queue.put((str(path), path.stat().st_size))
+
+
+def test_four_spawned_processes_on_one_cold_url_make_one_get(origin, cache_dir):
+    body = volume(3, 16 * MB)
+    url = origin.route("p.nii.gz", Route(body, rate=16 * MB))
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_child_get, args=(str(cache_dir), url, queue)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert len({path for path, _ in results}) == 1
+    assert all(size == len(body) for _, size in results)
+    assert origin.gets["p.nii.gz"] == 1
+    stats = ImageCacheManager(cache_dir=cache_dir).get_stats()
+    assert stats["total_downloads"] == 1
+
+
+def _forked_child(manager, url_b, ready, go_on, out):
+    # The handle was made by the parent: it re-opens here on first use.
+    path = manager.get_file(url_b)
+    locks = [
+        os.readlink(f"/proc/self/fd/{fd}")
+        for fd in os.listdir("/proc/self/fd")
+        if imgcache._fork._holds_flock(fd)
+    ]
+    out.put((str(path), locks, os.getpid()))
+    ready.set()
+    go_on.wait(60)
+
+
+def test_a_forked_child_never_keeps_the_parents_locks(origin, cache_dir):
+    url_a = origin.route("a.nii.gz", Route(volume(4, MB)))
+    url_b = origin.route("b.nii.gz", Route(volume(5, MB)))
+    m = ImageCacheManager(cache_dir=cache_dir, hold_seconds=0)
+    ctx = multiprocessing.get_context("fork")
+    ready, go_on, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    with m.open(url_a) as held:
+        child = ctx.Process(target=_forked_child, args=(m, url_b, ready, go_on, out))
+        child.start()
+        try:
+            path_b, child_locks, child_pid = out.get(timeout=60)
+            assert ready.wait(60)
+            assert path_b.endswith("b.nii.gz")
+            assert str(held.path) not in child_locks, "the parent's pin stayed in the parent"
+            records = [p for p in child_locks if "/v1/procs/" in p]
+            assert len(records) == 1, child_locks
+            assert os.path.basename(records[0]).startswith(f"{child_pid}-"), (
+                "the child's own record, not the parent's"
+            )
+            assert len([p for p in child_locks if p.endswith("/v1/lock")]) == 1
+        except BaseException:
+            go_on.set()
+            raise
+    # The parent lets go of a while the child (which inherited its descriptor) lives: a
+    # lock the child kept would keep the file from being removed.
+    try:
+        assert m.invalidate(url_a)
+        assert not held.path.exists()
+        assert m.get_file(url_b).read_bytes() == volume(5, MB)
+        assert origin.gets["b.nii.gz"] == 1, "the child's download is the parent's hit"
+    finally:
+        go_on.set()
+        child.join(60)
+    assert child.exitcode == 0

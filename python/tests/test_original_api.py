@@ -1,0 +1,231 @@
+"""Every call of the original ImageCacheManager design, its return types and its stats keys."""
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import imgcache
+from imgcache import CacheEntry, ImageCacheManager, ManualClock
+
+from conftest import Route, data_files, volume
+
+MB = 1024 * 1024
+ORIGINAL_STATS_KEYS = {
+    "entries_count",
+    "current_size_mb",
+    "max_size_mb",
+    "hit_rate",
+    "hits",
+    "misses",
+    "evictions",
+    "total_downloads",
+    "total_bytes_cached",
+    "cache_dir",
+}
+
+
+def test_the_original_signatures_and_defaults(cache_dir):
+    m = ImageCacheManager(cache_dir=cache_dir)
+    stats = m.get_stats()
+    assert stats["max_size_mb"] == 1024.0
+    assert m.default_ttl_seconds == 24 * 3600
+    assert m.max_cache_size_bytes == 1024 * MB
+    assert m.cache_dir == cache_dir and isinstance(m.cache_dir, Path)
+    # Positional, as the original was called.
+    m2 = ImageCacheManager(str(cache_dir / "b"), 10, 2, "http://127.0.0.1:9/data/")
+    assert m2.get_stats()["max_size_mb"] == 10.0
+    assert m2.default_ttl_seconds == 2 * 3600
+    assert m2.image_server_url == "http://127.0.0.1:9/data/"
+
+
+def test_get_file_downloads_once_and_returns_a_path_with_the_bytes(origin, cache_dir):
+    body = volume(1, 3 * MB)
+    url = origin.route("ct/a.nii.gz", Route(body))
+    m = ImageCacheManager(cache_dir=cache_dir)
+
+    first = m.get_file(url)
+    assert isinstance(first, Path)
+    assert first.name == "a.nii.gz"
+    assert first.read_bytes() == body
+    second = m.get_file(url)
+    assert second == first
+    assert origin.gets["ct/a.nii.gz"] == 1
+
+    stats = m.get_stats()
+    assert ORIGINAL_STATS_KEYS <= stats.keys()
+    assert (stats["hits"], stats["misses"], stats["total_downloads"]) == (1, 1, 1)
+    assert stats["hit_rate"] == 0.5
+    assert stats["entries_count"] == 1
+    assert stats["total_bytes_cached"] == len(body)
+    assert stats["current_size_mb"] == pytest.approx(3.0)
+    assert stats["cache_dir"] == str(cache_dir)
+    assert isinstance(stats["hit_rate"], float) and isinstance(stats["entries_count"], int)
+    # Mode 600, as the original stored them.
+    assert stat.S_IMODE(os.stat(first).st_mode) == 0o600
+
+
+def test_get_cached_file_never_downloads(origin, cache_dir):
+    url = origin.route("b.nii.gz", Route(volume(2, 1000)))
+    m = ImageCacheManager(cache_dir=cache_dir)
+    assert m.get_cached_file(url) is None
+    assert origin.gets["b.nii.gz"] == 0
+    path = m.download_and_cache(url)
+    assert m.get_cached_file(url) == path
+    # download_and_cache, as in the original, is the cached copy when there is one.
+    assert m.download_and_cache(url) == path
+    assert origin.gets["b.nii.gz"] == 1
+
+
+def test_ttl_seconds_is_the_oldest_a_cached_file_may_be(origin, cache_dir):
+    url = origin.route("t.nii.gz", Route(volume(3, 1000)))
+    clock = ManualClock()
+    m = ImageCacheManager(cache_dir=cache_dir, clock=clock)
+    m.get_file(url, ttl_seconds=60)
+    clock.advance(30)
+    assert m.get_cached_file(url) is not None
+    assert m.get_cached_file(url, ttl_seconds=10) is None
+    clock.advance(31)
+    assert m.get_cached_file(url) is None, "past its own 60 s TTL"
+    m.get_file(url)
+    assert origin.gets["t.nii.gz"] == 2
+    # The original's `ttl_seconds or default`: 0 means the default.
+    assert m.get_cached_file(url, ttl_seconds=0) is not None
+    with pytest.raises(ValueError):
+        m.get_file(url, ttl_seconds=-1)
+
+
+def test_refresh_downloads_again(origin, cache_dir):
+    url = origin.route("r.nii.gz", Route(volume(4, 1000)))
+    m = ImageCacheManager(cache_dir=cache_dir)
+    m.get_file(url)
+    origin.routes["r.nii.gz"] = Route(volume(5, 1200))
+    fresh = m.refresh(url)
+    assert fresh.read_bytes() == volume(5, 1200)
+    assert origin.gets["r.nii.gz"] == 2
+
+
+def test_invalidate_and_clear_cache_remove_the_files(origin, cache_dir):
+    urls = [origin.route(f"{i}.nii.gz", Route(volume(10 + i, 2000))) for i in range(3)]
+    m = ImageCacheManager(cache_dir=cache_dir)
+    paths = [m.get_file(u) for u in urls]
+    assert len(data_files(cache_dir)) == 3
+
+    assert m.invalidate(urls[0]) is True
+    assert m.invalidate(urls[0]) is False
+    assert not paths[0].exists(), "the handle's own hold is let go of by invalidate"
+    assert m.get_cached_file(urls[0]) is None
+
+    assert m.clear_cache() == 2
+    assert data_files(cache_dir) == []
+    assert m.get_stats()["entries_count"] == 0
+    m.get_file(urls[1])
+    assert origin.gets["1.nii.gz"] == 2
+
+
+def test_cleanup_removes_expired_files_by_the_clock(origin, cache_dir):
+    url = origin.route("e.nii.gz", Route(volume(6, 5000)))
+    clock = ManualClock()
+    m = ImageCacheManager(cache_dir=cache_dir, default_ttl_hours=1, clock=clock)
+    path = m.get_file(url)
+    assert m.cleanup() == {"expired": 0, "evicted": 0, "bytes_freed": 0}
+    # Expired entries are kept for revalidation for a grace period (7 days by default).
+    clock.advance(3600 + 7 * 24 * 3600 + 1)
+    report = m.cleanup()
+    assert report == {"expired": 1, "evicted": 0, "bytes_freed": 5000}
+    assert not path.exists()
+    assert m.get_stats()["expirations"] == 1
+
+
+def test_settings_apply_at_once(origin, cache_dir):
+    urls = [origin.route(f"s{i}.nii.gz", Route(volume(20 + i, MB))) for i in range(3)]
+    m = ImageCacheManager(cache_dir=cache_dir, hold_seconds=0)
+    for u in urls:
+        m.get_file(u)
+    m.max_cache_size_bytes = 2 * MB
+    assert m.max_cache_size_bytes == 2 * MB
+    stats = m.get_stats()
+    assert stats["entries_count"] == 2 and stats["evictions"] == 1
+    assert len(data_files(cache_dir)) == 2
+    assert m.get_cached_file(urls[0]) is None, "the least recently used went"
+
+    m.default_ttl_seconds = 120
+    assert m.default_ttl_seconds == 120
+    fresh = origin.route("new.nii.gz", Route(volume(30, 10)))
+    m.get_file(fresh)
+    entry = m.entries[fresh]
+    assert entry.ttl_seconds == 120
+    with pytest.raises(imgcache.ConfigError):
+        m.max_cache_size_bytes = 0
+
+
+def test_entries_have_the_original_fields(origin, cache_dir):
+    body = volume(7, 4321)
+    url = origin.route("x.nii.gz", Route(body))
+    m = ImageCacheManager(cache_dir=cache_dir)
+    path = m.get_file(url)
+    m.get_file(url)
+    entries = m.entries
+    assert list(entries) == [url]
+    e = entries[url]
+    assert isinstance(e, CacheEntry)
+    assert e.local_path == str(path)
+    assert e.file_size == len(body)
+    assert e.content_hash == hashlib.sha256(body).hexdigest()
+    assert e.ttl_seconds == 24 * 3600
+    assert e.access_count == 1
+    assert e.created_at <= e.last_accessed
+    assert not e.is_expired()
+
+
+def test_relative_urls_resolve_against_the_image_server(origin, cache_dir):
+    origin.route("data/ct/1.nii.gz", Route(volume(8, 100)))
+    m = ImageCacheManager(cache_dir=cache_dir, image_server_url=origin.url("data/"))
+    assert m.get_file("ct/1.nii.gz").read_bytes() == volume(8, 100)
+
+
+def test_the_module_functions_use_the_environment(origin, cache_dir, monkeypatch):
+    origin.route("data/v.nii.gz", Route(volume(9, 2 * MB)))
+    monkeypatch.setenv("CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("IMAGE_SERVER", origin.url("data/"))
+    monkeypatch.setenv("CACHE_MAX_SIZE_MB", "64")
+    monkeypatch.setenv("CACHE_DEFAULT_TTL_HOURS", "2")
+
+    path = imgcache.get_cached_file("v.nii.gz")
+    assert isinstance(path, Path) and path.read_bytes() == volume(9, 2 * MB)
+    assert str(path).startswith(str(cache_dir))
+    assert imgcache.get_cache_manager() is imgcache.get_cache_manager()
+    stats = imgcache.get_cache_stats()
+    assert stats["max_size_mb"] == 64.0 and stats["entries_count"] == 1
+    assert imgcache.get_cache_manager().default_ttl_seconds == 2 * 3600
+    assert imgcache.clear_cache() == 1
+    assert data_files(cache_dir) == []
+    # An argument wins over the environment.
+    assert ImageCacheManager(max_cache_size_mb=8).get_stats()["max_size_mb"] == 8.0
+
+
+def test_a_dotenv_file_configures_what_the_environment_does_not(origin, tmp_path, monkeypatch):
+    origin.route("data/d.nii.gz", Route(volume(10, 100)))
+    dot_dir = tmp_path / "from-dotenv"
+    (Path.cwd() / ".env").write_text(
+        f"CACHE_DIR={dot_dir}\nIMAGE_SERVER={origin.url('data/')}\nCACHE_MAX_SIZE_MB=32\n"
+    )
+    monkeypatch.setenv("CACHE_MAX_SIZE_MB", "16")
+    m = ImageCacheManager()
+    assert m.cache_dir == dot_dir
+    assert m.get_stats()["max_size_mb"] == 16.0, "the environment wins over .env"
+    assert m.get_file("d.nii.gz").read_bytes() == volume(10, 100)
+
+
+def test_close_saves_and_later_calls_raise(origin, cache_dir):
+    url = origin.route("c.nii.gz", Route(volume(11, 100)))
+    with ImageCacheManager(cache_dir=cache_dir) as m:
+        m.get_file(url)
+        m.get_file(url)
+    with pytest.raises(imgcache.ShutdownError):
+        m.get_file(origin.route("other.nii.gz", Route(b"x")))
+    again = ImageCacheManager(cache_dir=cache_dir)
+    stats = again.get_stats()
+    assert (stats["hits"], stats["total_downloads"], stats["entries_count"]) == (1, 1, 1)
