@@ -2,8 +2,8 @@
 
     python peers.py TOOL MODE URL CACHE_DIR [N] [SHA256]
 
-TOOL: pooch (with known_hash, as its documentation recommends), pooch-nohash, fsspec
-(filecache), cached-path. MODE: cold, warm (seconds per call), concurrent (N threads at once).
+TOOL: imgcache-python (the Python package, python/), pooch (with known_hash, as its
+documentation recommends), pooch-nohash, fsspec (filecache), cached-path. MODE: cold, warm (seconds per call), concurrent (N threads at once).
 """
 
 import hashlib
@@ -14,6 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 
 def getter(tool, cache_dir, sha256):
+    if tool == "imgcache-python":
+        from imgcache import ImageCacheManager
+
+        return ImageCacheManager(cache_dir=cache_dir, max_cache_size_mb=4096).get_file
     if tool in ("pooch", "pooch-nohash"):
         import pooch
 

@@ -5,6 +5,7 @@
 #
 #   bash bench/peers.sh            # 200 MB and 1 GiB files; prints a Markdown table
 #   SIZES="200" TOOLS="curl imgcache-lib" bash bench/peers.sh   # a subset
+#   SIZES="200" TOOLS="imgcache-python pooch fsspec" bash bench/peers.sh   # from Python
 #
 # Measured for each tool and file: cold download time, warm hit time per call, 16 concurrent
 # cold requests for one file (wall time and the requests nginx saw), and the peak RSS of the
@@ -13,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 SIZES=${SIZES:-"200 1024"}
+TOOLS=${TOOLS:-"curl curl-sync imgcache-lib imgcache-cli imgcache-python pooch pooch-nohash fsspec cached-path"}
 PORT=${PORT:-18931}
 WORK=$(mktemp -d /tmp/imgcache-peers.XXXXXX)
 trap 'nginx -p "$WORK" -c "$WORK/nginx.conf" -s quit 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -31,6 +33,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/pip" install -q pooch fsspec aiohttp requests cached-path
 fi
 PY="$VENV/bin/python"
+case " $TOOLS " in
+  *" imgcache-python "*)
+    # The Python package, built in release into the same venv as the peers.
+    "$VENV/bin/pip" install -q "maturin>=1.7,<2"
+    (cd python && VIRTUAL_ENV="$VENV" "$VENV/bin/maturin" develop -q --release) ;;
+esac
 
 cargo build -q --release --bin imgcache --example peer_harness
 CLI="$ROOT/target/release/imgcache"
@@ -119,7 +127,6 @@ fmt_time() {
   awk -v s="$1" 'BEGIN { if (s < 0.001) printf "%.1f µs", s * 1e6; else if (s < 1) printf "%.1f ms", s * 1e3; else printf "%.2f s", s }'
 }
 
-TOOLS=${TOOLS:-"curl curl-sync imgcache-lib imgcache-cli pooch pooch-nohash fsspec cached-path"}
 echo
 echo "| file | tool | cold | warm hit per call | 16 concurrent cold: wall | origin requests | peak RSS (cold) |"
 echo "|---|---|---|---|---|---|---|"
@@ -129,7 +136,7 @@ for mb in $SIZES; do
   sha=$(sha256sum "$WORK/www/$name" | cut -d' ' -f1)
   for tool in $TOOLS; do
     # Warm calls: pooch with a hash re-hashes the file every call, so few calls suffice.
-    case $tool in pooch) warm_n=3 ;; cached-path|fsspec) warm_n=50 ;; *) warm_n=200 ;; esac
+    case $tool in pooch) warm_n=3 ;; cached-path|fsspec) warm_n=50 ;; imgcache-python) warm_n=100000 ;; *) warm_n=200 ;; esac
     d=$(mktemp -d "$WORK/c.XXXX")
     cold=$(/usr/bin/time -f %M -o "$WORK/rss" bash -c "$(declare -f run calc); CLI=$CLI LIB=$LIB PY=$PY ROOT=$ROOT WORK=$WORK run $tool cold $url $d 1 $sha" | tail -1)
     rss_kib=$(tail -1 "$WORK/rss")
