@@ -21,23 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Dict, Optional, Union
 
-from . import _fork, _native
-from ._errors import (
-    CacheError,
-    CacheIOError,
-    ChecksumMismatchError,
-    ConfigError,
-    HttpStatusError,
-    IncompleteDownloadError,
-    InternalError,
-    InvalidUrlError,
-    LockedError,
-    NetworkError,
-    NotCachedError,
-    ShutdownError,
-    StorageFullError,
-    TooLargeError,
-)
+from . import _errors, _fork, _native
+from ._errors import *  # noqa: F403 - the exception classes, listed in _errors.__all__
 from ._native import CachedFile, ManualClock
 
 __all__ = [
@@ -51,20 +36,7 @@ __all__ = [
     "clear_cache",
     "get_cache_stats",
     "show_cache_controls",
-    "CacheError",
-    "InvalidUrlError",
-    "HttpStatusError",
-    "NetworkError",
-    "IncompleteDownloadError",
-    "ChecksumMismatchError",
-    "TooLargeError",
-    "StorageFullError",
-    "CacheIOError",
-    "ConfigError",
-    "LockedError",
-    "NotCachedError",
-    "ShutdownError",
-    "InternalError",
+    *_errors.__all__,
 ]
 
 __version__ = "0.1.0"

@@ -109,6 +109,14 @@ impl State {
     }
 }
 
+/// The async path of a get: a hit, else the download (on a runtime thread, without the GIL).
+async fn fetch(state: &State, url: &str, options: GetOptions) -> PyResult<CachedFile> {
+    match state.cache.get_cached_with(url, &options) {
+        Some(hit) => Ok(hit),
+        None => state.cache.get_with(url, options).await.py_err(),
+    }
+}
+
 /// Lets go of the holds whose time is up, every `every`, while the state lives.
 async fn let_go_of_old_holds(state: std::sync::Weak<State>, every: Duration) {
     let mut tick = tokio::time::interval(every);
@@ -429,10 +437,7 @@ impl Cache {
         pyo3_async_runtimes::generic::future_into_py::<process::AsyncRuntime, _, _>(
             py,
             async move {
-                let file = match state.cache.get_cached_with(&url, &options) {
-                    Some(hit) => hit,
-                    None => state.cache.get_with(&url, options).await.py_err()?,
-                };
+                let file = fetch(&state, &url, options).await?;
                 Python::attach(|py| handle.get().hand_out(py, &state, &url, file))
             },
         )
@@ -453,10 +458,7 @@ impl Cache {
         pyo3_async_runtimes::generic::future_into_py::<process::AsyncRuntime, _, _>(
             py,
             async move {
-                let file = match state.cache.get_cached_with(&url, &options) {
-                    Some(hit) => hit,
-                    None => state.cache.get_with(&url, options).await.py_err()?,
-                };
+                let file = fetch(&state, &url, options).await?;
                 Python::attach(|py| Pinned::new(py, file))
             },
         )
