@@ -128,7 +128,7 @@ def test_invalidate_and_clear_cache_remove_the_files(origin, cache_dir):
 def test_cleanup_removes_expired_files_by_the_clock(origin, cache_dir):
     url = origin.route("e.nii.gz", Route(volume(6, 5000)))
     clock = ManualClock()
-    m = ImageCacheManager(cache_dir=cache_dir, default_ttl_hours=1, clock=clock)
+    m = ImageCacheManager(cache_dir=cache_dir, default_ttl_hours=1, clock=clock, hold_seconds=0)
     path = m.get_file(url)
     assert m.cleanup() == {"expired": 0, "evicted": 0, "bytes_freed": 0}
     # Expired entries are kept for revalidation for a grace period (7 days by default).
@@ -137,6 +137,22 @@ def test_cleanup_removes_expired_files_by_the_clock(origin, cache_dir):
     assert report == {"expired": 1, "evicted": 0, "bytes_freed": 5000}
     assert not path.exists()
     assert m.get_stats()["expirations"] == 1
+
+
+def test_cleanup_lets_go_of_the_holds_of_expired_files(origin, cache_dir):
+    url = origin.route("h.nii.gz", Route(volume(6, 5000)))
+    fresh_url = origin.route("f.nii.gz", Route(volume(7, 5000)))
+    clock = ManualClock()
+    m = ImageCacheManager(cache_dir=cache_dir, default_ttl_hours=1, clock=clock, hold_seconds=600)
+    path = m.get_file(url)
+    clock.advance(3600 + 7 * 24 * 3600 + 1)
+    fresh = m.get_file(fresh_url)
+    m.cleanup()
+    # Its hold let go of, the expired file went: by this cleanup, or by the background
+    # sweeper that the hold's release woke (whichever came first).
+    assert not path.exists()
+    assert m.get_stats()["expirations"] == 1
+    assert fresh.exists()
 
 
 def test_settings_apply_at_once(origin, cache_dir):
