@@ -559,8 +559,27 @@ impl Index {
         if self.total(st) <= max {
             return Vec::new();
         }
+        let order = self.eviction_order(st);
+        // Entries another process removed since the last scan count bytes no longer on disk:
+        // forgotten first, so that they never make this process evict real files instead.
         let mut removed = Vec::new();
-        for key in self.eviction_order(st) {
+        for key in &order {
+            if self.total(st) <= max {
+                return removed;
+            }
+            let gone = st.entries.get(key).is_some_and(|e| {
+                !e.is_pinned()
+                    && matches!(
+                        std::fs::symlink_metadata(&e.path),
+                        Err(err) if err.kind() == io::ErrorKind::NotFound
+                    )
+            });
+            if gone && let Some(entry) = st.entries.remove(key) {
+                st.committed_bytes -= entry.meta.size;
+                removed.push(self.retire_locked(st, entry, Reason::Replaced));
+            }
+        }
+        for key in order {
             if self.total(st) <= max {
                 break;
             }

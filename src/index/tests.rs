@@ -151,6 +151,29 @@ fn reservations_count_against_the_cap_and_come_back() {
 }
 
 #[test]
+fn entries_another_process_removed_are_forgotten_before_real_files_are_evicted() {
+    let (_dir, layout) = disk();
+    let index = index_with(&layout, 100, &[30, 30, 30]);
+    // Another process evicted entries 0 and 1 (the least recently used) since the last scan:
+    // their meta.json and bytes are gone, and this index still counts them.
+    for i in [0, 1] {
+        let k = key(i);
+        std::fs::remove_file(layout.meta_path(&k)).unwrap();
+        let path = index.current(&k).unwrap().path.clone();
+        std::fs::remove_file(path).unwrap();
+    }
+    let removed = index.reserve(50);
+    assert_eq!(keys(&removed), vec![key(0), key(1)], "only the phantoms");
+    assert!(removed.iter().all(|r| r.reason == Reason::Replaced));
+    delete_trash(&removed);
+    assert_eq!(index.figures().committed_bytes, 30);
+    assert!(
+        index.current(&key(2)).unwrap().path.exists(),
+        "the real file stays"
+    );
+}
+
+#[test]
 fn a_commit_replaces_the_entry_and_releases_its_reservation() {
     let (_dir, layout) = disk();
     let index = index_with(&layout, 100, &[10]);
