@@ -322,7 +322,7 @@ impl ImageCache {
     }
 
     /// The cached file for `url` if a fresh, intact entry exists. Never touches the network.
-    /// Counts a hit when it returns a file and nothing otherwise.
+    /// Counts a hit when it returns a file and nothing otherwise; `None` after [`shutdown`](Self::shutdown).
     pub fn get_cached(&self, url: impl AsRef<str>) -> Option<CachedFile> {
         self.get_cached_with(url, &GetOptions::default())
     }
@@ -353,12 +353,14 @@ impl ImageCache {
             return None;
         }
         let inner = self.inner();
+        inner.check_open().ok()?;
         let resolved = inner.resolve(url.as_ref()).ok()?;
         inner.try_hit(&resolved, options)
     }
 
-    /// Downloads `url` again even if a fresh entry exists, and replaces the entry (the
-    /// original design's `download_and_cache`). Joins a download already running.
+    /// Downloads `url` again even if a fresh entry exists, and replaces the entry (what the
+    /// original design's `download_and_cache` does when called directly). Joins a download
+    /// already running.
     ///
     /// # Errors
     /// As [`get`](Self::get); on error the old entry is kept.

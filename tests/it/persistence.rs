@@ -23,6 +23,8 @@ async fn restart_keeps_entries_counters_and_lru_order() {
         cache.shutdown().await;
         let err = cache.get(origin.url("a.nii.gz")).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Shutdown);
+        // The hit path too: a hit after the figures were saved would be lost.
+        assert!(cache.get_cached(origin.url("a.nii.gz")).is_none());
     }
     let (cache, _clock) = open(dir.path()).await;
     let stats = cache.stats();
