@@ -49,6 +49,15 @@ _MB = 1024 * 1024
 StrPath = Union[str, "os.PathLike[str]"]
 
 
+class _FromEnvironment(int):
+    """A default the environment overrides: it shows (in ``help`` and ``inspect.signature``)
+    as the original design's number, and is told apart from that number given explicitly."""
+
+
+_DEFAULT_SIZE_MB = _FromEnvironment(1024)
+_DEFAULT_TTL_HOURS = _FromEnvironment(24)
+
+
 @dataclass(frozen=True)
 class CacheEntry:
     """One cached file, with the fields of the original design's ``CacheEntry``."""
@@ -79,18 +88,24 @@ class ImageCacheManager:
     against) to ``IMAGE_SERVER``. An argument given wins over the environment, which wins
     over ``.env``.
 
-    Beyond the original: ``offline`` serves only what is cached; ``hold_seconds`` (10) is
-    how long a path that :meth:`get_file` returns is kept from eviction and removal, in any
-    process, so that opening it right after the call never races the size cap (use
-    :meth:`open` to hold a file for as long as you need it); ``dotenv`` names another
-    ``.env`` file; ``clock`` (a :class:`ManualClock`) lets a test move time on by hand.
+    Beyond the original: ``offline`` serves only what is cached; ``hold_seconds`` (10, at
+    most a day) is how long a path that :meth:`get_file` returns is kept from eviction, in
+    any process, so that opening it right after the call does not race the size cap. Holds
+    are a courtesy: together they keep at most half the size cap (and 64 files), the oldest
+    going first, and setting the cap, :meth:`cleanup`, :meth:`invalidate` and
+    :meth:`clear_cache` let go of them; use :meth:`open` to hold a file for as long as you
+    need it. ``dotenv`` names another ``.env`` file; ``clock`` (a :class:`ManualClock`) lets
+    a test move time on by hand.
+
+    A forked child (``multiprocessing`` with "fork") uses the manager as it was at the fork,
+    settings changed since its creation included: it opens the cache again on first use.
     """
 
     def __init__(
         self,
         cache_dir: Optional[StrPath] = None,
-        max_cache_size_mb: Optional[float] = None,
-        default_ttl_hours: Optional[float] = None,
+        max_cache_size_mb: Optional[float] = _DEFAULT_SIZE_MB,
+        default_ttl_hours: Optional[float] = _DEFAULT_TTL_HOURS,
         image_server_url: Optional[str] = None,
         *,
         offline: Optional[bool] = None,
@@ -101,10 +116,10 @@ class ImageCacheManager:
         self._cache = _native.Cache(
             cache_dir=None if cache_dir is None else str(cache_dir),
             max_size_bytes=None
-            if max_cache_size_mb is None
+            if max_cache_size_mb is None or max_cache_size_mb is _DEFAULT_SIZE_MB
             else int(max_cache_size_mb * _MB),
             default_ttl_seconds=None
-            if default_ttl_hours is None
+            if default_ttl_hours is None or default_ttl_hours is _DEFAULT_TTL_HOURS
             else float(default_ttl_hours) * 3600.0,
             image_server=image_server_url,
             offline=offline,
@@ -145,13 +160,15 @@ class ImageCacheManager:
         *,
         expected_sha256: Optional[str] = None,
     ) -> Path:
-        """As in the original: the cached file if it is fresh, else a download. Use
-        :meth:`refresh` to download again whatever is cached."""
-        return self._get(url, ttl_seconds, expected_sha256)
+        """As in the original, downloads ``url`` and caches it, replacing what is cached
+        (the original's :meth:`get_file` called it on a miss; call :meth:`get_file` for the
+        cached copy). A download of ``url`` already running is joined, not repeated."""
+        return self._cache.get(url, ttl_seconds, expected_sha256, True)
 
     def invalidate(self, url: str) -> bool:
         """Removes ``url``'s entry; returns whether there was one. A file that someone holds
-        (:meth:`open`, or another process) is deleted when it is let go of."""
+        (:meth:`open`, or another process) is deleted when it is let go of; this manager's
+        own holds on it go at once."""
         return self._cache.invalidate(url)
 
     def clear_cache(self) -> int:
@@ -171,7 +188,8 @@ class ImageCacheManager:
 
     def cleanup(self) -> Dict[str, int]:
         """Removes expired entries and enforces the size cap now (a background task does it
-        every minute too). Returns ``{"expired": n, "evicted": n, "bytes_freed": n}``."""
+        every minute too), after letting go of this manager's holds. Returns
+        ``{"expired": n, "evicted": n, "bytes_freed": n}``."""
         return self._cache.cleanup()
 
     # -- beyond the original ------------------------------------------------------------------
@@ -211,7 +229,8 @@ class ImageCacheManager:
         return self._cache.aopen(url, ttl_seconds, expected_sha256)
 
     def refresh(self, url: str, *, expected_sha256: Optional[str] = None) -> Path:
-        """Downloads ``url`` again even if a fresh copy is cached, and replaces it."""
+        """Downloads ``url`` again even if a fresh copy is cached, and replaces it: the Rust
+        core's name for :meth:`download_and_cache`."""
         return self._cache.get(url, None, expected_sha256, True)
 
     def verify(self, url: str) -> str:
@@ -258,7 +277,7 @@ class ImageCacheManager:
 
     @max_cache_size_bytes.setter
     def max_cache_size_bytes(self, value: int) -> None:
-        """Applies at once (evicting to honour a smaller cap)."""
+        """Applies at once: this manager's holds go, and a smaller cap evicts."""
         self._cache.set_max_size_bytes(int(value))
 
     @property

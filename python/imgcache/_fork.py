@@ -4,9 +4,17 @@ A child made by ``os.fork`` (``multiprocessing``'s "fork" start method, data-loa
 inherits the parent's file descriptors, and with them the parent's ``flock`` locks on the
 cache directory: the lock that marks the parent alive, the locks that pin the files it holds,
 the locks of its downloads. Closing a copy never releases a lock the parent still has open,
-so the child closes every inherited descriptor that holds an ``flock`` on a file below a
-cache directory in use, right after the fork. The Rust side starts a fresh runtime and
-re-opens each cache the first time the child uses it, and never drops what it inherited.
+so the child closes every inherited descriptor that holds an ``flock`` on a file of a
+cache directory's store (``<cache_dir>/v1/``, where the cache keeps its data and locks),
+right after the fork. Descriptors of the application (a file it opened in the cache, a lock
+of its own beside it) are left alone. The Rust side starts a fresh runtime and re-opens
+each cache the first time the child uses it, and never drops what it inherited.
+
+One race is left, and it is harmless: a parent thread that opens a lock file at the moment
+of the fork and locks it just after leaves the child a descriptor that held no lock when the
+child looked. The child then keeps that lock of the parent's alive until it exits: a file
+the parent lets go of stays pinned, or a parent that died looks alive, that long. Nothing is
+ever removed early because of it.
 """
 
 import atexit
@@ -17,6 +25,7 @@ from typing import Set
 
 from . import _native
 
+# The stores (``<realpath of cache_dir>/v1``) of the caches opened in this process.
 _dirs: Set[str] = set()
 _dirs_lock = threading.Lock()
 _caches: "weakref.WeakSet[_native.Cache]" = weakref.WeakSet()
@@ -24,8 +33,9 @@ _caches: "weakref.WeakSet[_native.Cache]" = weakref.WeakSet()
 
 def track(cache: "_native.Cache") -> None:
     """Remembers an open cache: its directory for forks, itself for exit."""
+    store = os.path.join(os.path.realpath(str(cache.cache_dir)), "v1")
     with _dirs_lock:
-        _dirs.add(os.path.realpath(str(cache.cache_dir)))
+        _dirs.add(store)
     _caches.add(cache)
 
 
@@ -39,7 +49,7 @@ def _holds_flock(fd: str) -> bool:
 
 def close_inherited_locks() -> int:
     """Closes the descriptors of this process that hold an flock below a tracked cache
-    directory; returns how many. Only ever run in a freshly forked child."""
+    store; returns how many. Only ever run in a freshly forked child."""
     dirs = tuple(d.rstrip("/") + "/" for d in _dirs)
     if not dirs:
         return 0

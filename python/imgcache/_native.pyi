@@ -2,7 +2,7 @@
 
 import os
 from pathlib import Path
-from typing import Any, Awaitable, Dict, List, Optional, Union
+from typing import Any, Awaitable, Dict, List, Optional, Tuple, Union
 
 _StrPath = Union[str, "os.PathLike[str]"]
 
@@ -106,6 +106,10 @@ class Cache:
     def image_server(self) -> Optional[str]: ...
     @property
     def hold_seconds(self) -> float: ...
+    @property
+    def held(self) -> Tuple[int, int]: ...
+    @property
+    def closed(self) -> bool: ...
     def redacted(self, url: str) -> str: ...
     def close(self) -> None: ...
 

@@ -13,6 +13,15 @@ if TYPE_CHECKING:
     from . import ImageCacheManager
 
 _MB = 1024 * 1024
+# The bounds of the settings inputs. A cache configured beyond them (a TTL of years, set in
+# the environment) shows the nearest bound rather than failing Streamlit's range check; the
+# setting changes only when the user changes the input.
+_TTL_HOURS = (0.01, 24.0 * 365 * 10)
+_SIZE_MB = (1, 1024 * 1024 * 1024)
+
+
+def _within(value: float, bounds: "tuple[float, float]") -> float:
+    return min(max(value, bounds[0]), bounds[1])
 
 
 def _figures(manager: "ImageCacheManager") -> None:
@@ -69,9 +78,9 @@ def show_cache_controls(manager: "ImageCacheManager", *, refresh_seconds: float 
         with st.expander("Cache Settings", expanded=False):
             st.number_input(
                 "Default TTL (hours)",
-                min_value=0.01,
-                max_value=24.0 * 365,
-                value=float(manager.default_ttl_seconds) / 3600.0,
+                min_value=_TTL_HOURS[0],
+                max_value=_TTL_HOURS[1],
+                value=_within(float(manager.default_ttl_seconds) / 3600.0, _TTL_HOURS),
                 step=1.0,
                 key="imgcache_ttl_hours",
                 help="How long new files stay fresh; applies at once",
@@ -80,9 +89,9 @@ def show_cache_controls(manager: "ImageCacheManager", *, refresh_seconds: float 
             )
             st.number_input(
                 "Max Cache Size (MB)",
-                min_value=1,
-                max_value=1024 * 1024 * 16,
-                value=int(manager.max_cache_size_bytes // _MB),
+                min_value=_SIZE_MB[0],
+                max_value=_SIZE_MB[1],
+                value=int(_within(manager.max_cache_size_bytes // _MB, _SIZE_MB)),
                 step=100,
                 key="imgcache_max_size_mb",
                 help="The size cap; a smaller cap evicts at once",

@@ -49,20 +49,36 @@ fn message(e: &Error) -> String {
 
 /// `e` as an instance of its Python class.
 pub(crate) fn to_py(e: &Error) -> PyErr {
-    Python::attach(|py| match build(py, e) {
-        Ok(err) => err,
-        Err(import) => import,
-    })
+    let status = e.status();
+    exception(e.kind(), &message(e), e.url(), status, e.is_transient())
 }
 
-fn build(py: Python<'_>, e: &Error) -> PyResult<PyErr> {
-    let module = MODULE.get_or_try_init(py, || {
-        Ok::<_, PyErr>(py.import("imgcache._errors")?.unbind())
-    })?;
-    let (class, kind) = class_name(e.kind());
-    let class = module.bind(py).getattr(class)?.cast_into::<PyType>()?;
-    let instance = class.call1((message(e), e.url(), e.status(), e.is_transient(), kind))?;
-    Ok(PyErr::from_value(instance))
+/// An exception of `kind`'s class that the core did not raise (a handle used after `close`,
+/// a call the package refuses), with no URL or status.
+pub(crate) fn of_kind(kind: ErrorKind, message: &str) -> PyErr {
+    exception(kind, message, None, None, false)
+}
+
+fn exception(
+    kind: ErrorKind,
+    message: &str,
+    url: Option<&str>,
+    status: Option<u16>,
+    transient: bool,
+) -> PyErr {
+    Python::attach(|py| {
+        let made = (|| -> PyResult<PyErr> {
+            let module = MODULE.get_or_try_init(py, || {
+                Ok::<_, PyErr>(py.import("imgcache._errors")?.unbind())
+            })?;
+            let (class, name) = class_name(kind);
+            let class = module.bind(py).getattr(class)?.cast_into::<PyType>()?;
+            let instance = class.call1((message, url, status, transient, name))?;
+            Ok(PyErr::from_value(instance))
+        })();
+        // The classes failed to import: that error says more than any other.
+        made.unwrap_or_else(|import| import)
+    })
 }
 
 /// A bug in this package rather than a failure of the cache.

@@ -4,35 +4,48 @@
 //!
 //! - Every call into the core runs with the GIL released (`Python::detach`), so that no
 //!   Python thread ever holds the GIL while it waits on a lock of the core, and a core thread
-//!   that logs (which takes the GIL) can never wait on such a thread.
+//!   that logs (which takes the GIL) can never wait on such a thread. Pins are let go of
+//!   (which may take the core's index lock) with the GIL released too, error paths included.
 //! - A hit is tried first without entering the runtime (`get_cached_with`); a miss blocks on
 //!   the runtime, waking every 100 ms for Python's signal handlers.
-//! - A path that `get` returns stays pinned by its handle for `hold_seconds`, so that it is
-//!   not evicted (by this process or another) between the call and the caller opening it;
-//!   calling again within that time is the re-pin path of the core (an `fstat` and an
-//!   `lstat`, no `open`/`flock`), and hands out the same `pathlib.Path` object.
+//! - A path that `get` returns stays pinned by its handle for `hold_seconds` (see `holds`),
+//!   so that it is not evicted (by this process or another) between the call and the caller
+//!   opening it; calling again within that time is the re-pin path of the core (an `fstat`
+//!   and an `lstat`, no `open`/`flock`), and hands out the same `pathlib.Path` object.
+//! - After a fork the child builds its runtime and each cache again, from the settings the
+//!   parent had at the moment of the fork, and never drops (nor locks) what it inherited.
 
 mod convert;
 mod errors;
+mod holds;
 mod logs;
+mod pinned;
 mod process;
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
-use imgcache::{CacheBuilder, CacheStatus, CachedFile, GetOptions, ImageCache, MB};
+use arc_swap::{ArcSwap, ArcSwapOption};
+use imgcache::{CacheBuilder, CachedFile, ErrorKind, GetOptions, ImageCache, MB};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyList;
 
 use errors::IntoPy as _;
-use process::Process;
+use holds::{Held, Holds};
+use pinned::Pinned;
+use process::{ForkLock, Process};
 
-/// What a handle is built from; kept to build it again in a forked child.
+/// The longest `hold_seconds`: a hold is for the moment between a call and an `open`.
+const MAX_HOLD: Duration = Duration::from_secs(24 * 3600);
+
+/// What a handle is built from. After the first open it records what the cache resolved
+/// (from the arguments, the environment and `.env`), and the setters record their changes,
+/// so that a forked child opens the cache its parent had, whatever the environment says.
 #[derive(Clone)]
 struct Settings {
     cache_dir: Option<PathBuf>,
@@ -70,13 +83,18 @@ impl Settings {
         }
         Ok(b)
     }
-}
 
-/// A path handed out by `get`, pinned for a while.
-struct Held {
-    file: CachedFile,
-    path: Py<PyAny>,
-    until: Instant,
+    /// These settings with what `cache` resolved.
+    fn resolved(&self, cache: &ImageCache) -> Settings {
+        let stats = cache.stats();
+        Settings {
+            cache_dir: Some(cache.cache_dir().to_owned()),
+            max_size_bytes: Some(stats.max_size_bytes),
+            default_ttl: Duration::try_from_secs_f64(stats.default_ttl_hours * 3600.0).ok(),
+            image_server: cache.image_server().map(str::to_owned),
+            ..self.clone()
+        }
+    }
 }
 
 /// One process's open cache behind a handle.
@@ -84,37 +102,45 @@ struct State {
     generation: u64,
     process: Arc<Process>,
     cache: ImageCache,
-    held: Mutex<HashMap<String, Held>>,
+    holds: Mutex<Holds>,
+    /// The size cap, which bounds the holds.
+    cap: AtomicU64,
 }
 
 impl State {
-    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_holds(&self) -> std::sync::MutexGuard<'_, Holds> {
+        self.holds.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Drops the holds `keep` rejects; the pins go with the GIL released.
-    fn release(&self, py: Python<'_>, mut keep: impl FnMut(&str, &Held) -> bool) {
-        let gone: Vec<Held> = {
-            let mut held = self.lock_held();
-            let doomed: Vec<String> = held
-                .iter()
-                .filter(|(url, h)| !keep(url, h))
-                .map(|(url, _)| url.clone())
-                .collect();
-            doomed.iter().filter_map(|url| held.remove(url)).collect()
-        };
-        let (files, paths): (Vec<_>, Vec<_>) = gone.into_iter().map(|h| (h.file, h.path)).unzip();
-        py.detach(move || drop(files));
-        drop(paths);
+    /// Lets go of the holds `keep` rejects.
+    fn release(&self, py: Python<'_>, keep: impl FnMut(&str, &Held) -> bool) {
+        let gone = self.lock_holds().take(keep);
+        let_go(py, gone);
+    }
+
+    /// Lets go of the holds on files that are no longer the current version of an entry
+    /// (removed by `invalidate` under another spelling of the URL, or replaced).
+    fn release_stale(&self, py: Python<'_>) {
+        let current: HashSet<PathBuf> =
+            py.detach(|| self.cache.entries().into_iter().map(|e| e.path).collect());
+        self.release(py, |_, h| current.contains(h.file.path()));
     }
 }
 
-/// The async path of a get: a hit, else the download (on a runtime thread, without the GIL).
-async fn fetch(state: &State, url: &str, options: GetOptions) -> PyResult<CachedFile> {
-    match state.cache.get_cached_with(url, &options) {
-        Some(hit) => Ok(hit),
-        None => state.cache.get_with(url, options).await.py_err(),
+/// Drops pins with the GIL released (letting go of the last pin of a retired version takes
+/// the core's index lock), then their path objects.
+fn let_go(py: Python<'_>, gone: Vec<Held>) {
+    if gone.is_empty() {
+        return;
     }
+    let (files, paths): (Vec<_>, Vec<_>) = gone.into_iter().map(|h| (h.file, h.path)).unzip();
+    py.detach(move || drop(files));
+    drop(paths);
+}
+
+/// Drops one pin with the GIL released.
+fn unpin(py: Python<'_>, file: CachedFile) {
+    py.detach(move || drop(file));
 }
 
 /// Lets go of the holds whose time is up, every `every`, while the state lives.
@@ -125,15 +151,7 @@ async fn let_go_of_old_holds(state: std::sync::Weak<State>, every: Duration) {
         tick.tick().await;
         let Some(state) = state.upgrade() else { return };
         let now = Instant::now();
-        let gone: Vec<Held> = {
-            let mut held = state.lock_held();
-            let old: Vec<String> = held
-                .iter()
-                .filter(|(_, h)| h.until <= now)
-                .map(|(url, _)| url.clone())
-                .collect();
-            old.iter().filter_map(|url| held.remove(url)).collect()
-        };
+        let gone = state.lock_holds().take(|_, h| h.until > now);
         // Off the GIL: the paths' references are let go of by PyO3 the next time any
         // thread holds it.
         drop(gone);
@@ -156,10 +174,12 @@ fn seconds(value: Option<f64>, what: &str) -> PyResult<Option<Duration>> {
         None => Ok(None),
         // The original design's `ttl_seconds or default`: 0 asks for the default.
         Some(0.0) => Ok(None),
-        Some(s) if s.is_finite() && s > 0.0 => Ok(Some(Duration::from_secs_f64(s))),
-        Some(s) => Err(PyValueError::new_err(format!(
-            "{what} must be a positive number of seconds, not {s}"
-        ))),
+        Some(s) => match Duration::try_from_secs_f64(s) {
+            Ok(d) if !d.is_zero() => Ok(Some(d)),
+            _ => Err(PyValueError::new_err(format!(
+                "{what} must be a positive number of seconds, not {s}"
+            ))),
+        },
     }
 }
 
@@ -174,62 +194,60 @@ fn options(ttl_seconds: Option<f64>, expected_sha256: Option<String>) -> PyResul
     Ok(o)
 }
 
-fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn status_name(status: CacheStatus) -> &'static str {
-    match status {
-        CacheStatus::Hit => "hit",
-        CacheStatus::Downloaded => "downloaded",
-        CacheStatus::Coalesced => "coalesced",
-        CacheStatus::Revalidated => "revalidated",
-        CacheStatus::Stale => "stale",
-        _ => "other",
-    }
+fn closed_error() -> PyErr {
+    errors::of_kind(ErrorKind::Shutdown, "the cache was closed")
 }
 
 /// A cache handle: the Rust `ImageCache` of this process for one configuration.
 #[pyclass(module = "imgcache._native", frozen, weakref)]
 struct Cache {
-    settings: Settings,
+    settings: ArcSwap<Settings>,
     hold: Duration,
     state: ArcSwapOption<State>,
     /// Taken only to open the cache, once per process.
-    opening: Mutex<()>,
+    opening: ForkLock,
+    closed: AtomicBool,
 }
 
 impl Cache {
     /// The cache of this process, opened again after a fork.
     fn state(&self, py: Python<'_>) -> PyResult<Arc<State>> {
+        logs::refresh_if_due(py);
+        if self.closed.load(Ordering::Acquire) {
+            return Err(closed_error());
+        }
         let now = process::generation();
         if let Some(s) = &*self.state.load()
             && s.generation == now
         {
             return Ok(Arc::clone(s));
         }
+        process::nested()?;
         py.detach(|| {
-            let _opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(s) = self.state.load_full()
-                && s.generation == now
-            {
-                return Ok(s);
-            }
-            self.open_now(now)
+            self.opening.with(|| {
+                if let Some(s) = self.state.load_full()
+                    && s.generation == now
+                {
+                    return Ok(s);
+                }
+                self.open_now(now)
+            })
         })
     }
 
     fn open_now(&self, now: u64) -> PyResult<Arc<State>> {
         let process = process::current()
             .map_err(|e| errors::internal(format!("cannot start the runtime: {e}")))?;
-        let builder = self.settings.builder().py_err()?;
+        let settings = self.settings.load_full();
+        let builder = settings.builder().py_err()?;
         let cache = process.runtime.block_on(builder.build()).py_err()?;
+        self.settings.store(Arc::new(settings.resolved(&cache)));
         let state = Arc::new(State {
             generation: now,
             process: Arc::clone(&process),
+            cap: AtomicU64::new(cache.stats().max_size_bytes),
             cache,
-            held: Mutex::new(HashMap::new()),
+            holds: Mutex::new(Holds::default()),
         });
         if !self.hold.is_zero() {
             let every = (self.hold / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -246,7 +264,16 @@ impl Cache {
         Ok(state)
     }
 
-    /// Pins `file` under `url` for `hold` and returns its `pathlib.Path`.
+    /// Records a change of setting for a forked child.
+    fn record(&self, change: impl Fn(&mut Settings)) {
+        self.settings.rcu(|s| {
+            let mut s = Settings::clone(s);
+            change(&mut s);
+            s
+        });
+    }
+
+    /// Holds `file` under `url` for `hold` and returns its `pathlib.Path`.
     fn hand_out(
         &self,
         py: Python<'_>,
@@ -254,45 +281,34 @@ impl Cache {
         url: &str,
         file: CachedFile,
     ) -> PyResult<Py<PyAny>> {
-        let until = Instant::now() + self.hold;
         if self.hold.is_zero() {
-            let path = new_path(py, file.path())?.unbind();
-            py.detach(move || drop(file));
-            return Ok(path);
+            let path = new_path(py, file.path()).map(Bound::unbind);
+            unpin(py, file);
+            return path;
         }
-        // No Python code runs under the lock: it could let the GIL go to a thread that
-        // then waits on the lock.
-        let again = {
-            let mut held = state.lock_held();
-            match held.get_mut(url) {
-                Some(h) if h.file.path() == file.path() => {
-                    h.until = until;
-                    Ok((h.path.clone_ref(py), std::mem::replace(&mut h.file, file)))
-                }
-                _ => Err(file),
+        // `hold` is at most MAX_HOLD: the sum cannot overflow.
+        let until = Instant::now() + self.hold;
+        let renewed = state.lock_holds().renew(py, url, file, until);
+        let file = match renewed {
+            Ok((path, older)) => {
+                unpin(py, older);
+                return Ok(path);
+            }
+            Err(file) => file,
+        };
+        // Python code, so not under the lock: a racing call may hold the file meanwhile,
+        // which `insert` sees.
+        let path = match new_path(py, file.path()) {
+            Ok(path) => path.unbind(),
+            Err(e) => {
+                unpin(py, file);
+                return Err(e);
             }
         };
-        let path = match again {
-            // The held map pins the same entry, so letting go of this pin is one atomic
-            // decrement.
-            Ok((path, _same)) => path,
-            Err(file) => {
-                let path = new_path(py, file.path())?.unbind();
-                let held = Held {
-                    file,
-                    path: path.clone_ref(py),
-                    until,
-                };
-                let old = state.lock_held().insert(url.to_owned(), held);
-                // Perhaps the last pin of an older version: its removal takes the index lock.
-                if let Some(old) = old {
-                    let Held { file, path, .. } = old;
-                    py.detach(move || drop(file));
-                    drop(path);
-                }
-                path
-            }
-        };
+        let cap = state.cap.load(Ordering::Relaxed);
+        let held = Held { file, path, until };
+        let (path, gone) = state.lock_holds().insert(py, url, held, cap);
+        let_go(py, gone);
         Ok(path)
     }
 
@@ -314,6 +330,33 @@ impl Cache {
             .block_on(py, cache.get_with(url, options))?
             .py_err()?;
         Ok((state, file))
+    }
+
+    /// The state and the hit for an asyncio call, tried on the caller's thread (it touches
+    /// the disk, which a runtime thread must not wait on).
+    fn start_async(
+        &self,
+        py: Python<'_>,
+        url: &str,
+        options: &GetOptions,
+    ) -> PyResult<(Arc<State>, Option<CachedFile>)> {
+        let state = self.state(py)?;
+        let hit = py.detach(|| state.cache.get_cached_with(url, options));
+        Ok((state, hit))
+    }
+}
+
+/// The rest of an asyncio get: the hit, else the download (on a runtime thread, without
+/// the GIL).
+async fn finish_async(
+    state: &State,
+    url: &str,
+    options: GetOptions,
+    hit: Option<CachedFile>,
+) -> PyResult<CachedFile> {
+    match hit {
+        Some(hit) => Ok(hit),
+        None => state.cache.get_with(url, options).await.py_err(),
     }
 }
 
@@ -348,11 +391,15 @@ impl Cache {
         dotenv: Option<PathBuf>,
         clock: Option<PyRef<'_, ManualClock>>,
     ) -> PyResult<Self> {
-        if !(hold_seconds.is_finite() && hold_seconds >= 0.0) {
-            return Err(PyValueError::new_err(format!(
-                "hold_seconds must be zero or more, not {hold_seconds}"
-            )));
-        }
+        let hold = match Duration::try_from_secs_f64(hold_seconds) {
+            Ok(hold) if hold <= MAX_HOLD => hold,
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "hold_seconds must be from 0 to {} (a day), not {hold_seconds}",
+                    MAX_HOLD.as_secs()
+                )));
+            }
+        };
         let settings = Settings {
             cache_dir,
             max_size_bytes,
@@ -363,10 +410,11 @@ impl Cache {
             clock: clock.map(|c| Arc::clone(&c.clock)),
         };
         let cache = Cache {
-            settings,
-            hold: Duration::from_secs_f64(hold_seconds),
+            settings: ArcSwap::from_pointee(settings),
+            hold,
             state: ArcSwapOption::const_empty(),
-            opening: Mutex::new(()),
+            opening: ForkLock::new(),
+            closed: AtomicBool::new(false),
         };
         // Opened now, so that a bad setting fails here rather than at the first get.
         cache.state(py)?;
@@ -432,12 +480,12 @@ impl Cache {
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let options = options(ttl_seconds, expected_sha256)?.force(force);
-        let state = slf.get().state(py)?;
+        let (state, hit) = slf.get().start_async(py, &url, &options)?;
         let handle: Py<Cache> = slf.clone().unbind();
         pyo3_async_runtimes::generic::future_into_py::<process::AsyncRuntime, _, _>(
             py,
             async move {
-                let file = fetch(&state, &url, options).await?;
+                let file = finish_async(&state, &url, options, hit).await?;
                 Python::attach(|py| handle.get().hand_out(py, &state, &url, file))
             },
         )
@@ -454,11 +502,11 @@ impl Cache {
         force: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let options = options(ttl_seconds, expected_sha256)?.force(force);
-        let state = self.state(py)?;
+        let (state, hit) = self.start_async(py, &url, &options)?;
         pyo3_async_runtimes::generic::future_into_py::<process::AsyncRuntime, _, _>(
             py,
             async move {
-                let file = fetch(&state, &url, options).await?;
+                let file = finish_async(&state, &url, options, hit).await?;
                 Python::attach(|py| Pinned::new(py, file))
             },
         )
@@ -467,19 +515,15 @@ impl Cache {
     /// Removes `url`'s entry; whether there was one.
     fn invalidate(&self, py: Python<'_>, url: &str) -> PyResult<bool> {
         let state = self.state(py)?;
-        let named: Vec<String> = state
-            .lock_held()
-            .iter()
-            .filter(|(typed, _)| typed.as_str() == url)
-            .map(|(_, h)| h.file.url().to_owned())
-            .collect();
-        state.release(py, |typed, h| {
-            typed != url && !named.iter().any(|n| n == h.file.url())
-        });
-        state
+        // This spelling's holds go first, so that the file can go at once.
+        state.release(py, |typed, _| typed != url);
+        let removed = state
             .process
             .block_on(py, state.cache.invalidate(url))?
-            .py_err()
+            .py_err()?;
+        // And the holds on it under other spellings of the URL.
+        state.release_stale(py);
+        Ok(removed)
     }
 
     /// Removes every entry; how many there were.
@@ -490,14 +534,10 @@ impl Cache {
     }
 
     /// Removes expired entries and enforces the cap now: `{expired, evicted, bytes_freed}`.
+    /// The holds go first: they are not there to keep a file from an explicit clean-up.
     fn cleanup<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let state = self.state(py)?;
-        // By the cache's clock: the holds of expired files go, so that cleanup can remove them.
-        let now = match &self.settings.clock {
-            Some(clock) => imgcache::Clock::now(&**clock),
-            None => SystemTime::now(),
-        };
-        state.release(py, |_, h| h.file.expires_at() > now);
+        state.release(py, |_, _| false);
         let report = state
             .process
             .block_on(py, state.cache.cleanup())?
@@ -512,6 +552,7 @@ impl Cache {
             .process
             .block_on(py, state.cache.verify(url))?
             .py_err()?;
+        state.release_stale(py);
         convert::record(py, &found)
     }
 
@@ -522,6 +563,7 @@ impl Cache {
             .process
             .block_on(py, state.cache.verify_all())?
             .py_err()?;
+        state.release_stale(py);
         convert::record(py, &report)
     }
 
@@ -549,24 +591,30 @@ impl Cache {
         Ok(())
     }
 
+    /// Sets the size cap; a smaller one evicts at once, held paths included.
     fn set_max_size_bytes(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
         let state = self.state(py)?;
-        py.detach(|| state.cache.set_max_size_bytes(bytes)).py_err()
+        state.release(py, |_, _| false);
+        py.detach(|| state.cache.set_max_size_bytes(bytes))
+            .py_err()?;
+        state.cap.store(bytes, Ordering::Relaxed);
+        self.record(|s| s.max_size_bytes = Some(bytes));
+        Ok(())
     }
 
     fn set_default_ttl_seconds(&self, py: Python<'_>, seconds: f64) -> PyResult<()> {
         let state = self.state(py)?;
-        if !(seconds.is_finite() && seconds > 0.0) {
-            return Err(PyValueError::new_err(format!(
-                "the TTL must be a positive number of seconds, not {seconds}"
-            )));
-        }
-        py.detach(|| {
-            state
-                .cache
-                .set_default_ttl(Duration::from_secs_f64(seconds))
-        })
-        .py_err()
+        let ttl = match Duration::try_from_secs_f64(seconds) {
+            Ok(ttl) if !ttl.is_zero() => ttl,
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "the TTL must be a positive number of seconds, not {seconds}"
+                )));
+            }
+        };
+        py.detach(|| state.cache.set_default_ttl(ttl)).py_err()?;
+        self.record(|s| s.default_ttl = Some(ttl));
+        Ok(())
     }
 
     #[getter]
@@ -598,6 +646,14 @@ impl Cache {
         self.hold.as_secs_f64()
     }
 
+    /// How many files the holds pin, and their bytes: `(files, bytes)`.
+    #[getter]
+    fn held(&self, py: Python<'_>) -> PyResult<(usize, u64)> {
+        let state = self.state(py)?;
+        let holds = state.lock_holds();
+        Ok((holds.len(), holds.bytes()))
+    }
+
     /// `url` without user-info and with signing query parameters redacted.
     fn redacted(&self, py: Python<'_>, url: &str) -> PyResult<String> {
         Ok(self.state(py)?.cache.redacted(url))
@@ -606,6 +662,10 @@ impl Cache {
     /// Lets go of every path this handle holds and shuts the cache down: the figures are
     /// saved and later calls raise `ShutdownError`.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
+        process::nested()?;
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
         let Some(state) = self.state.load_full() else {
             return Ok(());
         };
@@ -617,135 +677,20 @@ impl Cache {
         Ok(())
     }
 
-    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        let state = self.state(py)?;
-        Ok(format!(
-            "imgcache.Cache(cache_dir={:?}, image_server={:?})",
-            state.cache.cache_dir().display().to_string(),
-            state.cache.image_server().map(|s| state.cache.redacted(s))
-        ))
-    }
-}
-
-/// A cached file pinned for as long as this object is open: no eviction, expiry,
-/// `invalidate` or `clear` (in any process) removes the file until it is closed.
-#[pyclass(module = "imgcache._native", frozen, name = "CachedFile")]
-struct Pinned {
-    file: Mutex<Option<CachedFile>>,
-    path: Py<PyAny>,
-    fspath: String,
-    url: String,
-    size: u64,
-    sha256: String,
-    status: &'static str,
-    fetched_at: f64,
-    expires_at: f64,
-    etag: Option<String>,
-}
-
-impl Pinned {
-    fn new(py: Python<'_>, file: CachedFile) -> PyResult<Self> {
-        Ok(Pinned {
-            path: new_path(py, file.path())?.unbind(),
-            fspath: file.path().to_string_lossy().into_owned(),
-            url: file.url().to_owned(),
-            size: file.size(),
-            sha256: file.sha256().to_owned(),
-            status: status_name(file.status()),
-            fetched_at: unix_seconds(file.fetched_at()),
-            expires_at: unix_seconds(file.expires_at()),
-            etag: file.etag(),
-            file: Mutex::new(Some(file)),
-        })
-    }
-
-    fn take(&self) -> Option<CachedFile> {
-        self.file.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-}
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        if let Some(file) = self.take() {
-            // Unpinning may take the core's index lock: never with the GIL held.
-            Python::attach(|py| py.detach(move || drop(file)));
-        }
-    }
-}
-
-#[pymethods]
-impl Pinned {
-    #[getter]
-    fn path(&self, py: Python<'_>) -> Py<PyAny> {
-        self.path.clone_ref(py)
-    }
-    #[getter]
-    fn url(&self) -> &str {
-        &self.url
-    }
-    #[getter]
-    fn size(&self) -> u64 {
-        self.size
-    }
-    #[getter]
-    fn sha256(&self) -> &str {
-        &self.sha256
-    }
-    /// "hit", "downloaded", "coalesced", "revalidated" or "stale".
-    #[getter]
-    fn status(&self) -> &str {
-        self.status
-    }
-    /// Seconds since the epoch.
-    #[getter]
-    fn fetched_at(&self) -> f64 {
-        self.fetched_at
-    }
-    #[getter]
-    fn expires_at(&self) -> f64 {
-        self.expires_at
-    }
-    #[getter]
-    fn etag(&self) -> Option<&str> {
-        self.etag.as_deref()
-    }
     #[getter]
     fn closed(&self) -> bool {
-        self.file
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
-    }
-
-    fn __fspath__(&self) -> &str {
-        &self.fspath
-    }
-
-    /// Lets go of the pin (idempotent).
-    fn close(&self, py: Python<'_>) {
-        if let Some(file) = self.take() {
-            py.detach(move || drop(file));
-        }
-    }
-
-    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
-        slf
-    }
-
-    #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> bool {
-        self.close(py);
-        false
+        self.closed.load(Ordering::Acquire)
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "imgcache.CachedFile(path={:?}, size={}, status={:?}{})",
-            self.fspath,
-            self.size,
-            self.status,
-            if self.closed() { ", closed" } else { "" }
-        )
+        let settings = self.settings.load();
+        let dir = settings.cache_dir.as_ref().map(|d| d.display().to_string());
+        let server = self
+            .state
+            .load()
+            .as_ref()
+            .and_then(|s| s.cache.image_server().map(|u| s.cache.redacted(u)));
+        format!("imgcache.Cache(cache_dir={dir:?}, image_server={server:?})")
     }
 }
 
@@ -773,12 +718,11 @@ impl ManualClock {
 }
 
 fn seconds_or_zero(s: f64) -> PyResult<Duration> {
-    if s.is_finite() && s >= 0.0 {
-        Ok(Duration::from_secs_f64(s))
-    } else {
-        Err(PyValueError::new_err(format!(
+    match Duration::try_from_secs_f64(s) {
+        Ok(d) => Ok(d),
+        Err(_) => Err(PyValueError::new_err(format!(
             "expected zero or more seconds, not {s}"
-        )))
+        ))),
     }
 }
 

@@ -1,9 +1,10 @@
 //! The core's `tracing` events, forwarded to Python's `logging` under the logger `imgcache`
 //! (`imgcache.core` for the events of the Rust core, which is a child of it).
 //!
-//! Which levels are wanted is read from the logger at most once a second (and at once after
-//! `imgcache._native.refresh_log_level()`), so an event nobody listens to costs one atomic
-//! load and no trip to the interpreter. Each record carries the event's fields as a dict in
+//! Which levels are wanted is read from the logger by the calls from Python, at most once a
+//! second (and at once after `imgcache._native.refresh_log_level()`), so an event nobody
+//! listens to costs one atomic load and no trip to the interpreter, and a thread of the core
+//! takes the GIL only to hand over an event that is wanted. Each record carries the event's fields as a dict in
 //! its `imgcache` attribute.
 
 use std::fmt::Write as _;
@@ -85,13 +86,18 @@ pub(crate) fn refresh_log_level(py: Python<'_>) {
     READ_AT.store(now_ms(), Ordering::Relaxed);
 }
 
-fn wanted(level: &Level) -> bool {
+/// Reads the logger's level again if the last read is a second old. Called by the calls
+/// from Python, which hold the GIL anyway: a thread of the core never takes the GIL to learn
+/// whether an event is wanted (it may hold a lock of the core that a Python thread waits on).
+pub(crate) fn refresh_if_due(py: Python<'_>) {
     let now = now_ms();
     if now.saturating_sub(READ_AT.load(Ordering::Relaxed)) >= 1000 {
         READ_AT.store(now, Ordering::Relaxed);
-        let fresh = Python::attach(read_wanted);
-        WANTED.store(fresh, Ordering::Relaxed);
+        WANTED.store(read_wanted(py), Ordering::Relaxed);
     }
+}
+
+fn wanted(level: &Level) -> bool {
     rank(level) <= WANTED.load(Ordering::Relaxed)
 }
 

@@ -38,7 +38,58 @@ pub(crate) struct Process {
 
 static PROCESS: ArcSwapOption<Process> = ArcSwapOption::const_empty();
 /// Taken only to build a runtime, once per process.
-static BUILDING: Mutex<()> = Mutex::new(());
+static BUILDING: ForkLock = ForkLock::new();
+
+/// A mutex that a forked child never inherits locked: a parent thread may hold a lock at the
+/// moment another thread forks, and that thread does not exist in the child to let it go.
+/// Each fork generation gets its own mutex; the parent's is left to the parent.
+pub(crate) struct ForkLock(ArcSwapOption<(u64, Mutex<()>)>);
+
+impl ForkLock {
+    pub(crate) const fn new() -> Self {
+        ForkLock(ArcSwapOption::const_empty())
+    }
+
+    /// Runs `f` with this generation's mutex held.
+    pub(crate) fn with<R>(&self, f: impl FnOnce() -> R) -> R {
+        let now = generation();
+        let lock = loop {
+            let seen = self.0.load_full();
+            if let Some(lock) = &seen
+                && lock.0 == now
+            {
+                break Arc::clone(lock);
+            }
+            let fresh = Arc::new((now, Mutex::new(())));
+            let before = self.0.compare_and_swap(&seen, Some(Arc::clone(&fresh)));
+            let swapped = match (&*before, &seen) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if swapped {
+                break fresh;
+            }
+        };
+        let _held = lock.1.lock().unwrap_or_else(|e| e.into_inner());
+        f()
+    }
+}
+
+/// Whether this thread is inside a runtime (a runtime thread, or a thread blocked on one),
+/// where blocking on the runtime again would panic: a Python logging handler that the
+/// core's events reach, or a signal handler run while a call waits, calling the cache.
+pub(crate) fn nested() -> PyResult<()> {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Err(crate::errors::of_kind(
+            imgcache::ErrorKind::Internal,
+            "a blocking imgcache call cannot run inside another one (a logging or signal \
+             handler that the cache itself called): use the asyncio methods, or call it \
+             from another thread",
+        ));
+    }
+    Ok(())
+}
 
 /// This process's runtime, built on first use (and again after a fork).
 pub(crate) fn current() -> std::io::Result<Arc<Process>> {
@@ -48,7 +99,10 @@ pub(crate) fn current() -> std::io::Result<Arc<Process>> {
     {
         return Ok(p);
     }
-    let _building = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    BUILDING.with(|| build(now))
+}
+
+fn build(now: u64) -> std::io::Result<Arc<Process>> {
     if let Some(p) = PROCESS.load_full()
         && p.generation == now
     {
@@ -79,6 +133,7 @@ impl Process {
         py: Python<'_>,
         fut: impl Future<Output = T> + Send,
     ) -> PyResult<T> {
+        nested()?;
         py.detach(|| {
             self.runtime.block_on(async {
                 tokio::pin!(fut);

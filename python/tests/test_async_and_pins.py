@@ -89,15 +89,62 @@ def test_async_open_pins_too(origin, cache_dir):
     assert not f.path.exists()
 
 
-def test_a_returned_path_is_held_for_hold_seconds(origin, cache_dir):
-    urls = [origin.route(f"h{i}.nii.gz", Route(volume(10 + i, MB))) for i in range(2)]
-    m = ImageCacheManager(cache_dir=cache_dir, max_cache_size_mb=1.5, hold_seconds=60)
-    first = m.get_file(urls[0])
-    second = m.get_file(urls[1])
-    # Over the cap, but both were handed out within the last minute: neither is removed.
-    assert first.exists() and second.exists()
-    assert m.get_stats()["entries_count"] == 2
-    loose = ImageCacheManager(cache_dir=cache_dir / "loose", max_cache_size_mb=1.5, hold_seconds=0)
-    loose.get_file(urls[0])
-    loose.get_file(urls[1])
-    assert loose.get_stats()["entries_count"] == 1, "without holds the cap applies at once"
+def test_a_returned_path_is_held_against_another_processs_cap(origin, cache_dir):
+    body = volume(10, MB)
+    url = origin.route("h.nii.gz", Route(body))
+    m = ImageCacheManager(cache_dir=cache_dir, hold_seconds=60)
+    other = ImageCacheManager(cache_dir=cache_dir, hold_seconds=0)
+    path = m.get_file(url)
+    assert m._cache.held == (1, MB)
+    # Another handle on the directory (a process, for the cache) shrinks the cap: the
+    # path just handed out stays until the caller has had its chance to open it.
+    other.max_cache_size_bytes = 1
+    assert path.read_bytes() == body
+    assert m.get_file(url) == path and m._cache.held == (1, MB), "renewed, not doubled"
+    m.close()
+    other.cleanup()
+    assert not path.exists(), "let go of, the cap applies"
+    assert data_files(cache_dir) == []
+
+
+def test_holds_keep_at_most_half_the_cap_so_the_cap_holds(origin, cache_dir):
+    # The default hold, and files that together are twice the cap.
+    urls = [origin.route(f"c{i}.nii.gz", Route(volume(40 + i, MB))) for i in range(6)]
+    m = ImageCacheManager(cache_dir=cache_dir, max_cache_size_mb=3)
+    assert m.hold_seconds == 10.0
+    for i, url in enumerate(urls):
+        path = m.get_file(url)
+        assert path.read_bytes() == volume(40 + i, MB)
+        files, held = m._cache.held
+        assert held <= 3 * MB // 2 or files == 1, (files, held)
+        assert m.get_stats()["current_size_bytes"] <= 3 * MB
+        assert len(data_files(cache_dir)) <= 3
+    assert [origin.gets[f"c{i}.nii.gz"] for i in range(6)] == [1] * 6
+    # A smaller cap lets go of the holds and applies at once.
+    m.max_cache_size_bytes = 1
+    assert m._cache.held == (0, 0)
+    assert data_files(cache_dir) == []
+
+
+def test_invalidate_lets_go_of_holds_under_another_spelling(origin, cache_dir):
+    url = origin.route("s.nii.gz", Route(volume(11, 1000)))
+    m = ImageCacheManager(cache_dir=cache_dir)
+    path = m.get_file(url)
+    spelled = url.replace("http://", "HTTP://").replace("/s.nii.gz", "/./s.nii.gz")
+    assert m.invalidate(spelled) is True
+    assert m._cache.held == (0, 0)
+    assert not path.exists(), "no hold of this handle keeps the invalidated file"
+
+
+def test_a_refreshed_url_keeps_the_hold_on_the_older_file(origin, cache_dir):
+    url = origin.route("v.nii.gz", Route(volume(12, 1000)))
+    m = ImageCacheManager(cache_dir=cache_dir)
+    old = m.get_file(url)
+    origin.routes["v.nii.gz"] = Route(volume(13, 2000))
+    new = m.download_and_cache(url)
+    assert new != old and new.read_bytes() == volume(13, 2000)
+    # The caller of the first get may not have opened its path yet.
+    assert old.read_bytes() == volume(12, 1000)
+    assert m._cache.held == (2, 3000)
+    m.cleanup()
+    assert not old.exists() and new.exists()

@@ -132,3 +132,65 @@ def test_a_forked_child_never_keeps_the_parents_locks(origin, cache_dir):
         go_on.set()
         child.join(60)
     assert child.exitcode == 0
+
+
+def _report_after_fork(manager, pinned, user_fd, out):
+    try:
+        stats = manager.get_stats()
+        try:
+            os.fstat(user_fd)
+            user_fd_open = True
+        except OSError:
+            user_fd_open = False
+        out.put(
+            {
+                "max_size_mb": stats["max_size_mb"],
+                "ttl": manager.default_ttl_seconds,
+                "cache_dir": str(manager.cache_dir),
+                "pinned_closed": pinned.closed,
+                "pinned_readable": pinned.path.exists(),
+                "user_fd_open": user_fd_open,
+            }
+        )
+        pinned.close()  # the parent's pin: nothing to do here, and no hang
+        del pinned
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        out.put(repr(e))
+
+
+def test_a_forked_child_has_the_settings_of_the_moment_and_not_the_parents_pins(
+    origin, cache_dir, monkeypatch
+):
+    import fcntl
+
+    url = origin.route("f.nii.gz", Route(volume(6, MB)))
+    m = ImageCacheManager(cache_dir=cache_dir)
+    m.max_cache_size_bytes = 300 * MB
+    m.default_ttl_seconds = 600
+    # What the environment says after the manager was made is not what the child opens.
+    monkeypatch.setenv("CACHE_DIR", str(cache_dir / "elsewhere"))
+    monkeypatch.setenv("CACHE_MAX_SIZE_MB", "7")
+    # The application's own lock beside the cache: the child keeps it.
+    user_lock = open(cache_dir / "app.lock", "w")
+    fcntl.flock(user_lock, fcntl.LOCK_EX)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    with m.open(url) as pinned:
+        child = ctx.Process(target=_report_after_fork, args=(m, pinned, user_lock.fileno(), out))
+        child.start()
+        report = out.get(timeout=60)
+        child.join(60)
+    user_lock.close()
+    assert child.exitcode == 0, report
+    assert report == {
+        "max_size_mb": 300.0,
+        "ttl": 600.0,
+        "cache_dir": str(cache_dir),
+        "pinned_closed": True,
+        "pinned_readable": True,
+        "user_fd_open": True,
+    }
+    assert not (cache_dir / "elsewhere").exists()
+    # The child's close and exit let go of nothing of the parent's.
+    assert m.get_cached_file(url) == pinned.path
+    assert pinned.path.read_bytes() == volume(6, MB)

@@ -1,12 +1,13 @@
 """One exception class per kind of failure, with url, status and is_transient; nothing cached."""
 
+import logging
 import pickle
 import socket
 
 import pytest
 
 import imgcache
-from imgcache import ImageCacheManager
+from imgcache import ImageCacheManager, ManualClock, _native
 
 from conftest import Route, data_files, volume
 
@@ -117,10 +118,87 @@ def test_exceptions_pickle_with_their_fields(origin, cache_dir):
     )
 
 
-def test_user_info_never_appears_in_an_error(origin, cache_dir):
-    m = ImageCacheManager(cache_dir=cache_dir)
-    url = f"http://alice:s3cret@127.0.0.1:{origin.port}/private.nii.gz"
-    with pytest.raises(imgcache.HttpStatusError) as e:
+SECRETS = ("s3cret", "sigsecret", "credsecret")
+
+
+def _shows_no_secret(text):
+    return not any(secret in str(text) for secret in SECRETS)
+
+
+def test_credentials_and_signatures_never_appear(origin, cache_dir, caplog):
+    signed = "private.nii.gz?X-Amz-Signature=sigsecret&X-Amz-Credential=credsecret"
+    origin.route(signed, Route(volume(3, 1000)))
+    url = f"http://alice:s3cret@127.0.0.1:{origin.port}/{signed}"
+    missing = f"http://alice:s3cret@127.0.0.1:{origin.port}/gone.nii.gz?Signature=sigsecret"
+    m = ImageCacheManager(cache_dir=cache_dir, image_server_url=f"http://bob:s3cret@127.0.0.1:{origin.port}/")
+    with caplog.at_level(logging.DEBUG, logger="imgcache"):
+        _native.refresh_log_level()
+        with pytest.raises(imgcache.HttpStatusError) as e:
+            m.get_file(missing)
+        with m.open(url) as f:
+            shown = [f.url, repr(f)]
         m.get_file(url)
-    assert "s3cret" not in str(e.value) and "s3cret" not in (e.value.url or "")
-    assert "s3cret" not in m.redacted(url)
+    _native.refresh_log_level()
+    assert _shows_no_secret(e.value) and _shows_no_secret(e.value.url or "")
+    assert _shows_no_secret(pickle.loads(pickle.dumps(e.value)))
+    assert "alice" not in f.url and "127.0.0.1" in f.url
+    shown += [m.redacted(url), m.image_server_url, repr(m), repr(m._cache)]
+    shown += [list(m.entries), [vars(x) for x in m.entries.values()], m.get_stats()]
+    assert all(_shows_no_secret(x) for x in shown), shown
+    assert caplog.records, "the events were logged"
+    for record in caplog.records:
+        assert _shows_no_secret(record.getMessage()), record.getMessage()
+        assert _shows_no_secret(getattr(record, "imgcache", "")), record.imgcache
+
+
+def test_durations_out_of_range_are_value_errors(origin, cache_dir):
+    url = origin.route("d.nii.gz", Route(volume(4, 100)))
+    for hold in (-1, 2 * 24 * 3600, 1e30, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            ImageCacheManager(cache_dir=cache_dir, hold_seconds=hold)
+    with pytest.raises(ValueError):
+        ImageCacheManager(cache_dir=cache_dir, default_ttl_hours=1e30)
+    m = ImageCacheManager(cache_dir=cache_dir)
+    for ttl in (-1, 1e30, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            m.get_file(url, ttl_seconds=ttl)
+        with pytest.raises(ValueError):
+            m.default_ttl_seconds = ttl
+    with pytest.raises(ValueError):
+        ManualClock().advance(1e30)
+    assert origin.gets["d.nii.gz"] == 0
+    # A TTL of a thousand years is a number like any other.
+    assert m.get_file(url, ttl_seconds=1000 * 365 * 24 * 3600).read_bytes() == volume(4, 100)
+
+
+def test_a_blocking_call_inside_a_logging_handler_raises_instead_of_panicking(origin, cache_dir):
+    first = origin.route("n1.nii.gz", Route(volume(5, 100)))
+    second = origin.route("n2.nii.gz", Route(volume(6, 100)))
+    m = ImageCacheManager(cache_dir=cache_dir)
+    seen = []
+
+    class Reentrant(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Cached file") and not seen:
+                try:
+                    seen.append(m.get_file(second))
+                except BaseException as e:  # noqa: BLE001 - what it raised is the point
+                    seen.append(e)
+
+    handler = Reentrant(level=logging.INFO)
+    core = logging.getLogger("imgcache.core")
+    core.addHandler(handler)
+    core.setLevel(logging.INFO)
+    try:
+        _native.refresh_log_level()
+        path = m.get_file(first)
+    finally:
+        core.removeHandler(handler)
+        core.setLevel(logging.NOTSET)
+        _native.refresh_log_level()
+    assert path.read_bytes() == volume(5, 100)
+    assert len(seen) == 1
+    assert isinstance(seen[0], imgcache.InternalError), seen
+    assert "inside another" in str(seen[0])
+    # The handle is unharmed.
+    assert m.get_file(second).read_bytes() == volume(6, 100)

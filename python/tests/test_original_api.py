@@ -1,6 +1,7 @@
 """Every call of the original ImageCacheManager design, its return types and its stats keys."""
 
 import hashlib
+import inspect
 import os
 import stat
 from pathlib import Path
@@ -27,7 +28,34 @@ ORIGINAL_STATS_KEYS = {
 }
 
 
-def test_the_original_signatures_and_defaults(cache_dir):
+def test_the_original_signatures_and_defaults(cache_dir, monkeypatch):
+    shown = inspect.signature(ImageCacheManager)
+    assert list(shown.parameters)[:4] == [
+        "cache_dir",
+        "max_cache_size_mb",
+        "default_ttl_hours",
+        "image_server_url",
+    ]
+    assert [shown.parameters[p].default for p in list(shown.parameters)[:4]] == [
+        None,
+        1024,
+        24,
+        None,
+    ]
+    assert "max_cache_size_mb: Optional[float] = 1024" in str(shown)
+    assert "default_ttl_hours: Optional[float] = 24" in str(shown)
+    # The defaults shown give way to the environment; the same numbers given do not.
+    monkeypatch.setenv("CACHE_MAX_SIZE_MB", "64")
+    monkeypatch.setenv("CACHE_DEFAULT_TTL_HOURS", "2")
+    from_env = ImageCacheManager(cache_dir=cache_dir / "env")
+    assert from_env.get_stats()["max_size_mb"] == 64.0
+    assert from_env.default_ttl_seconds == 2 * 3600
+    given = ImageCacheManager(cache_dir / "given", 1024, 24)
+    assert given.get_stats()["max_size_mb"] == 1024.0
+    assert given.default_ttl_seconds == 24 * 3600
+    monkeypatch.delenv("CACHE_MAX_SIZE_MB")
+    monkeypatch.delenv("CACHE_DEFAULT_TTL_HOURS")
+
     m = ImageCacheManager(cache_dir=cache_dir)
     stats = m.get_stats()
     assert stats["max_size_mb"] == 1024.0
@@ -72,11 +100,22 @@ def test_get_cached_file_never_downloads(origin, cache_dir):
     m = ImageCacheManager(cache_dir=cache_dir)
     assert m.get_cached_file(url) is None
     assert origin.gets["b.nii.gz"] == 0
-    path = m.download_and_cache(url)
+    path = m.get_file(url)
     assert m.get_cached_file(url) == path
-    # download_and_cache, as in the original, is the cached copy when there is one.
-    assert m.download_and_cache(url) == path
     assert origin.gets["b.nii.gz"] == 1
+
+
+def test_download_and_cache_downloads_even_when_cached(origin, cache_dir):
+    url = origin.route("d.nii.gz", Route(volume(2, 1000)))
+    m = ImageCacheManager(cache_dir=cache_dir)
+    first = m.download_and_cache(url)
+    assert isinstance(first, Path) and first.read_bytes() == volume(2, 1000)
+    origin.routes["d.nii.gz"] = Route(volume(3, 1500))
+    # As the original, which get_file called on a miss: a download, whatever is cached.
+    again = m.download_and_cache(url)
+    assert again.read_bytes() == volume(3, 1500)
+    assert origin.gets["d.nii.gz"] == 2
+    assert m.get_cached_file(url) == again
 
 
 def test_ttl_seconds_is_the_oldest_a_cached_file_may_be(origin, cache_dir):
@@ -157,7 +196,8 @@ def test_cleanup_lets_go_of_the_holds_of_expired_files(origin, cache_dir):
 
 def test_settings_apply_at_once(origin, cache_dir):
     urls = [origin.route(f"s{i}.nii.gz", Route(volume(20 + i, MB))) for i in range(3)]
-    m = ImageCacheManager(cache_dir=cache_dir, hold_seconds=0)
+    # With the default hold: setting the cap lets go of the paths just handed out.
+    m = ImageCacheManager(cache_dir=cache_dir)
     for u in urls:
         m.get_file(u)
     m.max_cache_size_bytes = 2 * MB
@@ -242,6 +282,12 @@ def test_close_saves_and_later_calls_raise(origin, cache_dir):
         m.get_file(url)
     with pytest.raises(imgcache.ShutdownError):
         m.get_file(origin.route("other.nii.gz", Route(b"x")))
+    # A cached URL too: the hit path does not outlive close.
+    with pytest.raises(imgcache.ShutdownError):
+        m.get_file(url)
+    with pytest.raises(imgcache.ShutdownError):
+        m.get_cached_file(url)
+    m.close()  # again: nothing happens
     again = ImageCacheManager(cache_dir=cache_dir)
     stats = again.get_stats()
     assert (stats["hits"], stats["total_downloads"], stats["entries_count"]) == (1, 1, 1)

@@ -67,12 +67,34 @@ def test_clean_up_expired_reports(app):
     assert any("Expired files removed: 0" in s.value for s in app.sidebar.success)
 
 
-def test_the_ttl_and_size_inputs_apply_at_once(app):
+def test_the_ttl_and_size_inputs_apply_at_once(app, cache_dir):
     manager = imgcache.get_cache_manager()
     assert manager.default_ttl_seconds == 24 * 3600
     app.sidebar.number_input(key="imgcache_ttl_hours").set_value(2.0).run()
     assert manager.default_ttl_seconds == 2 * 3600
+    # The file the app loads next is cached for two hours.
+    app.selectbox(key="volume").select("ct/2.nii.gz").run()
+    assert not app.exception
+    entry = next(e for e in manager.entries.values() if e.url.endswith("ct/2.nii.gz"))
+    assert entry.ttl_seconds == 2 * 3600
+    # A 2 MB cap: the 3 MB volume cannot stay, the 1 MB one does.
     app.sidebar.number_input(key="imgcache_max_size_mb").set_value(2).run()
     assert manager.max_cache_size_bytes == 2 * MB
     assert metric(app, "Max Size") == "2.0 MB"
+    assert [e.file_size for e in manager.entries.values()] == [MB]
+    assert len(data_files(cache_dir)) == 1
     assert os.environ["CACHE_MAX_SIZE_MB"] == "100", "the environment is left alone"
+
+
+def test_settings_beyond_the_inputs_range_still_show(origin, cache_dir, monkeypatch):
+    origin.route("data/ct/1.nii.gz", Route(volume(1, MB)))
+    monkeypatch.setenv("CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("IMAGE_SERVER", origin.url("data/"))
+    monkeypatch.setenv("CACHE_DEFAULT_TTL_HOURS", str(24 * 365 * 100))
+    monkeypatch.setenv("VOLUMES", "ct/1.nii.gz")
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.run()
+    assert not at.exception, at.exception
+    assert at.sidebar.number_input(key="imgcache_ttl_hours").value == 24.0 * 365 * 10
+    # Shown at the bound, not changed by being shown.
+    assert imgcache.get_cache_manager().default_ttl_seconds == 24 * 365 * 100 * 3600
