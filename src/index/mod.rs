@@ -18,6 +18,9 @@ use crate::clock::{Clock, unix_ms};
 use crate::key::Key;
 use crate::store::{Claim, Layout, Meta, Stamp, TempFile, Validators};
 
+/// How many eviction candidates an eviction checks for files another process removed.
+const PHANTOM_CHECKS: usize = 64;
+
 mod entry;
 pub(crate) use entry::Entry;
 
@@ -562,8 +565,11 @@ impl Index {
         let order = self.eviction_order(st);
         // Entries another process removed since the last scan count bytes no longer on disk:
         // forgotten first, so that they never make this process evict real files instead.
+        // Only the first candidates are looked at (an lstat each, under the lock): those an
+        // eviction would take, and the others' removals, which are of their least recently
+        // used entries, are among them.
         let mut removed = Vec::new();
-        for key in &order {
+        for key in order.iter().take(PHANTOM_CHECKS) {
             if self.total(st) <= max {
                 return removed;
             }
