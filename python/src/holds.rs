@@ -33,7 +33,10 @@ pub(crate) struct Held {
 pub(crate) struct Holds {
     by_url: HashMap<String, Vec<Held>>,
     count: usize,
+    /// The sum of the sizes of the held files (each read when its pin went in).
     bytes: u64,
+    /// Set by `close`: no hold is added after it.
+    closed: bool,
 }
 
 impl Holds {
@@ -43,6 +46,13 @@ impl Holds {
 
     pub(crate) fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Lets go of every hold and takes no more: a call that raced `close` gets its path
+    /// without a hold.
+    pub(crate) fn close(&mut self) -> Vec<Held> {
+        self.closed = true;
+        self.take(|_, _| false)
     }
 
     /// Renews the hold of `url` on `file`'s path, if there is one: the hold keeps `file`
@@ -62,6 +72,9 @@ impl Holds {
             return Err(file);
         };
         held.until = held.until.max(until);
+        // The same path is the same version, so the same size; a tampered meta.json could
+        // say otherwise, and the count follows the pin it keeps.
+        self.bytes = self.bytes.saturating_sub(held.file.size()) + file.size();
         let old = std::mem::replace(&mut held.file, file);
         Ok((held.path.clone_ref(py), old))
     }
@@ -77,6 +90,10 @@ impl Holds {
         max_bytes: u64,
     ) -> (Py<PyAny>, Vec<Held>) {
         let Held { file, path, until } = held;
+        if self.closed {
+            let handed = path.clone_ref(py);
+            return (handed, vec![Held { file, path, until }]);
+        }
         let kept = file.path().to_owned();
         let (path, mut gone) = match self.renew(py, url, file, until) {
             Ok((theirs, replaced)) => (
@@ -122,7 +139,8 @@ impl Holds {
             !list.is_empty()
         });
         self.count -= gone.len();
-        self.bytes -= gone.iter().map(|h| h.file.size()).sum::<u64>();
+        let freed = gone.iter().map(|h| h.file.size()).sum::<u64>();
+        self.bytes = self.bytes.saturating_sub(freed);
         gone
     }
 
@@ -141,7 +159,7 @@ impl Holds {
             self.by_url.remove(&url);
         }
         self.count -= 1;
-        self.bytes -= held.file.size();
+        self.bytes = self.bytes.saturating_sub(held.file.size());
         Some(held)
     }
 }

@@ -212,6 +212,7 @@ struct Cache {
 impl Cache {
     /// The cache of this process, opened again after a fork.
     fn state(&self, py: Python<'_>) -> PyResult<Arc<State>> {
+        process::in_handler()?;
         logs::refresh_if_due(py);
         if self.closed.load(Ordering::Acquire) {
             return Err(closed_error());
@@ -332,17 +333,34 @@ impl Cache {
         Ok((state, file))
     }
 
-    /// The state and the hit for an asyncio call, tried on the caller's thread (it touches
-    /// the disk, which a runtime thread must not wait on).
+    /// The event loop's locals, the state and the hit for an asyncio call. The hit is tried
+    /// on the caller's thread (it touches the disk, which a runtime thread must not wait
+    /// on), after everything that can fail without an event loop.
     fn start_async(
         &self,
         py: Python<'_>,
         url: &str,
         options: &GetOptions,
-    ) -> PyResult<(Arc<State>, Option<CachedFile>)> {
+    ) -> PyResult<(pyo3_async_runtimes::TaskLocals, Arc<State>, Unpinned)> {
+        let locals = pyo3_async_runtimes::generic::get_current_locals::<process::AsyncRuntime>(py)?;
         let state = self.state(py)?;
         let hit = py.detach(|| state.cache.get_cached_with(url, options));
-        Ok((state, hit))
+        Ok((locals, state, Unpinned(hit)))
+    }
+}
+
+/// A hit carried into an asyncio future. Should the future be dropped before it runs (the
+/// bridge failing to set it up, with the GIL held), the pin goes on a blocking thread of
+/// the runtime, never with the GIL held.
+struct Unpinned(Option<CachedFile>);
+
+impl Drop for Unpinned {
+    fn drop(&mut self) {
+        if let Some(file) = self.0.take()
+            && let Ok(process) = process::current()
+        {
+            process.runtime.spawn_blocking(move || drop(file));
+        }
     }
 }
 
@@ -352,9 +370,9 @@ async fn finish_async(
     state: &State,
     url: &str,
     options: GetOptions,
-    hit: Option<CachedFile>,
+    mut hit: Unpinned,
 ) -> PyResult<CachedFile> {
-    match hit {
+    match hit.0.take() {
         Some(hit) => Ok(hit),
         None => state.cache.get_with(url, options).await.py_err(),
     }
@@ -368,6 +386,11 @@ impl Drop for Cache {
         if state.generation != process::generation() {
             // Inherited through a fork: never dropped (see `open_now`).
             std::mem::forget(state);
+            return;
+        }
+        if logs::in_handler() {
+            // In a logging handler on a thread that may hold one of the core's locks.
+            std::thread::spawn(move || drop(state));
             return;
         }
         // Closing takes the core's locks: never with the GIL held.
@@ -480,10 +503,11 @@ impl Cache {
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let options = options(ttl_seconds, expected_sha256)?.force(force);
-        let (state, hit) = slf.get().start_async(py, &url, &options)?;
+        let (locals, state, hit) = slf.get().start_async(py, &url, &options)?;
         let handle: Py<Cache> = slf.clone().unbind();
-        pyo3_async_runtimes::generic::future_into_py::<process::AsyncRuntime, _, _>(
+        pyo3_async_runtimes::generic::future_into_py_with_locals::<process::AsyncRuntime, _, _>(
             py,
+            locals,
             async move {
                 let file = finish_async(&state, &url, options, hit).await?;
                 Python::attach(|py| handle.get().hand_out(py, &state, &url, file))
@@ -502,9 +526,10 @@ impl Cache {
         force: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let options = options(ttl_seconds, expected_sha256)?.force(force);
-        let (state, hit) = self.start_async(py, &url, &options)?;
-        pyo3_async_runtimes::generic::future_into_py::<process::AsyncRuntime, _, _>(
+        let (locals, state, hit) = self.start_async(py, &url, &options)?;
+        pyo3_async_runtimes::generic::future_into_py_with_locals::<process::AsyncRuntime, _, _>(
             py,
+            locals,
             async move {
                 let file = finish_async(&state, &url, options, hit).await?;
                 Python::attach(|py| Pinned::new(py, file))
@@ -662,6 +687,7 @@ impl Cache {
     /// Lets go of every path this handle holds and shuts the cache down: the figures are
     /// saved and later calls raise `ShutdownError`.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
+        process::in_handler()?;
         process::nested()?;
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
@@ -672,7 +698,8 @@ impl Cache {
         if state.generation != process::generation() {
             return Ok(());
         }
-        state.release(py, |_, _| false);
+        let gone = state.lock_holds().close();
+        let_go(py, gone);
         state.process.block_on(py, state.cache.shutdown())?;
         Ok(())
     }

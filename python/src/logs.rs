@@ -103,6 +103,33 @@ fn wanted(level: &Level) -> bool {
 
 struct Forward;
 
+thread_local! {
+    /// Set while this thread hands an event to Python: the thread may hold a lock of the
+    /// core, so a handler that calls the cache again would wait on it for ever.
+    static IN_HANDLER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside a Python logging handler that the core's event reached.
+pub(crate) fn in_handler() -> bool {
+    IN_HANDLER.with(std::cell::Cell::get)
+}
+
+/// Clears `IN_HANDLER` however the handler ends.
+struct Handing;
+
+impl Handing {
+    fn start() -> Handing {
+        IN_HANDLER.with(|f| f.set(true));
+        Handing
+    }
+}
+
+impl Drop for Handing {
+    fn drop(&mut self) {
+        IN_HANDLER.with(|f| f.set(false));
+    }
+}
+
 #[derive(Default)]
 struct Fields {
     message: String,
@@ -159,6 +186,7 @@ impl<S: Subscriber> Layer<S> for Forward {
         let mut fields = Fields::default();
         event.record(&mut fields);
         let level = python_level(rank(event.metadata().level()));
+        let _handing = Handing::start();
         Python::attach(|py| {
             let sent = (|| -> PyResult<()> {
                 let extra = PyDict::new(py);

@@ -82,6 +82,11 @@ impl Drop for Pinned {
             return;
         }
         if let Some(file) = self.take() {
+            if crate::logs::in_handler() {
+                // In a logging handler on a thread that may hold the index lock.
+                std::thread::spawn(move || drop(file));
+                return;
+            }
             // Unpinning may take the core's index lock: never with the GIL held.
             Python::attach(|py| py.detach(move || drop(file)));
         }
@@ -139,10 +144,12 @@ impl Pinned {
     }
 
     /// Lets go of the pin (idempotent).
-    fn close(&self, py: Python<'_>) {
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        process::in_handler()?;
         if let Some(file) = self.take() {
             py.detach(move || drop(file));
         }
+        Ok(())
     }
 
     fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
@@ -150,9 +157,9 @@ impl Pinned {
     }
 
     #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> bool {
-        self.close(py);
-        false
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
     }
 
     fn __repr__(&self) -> String {

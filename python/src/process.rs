@@ -81,14 +81,27 @@ impl ForkLock {
 /// core's events reach, or a signal handler run while a call waits, calling the cache.
 pub(crate) fn nested() -> PyResult<()> {
     if tokio::runtime::Handle::try_current().is_ok() {
-        return Err(crate::errors::of_kind(
-            imgcache::ErrorKind::Internal,
-            "a blocking imgcache call cannot run inside another one (a logging or signal \
-             handler that the cache itself called): use the asyncio methods, or call it \
-             from another thread",
-        ));
+        return Err(reentered());
     }
     Ok(())
+}
+
+/// Refuses any call from a logging handler that one of the core's events reached: the
+/// thread that logged may hold a lock of the core that the call would wait on.
+pub(crate) fn in_handler() -> PyResult<()> {
+    if crate::logs::in_handler() {
+        return Err(reentered());
+    }
+    Ok(())
+}
+
+fn reentered() -> PyErr {
+    crate::errors::of_kind(
+        imgcache::ErrorKind::Internal,
+        "an imgcache call cannot run inside another one (a logging handler that the \
+         cache's own event reached, or a signal handler while a call waits): call it from \
+         another thread, or use the asyncio methods from a signal handler",
+    )
 }
 
 /// This process's runtime, built on first use (and again after a fork).

@@ -148,3 +148,15 @@ def test_a_refreshed_url_keeps_the_hold_on_the_older_file(origin, cache_dir):
     assert m._cache.held == (2, 3000)
     m.cleanup()
     assert not old.exists() and new.exists()
+
+
+def test_an_async_call_without_an_event_loop_takes_nothing(origin, cache_dir):
+    url = origin.route("n.nii.gz", Route(volume(14, 1000)))
+    m = ImageCacheManager(cache_dir=cache_dir)
+    m.get_file(url)
+    before = m.get_stats()["hits"]
+    with pytest.raises(RuntimeError):
+        m.aget_file(url)  # not awaited inside a running loop: refused at once
+    with pytest.raises(RuntimeError):
+        m.aopen(url)
+    assert m.get_stats()["hits"] == before, "no hit was taken for a future never made"

@@ -134,8 +134,14 @@ def test_a_forked_child_never_keeps_the_parents_locks(origin, cache_dir):
     assert child.exitcode == 0
 
 
-def _report_after_fork(manager, pinned, user_fd, out):
+# The parent's CachedFile, reached in the child through this list rather than through the
+# Process's arguments, so that the child can let go of the last reference and run its drop.
+_INHERITED: list = []
+
+
+def _report_after_fork(manager, user_fd, out):
     try:
+        pinned = _INHERITED.pop()
         stats = manager.get_stats()
         try:
             os.fstat(user_fd)
@@ -153,7 +159,11 @@ def _report_after_fork(manager, pinned, user_fd, out):
             }
         )
         pinned.close()  # the parent's pin: nothing to do here, and no hang
-        del pinned
+        del pinned  # the last reference: the inherited object is dropped here
+        import gc
+
+        gc.collect()
+        out.put("dropped")
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         out.put(repr(e))
 
@@ -175,13 +185,24 @@ def test_a_forked_child_has_the_settings_of_the_moment_and_not_the_parents_pins(
     fcntl.flock(user_lock, fcntl.LOCK_EX)
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
+    other = ImageCacheManager(cache_dir=cache_dir, hold_seconds=0)
     with m.open(url) as pinned:
-        child = ctx.Process(target=_report_after_fork, args=(m, pinned, user_lock.fileno(), out))
-        child.start()
+        _INHERITED.append(pinned)
+        try:
+            child = ctx.Process(target=_report_after_fork, args=(m, user_lock.fileno(), out))
+            child.start()
+        finally:
+            _INHERITED.clear()
         report = out.get(timeout=60)
+        dropped = out.get(timeout=60)
         child.join(60)
+        # The child closed and dropped its copy and exited: the parent's pin still holds
+        # against a cap that would remove everything else.
+        other.max_cache_size_bytes = 1
+        assert pinned.path.read_bytes() == volume(6, MB)
     user_lock.close()
     assert child.exitcode == 0, report
+    assert dropped == "dropped"
     assert report == {
         "max_size_mb": 300.0,
         "ttl": 600.0,
@@ -191,6 +212,5 @@ def test_a_forked_child_has_the_settings_of_the_moment_and_not_the_parents_pins(
         "user_fd_open": True,
     }
     assert not (cache_dir / "elsewhere").exists()
-    # The child's close and exit let go of nothing of the parent's.
-    assert m.get_cached_file(url) == pinned.path
-    assert pinned.path.read_bytes() == volume(6, MB)
+    other.cleanup()
+    assert not pinned.path.exists(), "let go of by the parent, the cap applies"
