@@ -118,6 +118,9 @@
 //! | `CACHE_IGNORE_QUERY_PARAMS` | [`DEFAULT_IGNORED_QUERY_PARAMS`] | query parameters left out of the key and redacted (`none` for none) |
 //! | `CACHE_LOCK` | `shared` | `exclusive` to use the directory alone |
 //! | `CACHE_LOCK_WAIT` | `3m` | longest wait for another process's download of the same file |
+//! | `CACHE_SHARED_TIER` | none | `s3://bucket/prefix`: the fleet's shared tier (with the `AWS_*` variables; `s3` feature) |
+//! | `CACHE_SHARED_LEASE` | `30s` | lease time of a host downloading for the fleet (renewed every third of it) |
+//! | `CACHE_SHARED_WAIT` | `10m` | longest wait for another host's download before asking the origin |
 //!
 //! Read by [`CacheBuilder::from_env`], [`ImageCache::from_env`] and the process-wide functions
 //! below; a `.env` file in the current directory supplies variables the environment lacks.
@@ -151,6 +154,8 @@ mod key;
 pub mod server;
 mod stats;
 mod store;
+#[cfg(feature = "s3")]
+mod tier;
 
 pub use cache::{
     CacheStatus, CachedFile, CleanupReport, EntryInfo, GetOptions, ImageCache, Verification,
@@ -159,8 +164,8 @@ pub use cache::{
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     CacheBuilder, DEFAULT_FILE_MODE, DEFAULT_LOCK_WAIT, DEFAULT_MAX_FILE_SIZE_BYTES,
-    DEFAULT_MAX_SIZE_BYTES, DEFAULT_READ_TIMEOUT, DEFAULT_STALE_GRACE, DEFAULT_STATE_SAVE_INTERVAL,
-    DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL,
+    DEFAULT_MAX_SIZE_BYTES, DEFAULT_READ_TIMEOUT, DEFAULT_SHARED_LEASE, DEFAULT_SHARED_WAIT,
+    DEFAULT_STALE_GRACE, DEFAULT_STATE_SAVE_INTERVAL, DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Received, Subscription};

@@ -185,6 +185,7 @@ fn status_name(status: CacheStatus) -> &'static str {
         CacheStatus::Coalesced => "coalesced",
         CacheStatus::Revalidated => "revalidated",
         CacheStatus::Stale => "stale",
+        CacheStatus::Shared => "shared",
         _ => "other",
     }
 }

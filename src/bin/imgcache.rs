@@ -99,9 +99,16 @@ enum Command {
     Invalidate {
         #[arg(value_name = "URL")]
         url: String,
+        /// Remove the shared tier's record too, so that the whole fleet asks the origin again
+        #[arg(long)]
+        shared: bool,
     },
     /// Remove every entry
-    Clear,
+    Clear {
+        /// Remove everything of the shared tier too (blobs, records and leases of the fleet)
+        #[arg(long)]
+        shared: bool,
+    },
     /// Remove expired entries and enforce the size cap now
     Cleanup,
     /// Re-hash one entry, or all; corrupt entries are removed (exit 1 if any)
@@ -470,6 +477,9 @@ async fn command(
                     writeln!(out, "{:<24}{value}", counter.name)?;
                 }
                 writeln!(out, "{:<24}{} h", "default_ttl", s.default_ttl_hours)?;
+                if let (Some(tier), Some(state)) = (&s.shared_tier, &s.shared_tier_state) {
+                    writeln!(out, "{:<24}{tier} ({state})", "shared_tier")?;
+                }
             }
         }
         Command::Ls { json } => {
@@ -493,14 +503,26 @@ async fn command(
                 }
             }
         }
-        Command::Invalidate { url } => {
-            if !cache.invalidate(url).await? {
-                eprintln!("imgcache: {}: not cached", cache.redacted(url));
+        Command::Invalidate { url, shared } => {
+            let found = if *shared {
+                cache.invalidate_shared(url).await?
+            } else {
+                cache.invalidate(url).await?
+            };
+            if !found {
+                eprintln!("imgcache: {}: not cached here", cache.redacted(url));
             }
         }
-        Command::Clear => {
+        Command::Clear { shared: false } => {
             let n = cache.clear().await?;
             writeln!(out, "removed {n} entries")?;
+        }
+        Command::Clear { shared: true } => {
+            let (n, objects) = cache.clear_shared().await?;
+            writeln!(
+                out,
+                "removed {n} entries, and {objects} objects of the shared tier"
+            )?;
         }
         Command::Cleanup => {
             let r = cache.cleanup().await?;

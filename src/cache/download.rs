@@ -84,6 +84,17 @@ impl Inner {
             }
             None => (None, None),
         };
+        // The fleet's copy, or this host's lease to download it for the fleet. Not when
+        // resuming a dead process's download: the origin has the rest of those bytes.
+        #[cfg(feature = "s3")]
+        let lease = match resume {
+            Some(_) => None,
+            None => match self.through_tier(r, force, wants, asked_at).await {
+                super::shared::Shared::Served(pinned) => return Ok((pinned, Outcome::Shared)),
+                super::shared::Shared::Lease { lease, replace } => Some((lease, replace)),
+                super::shared::Shared::Origin => None,
+            },
+        };
         let previous = if force {
             None
         } else {
@@ -92,6 +103,10 @@ impl Inner {
         let result = self
             .download_with_retries(r, wants, previous.as_ref(), lock, resume, asked_at)
             .await;
+        #[cfg(feature = "s3")]
+        if let Some((lease, replace)) = lease {
+            self.publish(r, &result, lease, replace);
+        }
         match (result, previous) {
             (Err(e), Some(stale)) if self.config.stale_if_error && e.is_transient() => {
                 if !self.index.pin_if_current(&stale) {
@@ -384,7 +399,7 @@ impl Inner {
         Ok((pinned, Outcome::Downloaded))
     }
 
-    fn ttl_ms(&self, options: &GetOptions) -> u64 {
+    pub(super) fn ttl_ms(&self, options: &GetOptions) -> u64 {
         options
             .ttl
             .map_or_else(|| self.default_ttl_ms.load(Ordering::Relaxed), duration_ms)
@@ -423,7 +438,7 @@ impl Inner {
     /// first commit wins: an entry another process committed after this download began is
     /// taken instead, and these bytes are dropped.
     #[allow(clippy::too_many_arguments)]
-    fn commit(
+    pub(super) fn commit(
         self: &Arc<Self>,
         key: Key,
         temp: TempFile,
@@ -544,7 +559,7 @@ impl Wants {
     }
 
     /// Whether some caller takes `sha256`; if none does, the digest the first one expected.
-    fn check(&self, sha256: &str) -> Result<(), String> {
+    pub(super) fn check(&self, sha256: &str) -> Result<(), String> {
         let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
         let takes = |w: &Want| {
             w.expected_sha256
@@ -566,7 +581,7 @@ impl Wants {
     }
 
     /// The shortest maximum age a caller asked for: an entry found on disk must be younger.
-    fn max_age_ms(&self) -> Option<u64> {
+    pub(super) fn max_age_ms(&self) -> Option<u64> {
         let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
         list.iter().filter_map(|w| w.max_age_ms).min()
     }

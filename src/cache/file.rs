@@ -66,6 +66,10 @@ pub enum CacheStatus {
     /// The entry had expired and the origin failed (or the cache is offline): this is the
     /// expired copy.
     Stale,
+    /// Another host of the fleet had downloaded it: read from the shared tier (see
+    /// [`CacheBuilder::shared_tier`](crate::CacheBuilder::shared_tier)), checked against its
+    /// SHA-256, and committed here.
+    Shared,
 }
 
 /// A file in the cache, complete and verified. Derefs to its [`Path`].

@@ -13,6 +13,8 @@ mod hit;
 mod inflight;
 mod removal;
 mod resolve;
+#[cfg(feature = "s3")]
+mod shared;
 mod state;
 mod sweeper;
 mod transfer;
@@ -75,6 +77,9 @@ enum Outcome {
     Found,
     /// Another process downloaded it while this one waited.
     Joined,
+    /// Read from the shared tier: another host had downloaded it.
+    #[cfg(feature = "s3")]
+    Shared,
 }
 
 pub(crate) struct Inner {
@@ -97,6 +102,11 @@ pub(crate) struct Inner {
     _lock: std::fs::File,
     /// This process's record on the directory, and what the others counted.
     procs: state::Procs,
+    /// The shared tier, if one is configured (and the cache is not offline).
+    #[cfg(feature = "s3")]
+    tier: Option<Arc<crate::tier::Tier>>,
+    /// Uploads to the shared tier still running: shutdown waits for them.
+    uploads: tokio_util::task::TaskTracker,
     /// Sweeps run, for the sweeper's tests.
     #[cfg(test)]
     sweeps: AtomicU64,
@@ -184,7 +194,23 @@ impl ImageCache {
             counters.mark_unsaved();
         }
         counters.add(Counter::IntegrityFailures, report.integrity_failures);
+        #[cfg(feature = "s3")]
+        let tier = if config.offline {
+            None
+        } else {
+            crate::tier::Tier::open(&config.shared, Arc::clone(&config.clock))?.map(Arc::new)
+        };
+        #[cfg(not(feature = "s3"))]
+        if config.shared.url.is_some() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "CACHE_SHARED_TIER needs imgcache built with the s3 feature",
+            ));
+        }
         let inner = Arc::new(Inner {
+            #[cfg(feature = "s3")]
+            tier,
+            uploads: tokio_util::task::TaskTracker::new(),
             default_ttl_ms: AtomicU64::new(duration_ms(config.default_ttl)),
             layout,
             index,
@@ -310,6 +336,8 @@ impl ImageCache {
                 CacheStatus::Hit
             }
             Outcome::Joined => CacheStatus::Coalesced,
+            #[cfg(feature = "s3")]
+            Outcome::Shared => CacheStatus::Shared,
         };
         let file = CachedFile { pinned, status };
         if let Some(expected) = &options.expected_sha256 {
@@ -383,6 +411,63 @@ impl ImageCache {
         let found = removed.is_some();
         inner.dispose_blocking(removed.into_iter().collect()).await;
         Ok(found)
+    }
+
+    /// [`invalidate`](Self::invalidate), and the shared tier's record of `url` too, so that
+    /// every host of the fleet downloads it again from the origin (its blob stays: other URLs
+    /// may share it).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidUrl`]; [`ErrorKind::Config`] when no shared tier is configured;
+    /// [`ErrorKind::Network`] when the tier cannot be reached (the local entry is removed
+    /// first).
+    pub async fn invalidate_shared(&self, url: impl AsRef<str>) -> Result<bool> {
+        #[cfg(feature = "s3")]
+        {
+            let inner = self.inner();
+            if inner.tier.is_none() {
+                return Err(shared::no_tier());
+            }
+            let resolved = inner.resolve(url.as_ref())?;
+            let found = self.invalidate(url).await?;
+            inner.forget_shared(&resolved).await?;
+            Ok(found)
+        }
+        #[cfg(not(feature = "s3"))]
+        {
+            let _ = url;
+            Err(no_tier())
+        }
+    }
+
+    /// [`clear`](Self::clear), and every object of the shared tier (blobs, records and
+    /// leases below its prefix). Returns the local entries and the tier's objects removed.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] when no shared tier is configured; [`ErrorKind::Network`] when
+    /// the tier cannot be reached (the local entries are removed first).
+    pub async fn clear_shared(&self) -> Result<(u64, u64)> {
+        #[cfg(feature = "s3")]
+        {
+            if self.inner().tier.is_none() {
+                return Err(shared::no_tier());
+            }
+            let local = self.clear().await?;
+            let objects = self.inner().clear_shared().await?;
+            tracing::info!(objects, "shared tier cleared");
+            Ok((local, objects))
+        }
+        #[cfg(not(feature = "s3"))]
+        Err(no_tier())
+    }
+
+    /// Waits until the uploads to the shared tier that downloads started are done (they
+    /// run in the background; [`shutdown`](Self::shutdown) waits for them too).
+    pub async fn flush_shared(&self) {
+        let inner = self.inner();
+        inner.uploads.close();
+        inner.uploads.wait().await;
+        inner.uploads.reopen();
     }
 
     /// Removes every entry and returns how many there were. Files callers still hold are
@@ -487,6 +572,7 @@ impl ImageCache {
                 default_ttl_hours: inner.default_ttl_ms.load(Ordering::Relaxed) as f64
                     / 3_600_000.0,
                 cache_dir: inner.config.cache_dir.display().to_string(),
+                shared_tier: inner.shared_tier_figures(),
             },
         )
     }
@@ -611,6 +697,7 @@ impl ImageCache {
         for download in inner.inflight.running() {
             let _ = download.await;
         }
+        inner.wait_for_uploads().await;
         inner.save_state_blocking().await;
         tracing::info!("cache shut down");
     }
@@ -622,6 +709,26 @@ enum Joined {
     Hit(CachedFile),
     /// The download to wait on, and whether this call started it or joined it.
     Download(inflight::SharedTask<DownloadResult>, CacheStatus),
+}
+
+#[cfg(not(feature = "s3"))]
+fn no_tier() -> Error {
+    Error::new(
+        ErrorKind::Config,
+        "no shared tier: imgcache was built without the s3 feature",
+    )
+}
+
+#[cfg(not(feature = "s3"))]
+impl Inner {
+    fn shared_tier_figures(&self) -> Option<(String, String)> {
+        None
+    }
+
+    async fn wait_for_uploads(&self) {
+        self.uploads.close();
+        self.uploads.wait().await;
+    }
 }
 
 impl Inner {

@@ -336,94 +336,12 @@ impl<'a> Transfer<'a> {
                 response
             }
         };
-        if self.writer.is_none() {
-            self.inner.events.emit(|| Event::DownloadStarted {
-                url: self.r.display.clone(),
-                total: self.total,
-            });
-            let (temp, existing) = match self.resumed.take() {
-                Some((temp, file)) => (temp, Some(file)),
-                None => (
-                    TempFile::new(self.inner.layout.temp_path(&self.r.key, "part")),
-                    None,
-                ),
-            };
-            let part = temp
-                .path()
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let durable = if existing.is_some() { self.received } else { 0 };
-            let (validators, total) = (self.validators.clone(), self.total);
-            self.record(|rec| {
-                *rec = Record {
-                    part,
-                    etag: validators.etag,
-                    last_modified: validators.last_modified,
-                    total,
-                    durable,
-                };
-            });
-            let lock = self.lock.clone();
-            let on_sync: store::OnSync = Box::new(move |n| {
-                if let Some(lock) = &lock {
-                    lock.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .update(|rec| rec.durable = n);
-                }
-            });
-            let inner = Arc::clone(self.inner);
-            let make_room: store::MakeRoom = Box::new(move |bytes| {
-                let removed = inner.index.make_room(bytes);
-                let freed = !removed.is_empty();
-                if freed {
-                    tracing::warn!(
-                        bytes,
-                        entries = removed.len(),
-                        "disk full: evicting to make room"
-                    );
-                }
-                inner.dispose_now(removed);
-                freed
-            });
-            self.writer = Some(store::spawn_writer(
-                &self.inner.layout,
-                temp,
-                existing,
-                make_room,
-                on_sync,
-            ));
-        }
-        let limit = self.limit();
+        self.start_writer();
         while let Some(chunk) = response.chunk().await.map_err(fetch::body_error)? {
-            self.received += chunk.len() as u64;
             self.inner
                 .counters
                 .add(Counter::BytesDownloaded, chunk.len() as u64);
-            if self.received > limit {
-                return Err(too_large(self.received, limit));
-            }
-            if self.received >= self.reported + crate::events::PROGRESS_STEP
-                && self.inner.events.wanted()
-            {
-                self.reported = self.received;
-                self.inner.events.emit(|| Event::Progress {
-                    url: self.r.display.clone(),
-                    received: self.received,
-                    total: self.total,
-                });
-            }
-            if self.total.is_some_and(|t| self.received > t) {
-                return Err(Error::new(
-                    ErrorKind::Incomplete,
-                    "body longer than Content-Length",
-                ));
-            }
-            self.hasher.update(&chunk);
-            let writer = self.writer.as_ref().expect("created above");
-            if writer.tx.send(store::WriteOp::Data(chunk)).await.is_err() {
-                return Err(self.writer_failure().await);
-            }
+            self.push(chunk).await?;
         }
         if let Some(total) = self.total.filter(|t| *t != self.received) {
             return Err(Error::new(
@@ -432,6 +350,103 @@ impl<'a> Transfer<'a> {
             ));
         }
         Ok(Step::Complete)
+    }
+
+    /// Starts the writer thread on a new temp file (or the part file taken over), once.
+    pub(super) fn start_writer(&mut self) {
+        if self.writer.is_some() {
+            return;
+        }
+        self.inner.events.emit(|| Event::DownloadStarted {
+            url: self.r.display.clone(),
+            total: self.total,
+        });
+        let (temp, existing) = match self.resumed.take() {
+            Some((temp, file)) => (temp, Some(file)),
+            None => (
+                TempFile::new(self.inner.layout.temp_path(&self.r.key, "part")),
+                None,
+            ),
+        };
+        let part = temp
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let durable = if existing.is_some() { self.received } else { 0 };
+        let (validators, total) = (self.validators.clone(), self.total);
+        self.record(|rec| {
+            *rec = Record {
+                part,
+                etag: validators.etag,
+                last_modified: validators.last_modified,
+                total,
+                durable,
+            };
+        });
+        let lock = self.lock.clone();
+        let on_sync: store::OnSync = Box::new(move |n| {
+            if let Some(lock) = &lock {
+                lock.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .update(|rec| rec.durable = n);
+            }
+        });
+        let inner = Arc::clone(self.inner);
+        let make_room: store::MakeRoom = Box::new(move |bytes| {
+            let removed = inner.index.make_room(bytes);
+            let freed = !removed.is_empty();
+            if freed {
+                tracing::warn!(
+                    bytes,
+                    entries = removed.len(),
+                    "disk full: evicting to make room"
+                );
+            }
+            inner.dispose_now(removed);
+            freed
+        });
+        self.writer = Some(store::spawn_writer(
+            &self.inner.layout,
+            temp,
+            existing,
+            make_room,
+            on_sync,
+        ));
+    }
+
+    /// Takes one chunk of the body: counted against the limits, hashed, and handed to the
+    /// writer (started by [`start_writer`](Self::start_writer)).
+    pub(super) async fn push(&mut self, chunk: bytes::Bytes) -> Result<()> {
+        let limit = self.limit();
+        self.received += chunk.len() as u64;
+        if self.received > limit {
+            return Err(too_large(self.received, limit));
+        }
+        if self.received >= self.reported + crate::events::PROGRESS_STEP
+            && self.inner.events.wanted()
+        {
+            self.reported = self.received;
+            self.inner.events.emit(|| Event::Progress {
+                url: self.r.display.clone(),
+                received: self.received,
+                total: self.total,
+            });
+        }
+        if self.total.is_some_and(|t| self.received > t) {
+            return Err(Error::new(
+                ErrorKind::Incomplete,
+                "body longer than Content-Length",
+            ));
+        }
+        self.hasher.update(&chunk);
+        let Some(writer) = self.writer.as_ref() else {
+            return Err(Error::new(ErrorKind::Internal, "no writer"));
+        };
+        if writer.tx.send(store::WriteOp::Data(chunk)).await.is_err() {
+            return Err(self.writer_failure().await);
+        }
+        Ok(())
     }
 
     /// Closes the writer (which fsyncs) and returns the temp file, the open file, the digest

@@ -94,6 +94,7 @@ async fn serve_file(
         CacheStatus::Coalesced => "imgcache; fwd=miss; collapsed",
         CacheStatus::Revalidated => "imgcache; fwd=stale; fwd-status=304",
         CacheStatus::Stale => "imgcache; fwd=stale; detail=origin-failed",
+        CacheStatus::Shared => "imgcache; fwd=miss; detail=shared-tier",
         _ => "imgcache; fwd=miss",
     };
     let age = now

@@ -24,6 +24,8 @@ mod process_wide;
 mod processes;
 #[cfg(feature = "server")]
 mod server;
+#[cfg(feature = "s3")]
+mod shared;
 mod stress;
 mod tamper;
 mod tls;

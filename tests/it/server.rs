@@ -148,7 +148,7 @@ async fn metrics_are_prometheus_text() {
     // Every counter of the cache's one table is exported, under its metric name.
     let table: Vec<serde_json::Value> =
         json(reqwest::Client::new().get(format!("{}/api/counters", server.base))).await;
-    assert_eq!(table.len(), 15, "{table:?}");
+    assert_eq!(table.len(), 18, "{table:?}");
     let stats = cache.stats();
     for row in &table {
         let (name, metric) = (

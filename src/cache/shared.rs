@@ -1,0 +1,331 @@
+//! The shared tier in a download (see `crate::tier`): on a local miss, the tier's copy if it
+//! has a fresh one; else this host's lease to download the file from the origin for the
+//! fleet, after a bounded wait for a host that holds it; and after the download, the
+//! upload, in the background.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+use super::download::Wants;
+use super::file::Pinned;
+use super::transfer::{Reservation, Transfer};
+use super::{DownloadResult, Inner, Outcome, checksum_error};
+use crate::error::{Error, ErrorKind, Result};
+use crate::key::Resolved;
+use crate::stats::Counter;
+use crate::store::{Meta, Validators};
+use crate::tier::{Lease, Record, Take, Tier};
+
+/// How a miss goes on after the tier was asked.
+pub(super) enum Shared {
+    /// Read from the tier and committed here.
+    Served(Arc<Pinned>),
+    /// This host downloads from the origin for the fleet, under this lease; `replace` when
+    /// the tier's blob failed its check and is to be uploaded again.
+    Lease { lease: Lease, replace: bool },
+    /// The origin, without the tier.
+    Origin,
+}
+
+/// Upload attempts, one second apart and doubling.
+const UPLOAD_ATTEMPTS: u32 = 4;
+
+impl Inner {
+    /// The tier and its state, for [`Stats`](crate::Stats).
+    pub(super) fn shared_tier_figures(&self) -> Option<(String, String)> {
+        self.tier.as_ref().map(|t| (t.shown.clone(), t.state()))
+    }
+
+    fn tier_failed(&self, tier: &Tier, r: &Resolved, e: &Error, what: &str) {
+        self.counters.add(Counter::SharedErrors, 1);
+        tier.failed(e);
+        tracing::warn!(url = %r.display, error = %e, "{what}; asking the origin");
+    }
+
+    /// Whether a caller that asked at `asked_at` takes `record`: fresh by the cache's clock
+    /// and every caller's maximum age, a digest some caller takes, and for a forced download
+    /// fetched since the call.
+    fn takes(&self, record: &Record, wants: &Wants, force: bool, asked_at: u64) -> bool {
+        let now = self.now_ms();
+        now < record.expires_at
+            && wants
+                .max_age_ms()
+                .is_none_or(|age| now < record.fetched_at.saturating_add(age))
+            && wants.check(&record.sha256).is_ok()
+            && (!force || record.fetched_at >= asked_at)
+    }
+
+    /// Asks the tier before the origin. Every failure of the tier ends in
+    /// [`Shared::Origin`] (or the lease, if it was taken): the tier never makes a get fail.
+    pub(super) async fn through_tier(
+        self: &Arc<Self>,
+        r: &Resolved,
+        force: bool,
+        wants: &Wants,
+        asked_at: u64,
+    ) -> Shared {
+        let Some(tier) = self.tier.clone() else {
+            return Shared::Origin;
+        };
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(50);
+        let mut taken: Option<Lease> = None;
+        let mut replace = false;
+        loop {
+            let record = match tier.record(&r.key).await {
+                Ok(record) => record,
+                Err(e) => {
+                    self.tier_failed(&tier, r, &e, "cannot read the shared tier");
+                    return taken.map_or(Shared::Origin, |lease| Shared::Lease { lease, replace });
+                }
+            };
+            if let Some(record) =
+                record.filter(|rec| !replace && self.takes(rec, wants, force, asked_at))
+            {
+                match self.from_tier(&tier, r, &record, wants, asked_at).await {
+                    Ok(pinned) => {
+                        if let Some(lease) = taken {
+                            lease.release().await;
+                        }
+                        self.counters.add(Counter::SharedHits, 1);
+                        tracing::info!(url = %r.display, bytes = record.size, "read from the shared tier");
+                        return Shared::Served(pinned);
+                    }
+                    Err(e) if e.kind() == ErrorKind::ChecksumMismatch => {
+                        self.counters.add(Counter::IntegrityFailures, 1);
+                        self.tier_failed(
+                            &tier,
+                            r,
+                            &e,
+                            "the shared blob failed its check and was removed",
+                        );
+                        tier.delete_blob(&record.sha256).await;
+                        replace = true;
+                    }
+                    Err(e) if e.kind() == ErrorKind::TooLarge => return Shared::Origin,
+                    Err(e) => {
+                        self.tier_failed(&tier, r, &e, "cannot read from the shared tier");
+                        return taken
+                            .map_or(Shared::Origin, |lease| Shared::Lease { lease, replace });
+                    }
+                }
+            }
+            // Taken, and the record looked at once more (a host may have just published it):
+            // this host downloads.
+            if let Some(lease) = taken {
+                return Shared::Lease { lease, replace };
+            }
+            match tier.take_lease(&r.key).await {
+                Ok(Take::Taken(lease)) => taken = Some(lease),
+                Ok(Take::Held) => {
+                    if started.elapsed() >= tier.wait {
+                        self.counters.add(Counter::SharedErrors, 1);
+                        tracing::warn!(
+                            url = %r.display,
+                            waited_ms = started.elapsed().as_millis() as u64,
+                            "another host has been downloading this file for longer than CACHE_SHARED_WAIT; asking the origin"
+                        );
+                        return Shared::Origin;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    self.tier_failed(&tier, r, &e, "cannot take the shared lease");
+                    return Shared::Origin;
+                }
+            }
+        }
+    }
+
+    /// Streams the blob of `record` to a temp file, hashed, and commits it if its SHA-256
+    /// is the record's (and a caller's).
+    async fn from_tier(
+        self: &Arc<Self>,
+        tier: &Tier,
+        r: &Resolved,
+        record: &Record,
+        wants: &Wants,
+        asked_at: u64,
+    ) -> Result<Arc<Pinned>> {
+        let mut transfer = Transfer::new(self, r, None, asked_at);
+        let limit = transfer.limit();
+        if record.size > limit {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!("{} bytes exceed the cache's size cap", record.size),
+            ));
+        }
+        let (size, mut body) = tier.blob(&record.sha256).await?;
+        if size != record.size {
+            return Err(Error::new(
+                ErrorKind::ChecksumMismatch,
+                format!(
+                    "the shared blob has {size} bytes, its record says {}",
+                    record.size
+                ),
+            ));
+        }
+        transfer.total = Some(size);
+        transfer.validators = Validators {
+            etag: record.etag.clone(),
+            last_modified: record.last_modified.clone(),
+        };
+        transfer.reservation = Some(Reservation::new(self, size).await);
+        transfer.start_writer();
+        let received = async {
+            while let Some(chunk) = body.next().await {
+                transfer.push(chunk?).await?;
+            }
+            if transfer.received != size {
+                return Err(Error::new(
+                    ErrorKind::Incomplete,
+                    format!(
+                        "received {} of {size} bytes from the shared tier",
+                        transfer.received
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = received {
+            transfer.abandon().await;
+            return Err(e);
+        }
+        let (temp, file, sha256, validators) = transfer.finish().await?;
+        if !sha256.eq_ignore_ascii_case(&record.sha256) {
+            // The temp file goes with `temp`.
+            return Err(checksum_error(&record.sha256, &sha256));
+        }
+        if let Err(expected) = wants.check(&sha256) {
+            return Err(checksum_error(&expected, &sha256));
+        }
+        let meta = Meta {
+            version: 1,
+            url: r.display.clone(),
+            file_name: r.file_name.clone(),
+            sha256,
+            size,
+            mtime_ns: 0,
+            etag: validators.etag,
+            last_modified: validators.last_modified,
+            fetched_at: record.fetched_at,
+            expires_at: record.expires_at,
+            generation: String::new(),
+        };
+        let reservation = transfer.reservation.take();
+        let this = Arc::clone(self);
+        let key = r.key.clone();
+        let (pinned, _) = tokio::task::spawn_blocking(move || {
+            this.commit(key, temp, file, meta, reservation, None, asked_at)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("commit failed: {e}")))??;
+        Ok(pinned)
+    }
+
+    /// After the origin was asked under the lease: publishes what was committed (in the
+    /// background: the caller never waits for the tier), or lets the lease go.
+    pub(super) fn publish(
+        self: &Arc<Self>,
+        r: &Resolved,
+        result: &DownloadResult,
+        lease: Lease,
+        replace: bool,
+    ) {
+        let Some(tier) = self.tier.clone() else {
+            return;
+        };
+        let pinned = match result {
+            Ok((pinned, Outcome::Downloaded | Outcome::Revalidated)) => Arc::clone(pinned),
+            _ => {
+                self.uploads.spawn(lease.release());
+                return;
+            }
+        };
+        let this = Arc::clone(self);
+        let key = r.key.clone();
+        let shown = r.display.clone();
+        self.uploads.spawn(async move {
+            let entry = &pinned.entry;
+            let validators = entry.validators();
+            let record = Record {
+                version: 1,
+                url: shown.clone(),
+                sha256: entry.meta.sha256.clone(),
+                size: entry.meta.size,
+                etag: validators.etag,
+                last_modified: validators.last_modified,
+                fetched_at: entry.fetched_at(),
+                expires_at: entry.expires_at(),
+            };
+            let mut delay = Duration::from_secs(1);
+            for attempt in 1..=UPLOAD_ATTEMPTS {
+                let sent = async {
+                    let uploaded = tier
+                        .upload_blob(&record.sha256, record.size, &entry.path, replace)
+                        .await?;
+                    tier.put_record(&key, &record).await?;
+                    Ok::<bool, Error>(uploaded)
+                }
+                .await;
+                match sent {
+                    Ok(uploaded) => {
+                        this.counters.add(Counter::SharedUploads, 1);
+                        tracing::info!(url = %shown, bytes = record.size, blob = uploaded, "published to the shared tier");
+                        break;
+                    }
+                    Err(e) => {
+                        this.counters.add(Counter::SharedErrors, 1);
+                        tier.failed(&e);
+                        tracing::warn!(url = %shown, attempt, error = %e, "cannot publish to the shared tier");
+                        if attempt < UPLOAD_ATTEMPTS {
+                            tokio::time::sleep(delay).await;
+                            delay *= 2;
+                        }
+                    }
+                }
+            }
+            drop(pinned);
+            lease.release().await;
+        });
+    }
+
+    /// Removes the tier's record of `r` (the fleet asks the origin again).
+    pub(super) async fn forget_shared(&self, r: &Resolved) -> Result<()> {
+        match &self.tier {
+            Some(tier) => tier.forget(&r.key).await,
+            None => Err(no_tier()),
+        }
+    }
+
+    /// Removes everything of the tier; how many objects went.
+    pub(super) async fn clear_shared(&self) -> Result<u64> {
+        match &self.tier {
+            Some(tier) => tier.clear().await,
+            None => Err(no_tier()),
+        }
+    }
+
+    /// Waits for the uploads still running (shutdown), at most the tier's wait.
+    pub(super) async fn wait_for_uploads(&self) {
+        self.uploads.close();
+        let bound = self.tier.as_ref().map_or(Duration::ZERO, |t| t.wait);
+        if tokio::time::timeout(bound, self.uploads.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shut down before every upload to the shared tier was done");
+        }
+    }
+}
+
+pub(super) fn no_tier() -> Error {
+    Error::new(
+        ErrorKind::Config,
+        "no shared tier is configured (CACHE_SHARED_TIER)",
+    )
+}

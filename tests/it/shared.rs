@@ -1,0 +1,521 @@
+//! The shared tier against a real S3-compatible server on loopback: moto's server
+//! (`moto_server -H 127.0.0.1 -p PORT`, PyPI `moto[s3,server]`), one per test. Its
+//! conditional creates and `If-Match` updates are atomic, which the leases rely on.
+//!
+//! The server is found at `$IMGCACHE_MOTO_SERVER`, else as `moto_server` on the `PATH`. Where
+//! neither exists these tests say so and pass, unless `IMGCACHE_REQUIRE_S3=1` (set by
+//! `.ci/run`, which installs moto), where they fail.
+//!
+//! Hosts are cache directories: in this process (with a clock the test moves), or, where a
+//! host must run at the same time as the others or be killed, this binary run again as
+//! `shared::host`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use imgcache::{CacheBuilder, CacheStatus, ImageCache, ManualClock};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::MB;
+use crate::support::origin::{Origin, Route, sha256_hex, volume};
+use crate::support::{as_child, finish_child, spawn_child};
+
+const HOST: &str = "shared::host";
+const KEY_ID: &str = "imgcache-test";
+const SECRET: &str = "imgcache-test-secret";
+
+/// A moto server on 127.0.0.1, killed when dropped.
+struct Moto {
+    child: Child,
+    port: u16,
+    bucket: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn moto_server() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("IMGCACHE_MOTO_SERVER") {
+        return Some(PathBuf::from(path));
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("moto_server"))
+        .find(|p| p.is_file())
+}
+
+impl Moto {
+    /// Starts a server with one bucket; `None` (the test passes, saying why) when moto is
+    /// not installed and not required.
+    async fn start() -> Option<Moto> {
+        let Some(server) = moto_server() else {
+            assert!(
+                std::env::var("IMGCACHE_REQUIRE_S3").as_deref() != Ok("1"),
+                "IMGCACHE_REQUIRE_S3=1 and no moto_server: pip install 'moto[s3,server]'"
+            );
+            eprintln!("skipped: no moto_server (pip install 'moto[s3,server]')");
+            return None;
+        };
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(&server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let moto = Moto {
+            child,
+            port,
+            bucket: "imaging-fleet".to_owned(),
+        };
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let made = client
+                .put(format!("{}/{}", moto.endpoint(), moto.bucket))
+                .send()
+                .await;
+            if made.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Some(moto)
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn url(&self) -> String {
+        format!("s3://{}/fleet", self.bucket)
+    }
+
+    /// The environment a host process reads the tier from.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CACHE_SHARED_TIER", self.url()),
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".to_owned()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+            ("AWS_ACCESS_KEY_ID", KEY_ID.to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET.to_owned()),
+        ]
+    }
+
+    /// A host's builder on `dir`: the tier with explicit credentials (never the instance
+    /// metadata address), a short lease.
+    fn host(&self, dir: &Path) -> CacheBuilder {
+        ImageCache::builder()
+            .cache_dir(dir)
+            .sweep_interval(Duration::ZERO)
+            .retry_base_delay(Duration::from_millis(1))
+            .shared_tier(self.url())
+            .shared_tier_option("aws_endpoint", self.endpoint())
+            .shared_tier_option("aws_allow_http", "true")
+            .shared_tier_option("aws_region", "us-east-1")
+            .shared_tier_option("aws_access_key_id", KEY_ID)
+            .shared_tier_option("aws_secret_access_key", SECRET)
+            .shared_lease(Duration::from_secs(1))
+    }
+
+    /// The bucket, as the tests reach into it.
+    fn store(&self) -> AmazonS3 {
+        AmazonS3Builder::new()
+            .with_bucket_name(&self.bucket)
+            .with_endpoint(self.endpoint())
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id(KEY_ID)
+            .with_secret_access_key(SECRET)
+            .build()
+            .unwrap()
+    }
+
+    async fn objects(&self) -> Vec<String> {
+        use futures_util::StreamExt;
+        let mut names: Vec<String> = self
+            .store()
+            .list(None)
+            .map(|m| m.unwrap().location.to_string())
+            .collect()
+            .await;
+        names.sort();
+        names
+    }
+}
+
+/// The other host. Opens the cache in `H_DIR` with the tier of the environment, gets
+/// `H_URL` once `H_GO` exists, writes `<sha256> <status>` to `H_OUT`, and shuts down (which
+/// waits for its upload).
+#[test]
+#[ignore = "run by the tests of this module as a child process"]
+fn host() {
+    as_child(HOST, async {
+        let var = |name: &str| std::env::var(name).unwrap_or_default();
+        let cache = CacheBuilder::from_env()
+            .unwrap()
+            .cache_dir(var("H_DIR"))
+            .sweep_interval(Duration::ZERO)
+            .retry_base_delay(Duration::from_millis(1))
+            .build()
+            .await
+            .unwrap();
+        let go = PathBuf::from(var("H_GO"));
+        while !go.exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let file = cache.get(var("H_URL")).await.unwrap();
+        let line = format!("{} {:?}\n", file.sha256(), file.status());
+        let out = PathBuf::from(var("H_OUT"));
+        std::fs::write(out.with_extension("tmp"), line).unwrap();
+        std::fs::rename(out.with_extension("tmp"), out).unwrap();
+        drop(file);
+        cache.shutdown().await;
+    });
+}
+
+fn spawn_host(moto: &Moto, dir: &Path, url: &str, go: &Path, out: &Path) -> Child {
+    let mut env = moto.env();
+    env.extend([
+        ("H_DIR", dir.display().to_string()),
+        ("H_URL", url.to_owned()),
+        ("H_GO", go.display().to_string()),
+        ("H_OUT", out.display().to_string()),
+        ("CACHE_SHARED_LEASE", "1s".to_owned()),
+    ]);
+    spawn_child(HOST, &env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hosts_asking_at_once_make_one_origin_get() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let body = volume(1, 8 * MB);
+    origin.route("ct/1.nii.gz", Route::ok(body.clone()).rate(20 * MB as u64));
+    let root = tempfile::tempdir().unwrap();
+    let go = root.path().join("go");
+    let hosts: Vec<(Child, PathBuf)> = (0..3)
+        .map(|i| {
+            let out = root.path().join(format!("out-{i}"));
+            let dir = root.path().join(format!("host-{i}"));
+            (
+                spawn_host(&moto, &dir, &origin.url("ct/1.nii.gz"), &go, &out),
+                out,
+            )
+        })
+        .collect();
+    // All three open their caches, then ask at once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(&go, b"").unwrap();
+    let mut statuses = Vec::new();
+    for (child, out) in hosts {
+        finish_child(HOST, child);
+        let line = std::fs::read_to_string(out).unwrap();
+        let (sha, status) = line.trim().split_once(' ').unwrap();
+        assert_eq!(sha, sha256_hex(&body));
+        statuses.push(status.to_owned());
+    }
+    statuses.sort();
+    assert_eq!(
+        origin.hits("ct/1.nii.gz"),
+        1,
+        "one origin GET for the fleet"
+    );
+    assert_eq!(statuses, ["Downloaded", "Shared", "Shared"]);
+    let objects = moto.objects().await;
+    assert!(
+        objects.contains(&format!("fleet/blobs/sha256/{}", sha256_hex(&body))),
+        "{objects:?}"
+    );
+    assert_eq!(
+        objects
+            .iter()
+            .filter(|o| o.starts_with("fleet/urls/"))
+            .count(),
+        1
+    );
+    assert!(
+        !objects.iter().any(|o| o.starts_with("fleet/leases/")),
+        "the lease was let go of"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_holder_killed_mid_download_is_replaced_after_the_lease_time() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let body = volume(2, 4 * MB);
+    // The first host's download crawls; the one that takes over gets it at once.
+    origin.route_seq(
+        "ct/2.nii.gz",
+        vec![
+            Route::ok(body.clone()).rate(256 * 1024),
+            Route::ok(body.clone()),
+        ],
+    );
+    let root = tempfile::tempdir().unwrap();
+    let go = root.path().join("go");
+    std::fs::write(&go, b"").unwrap();
+    let url = origin.url("ct/2.nii.gz");
+    let mut first = spawn_host(
+        &moto,
+        &root.path().join("a"),
+        &url,
+        &go,
+        &root.path().join("out-a"),
+    );
+    origin.wait_for_hits("ct/2.nii.gz", 1).await;
+    // The lease is the first host's now.
+    let leases = || async {
+        moto.objects()
+            .await
+            .into_iter()
+            .filter(|o| o.starts_with("fleet/leases/"))
+            .count()
+    };
+    assert_eq!(leases().await, 1);
+    first.kill().unwrap();
+    let _ = first.wait();
+    let started = Instant::now();
+    let second = moto.host(&root.path().join("b")).build().await.unwrap();
+    let file = second.get(&url).await.unwrap();
+    assert_eq!(std::fs::read(file.path()).unwrap(), body);
+    assert_eq!(file.status(), CacheStatus::Downloaded);
+    assert_eq!(
+        origin.hits("ct/2.nii.gz"),
+        2,
+        "the dead holder's GET and this one"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "taken over once the lease lapsed"
+    );
+    second.flush_shared().await;
+    let third = moto.host(&root.path().join("c")).build().await.unwrap();
+    let shared = third.get(&url).await.unwrap();
+    assert_eq!(shared.status(), CacheStatus::Shared);
+    assert_eq!(origin.hits("ct/2.nii.gz"), 2);
+    assert_eq!(leases().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_tier_stopped_gets_still_succeed_from_the_origin() {
+    let Some(mut moto) = Moto::start().await else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let (a_body, b_body) = (volume(3, MB), volume(4, MB));
+    origin.route("a.nii.gz", Route::ok(a_body.clone()));
+    origin.route("b.nii.gz", Route::ok(b_body.clone()));
+    let root = tempfile::tempdir().unwrap();
+    let one = moto.host(&root.path().join("one")).build().await.unwrap();
+    drop(one.get(origin.url("a.nii.gz")).await.unwrap());
+    one.flush_shared().await;
+    assert_eq!(one.stats().shared_uploads, 1);
+    // The tier goes away mid-run.
+    moto.child.kill().unwrap();
+    moto.child.wait().unwrap();
+    let two = moto.host(&root.path().join("two")).build().await.unwrap();
+    let a = two.get(origin.url("a.nii.gz")).await.unwrap();
+    assert_eq!(std::fs::read(a.path()).unwrap(), a_body);
+    assert_eq!(a.status(), CacheStatus::Downloaded);
+    let b = one.get(origin.url("b.nii.gz")).await.unwrap();
+    assert_eq!(std::fs::read(b.path()).unwrap(), b_body);
+    one.flush_shared().await;
+    assert_eq!(origin.hits("a.nii.gz"), 2);
+    let stats = two.stats();
+    assert!(stats.shared_errors >= 1, "{stats:?}");
+    assert_eq!(stats.shared_hits, 0);
+    assert!(stats.shared_tier_state.unwrap().starts_with("failing"));
+    assert!(
+        one.stats().shared_errors >= 1,
+        "its failed read of the tier is counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_altered_in_the_bucket_is_detected_and_not_served() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let body = volume(5, 2 * MB);
+    origin.route("x.nii.gz", Route::ok(body.clone()));
+    let root = tempfile::tempdir().unwrap();
+    let one = moto.host(&root.path().join("one")).build().await.unwrap();
+    drop(one.get(origin.url("x.nii.gz")).await.unwrap());
+    one.flush_shared().await;
+    // Same length, other bytes: only the hash tells.
+    let blob = StorePath::from(format!("fleet/blobs/sha256/{}", sha256_hex(&body)));
+    let mut altered = body.clone();
+    altered[MB] ^= 0xff;
+    moto.store()
+        .put(&blob, PutPayload::from(altered))
+        .await
+        .unwrap();
+    let two = moto.host(&root.path().join("two")).build().await.unwrap();
+    let file = two.get(origin.url("x.nii.gz")).await.unwrap();
+    assert_eq!(
+        std::fs::read(file.path()).unwrap(),
+        body,
+        "the origin's bytes"
+    );
+    assert_eq!(file.status(), CacheStatus::Downloaded);
+    assert_eq!(origin.hits("x.nii.gz"), 2);
+    let stats = two.stats();
+    assert_eq!((stats.integrity_failures, stats.shared_hits), (1, 0));
+    assert!(stats.shared_errors >= 1);
+    // The host that found it put the right bytes back for the fleet.
+    two.flush_shared().await;
+    let repaired = moto
+        .store()
+        .get(&blob)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(sha256_hex(&repaired), sha256_hex(&body));
+    let three = moto.host(&root.path().join("three")).build().await.unwrap();
+    assert_eq!(
+        three.get(origin.url("x.nii.gz")).await.unwrap().status(),
+        CacheStatus::Shared
+    );
+    assert_eq!(origin.hits("x.nii.gz"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_and_a_304_revalidation_go_through_the_tier() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let body = volume(6, MB);
+    origin.route("e.nii.gz", Route::ok(body.clone()).etag("\"v1\""));
+    let clock = Arc::new(ManualClock::new());
+    let root = tempfile::tempdir().unwrap();
+    let hour = Duration::from_secs(3600);
+    let host = |name: &str| {
+        moto.host(&root.path().join(name))
+            .default_ttl(hour)
+            .clock(Arc::clone(&clock) as Arc<dyn imgcache::Clock>)
+            .build()
+    };
+    let one = host("one").await.unwrap();
+    drop(one.get(origin.url("e.nii.gz")).await.unwrap());
+    one.flush_shared().await;
+    clock.advance(2 * hour);
+    // Expired for the fleet: this host revalidates it under the lease, with a 304.
+    let renewed = one.get(origin.url("e.nii.gz")).await.unwrap();
+    assert_eq!(renewed.status(), CacheStatus::Revalidated);
+    one.flush_shared().await;
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].header("if-none-match"), Some("\"v1\""));
+    // Another host follows the renewed record: no request to the origin.
+    let two = host("two").await.unwrap();
+    let followed = two.get(origin.url("e.nii.gz")).await.unwrap();
+    assert_eq!(followed.status(), CacheStatus::Shared);
+    assert_eq!(std::fs::read(followed.path()).unwrap(), body);
+    assert_eq!(followed.expires_at(), renewed.expires_at());
+    assert_eq!(origin.seen().len(), 2);
+    assert_eq!(
+        (one.stats().shared_uploads, two.stats().shared_hits),
+        (2, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_and_clear_shared_reach_the_fleet_and_plain_ones_stay_local() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let origin = Origin::start().await;
+    origin.route("i.nii.gz", Route::ok(volume(7, MB)));
+    let root = tempfile::tempdir().unwrap();
+    let one = moto.host(&root.path().join("one")).build().await.unwrap();
+    let url = origin.url("i.nii.gz");
+    drop(one.get(&url).await.unwrap());
+    one.flush_shared().await;
+    assert!(one.invalidate(&url).await.unwrap());
+    let two = moto.host(&root.path().join("two")).build().await.unwrap();
+    assert_eq!(
+        two.get(&url).await.unwrap().status(),
+        CacheStatus::Shared,
+        "plain invalidate is local"
+    );
+    assert!(two.invalidate_shared(&url).await.unwrap());
+    let three = moto.host(&root.path().join("three")).build().await.unwrap();
+    assert_eq!(
+        three.get(&url).await.unwrap().status(),
+        CacheStatus::Downloaded
+    );
+    three.flush_shared().await;
+    assert_eq!(origin.hits("i.nii.gz"), 2);
+    assert!(!moto.objects().await.is_empty());
+    let (local, objects) = three.clear_shared().await.unwrap();
+    assert_eq!(local, 1);
+    assert!(objects >= 2, "the blob and the record");
+    assert!(moto.objects().await.is_empty());
+    // Offline uses neither the tier nor the origin.
+    let offline = moto
+        .host(&root.path().join("offline"))
+        .offline(true)
+        .build()
+        .await
+        .unwrap();
+    assert!(offline.stats().shared_tier.is_none());
+    assert!(offline.get(&url).await.is_err());
+    assert_eq!(origin.hits("i.nii.gz"), 2);
+}
+
+#[tokio::test]
+async fn a_bad_tier_setting_is_a_config_error_and_credentials_never_show() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in [
+        "http://bucket/x",
+        "s3://",
+        "s3://key:secret@bucket/x",
+        "not a url",
+    ] {
+        let err = ImageCache::builder()
+            .cache_dir(dir.path())
+            .shared_tier(bad)
+            .build()
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), imgcache::ErrorKind::Config, "{bad}");
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
+    let builder = ImageCache::builder()
+        .shared_tier("s3://bucket/x")
+        .shared_tier_option("aws_secret_access_key", "hunter2");
+    assert!(!format!("{builder:?}").contains("hunter2"));
+    let err = ImageCache::builder()
+        .cache_dir(dir.path())
+        .shared_tier("s3://bucket/x")
+        .shared_tier_option("aws_no_such_setting", "1")
+        .build()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), imgcache::ErrorKind::Config);
+}
