@@ -11,11 +11,13 @@
 //!
 //! A lease is taken with a conditional create (`If-None-Match: *`), so that exactly one host
 //! wins it; its holder renews it with a compare-and-swap on its ETag (`If-Match`) every third
-//! of the lease time, and a lease whose time has passed is taken over the same way, so that
-//! one host replaces a holder that died. The holder downloads from the origin, commits
-//! locally, uploads the blob (multipart, streamed from the committed file) and then the
-//! record, and lets the lease go; the others wait for the record, and stream the blob to a
-//! local temp file, hashed, committed only if the SHA-256 matches the record.
+//! of the lease time, each renewal a new ETag. No host compares its clock with another's: a
+//! waiter takes a lease over (by the same compare-and-swap, so one waiter wins) once it has
+//! seen the same ETag for a whole lease time by its own monotonic clock, or at once when the
+//! holder marked it released. The holder downloads from the origin, commits locally, uploads
+//! the blob (multipart, streamed from the committed file) and then the record, and marks the
+//! lease released; the others wait for the record, and stream the blob to a local temp file,
+//! hashed, committed only if the SHA-256 matches the record.
 //!
 //! The tier never makes the cache less available: any error of the tier (down, slow,
 //! answering errors, a record or blob that does not check out) is counted, logged at WARN,
@@ -23,7 +25,7 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::{BoxStream, StreamExt};
@@ -48,6 +50,8 @@ const PART_BYTES: usize = 8 * 1024 * 1024;
 const PARTS_IN_FLIGHT: usize = 2;
 /// A blob read that receives nothing for this long has stalled.
 const STALL: Duration = Duration::from_secs(20);
+/// The largest record or lease object read: anything bigger is not one of ours.
+const SMALL_OBJECT: u64 = 64 * 1024;
 
 /// What the tier knows of one URL.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -76,7 +80,11 @@ impl Record {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LeaseBody {
     holder: String,
+    /// By the holder's clock; for people reading the bucket (no host trusts another's clock).
     expires_at: u64,
+    /// Let go of by its holder: the next host takes it at once.
+    #[serde(default)]
+    released: bool,
 }
 
 /// A lease this host holds: renewed by its heartbeat until released.
@@ -84,28 +92,65 @@ pub(crate) struct Lease {
     tier: Arc<Tier>,
     key: Key,
     version: Arc<Mutex<UpdateVersion>>,
+    /// Set by the heartbeat when another host took the lease over.
+    lost: Arc<std::sync::atomic::AtomicBool>,
     stop: tokio_util::sync::CancellationToken,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Lease {
-    /// Lets the lease go: the heartbeat stops and the lease object is deleted (if it is
-    /// still this host's).
-    pub(crate) async fn release(self) {
+    /// Whether another host has taken the lease over (this host's download is then one of
+    /// two, and must not overwrite what the other publishes).
+    pub(crate) fn is_lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Lets the lease go: the heartbeat stops (a renewal in flight is waited for), and the
+    /// lease is marked released with a compare-and-swap, so that a lease another host has
+    /// taken over meanwhile is left alone.
+    pub(crate) async fn release(mut self) {
         self.stop.cancel();
+        if let Some(heartbeat) = self.heartbeat.take() {
+            let _ = heartbeat.await;
+        }
+        if self.is_lost() {
+            return;
+        }
         let version = self
             .version
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        self.tier.drop_lease(&self.key, &version).await;
+        let body = self.tier.lease_body(true);
+        let _ = self
+            .tier
+            .bounded(self.tier.store.put_opts(
+                &self.tier.lease_path(&self.key),
+                body,
+                PutOptions::from(PutMode::Update(version)),
+            ))
+            .await;
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        // Released or not, the heartbeat ends with the handle: a lease left behind expires.
+        // Released or not, the heartbeat ends with the handle: a lease left behind lapses.
         self.stop.cancel();
     }
+}
+
+/// What a waiter remembers of a lease another host holds: the version it saw first and
+/// when, by its own monotonic clock.
+#[derive(Debug, Default)]
+pub(crate) struct Seen(Option<(Option<String>, Option<String>, Instant)>);
+
+/// What the tier has of a URL.
+pub(crate) enum Lookup {
+    Missing,
+    Found(Record),
+    /// An object that is not a record (does not parse, no digest of 64 hex digits).
+    Unsound,
 }
 
 /// The outcome of trying to take a URL's lease.
@@ -128,6 +173,8 @@ pub(crate) struct Tier {
     pub(crate) shown: String,
     pub(crate) lease: Duration,
     pub(crate) wait: Duration,
+    /// The longest one request for a small object (a record, a lease, a head) may take.
+    op_timeout: Duration,
     holder: String,
     clock: Arc<dyn Clock>,
     health: Mutex<Health>,
@@ -150,21 +197,35 @@ impl Tier {
             return Ok(None);
         };
         let config_error = |what: String| Error::new(ErrorKind::Config, what);
+        // The value is never shown: it may carry credentials.
         let url = Url::parse(raw.trim()).map_err(|e| {
             config_error(format!(
-                "CACHE_SHARED_TIER must be s3://bucket/prefix, not {raw:?}: {e}"
+                "CACHE_SHARED_TIER must be s3://bucket/prefix ({e})"
             ))
         })?;
-        if url.scheme() != "s3" || url.host_str().is_none_or(str::is_empty) {
-            return Err(config_error(format!(
-                "CACHE_SHARED_TIER must be s3://bucket/prefix, not {raw:?}"
-            )));
-        }
         if !url.username().is_empty() || url.password().is_some() || url.query().is_some() {
             return Err(config_error(
                 "CACHE_SHARED_TIER takes no credentials or query: use AWS_ACCESS_KEY_ID and \
                  AWS_SECRET_ACCESS_KEY"
                     .to_owned(),
+            ));
+        }
+        if url.scheme() != "s3" || url.host_str().is_none_or(str::is_empty) {
+            return Err(config_error(format!(
+                "CACHE_SHARED_TIER must be s3://bucket/prefix, not a {}: URL",
+                url.scheme()
+            )));
+        }
+        let lease = settings.lease.unwrap_or(DEFAULT_SHARED_LEASE);
+        let wait = settings.wait.unwrap_or(DEFAULT_SHARED_WAIT);
+        if lease < Duration::from_secs(1) {
+            return Err(config_error(
+                "the shared lease (CACHE_SHARED_LEASE) must be at least 1s".to_owned(),
+            ));
+        }
+        if wait < lease {
+            return Err(config_error(
+                "the shared wait (CACHE_SHARED_WAIT) must be at least the lease time".to_owned(),
             ));
         }
         let bucket = url.host_str().unwrap_or_default().to_owned();
@@ -202,8 +263,9 @@ impl Tier {
             store: Arc::new(store),
             shown: format!("s3://{bucket}/{prefix}"),
             prefix,
-            lease: settings.lease.unwrap_or(DEFAULT_SHARED_LEASE),
-            wait: settings.wait.unwrap_or(DEFAULT_SHARED_WAIT),
+            lease,
+            wait,
+            op_timeout: (lease / 3).clamp(Duration::from_secs(1), Duration::from_secs(10)),
             holder: format!(
                 "{}-{}-{:016x}",
                 hostname(),
@@ -217,6 +279,42 @@ impl Tier {
 
     fn now_ms(&self) -> u64 {
         crate::clock::unix_ms(self.clock.now())
+    }
+
+    /// `op` within the timeout of one small request: a tier that accepts the connection and
+    /// never answers is a failing tier, not a hang.
+    async fn bounded<T>(
+        &self,
+        op: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> object_store::Result<T> {
+        match tokio::time::timeout(self.op_timeout, op).await {
+            Ok(done) => done,
+            Err(_) => Err(object_store::Error::Generic {
+                store: "S3",
+                source: format!("no answer within {:?}", self.op_timeout).into(),
+            }),
+        }
+    }
+
+    /// A small object (a record or a lease) and its version; an object bigger than
+    /// [`SMALL_OBJECT`] is refused unread.
+    async fn get_small(&self, path: &StorePath) -> object_store::Result<(Bytes, UpdateVersion)> {
+        self.bounded(async {
+            let got = self.store.get(path).await?;
+            if got.meta.size > SMALL_OBJECT {
+                return Err(object_store::Error::Generic {
+                    store: "S3",
+                    source: format!("an object of {} bytes where a record was", got.meta.size)
+                        .into(),
+                });
+            }
+            let version = UpdateVersion {
+                e_tag: got.meta.e_tag.clone(),
+                version: got.meta.version.clone(),
+            };
+            Ok((got.bytes().await?, version))
+        })
+        .await
     }
 
     fn path(&self, parts: &[&str]) -> StorePath {
@@ -268,36 +366,31 @@ impl Tier {
         }
     }
 
-    /// The record of `key`, if the tier has a sound one.
-    pub(crate) async fn record(&self, key: &Key) -> Result<Option<Record>> {
-        let got = match self.store.get(&self.record_path(key)).await {
-            Ok(got) => got,
+    /// The record of `key`, if the tier has one.
+    pub(crate) async fn record(&self, key: &Key) -> Result<Lookup> {
+        let bytes = match self.get_small(&self.record_path(key)).await {
+            Ok((bytes, _)) => bytes,
             Err(object_store::Error::NotFound { .. }) => {
                 self.answered();
-                return Ok(None);
+                return Ok(Lookup::Missing);
             }
             Err(e) => return Err(tier_error("cannot read the shared record", e)),
         };
-        let bytes = got
-            .bytes()
-            .await
-            .map_err(|e| tier_error("cannot read the shared record", e))?;
         self.answered();
-        match serde_json::from_slice::<Record>(&bytes) {
-            Ok(record) if record.is_sound() => Ok(Some(record)),
-            _ => Err(Error::new(
-                ErrorKind::Network,
-                "the shared record of this URL is not a record (ignored)",
-            )),
-        }
+        Ok(match serde_json::from_slice::<Record>(&bytes) {
+            Ok(record) if record.is_sound() => Lookup::Found(record),
+            _ => Lookup::Unsound,
+        })
     }
 
     pub(crate) async fn put_record(&self, key: &Key, record: &Record) -> Result<()> {
         let json = serde_json::to_vec_pretty(record).expect("a record always serialises");
-        self.store
-            .put(&self.record_path(key), PutPayload::from(json))
-            .await
-            .map_err(|e| tier_error("cannot write the shared record", e))?;
+        self.bounded(
+            self.store
+                .put(&self.record_path(key), PutPayload::from(json)),
+        )
+        .await
+        .map_err(|e| tier_error("cannot write the shared record", e))?;
         self.answered();
         Ok(())
     }
@@ -307,9 +400,9 @@ impl Tier {
         &self,
         sha256: &str,
     ) -> Result<(u64, BoxStream<'static, Result<Bytes>>)> {
+        // Up to the first byte within the small-request timeout; then each chunk within STALL.
         let got = self
-            .store
-            .get(&self.blob_path(sha256))
+            .bounded(self.store.get(&self.blob_path(sha256)))
             .await
             .map_err(|e| tier_error("cannot read the shared blob", e))?;
         self.answered();
@@ -343,7 +436,7 @@ impl Tier {
     ) -> Result<bool> {
         let location = self.blob_path(sha256);
         if !replace {
-            match self.store.head(&location).await {
+            match self.bounded(self.store.head(&location)).await {
                 Ok(meta) if meta.size == size => return Ok(false),
                 Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(tier_error("cannot look for the shared blob", e)),
@@ -396,18 +489,23 @@ impl Tier {
     }
 
     pub(crate) async fn delete_blob(&self, sha256: &str) {
-        let _ = self.store.delete(&self.blob_path(sha256)).await;
+        let _ = self
+            .bounded(self.store.delete(&self.blob_path(sha256)))
+            .await;
     }
 
-    /// Takes the lease of `key`: created if there is none, taken over (compare-and-swap on
-    /// its ETag) if its time has passed.
-    pub(crate) async fn take_lease(self: &Arc<Self>, key: &Key) -> Result<Take> {
+    /// Takes the lease of `key`: created if there is none; taken over (compare-and-swap on
+    /// its version) if its holder released it, or if `seen` has watched the same version for
+    /// a whole lease time. Otherwise [`Take::Held`], with `seen` brought up to date.
+    pub(crate) async fn take_lease(self: &Arc<Self>, key: &Key, seen: &mut Seen) -> Result<Take> {
         let location = self.lease_path(key);
         for _ in 0..3 {
-            let body = self.lease_body();
             let created = self
-                .store
-                .put_opts(&location, body, PutOptions::from(PutMode::Create))
+                .bounded(self.store.put_opts(
+                    &location,
+                    self.lease_body(false),
+                    PutOptions::from(PutMode::Create),
+                ))
                 .await;
             match created {
                 Ok(put) => return Ok(Take::Taken(self.hold(key, put.into()))),
@@ -415,42 +513,45 @@ impl Tier {
                 | Err(object_store::Error::Precondition { .. }) => {}
                 Err(e) => return Err(tier_error("cannot take the shared lease", e)),
             }
-            let got = match self.store.get(&location).await {
+            let (bytes, version) = match self.get_small(&location).await {
                 Ok(got) => got,
-                // Let go of meanwhile: create it again.
+                // Removed meanwhile (a clear): create it again.
                 Err(object_store::Error::NotFound { .. }) => continue,
                 Err(e) => return Err(tier_error("cannot read the shared lease", e)),
             };
-            let version = UpdateVersion {
-                e_tag: got.meta.e_tag.clone(),
-                version: got.meta.version.clone(),
+            // A lease that does not parse names no live holder: as good as released.
+            let released = serde_json::from_slice::<LeaseBody>(&bytes).map_or(true, |l| l.released);
+            let now = Instant::now();
+            let lapsed = match &seen.0 {
+                Some((e_tag, v, since)) if *e_tag == version.e_tag && *v == version.version => {
+                    now.duration_since(*since) >= self.lease
+                }
+                _ => {
+                    seen.0 = Some((version.e_tag.clone(), version.version.clone(), now));
+                    false
+                }
             };
-            let bytes = got
-                .bytes()
-                .await
-                .map_err(|e| tier_error("cannot read the shared lease", e))?;
-            // A lease that does not parse is treated as expired: it names no live holder.
-            let until = serde_json::from_slice::<LeaseBody>(&bytes).map_or(0, |l| l.expires_at);
-            if self.now_ms() < until {
+            if !released && !lapsed {
                 return Ok(Take::Held);
             }
             let taken = self
-                .store
-                .put_opts(
+                .bounded(self.store.put_opts(
                     &location,
-                    self.lease_body(),
+                    self.lease_body(false),
                     PutOptions::from(PutMode::Update(version)),
-                )
+                ))
                 .await;
             match taken {
                 Ok(put) => {
-                    tracing::warn!(
-                        key = key.as_str(),
-                        "took over the shared lease of a host that stopped renewing it"
-                    );
+                    if lapsed {
+                        tracing::warn!(
+                            key = key.as_str(),
+                            "took over the shared lease of a host that stopped renewing it"
+                        );
+                    }
                     return Ok(Take::Taken(self.hold(key, put.into())));
                 }
-                // Another host took it over first.
+                // Another host took it first.
                 Err(object_store::Error::Precondition { .. })
                 | Err(object_store::Error::AlreadyExists { .. })
                 | Err(object_store::Error::NotFound { .. }) => continue,
@@ -460,97 +561,108 @@ impl Tier {
         Ok(Take::Held)
     }
 
-    fn lease_body(&self) -> PutPayload {
+    fn lease_body(&self, released: bool) -> PutPayload {
         let body = LeaseBody {
             holder: self.holder.clone(),
             expires_at: self.now_ms().saturating_add(self.lease.as_millis() as u64),
+            released,
         };
         PutPayload::from(serde_json::to_vec(&body).expect("a lease always serialises"))
     }
 
     /// Starts the heartbeat of a lease just taken.
     fn hold(self: &Arc<Self>, key: &Key, version: UpdateVersion) -> Lease {
-        let lease = Lease {
+        let version = Arc::new(Mutex::new(version));
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let heartbeat = {
+            let (tier, key, version, lost, stop) = (
+                Arc::clone(self),
+                key.clone(),
+                Arc::clone(&version),
+                Arc::clone(&lost),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let every = tier.lease / 3;
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(every) => {}
+                    }
+                    let current = version.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let renewed = tier
+                        .bounded(tier.store.put_opts(
+                            &tier.lease_path(&key),
+                            tier.lease_body(false),
+                            PutOptions::from(PutMode::Update(current)),
+                        ))
+                        .await;
+                    match renewed {
+                        Ok(put) => {
+                            *version.lock().unwrap_or_else(|e| e.into_inner()) = put.into();
+                        }
+                        Err(object_store::Error::Precondition { .. })
+                        | Err(object_store::Error::NotFound { .. }) => {
+                            lost.store(true, std::sync::atomic::Ordering::Release);
+                            tracing::warn!(
+                                key = key.as_str(),
+                                "lost the shared lease to another host"
+                            );
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(key = key.as_str(), error = %e, "cannot renew the shared lease");
+                        }
+                    }
+                }
+            })
+        };
+        Lease {
             tier: Arc::clone(self),
             key: key.clone(),
-            version: Arc::new(Mutex::new(version)),
-            stop: tokio_util::sync::CancellationToken::new(),
-        };
-        let (tier, key, version, stop) = (
-            Arc::clone(self),
-            key.clone(),
-            Arc::clone(&lease.version),
-            lease.stop.clone(),
-        );
-        tokio::spawn(async move {
-            let every = (tier.lease / 3).max(Duration::from_millis(100));
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(every) => {}
-                }
-                let current = version.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let renewed = tier
-                    .store
-                    .put_opts(
-                        &tier.lease_path(&key),
-                        tier.lease_body(),
-                        PutOptions::from(PutMode::Update(current)),
-                    )
-                    .await;
-                match renewed {
-                    Ok(put) => *version.lock().unwrap_or_else(|e| e.into_inner()) = put.into(),
-                    Err(object_store::Error::Precondition { .. }) => {
-                        tracing::warn!(key = key.as_str(), "lost the shared lease to another host");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(key = key.as_str(), error = %e, "cannot renew the shared lease");
-                    }
-                }
-            }
-        });
-        lease
-    }
-
-    /// Deletes the lease of `key` if it is still the version this host wrote.
-    async fn drop_lease(&self, key: &Key, version: &UpdateVersion) {
-        let location = self.lease_path(key);
-        if let Ok(meta) = self.store.head(&location).await
-            && meta.e_tag == version.e_tag
-        {
-            let _ = self.store.delete(&location).await;
+            version,
+            lost,
+            stop,
+            heartbeat: Some(heartbeat),
         }
     }
 
     /// Removes the record of `key` (the blob stays: other URLs may share it).
     pub(crate) async fn forget(&self, key: &Key) -> Result<()> {
-        match self.store.delete(&self.record_path(key)).await {
+        match self
+            .bounded(self.store.delete(&self.record_path(key)))
+            .await
+        {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(tier_error("cannot remove the shared record", e)),
         }
     }
 
-    /// Removes everything below the tier's prefix; how many objects went.
+    /// Removes the tier's blobs, records and leases (its three folders below the prefix,
+    /// nothing else in the bucket); how many objects went.
     pub(crate) async fn clear(&self) -> Result<u64> {
-        let listed: Vec<_> = self.store.list(Some(&self.prefix)).collect().await;
-        let mut paths = Vec::new();
-        for meta in listed {
-            match meta {
-                Ok(meta) => paths.push(Ok(meta.location)),
-                Err(e) => return Err(tier_error("cannot list the shared tier", e)),
-            }
-        }
-        let removed: Vec<_> = self
-            .store
-            .delete_stream(futures_util::stream::iter(paths).boxed())
-            .collect()
-            .await;
         let mut count = 0;
-        for r in removed {
-            match r {
-                Ok(_) | Err(object_store::Error::NotFound { .. }) => count += 1,
-                Err(e) => return Err(tier_error("cannot clear the shared tier", e)),
+        for folder in ["blobs", "urls", "leases"] {
+            let below = self.path(&[folder]);
+            let listed: Vec<_> = self.store.list(Some(&below)).collect().await;
+            let mut paths = Vec::new();
+            for meta in listed {
+                match meta {
+                    Ok(meta) => paths.push(Ok(meta.location)),
+                    Err(e) => return Err(tier_error("cannot list the shared tier", e)),
+                }
+            }
+            let removed: Vec<_> = self
+                .store
+                .delete_stream(futures_util::stream::iter(paths).boxed())
+                .collect()
+                .await;
+            for r in removed {
+                match r {
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => count += 1,
+                    Err(e) => return Err(tier_error("cannot clear the shared tier", e)),
+                }
             }
         }
         Ok(count)

@@ -408,11 +408,24 @@ impl Inner {
     /// Writes the renewed meta.json of `entry` and updates it in place (blocking).
     fn renew(&self, entry: &Arc<Entry>, validators: Validators, ttl_ms: u64) -> Result<bool> {
         let now = self.now_ms();
+        // A caller that asked for fresher bytes (a short per-call TTL) confirms them
+        // current; it does not shorten what the entry had for the others.
+        let expires_at = now.saturating_add(ttl_ms).max(entry.expires_at());
+        self.renew_to(entry, validators, now, expires_at)
+    }
+
+    /// Writes `entry`'s meta.json with these validators and times, and updates it in place
+    /// (blocking): a 304 here, or the fleet's renewed record.
+    pub(super) fn renew_to(
+        &self,
+        entry: &Arc<Entry>,
+        validators: Validators,
+        fetched_at: u64,
+        expires_at: u64,
+    ) -> Result<bool> {
         let meta = Meta {
-            fetched_at: now,
-            // A caller that asked for fresher bytes (a short per-call TTL) confirms them
-            // current; it does not shorten what the entry had for the others.
-            expires_at: now.saturating_add(ttl_ms).max(entry.expires_at()),
+            fetched_at,
+            expires_at,
             etag: validators.etag,
             last_modified: validators.last_modified,
             ..entry.meta.clone()

@@ -64,6 +64,53 @@ impl Drop for Handle {
     }
 }
 
+/// The background tasks that publish to the shared tier, counted so that a flush or the
+/// shutdown can wait for them (any number of waiters, at any time).
+#[derive(Default, Clone)]
+struct Uploads(Arc<UploadCount>);
+
+#[derive(Default)]
+struct UploadCount {
+    running: std::sync::atomic::AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts one upload off however its task ends (done, panicked, or dropped with the runtime).
+struct Running(Arc<UploadCount>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Uploads {
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.0.running.fetch_add(1, Ordering::AcqRel);
+        let running = Running(Arc::clone(&self.0));
+        tokio::spawn(async move {
+            task.await;
+            drop(running);
+        });
+    }
+
+    /// Until no upload runs.
+    async fn idle(&self) {
+        loop {
+            let notified = self.0.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.0.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// What every caller of one download gets.
 type DownloadResult = Result<(Arc<Pinned>, Outcome)>;
 
@@ -106,7 +153,7 @@ pub(crate) struct Inner {
     #[cfg(feature = "s3")]
     tier: Option<Arc<crate::tier::Tier>>,
     /// Uploads to the shared tier still running: shutdown waits for them.
-    uploads: tokio_util::task::TaskTracker,
+    uploads: Uploads,
     /// Sweeps run, for the sweeper's tests.
     #[cfg(test)]
     sweeps: AtomicU64,
@@ -210,7 +257,7 @@ impl ImageCache {
         let inner = Arc::new(Inner {
             #[cfg(feature = "s3")]
             tier,
-            uploads: tokio_util::task::TaskTracker::new(),
+            uploads: Uploads::default(),
             default_ttl_ms: AtomicU64::new(duration_ms(config.default_ttl)),
             layout,
             index,
@@ -414,8 +461,9 @@ impl ImageCache {
     }
 
     /// [`invalidate`](Self::invalidate), and the shared tier's record of `url` too, so that
-    /// every host of the fleet downloads it again from the origin (its blob stays: other URLs
-    /// may share it).
+    /// no host gets it from the tier again: the next host to miss downloads it from the
+    /// origin for the fleet. Hosts that have it keep their local copies until they expire or
+    /// are invalidated there; its blob stays (other URLs may share it).
     ///
     /// # Errors
     /// [`ErrorKind::InvalidUrl`]; [`ErrorKind::Config`] when no shared tier is configured;
@@ -464,10 +512,7 @@ impl ImageCache {
     /// Waits until the uploads to the shared tier that downloads started are done (they
     /// run in the background; [`shutdown`](Self::shutdown) waits for them too).
     pub async fn flush_shared(&self) {
-        let inner = self.inner();
-        inner.uploads.close();
-        inner.uploads.wait().await;
-        inner.uploads.reopen();
+        self.inner().uploads.idle().await;
     }
 
     /// Removes every entry and returns how many there were. Files callers still hold are
@@ -726,8 +771,7 @@ impl Inner {
     }
 
     async fn wait_for_uploads(&self) {
-        self.uploads.close();
-        self.uploads.wait().await;
+        self.uploads.idle().await;
     }
 }
 

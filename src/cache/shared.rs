@@ -10,13 +10,15 @@ use futures_util::StreamExt;
 
 use super::download::Wants;
 use super::file::Pinned;
+use super::hit::Holding;
 use super::transfer::{Reservation, Transfer};
 use super::{DownloadResult, Inner, Outcome, checksum_error};
 use crate::error::{Error, ErrorKind, Result};
+use crate::events::Event;
 use crate::key::Resolved;
 use crate::stats::Counter;
 use crate::store::{Meta, Validators};
-use crate::tier::{Lease, Record, Take, Tier};
+use crate::tier::{Lease, Lookup, Record, Seen, Take, Tier};
 
 /// How a miss goes on after the tier was asked.
 pub(super) enum Shared {
@@ -58,7 +60,8 @@ impl Inner {
     }
 
     /// Asks the tier before the origin. Every failure of the tier ends in
-    /// [`Shared::Origin`] (or the lease, if it was taken): the tier never makes a get fail.
+    /// [`Shared::Origin`], or in the lease (so that this host puts right what was wrong for
+    /// the fleet): the tier never makes a get fail.
     pub(super) async fn through_tier(
         self: &Arc<Self>,
         r: &Resolved,
@@ -72,18 +75,30 @@ impl Inner {
         let started = Instant::now();
         let mut delay = Duration::from_millis(50);
         let mut taken: Option<Lease> = None;
-        let mut replace = false;
+        let mut seen = Seen::default();
+        // A record that failed here (its blob missing, cut off, or not its bytes): skipped,
+        // and put right by this host under the lease; a newer record is taken.
+        let mut failed: Option<(String, u64)> = None;
         loop {
             let record = match tier.record(&r.key).await {
-                Ok(record) => record,
+                Ok(Lookup::Found(record)) => Some(record),
+                Ok(Lookup::Missing) => None,
+                Ok(Lookup::Unsound) => {
+                    let e = Error::new(ErrorKind::Network, "the shared record is not a record");
+                    // Rewritten by this host under the lease.
+                    self.tier_failed(&tier, r, &e, "ignoring it");
+                    None
+                }
                 Err(e) => {
                     self.tier_failed(&tier, r, &e, "cannot read the shared tier");
-                    return taken.map_or(Shared::Origin, |lease| Shared::Lease { lease, replace });
+                    return Self::lease_or_origin(taken, failed.is_some());
                 }
             };
-            if let Some(record) =
-                record.filter(|rec| !replace && self.takes(rec, wants, force, asked_at))
-            {
+            let usable = record.filter(|rec| {
+                failed.as_ref() != Some(&(rec.sha256.clone(), rec.fetched_at))
+                    && self.takes(rec, wants, force, asked_at)
+            });
+            if let Some(record) = usable {
                 match self.from_tier(&tier, r, &record, wants, asked_at).await {
                     Ok(pinned) => {
                         if let Some(lease) = taken {
@@ -93,31 +108,37 @@ impl Inner {
                         tracing::info!(url = %r.display, bytes = record.size, "read from the shared tier");
                         return Shared::Served(pinned);
                     }
-                    Err(e) if e.kind() == ErrorKind::ChecksumMismatch => {
-                        self.counters.add(Counter::IntegrityFailures, 1);
-                        self.tier_failed(
-                            &tier,
-                            r,
-                            &e,
-                            "the shared blob failed its check and was removed",
-                        );
-                        tier.delete_blob(&record.sha256).await;
-                        replace = true;
+                    Err(e) if e.kind() == ErrorKind::TooLarge => {
+                        // This host's limits, not the tier's fault: the origin says the same.
+                        if let Some(lease) = taken {
+                            lease.release().await;
+                        }
+                        return Shared::Origin;
                     }
-                    Err(e) if e.kind() == ErrorKind::TooLarge => return Shared::Origin,
                     Err(e) => {
-                        self.tier_failed(&tier, r, &e, "cannot read from the shared tier");
-                        return taken
-                            .map_or(Shared::Origin, |lease| Shared::Lease { lease, replace });
+                        if e.kind() == ErrorKind::ChecksumMismatch {
+                            self.counters.add(Counter::IntegrityFailures, 1);
+                            self.tier_failed(
+                                &tier,
+                                r,
+                                &e,
+                                "the shared blob failed its check and was removed",
+                            );
+                            tier.delete_blob(&record.sha256).await;
+                        } else {
+                            self.tier_failed(&tier, r, &e, "cannot read the shared blob");
+                        }
+                        failed = Some((record.sha256.clone(), record.fetched_at));
+                        continue;
                     }
                 }
             }
             // Taken, and the record looked at once more (a host may have just published it):
             // this host downloads.
-            if let Some(lease) = taken {
-                return Shared::Lease { lease, replace };
+            if taken.is_some() {
+                return Self::lease_or_origin(taken, failed.is_some());
             }
-            match tier.take_lease(&r.key).await {
+            match tier.take_lease(&r.key, &mut seen).await {
                 Ok(Take::Taken(lease)) => taken = Some(lease),
                 Ok(Take::Held) => {
                     if started.elapsed() >= tier.wait {
@@ -140,6 +161,47 @@ impl Inner {
         }
     }
 
+    fn lease_or_origin(taken: Option<Lease>, replace: bool) -> Shared {
+        match taken {
+            Some(lease) => Shared::Lease { lease, replace },
+            None => Shared::Origin,
+        }
+    }
+
+    /// The local entry of `r` renewed from the fleet's record, when it holds the record's
+    /// bytes (an expired copy that another host revalidated): nothing is streamed.
+    async fn renewed_from(self: &Arc<Self>, r: &Resolved, record: &Record) -> Option<Arc<Pinned>> {
+        let entry = self.index.current(&r.key)?;
+        if !entry.meta.sha256.eq_ignore_ascii_case(&record.sha256) || entry.meta.size != record.size
+        {
+            return None;
+        }
+        if !self.index.pin_if_current(&entry) {
+            return None;
+        }
+        let pinned = self.pinned(Arc::clone(&entry));
+        let this = Arc::clone(self);
+        let (validators, fetched_at, expires_at) = (
+            Validators {
+                etag: record.etag.clone(),
+                last_modified: record.last_modified.clone(),
+            },
+            record.fetched_at,
+            record.expires_at,
+        );
+        let renewed_entry = Arc::clone(&entry);
+        let renewed = tokio::task::spawn_blocking(move || {
+            this.renew_to(&renewed_entry, validators, fetched_at, expires_at)
+        })
+        .await
+        .ok()?
+        .ok()?;
+        if !renewed || self.hold(&entry) != Holding::Held {
+            return None;
+        }
+        Some(pinned)
+    }
+
     /// Streams the blob of `record` to a temp file, hashed, and commits it if its SHA-256
     /// is the record's (and a caller's).
     async fn from_tier(
@@ -150,6 +212,10 @@ impl Inner {
         wants: &Wants,
         asked_at: u64,
     ) -> Result<Arc<Pinned>> {
+        if let Some(pinned) = self.renewed_from(r, record).await {
+            tracing::debug!(url = %r.display, "renewed from the shared record");
+            return Ok(pinned);
+        }
         let mut transfer = Transfer::new(self, r, None, asked_at);
         let limit = transfer.limit();
         if record.size > limit {
@@ -168,6 +234,7 @@ impl Inner {
                 ),
             ));
         }
+        let started = Instant::now();
         transfer.total = Some(size);
         transfer.validators = Validators {
             etag: record.etag.clone(),
@@ -191,17 +258,24 @@ impl Inner {
             Ok(())
         }
         .await;
+        let failed = |e: Error| {
+            self.events.emit(|| Event::DownloadFailed {
+                url: r.display.clone(),
+                error: e.to_string(),
+            });
+            e
+        };
         if let Err(e) = received {
             transfer.abandon().await;
-            return Err(e);
+            return Err(failed(e));
         }
-        let (temp, file, sha256, validators) = transfer.finish().await?;
+        let (temp, file, sha256, validators) = transfer.finish().await.map_err(failed)?;
         if !sha256.eq_ignore_ascii_case(&record.sha256) {
             // The temp file goes with `temp`.
-            return Err(checksum_error(&record.sha256, &sha256));
+            return Err(failed(checksum_error(&record.sha256, &sha256)));
         }
         if let Err(expected) = wants.check(&sha256) {
-            return Err(checksum_error(&expected, &sha256));
+            return Err(failed(checksum_error(&expected, &sha256)));
         }
         let meta = Meta {
             version: 1,
@@ -224,6 +298,11 @@ impl Inner {
         })
         .await
         .map_err(|e| Error::new(ErrorKind::Internal, format!("commit failed: {e}")))??;
+        self.events.emit(|| Event::DownloadFinished {
+            url: r.display.clone(),
+            bytes: size,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        });
         Ok(pinned)
     }
 
@@ -246,6 +325,11 @@ impl Inner {
                 return;
             }
         };
+        if lease.is_lost() {
+            // Another host took the lease over and publishes its own download.
+            self.uploads.spawn(lease.release());
+            return;
+        }
         let this = Arc::clone(self);
         let key = r.key.clone();
         let shown = r.display.clone();
@@ -264,6 +348,10 @@ impl Inner {
             };
             let mut delay = Duration::from_secs(1);
             for attempt in 1..=UPLOAD_ATTEMPTS {
+                if lease.is_lost() {
+                    tracing::warn!(url = %shown, "lost the shared lease; leaving the publishing to its new holder");
+                    break;
+                }
                 let sent = async {
                     let uploaded = tier
                         .upload_blob(&record.sha256, record.size, &entry.path, replace)
@@ -312,9 +400,8 @@ impl Inner {
 
     /// Waits for the uploads still running (shutdown), at most the tier's wait.
     pub(super) async fn wait_for_uploads(&self) {
-        self.uploads.close();
         let bound = self.tier.as_ref().map_or(Duration::ZERO, |t| t.wait);
-        if tokio::time::timeout(bound, self.uploads.wait())
+        if tokio::time::timeout(bound, self.uploads.idle())
             .await
             .is_err()
         {

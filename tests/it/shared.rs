@@ -146,6 +146,28 @@ impl Moto {
             .unwrap()
     }
 
+    /// The leases of the bucket that are not marked released.
+    async fn live_leases(&self) -> usize {
+        let mut live = 0;
+        for name in self.objects().await {
+            if name.starts_with("fleet/leases/") {
+                let body = self
+                    .store()
+                    .get(&StorePath::from(name))
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap();
+                let lease: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                if lease["released"] != serde_json::Value::Bool(true) {
+                    live += 1;
+                }
+            }
+        }
+        live
+    }
+
     async fn objects(&self) -> Vec<String> {
         use futures_util::StreamExt;
         let mut names: Vec<String> = self
@@ -251,10 +273,7 @@ async fn three_hosts_asking_at_once_make_one_origin_get() {
             .count(),
         1
     );
-    assert!(
-        !objects.iter().any(|o| o.starts_with("fleet/leases/")),
-        "the lease was let go of"
-    );
+    assert_eq!(moto.live_leases().await, 0, "the lease was let go of");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,14 +304,7 @@ async fn a_lease_holder_killed_mid_download_is_replaced_after_the_lease_time() {
     );
     origin.wait_for_hits("ct/2.nii.gz", 1).await;
     // The lease is the first host's now.
-    let leases = || async {
-        moto.objects()
-            .await
-            .into_iter()
-            .filter(|o| o.starts_with("fleet/leases/"))
-            .count()
-    };
-    assert_eq!(leases().await, 1);
+    assert_eq!(moto.live_leases().await, 1);
     first.kill().unwrap();
     let _ = first.wait();
     let started = Instant::now();
@@ -314,7 +326,7 @@ async fn a_lease_holder_killed_mid_download_is_replaced_after_the_lease_time() {
     let shared = third.get(&url).await.unwrap();
     assert_eq!(shared.status(), CacheStatus::Shared);
     assert_eq!(origin.hits("ct/2.nii.gz"), 2);
-    assert_eq!(leases().await, 0);
+    assert_eq!(moto.live_leases().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,11 +483,23 @@ async fn invalidate_and_clear_shared_reach_the_fleet_and_plain_ones_stay_local()
     );
     three.flush_shared().await;
     assert_eq!(origin.hits("i.nii.gz"), 2);
-    assert!(!moto.objects().await.is_empty());
+    // What else the bucket holds is not the tier's to remove.
+    for other in ["fleet/notes.txt", "archive/ct/1.nii.gz"] {
+        moto.store()
+            .put(&StorePath::from(other), PutPayload::from_static(b"keep"))
+            .await
+            .unwrap();
+    }
     let (local, objects) = three.clear_shared().await.unwrap();
     assert_eq!(local, 1);
-    assert!(objects >= 2, "the blob and the record");
-    assert!(moto.objects().await.is_empty());
+    assert!(
+        objects >= 3,
+        "the blob, the record and the lease: {objects}"
+    );
+    assert_eq!(
+        moto.objects().await,
+        ["archive/ct/1.nii.gz", "fleet/notes.txt"]
+    );
     // Offline uses neither the tier nor the origin.
     let offline = moto
         .host(&root.path().join("offline"))
@@ -506,6 +530,24 @@ async fn a_bad_tier_setting_is_a_config_error_and_credentials_never_show() {
         assert_eq!(err.kind(), imgcache::ErrorKind::Config, "{bad}");
         assert!(!err.to_string().contains("secret"), "{err}");
     }
+    for (lease, wait) in [
+        (Duration::ZERO, Duration::from_secs(60)),
+        (Duration::from_secs(30), Duration::from_secs(5)),
+    ] {
+        let err = ImageCache::builder()
+            .cache_dir(dir.path())
+            .shared_tier("s3://bucket/x")
+            .shared_lease(lease)
+            .shared_wait(wait)
+            .build()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            imgcache::ErrorKind::Config,
+            "{lease:?} {wait:?}"
+        );
+    }
     let builder = ImageCache::builder()
         .shared_tier("s3://bucket/x")
         .shared_tier_option("aws_secret_access_key", "hunter2");
@@ -518,4 +560,124 @@ async fn a_bad_tier_setting_is_a_config_error_and_credentials_never_show() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), imgcache::ErrorKind::Config);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_holder_slower_than_its_lease_keeps_it_by_its_heartbeat() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let body = volume(8, 2 * MB);
+    // 2.5 s to download: longer than the 1 s lease, renewed every third of it.
+    origin.route("slow.nii.gz", Route::ok(body.clone()).rate(800 * 1024));
+    let root = tempfile::tempdir().unwrap();
+    let one = moto.host(&root.path().join("one")).build().await.unwrap();
+    let two = moto.host(&root.path().join("two")).build().await.unwrap();
+    let url = origin.url("slow.nii.gz");
+    let first = tokio::spawn({
+        let (one, url) = (one.clone(), url.clone());
+        async move { one.get(&url).await }
+    });
+    origin.wait_for_hits("slow.nii.gz", 1).await;
+    let second = two.get(&url).await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(
+        origin.hits("slow.nii.gz"),
+        1,
+        "nobody took over a lease still renewed"
+    );
+    assert_eq!(first.status(), CacheStatus::Downloaded);
+    assert_eq!(second.status(), CacheStatus::Shared);
+    assert_eq!(std::fs::read(second.path()).unwrap(), body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_from_a_host_whose_clock_runs_ahead_is_taken_over_after_a_lease_time() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let body = volume(9, MB);
+    origin.route("f.nii.gz", Route::ok(body.clone()));
+    let root = tempfile::tempdir().unwrap();
+    let host = moto.host(&root.path().join("one")).build().await.unwrap();
+    let url = origin.url("f.nii.gz");
+    // Learn the URL's key from a first download, then leave a lease of a dead host whose
+    // clock said the year 292 million.
+    drop(host.get(&url).await.unwrap());
+    host.flush_shared().await;
+    let lease = moto
+        .objects()
+        .await
+        .into_iter()
+        .find(|o| o.starts_with("fleet/leases/"))
+        .unwrap();
+    assert!(host.invalidate_shared(&url).await.unwrap());
+    moto.store()
+        .put(
+            &StorePath::from(lease),
+            PutPayload::from_static(br#"{"holder":"gone","expires_at":18446744073709551615}"#),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let file = host.get(&url).await.unwrap();
+    assert_eq!(file.status(), CacheStatus::Downloaded);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(origin.hits("f.nii.gz"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tier_that_never_answers_is_a_failing_tier_not_a_hang() {
+    // Accepts connections and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    let origin = Origin::start().await;
+    let body = volume(10, MB);
+    origin.route("q.nii.gz", Route::ok(body.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ImageCache::builder()
+        .cache_dir(dir.path())
+        .sweep_interval(Duration::ZERO)
+        .shared_tier("s3://imaging-fleet/fleet")
+        .shared_tier_option("aws_endpoint", format!("http://127.0.0.1:{port}"))
+        .shared_tier_option("aws_allow_http", "true")
+        .shared_tier_option("aws_region", "us-east-1")
+        .shared_tier_option("aws_access_key_id", KEY_ID)
+        .shared_tier_option("aws_secret_access_key", SECRET)
+        .shared_lease(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let file = tokio::time::timeout(Duration::from_secs(60), cache.get(origin.url("q.nii.gz")))
+        .await
+        .expect("no hang")
+        .unwrap();
+    assert_eq!(std::fs::read(file.path()).unwrap(), body);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let stats = cache.stats();
+    assert!(stats.shared_errors >= 1);
+    assert!(stats.shared_tier_state.unwrap().starts_with("failing"));
+    held.abort();
 }
