@@ -158,8 +158,8 @@ mod store;
 mod tier;
 
 pub use cache::{
-    CacheStatus, CachedFile, CleanupReport, EntryInfo, GetOptions, ImageCache, Verification,
-    VerifyReport,
+    CacheStatus, CachedFile, CleanupReport, EntryInfo, FileStream, GetOptions, ImageCache,
+    Verification, VerifyReport,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{

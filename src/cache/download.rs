@@ -256,7 +256,7 @@ impl Inner {
         resume: Option<Resume>,
         asked_at: u64,
     ) -> DownloadResult {
-        let mut transfer = Transfer::new(self, r, lock, asked_at);
+        let mut transfer = Transfer::new(self, r, lock, asked_at).with_progress(wants.progress());
         if let Some(resume) = resume {
             transfer.resume_from(resume);
         }
@@ -553,17 +553,24 @@ pub(super) struct Wants {
     // A std Mutex: pushed to once per joined caller, read once at the commit; never held
     // across an .await.
     list: Mutex<Vec<Want>>,
+    /// What reaches the download's file, for its streaming readers.
+    progress: Arc<tokio::sync::watch::Sender<super::stream::Progress>>,
 }
 
 impl From<Want> for Wants {
     fn from(first: Want) -> Wants {
         Wants {
             list: Mutex::new(vec![first]),
+            progress: Arc::new(tokio::sync::watch::Sender::new(Default::default())),
         }
     }
 }
 
 impl Wants {
+    pub(super) fn progress(&self) -> &Arc<tokio::sync::watch::Sender<super::stream::Progress>> {
+        &self.progress
+    }
+
     pub(super) fn add(&self, want: Want) {
         self.list
             .lock()

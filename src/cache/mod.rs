@@ -16,6 +16,7 @@ mod resolve;
 #[cfg(feature = "s3")]
 mod shared;
 mod state;
+mod stream;
 mod sweeper;
 mod transfer;
 
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 pub use file::{
     CacheStatus, CachedFile, CleanupReport, EntryInfo, GetOptions, Verification, VerifyReport,
 };
+pub use stream::FileStream;
 
 use crate::clock::unix_ms;
 use crate::config::{CacheBuilder, Config};
@@ -342,7 +344,7 @@ impl ImageCache {
         let (pinned, outcome, status) = loop {
             let (download, status) = match inner.join_or_start(&resolved, &options, force) {
                 Joined::Hit(hit) => return Ok(hit),
-                Joined::Download(download, status) => (download, status),
+                Joined::Download(download, status, _) => (download, status),
             };
             if status == CacheStatus::Coalesced {
                 inner.counters.add(Counter::CoalescedWaits, 1);
@@ -371,29 +373,7 @@ impl ImageCache {
                 Err(e) => return Err(e),
             }
         };
-        let status = match outcome {
-            Outcome::Downloaded => status,
-            Outcome::Revalidated => CacheStatus::Revalidated,
-            Outcome::Stale => CacheStatus::Stale,
-            Outcome::Found => {
-                inner.counters.add(Counter::Hits, 1);
-                inner
-                    .counters
-                    .add(Counter::BytesServedFromCache, pinned.entry.meta.size);
-                CacheStatus::Hit
-            }
-            Outcome::Joined => CacheStatus::Coalesced,
-            #[cfg(feature = "s3")]
-            Outcome::Shared => CacheStatus::Shared,
-        };
-        let file = CachedFile { pinned, status };
-        if let Some(expected) = &options.expected_sha256 {
-            // A joined download was started without this caller's digest.
-            if !file.sha256().eq_ignore_ascii_case(expected.trim()) {
-                return Err(checksum_error(expected, file.sha256()).with_url(&resolved.display));
-            }
-        }
-        Ok(file)
+        inner.concluded(&resolved, &options, pinned, outcome, status)
     }
 
     /// The cached file for `url` if a fresh, intact entry exists. Never touches the network.
@@ -752,8 +732,13 @@ impl ImageCache {
 enum Joined {
     /// The re-check found a fresh entry after all.
     Hit(CachedFile),
-    /// The download to wait on, and whether this call started it or joined it.
-    Download(inflight::SharedTask<DownloadResult>, CacheStatus),
+    /// The download to wait on, whether this call started it or joined it, and what its
+    /// callers share (their wants, and the download's progress).
+    Download(
+        inflight::SharedTask<DownloadResult>,
+        CacheStatus,
+        Arc<download::Wants>,
+    ),
 }
 
 #[cfg(not(feature = "s3"))]
@@ -776,6 +761,40 @@ impl Inner {
 }
 
 impl Inner {
+    /// What a caller of a download gets from its result: the file, with its status, once
+    /// it is checked against the caller's own digest.
+    fn concluded(
+        &self,
+        resolved: &Resolved,
+        options: &GetOptions,
+        pinned: Arc<Pinned>,
+        outcome: Outcome,
+        status: CacheStatus,
+    ) -> Result<CachedFile> {
+        let status = match outcome {
+            Outcome::Downloaded => status,
+            Outcome::Revalidated => CacheStatus::Revalidated,
+            Outcome::Stale => CacheStatus::Stale,
+            Outcome::Found => {
+                self.counters.add(Counter::Hits, 1);
+                self.counters
+                    .add(Counter::BytesServedFromCache, pinned.entry.meta.size);
+                CacheStatus::Hit
+            }
+            Outcome::Joined => CacheStatus::Coalesced,
+            #[cfg(feature = "s3")]
+            Outcome::Shared => CacheStatus::Shared,
+        };
+        let file = CachedFile { pinned, status };
+        if let Some(expected) = &options.expected_sha256 {
+            // A joined download was started without this caller's digest.
+            if !file.sha256().eq_ignore_ascii_case(expected.trim()) {
+                return Err(checksum_error(expected, file.sha256()).with_url(&resolved.display));
+            }
+        }
+        Ok(file)
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::new(ErrorKind::Shutdown, "the cache was shut down"));
@@ -818,10 +837,10 @@ impl Inner {
             match join {
                 Join::Joined(download, wants) => {
                     wants.add(want);
-                    return Joined::Download(download, CacheStatus::Coalesced);
+                    return Joined::Download(download, CacheStatus::Coalesced, wants);
                 }
-                Join::Started(download, _) => {
-                    return Joined::Download(download, CacheStatus::Downloaded);
+                Join::Started(download, wants) => {
+                    return Joined::Download(download, CacheStatus::Downloaded, wants);
                 }
                 Join::Found(entry) => match self.accept_hit(entry, options) {
                     Some(hit) => return Joined::Hit(hit),

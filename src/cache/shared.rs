@@ -216,7 +216,7 @@ impl Inner {
             tracing::debug!(url = %r.display, "renewed from the shared record");
             return Ok(pinned);
         }
-        let mut transfer = Transfer::new(self, r, None, asked_at);
+        let mut transfer = Transfer::new(self, r, None, asked_at).with_progress(wants.progress());
         let limit = transfer.limit();
         if record.size > limit {
             return Err(Error::new(
@@ -241,6 +241,7 @@ impl Inner {
             last_modified: record.last_modified.clone(),
         };
         transfer.reservation = Some(Reservation::new(self, size).await);
+        wants.progress().send_modify(|p| p.total = Some(size));
         transfer.start_writer();
         let received = async {
             while let Some(chunk) = body.next().await {

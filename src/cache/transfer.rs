@@ -180,6 +180,8 @@ pub(super) struct Transfer<'a> {
     pub(super) resumed: Option<(TempFile, std::fs::File)>,
     /// When the callers asked, by the cache's clock.
     pub(super) asked_at: u64,
+    /// What the readers of this download in progress see (see `stream`).
+    pub(super) progress: Option<Arc<tokio::sync::watch::Sender<super::stream::Progress>>>,
 }
 
 impl<'a> Transfer<'a> {
@@ -207,6 +209,28 @@ impl<'a> Transfer<'a> {
             }),
             resumed: None,
             asked_at,
+            progress: None,
+        }
+    }
+
+    /// Tells `progress` (the readers of the download) what reaches the file.
+    pub(super) fn with_progress(
+        mut self,
+        progress: &Arc<tokio::sync::watch::Sender<super::stream::Progress>>,
+    ) -> Self {
+        self.progress = Some(Arc::clone(progress));
+        self
+    }
+
+    /// Tells the readers the full length, once a response said it.
+    fn publish_total(&self) {
+        if let Some(progress) = &self.progress {
+            let total = self.total;
+            progress.send_if_modified(|p| {
+                let changed = p.total != total;
+                p.total = total;
+                changed
+            });
         }
     }
 
@@ -336,6 +360,7 @@ impl<'a> Transfer<'a> {
                 response
             }
         };
+        self.publish_total();
         self.start_writer();
         while let Some(chunk) = response.chunk().await.map_err(fetch::body_error)? {
             self.inner
@@ -412,6 +437,7 @@ impl<'a> Transfer<'a> {
             existing,
             make_room,
             on_sync,
+            super::stream::on_written(self.progress.clone()),
         ));
     }
 

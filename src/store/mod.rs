@@ -171,7 +171,9 @@ impl Layout {
     }
 
     pub(crate) fn create_new_file(&self, path: &Path) -> io::Result<File> {
+        // Readable too: the readers of a download in progress read its part file.
         OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .mode(self.file_mode)
@@ -647,7 +649,9 @@ pub(crate) fn remove_any(path: &Path) {
 
 pub(crate) mod locks;
 mod writer;
-pub(crate) use writer::{MakeRoom, OnSync, SpawnedWriter, WriteOp, open_part, spawn_writer};
+pub(crate) use writer::{
+    MakeRoom, OnSync, OnWritten, SpawnedWriter, WriteOp, Written, open_part, spawn_writer,
+};
 mod recover;
 #[cfg(test)]
 use recover::RecoveryReport;

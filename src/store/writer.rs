@@ -5,6 +5,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
@@ -29,6 +30,20 @@ pub(crate) type MakeRoom = Box<dyn Fn(u64) -> bool + Send>;
 /// Called by the writer each time it has made the first `n` bytes durable, so that the
 /// download's lock record can say how much a successor may resume from.
 pub(crate) type OnSync = Box<dyn Fn(u64) + Send>;
+
+/// What the writer tells the readers of a download in progress (see `cache::stream`).
+pub(crate) enum Written {
+    /// The file is open: a handle to read it by offset, and how long it already is (a dead
+    /// download's part file taken over).
+    Opened(Arc<File>, u64),
+    /// The first `n` bytes are in the file (written, not necessarily durable).
+    Bytes(u64),
+    /// Everything written so far was dropped: the download starts again from byte zero.
+    Restarted,
+}
+
+/// Called by the writer as bytes reach the file.
+pub(crate) type OnWritten = Box<dyn Fn(Written) + Send>;
 
 /// How often the writer fsyncs a download in progress: what a successor resumes from after a
 /// crash, even a power cut, is bytes that reached the disk.
@@ -83,6 +98,7 @@ pub(crate) fn spawn_writer(
     existing: Option<File>,
     make_room: MakeRoom,
     on_sync: OnSync,
+    on_written: OnWritten,
 ) -> SpawnedWriter {
     let (tx, mut rx) = mpsc::channel::<WriteOp>(64);
     let path = temp.path().to_owned();
@@ -94,12 +110,17 @@ pub(crate) fn spawn_writer(
         };
         let mut written = file.metadata()?.len();
         let mut synced = written;
+        // A second handle for readers: reading by offset never moves this one's position.
+        if let Ok(reader) = file.try_clone() {
+            on_written(Written::Opened(Arc::new(reader), written));
+        }
         let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
         // Writes `data` and, every SYNC_EVERY bytes, makes what was written durable.
         let flush =
             |file: &mut File, data: &[u8], written: &mut u64, synced: &mut u64| -> io::Result<()> {
                 write_all_making_room(file, data, &make_room)?;
                 *written += data.len() as u64;
+                on_written(Written::Bytes(*written));
                 if *written >= *synced + SYNC_EVERY {
                     file.sync_data()?;
                     *synced = *written;
@@ -108,7 +129,19 @@ pub(crate) fn spawn_writer(
                 Ok(())
             };
         loop {
-            let Some(op) = rx.blocking_recv() else {
+            // With nothing more to write yet, what is buffered goes to the file, so that
+            // readers of a download slower than the disk see each byte as it arrives.
+            let op = match rx.try_recv() {
+                Ok(op) => Some(op),
+                Err(_) => {
+                    if !buf.is_empty() {
+                        flush(&mut file, &buf, &mut written, &mut synced)?;
+                        buf.clear();
+                    }
+                    rx.blocking_recv()
+                }
+            };
+            let Some(op) = op else {
                 // Dropping `temp` on return removes the file.
                 return Err(io::Error::other("download abandoned"));
             };
@@ -131,6 +164,7 @@ pub(crate) fn spawn_writer(
                     written = 0;
                     synced = 0;
                     on_sync(0);
+                    on_written(Written::Restarted);
                 }
                 WriteOp::Finish => break,
             }

@@ -26,6 +26,7 @@ mod processes;
 mod server;
 #[cfg(feature = "s3")]
 mod shared;
+mod streaming;
 mod stress;
 mod tamper;
 mod tls;

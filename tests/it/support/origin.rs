@@ -55,6 +55,8 @@ pub struct Route {
     pub last_modified: Option<String>,
     /// Bytes written at a time (with `rate`, the trickle's step).
     pub piece: usize,
+    /// After this many body bytes, the response waits for one permit.
+    pub pause_at: Option<(usize, Arc<Semaphore>)>,
 }
 
 impl Route {
@@ -67,6 +69,7 @@ impl Route {
             extra_headers: Vec::new(),
             rate: None,
             gate: None,
+            pause_at: None,
             gate_body_only: false,
             ranges: true,
             last_modified: None,
@@ -121,6 +124,14 @@ impl Route {
     pub fn gated(mut self) -> (Route, Arc<Semaphore>) {
         let gate = Arc::new(Semaphore::new(0));
         self.gate = Some(Arc::clone(&gate));
+        (self, gate)
+    }
+
+    /// Sends the headers and the first `bytes` of the body, then holds the rest until a
+    /// permit is added.
+    pub fn pause_at(mut self, bytes: usize) -> (Route, Arc<Semaphore>) {
+        let gate = Arc::new(Semaphore::new(0));
+        self.pause_at = Some((bytes, Arc::clone(&gate)));
         (self, gate)
     }
 
@@ -404,8 +415,23 @@ async fn serve(mut stream: TcpStream, state: &Shared) -> std::io::Result<()> {
     };
     let started = Instant::now();
     let mut sent = 0usize;
+    let mut paused = false;
     while sent < limit {
-        let end = (sent + route.piece).min(limit);
+        if let Some((at, gate)) = &route.pause_at
+            && !paused
+            && sent >= *at
+        {
+            stream.flush().await?;
+            gate.acquire().await.expect("gate closed").forget();
+            paused = true;
+        }
+        let mut end = (sent + route.piece).min(limit);
+        if let Some((at, _)) = &route.pause_at
+            && !paused
+            && sent < *at
+        {
+            end = end.min(*at);
+        }
         let piece = &body[sent..end];
         if chunked {
             stream

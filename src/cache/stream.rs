@@ -1,0 +1,427 @@
+//! [`FileStream`]: a file's bytes while it is being cached. A reader joins the download (or
+//! starts it), reads what the writer has put in the temp file (by offset, through a handle
+//! of its own) and waits on the download's progress for the rest; it never holds the
+//! download back, and holds at most one chunk in memory. Its end comes only after the
+//! commit, and only if the bytes it handed out are those of the committed file: a
+//! download that fails, restarts after bytes were read, or ends with another file, ends
+//! the stream with an error.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use futures_util::stream::BoxStream;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::watch;
+
+use super::file::{CacheStatus, CachedFile, GetOptions};
+use super::{DownloadResult, Inner, Joined, Outcome, inflight};
+use crate::error::{Error, Result};
+use crate::key::Resolved;
+use crate::stats::Counter;
+use crate::store::{OnWritten, Written};
+
+/// The largest chunk a stream reads at once.
+const CHUNK: usize = 256 * 1024;
+
+/// What the writer of a download has put in its file, for the streams reading it.
+#[derive(Clone, Default, Debug)]
+pub(crate) struct Progress {
+    /// A handle on the file being written.
+    pub(crate) file: Option<Arc<File>>,
+    /// Bytes in the file.
+    pub(crate) written: u64,
+    /// The full length, once a response said it.
+    pub(crate) total: Option<u64>,
+    /// Times the download started again from byte zero.
+    pub(crate) restarts: u32,
+}
+
+/// The writer's callback, publishing to `progress`.
+pub(super) fn on_written(progress: Option<Arc<watch::Sender<Progress>>>) -> OnWritten {
+    Box::new(move |w| {
+        let Some(progress) = &progress else { return };
+        progress.send_modify(|p| match w {
+            Written::Opened(file, len) => {
+                p.file = Some(file);
+                p.written = len;
+            }
+            Written::Bytes(n) => p.written = n,
+            Written::Restarted => {
+                p.written = 0;
+                p.restarts += 1;
+            }
+        });
+    })
+}
+
+/// A file's bytes as they are cached: a [`Stream`] of chunks and an [`AsyncRead`], from
+/// [`ImageCache::get_stream`](crate::ImageCache::get_stream).
+///
+/// On a hit it reads the committed file. On a miss it starts reading as soon as the
+/// download's first bytes are in its temp file, with any number of other readers, each at
+/// its own pace; it ends after the commit, with an error if the download fails or its bytes
+/// were not those committed. While it lives, the committed file is pinned.
+pub struct FileStream {
+    inner: BoxStream<'static, io::Result<Bytes>>,
+    len: Option<u64>,
+    status: CacheStatus,
+    /// What [`AsyncRead`] has not handed out yet of the last chunk.
+    left: Bytes,
+}
+
+impl std::fmt::Debug for FileStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileStream")
+            .field("len", &self.len)
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+impl FileStream {
+    /// The file's length when known: the committed size, or the origin's `Content-Length`
+    /// of the download being read (of the range, for [`range`](Self::range)).
+    pub fn len(&self) -> Option<u64> {
+        self.len
+    }
+
+    /// Whether the stream has nothing to read: a known length of zero.
+    pub fn is_empty(&self) -> bool {
+        self.len == Some(0)
+    }
+
+    /// [`CacheStatus::Hit`] for a committed file; [`CacheStatus::Downloaded`] when this
+    /// stream started the download, [`CacheStatus::Coalesced`] when it joined one.
+    pub fn status(&self) -> CacheStatus {
+        self.status
+    }
+}
+
+impl Stream for FileStream {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if !self.left.is_empty() {
+            return Poll::Ready(Some(Ok(std::mem::take(&mut self.left))));
+        }
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+impl AsyncRead for FileStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.left.is_empty() {
+            match self.inner.as_mut().poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(Some(Ok(chunk))) => self.left = chunk,
+            }
+        }
+        let n = self.left.len().min(buf.remaining());
+        let chunk = self.left.split_to(n);
+        buf.put_slice(&chunk);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Where a stream reads from.
+struct Reader {
+    inner: Arc<Inner>,
+    resolved: Arc<Resolved>,
+    options: GetOptions,
+    status: CacheStatus,
+    /// The download, until it ends.
+    task: Option<inflight::SharedTask<DownloadResult>>,
+    progress: Option<watch::Receiver<Progress>>,
+    /// The temp file being read, and the restart count it belongs to.
+    reading: Option<(Arc<File>, u32)>,
+    /// After the commit: the file, pinned, and a handle on it.
+    committed: Option<(CachedFile, Arc<File>)>,
+    start: u64,
+    pos: u64,
+    end: Option<u64>,
+}
+
+fn to_io(e: Error) -> io::Error {
+    io::Error::other(e)
+}
+
+/// Reads up to `max` bytes at `pos` of `file`, off the async workers.
+async fn read_at(file: &Arc<File>, pos: u64, max: u64) -> io::Result<Bytes> {
+    let file = Arc::clone(file);
+    let len = max.min(CHUNK as u64) as usize;
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len];
+        let n = file.read_at(&mut buf, pos)?;
+        buf.truncate(n);
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+impl Reader {
+    /// The next chunk, `None` at the end (after the commit), or the error that ends it.
+    async fn next(&mut self) -> Option<io::Result<Bytes>> {
+        loop {
+            let end = self.end;
+            if let Some((_, file)) = &self.committed {
+                if end.is_some_and(|e| self.pos >= e) {
+                    return None;
+                }
+                let max = end.map_or(CHUNK as u64, |e| e - self.pos);
+                return match read_at(file, self.pos, max).await {
+                    Ok(chunk) if chunk.is_empty() => {
+                        if end.is_some_and(|e| self.pos < e) {
+                            return Some(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the range runs past the end of the file",
+                            )));
+                        }
+                        None
+                    }
+                    Ok(chunk) => {
+                        self.pos += chunk.len() as u64;
+                        Some(Ok(chunk))
+                    }
+                    Err(e) => Some(Err(e)),
+                };
+            }
+            let task = self.task.clone()?;
+            let progress = self.progress.as_mut()?;
+            let now = progress.borrow_and_update().clone();
+            if self
+                .reading
+                .as_ref()
+                .is_some_and(|(_, r)| *r != now.restarts)
+            {
+                if self.pos > self.start {
+                    return Some(Err(io::Error::other(
+                        "the download started again after bytes were read: read again",
+                    )));
+                }
+                self.reading = None;
+            }
+            if self.reading.is_none()
+                && let Some(file) = &now.file
+            {
+                self.reading = Some((Arc::clone(file), now.restarts));
+            }
+            let available = end.map_or(now.written, |e| now.written.min(e));
+            if let Some((file, _)) = &self.reading
+                && self.pos < available
+            {
+                let file = Arc::clone(file);
+                return match read_at(&file, self.pos, available - self.pos).await {
+                    Ok(chunk) if chunk.is_empty() => continue,
+                    Ok(chunk) => {
+                        self.pos += chunk.len() as u64;
+                        Some(Ok(chunk))
+                    }
+                    Err(e) => Some(Err(e)),
+                };
+            }
+            tokio::select! {
+                changed = progress.changed() => {
+                    if changed.is_err() {
+                        // The download's state went with it: its result says the rest.
+                        self.progress = None;
+                        let result = self.task.clone()?.await;
+                        if let Err(e) = self.conclude(result) {
+                            return Some(Err(e));
+                        }
+                    }
+                }
+                result = task => {
+                    if let Err(e) = self.conclude(result) {
+                        return Some(Err(e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The download ended: the committed file is read from now on, if the bytes read so far
+    /// are its bytes.
+    fn conclude(&mut self, result: DownloadResult) -> io::Result<()> {
+        self.task = None;
+        let inner = Arc::clone(&self.inner);
+        if !matches!(&result, Ok((_, Outcome::Found))) {
+            inner.counters.add(Counter::Misses, 1);
+        }
+        let (pinned, outcome) = result.map_err(to_io)?;
+        let file = inner
+            .concluded(&self.resolved, &self.options, pinned, outcome, self.status)
+            .map_err(to_io)?;
+        let handle = File::open(file.path())?;
+        if self.pos > self.start {
+            // Bytes were read from a temp file: it must be the file committed.
+            let same = match &self.reading {
+                Some((temp, _)) => {
+                    let (a, b) = (temp.metadata()?, handle.metadata()?);
+                    a.dev() == b.dev() && a.ino() == b.ino()
+                }
+                None => false,
+            };
+            if !same {
+                return Err(io::Error::other(
+                    "another download was committed than the one read: read again",
+                ));
+            }
+        }
+        self.reading = None;
+        self.progress = None;
+        self.committed = Some((file, Arc::new(handle)));
+        Ok(())
+    }
+}
+
+impl super::ImageCache {
+    /// The bytes of `url` as a [`FileStream`] ([`Stream`] and [`AsyncRead`]): from the
+    /// committed file on a hit; else from the download, starting as soon as its first bytes
+    /// are on disk, joined by any number of readers. The stream ends after the commit; a
+    /// download that fails (or whose bytes do not match an expected digest) ends every
+    /// stream on it with an error, never a clean end after wrong or partial bytes.
+    ///
+    /// ```no_run
+    /// # async fn demo(cache: imgcache::ImageCache) -> Result<(), Box<dyn std::error::Error>> {
+    /// use tokio::io::AsyncReadExt;
+    ///
+    /// let mut stream = cache.get_stream("ct/0042.nii.gz").await?;
+    /// let mut header = [0u8; 352]; // a NIfTI-1 header, long before the download ends
+    /// stream.read_exact(&mut header).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// An error of the download reaches the reader as an [`std::io::Error`] whose
+    /// [`get_ref`](std::io::Error::get_ref) is the cache's [`Error`] (its kind, URL and
+    /// status), as `e.get_ref().and_then(|e| e.downcast_ref::<imgcache::Error>())`.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get) for what can be known before the first byte: an invalid URL,
+    /// a cache that is shut down, offline mode without a copy. Failures of the download come
+    /// through the stream, as [`std::io::Error`]s wrapping the [`Error`].
+    pub async fn get_stream(&self, url: impl AsRef<str>) -> Result<FileStream> {
+        self.get_stream_with(url, GetOptions::default()).await
+    }
+
+    /// [`get_stream`](Self::get_stream) with per-call options.
+    ///
+    /// # Errors
+    /// As [`get_stream`](Self::get_stream).
+    pub async fn get_stream_with(
+        &self,
+        url: impl AsRef<str>,
+        options: GetOptions,
+    ) -> Result<FileStream> {
+        self.get_stream_range(url, options, 0, None).await
+    }
+
+    /// [`get_stream_with`](Self::get_stream_with) from byte `start` to `end` (exclusive;
+    /// `None` for the end of the file): bytes already on disk come at once, the rest as
+    /// the download brings them.
+    ///
+    /// # Errors
+    /// As [`get_stream`](Self::get_stream); a range past the end of the file ends the
+    /// stream with an error.
+    pub async fn get_stream_range(
+        &self,
+        url: impl AsRef<str>,
+        options: GetOptions,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<FileStream> {
+        let inner = Arc::clone(self.inner());
+        inner.check_open()?;
+        let resolved = inner.resolve(url.as_ref())?;
+        let end = end.map(|e| e.max(start));
+        let hit = if inner.config.offline {
+            Some(inner.get_offline(&resolved, &options)?)
+        } else if options.force {
+            None
+        } else {
+            inner.try_hit(&resolved, &options)
+        };
+        let joined = match hit {
+            Some(hit) => Joined::Hit(hit),
+            None => inner.join_or_start(&resolved, &options, options.force),
+        };
+        let (reader, len, status) = match joined {
+            Joined::Hit(file) => {
+                let handle = File::open(file.path()).map_err(|e| {
+                    Error::io("cannot open the cached file", e).with_path(file.path())
+                })?;
+                let size = file.size();
+                let status = file.status();
+                let reader = Reader {
+                    inner,
+                    resolved,
+                    options,
+                    status,
+                    task: None,
+                    progress: None,
+                    reading: None,
+                    committed: Some((file, Arc::new(handle))),
+                    start,
+                    pos: start,
+                    end,
+                };
+                let len = end.unwrap_or(size).min(size).saturating_sub(start);
+                (reader, Some(len), status)
+            }
+            Joined::Download(task, status, wants) => {
+                if status == CacheStatus::Coalesced {
+                    inner.counters.add(Counter::CoalescedWaits, 1);
+                }
+                let mut progress = wants.progress().subscribe();
+                // The length, once the origin's answer gives it (or the download ends).
+                let total = loop {
+                    let now = progress.borrow_and_update().total;
+                    if now.is_some() || task.peek().is_some() {
+                        break now;
+                    }
+                    tokio::select! {
+                        changed = progress.changed() => if changed.is_err() { break None },
+                        _ = task.clone() => break progress.borrow().total,
+                    }
+                };
+                let len = total.map(|t| end.unwrap_or(t).min(t).saturating_sub(start));
+                let reader = Reader {
+                    inner,
+                    resolved,
+                    options,
+                    status,
+                    task: Some(task),
+                    progress: Some(progress),
+                    reading: None,
+                    committed: None,
+                    start,
+                    pos: start,
+                    end,
+                };
+                (reader, len, status)
+            }
+        };
+        let inner = futures_util::stream::unfold(reader, |mut reader| async move {
+            let item = reader.next().await?;
+            Some((item, reader))
+        });
+        Ok(FileStream {
+            inner: Box::pin(inner),
+            len,
+            status,
+            left: Bytes::new(),
+        })
+    }
+}

@@ -1,0 +1,193 @@
+//! `get_stream`: bytes before the download ends, for any number of readers, and never a
+//! clean end after wrong or partial bytes.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use imgcache::{CacheStatus, GetOptions};
+use tokio::io::AsyncReadExt;
+
+use crate::MB;
+use crate::support::origin::{Fault, Origin, Route, sha256_hex, volume};
+use crate::support::{open, open_without_retries};
+
+/// Reads the whole stream, or the error that ended it (with what came before it).
+async fn drain(mut stream: imgcache::FileStream) -> (Vec<u8>, Option<std::io::Error>) {
+    let mut got = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => got.extend_from_slice(&chunk),
+            Err(e) => return (got, Some(e)),
+        }
+    }
+    (got, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_hands_out_bytes_before_the_download_ends_and_ends_after_the_commit() {
+    let origin = Origin::start().await;
+    let body = volume(1, 8 * MB);
+    let (route, gate) = Route::ok(body.clone()).pause_at(2 * MB);
+    origin.route("ct/1.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let mut stream = cache.get_stream(origin.url("ct/1.nii.gz")).await.unwrap();
+    assert_eq!(
+        stream.len(),
+        Some(8 * MB as u64),
+        "the origin's length, at once"
+    );
+    assert_eq!(stream.status(), CacheStatus::Downloaded);
+    // The origin has sent 2 MB and waits: those 2 MB arrive.
+    let mut first = vec![0u8; 2 * MB];
+    stream.read_exact(&mut first).await.unwrap();
+    assert_eq!(first, body[..2 * MB]);
+    assert_eq!(cache.stats().entries_count, 0, "nothing committed yet");
+    assert_eq!(cache.stats().downloads_in_progress, 1);
+    gate.add_permits(1);
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, body[2 * MB..]);
+    // The end came after the commit.
+    assert_eq!(cache.stats().entries_count, 1);
+    assert_eq!(origin.hits("ct/1.nii.gz"), 1);
+    let hit = cache.get_stream(origin.url("ct/1.nii.gz")).await.unwrap();
+    assert_eq!(hit.status(), CacheStatus::Hit);
+    let (bytes, err) = drain(hit).await;
+    assert!(err.is_none());
+    assert_eq!(sha256_hex(&bytes), sha256_hex(&body));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_readers_joining_at_different_times_share_one_origin_get() {
+    let origin = Origin::start().await;
+    let body = volume(2, 12 * MB);
+    origin.route("ct/2.nii.gz", Route::ok(body.clone()).rate(24 * MB as u64));
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let url = origin.url("ct/2.nii.gz");
+    let mut readers = Vec::new();
+    for i in 0..10u64 {
+        let (cache, url) = (cache.clone(), url.clone());
+        readers.push(tokio::spawn(async move {
+            let mut stream = cache.get_stream(&url).await.unwrap();
+            let mut got = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                got.extend_from_slice(&chunk.unwrap());
+                // Each at its own pace: the odd ones slower than the origin.
+                if i % 2 == 1 {
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                }
+                // One leaves early: the others and the download go on.
+                if i == 4 && got.len() > 3 * MB {
+                    return None;
+                }
+            }
+            Some(got)
+        }));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let mut finished = 0;
+    for reader in readers {
+        if let Some(got) = reader.await.unwrap() {
+            assert_eq!(got.len(), body.len());
+            assert!(got == body, "a reader got other bytes");
+            finished += 1;
+        }
+    }
+    assert_eq!(finished, 9);
+    assert_eq!(origin.hits("ct/2.nii.gz"), 1, "one GET for all of them");
+    assert_eq!(cache.stats().entries_count, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_off_ends_every_stream_in_an_error() {
+    let origin = Origin::start().await;
+    let body = volume(3, 6 * MB);
+    origin.route(
+        "cut.nii.gz",
+        Route::ok(body.clone())
+            .fault(Fault::CloseAfter(3 * MB))
+            .ignore_range(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open_without_retries(dir.path()).await;
+    let url = origin.url("cut.nii.gz");
+    let streams = futures_util::future::join_all((0..3).map(|_| cache.get_stream(&url))).await;
+    for stream in streams {
+        let (got, err) = drain(stream.unwrap()).await;
+        let err = err.expect("an error, never a clean end after partial bytes");
+        assert!(got.len() <= 3 * MB && body.starts_with(&got));
+        let kind = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<imgcache::Error>())
+            .map(imgcache::Error::kind);
+        assert_eq!(kind, Some(imgcache::ErrorKind::Incomplete), "{err}");
+    }
+    assert_eq!(cache.stats().entries_count, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_that_does_not_match_ends_the_stream_in_an_error() {
+    let origin = Origin::start().await;
+    let body = volume(4, 3 * MB);
+    origin.route("sum.nii.gz", Route::ok(body.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let stream = cache
+        .get_stream_with(
+            origin.url("sum.nii.gz"),
+            GetOptions::new().expected_sha256("0".repeat(64)),
+        )
+        .await
+        .unwrap();
+    let (_, err) = drain(stream).await;
+    let err = err.expect("an error at the end");
+    let kind = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<imgcache::Error>())
+        .map(imgcache::Error::kind);
+    assert_eq!(kind, Some(imgcache::ErrorKind::ChecksumMismatch));
+    assert_eq!(cache.stats().entries_count, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_come_from_disk_when_there_and_wait_for_the_rest_otherwise() {
+    let origin = Origin::start().await;
+    let body = volume(5, 8 * MB);
+    let (route, gate) = Route::ok(body.clone()).pause_at(2 * MB);
+    origin.route("r.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let url = origin.url("r.nii.gz");
+    // Starts the download and waits until its first 2 MB are on disk.
+    let mut head = cache.get_stream(&url).await.unwrap();
+    let mut first = vec![0u8; 2 * MB];
+    head.read_exact(&mut first).await.unwrap();
+    let start = MB as u64;
+    let inside = cache
+        .get_stream_range(&url, GetOptions::new(), start, Some(start + 1000))
+        .await
+        .unwrap();
+    assert_eq!(inside.len(), Some(1000));
+    assert_eq!(inside.status(), CacheStatus::Coalesced);
+    let beyond = cache
+        .get_stream_range(&url, GetOptions::new(), 6 * MB as u64, None)
+        .await
+        .unwrap();
+    assert_eq!(beyond.len(), Some(2 * MB as u64));
+    let beyond = tokio::spawn(drain(beyond));
+    // The part on disk is there at once; its end waits for the commit.
+    let mut inside = inside;
+    let mut part = vec![0u8; 1000];
+    inside.read_exact(&mut part).await.unwrap();
+    assert_eq!(part, body[MB..MB + 1000]);
+    assert!(!beyond.is_finished());
+    gate.add_permits(1);
+    let (rest, err) = beyond.await.unwrap();
+    assert!(err.is_none());
+    assert_eq!(rest, body[6 * MB..]);
+    assert_eq!(drain(inside).await.0, Vec::<u8>::new());
+    drop(head);
+    assert_eq!(origin.hits("r.nii.gz"), 1);
+}
