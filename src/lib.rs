@@ -119,7 +119,7 @@
 //! | `CACHE_LOCK` | `shared` | `exclusive` to use the directory alone |
 //! | `CACHE_LOCK_WAIT` | `3m` | longest wait for another process's download of the same file |
 //! | `CACHE_SHARED_TIER` | none | `s3://bucket/prefix`: the fleet's shared tier (with the `AWS_*` variables; `s3` feature) |
-//! | `CACHE_SHARED_LEASE` | `30s` | lease time of a host downloading for the fleet (renewed every third of it) |
+//! | `CACHE_SHARED_LEASE` | `30s` | lease time of a host downloading for the fleet (renewed every quarter of it) |
 //! | `CACHE_SHARED_WAIT` | `10m` | longest wait for another host's download before asking the origin |
 //!
 //! Read by [`CacheBuilder::from_env`], [`ImageCache::from_env`] and the process-wide functions

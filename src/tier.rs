@@ -10,7 +10,7 @@
 //! ```
 //!
 //! A lease is taken with a conditional create (`If-None-Match: *`), so that exactly one host
-//! wins it; its holder renews it with a compare-and-swap on its ETag (`If-Match`) every third
+//! wins it; its holder renews it with a compare-and-swap on its ETag (`If-Match`) every quarter
 //! of the lease time, each renewal a new ETag. No host compares its clock with another's: a
 //! waiter takes a lease over (by the same compare-and-swap, so one waiter wins) once it has
 //! seen the same ETag for a whole lease time by its own monotonic clock, or at once when the
@@ -85,6 +85,9 @@ struct LeaseBody {
     /// Let go of by its holder: the next host takes it at once.
     #[serde(default)]
     released: bool,
+    /// New at each write, so that each renewal is a new ETag whatever the clocks say.
+    #[serde(default)]
+    nonce: u64,
 }
 
 /// A lease this host holds: renewed by its heartbeat until released.
@@ -232,7 +235,9 @@ impl Tier {
         let prefix = StorePath::from(url.path().trim_matches('/'));
         let client = ClientOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
+            // No limit on a whole request (a blob is gigabytes), but one on each read.
             .with_timeout_disabled()
+            .with_read_timeout(STALL)
             .with_user_agent(
                 concat!("imgcache/", env!("CARGO_PKG_VERSION"))
                     .parse()
@@ -296,23 +301,22 @@ impl Tier {
         }
     }
 
-    /// A small object (a record or a lease) and its version; an object bigger than
-    /// [`SMALL_OBJECT`] is refused unread.
-    async fn get_small(&self, path: &StorePath) -> object_store::Result<(Bytes, UpdateVersion)> {
+    /// A small object (a record or a lease) and its version; the body of an object bigger
+    /// than [`SMALL_OBJECT`] is never read (`None`: not one of ours).
+    async fn get_small(
+        &self,
+        path: &StorePath,
+    ) -> object_store::Result<(Option<Bytes>, UpdateVersion)> {
         self.bounded(async {
             let got = self.store.get(path).await?;
-            if got.meta.size > SMALL_OBJECT {
-                return Err(object_store::Error::Generic {
-                    store: "S3",
-                    source: format!("an object of {} bytes where a record was", got.meta.size)
-                        .into(),
-                });
-            }
             let version = UpdateVersion {
                 e_tag: got.meta.e_tag.clone(),
                 version: got.meta.version.clone(),
             };
-            Ok((got.bytes().await?, version))
+            if got.meta.size > SMALL_OBJECT {
+                return Ok((None, version));
+            }
+            Ok((Some(got.bytes().await?), version))
         })
         .await
     }
@@ -377,8 +381,9 @@ impl Tier {
             Err(e) => return Err(tier_error("cannot read the shared record", e)),
         };
         self.answered();
-        Ok(match serde_json::from_slice::<Record>(&bytes) {
-            Ok(record) if record.is_sound() => Lookup::Found(record),
+        let parsed = bytes.and_then(|b| serde_json::from_slice::<Record>(&b).ok());
+        Ok(match parsed {
+            Some(record) if record.is_sound() => Lookup::Found(record),
             _ => Lookup::Unsound,
         })
     }
@@ -450,15 +455,13 @@ impl Tier {
             file.read_to_end(&mut buf)
                 .await
                 .map_err(|e| Error::io("cannot read the file to upload", e).with_path(path))?;
-            self.store
-                .put(&location, PutPayload::from(buf))
+            stalled(self.store.put(&location, PutPayload::from(buf)))
                 .await
                 .map_err(|e| tier_error("cannot upload the shared blob", e))?;
             return Ok(true);
         }
         let upload = self
-            .store
-            .put_multipart(&location)
+            .bounded(self.store.put_multipart(&location))
             .await
             .map_err(|e| tier_error("cannot start the shared upload", e))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
@@ -474,14 +477,13 @@ impl Tier {
             if n == 0 {
                 break;
             }
-            if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
-                let _ = writer.abort().await;
+            if let Err(e) = stalled(writer.wait_for_capacity(PARTS_IN_FLIGHT)).await {
+                let _ = tokio::time::timeout(STALL, writer.abort()).await;
                 return Err(tier_error("cannot upload the shared blob", e));
             }
             writer.write(&buf[..n]);
         }
-        writer
-            .finish()
+        stalled(writer.finish())
             .await
             .map_err(|e| tier_error("cannot finish the shared upload", e))?;
         self.answered();
@@ -520,7 +522,9 @@ impl Tier {
                 Err(e) => return Err(tier_error("cannot read the shared lease", e)),
             };
             // A lease that does not parse names no live holder: as good as released.
-            let released = serde_json::from_slice::<LeaseBody>(&bytes).map_or(true, |l| l.released);
+            let released = bytes
+                .and_then(|b| serde_json::from_slice::<LeaseBody>(&b).ok())
+                .is_none_or(|l| l.released);
             let now = Instant::now();
             let lapsed = match &seen.0 {
                 Some((e_tag, v, since)) if *e_tag == version.e_tag && *v == version.version => {
@@ -566,6 +570,7 @@ impl Tier {
             holder: self.holder.clone(),
             expires_at: self.now_ms().saturating_add(self.lease.as_millis() as u64),
             released,
+            nonce: fastrand::u64(..),
         };
         PutPayload::from(serde_json::to_vec(&body).expect("a lease always serialises"))
     }
@@ -584,35 +589,57 @@ impl Tier {
                 stop.clone(),
             );
             tokio::spawn(async move {
-                let every = tier.lease / 3;
+                // At a fixed rate, each renewal bounded by the period: however slow one is,
+                // a holder that lives writes at least every lease/4 plus a period, well
+                // within the lease time that a waiter watches for.
+                let every = tier.lease / 4;
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 loop {
                     tokio::select! {
                         () = stop.cancelled() => return,
-                        () = tokio::time::sleep(every) => {}
+                        _ = tick.tick() => {}
                     }
                     let current = version.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    let renewed = tier
-                        .bounded(tier.store.put_opts(
+                    let renewed = tokio::time::timeout(
+                        every,
+                        tier.store.put_opts(
                             &tier.lease_path(&key),
                             tier.lease_body(false),
                             PutOptions::from(PutMode::Update(current)),
-                        ))
-                        .await;
+                        ),
+                    )
+                    .await;
                     match renewed {
-                        Ok(put) => {
+                        Ok(Ok(put)) => {
                             *version.lock().unwrap_or_else(|e| e.into_inner()) = put.into();
                         }
-                        Err(object_store::Error::Precondition { .. })
-                        | Err(object_store::Error::NotFound { .. }) => {
-                            lost.store(true, std::sync::atomic::Ordering::Release);
+                        Ok(Err(object_store::Error::Precondition { .. }))
+                        | Ok(Err(object_store::Error::NotFound { .. })) => {
+                            // A renewal that was applied but whose answer was lost leaves a
+                            // newer version of this host's own: adopted, not given up.
+                            match tier.own_lease(&key).await {
+                                Some(own) => {
+                                    *version.lock().unwrap_or_else(|e| e.into_inner()) = own;
+                                }
+                                None => {
+                                    lost.store(true, std::sync::atomic::Ordering::Release);
+                                    tracing::warn!(
+                                        key = key.as_str(),
+                                        "lost the shared lease to another host"
+                                    );
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(key = key.as_str(), error = %e, "cannot renew the shared lease");
+                        }
+                        Err(_) => {
                             tracing::warn!(
                                 key = key.as_str(),
-                                "lost the shared lease to another host"
+                                "the renewal of the shared lease timed out"
                             );
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(key = key.as_str(), error = %e, "cannot renew the shared lease");
                         }
                     }
                 }
@@ -626,6 +653,13 @@ impl Tier {
             stop,
             heartbeat: Some(heartbeat),
         }
+    }
+
+    /// The version of `key`'s lease if it is still this host's, live.
+    async fn own_lease(&self, key: &Key) -> Option<UpdateVersion> {
+        let (bytes, version) = self.get_small(&self.lease_path(key)).await.ok()?;
+        let body: LeaseBody = serde_json::from_slice(&bytes?).ok()?;
+        (body.holder == self.holder && !body.released).then_some(version)
     }
 
     /// Removes the record of `key` (the blob stays: other URLs may share it).
@@ -645,7 +679,10 @@ impl Tier {
         let mut count = 0;
         for folder in ["blobs", "urls", "leases"] {
             let below = self.path(&[folder]);
-            let listed: Vec<_> = self.store.list(Some(&below)).collect().await;
+            let listed: Vec<_> =
+                stalled(async { Ok(self.store.list(Some(&below)).collect::<Vec<_>>().await) })
+                    .await
+                    .map_err(|e| tier_error("cannot list the shared tier", e))?;
             let mut paths = Vec::new();
             for meta in listed {
                 match meta {
@@ -653,11 +690,15 @@ impl Tier {
                     Err(e) => return Err(tier_error("cannot list the shared tier", e)),
                 }
             }
-            let removed: Vec<_> = self
-                .store
-                .delete_stream(futures_util::stream::iter(paths).boxed())
-                .collect()
-                .await;
+            let removed: Vec<_> = stalled(async {
+                Ok(self
+                    .store
+                    .delete_stream(futures_util::stream::iter(paths).boxed())
+                    .collect::<Vec<_>>()
+                    .await)
+            })
+            .await
+            .map_err(|e| tier_error("cannot clear the shared tier", e))?;
             for r in removed {
                 match r {
                     Ok(_) | Err(object_store::Error::NotFound { .. }) => count += 1,
@@ -666,6 +707,20 @@ impl Tier {
             }
         }
         Ok(count)
+    }
+}
+
+/// `op` within [`STALL`] times three: one step of an upload (a part of 8 MiB) or of a clear
+/// that takes longer is a tier that stopped answering.
+async fn stalled<T>(
+    op: impl std::future::Future<Output = object_store::Result<T>>,
+) -> object_store::Result<T> {
+    match tokio::time::timeout(STALL * 3, op).await {
+        Ok(done) => done,
+        Err(_) => Err(object_store::Error::Generic {
+            store: "S3",
+            source: format!("no progress within {:?}", STALL * 3).into(),
+        }),
     }
 }
 

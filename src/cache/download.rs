@@ -90,7 +90,7 @@ impl Inner {
         let lease = match resume {
             Some(_) => None,
             None => match self.through_tier(r, force, wants, asked_at).await {
-                super::shared::Shared::Served(pinned) => return Ok((pinned, Outcome::Shared)),
+                super::shared::Shared::Served(pinned, outcome) => return Ok((pinned, outcome)),
                 super::shared::Shared::Lease { lease, replace } => Some((lease, replace)),
                 super::shared::Shared::Origin => None,
             },

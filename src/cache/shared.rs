@@ -22,8 +22,9 @@ use crate::tier::{Lease, Lookup, Record, Seen, Take, Tier};
 
 /// How a miss goes on after the tier was asked.
 pub(super) enum Shared {
-    /// Read from the tier and committed here.
-    Served(Arc<Pinned>),
+    /// Read from the tier and committed here ([`Outcome::Shared`]), or this host's copy
+    /// renewed from the tier's record ([`Outcome::Revalidated`]).
+    Served(Arc<Pinned>, Outcome),
     /// This host downloads from the origin for the fleet, under this lease; `replace` when
     /// the tier's blob failed its check and is to be uploaded again.
     Lease { lease: Lease, replace: bool },
@@ -100,18 +101,27 @@ impl Inner {
             });
             if let Some(record) = usable {
                 match self.from_tier(&tier, r, &record, wants, asked_at).await {
-                    Ok(pinned) => {
+                    Ok((pinned, outcome)) => {
                         if let Some(lease) = taken {
-                            lease.release().await;
+                            self.uploads.spawn(lease.release());
                         }
                         self.counters.add(Counter::SharedHits, 1);
                         tracing::info!(url = %r.display, bytes = record.size, "read from the shared tier");
-                        return Shared::Served(pinned);
+                        return Shared::Served(pinned, outcome);
                     }
-                    Err(e) if e.kind() == ErrorKind::TooLarge => {
-                        // This host's limits, not the tier's fault: the origin says the same.
+                    Err(e)
+                        if !matches!(
+                            e.kind(),
+                            ErrorKind::Network
+                                | ErrorKind::Incomplete
+                                | ErrorKind::ChecksumMismatch
+                        ) =>
+                    {
+                        // This host's own limits or disk, not the tier's fault: the tier
+                        // stays as it is, and the origin is asked.
+                        tracing::warn!(url = %r.display, error = %e, "cannot take the shared copy here; asking the origin");
                         if let Some(lease) = taken {
-                            lease.release().await;
+                            self.uploads.spawn(lease.release());
                         }
                         return Shared::Origin;
                     }
@@ -169,34 +179,31 @@ impl Inner {
     }
 
     /// The local entry of `r` renewed from the fleet's record, when it holds the record's
-    /// bytes (an expired copy that another host revalidated): nothing is streamed.
+    /// bytes (an expired copy that another host revalidated): nothing is streamed. As for a
+    /// 304, the renewal pins the entry, and the pin is wrapped on the blocking thread.
     async fn renewed_from(self: &Arc<Self>, r: &Resolved, record: &Record) -> Option<Arc<Pinned>> {
         let entry = self.index.current(&r.key)?;
         if !entry.meta.sha256.eq_ignore_ascii_case(&record.sha256) || entry.meta.size != record.size
         {
             return None;
         }
-        if !self.index.pin_if_current(&entry) {
-            return None;
-        }
-        let pinned = self.pinned(Arc::clone(&entry));
         let this = Arc::clone(self);
-        let (validators, fetched_at, expires_at) = (
-            Validators {
-                etag: record.etag.clone(),
-                last_modified: record.last_modified.clone(),
-            },
-            record.fetched_at,
-            record.expires_at,
-        );
-        let renewed_entry = Arc::clone(&entry);
-        let renewed = tokio::task::spawn_blocking(move || {
-            this.renew_to(&renewed_entry, validators, fetched_at, expires_at)
+        let validators = Validators {
+            etag: record.etag.clone(),
+            last_modified: record.last_modified.clone(),
+        };
+        // Never shortens what the entry had (a record of a host with a shorter TTL).
+        let fetched_at = record.fetched_at.max(entry.fetched_at());
+        let expires_at = record.expires_at.max(entry.expires_at());
+        let renewing = Arc::clone(&entry);
+        let pinned = tokio::task::spawn_blocking(move || {
+            this.renew_to(&renewing, validators, fetched_at, expires_at)
+                .map(|ok| ok.then(|| this.pinned(renewing)))
         })
         .await
         .ok()?
-        .ok()?;
-        if !renewed || self.hold(&entry) != Holding::Held {
+        .ok()??;
+        if self.hold(&pinned.entry) != Holding::Held {
             return None;
         }
         Some(pinned)
@@ -211,10 +218,10 @@ impl Inner {
         record: &Record,
         wants: &Wants,
         asked_at: u64,
-    ) -> Result<Arc<Pinned>> {
+    ) -> Result<(Arc<Pinned>, Outcome)> {
         if let Some(pinned) = self.renewed_from(r, record).await {
             tracing::debug!(url = %r.display, "renewed from the shared record");
-            return Ok(pinned);
+            return Ok((pinned, Outcome::Revalidated));
         }
         let mut transfer = Transfer::new(self, r, None, asked_at).with_progress(wants.progress());
         let limit = transfer.limit();
@@ -304,7 +311,7 @@ impl Inner {
             bytes: size,
             elapsed_ms: started.elapsed().as_millis() as u64,
         });
-        Ok(pinned)
+        Ok((pinned, Outcome::Shared))
     }
 
     /// After the origin was asked under the lease: publishes what was committed (in the

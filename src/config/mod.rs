@@ -589,7 +589,7 @@ impl CacheBuilder {
     }
 
     /// How long a host's lease on a URL lasts without a renewal (its heartbeat renews it
-    /// every third of this): how soon a host that died while downloading for the fleet is
+    /// every quarter of this): how soon a host that died while downloading for the fleet is
     /// replaced. Default [`DEFAULT_SHARED_LEASE`], 30 s (env `CACHE_SHARED_LEASE`).
     pub fn shared_lease(mut self, lease: Duration) -> Self {
         self.shared.lease = Some(lease);

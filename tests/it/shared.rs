@@ -28,6 +28,8 @@ use crate::support::{as_child, finish_child, spawn_child};
 const HOST: &str = "shared::host";
 const KEY_ID: &str = "imgcache-test";
 const SECRET: &str = "imgcache-test-secret";
+/// The lease time of the hosts: short, and still eight renewals of slack.
+const LEASE: Duration = Duration::from_secs(2);
 
 /// A moto server on 127.0.0.1, killed when dropped.
 struct Moto {
@@ -130,7 +132,7 @@ impl Moto {
             .shared_tier_option("aws_region", "us-east-1")
             .shared_tier_option("aws_access_key_id", KEY_ID)
             .shared_tier_option("aws_secret_access_key", SECRET)
-            .shared_lease(Duration::from_secs(1))
+            .shared_lease(LEASE)
     }
 
     /// The bucket, as the tests reach into it.
@@ -218,7 +220,7 @@ fn spawn_host(moto: &Moto, dir: &Path, url: &str, go: &Path, out: &Path) -> Chil
         ("H_URL", url.to_owned()),
         ("H_GO", go.display().to_string()),
         ("H_OUT", out.display().to_string()),
-        ("CACHE_SHARED_LEASE", "1s".to_owned()),
+        ("CACHE_SHARED_LEASE", "2s".to_owned()),
     ]);
     spawn_child(HOST, &env)
 }
@@ -317,6 +319,8 @@ async fn a_lease_holder_killed_mid_download_is_replaced_after_the_lease_time() {
         2,
         "the dead holder's GET and this one"
     );
+    // Taken over once the lease had gone unrenewed for a lease time, not before.
+    assert!(started.elapsed() >= LEASE, "{:?}", started.elapsed());
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "taken over once the lease lapsed"
@@ -454,6 +458,37 @@ async fn expiry_and_a_304_revalidation_go_through_the_tier() {
         (one.stats().shared_uploads, two.stats().shared_hits),
         (2, 1)
     );
+    // What the dashboard and `imgcache stats` show of the tier.
+    let stats = two.stats();
+    assert_eq!(
+        stats.shared_tier.as_deref(),
+        Some("s3://imaging-fleet/fleet")
+    );
+    assert_eq!(stats.shared_tier_state.as_deref(), Some("ok"));
+
+    // Both copies expire; one host revalidates for the fleet, and the other, which holds
+    // the same bytes, renews its copy from the record instead of reading the blob again.
+    let kept = followed.path().to_owned();
+    drop((renewed, followed));
+    clock.advance(2 * hour);
+    let again = one.get(origin.url("e.nii.gz")).await.unwrap();
+    assert_eq!(again.status(), CacheStatus::Revalidated);
+    one.flush_shared().await;
+    let renewed_there = two.get(origin.url("e.nii.gz")).await.unwrap();
+    assert_eq!(renewed_there.status(), CacheStatus::Revalidated);
+    assert_eq!(renewed_there.expires_at(), again.expires_at());
+    assert_eq!(origin.seen().len(), 3, "the one 304 of this round");
+    assert_eq!(
+        renewed_there.path(),
+        kept,
+        "the same file, not the blob read again"
+    );
+    // No pin is left behind by the renewal: the file goes when it is let go of.
+    let path = renewed_there.path().to_owned();
+    drop(renewed_there);
+    assert_eq!(two.stats().pinned_entries, 0);
+    assert!(two.invalidate(origin.url("e.nii.gz")).await.unwrap());
+    assert!(!path.exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -569,8 +604,8 @@ async fn a_live_holder_slower_than_its_lease_keeps_it_by_its_heartbeat() {
     };
     let origin = Origin::start().await;
     let body = volume(8, 2 * MB);
-    // 2.5 s to download: longer than the 1 s lease, renewed every third of it.
-    origin.route("slow.nii.gz", Route::ok(body.clone()).rate(800 * 1024));
+    // 4 s to download: twice the lease, renewed every quarter of it.
+    origin.route("slow.nii.gz", Route::ok(body.clone()).rate(512 * 1024));
     let root = tempfile::tempdir().unwrap();
     let one = moto.host(&root.path().join("one")).build().await.unwrap();
     let two = moto.host(&root.path().join("two")).build().await.unwrap();
@@ -624,11 +659,7 @@ async fn a_lease_from_a_host_whose_clock_runs_ahead_is_taken_over_after_a_lease_
     let started = Instant::now();
     let file = host.get(&url).await.unwrap();
     assert_eq!(file.status(), CacheStatus::Downloaded);
-    assert!(
-        started.elapsed() >= Duration::from_millis(900),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() >= LEASE, "{:?}", started.elapsed());
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "{:?}",
@@ -661,7 +692,7 @@ async fn a_tier_that_never_answers_is_a_failing_tier_not_a_hang() {
         .shared_tier_option("aws_region", "us-east-1")
         .shared_tier_option("aws_access_key_id", KEY_ID)
         .shared_tier_option("aws_secret_access_key", SECRET)
-        .shared_lease(Duration::from_secs(1))
+        .shared_lease(LEASE)
         .build()
         .await
         .unwrap();
