@@ -1,8 +1,8 @@
 //! [`FileStream`]: a file's bytes while it is being cached. A reader joins the download (or
 //! starts it), reads what the writer has put in the temp file (by offset, through a handle
 //! of its own) and waits on the download's progress for the rest; it never holds the
-//! download back, and holds at most one chunk in memory. Its end comes only after the
-//! commit, and only if the bytes it handed out are those of the committed file: a
+//! download back, and holds at most one chunk in memory. Its last byte and its end come only
+//! after the commit, and only if the bytes it handed out are those of the committed file: a
 //! download that fails, restarts after bytes were read, or ends with another file, ends
 //! the stream with an error.
 
@@ -218,7 +218,13 @@ impl Reader {
             {
                 self.reading = Some((Arc::clone(file), now.restarts));
             }
-            let available = end.map_or(now.written, |e| now.written.min(e));
+            // The last byte (of the file, or of the range) is held back until the commit: a
+            // client that counts bytes (a Content-Length) takes the answer for complete at
+            // its last byte, which is then verified and committed.
+            let available = match end.or(now.total) {
+                Some(stop) => now.written.min(stop.saturating_sub(1)),
+                None => now.written,
+            };
             if let Some((file, _)) = &self.reading
                 && self.pos < available
             {

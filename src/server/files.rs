@@ -62,15 +62,95 @@ async fn files(
     // Joined as a path, so that `http:other-host/x` is a path on the image server and never
     // a URL of its own.
     let url = crate::key::below(server, raw, uri.query())?;
-    let file = if method == Method::HEAD {
-        match st.cache.get_cached(url.as_str()) {
-            Some(file) => file,
-            None => return head_from_origin(&st, url.as_str()).await,
-        }
-    } else {
-        st.cache.get(url.as_str()).await?
+    let file = match st.cache.get_cached(url.as_str()) {
+        Some(file) => file,
+        None if method == Method::HEAD => return head_from_origin(&st, url.as_str()).await,
+        // A miss is streamed: the client gets the bytes as the download brings them.
+        None => return serve_stream(&st, url.as_str(), &headers).await,
     };
     serve_file(file, st.cache.now(), &method, &headers).await
+}
+
+/// A file that is not cached (or not fresh), streamed while it is cached: the answer starts
+/// with the download's first bytes, with the origin's length; every client joined to the
+/// download reads at its own pace. A range inside what is on disk comes at once, one past
+/// it waits for the rest. The body ends only after the commit; a download that fails
+/// mid-body aborts the response, so that no client takes a partial file for a whole one.
+async fn serve_stream(st: &AppState, url: &str, headers: &HeaderMap) -> AppResult<Response> {
+    let whole = st.cache.get_stream(url).await?;
+    let (mut stream, status, start, len, total) = match (whole.len(), headers.get(header::RANGE)) {
+        (Some(total), Some(range)) => {
+            let range = range
+                .to_str()
+                .map_or(RangeRequest::Ignore, |v| parse_range(v, total));
+            match range {
+                RangeRequest::Bytes(start, end) => {
+                    let part = st
+                        .cache
+                        .get_stream_range(url, crate::GetOptions::new(), start, Some(end + 1))
+                        .await?;
+                    (
+                        part,
+                        StatusCode::PARTIAL_CONTENT,
+                        start,
+                        Some(end - start + 1),
+                        Some(total),
+                    )
+                }
+                RangeRequest::Unsatisfiable => {
+                    return Response::builder()
+                        .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                        .header(header::CONTENT_RANGE, format!("bytes */{total}"))
+                        .body(Body::empty())
+                        .map_err(internal);
+                }
+                RangeRequest::Ignore => (whole, StatusCode::OK, 0, Some(total), Some(total)),
+            }
+        }
+        (total, _) => (whole, StatusCode::OK, 0, total, total),
+    };
+    // The first chunk before the answer: a download that fails before its first byte (a
+    // 404 at the origin) is answered with its own status.
+    let first = match stream.next().await {
+        Some(Ok(chunk)) => Some(chunk),
+        Some(Err(e)) => {
+            return Err(
+                match e.get_ref().and_then(|e| e.downcast_ref::<crate::Error>()) {
+                    Some(cache_error) => ApiError::from(cache_error.clone()),
+                    None => ApiError(StatusCode::BAD_GATEWAY, e.to_string()),
+                },
+            );
+        }
+        None => None,
+    };
+    let cache_status = match stream.status() {
+        CacheStatus::Coalesced => "imgcache; fwd=miss; collapsed; detail=streamed",
+        CacheStatus::Hit => "imgcache; hit",
+        _ => "imgcache; fwd=miss; detail=streamed",
+    };
+    let name = url.rsplit('/').next().unwrap_or_default();
+    let mut response = Response::builder()
+        .status(status)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header("cache-status", cache_status)
+        .header(header::CONTENT_SECURITY_POLICY, FILES_CSP)
+        .header(
+            header::CONTENT_TYPE,
+            content_type(std::path::Path::new(name)),
+        );
+    if let Some(len) = len {
+        response = response.header(header::CONTENT_LENGTH, len);
+    }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let (Some(len), Some(total)) = (len, total)
+    {
+        response = response.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{total}", start + len - 1),
+        );
+    }
+    let body = futures_util::stream::iter(first.map(Ok)).chain(stream);
+    response.body(Body::from_stream(body)).map_err(internal)
 }
 
 async fn serve_file(

@@ -177,17 +177,222 @@ async fn ranges_come_from_disk_when_there_and_wait_for_the_rest_otherwise() {
         .unwrap();
     assert_eq!(beyond.len(), Some(2 * MB as u64));
     let beyond = tokio::spawn(drain(beyond));
-    // The part on disk is there at once; its end waits for the commit.
+    // The part on disk is there at once, but for its last byte, which waits for the
+    // commit: a client that counts bytes never holds a whole range before it is verified.
     let mut inside = inside;
-    let mut part = vec![0u8; 1000];
+    let mut part = vec![0u8; 999];
     inside.read_exact(&mut part).await.unwrap();
-    assert_eq!(part, body[MB..MB + 1000]);
-    assert!(!beyond.is_finished());
+    assert_eq!(part, body[MB..MB + 999]);
+    let last = tokio::spawn(drain(inside));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!last.is_finished() && !beyond.is_finished());
     gate.add_permits(1);
     let (rest, err) = beyond.await.unwrap();
     assert!(err.is_none());
     assert_eq!(rest, body[6 * MB..]);
-    assert_eq!(drain(inside).await.0, Vec::<u8>::new());
+    let (last, err) = last.await.unwrap();
+    assert!(err.is_none());
+    assert_eq!(last, body[MB + 999..MB + 1000]);
+    assert_eq!(cache.stats().entries_count, 1);
     drop(head);
     assert_eq!(origin.hits("r.nii.gz"), 1);
+}
+
+#[cfg(feature = "server")]
+mod sidecar {
+    use std::time::{Duration, Instant};
+
+    use futures_util::StreamExt;
+    use imgcache::ImageCache;
+    use imgcache::server::{ServerOptions, router_with};
+
+    use crate::MB;
+    use crate::support::origin::{Fault, Origin, Route, sha256_hex, volume};
+
+    async fn serve(cache: ImageCache) -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = router_with(cache, ServerOptions::new());
+        let task = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}"), task)
+    }
+
+    async fn cache(dir: &std::path::Path, origin: &Origin, retries: u32) -> ImageCache {
+        ImageCache::builder()
+            .cache_dir(dir)
+            .image_server(origin.url("data"))
+            .sweep_interval(Duration::ZERO)
+            .retries(retries)
+            .retry_base_delay(Duration::from_millis(1))
+            .build()
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cold_file_reaches_the_client_while_it_is_downloading() {
+        let origin = Origin::start().await;
+        let body = volume(20, 20 * MB);
+        origin.route(
+            "data/ct/t.nii.gz",
+            Route::ok(body.clone()).rate(20 * MB as u64),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path(), &origin, 3).await;
+        let (base, server) = serve(cache.clone()).await;
+        let started = Instant::now();
+        let response = reqwest::get(format!("{base}/files/ct/t.nii.gz"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["cache-status"],
+            "imgcache; fwd=miss; detail=streamed"
+        );
+        assert_eq!(response.headers()["content-length"], (20 * MB).to_string());
+        let mut body_stream = response.bytes_stream();
+        let first = body_stream.next().await.unwrap().unwrap();
+        let first_byte = started.elapsed();
+        // The first bytes came while the download ran: nothing is committed yet.
+        assert!(!first.is_empty());
+        assert_eq!(cache.stats().entries_count, 0);
+        assert_eq!(cache.stats().downloads_in_progress, 1);
+        let mut got = first.to_vec();
+        while let Some(chunk) = body_stream.next().await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        eprintln!(
+            "first byte after {first_byte:?}, whole file after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(sha256_hex(&got), sha256_hex(&body));
+        assert_eq!(
+            cache.stats().entries_count,
+            1,
+            "complete only once committed"
+        );
+        server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clients_joining_at_different_times_and_one_leaving_share_one_get() {
+        let origin = Origin::start().await;
+        let body = volume(21, 12 * MB);
+        origin.route(
+            "data/j.nii.gz",
+            Route::ok(body.clone()).rate(24 * MB as u64),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path(), &origin, 3).await;
+        let (base, server) = serve(cache.clone()).await;
+        let http = reqwest::Client::new();
+        let mut clients = Vec::new();
+        for i in 0..10 {
+            let (http, url) = (http.clone(), format!("{base}/files/j.nii.gz"));
+            clients.push(tokio::spawn(async move {
+                let response = http.get(url).send().await.unwrap();
+                let mut stream = response.bytes_stream();
+                let mut got = Vec::new();
+                while let Some(chunk) = stream.next().await {
+                    got.extend_from_slice(&chunk.unwrap());
+                    if i == 3 && got.len() > 2 * MB {
+                        return None; // this client goes away mid-body
+                    }
+                    if i % 3 == 0 {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                Some(got)
+            }));
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        let mut complete = 0;
+        for client in clients {
+            if let Some(got) = client.await.unwrap() {
+                assert!(got == body, "a client got other bytes");
+                complete += 1;
+            }
+        }
+        assert_eq!(complete, 9);
+        assert_eq!(origin.hits("data/j.nii.gz"), 1);
+        assert_eq!(cache.stats().entries_count, 1);
+        server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_origin_that_cuts_the_body_makes_every_client_fail() {
+        let origin = Origin::start().await;
+        let body = volume(22, 6 * MB);
+        origin.route(
+            "data/cut.nii.gz",
+            Route::ok(body)
+                .fault(Fault::CloseAfter(3 * MB))
+                .ignore_range()
+                .rate(12 * MB as u64),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path(), &origin, 0).await;
+        let (base, server) = serve(cache.clone()).await;
+        let http = reqwest::Client::new();
+        let clients = (0..4).map(|_| {
+            let (http, url) = (http.clone(), format!("{base}/files/cut.nii.gz"));
+            tokio::spawn(async move {
+                let response = http.get(url).send().await.unwrap();
+                response.bytes().await
+            })
+        });
+        for client in futures_util::future::join_all(clients).await {
+            assert!(
+                client.unwrap().is_err(),
+                "a cut body is never a complete answer"
+            );
+        }
+        assert_eq!(cache.stats().entries_count, 0);
+        server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_range_of_a_file_still_downloading_is_served() {
+        let origin = Origin::start().await;
+        let body = volume(23, 8 * MB);
+        let (route, gate) = Route::ok(body.clone()).pause_at(2 * MB);
+        origin.route("data/r.nii.gz", route);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path(), &origin, 3).await;
+        let (base, server) = serve(cache.clone()).await;
+        let http = reqwest::Client::new();
+        let url = format!("{base}/files/r.nii.gz");
+        let whole = tokio::spawn({
+            let (http, url) = (http.clone(), url.clone());
+            async move { http.get(url).send().await.unwrap().bytes().await.unwrap() }
+        });
+        origin.wait_for_hits("data/r.nii.gz", 1).await;
+        let ranged = |range: &'static str| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                let r = http.get(url).header("range", range).send().await.unwrap();
+                let status = r.status();
+                let content_range = r.headers()["content-range"].to_str().unwrap().to_owned();
+                (status, content_range, r.bytes().await.unwrap())
+            })
+        };
+        let inside = ranged("bytes=1000-1999");
+        let beyond = ranged("bytes=7340032-");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gate.add_permits(1);
+        let (status, content_range, bytes) = inside.await.unwrap();
+        assert_eq!(status, 206);
+        assert_eq!(content_range, format!("bytes 1000-1999/{}", 8 * MB));
+        assert_eq!(bytes, body[1000..2000]);
+        let (status, content_range, bytes) = beyond.await.unwrap();
+        assert_eq!(status, 206);
+        assert_eq!(
+            content_range,
+            format!("bytes 7340032-{}/{}", 8 * MB - 1, 8 * MB)
+        );
+        assert_eq!(bytes, body[7_340_032..]);
+        assert_eq!(whole.await.unwrap(), body);
+        assert_eq!(origin.hits("data/r.nii.gz"), 1);
+        server.abort();
+    }
 }
