@@ -14,6 +14,7 @@ else the environment (``IMAGE_SERVER``, ``CACHE_DIR``, ``CACHE_MAX_SIZE_MB``,
 ``CACHE_DEFAULT_TTL_HOURS``, ...), else a ``.env`` file in the current directory.
 """
 
+import io
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Dict, Optional, Union
 
 from . import _errors, _fork, _native
+from ._stream import FileReader
 from ._errors import *  # noqa: F403 - the exception classes, listed in _errors.__all__
 from ._native import CachedFile, ManualClock
 
@@ -29,6 +31,7 @@ __all__ = [
     "ImageCacheManager",
     "CacheEntry",
     "CachedFile",
+    "FileReader",
     "ManualClock",
     "get_cache_manager",
     "get_cached_file",
@@ -217,6 +220,23 @@ class ImageCacheManager:
         removes it. ``f`` is path-like (``os.fspath(f)``); ``f.path``, ``f.sha256``,
         ``f.size`` and ``f.status`` tell the rest."""
         return self._cache.open(url, ttl_seconds, expected_sha256)
+
+    def open_stream(
+        self,
+        url: str,
+        ttl_seconds: Optional[float] = None,
+        *,
+        expected_sha256: Optional[str] = None,
+        buffer_size: int = 256 * 1024,
+    ) -> "io.BufferedReader":
+        """The file's bytes as a file object, before its download ends: a NIfTI header can
+        be read (``gzip.open(cache.open_stream(url)).read(352)``) while the rest is still
+        arriving. Any number of readers share the one download, each at its own pace; reads
+        end only after the file is committed, and a failed download raises its
+        :class:`CacheError`, never a short read taken for the whole file. On a hit it reads
+        the cached file."""
+        stream = self._cache.stream(url, ttl_seconds, expected_sha256)
+        return io.BufferedReader(FileReader(stream), buffer_size=buffer_size)
 
     def aopen(
         self,

@@ -42,6 +42,14 @@ class CachedFile(os.PathLike[str]):
     def __enter__(self) -> "CachedFile": ...
     def __exit__(self, *exc: object) -> bool: ...
 
+class Stream:
+    def read(self, size: int = 262144) -> bytes: ...
+    @property
+    def len(self) -> Optional[int]: ...
+    @property
+    def status(self) -> str: ...
+    def close(self) -> None: ...
+
 class Cache:
     def __init__(
         self,
@@ -72,6 +80,13 @@ class Cache:
         expected_sha256: Optional[str] = None,
         force: bool = False,
     ) -> CachedFile: ...
+    def stream(
+        self,
+        url: str,
+        ttl_seconds: Optional[float] = None,
+        expected_sha256: Optional[str] = None,
+        force: bool = False,
+    ) -> Stream: ...
     def aget(
         self,
         url: str,

@@ -21,6 +21,7 @@ mod holds;
 mod logs;
 mod pinned;
 mod process;
+mod stream;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -492,6 +493,26 @@ impl Cache {
         Pinned::new(py, file)
     }
 
+    /// `url`'s bytes as they are cached: a `Stream` whose reads start with the download's
+    /// first bytes and end after the commit.
+    #[pyo3(signature = (url, ttl_seconds=None, expected_sha256=None, force=false))]
+    fn stream(
+        &self,
+        py: Python<'_>,
+        url: &str,
+        ttl_seconds: Option<f64>,
+        expected_sha256: Option<String>,
+        force: bool,
+    ) -> PyResult<stream::Stream> {
+        let options = options(ttl_seconds, expected_sha256)?.force(force);
+        let state = self.state(py)?;
+        let opened = state
+            .process
+            .block_on(py, state.cache.get_stream_with(url, options))?
+            .py_err()?;
+        Ok(stream::Stream::new(Arc::clone(&state.process), opened))
+    }
+
     /// `get` for asyncio: an awaitable of the path.
     #[pyo3(signature = (url, ttl_seconds=None, expected_sha256=None, force=false))]
     fn aget<'py>(
@@ -765,6 +786,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Cache>()?;
     m.add_class::<Pinned>()?;
     m.add_class::<ManualClock>()?;
+    m.add_class::<stream::Stream>()?;
     m.add_function(wrap_pyfunction!(process::forked, m)?)?;
     m.add_function(wrap_pyfunction!(logs::refresh_log_level, m)?)?;
     m.add_function(wrap_pyfunction!(mb, m)?)?;

@@ -178,7 +178,7 @@ fn unix_seconds(t: SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-fn status_name(status: CacheStatus) -> &'static str {
+pub(crate) fn status_name(status: CacheStatus) -> &'static str {
     match status {
         CacheStatus::Hit => "hit",
         CacheStatus::Downloaded => "downloaded",
