@@ -86,7 +86,7 @@ impl std::fmt::Debug for FileStream {
 
 impl FileStream {
     /// The file's length when known: the committed size, or the origin's `Content-Length`
-    /// of the download being read (of the range, for [`range`](Self::range)).
+    /// of the download being read (of the range, for [`get_stream_range`](crate::ImageCache::get_stream_range)).
     pub fn len(&self) -> Option<u64> {
         self.len
     }
