@@ -151,6 +151,11 @@ struct Reader {
     start: u64,
     pos: u64,
     end: Option<u64>,
+    /// The file's length this stream announced (a sidecar sends it as Content-Length):
+    /// another length later (a retry's other version, a stale copy) ends it in an error.
+    announced: Option<u64>,
+    /// The end, or the error, once reached: every later poll says it again.
+    finished: Option<Option<String>>,
 }
 
 fn to_io(e: Error) -> io::Error {
@@ -172,8 +177,22 @@ async fn read_at(file: &Arc<File>, pos: u64, max: u64) -> io::Result<Bytes> {
 }
 
 impl Reader {
-    /// The next chunk, `None` at the end (after the commit), or the error that ends it.
+    /// The next chunk, `None` at the end (after the commit), or the error that ends it;
+    /// after either, the same again.
     async fn next(&mut self) -> Option<io::Result<Bytes>> {
+        if let Some(end) = &self.finished {
+            return end.as_ref().map(|e| Err(io::Error::other(e.clone())));
+        }
+        let item = self.step().await;
+        match &item {
+            None => self.finished = Some(None),
+            Some(Err(e)) => self.finished = Some(Some(e.to_string())),
+            Some(Ok(_)) => {}
+        }
+        item
+    }
+
+    async fn step(&mut self) -> Option<io::Result<Bytes>> {
         loop {
             let end = self.end;
             if let Some((_, file)) = &self.committed {
@@ -201,6 +220,11 @@ impl Reader {
             let task = self.task.clone()?;
             let progress = self.progress.as_mut()?;
             let now = progress.borrow_and_update().clone();
+            if self.announced.is_some() && now.total.is_some() && now.total != self.announced {
+                return Some(Err(io::Error::other(
+                    "the file's length changed during the download: read again",
+                )));
+            }
             if self
                 .reading
                 .as_ref()
@@ -271,6 +295,11 @@ impl Reader {
             .concluded(&self.resolved, &self.options, pinned, outcome, self.status)
             .map_err(to_io)?;
         let handle = File::open(file.path())?;
+        if self.announced.is_some_and(|n| n != file.size()) {
+            return Err(io::Error::other(
+                "the file committed is not of the length announced: read again",
+            ));
+        }
         if self.pos > self.start {
             // Bytes were read from a temp file: it must be the file committed.
             let same = match &self.reading {
@@ -382,6 +411,8 @@ impl super::ImageCache {
                     start,
                     pos: start,
                     end,
+                    announced: Some(size),
+                    finished: None,
                 };
                 let len = end.unwrap_or(size).min(size).saturating_sub(start);
                 (reader, Some(len), status)
@@ -415,6 +446,8 @@ impl super::ImageCache {
                     start,
                     pos: start,
                     end,
+                    announced: total,
+                    finished: None,
                 };
                 (reader, len, status)
             }
