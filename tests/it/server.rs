@@ -547,7 +547,9 @@ async fn an_admin_token_guards_every_route_but_the_page_and_its_login() {
             "{method} {path}"
         );
         // Read to the end: a streamed miss is committed by its last byte.
-        allowed.bytes().await.unwrap();
+        if method == "GET" && path.starts_with("/files/") {
+            allowed.bytes().await.unwrap();
+        }
     }
     assert_eq!(
         origin.hits("data/t.nii.gz"),
