@@ -17,15 +17,10 @@ SIZES=${SIZES:-"200 1024"}
 TOOLS=${TOOLS:-"curl curl-sync imgcache-lib imgcache-cli imgcache-python pooch pooch-nohash fsspec cached-path"}
 PORT=${PORT:-18931}
 WORK=$(mktemp -d /tmp/imgcache-peers.XXXXXX)
-trap 'nginx -p "$WORK" -c "$WORK/nginx.conf" -s quit 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'nginx_stop; rm -rf "$WORK"' EXIT
 
-need_apt=()
-command -v nginx >/dev/null || need_apt+=(nginx)
-[ -x /usr/bin/time ] || need_apt+=(time)
-command -v curl >/dev/null || need_apt+=(curl)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+. bench/nginx.sh
+need_tools nginx time curl
 
 VENV="$ROOT/bench/.venv"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -44,30 +39,11 @@ cargo build -q --release --bin imgcache --example peer_harness
 CLI="$ROOT/target/release/imgcache"
 LIB="$ROOT/target/release/examples/peer_harness"
 
-mkdir -p "$WORK/www" "$WORK/logs"
-chmod 755 "$WORK" "$WORK/www"   # nginx's workers are not root
+mkdir -p "$WORK/www"
 for mb in $SIZES; do
   head -c $((mb * 1024 * 1024)) /dev/urandom > "$WORK/www/ct_${mb}mb.nii.gz"
 done
-chmod 644 "$WORK"/www/*
-cat > "$WORK/nginx.conf" <<CONF
-worker_processes 2;
-pid $WORK/nginx.pid;
-error_log $WORK/logs/error.log;
-events { worker_connections 1024; }
-http {
-  access_log $WORK/logs/access.log;
-  sendfile on;
-  client_body_temp_path $WORK/tmp;
-  proxy_temp_path $WORK/tmp;
-  fastcgi_temp_path $WORK/tmp;
-  uwsgi_temp_path $WORK/tmp;
-  scgi_temp_path $WORK/tmp;
-  server { listen 127.0.0.1:$PORT; root $WORK/www; }
-}
-CONF
-mkdir -p "$WORK/tmp"
-nginx -p "$WORK" -c "$WORK/nginx.conf"
+nginx_start "  access_log $WORK/logs/access.log;" "  server { listen 127.0.0.1:$PORT; root $WORK/www; }"
 
 calc() { awk "BEGIN { printf \"%.9f\", $1 }"; }
 requests() { grep -c "GET /$1 " "$WORK/logs/access.log" 2>/dev/null || true; }

@@ -19,15 +19,10 @@ PORT=${PORT:-18941}
 S3_PORT=${S3_PORT:-18942}
 WORK=$(mktemp -d /tmp/imgcache-shared.XXXXXX)
 MOTO_PID=
-trap 'nginx -p "$WORK" -c "$WORK/nginx.conf" -s quit 2>/dev/null || true; [ -n "$MOTO_PID" ] && kill "$MOTO_PID" 2>/dev/null; rm -rf "$WORK"' EXIT
+trap 'nginx_stop; [ -n "$MOTO_PID" ] && kill "$MOTO_PID" 2>/dev/null; rm -rf "$WORK"' EXIT
 
-need_apt=()
-command -v nginx >/dev/null || need_apt+=(nginx)
-[ -x /usr/bin/time ] || need_apt+=(time)
-command -v curl >/dev/null || need_apt+=(curl)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+. bench/nginx.sh
+need_tools nginx time curl
 VENV="$ROOT/bench/.venv"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check "moto[s3,server]>=5.1"
@@ -35,29 +30,11 @@ VENV="$ROOT/bench/.venv"
 cargo build -q --release --bin imgcache
 CLI="$ROOT/target/release/imgcache"
 
-mkdir -p "$WORK/www" "$WORK/logs" "$WORK/tmp"
-chmod 755 "$WORK" "$WORK/www"
+mkdir -p "$WORK/www"
 for mb in $SIZES; do
   head -c $((mb * 1024 * 1024)) /dev/urandom > "$WORK/www/ct_${mb}mb.nii.gz"
 done
-chmod 644 "$WORK"/www/*
-cat > "$WORK/nginx.conf" <<CONF
-worker_processes 2;
-pid $WORK/nginx.pid;
-error_log $WORK/logs/error.log;
-events { worker_connections 1024; }
-http {
-  access_log $WORK/logs/access.log;
-  sendfile on;
-  client_body_temp_path $WORK/tmp;
-  proxy_temp_path $WORK/tmp;
-  fastcgi_temp_path $WORK/tmp;
-  uwsgi_temp_path $WORK/tmp;
-  scgi_temp_path $WORK/tmp;
-  server { listen 127.0.0.1:$PORT; root $WORK/www; }
-}
-CONF
-nginx -p "$WORK" -c "$WORK/nginx.conf"
+nginx_start "  access_log $WORK/logs/access.log;" "  server { listen 127.0.0.1:$PORT; root $WORK/www; }"
 
 "$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >/dev/null 2>&1 &
 MOTO_PID=$!

@@ -14,43 +14,20 @@ WORK=$(mktemp -d /tmp/imgcache-sidecar.XXXXXX)
 SERVE_PID=
 cleanup() {
   [ -n "$SERVE_PID" ] && kill "$SERVE_PID" 2>/dev/null || true
-  nginx -p "$WORK" -c "$WORK/nginx.conf" -s quit 2>/dev/null || true
+  nginx_stop
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-need_apt=()
-command -v nginx >/dev/null || need_apt+=(nginx)
-command -v wrk >/dev/null || need_apt+=(wrk)
-command -v curl >/dev/null || need_apt+=(curl)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+. bench/nginx.sh
+need_tools nginx wrk curl
 cargo build -q --release --bin imgcache
 
-mkdir -p "$WORK/www" "$WORK/logs" "$WORK/tmp"
-chmod 755 "$WORK" "$WORK/www"
+mkdir -p "$WORK/www"
 head -c 1024 /dev/urandom > "$WORK/www/small.nii.gz"
 head -c $((512 * 1024)) /dev/urandom > "$WORK/www/medium.nii.gz"
-chmod 644 "$WORK"/www/*
-cat > "$WORK/nginx.conf" <<CONF
-worker_processes 2;
-pid $WORK/nginx.pid;
-error_log $WORK/logs/error.log;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  sendfile on;
-  keepalive_requests 1000000;
-  client_body_temp_path $WORK/tmp;
-  proxy_temp_path $WORK/tmp;
-  fastcgi_temp_path $WORK/tmp;
-  uwsgi_temp_path $WORK/tmp;
-  scgi_temp_path $WORK/tmp;
-  server { listen 127.0.0.1:$NGINX_PORT; root $WORK/www; }
-}
-CONF
-nginx -p "$WORK" -c "$WORK/nginx.conf"
+nginx_start "  access_log off;
+  keepalive_requests 1000000;" "  server { listen 127.0.0.1:$NGINX_PORT; root $WORK/www; }"
 
 IMAGE_SERVER="http://127.0.0.1:$NGINX_PORT/" "$ROOT/target/release/imgcache" --cache-dir "$WORK/cache" --quiet serve --listen 127.0.0.1:0 \
   2> "$WORK/serve.log" &

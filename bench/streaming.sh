@@ -19,29 +19,23 @@ SIDECAR=${SIDECAR:-18953}
 WORK=$(mktemp -d /tmp/imgcache-streaming.XXXXXX)
 SERVE_PID=
 stop() {
-  nginx -p "$WORK" -c "$WORK/nginx.conf" -s quit 2>/dev/null || true
+  nginx_stop
   [ -n "$SERVE_PID" ] && kill "$SERVE_PID" 2>/dev/null || true
 }
 trap 'stop; rm -rf "$WORK"' EXIT
 
-need_apt=()
-command -v nginx >/dev/null || need_apt+=(nginx)
-command -v curl >/dev/null || need_apt+=(curl)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+. bench/nginx.sh
+need_tools nginx curl
 cargo build -q --release --bin imgcache
 CLI="$ROOT/target/release/imgcache"
 
-mkdir -p "$WORK/www" "$WORK/logs" "$WORK/tmp" "$WORK/proxy-cache"
-chmod 755 "$WORK" "$WORK/www"
+mkdir -p "$WORK/www" "$WORK/proxy-cache"
 head -c $((SIZE_MB * 1024 * 1024)) /dev/urandom > "$WORK/www/base.nii.gz"
 for rate in $RATES; do
   for copy in one-nginx one-imgcache four-nginx four-imgcache; do
     ln -f "$WORK/www/base.nii.gz" "$WORK/www/r$rate-$copy.nii.gz"
   done
 done
-chmod 644 "$WORK"/www/*
 
 # The origin limits its rate per file name prefix (0: unlimited).
 rate_rules=""
@@ -49,20 +43,8 @@ for rate in $RATES; do
   rate_rules+="    location ~ ^/r$rate- { limit_rate $( [ "$rate" = 0 ] && echo 0 || echo "$rate" ); }
 "
 done
-cat > "$WORK/nginx.conf" <<CONF
-worker_processes 2;
-pid $WORK/nginx.pid;
-error_log $WORK/logs/error.log;
-events { worker_connections 1024; }
-http {
-  access_log $WORK/logs/access.log;
-  sendfile on;
-  client_body_temp_path $WORK/tmp;
-  proxy_temp_path $WORK/tmp;
-  fastcgi_temp_path $WORK/tmp;
-  uwsgi_temp_path $WORK/tmp;
-  scgi_temp_path $WORK/tmp;
-  proxy_cache_path $WORK/proxy-cache levels=1:2 keys_zone=imaging:10m max_size=8g inactive=1d use_temp_path=off;
+nginx_start "  access_log $WORK/logs/access.log;
+  proxy_cache_path $WORK/proxy-cache levels=1:2 keys_zone=imaging:10m max_size=8g inactive=1d use_temp_path=off;" "
   server {
     listen 127.0.0.1:$ORIGIN;
     root $WORK/www;
@@ -78,12 +60,8 @@ $rate_rules  }
       proxy_cache_lock_age 10m;
       proxy_max_temp_file_size 0;
       proxy_buffering on;
-      add_header X-Cache-Status \$upstream_cache_status;
     }
-  }
-}
-CONF
-nginx -p "$WORK" -c "$WORK/nginx.conf"
+  }"
 
 CACHE_DIR="$WORK/imgcache" CACHE_MAX_SIZE_MB=16384 IMAGE_SERVER="http://127.0.0.1:$ORIGIN/" \
   RUST_LOG=warn "$CLI" serve --listen "127.0.0.1:$SIDECAR" >/dev/null 2>&1 &
