@@ -351,32 +351,17 @@ impl Inner {
             return Err(checksum_error(&expected, &sha256));
         }
         let now = self.now_ms();
-        let meta = Meta {
-            version: 1,
-            url: r.display.clone(),
-            file_name: r.file_name.clone(),
+        let finished = Finished {
+            temp,
+            file,
             sha256,
             size,
-            mtime_ns: 0,
-            etag: validators.etag,
-            last_modified: validators.last_modified,
-            fetched_at: now,
-            expires_at: now.saturating_add(wants.ttl_ms()),
-            generation: String::new(),
+            validators,
         };
-        // The reservation goes with the commit: released by the index when the entry is in
-        // place, by its own drop when the commit fails. The commit's pin is wrapped on the
-        // blocking thread, so that a deadline that drops this future unpins it again.
-        let reservation = transfer.reservation.take();
-        let lock = transfer.lock.take();
-        let asked_at = transfer.asked_at;
-        let this = Arc::clone(self);
-        let key = r.key.clone();
-        let committed = tokio::task::spawn_blocking(move || {
-            this.commit(key, temp, file, meta, reservation, lock, asked_at)
-        })
-        .await
-        .map_err(|e| Error::new(ErrorKind::Internal, format!("commit failed: {e}")))??;
+        let expires_at = now.saturating_add(wants.ttl_ms());
+        let committed = self
+            .commit_transfer(r, transfer, finished, now, expires_at)
+            .await?;
         let pinned = match committed {
             (pinned, Outcome::Downloaded) => pinned,
             // A process that downloaded without the lock found another's commit first.
@@ -397,6 +382,50 @@ impl Inner {
             "cached file"
         );
         Ok((pinned, Outcome::Downloaded))
+    }
+
+    /// Commits what a transfer finished with these times: meta.json, then the index and the
+    /// store. The reservation goes with the commit (released by the index when the entry is
+    /// in place, by its own drop when the commit fails); the commit's pin is wrapped on the
+    /// blocking thread, so that a deadline that drops this future unpins it again.
+    pub(super) async fn commit_transfer(
+        self: &Arc<Self>,
+        r: &Resolved,
+        transfer: &mut Transfer<'_>,
+        finished: Finished,
+        fetched_at: u64,
+        expires_at: u64,
+    ) -> DownloadResult {
+        let Finished {
+            temp,
+            file,
+            sha256,
+            size,
+            validators,
+        } = finished;
+        let meta = Meta {
+            version: 1,
+            url: r.display.clone(),
+            file_name: r.file_name.clone(),
+            sha256,
+            size,
+            mtime_ns: 0,
+            etag: validators.etag,
+            last_modified: validators.last_modified,
+            fetched_at,
+            expires_at,
+            generation: String::new(),
+        };
+        let reservation = transfer.reservation.take();
+        let lock = transfer.lock.take();
+        let asked_at = transfer.asked_at;
+        let this = Arc::clone(self);
+        let key = r.key.clone();
+        tokio::task::spawn_blocking(move || {
+            this.commit(key, temp, file, meta, reservation, lock, asked_at)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("commit failed: {e}")))?
     }
 
     pub(super) fn ttl_ms(&self, options: &GetOptions) -> u64 {
@@ -451,7 +480,7 @@ impl Inner {
     /// first commit wins: an entry another process committed after this download began is
     /// taken instead, and these bytes are dropped.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn commit(
+    fn commit(
         self: &Arc<Self>,
         key: Key,
         temp: TempFile,
@@ -512,6 +541,15 @@ impl Inner {
         self.dispose_now(removed);
         Ok((self.pinned(entry), Outcome::Downloaded))
     }
+}
+
+/// A transfer's complete temp file, open, with its digest, length and validators.
+pub(super) struct Finished {
+    pub(super) temp: TempFile,
+    pub(super) file: std::fs::File,
+    pub(super) sha256: String,
+    pub(super) size: u64,
+    pub(super) validators: Validators,
 }
 
 /// What one caller of a download asked for: the digest it expects, and the TTL it gives an

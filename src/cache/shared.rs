@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use super::download::Wants;
+use super::download::{Finished, Wants};
 use super::file::Pinned;
 use super::hit::Holding;
 use super::transfer::{Reservation, Transfer};
@@ -17,7 +17,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::events::Event;
 use crate::key::Resolved;
 use crate::stats::Counter;
-use crate::store::{Meta, Validators};
+use crate::store::Validators;
 use crate::tier::{Lease, Lookup, Record, Seen, Take, Tier};
 
 /// How a miss goes on after the tier was asked.
@@ -285,27 +285,22 @@ impl Inner {
         if let Err(expected) = wants.check(&sha256) {
             return Err(failed(checksum_error(&expected, &sha256)));
         }
-        let meta = Meta {
-            version: 1,
-            url: r.display.clone(),
-            file_name: r.file_name.clone(),
+        let finished = Finished {
+            temp,
+            file,
             sha256,
             size,
-            mtime_ns: 0,
-            etag: validators.etag,
-            last_modified: validators.last_modified,
-            fetched_at: record.fetched_at,
-            expires_at: record.expires_at,
-            generation: String::new(),
+            validators,
         };
-        let reservation = transfer.reservation.take();
-        let this = Arc::clone(self);
-        let key = r.key.clone();
-        let (pinned, _) = tokio::task::spawn_blocking(move || {
-            this.commit(key, temp, file, meta, reservation, None, asked_at)
-        })
-        .await
-        .map_err(|e| Error::new(ErrorKind::Internal, format!("commit failed: {e}")))??;
+        let (pinned, _) = self
+            .commit_transfer(
+                r,
+                &mut transfer,
+                finished,
+                record.fetched_at,
+                record.expires_at,
+            )
+            .await?;
         self.events.emit(|| Event::DownloadFinished {
             url: r.display.clone(),
             bytes: size,
