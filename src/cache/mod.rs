@@ -5,12 +5,15 @@
 //! remembered), [`hit`] (lookup, cheap check, pin), [`inflight`] (join or start the one
 //! download), [`download`] (fetch with retries, stream, hash, commit), then [`removal`] (what
 //! leaves the index is counted and deleted) and the background [`sweeper`]; [`state`] keeps
-//! state.json and [`file`] the types callers hold.
+//! state.json and [`file`] the types callers hold. [`open`] opens a cache, [`stream`] reads a
+//! file while it downloads, `shared` asks the fleet's tier, and [`fleet`] counts its uploads.
 
 mod download;
 mod file;
+mod fleet;
 mod hit;
 mod inflight;
+mod open;
 mod removal;
 mod resolve;
 #[cfg(feature = "s3")]
@@ -44,6 +47,7 @@ use crate::key::{Key, Resolved};
 use crate::stats::{Counter, Counters, Gauges, Stats};
 use crate::store::{self, Layout};
 use file::Pinned;
+use fleet::Uploads;
 use inflight::{Inflight, Join};
 
 /// The cache. Cheap to clone (one `Arc`): clone it into every task that needs it rather than
@@ -63,53 +67,6 @@ struct Handle {
 impl Drop for Handle {
     fn drop(&mut self) {
         self.inner.cancel.cancel();
-    }
-}
-
-/// The background tasks that publish to the shared tier, counted so that a flush or the
-/// shutdown can wait for them (any number of waiters, at any time).
-#[derive(Default, Clone)]
-struct Uploads(Arc<UploadCount>);
-
-#[derive(Default)]
-struct UploadCount {
-    running: std::sync::atomic::AtomicUsize,
-    idle: Notify,
-}
-
-/// Counts one upload off however its task ends (done, panicked, or dropped with the runtime).
-struct Running(Arc<UploadCount>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
-impl Uploads {
-    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
-    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.0.running.fetch_add(1, Ordering::AcqRel);
-        let running = Running(Arc::clone(&self.0));
-        tokio::spawn(async move {
-            task.await;
-            drop(running);
-        });
-    }
-
-    /// Until no upload runs.
-    async fn idle(&self) {
-        loop {
-            let notified = self.0.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.0.running.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
     }
 }
 
@@ -200,101 +157,6 @@ impl ImageCache {
     /// As [`CacheBuilder::from_env`] and [`CacheBuilder::build`].
     pub async fn from_env() -> Result<ImageCache> {
         CacheBuilder::from_env()?.build().await
-    }
-
-    pub(crate) async fn open(config: Config) -> Result<ImageCache> {
-        let layout = Layout::new(&config.cache_dir, config.file_mode, config.dir_mode);
-        let opened = {
-            let layout = layout.clone();
-            let exclusive = config.exclusive_lock;
-            let now = unix_ms(config.clock.now());
-            let file_mode = config.file_mode;
-            tokio::task::spawn_blocking(move || -> Result<_> {
-                let lock = layout.open(exclusive)?;
-                if let Some(kind) = layout.network_file_system() {
-                    tracing::warn!(
-                        cache_dir = %layout.root.display(),
-                        file_system = kind,
-                        "the cache directory is on a network file system: locks may not reach other hosts, so a file may be downloaded twice (the bytes handed out are still complete and verified)"
-                    );
-                }
-                let report = store::recover(&layout)?;
-                let state = state::load(&layout);
-                let procs = state::Procs::start(&layout, now, &state, file_mode).map_err(|e| {
-                    Error::io("cannot create this process's record", e)
-                        .with_path(layout.procs_dir())
-                })?;
-                Ok((lock, report, state, procs))
-            })
-            .await
-            .map_err(|e| Error::new(ErrorKind::Internal, format!("recovery panicked: {e}")))??
-        };
-        let (lock, report, state, procs) = opened;
-        let index = Index::new(
-            layout.clone(),
-            config.max_size_bytes,
-            duration_ms(config.stale_grace),
-            Arc::clone(&config.clock),
-        );
-        let recovered = report.entries.len();
-        index.load(state.entries_from(report.entries));
-        let counters = Counters::default();
-        if report.removed > 0 {
-            counters.mark_unsaved();
-        }
-        counters.add(Counter::IntegrityFailures, report.integrity_failures);
-        #[cfg(feature = "s3")]
-        let tier = if config.offline {
-            None
-        } else {
-            crate::tier::Tier::open(&config.shared, Arc::clone(&config.clock))?.map(Arc::new)
-        };
-        #[cfg(not(feature = "s3"))]
-        if config.shared.url.is_some() {
-            return Err(Error::new(
-                ErrorKind::Config,
-                "CACHE_SHARED_TIER needs imgcache built with the s3 feature",
-            ));
-        }
-        let inner = Arc::new(Inner {
-            #[cfg(feature = "s3")]
-            tier,
-            uploads: Uploads::default(),
-            default_ttl_ms: AtomicU64::new(duration_ms(config.default_ttl)),
-            layout,
-            index,
-            inflight: Arc::new(Inflight::new()),
-            events: Events::new(),
-            resolved: resolve::Resolutions::default(),
-            counters,
-            closed: AtomicBool::new(false),
-            cancel: CancellationToken::new(),
-            wake_sweeper: Notify::new(),
-            sweeper: Mutex::new(None),
-            _lock: lock,
-            procs,
-            #[cfg(test)]
-            sweeps: AtomicU64::new(0),
-            config,
-        });
-        tracing::info!(
-            cache_dir = %inner.config.cache_dir.display(),
-            entries = recovered,
-            removed = report.removed,
-            "cache opened"
-        );
-        // What the processes still running have counted and reserved.
-        {
-            let this = Arc::clone(&inner);
-            let _ = tokio::task::spawn_blocking(move || this.read_others()).await;
-        }
-        // The cap may have been lowered since the last run.
-        let (removed, _) = inner.sweep_now();
-        inner.dispose_blocking(removed).await;
-        inner.start_sweeper();
-        Ok(ImageCache {
-            handle: Arc::new(Handle { inner }),
-        })
     }
 
     fn inner(&self) -> &Arc<Inner> {
@@ -438,61 +300,6 @@ impl ImageCache {
         let found = removed.is_some();
         inner.dispose_blocking(removed.into_iter().collect()).await;
         Ok(found)
-    }
-
-    /// [`invalidate`](Self::invalidate), and the shared tier's record of `url` too, so that
-    /// no host gets it from the tier again: the next host to miss downloads it from the
-    /// origin for the fleet. Hosts that have it keep their local copies until they expire or
-    /// are invalidated there; its blob stays (other URLs may share it).
-    ///
-    /// # Errors
-    /// [`ErrorKind::InvalidUrl`]; [`ErrorKind::Config`] when no shared tier is configured;
-    /// [`ErrorKind::Network`] when the tier cannot be reached (the local entry is removed
-    /// first).
-    pub async fn invalidate_shared(&self, url: impl AsRef<str>) -> Result<bool> {
-        #[cfg(feature = "s3")]
-        {
-            let inner = self.inner();
-            if inner.tier.is_none() {
-                return Err(shared::no_tier());
-            }
-            let resolved = inner.resolve(url.as_ref())?;
-            let found = self.invalidate(url).await?;
-            inner.forget_shared(&resolved).await?;
-            Ok(found)
-        }
-        #[cfg(not(feature = "s3"))]
-        {
-            let _ = url;
-            Err(no_tier())
-        }
-    }
-
-    /// [`clear`](Self::clear), and every object of the shared tier (blobs, records and
-    /// leases below its prefix). Returns the local entries and the tier's objects removed.
-    ///
-    /// # Errors
-    /// [`ErrorKind::Config`] when no shared tier is configured; [`ErrorKind::Network`] when
-    /// the tier cannot be reached (the local entries are removed first).
-    pub async fn clear_shared(&self) -> Result<(u64, u64)> {
-        #[cfg(feature = "s3")]
-        {
-            if self.inner().tier.is_none() {
-                return Err(shared::no_tier());
-            }
-            let local = self.clear().await?;
-            let objects = self.inner().clear_shared().await?;
-            tracing::info!(objects, "shared tier cleared");
-            Ok((local, objects))
-        }
-        #[cfg(not(feature = "s3"))]
-        Err(no_tier())
-    }
-
-    /// Waits until the uploads to the shared tier that downloads started are done (they
-    /// run in the background; [`shutdown`](Self::shutdown) waits for them too).
-    pub async fn flush_shared(&self) {
-        self.inner().uploads.idle().await;
     }
 
     /// Removes every entry and returns how many there were. Files callers still hold are
@@ -739,25 +546,6 @@ enum Joined {
         CacheStatus,
         Arc<download::Wants>,
     ),
-}
-
-#[cfg(not(feature = "s3"))]
-fn no_tier() -> Error {
-    Error::new(
-        ErrorKind::Config,
-        "no shared tier: imgcache was built without the s3 feature",
-    )
-}
-
-#[cfg(not(feature = "s3"))]
-impl Inner {
-    fn shared_tier_figures(&self) -> Option<(String, String)> {
-        None
-    }
-
-    async fn wait_for_uploads(&self) {
-        self.uploads.idle().await;
-    }
 }
 
 impl Inner {

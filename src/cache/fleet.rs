@@ -1,0 +1,137 @@
+//! The fleet's side of a cache: the shared tier's fleet-wide removals, and the uploads to
+//! it that run in the background (counted, so that a flush or the shutdown can wait).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::Notify;
+
+use super::ImageCache;
+#[cfg(not(feature = "s3"))]
+use super::Inner;
+use crate::error::Result;
+#[cfg(not(feature = "s3"))]
+use crate::error::{Error, ErrorKind};
+
+/// The background tasks that publish to the shared tier, counted so that a flush or the
+/// shutdown can wait for them (any number of waiters, at any time).
+#[derive(Default, Clone)]
+pub(super) struct Uploads(Arc<UploadCount>);
+
+#[derive(Default)]
+struct UploadCount {
+    running: std::sync::atomic::AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts one upload off however its task ends (done, panicked, or dropped with the runtime).
+struct Running(Arc<UploadCount>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Uploads {
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
+    pub(super) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.0.running.fetch_add(1, Ordering::AcqRel);
+        let running = Running(Arc::clone(&self.0));
+        tokio::spawn(async move {
+            task.await;
+            drop(running);
+        });
+    }
+
+    /// Until no upload runs.
+    pub(super) async fn idle(&self) {
+        loop {
+            let notified = self.0.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.0.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl ImageCache {
+    /// [`invalidate`](Self::invalidate), and the shared tier's record of `url` too, so that
+    /// no host gets it from the tier again: the next host to miss downloads it from the
+    /// origin for the fleet. Hosts that have it keep their local copies until they expire or
+    /// are invalidated there; its blob stays (other URLs may share it).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidUrl`](crate::ErrorKind::InvalidUrl); [`ErrorKind::Config`](crate::ErrorKind::Config) when no shared tier is configured;
+    /// [`ErrorKind::Network`](crate::ErrorKind::Network) when the tier cannot be reached (the local entry is removed
+    /// first).
+    pub async fn invalidate_shared(&self, url: impl AsRef<str>) -> Result<bool> {
+        #[cfg(feature = "s3")]
+        {
+            let inner = self.inner();
+            if inner.tier.is_none() {
+                return Err(super::shared::no_tier());
+            }
+            let resolved = inner.resolve(url.as_ref())?;
+            let found = self.invalidate(url).await?;
+            inner.forget_shared(&resolved).await?;
+            Ok(found)
+        }
+        #[cfg(not(feature = "s3"))]
+        {
+            let _ = url;
+            Err(no_tier())
+        }
+    }
+
+    /// [`clear`](Self::clear), and every object of the shared tier (blobs, records and
+    /// leases below its prefix). Returns the local entries and the tier's objects removed.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) when no shared tier is configured; [`ErrorKind::Network`](crate::ErrorKind::Network) when
+    /// the tier cannot be reached (the local entries are removed first).
+    pub async fn clear_shared(&self) -> Result<(u64, u64)> {
+        #[cfg(feature = "s3")]
+        {
+            if self.inner().tier.is_none() {
+                return Err(super::shared::no_tier());
+            }
+            let local = self.clear().await?;
+            let objects = self.inner().clear_shared().await?;
+            tracing::info!(objects, "shared tier cleared");
+            Ok((local, objects))
+        }
+        #[cfg(not(feature = "s3"))]
+        Err(no_tier())
+    }
+
+    /// Waits until the uploads to the shared tier that downloads started are done (they
+    /// run in the background; [`shutdown`](Self::shutdown) waits for them too).
+    pub async fn flush_shared(&self) {
+        self.inner().uploads.idle().await;
+    }
+}
+
+#[cfg(not(feature = "s3"))]
+fn no_tier() -> Error {
+    Error::new(
+        ErrorKind::Config,
+        "no shared tier: imgcache was built without the s3 feature",
+    )
+}
+
+#[cfg(not(feature = "s3"))]
+impl Inner {
+    pub(super) fn shared_tier_figures(&self) -> Option<(String, String)> {
+        None
+    }
+
+    pub(super) async fn wait_for_uploads(&self) {
+        self.uploads.idle().await;
+    }
+}

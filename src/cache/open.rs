@@ -1,0 +1,116 @@
+//! Opening a cache: the directory's lock and recovery (off the async workers), the index,
+//! the shared tier, and the background sweeper.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::fleet::Uploads;
+use super::inflight::Inflight;
+use super::{Handle, ImageCache, Inner, duration_ms, resolve, state};
+use crate::clock::unix_ms;
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::events::Events;
+use crate::index::Index;
+use crate::stats::{Counter, Counters};
+use crate::store::{self, Layout};
+
+impl ImageCache {
+    pub(crate) async fn open(config: Config) -> Result<ImageCache> {
+        let layout = Layout::new(&config.cache_dir, config.file_mode, config.dir_mode);
+        let opened = {
+            let layout = layout.clone();
+            let exclusive = config.exclusive_lock;
+            let now = unix_ms(config.clock.now());
+            let file_mode = config.file_mode;
+            tokio::task::spawn_blocking(move || -> Result<_> {
+                let lock = layout.open(exclusive)?;
+                if let Some(kind) = layout.network_file_system() {
+                    tracing::warn!(
+                        cache_dir = %layout.root.display(),
+                        file_system = kind,
+                        "the cache directory is on a network file system: locks may not reach other hosts, so a file may be downloaded twice (the bytes handed out are still complete and verified)"
+                    );
+                }
+                let report = store::recover(&layout)?;
+                let state = state::load(&layout);
+                let procs = state::Procs::start(&layout, now, &state, file_mode).map_err(|e| {
+                    Error::io("cannot create this process's record", e)
+                        .with_path(layout.procs_dir())
+                })?;
+                Ok((lock, report, state, procs))
+            })
+            .await
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("recovery panicked: {e}")))??
+        };
+        let (lock, report, state, procs) = opened;
+        let index = Index::new(
+            layout.clone(),
+            config.max_size_bytes,
+            duration_ms(config.stale_grace),
+            Arc::clone(&config.clock),
+        );
+        let recovered = report.entries.len();
+        index.load(state.entries_from(report.entries));
+        let counters = Counters::default();
+        if report.removed > 0 {
+            counters.mark_unsaved();
+        }
+        counters.add(Counter::IntegrityFailures, report.integrity_failures);
+        #[cfg(feature = "s3")]
+        let tier = if config.offline {
+            None
+        } else {
+            crate::tier::Tier::open(&config.shared, Arc::clone(&config.clock))?.map(Arc::new)
+        };
+        #[cfg(not(feature = "s3"))]
+        if config.shared.url.is_some() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "CACHE_SHARED_TIER needs imgcache built with the s3 feature",
+            ));
+        }
+        let inner = Arc::new(Inner {
+            #[cfg(feature = "s3")]
+            tier,
+            uploads: Uploads::default(),
+            default_ttl_ms: AtomicU64::new(duration_ms(config.default_ttl)),
+            layout,
+            index,
+            inflight: Arc::new(Inflight::new()),
+            events: Events::new(),
+            resolved: resolve::Resolutions::default(),
+            counters,
+            closed: AtomicBool::new(false),
+            cancel: CancellationToken::new(),
+            wake_sweeper: Notify::new(),
+            sweeper: Mutex::new(None),
+            _lock: lock,
+            procs,
+            #[cfg(test)]
+            sweeps: AtomicU64::new(0),
+            config,
+        });
+        tracing::info!(
+            cache_dir = %inner.config.cache_dir.display(),
+            entries = recovered,
+            removed = report.removed,
+            "cache opened"
+        );
+        // What the processes still running have counted and reserved.
+        {
+            let this = Arc::clone(&inner);
+            let _ = tokio::task::spawn_blocking(move || this.read_others()).await;
+        }
+        // The cap may have been lowered since the last run.
+        let (removed, _) = inner.sweep_now();
+        inner.dispose_blocking(removed).await;
+        inner.start_sweeper();
+        Ok(ImageCache {
+            handle: Arc::new(Handle { inner }),
+        })
+    }
+}
