@@ -1,8 +1,7 @@
 //! [`CacheBuilder`]: every setting, its default, and the environment variables that set it.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +14,12 @@ use crate::fetch::{self, ClientSettings};
 use crate::key::DEFAULT_IGNORED_QUERY_PARAMS;
 use crate::key::{self, UrlPolicy};
 use crate::stats::MB;
+
+mod env;
+mod shared;
+#[cfg(test)]
+use env::{ENVIRONMENT, read_dotenv};
+pub(crate) use shared::TierSettings;
 /// Default size cap: 1024 MB.
 pub const DEFAULT_MAX_SIZE_BYTES: u64 = 1024 * MB;
 /// Default time to live: 24 hours.
@@ -72,56 +77,6 @@ pub struct CacheBuilder {
     shared: TierSettings,
     clock: Arc<dyn Clock>,
 }
-
-/// How the shared tier is configured: `CACHE_SHARED_TIER` and the AWS variables, or
-/// [`CacheBuilder::shared_tier`] and its siblings.
-#[derive(Clone, Default)]
-pub(crate) struct TierSettings {
-    /// `s3://bucket/prefix`.
-    pub(crate) url: Option<String>,
-    /// `object_store` configuration keys (`aws_endpoint`, `aws_access_key_id`, ...).
-    pub(crate) options: Vec<(String, String)>,
-    pub(crate) lease: Option<Duration>,
-    pub(crate) wait: Option<Duration>,
-}
-
-impl fmt::Debug for TierSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The option keys only: their values hold credentials.
-        f.debug_struct("TierSettings")
-            .field("url", &self.url)
-            .field(
-                "options",
-                &self.options.iter().map(|(k, _)| k).collect::<Vec<_>>(),
-            )
-            .field("lease", &self.lease)
-            .field("wait", &self.wait)
-            .finish()
-    }
-}
-
-/// The AWS variables the shared tier reads (from the environment or `.env`), as the
-/// `object_store` settings they set. Read only when `CACHE_SHARED_TIER` is set.
-const AWS_VARIABLES: &[&str] = &[
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_ALLOW_HTTP",
-    "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_ROLE_ARN",
-    "AWS_ROLE_SESSION_NAME",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
-    "AWS_METADATA_ENDPOINT",
-    "AWS_SKIP_SIGNATURE",
-];
 
 impl fmt::Debug for CacheBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -222,139 +177,10 @@ pub(crate) struct Config {
     pub(crate) clock: Arc<dyn Clock>,
 }
 
-/// Sets one field of a builder from the variable named by the first argument.
-type Setter = fn(&mut CacheBuilder, &str, &str) -> Result<()>;
-
-/// A [`Setter`] that stores `parse(name, value)` in `field`.
-macro_rules! set {
-    ($field:ident = $parse:expr) => {
-        |b: &mut CacheBuilder, name: &str, value: &str| -> Result<()> {
-            b.$field = $parse(name, value)?;
-            Ok(())
-        }
-    };
-}
-
-/// Every environment variable the builder reads, one row each, in the order of the crate
-/// documentation's table: the variable, and the builder field it sets through its parser.
-const ENVIRONMENT: &[(&str, Setter)] = &[
-    (
-        "IMAGE_SERVER",
-        set!(image_server = |_, v: &str| ok(Some(v.to_owned()))),
-    ),
-    (
-        "CACHE_DIR",
-        set!(cache_dir = |_, v| ok(Some(expand_home(v)))),
-    ),
-    ("CACHE_MAX_SIZE_MB", set!(max_size_bytes = parse_mb)),
-    ("CACHE_DEFAULT_TTL_HOURS", set!(default_ttl = parse_hours)),
-    (
-        "CACHE_SWEEP_INTERVAL",
-        set!(sweep_interval = parse_duration),
-    ),
-    (
-        "CACHE_STATE_SAVE_INTERVAL",
-        set!(state_save_interval = parse_duration),
-    ),
-    ("CACHE_FILE_MODE", set!(file_mode = parse_mode)),
-    ("CACHE_STALE_GRACE", set!(stale_grace = parse_duration)),
-    ("CACHE_STALE_IF_ERROR", set!(stale_if_error = parse_bool)),
-    ("CACHE_OFFLINE", set!(offline = parse_bool)),
-    ("CACHE_RETRIES", set!(retries = parse_whole)),
-    ("CACHE_RETRY_DELAY", set!(retry_base_delay = parse_duration)),
-    (
-        "CACHE_RETRY_MAX_DELAY",
-        set!(retry_max_delay = parse_duration),
-    ),
-    (
-        "CACHE_CONNECT_TIMEOUT",
-        set!(connect_timeout = parse_duration),
-    ),
-    ("CACHE_READ_TIMEOUT", set!(read_timeout = parse_duration)),
-    (
-        "CACHE_DOWNLOAD_TIMEOUT",
-        set!(download_timeout = |n, v| parse_duration(n, v).map(Some)),
-    ),
-    (
-        "CACHE_MAX_FILE_SIZE_MB",
-        set!(max_file_size_bytes = parse_mb),
-    ),
-    ("CACHE_MAX_REDIRECTS", set!(max_redirects = parse_whole)),
-    (
-        "CACHE_CA_CERT",
-        set!(ca_certificate = |_, v| ok(Some(expand_home(v)))),
-    ),
-    ("CACHE_INSECURE_TLS", set!(insecure_tls = parse_bool)),
-    (
-        "CACHE_IGNORE_QUERY_PARAMS",
-        set!(ignore_query_params = parse_names),
-    ),
-    ("CACHE_LOCK", set!(exclusive_lock = parse_lock_mode)),
-    ("CACHE_LOCK_WAIT", set!(lock_wait = parse_duration)),
-    (
-        "CACHE_SHARED_TIER",
-        |b: &mut CacheBuilder, _: &str, v: &str| -> Result<()> {
-            b.shared.url = Some(v.trim().to_owned());
-            Ok(())
-        },
-    ),
-    (
-        "CACHE_SHARED_LEASE",
-        |b: &mut CacheBuilder, n: &str, v: &str| -> Result<()> {
-            b.shared.lease = Some(parse_duration(n, v)?);
-            Ok(())
-        },
-    ),
-    (
-        "CACHE_SHARED_WAIT",
-        |b: &mut CacheBuilder, n: &str, v: &str| -> Result<()> {
-            b.shared.wait = Some(parse_duration(n, v)?);
-            Ok(())
-        },
-    ),
-];
-
 impl CacheBuilder {
     /// A builder with every default.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// A builder whose settings come from the environment variables in the table of the crate
-    /// documentation, and from a `.env` file in the current directory for variables the
-    /// environment does not set. Setters called afterwards override them.
-    ///
-    /// # Errors
-    /// [`ErrorKind::Config`] naming the variable when a value cannot be parsed, or when the
-    /// `.env` file exists but cannot be read.
-    pub fn from_env() -> Result<Self> {
-        Self::from_env_and_file(Path::new(".env"))
-    }
-
-    /// Like [`from_env`](Self::from_env), with the `.env` file at `dotenv` (ignored if absent).
-    ///
-    /// # Errors
-    /// As [`from_env`](Self::from_env).
-    pub fn from_env_and_file(dotenv: &Path) -> Result<Self> {
-        let file = read_dotenv(dotenv)?;
-        Self::from_lookup(|name| std::env::var(name).ok().or_else(|| file.get(name).cloned()))
-    }
-
-    pub(crate) fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let mut b = CacheBuilder::new();
-        for (name, set) in ENVIRONMENT {
-            if let Some(value) = var(name).filter(|v| !v.trim().is_empty()) {
-                set(&mut b, name, &value)?;
-            }
-        }
-        if b.shared.url.is_some() {
-            for name in AWS_VARIABLES {
-                if let Some(value) = var(name).filter(|v| !v.trim().is_empty()) {
-                    b.shared.options.push((name.to_ascii_lowercase(), value));
-                }
-            }
-        }
-        Ok(b)
     }
 
     /// Directory of the cache. Default: `$XDG_CACHE_HOME/vista3d`, else `~/.cache/vista3d`
@@ -555,55 +381,6 @@ impl CacheBuilder {
         }
     }
 
-    /// The shared tier: a fleet's cache on S3-compatible object storage, as
-    /// `s3://bucket/prefix` (env `CACHE_SHARED_TIER`). Default: none. A local miss asks the
-    /// tier before the origin; one host in the fleet downloads each file from the origin and
-    /// uploads it, under a lease, while the others wait for it and read it from the tier.
-    /// The endpoint and credentials come from the AWS variables (`AWS_ENDPOINT_URL`,
-    /// `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`, ...) or
-    /// [`shared_tier_option`](Self::shared_tier_option). Needs the `s3` feature.
-    ///
-    /// ```no_run
-    /// # async fn demo() -> imgcache::Result<()> {
-    /// let cache = imgcache::ImageCache::builder()
-    ///     .shared_tier("s3://imaging-cache/fleet")
-    ///     .shared_tier_option("aws_endpoint", "http://minio.internal:9000")
-    ///     .shared_tier_option("aws_allow_http", "true")
-    ///     .build()
-    ///     .await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn shared_tier(mut self, url: impl Into<String>) -> Self {
-        self.shared.url = Some(url.into());
-        self
-    }
-
-    /// One setting of the S3 client, by its `object_store` name (`aws_endpoint`,
-    /// `aws_region`, `aws_access_key_id`, `aws_secret_access_key`, `aws_session_token`,
-    /// `aws_allow_http`, ...); wins over the AWS variable of the same meaning.
-    pub fn shared_tier_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        let key = key.into().to_ascii_lowercase();
-        self.shared.options.retain(|(k, _)| *k != key);
-        self.shared.options.push((key, value.into()));
-        self
-    }
-
-    /// How long a host's lease on a URL lasts without a renewal (its heartbeat renews it
-    /// every quarter of this): how soon a host that died while downloading for the fleet is
-    /// replaced. Default [`DEFAULT_SHARED_LEASE`], 30 s (env `CACHE_SHARED_LEASE`).
-    pub fn shared_lease(mut self, lease: Duration) -> Self {
-        self.shared.lease = Some(lease);
-        self
-    }
-
-    /// The longest a host waits for another host's download before it asks the origin
-    /// itself. Default [`DEFAULT_SHARED_WAIT`], 10 minutes (env `CACHE_SHARED_WAIT`); a
-    /// lease that lapses is taken over at once.
-    pub fn shared_wait(mut self, wait: Duration) -> Self {
-        self.shared.wait = Some(wait);
-        self
-    }
-
     /// The clock used for expiry. Default: the system clock. Tests pass a
     /// [`ManualClock`](crate::ManualClock) and advance it.
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
@@ -705,120 +482,6 @@ pub(crate) fn default_cache_dir() -> Result<PathBuf> {
             ErrorKind::Config,
             "no CACHE_DIR given and neither XDG_CACHE_HOME nor HOME is set",
         )),
-    }
-}
-
-fn expand_home(v: &str) -> PathBuf {
-    match v.trim().strip_prefix("~/") {
-        Some(rest) => match std::env::var_os("HOME") {
-            Some(home) => PathBuf::from(home).join(rest),
-            None => PathBuf::from(v.trim()),
-        },
-        None => PathBuf::from(v.trim()),
-    }
-}
-
-/// A comma-separated list of names; `none` is the empty list.
-fn parse_names(_name: &str, v: &str) -> Result<Option<Vec<String>>> {
-    if v.trim().eq_ignore_ascii_case("none") {
-        return Ok(Some(Vec::new()));
-    }
-    Ok(Some(
-        v.split(',')
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(str::to_owned)
-            .collect(),
-    ))
-}
-
-fn ok<T>(value: T) -> Result<T> {
-    Ok(value)
-}
-
-/// Hours, fractions allowed.
-fn parse_hours(name: &str, v: &str) -> Result<Duration> {
-    let hours = parse_number(name, v)?;
-    Duration::try_from_secs_f64(hours * 3600.0).map_err(|_| config_error(name, v, "out of range"))
-}
-
-/// Octal permission bits, such as `600` or `0o640`.
-fn parse_mode(name: &str, v: &str) -> Result<u32> {
-    u32::from_str_radix(v.trim().trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o777)
-        .ok_or_else(|| config_error(name, v, "expected octal such as 600"))
-}
-
-fn parse_number(name: &str, v: &str) -> Result<f64> {
-    v.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|n| n.is_finite() && *n > 0.0)
-        .ok_or_else(|| config_error(name, v, "expected a positive number"))
-}
-
-/// Megabytes (2^20 bytes, fractions allowed) as bytes.
-fn parse_mb(name: &str, v: &str) -> Result<u64> {
-    Ok((parse_number(name, v)? * MB as f64) as u64)
-}
-
-fn parse_whole<T: std::str::FromStr>(name: &str, v: &str) -> Result<T> {
-    v.trim()
-        .parse()
-        .map_err(|_| config_error(name, v, "expected a whole number"))
-}
-
-/// `90s`, `30m`, `24h`, `7days`.
-fn parse_duration(name: &str, v: &str) -> Result<Duration> {
-    // A bare number is seconds.
-    if let Ok(seconds) = v.trim().parse::<f64>() {
-        return Duration::try_from_secs_f64(seconds)
-            .map_err(|_| config_error(name, v, "expected a duration such as 30s or 5m"));
-    }
-    humantime::parse_duration(v.trim()).map_err(|e| config_error(name, v, &e.to_string()))
-}
-
-/// `shared` or `exclusive`, as whether the lock is exclusive.
-fn parse_lock_mode(name: &str, v: &str) -> Result<bool> {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "shared" => Ok(false),
-        "exclusive" => Ok(true),
-        _ => Err(config_error(name, v, "expected shared or exclusive")),
-    }
-}
-
-fn parse_bool(name: &str, v: &str) -> Result<bool> {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(config_error(name, v, "expected 1 or 0 (true or false)")),
-    }
-}
-
-fn config_error(name: &str, value: &str, why: &str) -> Error {
-    Error::new(ErrorKind::Config, format!("{name}={value:?}: {why}"))
-}
-
-fn read_dotenv(path: &Path) -> Result<HashMap<String, String>> {
-    match dotenvy::from_path_iter(path) {
-        Ok(iter) => iter
-            .map(|item| {
-                item.map_err(|e| {
-                    Error::new(
-                        ErrorKind::Config,
-                        format!("cannot parse {}", path.display()),
-                    )
-                    .with_source(e)
-                })
-            })
-            .collect(),
-        Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-            Ok(HashMap::new())
-        }
-        Err(e) => Err(
-            Error::new(ErrorKind::Config, format!("cannot read {}", path.display())).with_source(e),
-        ),
     }
 }
 

@@ -1,5 +1,8 @@
 //! Unit tests of the config.
 
+use std::collections::HashMap;
+use std::path::Path;
+
 use super::*;
 
 fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {

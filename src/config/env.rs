@@ -1,0 +1,242 @@
+//! The builder from the environment: one row per variable (the crate documentation's
+//! table), its parser, and the `.env` file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::CacheBuilder;
+use crate::error::{Error, ErrorKind, Result};
+use crate::stats::MB;
+
+/// Sets one field of a builder from the variable named by the first argument.
+type Setter = fn(&mut CacheBuilder, &str, &str) -> Result<()>;
+
+/// A [`Setter`] that stores `parse(name, value)` in `field`.
+macro_rules! set {
+    ($($field:ident).+ = $parse:expr) => {
+        |b: &mut CacheBuilder, name: &str, value: &str| -> Result<()> {
+            b.$($field).+ = $parse(name, value)?;
+            Ok(())
+        }
+    };
+}
+
+/// Every environment variable the builder reads, one row each, in the order of the crate
+/// documentation's table: the variable, and the builder field it sets through its parser.
+pub(super) const ENVIRONMENT: &[(&str, Setter)] = &[
+    (
+        "IMAGE_SERVER",
+        set!(image_server = |_, v: &str| ok(Some(v.to_owned()))),
+    ),
+    (
+        "CACHE_DIR",
+        set!(cache_dir = |_, v| ok(Some(expand_home(v)))),
+    ),
+    ("CACHE_MAX_SIZE_MB", set!(max_size_bytes = parse_mb)),
+    ("CACHE_DEFAULT_TTL_HOURS", set!(default_ttl = parse_hours)),
+    (
+        "CACHE_SWEEP_INTERVAL",
+        set!(sweep_interval = parse_duration),
+    ),
+    (
+        "CACHE_STATE_SAVE_INTERVAL",
+        set!(state_save_interval = parse_duration),
+    ),
+    ("CACHE_FILE_MODE", set!(file_mode = parse_mode)),
+    ("CACHE_STALE_GRACE", set!(stale_grace = parse_duration)),
+    ("CACHE_STALE_IF_ERROR", set!(stale_if_error = parse_bool)),
+    ("CACHE_OFFLINE", set!(offline = parse_bool)),
+    ("CACHE_RETRIES", set!(retries = parse_whole)),
+    ("CACHE_RETRY_DELAY", set!(retry_base_delay = parse_duration)),
+    (
+        "CACHE_RETRY_MAX_DELAY",
+        set!(retry_max_delay = parse_duration),
+    ),
+    (
+        "CACHE_CONNECT_TIMEOUT",
+        set!(connect_timeout = parse_duration),
+    ),
+    ("CACHE_READ_TIMEOUT", set!(read_timeout = parse_duration)),
+    (
+        "CACHE_DOWNLOAD_TIMEOUT",
+        set!(download_timeout = |n, v| parse_duration(n, v).map(Some)),
+    ),
+    (
+        "CACHE_MAX_FILE_SIZE_MB",
+        set!(max_file_size_bytes = parse_mb),
+    ),
+    ("CACHE_MAX_REDIRECTS", set!(max_redirects = parse_whole)),
+    (
+        "CACHE_CA_CERT",
+        set!(ca_certificate = |_, v| ok(Some(expand_home(v)))),
+    ),
+    ("CACHE_INSECURE_TLS", set!(insecure_tls = parse_bool)),
+    (
+        "CACHE_IGNORE_QUERY_PARAMS",
+        set!(ignore_query_params = parse_names),
+    ),
+    ("CACHE_LOCK", set!(exclusive_lock = parse_lock_mode)),
+    ("CACHE_LOCK_WAIT", set!(lock_wait = parse_duration)),
+    (
+        "CACHE_SHARED_TIER",
+        set!(shared.url = |_, v: &str| ok(Some(v.trim().to_owned()))),
+    ),
+    (
+        "CACHE_SHARED_LEASE",
+        set!(shared.lease = |n, v| parse_duration(n, v).map(Some)),
+    ),
+    (
+        "CACHE_SHARED_WAIT",
+        set!(shared.wait = |n, v| parse_duration(n, v).map(Some)),
+    ),
+];
+
+impl CacheBuilder {
+    /// A builder whose settings come from the environment variables in the table of the crate
+    /// documentation, and from a `.env` file in the current directory for variables the
+    /// environment does not set. Setters called afterwards override them.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] naming the variable when a value cannot be parsed, or when the
+    /// `.env` file exists but cannot be read.
+    pub fn from_env() -> Result<Self> {
+        Self::from_env_and_file(Path::new(".env"))
+    }
+
+    /// Like [`from_env`](Self::from_env), with the `.env` file at `dotenv` (ignored if absent).
+    ///
+    /// # Errors
+    /// As [`from_env`](Self::from_env).
+    pub fn from_env_and_file(dotenv: &Path) -> Result<Self> {
+        let file = read_dotenv(dotenv)?;
+        Self::from_lookup(|name| std::env::var(name).ok().or_else(|| file.get(name).cloned()))
+    }
+
+    pub(crate) fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let mut b = CacheBuilder::new();
+        for (name, set) in ENVIRONMENT {
+            if let Some(value) = var(name).filter(|v| !v.trim().is_empty()) {
+                set(&mut b, name, &value)?;
+            }
+        }
+        if b.shared.url.is_some() {
+            b.shared.read_aws_variables(&var);
+        }
+        Ok(b)
+    }
+}
+
+pub(super) fn expand_home(v: &str) -> PathBuf {
+    match v.trim().strip_prefix("~/") {
+        Some(rest) => match std::env::var_os("HOME") {
+            Some(home) => PathBuf::from(home).join(rest),
+            None => PathBuf::from(v.trim()),
+        },
+        None => PathBuf::from(v.trim()),
+    }
+}
+
+/// A comma-separated list of names; `none` is the empty list.
+fn parse_names(_name: &str, v: &str) -> Result<Option<Vec<String>>> {
+    if v.trim().eq_ignore_ascii_case("none") {
+        return Ok(Some(Vec::new()));
+    }
+    Ok(Some(
+        v.split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    ))
+}
+
+fn ok<T>(value: T) -> Result<T> {
+    Ok(value)
+}
+
+/// Hours, fractions allowed.
+fn parse_hours(name: &str, v: &str) -> Result<Duration> {
+    let hours = parse_number(name, v)?;
+    Duration::try_from_secs_f64(hours * 3600.0).map_err(|_| config_error(name, v, "out of range"))
+}
+
+/// Octal permission bits, such as `600` or `0o640`.
+fn parse_mode(name: &str, v: &str) -> Result<u32> {
+    u32::from_str_radix(v.trim().trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| config_error(name, v, "expected octal such as 600"))
+}
+
+fn parse_number(name: &str, v: &str) -> Result<f64> {
+    v.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite() && *n > 0.0)
+        .ok_or_else(|| config_error(name, v, "expected a positive number"))
+}
+
+/// Megabytes (2^20 bytes, fractions allowed) as bytes.
+fn parse_mb(name: &str, v: &str) -> Result<u64> {
+    Ok((parse_number(name, v)? * MB as f64) as u64)
+}
+
+fn parse_whole<T: std::str::FromStr>(name: &str, v: &str) -> Result<T> {
+    v.trim()
+        .parse()
+        .map_err(|_| config_error(name, v, "expected a whole number"))
+}
+
+/// `90s`, `30m`, `24h`, `7days`.
+fn parse_duration(name: &str, v: &str) -> Result<Duration> {
+    // A bare number is seconds.
+    if let Ok(seconds) = v.trim().parse::<f64>() {
+        return Duration::try_from_secs_f64(seconds)
+            .map_err(|_| config_error(name, v, "expected a duration such as 30s or 5m"));
+    }
+    humantime::parse_duration(v.trim()).map_err(|e| config_error(name, v, &e.to_string()))
+}
+
+/// `shared` or `exclusive`, as whether the lock is exclusive.
+fn parse_lock_mode(name: &str, v: &str) -> Result<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "shared" => Ok(false),
+        "exclusive" => Ok(true),
+        _ => Err(config_error(name, v, "expected shared or exclusive")),
+    }
+}
+
+fn parse_bool(name: &str, v: &str) -> Result<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(config_error(name, v, "expected 1 or 0 (true or false)")),
+    }
+}
+
+fn config_error(name: &str, value: &str, why: &str) -> Error {
+    Error::new(ErrorKind::Config, format!("{name}={value:?}: {why}"))
+}
+
+pub(super) fn read_dotenv(path: &Path) -> Result<HashMap<String, String>> {
+    match dotenvy::from_path_iter(path) {
+        Ok(iter) => iter
+            .map(|item| {
+                item.map_err(|e| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("cannot parse {}", path.display()),
+                    )
+                    .with_source(e)
+                })
+            })
+            .collect(),
+        Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(HashMap::new())
+        }
+        Err(e) => Err(
+            Error::new(ErrorKind::Config, format!("cannot read {}", path.display())).with_source(e),
+        ),
+    }
+}
