@@ -34,6 +34,9 @@ pub(super) async fn run_download(
         .fetch_entry(&r, force, &wants)
         .await
         .map_err(|e| e.with_url(&r.display));
+    // The temp file's handle goes with the download: a stream that never read leaves no
+    // deleted file held open.
+    wants.progress().send_modify(|p| p.file = None);
     if let Err(e) = &result {
         inner.events.emit(|| Event::DownloadFailed {
             url: r.display.clone(),

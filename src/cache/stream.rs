@@ -38,8 +38,10 @@ pub(crate) struct Progress {
     pub(crate) written: u64,
     /// The full length, once a response said it.
     pub(crate) total: Option<u64>,
-    /// Times the download started again from byte zero.
-    pub(crate) restarts: u32,
+    /// Times the file changed under its readers: another file opened (a resumed part, a
+    /// fallback from the shared tier to the origin), or the download started again from
+    /// byte zero. A reader that has read bytes of an earlier generation cannot go on.
+    pub(crate) generation: u32,
 }
 
 /// The writer's callback, publishing to `progress`.
@@ -50,11 +52,12 @@ pub(super) fn on_written(progress: Option<Arc<watch::Sender<Progress>>>) -> OnWr
             Written::Opened(file, len) => {
                 p.file = Some(file);
                 p.written = len;
+                p.generation += 1;
             }
             Written::Bytes(n) => p.written = n,
             Written::Restarted => {
                 p.written = 0;
-                p.restarts += 1;
+                p.generation += 1;
             }
         });
     })
@@ -144,7 +147,7 @@ struct Reader {
     /// The download, until it ends.
     task: Option<inflight::SharedTask<DownloadResult>>,
     progress: Option<watch::Receiver<Progress>>,
-    /// The temp file being read, and the restart count it belongs to.
+    /// The temp file being read, and the generation it belongs to.
     reading: Option<(Arc<File>, u32)>,
     /// After the commit: the file, pinned, and a handle on it.
     committed: Option<(CachedFile, Arc<File>)>,
@@ -156,6 +159,13 @@ struct Reader {
     announced: Option<u64>,
     /// The end, or the error, once reached: every later poll says it again.
     finished: Option<Option<String>>,
+}
+
+fn past_the_end() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the range starts past the end of the file",
+    )
 }
 
 fn to_io(e: Error) -> io::Error {
@@ -195,7 +205,10 @@ impl Reader {
     async fn step(&mut self) -> Option<io::Result<Bytes>> {
         loop {
             let end = self.end;
-            if let Some((_, file)) = &self.committed {
+            if let Some((cached, file)) = &self.committed {
+                if self.start > cached.size() {
+                    return Some(Err(past_the_end()));
+                }
                 if end.is_some_and(|e| self.pos >= e) {
                     return None;
                 }
@@ -225,10 +238,15 @@ impl Reader {
                     "the file's length changed during the download: read again",
                 )));
             }
+            if let Some(total) = now.total
+                && self.start > total
+            {
+                return Some(Err(past_the_end()));
+            }
             if self
                 .reading
                 .as_ref()
-                .is_some_and(|(_, r)| *r != now.restarts)
+                .is_some_and(|(_, g)| *g != now.generation)
             {
                 if self.pos > self.start {
                     return Some(Err(io::Error::other(
@@ -240,12 +258,16 @@ impl Reader {
             if self.reading.is_none()
                 && let Some(file) = &now.file
             {
-                self.reading = Some((Arc::clone(file), now.restarts));
+                self.reading = Some((Arc::clone(file), now.generation));
             }
             // The last byte (of the file, or of the range) is held back until the commit: a
             // client that counts bytes (a Content-Length) takes the answer for complete at
             // its last byte, which is then verified and committed.
-            let available = match end.or(now.total) {
+            let stop = match (end, now.total) {
+                (Some(e), Some(t)) => Some(e.min(t)),
+                (e, t) => e.or(t),
+            };
+            let available = match stop {
                 Some(stop) => now.written.min(stop.saturating_sub(1)),
                 None => now.written,
             };
@@ -253,14 +275,16 @@ impl Reader {
                 && self.pos < available
             {
                 let file = Arc::clone(file);
-                return match read_at(&file, self.pos, available - self.pos).await {
-                    Ok(chunk) if chunk.is_empty() => continue,
-                    Ok(chunk) => {
+                match read_at(&file, self.pos, available - self.pos).await {
+                    Ok(chunk) if !chunk.is_empty() => {
                         self.pos += chunk.len() as u64;
-                        Some(Ok(chunk))
+                        return Some(Ok(chunk));
                     }
-                    Err(e) => Some(Err(e)),
-                };
+                    // Shorter than the writer said: it is being truncated (a restart, whose
+                    // news comes next) or replaced; wait for the next change, not spin.
+                    Ok(_) => {}
+                    Err(e) => return Some(Err(e)),
+                }
             }
             tokio::select! {
                 changed = progress.changed() => {
@@ -285,15 +309,7 @@ impl Reader {
     /// The download ended: the committed file is read from now on, if the bytes read so far
     /// are its bytes.
     fn conclude(&mut self, result: DownloadResult) -> io::Result<()> {
-        self.task = None;
-        let inner = Arc::clone(&self.inner);
-        if !matches!(&result, Ok((_, Outcome::Found))) {
-            inner.counters.add(Counter::Misses, 1);
-        }
-        let (pinned, outcome) = result.map_err(to_io)?;
-        let file = inner
-            .concluded(&self.resolved, &self.options, pinned, outcome, self.status)
-            .map_err(to_io)?;
+        let file = self.concluded(result).map_err(to_io)?;
         let handle = File::open(file.path())?;
         if self.announced.is_some_and(|n| n != file.size()) {
             return Err(io::Error::other(
@@ -319,6 +335,19 @@ impl Reader {
         self.progress = None;
         self.committed = Some((file, Arc::new(handle)));
         Ok(())
+    }
+}
+
+impl Reader {
+    /// The file a download ended with, counted as this reader's miss (or hit).
+    fn concluded(&mut self, result: DownloadResult) -> Result<CachedFile> {
+        self.task = None;
+        let inner = Arc::clone(&self.inner);
+        if !matches!(&result, Ok((_, Outcome::Found))) {
+            inner.counters.add(Counter::Misses, 1);
+        }
+        let (pinned, outcome) = result?;
+        inner.concluded(&self.resolved, &self.options, pinned, outcome, self.status)
     }
 }
 
@@ -377,10 +406,18 @@ impl super::ImageCache {
         start: u64,
         end: Option<u64>,
     ) -> Result<FileStream> {
+        Ok(self.open_stream(url, options).await?.range(start, end))
+    }
+
+    /// A stream whose range is chosen once its length is known (the sidecar's `Range`).
+    pub(crate) async fn open_stream(
+        &self,
+        url: impl AsRef<str>,
+        options: GetOptions,
+    ) -> Result<OpenedStream> {
         let inner = Arc::clone(self.inner());
         inner.check_open()?;
         let resolved = inner.resolve(url.as_ref())?;
-        let end = end.map(|e| e.max(start));
         let hit = if inner.config.offline {
             Some(inner.get_offline(&resolved, &options)?)
         } else if options.force {
@@ -392,30 +429,29 @@ impl super::ImageCache {
             Some(hit) => Joined::Hit(hit),
             None => inner.join_or_start(&resolved, &options, options.force),
         };
-        let (reader, len, status) = match joined {
+        let mut reader = Reader {
+            inner: Arc::clone(&inner),
+            resolved,
+            options,
+            status: CacheStatus::Hit,
+            task: None,
+            progress: None,
+            reading: None,
+            committed: None,
+            start: 0,
+            pos: 0,
+            end: None,
+            announced: None,
+            finished: None,
+        };
+        match joined {
             Joined::Hit(file) => {
                 let handle = File::open(file.path()).map_err(|e| {
                     Error::io("cannot open the cached file", e).with_path(file.path())
                 })?;
-                let size = file.size();
-                let status = file.status();
-                let reader = Reader {
-                    inner,
-                    resolved,
-                    options,
-                    status,
-                    task: None,
-                    progress: None,
-                    reading: None,
-                    committed: Some((file, Arc::new(handle))),
-                    start,
-                    pos: start,
-                    end,
-                    announced: Some(size),
-                    finished: None,
-                };
-                let len = end.unwrap_or(size).min(size).saturating_sub(start);
-                (reader, Some(len), status)
+                reader.status = file.status();
+                reader.announced = Some(file.size());
+                reader.committed = Some((file, Arc::new(handle)));
             }
             Joined::Download(task, status, wants) => {
                 if status == CacheStatus::Coalesced {
@@ -423,7 +459,7 @@ impl super::ImageCache {
                 }
                 let mut progress = wants.progress().subscribe();
                 // The length, once the origin's answer gives it (or the download ends).
-                let total = loop {
+                reader.announced = loop {
                     let now = progress.borrow_and_update().total;
                     if now.is_some() || task.peek().is_some() {
                         break now;
@@ -433,34 +469,72 @@ impl super::ImageCache {
                         _ = task.clone() => break progress.borrow().total,
                     }
                 };
-                let len = total.map(|t| end.unwrap_or(t).min(t).saturating_sub(start));
-                let reader = Reader {
-                    inner,
-                    resolved,
-                    options,
-                    status,
-                    task: Some(task),
-                    progress: Some(progress),
-                    reading: None,
-                    committed: None,
-                    start,
-                    pos: start,
-                    end,
-                    announced: total,
-                    finished: None,
-                };
-                (reader, len, status)
+                reader.status = status;
+                reader.task = Some(task);
+                reader.progress = Some(progress);
             }
+        }
+        Ok(OpenedStream { reader })
+    }
+}
+
+/// A [`FileStream`] before its range is chosen: its length is known (when the origin said
+/// it), nothing is read yet.
+pub(crate) struct OpenedStream {
+    reader: Reader,
+}
+
+impl OpenedStream {
+    /// The whole file's length, when known.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) fn total(&self) -> Option<u64> {
+        self.reader.announced
+    }
+
+    /// How the stream was opened: a hit, or the download it started or joined.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) fn status(&self) -> CacheStatus {
+        self.reader.status
+    }
+
+    /// The committed file, once the download ends: for a client that cannot take a body
+    /// of unknown length.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) async fn into_file(self) -> Result<CachedFile> {
+        let mut reader = self.reader;
+        if let Some((file, _)) = reader.committed.take() {
+            return Ok(file);
+        }
+        let Some(task) = reader.task.clone() else {
+            return Err(Error::new(
+                crate::ErrorKind::Io,
+                "the download ended without a file",
+            ));
         };
+        let result = task.await;
+        reader.concluded(result)
+    }
+
+    /// The bytes from `start` to `end` (exclusive; `None` for the end of the file).
+    pub(crate) fn range(self, start: u64, end: Option<u64>) -> FileStream {
+        let mut reader = self.reader;
+        let end = end.map(|e| e.max(start));
+        reader.start = start;
+        reader.pos = start;
+        reader.end = end;
+        let len = reader
+            .announced
+            .map(|t| end.unwrap_or(t).min(t).saturating_sub(start));
+        let status = reader.status;
         let inner = futures_util::stream::unfold(reader, |mut reader| async move {
             let item = reader.next().await?;
             Some((item, reader))
         });
-        Ok(FileStream {
+        FileStream {
             inner: Box::pin(inner),
             len,
             status,
             left: Bytes::new(),
-        })
+        }
     }
 }

@@ -420,6 +420,59 @@ async fn a_blob_altered_in_the_bucket_is_detected_and_not_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_an_altered_blob_never_ends_cleanly_with_its_bytes() {
+    use futures_util::StreamExt;
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let origin = Origin::start().await;
+    let body = volume(6, 4 * MB);
+    origin.route("s.nii.gz", Route::ok(body.clone()));
+    let root = tempfile::tempdir().unwrap();
+    let one = moto.host(&root.path().join("one")).build().await.unwrap();
+    drop(one.get(origin.url("s.nii.gz")).await.unwrap());
+    one.flush_shared().await;
+    let blob = StorePath::from(format!("fleet/blobs/sha256/{}", sha256_hex(&body)));
+    let mut altered = body.clone();
+    altered[3 * MB] ^= 0xff;
+    moto.store()
+        .put(&blob, PutPayload::from(altered.clone()))
+        .await
+        .unwrap();
+    // The stream reads the tier's temp file until the digest fails, then the download
+    // falls back to the origin in a new file: what it read cannot go on into that one.
+    let two = moto.host(&root.path().join("two")).build().await.unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        streams.push(two.get_stream(origin.url("s.nii.gz")).await.unwrap());
+    }
+    for mut stream in streams {
+        let mut got = Vec::new();
+        let mut failed = false;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(chunk) => got.extend_from_slice(&chunk),
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            assert!(body.starts_with(&got) || altered.starts_with(&got));
+        } else {
+            assert!(
+                got == body,
+                "a clean end comes only after the origin's bytes"
+            );
+        }
+    }
+    let file = two.get(origin.url("s.nii.gz")).await.unwrap();
+    assert_eq!(std::fs::read(file.path()).unwrap(), body);
+    assert_eq!(two.stats().integrity_failures, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_and_a_304_revalidation_go_through_the_tier() {
     let Some(moto) = Moto::start().await else {
         return;

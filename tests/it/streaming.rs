@@ -198,6 +198,113 @@ async fn ranges_come_from_disk_when_there_and_wait_for_the_rest_otherwise() {
     assert_eq!(origin.hits("r.nii.gz"), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_from_byte_zero_fails_the_readers_that_had_bytes_and_not_the_others() {
+    let origin = Origin::start().await;
+    let body = volume(6, 6 * MB);
+    // The first answer pauses at 1 MB, then is cut at 2 MB; the retry's answer ignores the
+    // Range and starts again from byte zero.
+    let (first, gate) = Route::ok(body.clone())
+        .fault(Fault::CloseAfter(2 * MB))
+        .pause_at(MB);
+    origin.route_seq(
+        "z.nii.gz",
+        vec![first, Route::ok(body.clone()).ignore_range()],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let url = origin.url("z.nii.gz");
+    let mut early = cache.get_stream(&url).await.unwrap();
+    let mut head = vec![0u8; MB / 2];
+    early.read_exact(&mut head).await.unwrap();
+    assert_eq!(head, body[..MB / 2]);
+    // Joined before the restart, but has read nothing yet.
+    let idle = cache.get_stream(&url).await.unwrap();
+    assert_eq!(idle.status(), CacheStatus::Coalesced);
+    gate.add_permits(1);
+    let (_, err) = drain(early).await;
+    let err = err.expect("bytes read before the restart cannot be those of the new download");
+    assert!(err.to_string().contains("started again"), "{err}");
+    let (got, err) = drain(idle).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(
+        got == body,
+        "the reader that had read nothing gets the whole file"
+    );
+    assert_eq!(origin.hits("z.nii.gz"), 2);
+    assert_eq!(cache.stats().entries_count, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_length_that_changes_between_attempts_fails_the_announced_streams() {
+    let origin = Origin::start().await;
+    let old = volume(7, 4 * MB);
+    let new = volume(8, 3 * MB);
+    let (first, gate) = Route::ok(old.clone())
+        .fault(Fault::CloseAfter(2 * MB))
+        .pause_at(MB);
+    origin.route_seq(
+        "len.nii.gz",
+        vec![first, Route::ok(new.clone()).ignore_range()],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let url = origin.url("len.nii.gz");
+    // Both were told 4 MB (a sidecar would have sent it as Content-Length).
+    let read = cache.get_stream(&url).await.unwrap();
+    let unread = cache.get_stream(&url).await.unwrap();
+    assert_eq!(
+        (read.len(), unread.len()),
+        (Some(4 * MB as u64), Some(4 * MB as u64))
+    );
+    let mut read = read;
+    let mut head = vec![0u8; 1000];
+    read.read_exact(&mut head).await.unwrap();
+    gate.add_permits(1);
+    for stream in [read, unread] {
+        let (got, err) = drain(stream).await;
+        let err = err.expect("a stream never ends cleanly at another length than it said");
+        assert!(got.len() < 4 * MB, "{err}");
+    }
+    let file = cache.get(&url).await.unwrap();
+    assert_eq!(std::fs::read(file.path()).unwrap(), new);
+    assert_eq!(origin.hits("len.nii.gz"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_that_starts_past_the_end_is_an_error_not_an_empty_file() {
+    let origin = Origin::start().await;
+    let body = volume(9, 2 * MB);
+    let (route, gate) = Route::ok(body.clone()).pause_at(MB);
+    origin.route("eof.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let url = origin.url("eof.nii.gz");
+    let size = body.len() as u64;
+    // While downloading, and on a hit.
+    let during = cache
+        .get_stream_range(&url, GetOptions::new(), size + 10, None)
+        .await
+        .unwrap();
+    let (got, err) = drain(during).await;
+    assert!(got.is_empty());
+    let err = err.expect("an error during the download");
+    assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
+    gate.add_permits(1);
+    drop(cache.get(&url).await.unwrap());
+    for (start, end) in [(size + 10, None), (size - 10, Some(size + 10))] {
+        let hit = cache
+            .get_stream_range(&url, GetOptions::new(), start, end)
+            .await
+            .unwrap();
+        assert_eq!(hit.status(), CacheStatus::Hit);
+        let (got, err) = drain(hit).await;
+        let err = err.expect("an error on a hit");
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
+        assert_eq!(got, body[(start.min(size) as usize)..]);
+    }
+}
+
 #[cfg(feature = "server")]
 mod sidecar {
     use std::time::{Duration, Instant};
@@ -367,23 +474,52 @@ mod sidecar {
             async move { http.get(url).send().await.unwrap().bytes().await.unwrap() }
         });
         origin.wait_for_hits("data/r.nii.gz", 1).await;
-        let ranged = |range: &'static str| {
+        // The answer to a range inside what is on disk comes while the origin is paused:
+        // its headers and all but its last byte, which waits for the commit.
+        let inside = http
+            .get(&url)
+            .header("range", "bytes=1000-1999")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(inside.status(), 206);
+        assert_eq!(
+            inside.headers()["cache-status"],
+            "imgcache; fwd=miss; collapsed; detail=streamed"
+        );
+        assert_eq!(
+            inside.headers()["content-range"],
+            format!("bytes 1000-1999/{}", 8 * MB).as_str()
+        );
+        assert_eq!(inside.headers()["content-length"], "1000");
+        let mut inside = inside.bytes_stream();
+        let mut early = Vec::new();
+        while early.len() < 999 {
+            early.extend_from_slice(&inside.next().await.unwrap().unwrap());
+        }
+        assert_eq!(early, body[1000..1999]);
+        assert_eq!(cache.stats().entries_count, 0, "before the commit");
+        let beyond = tokio::spawn({
             let (http, url) = (http.clone(), url.clone());
-            tokio::spawn(async move {
-                let r = http.get(url).header("range", range).send().await.unwrap();
-                let status = r.status();
+            async move {
+                let r = http
+                    .get(url)
+                    .header("range", "bytes=7340032-")
+                    .send()
+                    .await
+                    .unwrap();
                 let content_range = r.headers()["content-range"].to_str().unwrap().to_owned();
-                (status, content_range, r.bytes().await.unwrap())
-            })
-        };
-        let inside = ranged("bytes=1000-1999");
-        let beyond = ranged("bytes=7340032-");
+                (r.status(), content_range, r.bytes().await.unwrap())
+            }
+        });
         tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!beyond.is_finished(), "a range past what is on disk waits");
         gate.add_permits(1);
-        let (status, content_range, bytes) = inside.await.unwrap();
-        assert_eq!(status, 206);
-        assert_eq!(content_range, format!("bytes 1000-1999/{}", 8 * MB));
-        assert_eq!(bytes, body[1000..2000]);
+        let mut last = Vec::new();
+        while let Some(chunk) = inside.next().await {
+            last.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(last, body[1999..2000]);
         let (status, content_range, bytes) = beyond.await.unwrap();
         assert_eq!(status, 206);
         assert_eq!(
@@ -391,8 +527,50 @@ mod sidecar {
             format!("bytes 7340032-{}/{}", 8 * MB - 1, 8 * MB)
         );
         assert_eq!(bytes, body[7_340_032..]);
+        let stats = cache.stats();
+        assert_eq!(
+            (stats.misses, stats.coalesced_waits),
+            (3, 2),
+            "one miss per client, two of them joined"
+        );
         assert_eq!(whole.await.unwrap(), body);
         assert_eq!(origin.hits("data/r.nii.gz"), 1);
+        server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_http_1_0_client_of_a_chunked_origin_gets_the_committed_file() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let origin = Origin::start().await;
+        let body = volume(24, 3 * MB);
+        origin.route(
+            "data/c.nii.gz",
+            Route::ok(body.clone()).fault(Fault::Chunked),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path(), &origin, 0).await;
+        let (base, server) = serve(cache.clone()).await;
+        // HTTP/1.0 has no chunked framing: a streamed body of unknown length would end at
+        // the connection's close, which looks the same as a failure's.
+        let addr = base.strip_prefix("http://").unwrap();
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET /files/c.nii.gz HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.unwrap();
+        let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&answer[..split]).to_lowercase();
+        assert!(head.starts_with("http/1.0 200"), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        assert!(
+            head.contains("cache-status: imgcache; fwd=miss\r\n"),
+            "{head}"
+        );
+        assert!(answer[split + 4..] == body[..]);
+        assert_eq!(cache.stats().entries_count, 1);
         server.abort();
     }
 }
