@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, Version, header};
 use axum::response::Response;
 use axum::routing::get;
 use futures_util::StreamExt;
@@ -42,6 +42,7 @@ fn safe_sidecar_path(raw: &str) -> bool {
 async fn files(
     State(st): State<Arc<AppState>>,
     method: Method,
+    version: Version,
     uri: Uri,
     headers: HeaderMap,
 ) -> AppResult<Response> {
@@ -66,7 +67,7 @@ async fn files(
         Some(file) => file,
         None if method == Method::HEAD => return head_from_origin(&st, url.as_str()).await,
         // A miss is streamed: the client gets the bytes as the download brings them.
-        None => return serve_stream(&st, url.as_str(), &headers).await,
+        None => return serve_stream(&st, url.as_str(), version, &headers).await,
     };
     serve_file(file, st.cache.now(), &method, &headers).await
 }
@@ -76,39 +77,85 @@ async fn files(
 /// download reads at its own pace. A range inside what is on disk comes at once, one past
 /// it waits for the rest. The body ends only after the commit; a download that fails
 /// mid-body aborts the response, so that no client takes a partial file for a whole one.
-async fn serve_stream(st: &AppState, url: &str, headers: &HeaderMap) -> AppResult<Response> {
-    let whole = st.cache.get_stream(url).await?;
-    let (mut stream, status, start, len, total) = match (whole.len(), headers.get(header::RANGE)) {
-        (Some(total), Some(range)) => {
-            let range = range
-                .to_str()
-                .map_or(RangeRequest::Ignore, |v| parse_range(v, total));
-            match range {
-                RangeRequest::Bytes(start, end) => {
-                    let part = st
-                        .cache
-                        .get_stream_range(url, crate::GetOptions::new(), start, Some(end + 1))
-                        .await?;
-                    (
-                        part,
-                        StatusCode::PARTIAL_CONTENT,
-                        start,
-                        Some(end - start + 1),
-                        Some(total),
-                    )
-                }
-                RangeRequest::Unsatisfiable => {
-                    return Response::builder()
-                        .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                        .header(header::CONTENT_RANGE, format!("bytes */{total}"))
-                        .body(Body::empty())
-                        .map_err(internal);
-                }
-                RangeRequest::Ignore => (whole, StatusCode::OK, 0, Some(total), Some(total)),
-            }
+async fn serve_stream(
+    st: &AppState,
+    url: &str,
+    version: Version,
+    headers: &HeaderMap,
+) -> AppResult<Response> {
+    let opened = st.cache.open_stream(url, crate::GetOptions::new()).await?;
+    let opened_as = opened.status();
+    let Some(total) = opened.total() else {
+        // No length yet (a chunked origin): HTTP/1.1 and later frame the body, so a failure
+        // shows as an aborted one; an HTTP/1.0 body ends where the connection closes, and an
+        // error would look like a whole file. Such a client gets the committed file.
+        if version <= Version::HTTP_10 {
+            let file = opened.into_file().await?;
+            return serve_file(file, st.cache.now(), &Method::GET, headers).await;
         }
-        (total, _) => (whole, StatusCode::OK, 0, total, total),
+        return stream_response(
+            url,
+            opened.range(0, None),
+            opened_as,
+            StatusCode::OK,
+            0,
+            None,
+            None,
+        )
+        .await;
     };
+    let range = headers
+        .get(header::RANGE)
+        .map_or(RangeRequest::Ignore, |v| {
+            v.to_str()
+                .map_or(RangeRequest::Ignore, |v| parse_range(v, total))
+        });
+    match range {
+        RangeRequest::Bytes(start, end) => {
+            let part = opened.range(start, Some(end + 1));
+            let len = end - start + 1;
+            stream_response(
+                url,
+                part,
+                opened_as,
+                StatusCode::PARTIAL_CONTENT,
+                start,
+                Some(len),
+                Some(total),
+            )
+            .await
+        }
+        RangeRequest::Unsatisfiable => Response::builder()
+            .status(StatusCode::RANGE_NOT_SATISFIABLE)
+            .header(header::CONTENT_RANGE, format!("bytes */{total}"))
+            .body(Body::empty())
+            .map_err(internal),
+        RangeRequest::Ignore => {
+            let whole = opened.range(0, None);
+            stream_response(
+                url,
+                whole,
+                opened_as,
+                StatusCode::OK,
+                0,
+                Some(total),
+                Some(total),
+            )
+            .await
+        }
+    }
+}
+
+/// The answer of [`serve_stream`], from its first chunk on.
+async fn stream_response(
+    url: &str,
+    mut stream: crate::FileStream,
+    opened_as: CacheStatus,
+    status: StatusCode,
+    start: u64,
+    len: Option<u64>,
+    total: Option<u64>,
+) -> AppResult<Response> {
     // The first chunk before the answer: a download that fails before its first byte (a
     // 404 at the origin) is answered with its own status.
     let first = match stream.next().await {
@@ -123,10 +170,10 @@ async fn serve_stream(st: &AppState, url: &str, headers: &HeaderMap) -> AppResul
         }
         None => None,
     };
-    let cache_status = match stream.status() {
+    let cache_status = match opened_as {
         CacheStatus::Coalesced => "imgcache; fwd=miss; collapsed; detail=streamed",
-        CacheStatus::Hit => "imgcache; hit",
-        _ => "imgcache; fwd=miss; detail=streamed",
+        CacheStatus::Downloaded => "imgcache; fwd=miss; detail=streamed",
+        other => cache_status(other),
     };
     let name = url.rsplit('/').next().unwrap_or_default();
     let mut response = Response::builder()
@@ -168,15 +215,7 @@ async fn serve_file(
         .and_then(|v| httpdate::parse_http_date(&v).ok())
         .unwrap_or_else(|| file.fetched_at());
     let last_modified = LastModified::from(modified);
-    let cache_status = match file.status() {
-        CacheStatus::Hit => "imgcache; hit",
-        // RFC 9211: a request that joined another's download.
-        CacheStatus::Coalesced => "imgcache; fwd=miss; collapsed",
-        CacheStatus::Revalidated => "imgcache; fwd=stale; fwd-status=304",
-        CacheStatus::Stale => "imgcache; fwd=stale; detail=origin-failed",
-        CacheStatus::Shared => "imgcache; fwd=miss; detail=shared-tier",
-        _ => "imgcache; fwd=miss",
-    };
+    let cache_status = cache_status(file.status());
     let age = now
         .duration_since(file.fetched_at())
         .unwrap_or_default()
@@ -307,6 +346,19 @@ async fn head_from_origin(st: &AppState, url: &str) -> AppResult<Response> {
         response = response.header(header::LAST_MODIFIED, value);
     }
     response.body(Body::empty()).map_err(internal)
+}
+
+/// RFC 9211 `Cache-Status` for how a file was had.
+fn cache_status(status: CacheStatus) -> &'static str {
+    match status {
+        CacheStatus::Hit => "imgcache; hit",
+        // A request that joined another's download.
+        CacheStatus::Coalesced => "imgcache; fwd=miss; collapsed",
+        CacheStatus::Revalidated => "imgcache; fwd=stale; fwd-status=304",
+        CacheStatus::Stale => "imgcache; fwd=stale; detail=origin-failed",
+        CacheStatus::Shared => "imgcache; fwd=miss; detail=shared-tier",
+        CacheStatus::Downloaded => "imgcache; fwd=miss",
+    }
 }
 
 fn internal(e: axum::http::Error) -> ApiError {
