@@ -15,12 +15,18 @@ use crate::process::{self, Process};
 pub(crate) struct Stream {
     generation: u64,
     process: Arc<Process>,
-    /// Taken out while a read runs (so that no lock is held across it).
-    stream: Mutex<Option<FileStream>>,
-    /// Left of the last chunk.
-    left: Mutex<bytes::Bytes>,
+    /// The stream and what is left of its last chunk, under one lock so that two threads
+    /// never split a chunk between them; the stream is taken out while a read runs (so
+    /// that no lock is held across it).
+    state: Mutex<State>,
     len: Option<u64>,
     status: &'static str,
+}
+
+enum State {
+    Idle(FileStream, bytes::Bytes),
+    Busy,
+    Closed,
 }
 
 impl Stream {
@@ -30,28 +36,38 @@ impl Stream {
             process,
             len: stream.len(),
             status: crate::pinned::status_name(stream.status()),
-            stream: Mutex::new(Some(stream)),
-            left: Mutex::new(bytes::Bytes::new()),
+            state: Mutex::new(State::Idle(stream, bytes::Bytes::new())),
         }
     }
 
-    fn lock_left(&self) -> std::sync::MutexGuard<'_, bytes::Bytes> {
-        self.left.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the stream, and takes it out unless a read has it (which lets it go when it
+    /// ends).
+    fn take(&self) -> Option<FileStream> {
+        match std::mem::replace(&mut *self.lock(), State::Closed) {
+            State::Idle(stream, _) => Some(stream),
+            State::Busy | State::Closed => None,
+        }
+    }
+
+    /// Lets the stream go: in this process off the GIL (its drop may touch the disk); a
+    /// parent's, inherited through a fork, is never dropped here.
+    fn release(&self, stream: FileStream) {
+        if self.generation == process::generation() {
+            Python::attach(|py| py.detach(move || drop(stream)));
+        } else {
+            std::mem::forget(stream);
+        }
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        if self.generation != process::generation() {
-            // The parent's stream, on the parent's runtime: never dropped here.
-            if let Some(stream) = self
-                .stream
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-            {
-                std::mem::forget(stream);
-            }
+        if let Some(stream) = self.take() {
+            self.release(stream);
         }
     }
 }
@@ -79,31 +95,46 @@ impl Stream {
         }
         process::in_handler()?;
         let size = size.max(1);
-        {
-            let mut left = self.lock_left();
-            if !left.is_empty() {
-                let n = size.min(left.len());
-                let chunk = left.split_to(n);
-                return Ok(PyBytes::new(py, &chunk));
+        let mut stream = {
+            let mut state = self.lock();
+            match std::mem::replace(&mut *state, State::Busy) {
+                State::Idle(stream, mut left) if !left.is_empty() => {
+                    let chunk = left.split_to(size.min(left.len()));
+                    *state = State::Idle(stream, left);
+                    return Ok(PyBytes::new(py, &chunk));
+                }
+                State::Idle(stream, _) => stream,
+                other => {
+                    let closed = matches!(other, State::Closed);
+                    *state = other;
+                    return Err(PyRuntimeError::new_err(if closed {
+                        "the stream is closed"
+                    } else {
+                        "the stream is being read by another thread"
+                    }));
+                }
             }
-        }
-        let Some(mut stream) = self.stream.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-            return Err(PyRuntimeError::new_err(
-                "the stream is closed, or being read by another thread",
-            ));
         };
         let next = self.process.block_on(py, async { stream.next().await });
-        *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
-        match next? {
-            None => Ok(PyBytes::new(py, b"")),
-            Some(Err(e)) => Err(io_error(e)),
-            Some(Ok(mut chunk)) => {
-                let n = size.min(chunk.len());
-                let rest = chunk.split_off(n);
-                *self.lock_left() = rest;
-                Ok(PyBytes::new(py, &chunk))
+        let (result, left) = match next {
+            Err(e) => (Err(e), bytes::Bytes::new()),
+            Ok(None) => (Ok(PyBytes::new(py, b"")), bytes::Bytes::new()),
+            Ok(Some(Err(e))) => (Err(io_error(e)), bytes::Bytes::new()),
+            Ok(Some(Ok(mut chunk))) => {
+                let rest = chunk.split_off(size.min(chunk.len()));
+                (Ok(PyBytes::new(py, &chunk)), rest)
+            }
+        };
+        {
+            let mut state = self.lock();
+            if matches!(*state, State::Busy) {
+                *state = State::Idle(stream, left);
+                return result;
             }
         }
+        // Closed by another thread while this read ran.
+        py.detach(move || drop(stream));
+        result
     }
 
     /// The file's length when known (the origin's `Content-Length` while downloading).
@@ -118,13 +149,11 @@ impl Stream {
         self.status
     }
 
-    /// Stops reading; the download goes on for everyone else.
-    fn close(&self, py: Python<'_>) {
-        let taken = self.stream.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(stream) = taken
-            && self.generation == process::generation()
-        {
-            py.detach(move || drop(stream));
+    /// Stops reading; the download goes on for everyone else. A read running in another
+    /// thread ends first; the stream is let go after it.
+    fn close(&self) {
+        if let Some(stream) = self.take() {
+            self.release(stream);
         }
     }
 }

@@ -71,3 +71,63 @@ def test_a_cut_body_raises_instead_of_a_short_read(origin, cache_dir):
             while f.read(256 * 1024):
                 pass
     assert m.get_stats()["entries_count"] == 0
+
+
+def test_two_threads_on_one_stream_never_lose_bytes(origin, cache_dir):
+    body = volume(5, 4 * MB)
+    url = origin.route("ct/shared.nii.gz", Route(body, rate=8 * MB))
+    m = ImageCacheManager(cache_dir=cache_dir)
+    f = m.open_stream(url)
+    raw = f.raw
+    chunks, done = [], threading.Event()
+
+    def reader():
+        while not done.is_set():
+            try:
+                chunk = raw._stream.read(40_000)
+            except RuntimeError as e:
+                assert "another thread" in str(e)
+                continue
+            if not chunk:
+                done.set()
+                return
+            chunks.append(chunk)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(len(c) for c in chunks) == len(body), "every byte handed out once"
+    assert all(body.find(c) >= 0 for c in chunks)
+    f.close()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_closing_the_parents_stream_leaves_it_alone(origin, cache_dir):
+    import os
+
+    body = volume(6, 4 * MB)
+    url = origin.route("ct/fork.nii.gz", Route(body, rate=8 * MB))
+    m = ImageCacheManager(cache_dir=cache_dir)
+    f = m.open_stream(url)
+    head = f.read(1000)
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the parent's stream is not its own
+        code = 0
+        try:
+            try:
+                f.raw._stream.read(10)
+                code = 3
+            except RuntimeError:
+                pass
+            f.close()
+            del f
+        except BaseException:  # noqa: BLE001 - the exit code says it
+            code = 4
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert head + f.read() == body
+    f.close()
+    assert m.get_stats()["entries_count"] == 1
