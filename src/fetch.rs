@@ -36,30 +36,38 @@ pub(crate) enum Answer {
 
 /// Sends one request. Bodies are asked for as stored (`Accept-Encoding: identity`): a
 /// `.nii.gz` served with `Content-Encoding: gzip` must not be inflated.
-pub(crate) async fn send(client: &reqwest::Client, url: &Url, ask: Ask<'_>) -> Result<Answer> {
-    let mut request = client
-        .get(url.clone())
-        .header(header::ACCEPT_ENCODING, "identity");
+pub(crate) async fn send(http: &Http, url: &Url, ask: Ask<'_>) -> Result<Answer> {
+    let mut asked = HeaderMap::new();
+    asked.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    let value = |v: &str| {
+        HeaderValue::from_str(v).map_err(|_| {
+            Error::new(
+                ErrorKind::Io,
+                "a stored validator is not a valid header value",
+            )
+        })
+    };
     match ask {
         Ask::Whole => {}
         Ask::IfChanged(v) => {
             if let Some(etag) = &v.etag {
-                request = request.header(header::IF_NONE_MATCH, etag);
+                asked.insert(header::IF_NONE_MATCH, value(etag)?);
             }
             if let Some(lm) = &v.last_modified {
-                request = request.header(header::IF_MODIFIED_SINCE, lm);
+                asked.insert(header::IF_MODIFIED_SINCE, value(lm)?);
             }
         }
         Ask::From(offset, if_range) => {
-            request = request
-                .header(header::RANGE, format!("bytes={offset}-"))
-                .header(header::IF_RANGE, if_range);
+            asked.insert(header::RANGE, value(&format!("bytes={offset}-"))?);
+            asked.insert(header::IF_RANGE, value(if_range)?);
         }
     }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| classify(e, "request failed"))?;
+    let response = http
+        .request(reqwest::Method::GET, url, &asked, "request failed")
+        .await?;
     let status = response.status();
     match (status, ask) {
         (StatusCode::OK, _) => Ok(Answer::Whole(response)),
@@ -191,16 +199,15 @@ pub(crate) struct Head {
 
 /// Sends a `HEAD`; a non-2xx answer is an error carrying its status, as for a `GET`.
 #[cfg(feature = "server")]
-pub(crate) async fn head(client: &reqwest::Client, url: &Url) -> Result<Head> {
-    let response = client
-        .head(url.clone())
-        .header(
-            header::ACCEPT_ENCODING,
-            HeaderValue::from_static("identity"),
-        )
-        .send()
-        .await
-        .map_err(|e| classify(e, "HEAD request failed"))?;
+pub(crate) async fn head(http: &Http, url: &Url) -> Result<Head> {
+    let mut asked = HeaderMap::new();
+    asked.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    let response = http
+        .request(reqwest::Method::HEAD, url, &asked, "HEAD request failed")
+        .await?;
     let status = response.status();
     if !status.is_success() {
         return Err(status_error(status, response.headers()));
@@ -253,35 +260,143 @@ pub(crate) fn body_error(err: reqwest::Error) -> Error {
 pub(crate) struct ClientSettings<'a> {
     pub(crate) connect: Duration,
     pub(crate) read: Duration,
-    pub(crate) max_redirects: usize,
     pub(crate) ca_certificate: Option<&'a Path>,
     pub(crate) insecure: bool,
+}
+
+/// A change to the cache's own client builder (proxies, client certificates, pools), from
+/// [`CacheBuilder::http_client_with`](crate::CacheBuilder::http_client_with).
+pub(crate) type CustomizeClient =
+    std::sync::Arc<dyn Fn(reqwest::ClientBuilder) -> reqwest::ClientBuilder + Send + Sync>;
+
+/// The client and what the cache adds to every request: it follows redirects itself (at
+/// most `max_redirects`, never from https to http) and sends the configured headers only to
+/// the image server's origin, on the first request and on any redirect that stays there.
+#[derive(Clone)]
+pub(crate) struct Http {
+    pub(crate) client: reqwest::Client,
+    /// The configured headers and the one origin they go to.
+    pub(crate) headers: Option<(url::Origin, HeaderMap)>,
+    pub(crate) max_redirects: usize,
+}
+
+impl std::fmt::Debug for Http {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Http")
+            .field("headers", &self.header_names())
+            .field("max_redirects", &self.max_redirects)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Http {
+    /// The names of the configured headers (never their values).
+    pub(crate) fn header_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .headers
+            .iter()
+            .flat_map(|(_, map)| map.keys().map(|k| k.as_str().to_owned()))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Sends `method` to `url` with `asked`, following redirects as the type says.
+    pub(crate) async fn request(
+        &self,
+        method: reqwest::Method,
+        url: &Url,
+        asked: &HeaderMap,
+        what: &str,
+    ) -> Result<reqwest::Response> {
+        let mut url = url.clone();
+        let mut was_https = url.scheme() == "https";
+        let mut hops = 0usize;
+        loop {
+            let mut request = self
+                .client
+                .request(method.clone(), url.clone())
+                .headers(asked.clone());
+            let authorised = match &self.headers {
+                Some((origin, headers)) if url.origin() == *origin => {
+                    request = request.headers(headers.clone());
+                    true
+                }
+                _ => false,
+            };
+            let response = request.send().await.map_err(|e| classify(e, what))?;
+            if authorised && response.url().origin() != url.origin() {
+                // A client given by the caller followed a redirect itself, headers and all.
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "the HTTP client followed a redirect to another origin itself: give one \
+                     built with redirect(Policy::none()), or use http_client_with",
+                ));
+            }
+            let status = response.status();
+            let follow = matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308);
+            let location = response.headers().get(header::LOCATION).cloned();
+            let Some(location) = location.filter(|_| follow) else {
+                return Ok(response);
+            };
+            let next = location
+                .to_str()
+                .ok()
+                .and_then(|l| url.join(l).ok())
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::InvalidUrl,
+                        format!("{what}: bad redirect location"),
+                    )
+                    .with_status(status.as_u16())
+                })?;
+            if was_https && next.scheme() == "http" {
+                return Err(Error::new(
+                    ErrorKind::InvalidUrl,
+                    format!("{what}: refusing a redirect from https to http"),
+                ));
+            }
+            hops += 1;
+            if hops > self.max_redirects {
+                return Err(Error::new(
+                    ErrorKind::InvalidUrl,
+                    format!("{what}: too many redirects"),
+                ));
+            }
+            was_https |= next.scheme() == "https";
+            url = next;
+        }
+    }
 }
 
 /// The client the cache downloads with unless it is given one: rustls with ring, the
 /// platform's roots (and an extra CA), no decompression, timeouts, and redirects that never
 /// go from https to http.
-pub(crate) fn default_client(settings: &ClientSettings<'_>) -> Result<reqwest::Client> {
+pub(crate) fn default_client(
+    settings: &ClientSettings<'_>,
+    customize: Option<&CustomizeClient>,
+) -> Result<reqwest::Client> {
     // reqwest is built without a bundled crypto provider; install ring once per process.
     // An error means one is installed already, which is what we need.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let max_redirects = settings.max_redirects;
     let mut builder = reqwest::Client::builder()
         .user_agent(concat!("imgcache/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(settings.connect)
-        .read_timeout(settings.read)
-        .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-            // Never follow a redirect from https down to http.
-            let downgrade = attempt.url().scheme() == "http"
-                && attempt.previous().iter().any(|u| u.scheme() == "https");
-            if downgrade {
-                attempt.error("refusing a redirect from https to http")
-            } else if attempt.previous().len() > max_redirects {
-                attempt.error("too many redirects")
-            } else {
-                attempt.follow()
-            }
-        }));
+        .read_timeout(settings.read);
+    if let Some(customize) = customize {
+        builder = customize(builder);
+    }
+    // Whatever the customisation did: redirects are followed by `Http::request` (which
+    // refuses https-to-http and keeps the configured headers on the image server's origin),
+    // and bodies are stored as sent.
+    builder = builder
+        .redirect(reqwest::redirect::Policy::none())
+        .no_gzip()
+        .no_brotli()
+        .no_deflate()
+        .no_zstd();
     if let Some(path) = settings.ca_certificate {
         let pem = std::fs::read(path).map_err(|e| {
             Error::new(

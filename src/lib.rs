@@ -115,6 +115,9 @@
 //! | `CACHE_MAX_REDIRECTS` | `10` | redirects followed (never https to http) |
 //! | `CACHE_CA_CERT` | none | extra CA certificates (PEM) |
 //! | `CACHE_INSECURE_TLS` | `0` | accept any certificate (dangerous) |
+//! | `CACHE_HTTP_HEADERS` | none | request headers, one `Name: value` a line, for the image server's origin only |
+//! | `CACHE_BEARER_TOKEN` | none | `Authorization: Bearer` token for the image server's origin only |
+//! | `CACHE_BEARER_TOKEN_FILE` | none | a file holding that token (a mounted secret) |
 //! | `CACHE_IGNORE_QUERY_PARAMS` | [`DEFAULT_IGNORED_QUERY_PARAMS`] | query parameters left out of the key and redacted (`none` for none) |
 //! | `CACHE_LOCK` | `shared` | `exclusive` to use the directory alone |
 //! | `CACHE_LOCK_WAIT` | `3m` | longest wait for another process's download of the same file |

@@ -111,6 +111,10 @@ macro_rules! counters {
             /// The shared tier's state: `"ok"`, or `"failing: <the last error>"` while it
             /// fails (the origin is asked meanwhile).
             pub shared_tier_state: Option<String>,
+            /// The names of the headers sent to the image server (`CACHE_HTTP_HEADERS`,
+            /// `authorization` for a bearer token); their values are never shown.
+            #[serde(default)]
+            pub request_headers: Vec<String>,
         }
 
         impl Stats {
@@ -136,6 +140,7 @@ macro_rules! counters {
                     cache_dir: gauges.cache_dir,
                     shared_tier: gauges.shared_tier.as_ref().map(|(url, _)| url.clone()),
                     shared_tier_state: gauges.shared_tier.map(|(_, state)| state),
+                    request_headers: gauges.request_headers,
                 }
             }
         }
@@ -195,6 +200,8 @@ pub(crate) struct Gauges {
     pub(crate) cache_dir: String,
     /// The shared tier and its state.
     pub(crate) shared_tier: Option<(String, String)>,
+    /// The names of the headers sent to the image server.
+    pub(crate) request_headers: Vec<String>,
 }
 
 /// The cumulative counters, and whether state.json is behind them.

@@ -405,6 +405,7 @@ impl ImageCache {
                     / 3_600_000.0,
                 cache_dir: inner.config.cache_dir.display().to_string(),
                 shared_tier: inner.shared_tier_figures(),
+                request_headers: inner.config.http.header_names(),
             },
         )
     }
@@ -501,7 +502,7 @@ impl ImageCache {
             )
             .with_url(&resolved.display));
         }
-        let mut head = crate::fetch::head(&inner.config.http_client, &resolved.request)
+        let mut head = crate::fetch::head(&inner.config.http, &resolved.request)
             .await
             .map_err(|e| e.with_url(&resolved.display))?;
         head.file_name.clone_from(&resolved.file_name);

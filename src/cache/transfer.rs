@@ -298,7 +298,7 @@ impl<'a> Transfer<'a> {
 
     /// One request and as much of its body as arrives.
     pub(super) async fn attempt(&mut self, revalidate: Option<&Validators>) -> Result<Step> {
-        let client = &self.inner.config.http_client;
+        let client = &self.inner.config.http;
         let url = &self.r.request;
         let if_range = self.validators.if_range().map(str::to_owned);
         let ask = match (&if_range, self.received) {

@@ -73,6 +73,18 @@ pub(super) const ENVIRONMENT: &[(&str, Setter)] = &[
     ),
     ("CACHE_INSECURE_TLS", set!(insecure_tls = parse_bool)),
     (
+        "CACHE_HTTP_HEADERS",
+        set!(http_headers.headers = super::HeaderSettings::parse_lines),
+    ),
+    (
+        "CACHE_BEARER_TOKEN",
+        set!(http_headers.bearer_token = |_, v: &str| ok(Some(super::Secret(v.trim().to_owned())))),
+    ),
+    (
+        "CACHE_BEARER_TOKEN_FILE",
+        set!(http_headers.bearer_token_file = |_, v| ok(Some(expand_home(v)))),
+    ),
+    (
         "CACHE_IGNORE_QUERY_PARAMS",
         set!(ignore_query_params = parse_names),
     ),
@@ -223,12 +235,21 @@ pub(super) fn read_dotenv(path: &Path) -> Result<HashMap<String, String>> {
     match dotenvy::from_path_iter(path) {
         Ok(iter) => iter
             .map(|item| {
-                item.map_err(|e| {
-                    Error::new(
+                item.map_err(|e| match e {
+                    // Its text may hold a secret (a token, a header): never shown.
+                    dotenvy::Error::LineParse(..) => Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "cannot parse {}: a line is not NAME=value (quote values with \
+                             spaces; the line is not shown)",
+                            path.display()
+                        ),
+                    ),
+                    e => Error::new(
                         ErrorKind::Config,
                         format!("cannot parse {}", path.display()),
                     )
-                    .with_source(e)
+                    .with_source(e),
                 })
             })
             .collect(),

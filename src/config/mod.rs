@@ -16,9 +16,12 @@ use crate::key::{self, UrlPolicy};
 use crate::stats::MB;
 
 mod env;
+mod http;
 mod shared;
+
 #[cfg(test)]
 use env::{ENVIRONMENT, read_dotenv};
+use http::{HeaderSettings, Secret};
 pub(crate) use shared::TierSettings;
 /// Default size cap: 1024 MB.
 pub const DEFAULT_MAX_SIZE_BYTES: u64 = 1024 * MB;
@@ -55,6 +58,8 @@ pub struct CacheBuilder {
     default_ttl: Duration,
     image_server: Option<String>,
     http_client: Option<reqwest::Client>,
+    customize_client: Option<fetch::CustomizeClient>,
+    http_headers: HeaderSettings,
     sweep_interval: Duration,
     state_save_interval: Duration,
     file_mode: u32,
@@ -92,6 +97,8 @@ impl fmt::Debug for CacheBuilder {
                     .map(|s| self.url_policy().redact_text(s)),
             )
             .field("custom_http_client", &self.http_client.is_some())
+            .field("customized_http_client", &self.customize_client.is_some())
+            .field("http_headers", &self.http_headers)
             .field("sweep_interval", &self.sweep_interval)
             .field("state_save_interval", &self.state_save_interval)
             .field("file_mode", &format_args!("{:o}", self.file_mode))
@@ -125,6 +132,8 @@ impl Default for CacheBuilder {
             default_ttl: DEFAULT_TTL,
             image_server: None,
             http_client: None,
+            customize_client: None,
+            http_headers: HeaderSettings::default(),
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
             state_save_interval: DEFAULT_STATE_SAVE_INTERVAL,
             file_mode: DEFAULT_FILE_MODE,
@@ -157,7 +166,7 @@ pub(crate) struct Config {
     pub(crate) max_size_bytes: u64,
     pub(crate) default_ttl: Duration,
     pub(crate) image_server: Option<Url>,
-    pub(crate) http_client: reqwest::Client,
+    pub(crate) http: fetch::Http,
     pub(crate) sweep_interval: Duration,
     pub(crate) state_save_interval: Duration,
     pub(crate) file_mode: u32,
@@ -212,12 +221,97 @@ impl CacheBuilder {
         self
     }
 
-    /// The HTTP client to download with. Default: a client built by the cache with rustls,
-    /// the platform's root certificates, no automatic decompression and the timeouts below.
-    /// A client given here should not decompress bodies (reqwest does not unless its `gzip`
-    /// feature is on): the cache stores bytes exactly as sent.
+    /// The HTTP client to download with, as given. Default: a client built by the cache
+    /// with rustls, the platform's root certificates, no automatic decompression, the
+    /// timeouts below and the extra CA of [`ca_certificate`](Self::ca_certificate).
+    ///
+    /// A client given here loses what the cache builds into its own: the
+    /// [`connect_timeout`](Self::connect_timeout) and [`read_timeout`](Self::read_timeout),
+    /// the extra CA, [`insecure_tls`](Self::insecure_tls) and the user agent. It keeps the
+    /// redirect guards only if it does not follow redirects itself (build it with
+    /// `redirect(reqwest::redirect::Policy::none())`: the cache then follows them, refusing
+    /// https-to-http and sending [`http_header`](Self::http_header)s to the image server's
+    /// origin only; one that follows a redirect to another origin with those headers is an
+    /// error). It should not decompress bodies: the cache stores bytes exactly as sent. To
+    /// add a proxy or a client certificate and keep every guard, use
+    /// [`http_client_with`](Self::http_client_with) instead.
+    ///
+    /// ```
+    /// // reqwest's rustls needs a crypto provider (the cache installs ring for its own).
+    /// let _ = rustls::crypto::ring::default_provider().install_default();
+    /// let client = reqwest::Client::builder()
+    ///     .redirect(reqwest::redirect::Policy::none())
+    ///     .build()?;
+    /// let builder = imgcache::ImageCache::builder().http_client(client);
+    /// # Ok::<(), reqwest::Error>(())
+    /// ```
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.http_client = Some(client);
+        self
+    }
+
+    /// Changes the cache's own client builder before it is built: a proxy, a client
+    /// certificate, pool sizes. The cache's guards are applied around it: its timeouts and
+    /// extra CA first (the closure may change them), then, whatever the closure did, no
+    /// automatic redirects (the cache follows them itself, as [`http_client`](Self::http_client)
+    /// says) and no decompression.
+    ///
+    /// ```
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .http_client_with(|b| b.pool_max_idle_per_host(4).tcp_nodelay(true));
+    /// ```
+    pub fn http_client_with(
+        mut self,
+        customize: impl Fn(reqwest::ClientBuilder) -> reqwest::ClientBuilder + Send + Sync + 'static,
+    ) -> Self {
+        self.customize_client = Some(Arc::new(customize));
+        self
+    }
+
+    /// A header sent with every request to the image server's origin (its scheme, host and
+    /// port; see [`image_server`](Self::image_server)), and to no other: a redirect to
+    /// another host goes without it. For servers that want a key (`X-Api-Key`) or a cookie.
+    /// The value is never shown: `Debug`, errors, logs, the dashboard and the API name the
+    /// header only. Env `CACHE_HTTP_HEADERS`, one `Name: value` a line. Needs an image
+    /// server; a later header of the same name replaces an earlier one.
+    ///
+    /// ```
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .image_server("https://pacs.example.org/dicomweb/")
+    ///     .http_header("X-Api-Key", "k-1234");
+    /// assert!(!format!("{builder:?}").contains("k-1234"));
+    /// ```
+    pub fn http_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.http_headers
+            .headers
+            .push((name.into(), Secret(value.into())));
+        self
+    }
+
+    /// `Authorization: Bearer <token>` for the image server's origin only, as
+    /// [`http_header`](Self::http_header) sends its headers (env `CACHE_BEARER_TOKEN`).
+    ///
+    /// ```
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .image_server("https://orthanc.example.org/")
+    ///     .bearer_token("eyJhbGciOi...");
+    /// ```
+    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.http_headers.bearer_token = Some(Secret(token.into()));
+        self
+    }
+
+    /// The bearer token read from a file when the cache is built (surrounding whitespace
+    /// trimmed), for secrets mounted as files (env `CACHE_BEARER_TOKEN_FILE`). A token given
+    /// by [`bearer_token`](Self::bearer_token) wins.
+    ///
+    /// ```
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .image_server("https://orthanc.example.org/")
+    ///     .bearer_token_file("/run/secrets/orthanc-token");
+    /// ```
+    pub fn bearer_token_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.http_headers.bearer_token_file = Some(path.into());
         self
     }
 
@@ -429,15 +523,34 @@ impl CacheBuilder {
                 "the largest file size (CACHE_MAX_FILE_SIZE_MB) must be greater than zero",
             ));
         }
-        let http_client = match self.http_client {
+        let client = match self.http_client {
             Some(client) => client,
-            None => fetch::default_client(&ClientSettings {
-                connect: self.connect_timeout,
-                read: self.read_timeout,
-                max_redirects: self.max_redirects,
-                ca_certificate: self.ca_certificate.as_deref(),
-                insecure: self.insecure_tls,
-            })?,
+            None => fetch::default_client(
+                &ClientSettings {
+                    connect: self.connect_timeout,
+                    read: self.read_timeout,
+                    ca_certificate: self.ca_certificate.as_deref(),
+                    insecure: self.insecure_tls,
+                },
+                self.customize_client.as_ref(),
+            )?,
+        };
+        let headers = if self.http_headers.is_empty() {
+            None
+        } else {
+            let Some(server) = &image_server else {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "request headers (CACHE_HTTP_HEADERS, CACHE_BEARER_TOKEN) need an image \
+                     server (IMAGE_SERVER): they are sent to its origin only",
+                ));
+            };
+            Some((server.origin(), self.http_headers.build()?))
+        };
+        let http = fetch::Http {
+            client,
+            headers,
+            max_redirects: self.max_redirects,
         };
         // Search permission wherever read permission is granted.
         let dir_mode = self.file_mode | ((self.file_mode & 0o444) >> 2);
@@ -447,7 +560,7 @@ impl CacheBuilder {
             max_size_bytes: self.max_size_bytes,
             default_ttl: self.default_ttl,
             image_server,
-            http_client,
+            http,
             sweep_interval: self.sweep_interval,
             state_save_interval: self.state_save_interval,
             file_mode: self.file_mode,

@@ -18,6 +18,7 @@ mod downloads;
 mod events;
 mod expiry;
 mod faults;
+mod headers;
 mod leaks;
 mod persistence;
 mod process_wide;
