@@ -25,6 +25,7 @@ def test_bytes_arrive_before_the_download_ends(origin, cache_dir):
         stats = m.get_stats()
         assert (stats["entries_count"], stats["downloads_in_progress"]) == (0, 1)
         rest = f.read()
+        assert f.read() == b"" and f.read(10) == b"", "the end repeats"
     assert head + rest == body
     assert m.get_stats()["entries_count"] == 1, "the end came after the commit"
     with m.open_stream(url) as again:

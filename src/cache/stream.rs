@@ -147,8 +147,10 @@ struct Reader {
     /// The download, until it ends.
     task: Option<inflight::SharedTask<DownloadResult>>,
     progress: Option<watch::Receiver<Progress>>,
-    /// The temp file being read, and the generation it belongs to.
-    reading: Option<(Arc<File>, u32)>,
+    /// The temp file being read (its device and inode) and the generation it belongs to.
+    /// No handle is kept between reads: one is taken from `progress` for each, so that a
+    /// reader that stops reading holds no deleted temp file of a failed download.
+    reading: Option<Reading>,
     /// After the commit: the file, pinned, and a handle on it.
     committed: Option<(CachedFile, Arc<File>)>,
     start: u64,
@@ -161,11 +163,27 @@ struct Reader {
     finished: Option<Option<String>>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Reading {
+    dev: u64,
+    ino: u64,
+    generation: u32,
+}
+
+fn identity(file: &File) -> io::Result<(u64, u64)> {
+    let meta = file.metadata()?;
+    Ok((meta.dev(), meta.ino()))
+}
+
 fn past_the_end() -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
         "the range starts past the end of the file",
     )
+}
+
+fn started_again() -> io::Error {
+    io::Error::other("the download started again after bytes were read: read again")
 }
 
 fn to_io(e: Error) -> io::Error {
@@ -233,7 +251,9 @@ impl Reader {
             let task = self.task.clone()?;
             let progress = self.progress.as_mut()?;
             let now = progress.borrow_and_update().clone();
-            if self.announced.is_some() && now.total.is_some() && now.total != self.announced {
+            // A later answer of another length, or of none (chunked), cannot be vouched for
+            // at the length announced.
+            if self.announced.is_some() && now.total != self.announced {
                 return Some(Err(io::Error::other(
                     "the file's length changed during the download: read again",
                 )));
@@ -243,22 +263,24 @@ impl Reader {
             {
                 return Some(Err(past_the_end()));
             }
-            if self
-                .reading
-                .as_ref()
-                .is_some_and(|(_, g)| *g != now.generation)
-            {
+            if self.reading.is_some_and(|r| r.generation != now.generation) {
                 if self.pos > self.start {
-                    return Some(Err(io::Error::other(
-                        "the download started again after bytes were read: read again",
-                    )));
+                    return Some(Err(started_again()));
                 }
                 self.reading = None;
             }
             if self.reading.is_none()
                 && let Some(file) = &now.file
             {
-                self.reading = Some((Arc::clone(file), now.generation));
+                let (dev, ino) = match identity(file) {
+                    Ok(id) => id,
+                    Err(e) => return Some(Err(e)),
+                };
+                self.reading = Some(Reading {
+                    dev,
+                    ino,
+                    generation: now.generation,
+                });
             }
             // The last byte (of the file, or of the range) is held back until the commit: a
             // client that counts bytes (a Content-Length) takes the answer for complete at
@@ -271,10 +293,10 @@ impl Reader {
                 Some(stop) => now.written.min(stop.saturating_sub(1)),
                 None => now.written,
             };
-            if let Some((file, _)) = &self.reading
+            if self.reading.is_some()
                 && self.pos < available
+                && let Some(file) = now.file
             {
-                let file = Arc::clone(file);
                 match read_at(&file, self.pos, available - self.pos).await {
                     Ok(chunk) if !chunk.is_empty() => {
                         self.pos += chunk.len() as u64;
@@ -317,14 +339,16 @@ impl Reader {
             ));
         }
         if self.pos > self.start {
-            // Bytes were read from a temp file: it must be the file committed.
-            let same = match &self.reading {
-                Some((temp, _)) => {
-                    let (a, b) = (temp.metadata()?, handle.metadata()?);
-                    a.dev() == b.dev() && a.ino() == b.ino()
-                }
-                None => false,
-            };
+            // Bytes were read from a temp file: it must be the file committed, in the
+            // generation they were read in (a restart truncates the same inode).
+            if let (Some(progress), Some(reading)) = (&self.progress, self.reading)
+                && progress.borrow().generation != reading.generation
+            {
+                return Err(started_again());
+            }
+            let same = self
+                .reading
+                .is_some_and(|r| identity(&handle).is_ok_and(|id| id == (r.dev, r.ino)));
             if !same {
                 return Err(io::Error::other(
                     "another download was committed than the one read: read again",
@@ -335,6 +359,16 @@ impl Reader {
         self.progress = None;
         self.committed = Some((file, Arc::new(handle)));
         Ok(())
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        // A reader that leaves before its download ends (one that read a header, a client
+        // that went away) was a miss all the same.
+        if self.task.is_some() {
+            self.inner.counters.add(Counter::Misses, 1);
+        }
     }
 }
 
@@ -456,13 +490,20 @@ impl super::ImageCache {
             Joined::Download(task, status, wants) => {
                 if status == CacheStatus::Coalesced {
                     inner.counters.add(Counter::CoalescedWaits, 1);
+                    inner.events.emit(|| crate::Event::CoalescedWait {
+                        url: reader.resolved.display.clone(),
+                    });
                 }
                 let mut progress = wants.progress().subscribe();
-                // The length, once the origin's answer gives it (or the download ends).
+                // The length, once the origin's answer gives it, or its file is open (an
+                // answer without a length), or the download ends.
                 reader.announced = loop {
-                    let now = progress.borrow_and_update().total;
-                    if now.is_some() || task.peek().is_some() {
-                        break now;
+                    let (total, open) = {
+                        let now = progress.borrow_and_update();
+                        (now.total, now.file.is_some())
+                    };
+                    if total.is_some() || open || task.peek().is_some() {
+                        break total;
                     }
                     tokio::select! {
                         changed = progress.changed() => if changed.is_err() { break None },
@@ -495,6 +536,14 @@ impl OpenedStream {
     #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) fn status(&self) -> CacheStatus {
         self.reader.status
+    }
+
+    /// Whether there is nothing to stream: a committed file (a hit, a stale copy), or a
+    /// download that has ended (a 304 renewal, a failure).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) fn settled(&self) -> bool {
+        self.reader.committed.is_some()
+            || self.reader.task.as_ref().is_none_or(|t| t.peek().is_some())
     }
 
     /// The committed file, once the download ends: for a client that cannot take a body
@@ -531,7 +580,8 @@ impl OpenedStream {
             Some((item, reader))
         });
         FileStream {
-            inner: Box::pin(inner),
+            // Fused: polled again after its end, it ends again.
+            inner: Box::pin(futures_util::StreamExt::fuse(inner)),
             len,
             status,
             left: Bytes::new(),

@@ -84,6 +84,12 @@ async fn serve_stream(
     headers: &HeaderMap,
 ) -> AppResult<Response> {
     let opened = st.cache.open_stream(url, crate::GetOptions::new()).await?;
+    if opened.settled() {
+        // A copy renewed by a 304, a stale one, a file another request committed meanwhile:
+        // served as a file, with its validators, ranges and conditionals.
+        let file = opened.into_file().await?;
+        return serve_file(file, st.cache.now(), &Method::GET, headers).await;
+    }
     let opened_as = opened.status();
     let Some(total) = opened.total() else {
         // No length yet (a chunked origin): HTTP/1.1 and later frame the body, so a failure
@@ -104,8 +110,12 @@ async fn serve_stream(
         )
         .await;
     };
+    // An If-Range names a version by the ETag of a committed file (its SHA-256), which a
+    // download in progress does not have yet: the whole file is sent, never a range of
+    // what may be another version.
     let range = headers
         .get(header::RANGE)
+        .filter(|_| !headers.contains_key(header::IF_RANGE))
         .map_or(RangeRequest::Ignore, |v| {
             v.to_str()
                 .map_or(RangeRequest::Ignore, |v| parse_range(v, total))
@@ -175,7 +185,11 @@ async fn stream_response(
         CacheStatus::Downloaded => "imgcache; fwd=miss; detail=streamed",
         other => cache_status(other),
     };
-    let name = url.rsplit('/').next().unwrap_or_default();
+    // The type from the file's name, never from a query string.
+    let path = url::Url::parse(url)
+        .map(|u| u.path().to_owned())
+        .unwrap_or_default();
+    let name = path.rsplit('/').next().unwrap_or_default();
     let mut response = Response::builder()
         .status(status)
         .header(header::ACCEPT_RANGES, "bytes")

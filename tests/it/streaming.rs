@@ -305,6 +305,83 @@ async fn a_range_that_starts_past_the_end_is_an_error_not_an_empty_file() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_without_a_length_streams_too_and_the_end_repeats() {
+    let origin = Origin::start().await;
+    let body = volume(10, 3 * MB);
+    let (route, gate) = Route::ok(body.clone()).fault(Fault::Chunked).pause_at(MB);
+    origin.route("chunked.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let url = origin.url("chunked.nii.gz");
+    // Opens while the origin holds the rest: no length to wait for.
+    let mut stream = cache.get_stream(&url).await.unwrap();
+    assert_eq!(stream.len(), None);
+    let mut head = vec![0u8; 1000];
+    stream.read_exact(&mut head).await.unwrap();
+    assert_eq!(head, body[..1000]);
+    gate.add_permits(1);
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    assert!(rest == body[1000..]);
+    // Polled again after its end, it ends again.
+    assert_eq!(stream.read(&mut head).await.unwrap(), 0);
+    assert!(stream.next().await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_without_a_length_fails_the_stream_that_announced_one() {
+    let origin = Origin::start().await;
+    let body = volume(11, 4 * MB);
+    let (first, gate) = Route::ok(body.clone())
+        .fault(Fault::CloseAfter(2 * MB))
+        .pause_at(MB);
+    let retry = Route::ok(body.clone()).fault(Fault::Chunked).ignore_range();
+    origin.route_seq("nolen.nii.gz", vec![first, retry]);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let url = origin.url("nolen.nii.gz");
+    // Told 4 MB, it has read nothing yet: the retry's bytes cannot be vouched for at
+    // that length before the commit, so it never hands out the whole file early.
+    let stream = cache
+        .get_stream_range(&url, GetOptions::new(), 3 * MB as u64, None)
+        .await
+        .unwrap();
+    assert_eq!(stream.len(), Some(MB as u64));
+    gate.add_permits(1);
+    let (_, err) = drain(stream).await;
+    assert!(err.is_some(), "the length it announced is no longer known");
+    assert_eq!(
+        std::fs::read(cache.get(&url).await.unwrap().path()).unwrap(),
+        body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_leaves_early_is_counted_as_a_miss() {
+    let origin = Origin::start().await;
+    let body = volume(12, 4 * MB);
+    let (route, gate) = Route::ok(body).pause_at(MB);
+    origin.route("early.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let url = origin.url("early.nii.gz");
+    let mut first = cache.get_stream(&url).await.unwrap();
+    let joined = cache.get_stream(&url).await.unwrap();
+    let mut header = [0u8; 352];
+    first.read_exact(&mut header).await.unwrap();
+    drop((first, joined));
+    let stats = cache.stats();
+    assert_eq!((stats.misses, stats.coalesced_waits), (2, 1));
+    gate.add_permits(1);
+    drop(cache.get(&url).await.unwrap());
+    assert_eq!(
+        origin.hits("early.nii.gz"),
+        1,
+        "the download went on without them"
+    );
+}
+
 #[cfg(feature = "server")]
 mod sidecar {
     use std::time::{Duration, Instant};
@@ -571,6 +648,72 @@ mod sidecar {
         );
         assert!(answer[split + 4..] == body[..]);
         assert_eq!(cache.stats().entries_count, 1);
+        server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn if_range_an_expired_copy_and_a_query_are_answered_as_for_a_file() {
+        use std::sync::Arc;
+        let origin = Origin::start().await;
+        let body = volume(25, 2 * MB);
+        let (route, gate) = Route::ok(body.clone()).etag("\"v1\"").pause_at(MB);
+        origin.route_seq(
+            "data/v.nii.gz",
+            vec![route, Route::status(304).etag("\"v1\"")],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(imgcache::ManualClock::new());
+        let cache = ImageCache::builder()
+            .cache_dir(dir.path())
+            .image_server(origin.url("data"))
+            .sweep_interval(Duration::ZERO)
+            .default_ttl(Duration::from_secs(60))
+            .clock(Arc::clone(&clock) as Arc<dyn imgcache::Clock>)
+            .build()
+            .await
+            .unwrap();
+        let (base, server) = serve(cache.clone()).await;
+        let http = reqwest::Client::new();
+        // A resume of some earlier version while this one downloads: the whole file, 200.
+        let resumed = tokio::spawn({
+            let (http, url) = (http.clone(), format!("{base}/files/v.nii.gz"));
+            async move {
+                let r = http
+                    .get(url)
+                    .header("range", "bytes=100-")
+                    .header("if-range", "\"some-old-sha\"")
+                    .send()
+                    .await
+                    .unwrap();
+                let kind = r.headers()["content-type"].to_str().unwrap().to_owned();
+                (r.status(), kind, r.bytes().await.unwrap())
+            }
+        });
+        origin.wait_for_hits("data/v.nii.gz", 1).await;
+        gate.add_permits(1);
+        let (status, kind, bytes) = resumed.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(bytes == body);
+        assert!(
+            !kind.contains("svg"),
+            "the type comes from the path: {kind}"
+        );
+        // Expired: renewed by a 304 and served as a file, with its validators and ranges.
+        clock.advance(Duration::from_secs(120));
+        let r = http
+            .get(format!("{base}/files/v.nii.gz"))
+            .header("range", "bytes=0-9")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 206);
+        assert_eq!(
+            r.headers()["cache-status"],
+            "imgcache; fwd=stale; fwd-status=304"
+        );
+        assert!(r.headers().contains_key("etag"));
+        assert_eq!(r.bytes().await.unwrap(), body[..10]);
+        assert_eq!(origin.hits("data/v.nii.gz"), 2);
         server.abort();
     }
 }
