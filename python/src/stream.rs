@@ -66,7 +66,9 @@ impl Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        if let Some(stream) = self.take() {
+        // No lock taken: in a forked child, another thread of the parent may have held it.
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let State::Idle(stream, _) = std::mem::replace(state, State::Closed) {
             self.release(stream);
         }
     }

@@ -74,6 +74,7 @@ pub struct FileStream {
     inner: BoxStream<'static, io::Result<Bytes>>,
     len: Option<u64>,
     status: CacheStatus,
+    concluded: Arc<std::sync::OnceLock<CachedFile>>,
     /// What [`AsyncRead`] has not handed out yet of the last chunk.
     left: Bytes,
 }
@@ -97,6 +98,13 @@ impl FileStream {
     /// Whether the stream has nothing to read: a known length of zero.
     pub fn is_empty(&self) -> bool {
         self.len == Some(0)
+    }
+
+    /// The file the download ended with, once it has (its status says how it was had: a
+    /// stale copy when the origin failed, for one).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) fn concluded(&self) -> Option<&CachedFile> {
+        self.concluded.get()
     }
 
     /// [`CacheStatus::Hit`] for a committed file; [`CacheStatus::Downloaded`] when this
@@ -161,6 +169,9 @@ struct Reader {
     announced: Option<u64>,
     /// The end, or the error, once reached: every later poll says it again.
     finished: Option<Option<String>>,
+    /// The file the download ended with, as soon as it is known (for the sidecar, which
+    /// answers a stale copy as a file).
+    concluded: Arc<std::sync::OnceLock<CachedFile>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -212,10 +223,17 @@ impl Reader {
             return end.as_ref().map(|e| Err(io::Error::other(e.clone())));
         }
         let item = self.step().await;
-        match &item {
-            None => self.finished = Some(None),
-            Some(Err(e)) => self.finished = Some(Some(e.to_string())),
-            Some(Ok(_)) => {}
+        let finished = match &item {
+            None => Some(None),
+            Some(Err(e)) => Some(Some(e.to_string())),
+            Some(Ok(_)) => None,
+        };
+        if finished.is_some() {
+            self.finished = finished;
+            // Nothing of the download is held once the stream has ended.
+            self.progress = None;
+            self.reading = None;
+            self.committed = None;
         }
         item
     }
@@ -250,7 +268,10 @@ impl Reader {
             }
             let task = self.task.clone()?;
             let progress = self.progress.as_mut()?;
-            let now = progress.borrow_and_update().clone();
+            let mut now = progress.borrow_and_update().clone();
+            // The handle is dropped before any wait: a reader waiting for bytes holds no
+            // temp file that a failing download has deleted.
+            let file = now.file.take();
             // A later answer of another length, or of none (chunked), cannot be vouched for
             // at the length announced.
             if self.announced.is_some() && now.total != self.announced {
@@ -270,7 +291,7 @@ impl Reader {
                 self.reading = None;
             }
             if self.reading.is_none()
-                && let Some(file) = &now.file
+                && let Some(file) = &file
             {
                 let (dev, ino) = match identity(file) {
                     Ok(id) => id,
@@ -293,11 +314,11 @@ impl Reader {
                 Some(stop) => now.written.min(stop.saturating_sub(1)),
                 None => now.written,
             };
-            if self.reading.is_some()
-                && self.pos < available
-                && let Some(file) = now.file
+            if let Some(file) = file
+                .as_ref()
+                .filter(|_| self.reading.is_some() && self.pos < available)
             {
-                match read_at(&file, self.pos, available - self.pos).await {
+                match read_at(file, self.pos, available - self.pos).await {
                     Ok(chunk) if !chunk.is_empty() => {
                         self.pos += chunk.len() as u64;
                         return Some(Ok(chunk));
@@ -308,6 +329,7 @@ impl Reader {
                     Err(e) => return Some(Err(e)),
                 }
             }
+            drop(file);
             tokio::select! {
                 changed = progress.changed() => {
                     if changed.is_err() {
@@ -357,6 +379,7 @@ impl Reader {
         }
         self.reading = None;
         self.progress = None;
+        let _ = self.concluded.set(file.clone());
         self.committed = Some((file, Arc::new(handle)));
         Ok(())
     }
@@ -477,6 +500,7 @@ impl super::ImageCache {
             end: None,
             announced: None,
             finished: None,
+            concluded: Arc::default(),
         };
         match joined {
             Joined::Hit(file) => {
@@ -575,6 +599,7 @@ impl OpenedStream {
             .announced
             .map(|t| end.unwrap_or(t).min(t).saturating_sub(start));
         let status = reader.status;
+        let concluded = Arc::clone(&reader.concluded);
         let inner = futures_util::stream::unfold(reader, |mut reader| async move {
             let item = reader.next().await?;
             Some((item, reader))
@@ -584,6 +609,7 @@ impl OpenedStream {
             inner: Box::pin(futures_util::StreamExt::fuse(inner)),
             len,
             status,
+            concluded,
             left: Bytes::new(),
         }
     }

@@ -99,16 +99,13 @@ async fn serve_stream(
             let file = opened.into_file().await?;
             return serve_file(file, st.cache.now(), &Method::GET, headers).await;
         }
-        return stream_response(
-            url,
-            opened.range(0, None),
-            opened_as,
-            StatusCode::OK,
-            0,
-            None,
-            None,
-        )
-        .await;
+        let framing = Framing {
+            status: StatusCode::OK,
+            start: 0,
+            len: None,
+            total: None,
+        };
+        return stream_response(st, headers, url, opened.range(0, None), opened_as, framing).await;
     };
     // An If-Range names a version by the ETag of a committed file (its SHA-256), which a
     // download in progress does not have yet: the whole file is sent, never a range of
@@ -123,17 +120,13 @@ async fn serve_stream(
     match range {
         RangeRequest::Bytes(start, end) => {
             let part = opened.range(start, Some(end + 1));
-            let len = end - start + 1;
-            stream_response(
-                url,
-                part,
-                opened_as,
-                StatusCode::PARTIAL_CONTENT,
+            let framing = Framing {
+                status: StatusCode::PARTIAL_CONTENT,
                 start,
-                Some(len),
-                Some(total),
-            )
-            .await
+                len: Some(end - start + 1),
+                total: Some(total),
+            };
+            stream_response(st, headers, url, part, opened_as, framing).await
         }
         RangeRequest::Unsatisfiable => Response::builder()
             .status(StatusCode::RANGE_NOT_SATISFIABLE)
@@ -142,30 +135,40 @@ async fn serve_stream(
             .map_err(internal),
         RangeRequest::Ignore => {
             let whole = opened.range(0, None);
-            stream_response(
-                url,
-                whole,
-                opened_as,
-                StatusCode::OK,
-                0,
-                Some(total),
-                Some(total),
-            )
-            .await
+            let framing = Framing {
+                status: StatusCode::OK,
+                start: 0,
+                len: Some(total),
+                total: Some(total),
+            };
+            stream_response(st, headers, url, whole, opened_as, framing).await
         }
     }
 }
 
-/// The answer of [`serve_stream`], from its first chunk on.
-async fn stream_response(
-    url: &str,
-    mut stream: crate::FileStream,
-    opened_as: CacheStatus,
+/// The status and the length of a streamed answer, and which part of the file it is.
+struct Framing {
     status: StatusCode,
     start: u64,
     len: Option<u64>,
     total: Option<u64>,
+}
+
+/// The answer of [`serve_stream`], from its first chunk on.
+async fn stream_response(
+    st: &AppState,
+    headers: &HeaderMap,
+    url: &str,
+    mut stream: crate::FileStream,
+    opened_as: CacheStatus,
+    framing: Framing,
 ) -> AppResult<Response> {
+    let Framing {
+        status,
+        start,
+        len,
+        total,
+    } = framing;
     // The first chunk before the answer: a download that fails before its first byte (a
     // 404 at the origin) is answered with its own status.
     let first = match stream.next().await {
@@ -180,6 +183,18 @@ async fn stream_response(
         }
         None => None,
     };
+    // The download ended before the first chunk with another file than its own (the
+    // expired copy, when the origin failed): answered as that file, with its validators.
+    if let Some(file) = stream.concluded()
+        && !matches!(
+            file.status(),
+            CacheStatus::Downloaded | CacheStatus::Coalesced
+        )
+    {
+        let file = file.clone();
+        drop(stream);
+        return serve_file(file, st.cache.now(), &Method::GET, headers).await;
+    }
     let cache_status = match opened_as {
         CacheStatus::Coalesced => "imgcache; fwd=miss; collapsed; detail=streamed",
         CacheStatus::Downloaded => "imgcache; fwd=miss; detail=streamed",

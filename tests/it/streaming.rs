@@ -604,14 +604,14 @@ mod sidecar {
             format!("bytes 7340032-{}/{}", 8 * MB - 1, 8 * MB)
         );
         assert_eq!(bytes, body[7_340_032..]);
+        assert_eq!(whole.await.unwrap(), body);
+        assert_eq!(origin.hits("data/r.nii.gz"), 1);
         let stats = cache.stats();
         assert_eq!(
             (stats.misses, stats.coalesced_waits),
             (3, 2),
             "one miss per client, two of them joined"
         );
-        assert_eq!(whole.await.unwrap(), body);
-        assert_eq!(origin.hits("data/r.nii.gz"), 1);
         server.abort();
     }
 
@@ -714,6 +714,44 @@ mod sidecar {
         assert!(r.headers().contains_key("etag"));
         assert_eq!(r.bytes().await.unwrap(), body[..10]);
         assert_eq!(origin.hits("data/v.nii.gz"), 2);
+        server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_origin_failing_on_an_expired_file_gets_the_stale_copy_as_a_file() {
+        use std::sync::Arc;
+        let origin = Origin::start().await;
+        let body = volume(26, MB);
+        let cut = Route::ok(body.clone())
+            .fault(Fault::CloseAfter(0))
+            .ignore_range();
+        origin.route_seq("data/s.nii.gz", vec![Route::ok(body.clone()), cut]);
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(imgcache::ManualClock::new());
+        let cache = ImageCache::builder()
+            .cache_dir(dir.path())
+            .image_server(origin.url("data"))
+            .sweep_interval(Duration::ZERO)
+            .default_ttl(Duration::from_secs(60))
+            .retries(0)
+            .clock(Arc::clone(&clock) as Arc<dyn imgcache::Clock>)
+            .build()
+            .await
+            .unwrap();
+        drop(cache.get("s.nii.gz").await.unwrap());
+        clock.advance(Duration::from_secs(120));
+        let (base, server) = serve(cache.clone()).await;
+        let r = reqwest::get(format!("{base}/files/s.nii.gz"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["cache-status"],
+            "imgcache; fwd=stale; detail=origin-failed"
+        );
+        assert!(r.headers().contains_key("etag"));
+        assert!(r.bytes().await.unwrap() == body);
+        assert_eq!(origin.hits("data/s.nii.gz"), 2);
         server.abort();
     }
 }
