@@ -106,8 +106,10 @@ impl ImageCache {
             let _ = tokio::task::spawn_blocking(move || this.read_others()).await;
         }
         // The cap may have been lowered since the last run.
-        let (removed, _) = inner.sweep_now();
-        inner.dispose_blocking(removed).await;
+        if inner.config.sweep_on_open {
+            let (removed, _) = inner.sweep_now();
+            inner.dispose_blocking(removed).await;
+        }
         inner.start_sweeper();
         Ok(ImageCache {
             handle: Arc::new(Handle { inner }),

@@ -61,6 +61,7 @@ pub struct CacheBuilder {
     customize_client: Option<fetch::CustomizeClient>,
     http_headers: HeaderSettings,
     sweep_interval: Duration,
+    sweep_on_open: bool,
     state_save_interval: Duration,
     file_mode: u32,
     connect_timeout: Duration,
@@ -100,6 +101,7 @@ impl fmt::Debug for CacheBuilder {
             .field("customized_http_client", &self.customize_client.is_some())
             .field("http_headers", &self.http_headers)
             .field("sweep_interval", &self.sweep_interval)
+            .field("sweep_on_open", &self.sweep_on_open)
             .field("state_save_interval", &self.state_save_interval)
             .field("file_mode", &format_args!("{:o}", self.file_mode))
             .field("connect_timeout", &self.connect_timeout)
@@ -135,6 +137,7 @@ impl Default for CacheBuilder {
             customize_client: None,
             http_headers: HeaderSettings::default(),
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            sweep_on_open: true,
             state_save_interval: DEFAULT_STATE_SAVE_INTERVAL,
             file_mode: DEFAULT_FILE_MODE,
             connect_timeout: Duration::from_secs(30),
@@ -168,6 +171,7 @@ pub(crate) struct Config {
     pub(crate) image_server: Option<Url>,
     pub(crate) http: fetch::Http,
     pub(crate) sweep_interval: Duration,
+    pub(crate) sweep_on_open: bool,
     pub(crate) state_save_interval: Duration,
     pub(crate) file_mode: u32,
     pub(crate) dir_mode: u32,
@@ -188,12 +192,34 @@ pub(crate) struct Config {
 
 impl CacheBuilder {
     /// A builder with every default.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// use imgcache::CacheBuilder;
+    ///
+    /// let cache = CacheBuilder::new().cache_dir(dir.path()).build().await?;
+    /// assert_eq!(cache.stats().max_size_bytes, imgcache::DEFAULT_MAX_SIZE_BYTES);
+    /// # Ok(()) }
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Directory of the cache. Default: `$XDG_CACHE_HOME/vista3d`, else `~/.cache/vista3d`
     /// (env `CACHE_DIR`). Created with mode 0700 if missing.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let volumes = dir.path().join("volumes"); // created at build
+    /// let cache = imgcache::ImageCache::builder().cache_dir(&volumes).build().await?;
+    /// assert_eq!(cache.cache_dir(), volumes);
+    /// assert!(volumes.is_dir());
+    /// # Ok(()) }
+    /// ```
     pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cache_dir = Some(dir.into());
         self
@@ -202,12 +228,42 @@ impl CacheBuilder {
     /// Size cap in bytes for committed files. Default 1024 MB (env `CACHE_MAX_SIZE_MB`).
     /// Least recently used entries are evicted to stay under it; a larger file is refused
     /// with [`ErrorKind::TooLarge`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// use imgcache::MB;
+    ///
+    /// let cache = imgcache::ImageCache::builder()
+    ///     .cache_dir(dir.path())
+    ///     .max_size_bytes(200 * 1024 * MB) // 200 GiB
+    ///     .build()
+    ///     .await?;
+    /// assert_eq!(cache.stats().max_size_mb, 200.0 * 1024.0);
+    /// # Ok(()) }
+    /// ```
     pub fn max_size_bytes(mut self, bytes: u64) -> Self {
         self.max_size_bytes = bytes;
         self
     }
 
     /// Time to live of new entries. Default 24 hours (env `CACHE_DEFAULT_TTL_HOURS`).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// use std::time::Duration;
+    ///
+    /// let cache = imgcache::ImageCache::builder()
+    ///     .cache_dir(dir.path())
+    ///     .default_ttl(Duration::from_secs(7 * 24 * 3600)) // volumes change rarely
+    ///     .build()
+    ///     .await?;
+    /// assert_eq!(cache.stats().default_ttl_hours, 168.0);
+    /// # Ok(()) }
+    /// ```
     pub fn default_ttl(mut self, ttl: Duration) -> Self {
         self.default_ttl = ttl;
         self
@@ -216,6 +272,24 @@ impl CacheBuilder {
     /// Base URL that relative URLs are resolved against, such as `http://images:8042/data/`
     /// (env `IMAGE_SERVER`). Default: none, so only absolute URLs are accepted. A relative URL
     /// may not resolve outside this path.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// use imgcache::ErrorKind;
+    ///
+    /// let cache = imgcache::ImageCache::builder()
+    ///     .cache_dir(dir.path())
+    ///     .image_server("http://images.example:8042/data/")
+    ///     .build()
+    ///     .await?;
+    /// // cache.get("ct/0042.nii.gz") fetches http://images.example:8042/data/ct/0042.nii.gz;
+    /// // a path that climbs out of /data/ is refused before any request.
+    /// let err = cache.get("../admin/config.json").await.unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::InvalidUrl);
+    /// # Ok(()) }
+    /// ```
     pub fn image_server(mut self, url: impl Into<String>) -> Self {
         self.image_server = Some(url.into());
         self
@@ -227,8 +301,9 @@ impl CacheBuilder {
     ///
     /// A client given here loses what the cache builds into its own: the
     /// [`connect_timeout`](Self::connect_timeout) and [`read_timeout`](Self::read_timeout),
-    /// the extra CA, [`insecure_tls`](Self::insecure_tls) and the user agent. It keeps the
-    /// redirect guards only if it does not follow redirects itself (build it with
+    /// the extra CA, [`danger_accept_invalid_certs`](Self::danger_accept_invalid_certs) and
+    /// the user agent. It keeps the redirect guards only if it does not follow redirects
+    /// itself (build it with
     /// `redirect(reqwest::redirect::Policy::none())`: the cache then follows them, refusing
     /// https-to-http and sending [`http_header`](Self::http_header)s to the image server's
     /// origin only; one that follows a redirect to another origin with those headers is an
@@ -318,8 +393,48 @@ impl CacheBuilder {
     /// How often the background sweeper expires entries, enforces the cap and saves access
     /// times. Default 60 s (env `CACHE_SWEEP_INTERVAL`, e.g. `30s`); zero disables the
     /// background task ([`ImageCache::cleanup`](crate::ImageCache::cleanup) still works).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// use std::time::Duration;
+    ///
+    /// // No background task: this program sweeps when it wants to.
+    /// let cache = imgcache::ImageCache::builder()
+    ///     .cache_dir(dir.path())
+    ///     .sweep_interval(Duration::ZERO)
+    ///     .build()
+    ///     .await?;
+    /// let report = cache.cleanup().await?;
+    /// println!("{} expired, {} evicted", report.expired, report.evicted);
+    /// # Ok(()) }
+    /// ```
     pub fn sweep_interval(mut self, every: Duration) -> Self {
         self.sweep_interval = every;
+        self
+    }
+
+    /// Whether [`build`](Self::build) expires and evicts at once (the cap may have been
+    /// lowered since the last run). Default `true`. A tool that only looks (a dry run of
+    /// what a cleanup would remove) opens with `false`; downloads still make room for
+    /// themselves under the cap.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let cache = imgcache::ImageCache::builder()
+    ///     .cache_dir(dir.path())
+    ///     .max_size_bytes(1 << 20)
+    ///     .sweep_on_open(false)
+    ///     .build()
+    ///     .await?;
+    /// println!("{} entries would go", cache.cleanup_preview().evicted.len());
+    /// # Ok(()) }
+    /// ```
+    pub fn sweep_on_open(mut self, sweep: bool) -> Self {
+        self.sweep_on_open = sweep;
         self
     }
 
@@ -327,6 +442,13 @@ impl CacheBuilder {
     /// a crash loses at most this much of them. Default 5 s (env `CACHE_STATE_SAVE_INTERVAL`);
     /// zero saves only at [`shutdown`](crate::ImageCache::shutdown), when the cache is dropped
     /// and at each sweep. Saving writes one small file, and only when something changed.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // A busy cache on a slow disk: write state.json at most once a minute.
+    /// let builder = imgcache::ImageCache::builder().state_save_interval(Duration::from_secs(60));
+    /// ```
     pub fn state_save_interval(mut self, every: Duration) -> Self {
         self.state_save_interval = every;
         self
@@ -335,12 +457,38 @@ impl CacheBuilder {
     /// Permission bits of cached files. Default `0o600` (env `CACHE_FILE_MODE`, octal);
     /// directories get the same bits plus search permission (`0o600` gives `0o700`).
     /// Use `0o640` for a cache a group reads.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// use std::os::unix::fs::PermissionsExt;
+    ///
+    /// let shared = dir.path().join("shared");
+    /// let cache = imgcache::ImageCache::builder()
+    ///     .cache_dir(&shared)
+    ///     .file_mode(0o640) // the group reads the volumes
+    ///     .build()
+    ///     .await?;
+    /// let mode = std::fs::metadata(&shared)?.permissions().mode();
+    /// assert_eq!(mode & 0o777, 0o750);
+    /// # Ok(()) }
+    /// ```
     pub fn file_mode(mut self, mode: u32) -> Self {
         self.file_mode = mode;
         self
     }
 
     /// Connect timeout of the default HTTP client. Default 30 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // An image server on the local network: give up on an unreachable one quickly.
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .image_server("http://images.lan:8042/data/")
+    ///     .connect_timeout(Duration::from_secs(3));
+    /// ```
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -350,6 +498,13 @@ impl CacheBuilder {
     /// fails, and is retried like any transient failure. Default 12 s (env
     /// `CACHE_READ_TIMEOUT`), so that a body stalled on every attempt fails within a minute
     /// with the default retries.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // An origin that pauses for a long while before large files (a PACS assembling them).
+    /// let builder = imgcache::ImageCache::builder().read_timeout(Duration::from_secs(60));
+    /// ```
     pub fn read_timeout(mut self, timeout: Duration) -> Self {
         self.read_timeout = timeout;
         self
@@ -358,6 +513,14 @@ impl CacheBuilder {
     /// Total time one download may take, retries included; none by default
     /// (env `CACHE_DOWNLOAD_TIMEOUT`, e.g. `30m`). Catches an origin that trickles bytes too
     /// slowly for the idle timeout to fire.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // No 2 GB volume takes longer than 20 minutes here, retries included.
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .download_timeout(Duration::from_secs(20 * 60));
+    /// ```
     pub fn download_timeout(mut self, timeout: Duration) -> Self {
         self.download_timeout = Some(timeout);
         self
@@ -366,6 +529,11 @@ impl CacheBuilder {
     /// How many times a transient failure (connect error, timeout, 408, 429, 5xx, a body cut
     /// off midway) is retried. Default 3 (env `CACHE_RETRIES`); 0 turns retries off. A body
     /// cut off midway resumes with `Range` where the server allows it.
+    ///
+    /// ```
+    /// // Fail fast: a caller that retries itself (a job queue) wants the first error.
+    /// let builder = imgcache::ImageCache::builder().retries(0);
+    /// ```
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
         self
@@ -373,6 +541,15 @@ impl CacheBuilder {
 
     /// First retry delay, doubled at each attempt with jitter. Default 500 ms
     /// (env `CACHE_RETRY_DELAY`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // Retries about 1 s, 2 s, 4 s, 8 s and 16 s after each failure.
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .retries(5)
+    ///     .retry_base_delay(Duration::from_secs(1));
+    /// ```
     pub fn retry_base_delay(mut self, delay: Duration) -> Self {
         self.retry_base_delay = delay;
         self
@@ -380,6 +557,13 @@ impl CacheBuilder {
 
     /// Longest retry delay, including one asked for by `Retry-After`. Default 30 s
     /// (env `CACHE_RETRY_MAX_DELAY`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // Never wait more than 5 s between attempts, even when a 429 asks for longer.
+    /// let builder = imgcache::ImageCache::builder().retry_max_delay(Duration::from_secs(5));
+    /// ```
     pub fn retry_max_delay(mut self, delay: Duration) -> Self {
         self.retry_max_delay = delay;
         self
@@ -387,6 +571,13 @@ impl CacheBuilder {
 
     /// Largest file accepted, so that an origin that sends without end cannot fill the disk.
     /// Default 16 GiB (env `CACHE_MAX_FILE_SIZE_MB`); the size cap limits files too.
+    ///
+    /// ```
+    /// use imgcache::MB;
+    ///
+    /// // Nothing this service caches is over 4 GiB: anything bigger is a misbehaving origin.
+    /// let builder = imgcache::ImageCache::builder().max_file_size_bytes(4 * 1024 * MB);
+    /// ```
     pub fn max_file_size_bytes(mut self, bytes: u64) -> Self {
         self.max_file_size_bytes = bytes;
         self
@@ -394,6 +585,11 @@ impl CacheBuilder {
 
     /// Redirects followed per request. Default 10 (env `CACHE_MAX_REDIRECTS`). A redirect
     /// from https to http is always refused.
+    ///
+    /// ```
+    /// // A presigned URL answers with one redirect to the object store; more is a loop.
+    /// let builder = imgcache::ImageCache::builder().max_redirects(2);
+    /// ```
     pub fn max_redirects(mut self, n: usize) -> Self {
         self.max_redirects = n;
         self
@@ -402,6 +598,14 @@ impl CacheBuilder {
     /// How long expired entries are kept so that they can be revalidated (a conditional GET;
     /// 304 renews them without a download) or served when the origin fails. Default 7 days
     /// (env `CACHE_STALE_GRACE`). Space pressure evicts expired entries first.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // Keep expired volumes a month: an origin that is down for a weekend is survived.
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .stale_grace(Duration::from_secs(30 * 24 * 3600));
+    /// ```
     pub fn stale_grace(mut self, grace: Duration) -> Self {
         self.stale_grace = grace;
         self
@@ -409,6 +613,11 @@ impl CacheBuilder {
 
     /// Serve an expired copy, with a WARN, when the origin cannot be reached or answers 5xx.
     /// Default on (env `CACHE_STALE_IF_ERROR=0` turns it off).
+    ///
+    /// ```
+    /// // Results must come from the current version: fail rather than serve an expired one.
+    /// let builder = imgcache::ImageCache::builder().stale_if_error(false);
+    /// ```
     pub fn stale_if_error(mut self, on: bool) -> Self {
         self.stale_if_error = on;
         self
@@ -416,6 +625,22 @@ impl CacheBuilder {
 
     /// Never touch the network: serve cached entries, fresh or expired, and fail a miss with
     /// [`ErrorKind::NotCached`]. Default off (env `CACHE_OFFLINE=1`).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// use imgcache::ErrorKind;
+    ///
+    /// let cache = imgcache::ImageCache::builder()
+    ///     .cache_dir(dir.path())
+    ///     .offline(true)
+    ///     .build()
+    ///     .await?;
+    /// let err = cache.get("http://images.example/ct/0042.nii.gz").await.unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::NotCached);
+    /// # Ok(()) }
+    /// ```
     pub fn offline(mut self, on: bool) -> Self {
         self.offline = on;
         self
@@ -424,6 +649,13 @@ impl CacheBuilder {
     /// A PEM file of CA certificates trusted in addition to the platform's roots, for an
     /// image server with a self-signed or private certificate (env `CACHE_CA_CERT`). Applies
     /// to the default HTTP client only.
+    ///
+    /// ```
+    /// // The hospital's own CA signed the image server's certificate.
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .image_server("https://pacs.hospital.internal/dicomweb/")
+    ///     .ca_certificate("/etc/ssl/certs/hospital-ca.pem");
+    /// ```
     pub fn ca_certificate(mut self, pem_file: impl Into<PathBuf>) -> Self {
         self.ca_certificate = Some(pem_file.into());
         self
@@ -431,6 +663,13 @@ impl CacheBuilder {
 
     /// Accept any TLS certificate. Dangerous: only for a test server you control. Logs a WARN
     /// at start-up (env `CACHE_INSECURE_TLS=1`). Applies to the default HTTP client only.
+    ///
+    /// ```
+    /// // A throwaway test server with a self-signed certificate, never production.
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .image_server("https://localhost:8443/")
+    ///     .danger_accept_invalid_certs(true);
+    /// ```
     pub fn danger_accept_invalid_certs(mut self, on: bool) -> Self {
         self.insecure_tls = on;
         self
@@ -442,6 +681,23 @@ impl CacheBuilder {
     /// origin). Compared without case. Default [`DEFAULT_IGNORED_QUERY_PARAMS`]
     /// (env `CACHE_IGNORE_QUERY_PARAMS`, a comma-separated list; `none` for no parameter).
     /// Credentials in a URL's user-info are never part of a key nor shown, whatever this says.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let cache = imgcache::ImageCache::builder()
+    ///     .cache_dir(dir.path())
+    ///     .ignore_query_params(["token", "expires"])
+    ///     .build()
+    ///     .await?;
+    /// let url = "https://images.example/ct/0042.nii.gz?token=abc123&series=2";
+    /// assert_eq!(
+    ///     cache.redacted(url),
+    ///     "https://images.example/ct/0042.nii.gz?token=REDACTED&series=2"
+    /// );
+    /// # Ok(()) }
+    /// ```
     pub fn ignore_query_params<S: Into<String>>(
         mut self,
         names: impl IntoIterator<Item = S>,
@@ -454,6 +710,18 @@ impl CacheBuilder {
     /// other handle, in this process or another, has it open, and opening it elsewhere fails
     /// while this one does. Default off: any number of processes and handles share a
     /// directory (env `CACHE_LOCK=exclusive`, or `shared`).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// use imgcache::{ErrorKind, ImageCache};
+    ///
+    /// let cache = ImageCache::builder().cache_dir(dir.path()).exclusive_lock(true).build().await?;
+    /// let other = ImageCache::builder().cache_dir(dir.path()).build().await;
+    /// assert_eq!(other.unwrap_err().kind(), ErrorKind::Locked);
+    /// # Ok(()) }
+    /// ```
     pub fn exclusive_lock(mut self, on: bool) -> Self {
         self.exclusive_lock = on;
         self
@@ -463,6 +731,13 @@ impl CacheBuilder {
     /// before downloading it too (the first to commit wins). Default 3 minutes (env
     /// `CACHE_LOCK_WAIT`). A process that dies lets the waiters go at once, whatever this
     /// says: the kernel drops its locks.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // Workers on one host share the cache; a stuck worker delays the others 30 s at most.
+    /// let builder = imgcache::ImageCache::builder().lock_wait(Duration::from_secs(30));
+    /// ```
     pub fn lock_wait(mut self, wait: Duration) -> Self {
         self.lock_wait = wait;
         self
@@ -477,6 +752,27 @@ impl CacheBuilder {
 
     /// The clock used for expiry. Default: the system clock. Tests pass a
     /// [`ManualClock`](crate::ManualClock) and advance it.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use imgcache::ManualClock;
+    ///
+    /// let clock = Arc::new(ManualClock::new());
+    /// let cache = imgcache::ImageCache::builder()
+    ///     .cache_dir(dir.path())
+    ///     .clock(clock.clone())
+    ///     .build()
+    ///     .await?;
+    /// // A test jumps past the default TTL instead of sleeping a day.
+    /// clock.advance(Duration::from_secs(25 * 3600));
+    /// let report = cache.cleanup().await?;
+    /// assert_eq!(report.expired, 0); // nothing was cached to expire
+    /// # Ok(()) }
+    /// ```
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
@@ -562,6 +858,7 @@ impl CacheBuilder {
             image_server,
             http,
             sweep_interval: self.sweep_interval,
+            sweep_on_open: self.sweep_on_open,
             state_save_interval: self.state_save_interval,
             file_mode: self.file_mode,
             dir_mode,
