@@ -6,9 +6,10 @@
 //! ```
 //!
 //! A stand-in image server starts inside the process (loopback only) with three volumes; the
-//! application serves a page of its own at `/` and the cache under `/cache/`: the dashboard at
-//! `/cache/`, the API at `/cache/api/...`, metrics at `/cache/metrics` and the sidecar at
-//! `/cache/files/PATH`. It runs until stdin closes or Ctrl-C.
+//! application serves a page of its own at `/` and the cache under `/cache`, nested as the
+//! rustdoc of `imgcache::server` shows: the dashboard at `/cache` (and `/cache/`), the API at
+//! `/cache/api/...`, metrics at `/cache/metrics` and the sidecar at `/cache/files/PATH`. It
+//! runs until stdin closes or Ctrl-C.
 
 #[path = "../tests/it/support/origin.rs"]
 mod origin;
@@ -61,15 +62,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = Router::new()
         .route(
             "/",
-            get(|| async { Html("<h1>Viewer</h1><p><a href=\"/cache/\">Cache</a></p>") }),
+            get(|| async { Html("<h1>Viewer</h1><p><a href=\"/cache\">Cache</a></p>") }),
         )
-        .route("/cache", get(|| async { Redirect::permanent("/cache/") }))
+        // `nest("/cache", ...)` serves the page at /cache alone; /cache/ leads there too.
+        .route("/cache/", get(|| async { Redirect::permanent("/cache") }))
         .nest(
-            "/cache/",
+            "/cache",
             imgcache::server::router_with(cache.clone(), options),
         );
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-    println!("dashboard: http://{}/cache/", listener.local_addr()?);
+    println!("dashboard: http://{}/cache", listener.local_addr()?);
     let stop = async {
         let mut sink = Vec::new();
         let mut stdin = tokio::io::stdin();

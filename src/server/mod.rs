@@ -22,6 +22,10 @@
 //! `DELETE`) from another site is always refused. Responses carry `nosniff` and
 //! `no-referrer`; the page a strict Content-Security-Policy.
 //!
+//! Mounted under a prefix, the dashboard is at the prefix, with or without a trailing slash
+//! (`nest("/cache", ...)` serves it at `/cache`, `nest("/cache/", ...)` at `/cache/`): its
+//! requests go to the mount point's `api/...` either way.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let cache = imgcache::ImageCache::from_env().await?;

@@ -45,6 +45,8 @@ function startExample(env = {}) {
   });
   return { server, url };
 }
+// The router's own URLs: the example nests it at /cache (no trailing slash), the mount point.
+const under = (page, path) => new URL(path, page.replace(/\/*$/, "/"));
 const main = startExample();
 const server = main.server;
 const url = await main.url;
@@ -61,6 +63,7 @@ try {
   await page.goto(url);
 
   await check("the figures and entries are shown", async () => {
+    if (new URL(url).pathname !== "/cache") throw new Error(`the example serves the page at ${url}`);
     await waitText(page, "entries-count", "3");
     await waitText(page, "live", "live");
     const rate = await page.textContent("#hit-rate");
@@ -71,7 +74,7 @@ try {
     if (size !== "48 / 100 MB") throw new Error(`size ${size}`);
   });
   await check("the counters table shows every counter of the cache's table", async () => {
-    const table = await (await fetch(new URL("api/counters", url))).json();
+    const table = await (await fetch(under(url, "api/counters"))).json();
     const rows = await page.locator("#counters-table tr").count();
     if (rows !== table.length || rows < 14) throw new Error(`${rows} rows for ${table.length} counters`);
     const hits = await page.textContent("#counters-table tr[data-counter=hits] td.num");
@@ -94,12 +97,12 @@ try {
     await page.fill("#ttl", "2.5");
     await page.click("#config button[type=submit]");
     await page.waitForSelector("text=Settings applied.", { timeout: 15000 });
-    const stats = await (await fetch(new URL("api/stats", url))).json();
+    const stats = await (await fetch(under(url, "api/stats"))).json();
     if (stats.default_ttl_hours !== 2.5) throw new Error(`default_ttl_hours ${stats.default_ttl_hours}`);
   });
 
   await check("the page follows a download made behind its back", async () => {
-    const response = await fetch(new URL("files/mr_0007.nii.gz", url));
+    const response = await fetch(under(url, "files/mr_0007.nii.gz"));
     await response.arrayBuffer();
     await waitText(page, "entries-count", "1");
   });
@@ -113,7 +116,7 @@ try {
     let streaming = true;
     const stream = (async () => {
       while (streaming) {
-        await (await fetch(new URL("files/mr_0007.nii.gz", url))).arrayBuffer();
+        await (await fetch(under(url, "files/mr_0007.nii.gz"))).arrayBuffer();
         await new Promise((r) => setTimeout(r, 40));
       }
     })();
@@ -147,7 +150,7 @@ try {
       if (page.url().includes("s3cret")) throw new Error(`token in the URL ${page.url()}`);
       const visible = await page.evaluate(() => document.cookie);
       if (visible.includes("s3cret")) throw new Error("the token cookie is readable by the page");
-      const anonymous = await fetch(new URL("api/entries", base));
+      const anonymous = await fetch(under(base, "api/entries"));
       if (anonymous.status !== 401) throw new Error(`api/entries without the token: ${anonymous.status}`);
     } finally {
       guarded.server.stdin.end();

@@ -12,6 +12,9 @@ use reqwest::StatusCode;
 
 use crate::MB;
 
+/// The dashboard's own endpoints: the page under a mount point.
+mod dashboard;
+
 struct Server {
     base: String,
     task: tokio::task::JoinHandle<()>,

@@ -1,0 +1,113 @@
+//! The dashboard's endpoints against a real HTTP client: the page mounted under a prefix and
+//! every request it makes.
+
+use std::net::SocketAddr;
+
+use reqwest::StatusCode;
+
+use super::setup;
+use crate::support::origin::Origin;
+use crate::support::route_volumes;
+
+/// Serves `app` on 127.0.0.1; returns its base URL (no trailing slash) and the task.
+async fn serve_app(app: axum::Router) -> (String, super::Server) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    let base = format!("http://{addr}");
+    (base.clone(), super::Server { base, task })
+}
+
+/// The requests the page's script makes, as `(method, path)`: every `api("METHOD", "PATH"`
+/// and `here("PATH")` in it, the path up to its query.
+fn requests_of(page: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for (open, method) in [("api(\"", None), ("here(\"", Some("GET"))] {
+        for (at, _) in page.match_indices(open) {
+            let rest = &page[at + open.len()..];
+            let (method, rest) = match method {
+                Some(m) => (m.to_owned(), rest),
+                None => {
+                    let (m, rest) = rest.split_once('"').unwrap();
+                    (m.to_owned(), rest.trim_start_matches([',', ' ', '"']))
+                }
+            };
+            let path = rest.split(['"', '?']).next().unwrap().to_owned();
+            if path.starts_with("api/") && !found.contains(&(method.clone(), path.clone())) {
+                found.push((method, path));
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_under_cache_the_page_and_every_request_it_makes_answer() {
+    let origin = Origin::start().await;
+    route_volumes(&origin, &["data/n"], 3, 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    drop(cache.get("n.nii.gz").await.unwrap());
+    // As the rustdoc of imgcache::server shows it.
+    let app = axum::Router::new().nest("/cache", imgcache::server::router(cache.clone()));
+    let (base, _server) = serve_app(app).await;
+    let http = reqwest::Client::new();
+
+    let page = http.get(format!("{base}/cache")).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(
+        page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'sha256-")
+    );
+    let page = page.text().await.unwrap();
+    let requests = requests_of(&page);
+    for wanted in ["api/stats", "api/entries", "api/counters", "api/events"] {
+        assert!(
+            requests.iter().any(|(_, p)| p == wanted),
+            "the page no longer requests {wanted}: {requests:?}"
+        );
+    }
+    // The page resolves them against its mount point with a trailing slash, /cache/, never
+    // against / (where nothing answers).
+    assert!(
+        page.contains("location.pathname.replace(/\\/*$/, \"/\")"),
+        "the page's base is its path with a trailing slash"
+    );
+    assert_eq!(
+        http.get(format!("{base}/api/stats"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    for (method, path) in &requests {
+        let url = format!("{base}/cache/{path}");
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = http.request(m, &url);
+        if method != "GET" {
+            request = request.json(&serde_json::json!({}));
+        }
+        let answer = request.send().await.unwrap();
+        let status = answer.status();
+        if method == "GET" {
+            assert_eq!(status, StatusCode::OK, "{method} {url}");
+            if path == "api/events" {
+                assert_eq!(answer.headers()["content-type"], "text/event-stream");
+                continue;
+            }
+        }
+        // Routed: an answer of the router's own (JSON, or no content), not axum's empty 404
+        // or 405 for a path or method nothing serves.
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {url}");
+        let body = answer.bytes().await.unwrap();
+        assert!(
+            status != StatusCode::NOT_FOUND || !body.is_empty(),
+            "{method} {url}: nothing serves it"
+        );
+    }
+}
