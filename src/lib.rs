@@ -161,8 +161,8 @@ mod store;
 mod tier;
 
 pub use cache::{
-    CacheStatus, CachedFile, CleanupReport, EntryInfo, FileStream, GetOptions, ImageCache,
-    Verification, VerifyReport,
+    CacheStatus, CachedFile, CleanupPreview, CleanupReport, EntryInfo, FileStream, GetOptions,
+    ImageCache, Verification, VerifyReport,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 pub use file::{
     CacheStatus, CachedFile, CleanupReport, EntryInfo, GetOptions, Verification, VerifyReport,
 };
+pub use removal::CleanupPreview;
 pub use stream::FileStream;
 
 use crate::clock::unix_ms;
@@ -373,19 +374,7 @@ impl ImageCache {
     pub fn entries(&self) -> Vec<EntryInfo> {
         let mut all = self.inner().index.entries();
         all.sort_by_key(|e| std::cmp::Reverse(e.lru()));
-        all.iter()
-            .map(|e| EntryInfo {
-                url: e.meta.url.clone(),
-                path: e.path.clone(),
-                size: e.meta.size,
-                sha256: e.meta.sha256.clone(),
-                fetched_at_ms: e.fetched_at(),
-                expires_at_ms: e.expires_at(),
-                last_access_ms: e.last_access_ms.load(Ordering::Relaxed),
-                hits: e.hits.load(Ordering::Relaxed),
-                pinned: e.is_pinned(),
-            })
-            .collect()
+        all.iter().map(|e| removal::entry_info(e)).collect()
     }
 
     /// A snapshot of the figures (the original design's `get_stats`).

@@ -1,12 +1,14 @@
 //! After an entry leaves the index: it is counted, announced and logged, and the bytes that
 //! the index moved to a trash name are deleted, off the index lock and, from async code, off
-//! the async workers (deleting gigabytes can take milliseconds).
+//! the async workers (deleting gigabytes can take milliseconds). And what a cleanup would
+//! remove, for a dry run.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use super::Inner;
+use super::{EntryInfo, ImageCache, Inner};
 use crate::events::Event;
-use crate::index::{Reason, Removed};
+use crate::index::{Entry, Reason, Removed};
 use crate::stats::Counter;
 use crate::store;
 
@@ -63,5 +65,85 @@ impl Inner {
             }
             Err(_) => self.dispose_now(removed),
         }
+    }
+}
+
+/// What [`ImageCache::cleanup`] would remove now: from
+/// [`ImageCache::cleanup_preview`], for a dry run.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CleanupPreview {
+    /// Entries past their TTL (and grace period) that nobody holds.
+    pub expired: Vec<EntryInfo>,
+    /// Then the least recently used, until the total fits the size cap.
+    pub evicted: Vec<EntryInfo>,
+}
+
+/// One entry as [`ImageCache::entries`] lists it.
+pub(super) fn entry_info(e: &Entry) -> EntryInfo {
+    EntryInfo {
+        url: e.meta.url.clone(),
+        path: e.path.clone(),
+        size: e.meta.size,
+        sha256: e.meta.sha256.clone(),
+        fetched_at_ms: e.fetched_at(),
+        expires_at_ms: e.expires_at(),
+        last_access_ms: e.last_access_ms.load(Ordering::Relaxed),
+        hits: e.hits.load(Ordering::Relaxed),
+        pinned: e.is_pinned(),
+    }
+}
+
+impl ImageCache {
+    /// The entry of `url`, fresh or expired, if there is one (what
+    /// [`invalidate`](Self::invalidate) would remove).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// assert!(cache.entry("http://images.example.org/ct/1.nii.gz")?.is_none());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidUrl`](crate::ErrorKind::InvalidUrl).
+    pub fn entry(&self, url: impl AsRef<str>) -> crate::Result<Option<EntryInfo>> {
+        let inner = self.inner();
+        let key = inner.resolve(url.as_ref())?.key.clone();
+        Ok(inner
+            .index
+            .entries()
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| entry_info(e)))
+    }
+
+    /// What [`cleanup`](Self::cleanup) would remove now, removing nothing: the expired
+    /// entries nobody holds, then the least recently used until the total fits the cap. The
+    /// cleanup itself may spare some (one another process holds or has just renewed).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// let preview = cache.cleanup_preview();
+    /// let bytes: u64 = preview.expired.iter().chain(&preview.evicted).map(|e| e.size).sum();
+    /// println!("cleanup would free {bytes} bytes");
+    /// assert!(preview.expired.is_empty() && preview.evicted.is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub fn cleanup_preview(&self) -> CleanupPreview {
+        let inner = self.inner();
+        let mut preview = CleanupPreview::default();
+        for (entry, reason) in inner.index.sweep_plan(inner.now_ms()) {
+            match reason {
+                Reason::Expired => preview.expired.push(entry_info(&entry)),
+                _ => preview.evicted.push(entry_info(&entry)),
+            }
+        }
+        preview
     }
 }

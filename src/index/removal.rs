@@ -40,6 +40,39 @@ impl Index {
         (removed, next)
     }
 
+    /// What [`sweep`](Self::sweep) at `now_ms` would remove, removing nothing: the unpinned
+    /// entries past their grace, then the least recently used until the total fits the cap.
+    /// The sweep itself may spare some of them (another process holding or renewing one).
+    pub(crate) fn sweep_plan(&self, now_ms: u64) -> Vec<(Arc<Entry>, Reason)> {
+        let st = self.lock();
+        let grace = self.grace_ms;
+        let mut total = self.total(&st);
+        let mut plan: Vec<(Arc<Entry>, Reason)> = st
+            .entries
+            .values()
+            .filter(|e| now_ms >= e.expires_at().saturating_add(grace) && !e.is_pinned())
+            .map(|e| (Arc::clone(e), Reason::Expired))
+            .collect();
+        let mut planned: std::collections::HashSet<Key> =
+            plan.iter().map(|(e, _)| e.key.clone()).collect();
+        for (e, _) in &plan {
+            total = total.saturating_sub(e.meta.size);
+        }
+        let max = self.max();
+        for key in self.eviction_order(&st) {
+            if total <= max {
+                break;
+            }
+            if let Some(e) = st.entries.get(&key)
+                && planned.insert(key)
+            {
+                total = total.saturating_sub(e.meta.size);
+                plan.push((Arc::clone(e), Reason::Evicted));
+            }
+        }
+        plan
+    }
+
     /// Committed bytes, doomed bytes and every live process's reservations.
     pub(super) fn total(&self, st: &State) -> u64 {
         // Saturating: other processes' reservations come from files anyone may have written.

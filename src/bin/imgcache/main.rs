@@ -3,17 +3,24 @@
 //! Exit codes: 0 success; 1 a download, verification or other operation failed; 2 bad usage.
 //! A closed stdout (`imgcache ls | head -1`) is not an error.
 
-use std::collections::HashMap;
-use std::io::{self, BufRead, IsTerminal, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use futures_util::StreamExt;
-use imgcache::{CacheBuilder, Event, ImageCache, Received, Verification};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use imgcache::{CacheBuilder, GetOptions, ImageCache, Verification};
+
+mod bars;
+mod listing;
+mod registry;
+mod removal;
+mod sizes;
+
+use bars::Bars;
+use removal::{Deleting, Plan};
 
 /// A local cache of large remote files (NIfTI volumes): URL in, local path out.
 ///
@@ -25,6 +32,9 @@ struct Cli {
     /// Cache directory [env: CACHE_DIR; default ~/.cache/vista3d]
     #[arg(long, global = true, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Size cap with a unit: 20GiB, 500MB, 1.5T [env: CACHE_MAX_SIZE_MB; default 1GiB]
+    #[arg(long, global = true, value_name = "SIZE", value_parser = sizes::parse_size, conflicts_with = "max_size_mb")]
+    max_size: Option<u64>,
     /// Size cap in MB (2^20 bytes) [env: CACHE_MAX_SIZE_MB; default 1024]
     #[arg(long, global = true, value_name = "N")]
     max_size_mb: Option<f64>,
@@ -37,7 +47,8 @@ struct Cli {
     /// Log more (-v info, -vv debug); RUST_LOG overrides
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
-    /// No progress bars (they are drawn on stderr only when stdout is a terminal)
+    /// No progress bars (they are drawn on stderr when it is a terminal; no colour when it
+    /// is not, or NO_COLOR is set)
     #[arg(short, long, global = true)]
     quiet: bool,
     #[command(subcommand)]
@@ -65,7 +76,9 @@ enum Command {
         command: Vec<String>,
     },
     /// Fetch every URL listed in FILE (one a line; blank lines and # comments skipped; - for
-    /// stdin) with bounded concurrency, to warm the cache
+    /// stdin) with bounded concurrency, to warm the cache. A line may give the file's SHA-256
+    /// after its URL, as pooch registries do (`ct/1.nii.gz 9f86...` or `sha256:9f86...`):
+    /// that download is checked against it
     Prefetch {
         #[arg(value_name = "FILE")]
         file: PathBuf,
@@ -88,38 +101,63 @@ enum Command {
         /// Print JSON
         #[arg(long)]
         json: bool,
-    },
-    /// List the entries, most recently used first
-    Ls {
-        /// Print JSON
+        /// Sizes in bytes instead of KiB, MiB, GiB
         #[arg(long)]
-        json: bool,
+        bytes: bool,
     },
-    /// Remove the entry of a URL
+    /// List the entries (most recently used first), then their totals
+    Ls(listing::LsArgs),
+    /// Remove the entry of a URL, or with --prefix every entry below it
     Invalidate {
         #[arg(value_name = "URL")]
         url: String,
+        /// URL is a prefix: remove every entry whose URL starts with it (a relative one is
+        /// below IMAGE_SERVER)
+        #[arg(long, conflicts_with = "shared")]
+        prefix: bool,
         /// Remove the shared tier's record too, so that the whole fleet asks the origin again
         #[arg(long)]
         shared: bool,
+        #[command(flatten)]
+        deleting: Deleting,
     },
-    /// Remove every entry
+    /// Remove every entry, or with --older-than those downloaded longer ago
     Clear {
+        /// Only entries downloaded longer ago than this: 7d, 12h, 90m
+        #[arg(long, value_name = "AGE", value_parser = humantime::parse_duration, conflicts_with = "shared")]
+        older_than: Option<Duration>,
         /// Remove everything of the shared tier too (blobs, records and leases of the fleet)
         #[arg(long)]
         shared: bool,
+        #[command(flatten)]
+        deleting: Deleting,
     },
     /// Remove expired entries and enforce the size cap now
-    Cleanup,
+    Cleanup {
+        #[command(flatten)]
+        deleting: Deleting,
+    },
     /// Re-hash one entry, or all; corrupt entries are removed (exit 1 if any)
     Verify {
         #[arg(value_name = "URL")]
         url: Option<String>,
     },
+    /// Print a completion script: `imgcache completions bash > /etc/bash_completion.d/imgcache`,
+    /// `imgcache completions zsh > "${fpath[1]}/_imgcache"`,
+    /// `imgcache completions fish > ~/.config/fish/completions/imgcache.fish`
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        // No cache is opened: completions work before any configuration exists.
+        clap_complete::generate(shell, &mut Cli::command(), "imgcache", &mut io::stdout());
+        return ExitCode::SUCCESS;
+    }
     init_tracing(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -152,7 +190,14 @@ fn init_tracing(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
+        .with_ansi(colour())
         .init();
+}
+
+/// Colour (and other terminal codes) only on a terminal, and never with NO_COLOR set to
+/// anything but the empty string (no-color.org).
+fn colour() -> bool {
+    io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
@@ -170,6 +215,9 @@ async fn open(cli: &Cli) -> anyhow::Result<ImageCache> {
         anyhow::ensure!(mb.is_finite() && mb > 0.0, "--max-size-mb must be positive");
         builder = builder.max_size_bytes((mb * imgcache::MB as f64) as u64);
     }
+    if let Some(bytes) = cli.max_size {
+        builder = builder.max_size_bytes(bytes);
+    }
     if let Some(ttl) = cli.ttl {
         builder = builder.default_ttl(ttl);
     }
@@ -179,6 +227,16 @@ async fn open(cli: &Cli) -> anyhow::Result<ImageCache> {
     // A short-lived command sweeps only when asked (`cleanup`); the server sweeps as configured.
     if !matches!(cli.command, Command::Serve { .. }) {
         builder = builder.sweep_interval(Duration::ZERO);
+    }
+    // A dry run removes nothing, not even what opening would.
+    let dry_run = match &cli.command {
+        Command::Invalidate { deleting, .. }
+        | Command::Clear { deleting, .. }
+        | Command::Cleanup { deleting } => deleting.dry_run,
+        _ => false,
+    };
+    if dry_run {
+        builder = builder.sweep_on_open(false);
     }
     let cache = builder.build().await?;
     Ok(cache)
@@ -204,7 +262,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         return result;
     }
-    let bars = (!cli.quiet && io::stdout().is_terminal()).then(|| Bars::start(&cache));
+    // Bars go to stderr, so that `imgcache get X | xargs ...` still shows them.
+    let bars = (!cli.quiet && io::stderr().is_terminal()).then(|| Bars::start(&cache));
     let result = command(&cache, &cli.command, bars.as_ref()).await;
     if let Some(bars) = bars {
         bars.stop();
@@ -277,88 +336,6 @@ async fn signalled() {
     }
 }
 
-/// Progress bars on stderr, one per running download, driven by the cache's events.
-struct Bars {
-    multi: MultiProgress,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Bars {
-    fn start(cache: &ImageCache) -> Bars {
-        let multi = MultiProgress::new();
-        let mut events = cache.subscribe();
-        let shown = multi.clone();
-        let task = tokio::spawn(async move {
-            let style = ProgressStyle::with_template(
-                "{msg:30!} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} ETA {eta}",
-            )
-            .expect("a valid template");
-            let mut bars: HashMap<String, ProgressBar> = HashMap::new();
-            loop {
-                match events.recv().await {
-                    Received::Event(Event::DownloadStarted { url, total }) => {
-                        let bar = shown.add(ProgressBar::new(total.unwrap_or(0)));
-                        bar.set_style(style.clone());
-                        bar.set_message(url.rsplit('/').next().unwrap_or("").to_owned());
-                        bars.insert(url, bar);
-                    }
-                    Received::Event(Event::Progress { url, received, .. }) => {
-                        if let Some(bar) = bars.get(&url) {
-                            bar.set_position(received);
-                        }
-                    }
-                    Received::Event(
-                        Event::DownloadFinished { url, .. } | Event::DownloadFailed { url, .. },
-                    ) => {
-                        if let Some(bar) = bars.remove(&url) {
-                            bar.finish_and_clear();
-                        }
-                    }
-                    Received::Closed => break,
-                    _ => {}
-                }
-            }
-        });
-        Bars { multi, task }
-    }
-
-    /// An overall bar of `total` files, below the download bars.
-    fn overall(&self, total: u64) -> ProgressBar {
-        let bar = self.multi.add(ProgressBar::new(total));
-        bar.set_style(
-            ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} files, {elapsed}")
-                .expect("a valid template"),
-        );
-        bar.set_prefix("prefetch");
-        bar
-    }
-
-    fn stop(self) {
-        self.task.abort();
-        let _ = self.multi.clear();
-    }
-}
-
-/// URLs listed one a line in `file` (`-` for stdin), without blank lines and # comments.
-fn read_url_list(file: &std::path::Path) -> anyhow::Result<Vec<String>> {
-    let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
-        Box::new(io::BufReader::new(io::stdin()))
-    } else {
-        let f =
-            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-        Box::new(io::BufReader::new(f))
-    };
-    let mut urls = Vec::new();
-    for line in reader.lines() {
-        let line = line.with_context(|| format!("cannot read {}", file.display()))?;
-        let line = line.trim();
-        if !line.is_empty() && !line.starts_with('#') {
-            urls.push(line.to_owned());
-        }
-    }
-    Ok(urls)
-}
-
 async fn command(
     cache: &ImageCache,
     command: &Command,
@@ -417,19 +394,25 @@ async fn command(
             return Ok(ExitCode::from(code));
         }
         Command::Prefetch { file, jobs } => {
-            let urls = read_url_list(file)?;
-            let overall = bars.map(|b| b.overall(urls.len() as u64));
-            let mut results = futures_util::stream::iter(urls.iter())
-                .map(|url| async move { (url, cache.get(url).await) })
+            let wanted = registry::read(file)?;
+            let overall = bars.map(|b| b.overall(wanted.len() as u64));
+            let mut results = futures_util::stream::iter(wanted.iter())
+                .map(|w| async move {
+                    let mut options = GetOptions::new();
+                    if let Some(sha256) = &w.sha256 {
+                        options = options.expected_sha256(sha256);
+                    }
+                    (w, cache.get_with(&w.url, options).await)
+                })
                 .buffer_unordered(usize::from(*jobs));
             let (mut fetched, mut hits, mut failed) = (0u64, 0u64, 0u64);
-            while let Some((url, result)) = results.next().await {
+            while let Some((w, result)) = results.next().await {
                 match result {
                     Ok(file) if file.status() == imgcache::CacheStatus::Hit => hits += 1,
                     Ok(_) => fetched += 1,
                     Err(e) => {
                         failed += 1;
-                        let line = format!("imgcache: {}: {e}", cache.redacted(url));
+                        let line = format!("imgcache: {}: {e}", cache.redacted(&w.url));
                         match &overall {
                             Some(bar) => bar.println(line),
                             None => eprintln!("{line}"),
@@ -443,67 +426,50 @@ async fn command(
             if let Some(bar) = overall {
                 bar.finish_and_clear();
             }
+            let checked = wanted.iter().filter(|w| w.sha256.is_some()).count();
             writeln!(
                 out,
                 "{} files: {fetched} fetched, {hits} already cached, {failed} failed",
-                urls.len()
+                wanted.len()
             )?;
+            if checked > 0 {
+                writeln!(out, "{checked} checked against the SHA-256 of the list")?;
+            }
             return Ok(if failed > 0 {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
             });
         }
-        Command::Serve { .. } => unreachable!("handled in run"),
-        Command::Stats { json } => {
-            let s = cache.stats();
-            if *json {
-                serde_json::to_writer_pretty(&mut out, &s)?;
-                writeln!(out)?;
-            } else {
-                let rows = [
-                    ("cache_dir", s.cache_dir.clone()),
-                    ("entries_count", s.entries_count.to_string()),
-                    (
-                        "current_size_mb",
-                        format!("{:.1} of {:.1}", s.current_size_mb, s.max_size_mb),
-                    ),
-                    ("hit_rate", format!("{:.1} %", s.hit_rate * 100.0)),
-                ];
-                for (name, value) in rows {
-                    writeln!(out, "{name:<24}{value}")?;
-                }
-                for (counter, value) in s.counters() {
-                    writeln!(out, "{:<24}{value}", counter.name)?;
-                }
-                writeln!(out, "{:<24}{} h", "default_ttl", s.default_ttl_hours)?;
-                if let (Some(tier), Some(state)) = (&s.shared_tier, &s.shared_tier_state) {
-                    writeln!(out, "{:<24}{tier} ({state})", "shared_tier")?;
-                }
+        Command::Serve { .. } | Command::Completions { .. } => {
+            unreachable!("handled before")
+        }
+        Command::Stats { json, bytes } => listing::stats(cache, *json, *bytes, &mut out)?,
+        Command::Ls(args) => listing::ls(cache, args, &mut out)?,
+        Command::Invalidate {
+            url,
+            prefix: true,
+            deleting,
+            ..
+        } => {
+            let plan = Plan::of(removal::with_prefix(cache, url), "prefix");
+            if plan.entries.is_empty() {
+                eprintln!("imgcache: nothing cached below {}", cache.redacted(url));
+            } else if removal::approve(&plan, *deleting, &mut out)? {
+                let n = removal::remove(cache, &plan).await?;
+                writeln!(out, "removed {n} entries")?;
             }
         }
-        Command::Ls { json } => {
-            let entries = cache.entries();
-            if *json {
-                serde_json::to_writer_pretty(&mut out, &entries)?;
-                writeln!(out)?;
-            } else {
-                let now = SystemTime::now();
-                for e in entries {
-                    let expires = imgcache_expiry(now, e.expires_at_ms);
-                    writeln!(
-                        out,
-                        "{:>10.1} MB  {:<14}  {}\n{:>16}{}",
-                        e.size as f64 / imgcache::MB as f64,
-                        expires,
-                        e.url,
-                        "",
-                        e.path.display()
-                    )?;
-                }
+        Command::Invalidate {
+            url,
+            shared,
+            deleting,
+            ..
+        } => {
+            let plan = Plan::of(cache.entry(url)?.into_iter().collect(), "asked");
+            if !removal::approve(&plan, *deleting, &mut out)? {
+                return Ok(ExitCode::SUCCESS);
             }
-        }
-        Command::Invalidate { url, shared } => {
             let found = if *shared {
                 cache.invalidate_shared(url).await?
             } else {
@@ -513,26 +479,51 @@ async fn command(
                 eprintln!("imgcache: {}: not cached here", cache.redacted(url));
             }
         }
-        Command::Clear { shared: false } => {
-            let n = cache.clear().await?;
-            writeln!(out, "removed {n} entries")?;
+        Command::Clear {
+            older_than: Some(age),
+            deleting,
+            ..
+        } => {
+            let plan = Plan::of(removal::older_than(cache, *age), "old");
+            if removal::approve(&plan, *deleting, &mut out)? {
+                let n = removal::remove(cache, &plan).await?;
+                writeln!(out, "removed {n} entries")?;
+            }
         }
-        Command::Clear { shared: true } => {
-            let (n, objects) = cache.clear_shared().await?;
-            writeln!(
-                out,
-                "removed {n} entries, and {objects} objects of the shared tier"
-            )?;
+        Command::Clear {
+            shared, deleting, ..
+        } => {
+            let plan = Plan::of(cache.entries(), "clear");
+            if !removal::approve(&plan, *deleting, &mut out)? {
+                return Ok(ExitCode::SUCCESS);
+            }
+            if *shared {
+                let (n, objects) = cache.clear_shared().await?;
+                writeln!(
+                    out,
+                    "removed {n} entries, and {objects} objects of the shared tier"
+                )?;
+            } else {
+                let n = cache.clear().await?;
+                writeln!(out, "removed {n} entries")?;
+            }
         }
-        Command::Cleanup => {
-            let r = cache.cleanup().await?;
-            writeln!(
-                out,
-                "expired {}, evicted {}, freed {:.1} MB",
-                r.expired,
-                r.evicted,
-                r.bytes_freed as f64 / imgcache::MB as f64
-            )?;
+        Command::Cleanup { deleting } => {
+            let preview = cache.cleanup_preview();
+            let mut plan = Plan::of(preview.expired, "expired");
+            let evicted = Plan::of(preview.evicted, "evicted");
+            plan.entries.extend(evicted.entries);
+            plan.why.extend(evicted.why);
+            if removal::approve(&plan, *deleting, &mut out)? {
+                let r = cache.cleanup().await?;
+                writeln!(
+                    out,
+                    "expired {}, evicted {}, freed {}",
+                    r.expired,
+                    r.evicted,
+                    sizes::human(r.bytes_freed)
+                )?;
+            }
         }
         Command::Verify { url: Some(url) } => {
             let outcome = cache.verify(url).await?;
@@ -564,17 +555,6 @@ async fn command(
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn imgcache_expiry(now: SystemTime, expires_at_ms: u64) -> String {
-    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(expires_at_ms);
-    match at.duration_since(now) {
-        Ok(left) => format!(
-            "in {}",
-            humantime::format_duration(Duration::from_secs(left.as_secs()))
-        ),
-        Err(_) => "expired".to_owned(),
-    }
 }
 
 /// Runs `program` with `args` and the paths of `files`, and waits for it while the files
