@@ -6,6 +6,7 @@
 //! | `GET /` | the dashboard: one page, no external assets, live through server-sent events |
 //! | `GET /api/stats`, `GET /api/entries` | [`Stats`](crate::Stats) and [`EntryInfo`](crate::EntryInfo)s as JSON |
 //! | `GET /api/counters` | the counters' table ([`CounterInfo`](crate::CounterInfo)s): name, Prometheus name, help |
+//! | `GET /api/history` | the plots' last hour: hits, misses, bytes served from cache and bytes downloaded, sampled every 10 s |
 //! | `POST /api/clear`, `POST /api/cleanup` | remove every entry; expire and enforce the cap now |
 //! | `DELETE /api/entries?url=...` | invalidate one entry |
 //! | `PUT /api/config` | `{"ttl_hours": 24, "max_size_mb": 1024}` (either or both) |
@@ -39,10 +40,12 @@
 mod api;
 mod auth;
 mod files;
+mod history;
 mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{FromRequest, FromRequestParts, Query, Request};
@@ -55,19 +58,33 @@ use tokio::net::{TcpListener, TcpStream};
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::{ErrorKind, ImageCache};
+use history::History;
 use metrics::Metrics;
 
 /// Settings of the [`router_with`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ServerOptions {
     /// When set, every route but the dashboard page and its login requires it, as
     /// `Authorization: Bearer <token>` or as the cookie the page's login form sets.
     pub admin_token: Option<String>,
+    /// How often the counters that the dashboard plots (`GET /api/history`) are sampled:
+    /// every 10 s by default. The last 360 samples are kept, an hour at the default; zero
+    /// keeps only the one taken when the router is built.
+    pub history_interval: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            admin_token: None,
+            history_interval: history::DEFAULT_INTERVAL,
+        }
+    }
 }
 
 impl ServerOptions {
-    /// Options with no admin token.
+    /// Options with no admin token and the history sampled every 10 s.
     pub fn new() -> Self {
         Self::default()
     }
@@ -76,6 +93,13 @@ impl ServerOptions {
     #[must_use]
     pub fn admin_token(mut self, token: impl Into<String>) -> Self {
         self.admin_token = Some(token.into());
+        self
+    }
+
+    /// Sets [`history_interval`](Self::history_interval).
+    #[must_use]
+    pub fn history_interval(mut self, every: Duration) -> Self {
+        self.history_interval = every;
         self
     }
 }
@@ -121,6 +145,8 @@ struct AppState {
     /// A secret of this router's, from which the login cookie's value is derived.
     session_secret: [u8; 32],
     metrics: Metrics,
+    /// The counters sampled for the dashboard's plots.
+    history: History,
 }
 
 impl AppState {
@@ -137,17 +163,20 @@ impl AppState {
 /// The router with `options`.
 ///
 /// Called inside a Tokio runtime, it also starts a task that feeds the download-duration
-/// histogram of `/metrics` from the cache's events; it ends when the router (every clone of
-/// it) or the cache is dropped.
+/// histogram of `/metrics` from the cache's events, and one that samples the counters for
+/// the dashboard's plots; they end when the router (every clone of it) is dropped, the first
+/// also when the cache is.
 pub fn router_with(cache: ImageCache, options: ServerOptions) -> Router {
     let state = Arc::new(AppState {
         metrics: Metrics::start(&cache),
+        history: History::start(&cache, options.history_interval),
         cache,
         token: options.admin_token.filter(|t| !t.trim().is_empty()),
         session_secret: std::array::from_fn(|_| fastrand::u8(..)),
     });
     api::routes()
         .merge(metrics::routes())
+        .merge(history::routes())
         .merge(files::routes())
         .route("/api/login", post(auth::login))
         .route("/api/logout", post(auth::logout))

@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 
 use crate::MB;
 
-/// The dashboard's own endpoints: the page under a mount point.
+/// The dashboard's own endpoints: the page under a mount point, its plots' history.
 mod dashboard;
 
 struct Server {
@@ -520,6 +520,7 @@ async fn an_admin_token_guards_every_route_but_the_page_and_its_login() {
         ("GET", "/api/stats"),
         ("GET", "/api/entries"),
         ("GET", "/api/counters"),
+        ("GET", "/api/history"),
         ("GET", "/api/events"),
         ("GET", "/metrics"),
         ("GET", "/files/t.nii.gz"),

@@ -1,13 +1,23 @@
 //! The dashboard's endpoints against a real HTTP client: the page mounted under a prefix and
-//! every request it makes.
+//! every request it makes, and the history its plots draw.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
+use imgcache::ManualClock;
+use imgcache::server::ServerOptions;
 use reqwest::StatusCode;
+use serde_json::{Value, json as j};
 
-use super::setup;
+use super::{json, serve, setup};
 use crate::support::origin::Origin;
-use crate::support::route_volumes;
+use crate::support::{builder, route_volumes};
+
+fn ms(clock: &ManualClock) -> u64 {
+    use imgcache::Clock;
+    clock.now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
 
 /// Serves `app` on 127.0.0.1; returns its base URL (no trailing slash) and the task.
 async fn serve_app(app: axum::Router) -> (String, super::Server) {
@@ -110,4 +120,62 @@ async fn nested_under_cache_the_page_and_every_request_it_makes_answer() {
             "{method} {url}: nothing serves it"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_samples_the_counters_by_the_caches_clock_and_keeps_them() {
+    let origin = Origin::start().await;
+    route_volumes(&origin, &["data/h"], 4, 2000);
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new());
+    let cache = builder(dir.path(), &clock)
+        .image_server(origin.url("data"))
+        .build()
+        .await
+        .unwrap();
+    let t0 = ms(&clock);
+    let options = ServerOptions::new().history_interval(Duration::from_millis(20));
+    let server = serve(cache.clone(), options).await;
+    let http = reqwest::Client::new();
+    let history = || json::<Value>(http.get(format!("{}/api/history", server.base)));
+
+    let first = history().await;
+    assert_eq!(
+        (first["interval_ms"].clone(), first["capacity"].clone()),
+        (j!(20), j!(360))
+    );
+    let zero = j!({"t_ms": t0, "hits": 0, "misses": 0, "bytes_served_from_cache": 0, "bytes_downloaded": 0});
+    assert_eq!(
+        first["samples"][0], zero,
+        "the sample taken when the router was built"
+    );
+
+    drop(cache.get("h.nii.gz").await.unwrap());
+    drop(cache.get("h.nii.gz").await.unwrap());
+    clock.advance(Duration::from_secs(10));
+    let later = j!({"t_ms": t0 + 10_000, "hits": 1, "misses": 1,
+        "bytes_served_from_cache": 2000, "bytes_downloaded": 2000});
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        let answer = history().await;
+        let samples = answer["samples"].as_array().unwrap();
+        if samples.last() == Some(&later) {
+            break answer;
+        }
+        assert!(Instant::now() < deadline, "no later sample: {answer}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(
+        answer["samples"][0], zero,
+        "the first stays: a reloaded page draws it too"
+    );
+    assert_eq!(answer["current"], later, "the counters now");
+    let samples = answer["samples"].as_array().unwrap();
+    assert!(samples.len() <= 360);
+    assert!(
+        samples
+            .windows(2)
+            .all(|w| w[0]["t_ms"].as_u64() <= w[1]["t_ms"].as_u64()),
+        "oldest first"
+    );
 }
