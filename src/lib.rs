@@ -139,8 +139,10 @@
 //! - `cli` (default): the `imgcache` binary (with `server`).
 //! - `server`: `server::router`, the dashboard, JSON API, Prometheus metrics and the
 //!   `/files` sidecar as an axum router.
-//! - `failpoints`: lets the environment variable `IMGCACHE_FAILPOINT` abort the process at
-//!   named steps of a commit, for crash tests. Never enable it in production.
+//!
+//! The crash tests' abort points are not a feature (a dependent crate could switch a feature
+//! on for everyone): they need `--cfg imgcache_failpoints`, which `IMGCACHE_FAILPOINTS=1`
+//! at build time sets.
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 

@@ -1,5 +1,5 @@
 //! Crash safety: a child process is killed with SIGKILL mid-download, or aborted at each step
-//! of the commit (failpoints, with the `failpoints` feature); the cache reopened on the same
+//! of the commit (failpoints, built with `IMGCACHE_FAILPOINTS=1`); the cache reopened on the same
 //! directory serves no partial file, removes the orphans, and downloads again.
 //!
 //! The child is this test binary itself, run as `--exact crash::crash_child --ignored`.
@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::origin::{Origin, Route, sha256_hex, volume};
-#[cfg(feature = "failpoints")]
+#[cfg(imgcache_failpoints)]
 use crate::support::{data_files, files};
 use crate::support::{open, temp_files};
 use imgcache::CacheStatus;
@@ -117,7 +117,7 @@ async fn kill_9_mid_download_leaves_nothing_to_serve() {
     assert_eq!(std::fs::read(file.path()).unwrap(), body);
 }
 
-#[cfg(feature = "failpoints")]
+#[cfg(imgcache_failpoints)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_at_each_step_of_the_commit_is_recovered() {
     let origin = Origin::start().await;
@@ -162,7 +162,7 @@ async fn a_crash_at_each_step_of_the_commit_is_recovered() {
     }
 }
 
-#[cfg(feature = "failpoints")]
+#[cfg(imgcache_failpoints)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_while_replacing_an_entry_never_pairs_old_meta_with_new_bytes() {
     let origin = Origin::start().await;

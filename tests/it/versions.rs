@@ -70,7 +70,7 @@ async fn a_revalidation_that_brings_new_bytes_leaves_the_held_version_alone() {
 
 /// The fault cases below run in a child process each: the failpoint is read from the
 /// process's environment.
-#[cfg(feature = "failpoints")]
+#[cfg(imgcache_failpoints)]
 mod faults {
     use std::time::Duration;
 
