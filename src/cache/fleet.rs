@@ -66,6 +66,14 @@ impl ImageCache {
     /// origin for the fleet. Hosts that have it keep their local copies until they expire or
     /// are invalidated there; its blob stays (other URLs may share it).
     ///
+    /// ```no_run
+    /// # async fn demo(cache: imgcache::ImageCache) -> imgcache::Result<()> {
+    /// // The origin corrected the file: no host may get the old bytes from the tier.
+    /// let had_it = cache.invalidate_shared("ct/0042.nii.gz").await?;
+    /// println!("local copy removed: {had_it}; the next host to miss downloads it");
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// [`ErrorKind::InvalidUrl`](crate::ErrorKind::InvalidUrl); [`ErrorKind::Config`](crate::ErrorKind::Config) when no shared tier is configured;
     /// [`ErrorKind::Network`](crate::ErrorKind::Network) when the tier cannot be reached (the local entry is removed
@@ -92,6 +100,13 @@ impl ImageCache {
     /// [`clear`](Self::clear), and every object of the shared tier (blobs, records and
     /// leases below its prefix). Returns the local entries and the tier's objects removed.
     ///
+    /// ```no_run
+    /// # async fn demo(cache: imgcache::ImageCache) -> imgcache::Result<()> {
+    /// let (entries, objects) = cache.clear_shared().await?;
+    /// println!("removed {entries} local entries and {objects} objects of the tier");
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// [`ErrorKind::Config`](crate::ErrorKind::Config) when no shared tier is configured; [`ErrorKind::Network`](crate::ErrorKind::Network) when
     /// the tier cannot be reached (the local entries are removed first).
@@ -112,6 +127,17 @@ impl ImageCache {
 
     /// Waits until the uploads to the shared tier that downloads started are done (they
     /// run in the background; [`shutdown`](Self::shutdown) waits for them too).
+    ///
+    /// ```no_run
+    /// # async fn demo(cache: imgcache::ImageCache) -> imgcache::Result<()> {
+    /// // Warm the tier for the fleet from one host, then tell the others to start.
+    /// for url in ["ct/0042.nii.gz", "ct/0043.nii.gz"] {
+    ///     cache.get(url).await?;
+    /// }
+    /// cache.flush_shared().await;
+    /// println!("{} files published", cache.stats().shared_uploads);
+    /// # Ok(()) }
+    /// ```
     pub async fn flush_shared(&self) {
         self.inner().uploads.idle().await;
     }

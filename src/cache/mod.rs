@@ -148,11 +148,32 @@ impl fmt::Debug for ImageCache {
 
 impl ImageCache {
     /// A builder with every default (see [`CacheBuilder`]).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let cache = imgcache::ImageCache::builder()
+    ///     .cache_dir(dir.path())
+    ///     .max_size_bytes(20 * 1024 * imgcache::MB)
+    ///     .build()
+    ///     .await?;
+    /// assert_eq!(cache.stats().max_size_bytes, 20 * 1024 * imgcache::MB);
+    /// # Ok(()) }
+    /// ```
     pub fn builder() -> CacheBuilder {
         CacheBuilder::new()
     }
 
     /// A cache configured from the environment and `.env` (see [`CacheBuilder::from_env`]).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> imgcache::Result<()> {
+    /// // CACHE_DIR=/var/cache/volumes IMAGE_SERVER=http://images:8042/data/ my-service
+    /// let cache = imgcache::ImageCache::from_env().await?;
+    /// println!("caching in {}", cache.cache_dir().display());
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// As [`CacheBuilder::from_env`] and [`CacheBuilder::build`].
@@ -169,6 +190,17 @@ impl ImageCache {
     /// `url` is absolute (`http://server/ct/0042.nii.gz`) or relative to the configured image
     /// server (`ct/0042.nii.gz`). Concurrent calls for one URL share one download.
     ///
+    /// ```no_run
+    /// # async fn demo(cache: imgcache::ImageCache) -> Result<(), Box<dyn std::error::Error>> {
+    /// // Relative to the image server, or absolute ("http://images:8042/data/ct/0042.nii.gz").
+    /// let file = cache.get("ct/0042.nii.gz").await?;
+    /// println!("{} ({} bytes, {:?})", file.path().display(), file.size(), file.status());
+    /// // While `file` lives, no eviction or invalidation deletes the bytes under the reader.
+    /// let bytes = tokio::fs::read(&file).await?;
+    /// assert_eq!(bytes.len() as u64, file.size());
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// [`ErrorKind::InvalidUrl`] for a URL that cannot be cached; for a failed download, the
     /// download's error ([`ErrorKind::HttpStatus`], [`ErrorKind::Network`],
@@ -184,6 +216,20 @@ impl ImageCache {
     }
 
     /// [`get`](Self::get) with per-call options.
+    ///
+    /// ```no_run
+    /// # async fn demo(cache: imgcache::ImageCache) -> Result<(), Box<dyn std::error::Error>> {
+    /// use imgcache::{ErrorKind, GetOptions};
+    ///
+    /// let options = GetOptions::new()
+    ///     .expected_sha256("5d41402abc4b2a76b9719d911017c592ae0e2d4d2f5b3f7a1c6c9e8e1d2b3c4d");
+    /// match cache.get_with("ct/0042.nii.gz", options).await {
+    ///     Ok(file) => println!("verified: {}", file.sha256()),
+    ///     Err(e) if e.kind() == ErrorKind::ChecksumMismatch => eprintln!("wrong bytes: {e}"),
+    ///     Err(e) => return Err(e.into()),
+    /// }
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// As [`get`](Self::get), and [`ErrorKind::ChecksumMismatch`] when
@@ -241,6 +287,20 @@ impl ImageCache {
 
     /// The cached file for `url` if a fresh, intact entry exists. Never touches the network.
     /// Counts a hit when it returns a file and nothing otherwise; `None` after [`shutdown`](Self::shutdown).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// let url = "http://images.example:8042/data/ct/0042.nii.gz";
+    /// match cache.get_cached(url) {
+    ///     Some(file) => println!("cached at {}", file.path().display()),
+    ///     None => println!("not cached: get() would download it"),
+    /// }
+    /// assert!(cache.get_cached(url).is_none()); // a new cache has nothing yet
+    /// # Ok(()) }
+    /// ```
     pub fn get_cached(&self, url: impl AsRef<str>) -> Option<CachedFile> {
         self.get_cached_with(url, &GetOptions::default())
     }
@@ -280,6 +340,14 @@ impl ImageCache {
     /// original design's `download_and_cache` does when called directly). Joins a download
     /// already running.
     ///
+    /// ```no_run
+    /// # async fn demo(cache: imgcache::ImageCache) -> Result<(), Box<dyn std::error::Error>> {
+    /// // The origin has a new version of the file: fetch it now, not when the TTL runs out.
+    /// let file = cache.refresh("ct/0042.nii.gz").await?;
+    /// println!("{:?}: sha256 {}", file.status(), file.sha256());
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// As [`get`](Self::get); on error the old entry is kept.
     ///
@@ -291,6 +359,18 @@ impl ImageCache {
 
     /// Removes the entry for `url`. Returns whether there was one. A file a caller still holds
     /// is deleted when it is released.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// let url = "http://images.example:8042/data/ct/0042.nii.gz";
+    /// let removed = cache.invalidate(url).await?;
+    /// assert!(!removed); // there was no entry to remove
+    /// assert!(cache.get_cached(url).is_none());
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// [`ErrorKind::InvalidUrl`].
@@ -306,6 +386,17 @@ impl ImageCache {
     /// Removes every entry and returns how many there were. Files callers still hold are
     /// deleted when released. Counters are kept (see [`reset_stats`](Self::reset_stats)).
     ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// let removed = cache.clear().await?;
+    /// println!("removed {removed} entries");
+    /// assert_eq!(cache.stats().entries_count, 0);
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// None today; the `Result` leaves room for I/O errors to be reported.
     pub async fn clear(&self) -> Result<u64> {
@@ -319,6 +410,20 @@ impl ImageCache {
 
     /// Expires entries past their TTL and evicts to honour the cap, now. The background
     /// sweeper does the same periodically.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// let report = cache.cleanup().await?;
+    /// println!(
+    ///     "{} expired, {} evicted, {} bytes freed",
+    ///     report.expired, report.evicted, report.bytes_freed
+    /// );
+    /// assert_eq!(report, imgcache::CleanupReport::default()); // nothing to do in a new cache
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// None today; the `Result` leaves room for I/O errors to be reported.
@@ -342,6 +447,23 @@ impl ImageCache {
     /// Re-hashes the file of `url` and compares it with the recorded SHA-256. A corrupt entry
     /// is removed and counted as an integrity failure.
     ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// use imgcache::Verification;
+    ///
+    /// let url = "http://images.example:8042/data/ct/0042.nii.gz";
+    /// match cache.verify(url).await? {
+    ///     Verification::Ok => println!("intact"),
+    ///     Verification::Corrupt => println!("corrupt: removed, the next get downloads it again"),
+    ///     _ => println!("not cached"),
+    /// }
+    /// assert_eq!(cache.verify(url).await?, Verification::NotCached);
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// [`ErrorKind::InvalidUrl`].
     pub async fn verify(&self, url: impl AsRef<str>) -> Result<Verification> {
@@ -351,6 +473,20 @@ impl ImageCache {
     }
 
     /// [`verify`](Self::verify) for every entry, one at a time.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// let report = cache.verify_all().await?;
+    /// println!("{} files checked", report.checked);
+    /// for url in &report.corrupt {
+    ///     eprintln!("corrupt, removed: {url}");
+    /// }
+    /// assert!(report.corrupt.is_empty());
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// None today; the `Result` leaves room for I/O errors to be reported.
@@ -371,6 +507,19 @@ impl ImageCache {
     }
 
     /// Every committed entry, most recently used first.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// for entry in cache.entries() {
+    ///     println!("{:>12} bytes  {} hits  {}", entry.size, entry.hits, entry.url);
+    /// }
+    /// let total: u64 = cache.entries().iter().map(|e| e.size).sum();
+    /// assert_eq!(total, cache.stats().current_size_bytes);
+    /// # Ok(()) }
+    /// ```
     pub fn entries(&self) -> Vec<EntryInfo> {
         let mut all = self.inner().index.entries();
         all.sort_by_key(|e| std::cmp::Reverse(e.lru()));
@@ -378,6 +527,23 @@ impl ImageCache {
     }
 
     /// A snapshot of the figures (the original design's `get_stats`).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// let stats = cache.stats();
+    /// println!(
+    ///     "{} entries, {:.1} of {:.0} MB, hit rate {:.0} %",
+    ///     stats.entries_count,
+    ///     stats.current_size_mb,
+    ///     stats.max_size_mb,
+    ///     stats.hit_rate * 100.0
+    /// );
+    /// assert_eq!(stats.hits + stats.misses, 0);
+    /// # Ok(()) }
+    /// ```
     pub fn stats(&self) -> Stats {
         let inner = self.inner();
         let f = inner.index.figures();
@@ -402,16 +568,62 @@ impl ImageCache {
     /// A stream of [`Event`]s: downloads starting, progressing, finishing or failing, hits,
     /// coalesced waits, evictions and expirations. A subscriber that falls behind loses the
     /// oldest events; it never slows the cache down.
+    ///
+    /// ```no_run
+    /// # async fn demo(cache: imgcache::ImageCache) -> Result<(), Box<dyn std::error::Error>> {
+    /// use imgcache::{Event, Received};
+    ///
+    /// let mut events = cache.subscribe();
+    /// tokio::spawn(async move {
+    ///     loop {
+    ///         match events.recv().await {
+    ///             Received::Event(Event::Progress { url, received, total: Some(total) }) => {
+    ///                 println!("{url}: {received} of {total} bytes")
+    ///             }
+    ///             Received::Event(event) => println!("{event:?}"),
+    ///             Received::Missed(n) => println!("({n} events dropped)"),
+    ///             Received::Closed | _ => break,
+    ///         }
+    ///     }
+    /// });
+    /// cache.get("ct/0042.nii.gz").await?;
+    /// # Ok(()) }
+    /// ```
     pub fn subscribe(&self) -> Subscription {
         self.inner().events.subscribe()
     }
 
     /// Sets every counter to zero.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// # let _ = cache.get_cached("http://images.example/ct/0042.nii.gz");
+    /// cache.reset_stats();
+    /// let stats = cache.stats();
+    /// assert_eq!((stats.hits, stats.misses, stats.total_downloads), (0, 0, 0));
+    /// # Ok(()) }
+    /// ```
     pub fn reset_stats(&self) {
         self.inner().reset_all_counters();
     }
 
     /// Changes the size cap at run time and evicts at once to honour it.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// use imgcache::{ErrorKind, MB};
+    ///
+    /// cache.set_max_size_bytes(512 * MB)?; // evicts down to 512 MB at once
+    /// assert_eq!(cache.stats().max_size_bytes, 512 * MB);
+    /// assert_eq!(cache.set_max_size_bytes(0).unwrap_err().kind(), ErrorKind::Config);
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// [`ErrorKind::Config`] for zero.
@@ -433,6 +645,18 @@ impl ImageCache {
     /// expiry recorded when they were downloaded; pass [`GetOptions::ttl`] to demand
     /// fresher bytes for one call).
     ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// use std::time::Duration;
+    ///
+    /// cache.set_default_ttl(Duration::from_secs(6 * 3600))?;
+    /// assert_eq!(cache.stats().default_ttl_hours, 6.0);
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// [`ErrorKind::Config`] for zero.
     pub fn set_default_ttl(&self, ttl: Duration) -> Result<()> {
@@ -449,6 +673,19 @@ impl ImageCache {
     }
 
     /// The image server relative URLs resolve against, if one is configured.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let cache = imgcache::ImageCache::builder()
+    ///     .cache_dir(dir.path())
+    ///     .image_server("http://images.example:8042/data/")
+    ///     .build()
+    ///     .await?;
+    /// assert_eq!(cache.image_server(), Some("http://images.example:8042/data/"));
+    /// # Ok(()) }
+    /// ```
     pub fn image_server(&self) -> Option<&str> {
         self.inner()
             .config
@@ -467,6 +704,19 @@ impl ImageCache {
     /// or fragment, and with the values of the query parameters that sign it (see
     /// [`CacheBuilder::ignore_query_params`]) redacted. Text that is not a URL comes back with
     /// anything that looks like user-info removed.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// let url = "https://reader:s3cret@bucket.example/ct/0042.nii.gz?X-Amz-Signature=abc123";
+    /// assert_eq!(
+    ///     cache.redacted(url),
+    ///     "https://bucket.example/ct/0042.nii.gz?X-Amz-Signature=REDACTED"
+    /// );
+    /// # Ok(()) }
+    /// ```
     pub fn redacted(&self, url: impl AsRef<str>) -> String {
         self.inner().config.url_policy.redact_text(url.as_ref())
     }
@@ -499,12 +749,34 @@ impl ImageCache {
     }
 
     /// The cache directory.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// assert_eq!(cache.cache_dir(), dir.path());
+    /// # Ok(()) }
+    /// ```
     pub fn cache_dir(&self) -> &Path {
         &self.inner().config.cache_dir
     }
 
     /// Stops the sweeper, waits for running downloads, and saves access times and counters.
     /// Later calls to `get` fail with [`ErrorKind::Shutdown`]; cached files stay readable.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// use imgcache::ErrorKind;
+    ///
+    /// cache.shutdown().await;
+    /// let err = cache.get("http://images.example/ct/0042.nii.gz").await.unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::Shutdown);
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Cancel safety
     /// Not cancel safe in the sense that the cache is closed as soon as this is first polled.

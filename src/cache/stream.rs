@@ -439,6 +439,20 @@ impl super::ImageCache {
 
     /// [`get_stream`](Self::get_stream) with per-call options.
     ///
+    /// ```no_run
+    /// # async fn demo(cache: imgcache::ImageCache) -> Result<(), Box<dyn std::error::Error>> {
+    /// use imgcache::GetOptions;
+    ///
+    /// let sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    /// let options = GetOptions::new().expected_sha256(sha256);
+    /// let mut stream = cache.get_stream_with("ct/0042.nii.gz", options).await?;
+    /// let mut out = tokio::fs::File::create("/tmp/0042.nii.gz").await?;
+    /// // Ends with an error, not a clean end, if the bytes do not match the digest.
+    /// let copied = tokio::io::copy(&mut stream, &mut out).await?;
+    /// println!("{copied} bytes, as expected");
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// As [`get_stream`](Self::get_stream).
     pub async fn get_stream_with(
@@ -452,6 +466,21 @@ impl super::ImageCache {
     /// [`get_stream_with`](Self::get_stream_with) from byte `start` to `end` (exclusive;
     /// `None` for the end of the file): bytes already on disk come at once, the rest as
     /// the download brings them.
+    ///
+    /// ```no_run
+    /// # async fn demo(cache: imgcache::ImageCache) -> Result<(), Box<dyn std::error::Error>> {
+    /// use imgcache::GetOptions;
+    /// use tokio::io::AsyncReadExt;
+    ///
+    /// // The NIfTI-1 header only: 348 bytes and the 4 of its extension flag.
+    /// let mut stream = cache
+    ///     .get_stream_range("ct/0042.nii", GetOptions::new(), 0, Some(352))
+    ///     .await?;
+    /// let mut header = Vec::new();
+    /// stream.read_to_end(&mut header).await?;
+    /// assert_eq!(header.len(), 352);
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// As [`get_stream`](Self::get_stream); a range past the end of the file ends the
