@@ -7,6 +7,7 @@
 //! | `GET /api/stats`, `GET /api/entries` | [`Stats`](crate::Stats) and [`EntryInfo`](crate::EntryInfo)s as JSON |
 //! | `GET /api/counters` | the counters' table ([`CounterInfo`](crate::CounterInfo)s): name, Prometheus name, help |
 //! | `GET /api/history` | the plots' last hour: hits, misses, bytes served from cache and bytes downloaded, sampled every 10 s |
+//! | `GET /api/downloads` | the downloads in progress: bytes received and expected, speed, time left |
 //! | `POST /api/clear`, `POST /api/cleanup` | remove every entry; expire and enforce the cap now |
 //! | `DELETE /api/entries?url=...` | invalidate one entry |
 //! | `PUT /api/config` | `{"ttl_hours": 24, "max_size_mb": 1024}` (either or both) |
@@ -39,6 +40,7 @@
 
 mod api;
 mod auth;
+mod downloads;
 mod files;
 mod history;
 mod metrics;
@@ -58,6 +60,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::{ErrorKind, ImageCache};
+use downloads::Downloads;
 use history::History;
 use metrics::Metrics;
 
@@ -147,6 +150,8 @@ struct AppState {
     metrics: Metrics,
     /// The counters sampled for the dashboard's plots.
     history: History,
+    /// The downloads in progress, followed from the cache's events.
+    downloads: Downloads,
 }
 
 impl AppState {
@@ -163,13 +168,14 @@ impl AppState {
 /// The router with `options`.
 ///
 /// Called inside a Tokio runtime, it also starts a task that feeds the download-duration
-/// histogram of `/metrics` from the cache's events, and one that samples the counters for
-/// the dashboard's plots; they end when the router (every clone of it) is dropped, the first
-/// also when the cache is.
+/// histogram of `/metrics` from the cache's events, one that follows the downloads in
+/// progress from them, and one that samples the counters for the dashboard's plots; they end
+/// when the router (every clone of it) is dropped, the first two also when the cache is.
 pub fn router_with(cache: ImageCache, options: ServerOptions) -> Router {
     let state = Arc::new(AppState {
         metrics: Metrics::start(&cache),
         history: History::start(&cache, options.history_interval),
+        downloads: Downloads::start(&cache),
         cache,
         token: options.admin_token.filter(|t| !t.trim().is_empty()),
         session_secret: std::array::from_fn(|_| fastrand::u8(..)),
@@ -177,6 +183,7 @@ pub fn router_with(cache: ImageCache, options: ServerOptions) -> Router {
     api::routes()
         .merge(metrics::routes())
         .merge(history::routes())
+        .merge(downloads::routes())
         .merge(files::routes())
         .route("/api/login", post(auth::login))
         .route("/api/logout", post(auth::logout))

@@ -12,7 +12,8 @@ use reqwest::StatusCode;
 
 use crate::MB;
 
-/// The dashboard's own endpoints: the page under a mount point, its plots' history.
+/// The dashboard's own endpoints: the page under a mount point, its plots' history and the
+/// downloads in progress.
 mod dashboard;
 
 struct Server {
@@ -521,6 +522,7 @@ async fn an_admin_token_guards_every_route_but_the_page_and_its_login() {
         ("GET", "/api/entries"),
         ("GET", "/api/counters"),
         ("GET", "/api/history"),
+        ("GET", "/api/downloads"),
         ("GET", "/api/events"),
         ("GET", "/metrics"),
         ("GET", "/files/t.nii.gz"),

@@ -1,5 +1,5 @@
 //! The dashboard's endpoints against a real HTTP client: the page mounted under a prefix and
-//! every request it makes, and the history its plots draw.
+//! every request it makes, the history its plots draw, and the downloads in progress.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +11,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json as j};
 
 use super::{json, serve, setup};
-use crate::support::origin::Origin;
+use crate::MB;
+use crate::support::origin::{Origin, Route, volume};
 use crate::support::{builder, route_volumes};
 
 fn ms(clock: &ManualClock) -> u64 {
@@ -178,4 +179,75 @@ async fn the_history_samples_the_counters_by_the_caches_clock_and_keeps_them() {
             .all(|w| w[0]["t_ms"].as_u64() <= w[1]["t_ms"].as_u64()),
         "oldest first"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_in_progress_is_listed_with_its_speed_and_time_left() {
+    let origin = Origin::start().await;
+    let (route, gate) = Route::ok(volume(6, 4 * MB)).pause_at(2 * MB + 100);
+    origin.route("data/slow.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new());
+    let cache = builder(dir.path(), &clock)
+        .image_server(origin.url("data"))
+        .build()
+        .await
+        .unwrap();
+    let t0 = ms(&clock);
+    let server = serve(cache.clone(), ServerOptions::new()).await;
+    let http = reqwest::Client::new();
+    let downloads = || json::<Vec<Value>>(http.get(format!("{}/api/downloads", server.base)));
+    assert!(downloads().await.is_empty());
+
+    let getter = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get("slow.nii.gz").await.map(drop) }
+    });
+    // Held by the origin after 2 MiB: wait for the progress that says so.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let received = loop {
+        let list = downloads().await;
+        if let Some(r) = list.first().and_then(|d| d["received"].as_u64())
+            && r >= 2 * MB as u64
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no progress listed: {list:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let total = 4 * MB as u64;
+    let list = downloads().await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    let url = origin.url("data/slow.nii.gz");
+    assert_eq!(
+        list[0],
+        j!({"url": url, "received": received, "total": total, "started_at_ms": t0,
+            "elapsed_ms": 0, "bytes_per_sec": null, "eta_ms": null}),
+        "no time has passed on the cache's clock: no speed yet"
+    );
+
+    clock.advance(Duration::from_secs(2));
+    let list = downloads().await;
+    let speed = received as f64 / 2.0;
+    assert_eq!(list[0]["elapsed_ms"], 2000);
+    assert_eq!(list[0]["bytes_per_sec"].as_f64(), Some(speed));
+    let eta = ((total - received) as f64 / speed * 1000.0) as u64;
+    assert_eq!(list[0]["eta_ms"].as_u64(), Some(eta));
+
+    // Nothing more for longer than the speed's window: stalled, no time left to show.
+    clock.advance(Duration::from_secs(8));
+    let list = downloads().await;
+    assert_eq!(list[0]["bytes_per_sec"].as_f64(), Some(0.0));
+    assert_eq!(list[0]["eta_ms"], Value::Null);
+
+    gate.add_permits(1);
+    getter.await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !downloads().await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the finished download is still listed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
