@@ -123,6 +123,20 @@ impl CacheBuilder {
     /// Validates the settings, recovers the cache directory (off the async workers) and starts
     /// the background sweeper.
     ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// use imgcache::{ErrorKind, ImageCache};
+    ///
+    /// let cache = ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// println!("{} entries recovered", cache.stats().entries_count);
+    ///
+    /// let err = ImageCache::builder().max_size_bytes(0).build().await.unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::Config);
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// [`ErrorKind::Config`] for an invalid setting, [`ErrorKind::Locked`] when another process
     /// uses the directory, [`ErrorKind::Io`] when it cannot be created or read.

@@ -109,6 +109,16 @@ impl CacheBuilder {
     /// documentation, and from a `.env` file in the current directory for variables the
     /// environment does not set. Setters called afterwards override them.
     ///
+    /// ```no_run
+    /// # async fn demo() -> imgcache::Result<()> {
+    /// use imgcache::CacheBuilder;
+    ///
+    /// // The environment's settings, with one the program always wants.
+    /// let cache = CacheBuilder::from_env()?.offline(true).build().await?;
+    /// println!("{} entries in {}", cache.stats().entries_count, cache.cache_dir().display());
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// [`ErrorKind::Config`] naming the variable when a value cannot be parsed, or when the
     /// `.env` file exists but cannot be read.
@@ -117,6 +127,22 @@ impl CacheBuilder {
     }
 
     /// Like [`from_env`](Self::from_env), with the `.env` file at `dotenv` (ignored if absent).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// use imgcache::{CacheBuilder, ErrorKind};
+    ///
+    /// let dotenv = dir.path().join("imgcache.env");
+    /// std::fs::write(&dotenv, "CACHE_MAX_SIZE_MB=lots\n")?;
+    /// # if std::env::var_os("CACHE_MAX_SIZE_MB").is_none() { // the environment wins
+    /// let err = CacheBuilder::from_env_and_file(&dotenv).unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::Config);
+    /// assert!(err.to_string().contains("CACHE_MAX_SIZE_MB"));
+    /// # }
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// As [`from_env`](Self::from_env).

@@ -97,6 +97,15 @@ impl CacheBuilder {
     /// One setting of the S3 client, by its `object_store` name (`aws_endpoint`,
     /// `aws_region`, `aws_access_key_id`, `aws_secret_access_key`, `aws_session_token`,
     /// `aws_allow_http`, ...); wins over the AWS variable of the same meaning.
+    ///
+    /// ```
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .shared_tier("s3://imaging-cache/fleet")
+    ///     .shared_tier_option("aws_region", "eu-central-1")
+    ///     .shared_tier_option("aws_secret_access_key", "wJalrXUtnFEMI");
+    /// // The keys are shown, never their values.
+    /// assert!(!format!("{builder:?}").contains("wJalrXUtnFEMI"));
+    /// ```
     pub fn shared_tier_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         let key = key.into().to_ascii_lowercase();
         self.shared.options.retain(|(k, _)| *k != key);
@@ -107,6 +116,15 @@ impl CacheBuilder {
     /// How long a host's lease on a URL lasts without a renewal (its heartbeat renews it
     /// every quarter of this): how soon a host that died while downloading for the fleet is
     /// replaced. Default [`DEFAULT_SHARED_LEASE`], 30 s (env `CACHE_SHARED_LEASE`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // Hosts that die often (spot instances): another takes over their download in 10 s.
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .shared_tier("s3://imaging-cache/fleet")
+    ///     .shared_lease(Duration::from_secs(10));
+    /// ```
     pub fn shared_lease(mut self, lease: Duration) -> Self {
         self.shared.lease = Some(lease);
         self
@@ -115,6 +133,15 @@ impl CacheBuilder {
     /// The longest a host waits for another host's download before it asks the origin
     /// itself. Default [`DEFAULT_SHARED_WAIT`], 10 minutes (env `CACHE_SHARED_WAIT`); a
     /// lease that lapses is taken over at once.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // A fast origin: after 2 minutes of waiting on another host, download it here.
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .shared_tier("s3://imaging-cache/fleet")
+    ///     .shared_wait(Duration::from_secs(120));
+    /// ```
     pub fn shared_wait(mut self, wait: Duration) -> Self {
         self.shared.wait = Some(wait);
         self
