@@ -65,6 +65,23 @@ impl ErrorKind {
     }
 }
 
+/// A short description of the kind, as an [`Error`]'s `Display` begins with it: for a
+/// caller that reports the kind alone (a table of failures, a metric label), without the
+/// message, URL or path.
+///
+/// ```
+/// use imgcache::ErrorKind;
+///
+/// assert_eq!(ErrorKind::ChecksumMismatch.to_string(), "SHA-256 mismatch");
+/// assert_eq!(format!("[{:<14}]", ErrorKind::Network), "[network error ]");
+/// ```
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `pad`, so that width and alignment apply.
+        f.pad(self.describe())
+    }
+}
+
 /// The error of every fallible operation in this crate.
 ///
 /// Cheap to clone (one `Arc`). `Display` prints this level only; [`std::error::Error::source`]
@@ -294,6 +311,35 @@ mod tests {
                 .with_status(503)
                 .is_transient()
         );
+    }
+
+    #[test]
+    fn a_kind_displays_as_an_error_of_it_begins() {
+        let kinds = [
+            ErrorKind::InvalidUrl,
+            ErrorKind::HttpStatus,
+            ErrorKind::Network,
+            ErrorKind::Incomplete,
+            ErrorKind::ChecksumMismatch,
+            ErrorKind::TooLarge,
+            ErrorKind::StorageFull,
+            ErrorKind::Io,
+            ErrorKind::Config,
+            ErrorKind::Locked,
+            ErrorKind::NotCached,
+            ErrorKind::Shutdown,
+            ErrorKind::Internal,
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for kind in kinds {
+            let text = kind.to_string();
+            assert!(!text.is_empty());
+            assert!(seen.insert(text.clone()), "{kind:?} displays as another kind: {text}");
+            let err = Error::new(kind, "details").with_url("http://h/a.nii.gz");
+            assert!(err.to_string().starts_with(&format!("{text}: details")));
+        }
+        assert_eq!(ErrorKind::TooLarge.to_string(), "file larger than the cache");
+        assert_eq!(format!("{:>12}|", ErrorKind::Io), "   I/O error|");
     }
 
     #[test]
