@@ -334,11 +334,17 @@ mod tests {
         for kind in kinds {
             let text = kind.to_string();
             assert!(!text.is_empty());
-            assert!(seen.insert(text.clone()), "{kind:?} displays as another kind: {text}");
+            assert!(
+                seen.insert(text.clone()),
+                "{kind:?} displays as another kind: {text}"
+            );
             let err = Error::new(kind, "details").with_url("http://h/a.nii.gz");
             assert!(err.to_string().starts_with(&format!("{text}: details")));
         }
-        assert_eq!(ErrorKind::TooLarge.to_string(), "file larger than the cache");
+        assert_eq!(
+            ErrorKind::TooLarge.to_string(),
+            "file larger than the cache"
+        );
         assert_eq!(format!("{:>12}|", ErrorKind::Io), "   I/O error|");
     }
 
