@@ -35,6 +35,8 @@ class Origin:
         self.routes: Dict[str, Route] = {}
         self.gets: Counter = Counter()
         self.ranges = 0
+        # (path, Authorization, X-Api-Key) of every GET.
+        self.credentials: list = []
         self._lock = threading.Lock()
         origin = self
 
@@ -48,6 +50,9 @@ class Origin:
                 path = self.path.lstrip("/")
                 with origin._lock:
                     origin.gets[path] += 1
+                    origin.credentials.append(
+                        (path, self.headers.get("Authorization"), self.headers.get("X-Api-Key"))
+                    )
                     if self.headers.get("Range"):
                         origin.ranges += 1
                 route = origin.routes.get(path)
