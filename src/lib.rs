@@ -145,6 +145,8 @@
 //! at build time sets.
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+// On docs.rs (`--cfg docsrs`), items gated on a feature say which.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cache;
 mod clock;
@@ -156,6 +158,7 @@ mod fetch;
 mod index;
 mod key;
 #[cfg(feature = "server")]
+#[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub mod server;
 mod stats;
 mod store;

@@ -64,7 +64,9 @@ impl ImageCache {
     /// [`invalidate`](Self::invalidate), and the shared tier's record of `url` too, so that
     /// no host gets it from the tier again: the next host to miss downloads it from the
     /// origin for the fleet. Hosts that have it keep their local copies until they expire or
-    /// are invalidated there; its blob stays (other URLs may share it).
+    /// are invalidated there; its blob stays (other URLs may share it). Needs the `s3`
+    /// feature and a [`shared_tier`](crate::CacheBuilder::shared_tier): without either, it
+    /// fails with [`ErrorKind::Config`](crate::ErrorKind::Config).
     ///
     /// ```no_run
     /// # async fn demo(cache: imgcache::ImageCache) -> imgcache::Result<()> {
@@ -99,6 +101,8 @@ impl ImageCache {
 
     /// [`clear`](Self::clear), and every object of the shared tier (blobs, records and
     /// leases below its prefix). Returns the local entries and the tier's objects removed.
+    /// Needs the `s3` feature and a shared tier, as
+    /// [`invalidate_shared`](Self::invalidate_shared) does.
     ///
     /// ```no_run
     /// # async fn demo(cache: imgcache::ImageCache) -> imgcache::Result<()> {
@@ -126,7 +130,8 @@ impl ImageCache {
     }
 
     /// Waits until the uploads to the shared tier that downloads started are done (they
-    /// run in the background; [`shutdown`](Self::shutdown) waits for them too).
+    /// run in the background; [`shutdown`](Self::shutdown) waits for them too). Without the
+    /// `s3` feature or a shared tier there are none, and it returns at once.
     ///
     /// ```no_run
     /// # async fn demo(cache: imgcache::ImageCache) -> imgcache::Result<()> {

@@ -96,7 +96,8 @@ impl CacheBuilder {
 
     /// One setting of the S3 client, by its `object_store` name (`aws_endpoint`,
     /// `aws_region`, `aws_access_key_id`, `aws_secret_access_key`, `aws_session_token`,
-    /// `aws_allow_http`, ...); wins over the AWS variable of the same meaning.
+    /// `aws_allow_http`, ...); wins over the AWS variable of the same meaning. Used with
+    /// [`shared_tier`](Self::shared_tier) only, which needs the `s3` feature.
     ///
     /// ```
     /// let builder = imgcache::ImageCache::builder()
@@ -115,7 +116,8 @@ impl CacheBuilder {
 
     /// How long a host's lease on a URL lasts without a renewal (its heartbeat renews it
     /// every quarter of this): how soon a host that died while downloading for the fleet is
-    /// replaced. Default [`DEFAULT_SHARED_LEASE`], 30 s (env `CACHE_SHARED_LEASE`).
+    /// replaced. Default [`DEFAULT_SHARED_LEASE`], 30 s (env `CACHE_SHARED_LEASE`). Used
+    /// with [`shared_tier`](Self::shared_tier) only, which needs the `s3` feature.
     ///
     /// ```
     /// use std::time::Duration;
@@ -132,7 +134,8 @@ impl CacheBuilder {
 
     /// The longest a host waits for another host's download before it asks the origin
     /// itself. Default [`DEFAULT_SHARED_WAIT`], 10 minutes (env `CACHE_SHARED_WAIT`); a
-    /// lease that lapses is taken over at once.
+    /// lease that lapses is taken over at once. Used with [`shared_tier`](Self::shared_tier)
+    /// only, which needs the `s3` feature.
     ///
     /// ```
     /// use std::time::Duration;
