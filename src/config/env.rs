@@ -148,6 +148,33 @@ impl CacheBuilder {
     /// As [`from_env`](Self::from_env).
     pub fn from_env_and_file(dotenv: &Path) -> Result<Self> {
         let file = read_dotenv(dotenv)?;
+        let set = |v: &Option<String>| v.as_ref().is_some_and(|v| !v.trim().is_empty());
+        // The image server and the secrets sent to it come from one place: a .env in the
+        // current directory (a checkout of someone else's) may not point a token from the
+        // environment at its own server, nor send a file of this user's as a token.
+        let from_file =
+            |name: &str| !set(&std::env::var(name).ok()) && set(&file.get(name).cloned());
+        let from_env = |name: &str| set(&std::env::var(name).ok());
+        let secrets = [
+            "CACHE_HTTP_HEADERS",
+            "CACHE_BEARER_TOKEN",
+            "CACHE_BEARER_TOKEN_FILE",
+        ];
+        let secrets_from_env = secrets.iter().any(|n| from_env(n));
+        let secrets_from_file = secrets.iter().any(|n| from_file(n));
+        let server_from_env = from_env("IMAGE_SERVER");
+        let server_from_file = from_file("IMAGE_SERVER");
+        if (secrets_from_env && server_from_file) || (secrets_from_file && server_from_env) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "IMAGE_SERVER and the request headers (CACHE_HTTP_HEADERS, CACHE_BEARER_TOKEN, \
+                     CACHE_BEARER_TOKEN_FILE) must come from the same place: one is set in the \
+                     environment, the other in {}",
+                    dotenv.display()
+                ),
+            ));
+        }
         Self::from_lookup(|name| std::env::var(name).ok().or_else(|| file.get(name).cloned()))
     }
 

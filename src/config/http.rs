@@ -61,10 +61,11 @@ impl HeaderSettings {
     pub(crate) fn build(&self) -> Result<HeaderMap> {
         let mut map = HeaderMap::new();
         for (name, value) in &self.headers {
+            // The name is not echoed: a line split at the wrong colon may hold a secret.
             let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
                 Error::new(
                     ErrorKind::Config,
-                    format!("{name:?} is not a valid HTTP header name"),
+                    "a request header has a name that is not a valid HTTP header name (not shown)",
                 )
             })?;
             map.insert(header.clone(), sensitive(&header, &value.0)?);

@@ -819,7 +819,7 @@ impl CacheBuilder {
                 "the largest file size (CACHE_MAX_FILE_SIZE_MB) must be greater than zero",
             ));
         }
-        let client = match self.http_client {
+        let client = match self.http_client.clone() {
             Some(client) => client,
             None => fetch::default_client(
                 &ClientSettings {
@@ -834,6 +834,16 @@ impl CacheBuilder {
         let headers = if self.http_headers.is_empty() {
             None
         } else {
+            if self.http_client.is_some() {
+                // A client given whole may follow redirects itself, headers and all: the
+                // cache could only notice once they had reached another host.
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "request headers (CACHE_HTTP_HEADERS, CACHE_BEARER_TOKEN) cannot go with a \
+                     client given by http_client, which may follow redirects itself: use \
+                     http_client_with, which keeps them on the image server's origin",
+                ));
+            }
             let Some(server) = &image_server else {
                 return Err(Error::new(
                     ErrorKind::Config,

@@ -181,7 +181,7 @@ async fn the_environment_gives_headers_and_a_token_file() {
 }
 
 #[tokio::test]
-async fn a_given_client_that_follows_redirects_itself_is_stopped_at_another_origin() {
+async fn a_client_given_whole_is_refused_and_a_customised_one_keeps_the_guard() {
     let server = Origin::start().await;
     let other = Origin::start().await;
     other.route("x.nii.gz", Route::ok(volume(3, 1000)));
@@ -193,38 +193,29 @@ async fn a_given_client_that_follows_redirects_itself_is_stopped_at_another_orig
     let clock = Arc::new(ManualClock::new());
     // reqwest's rustls needs a process-wide crypto provider before a client is built.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cache = builder(dir.path(), &clock)
+    // A client given whole may follow redirects itself, headers and all: refused.
+    let err = builder(dir.path(), &clock)
         .image_server(server.url("data"))
         .http_header("X-Api-Key", KEY)
         .http_client(reqwest::Client::new())
-        .retries(0)
         .build()
         .await
-        .unwrap();
-    let err = cache.get("x.nii.gz").await.unwrap_err();
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-    assert!(err.to_string().contains("Policy::none"), "{err}");
-    assert_eq!(cache.stats().entries_count, 0);
-    // One that leaves redirects to the cache keeps the guard.
-    let dir = tempfile::tempdir().unwrap();
+    assert!(err.to_string().contains("http_client_with"), "{err}");
+    // A customised client, even one told to follow redirects, leaves them to the cache.
     let cache = builder(dir.path(), &clock)
         .image_server(server.url("data"))
+        .http_header("X-Api-Key", KEY)
         .bearer_token(TOKEN)
-        .http_client(
-            reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap(),
-        )
+        .http_client_with(|b| b.redirect(reqwest::redirect::Policy::limited(5)))
         .build()
         .await
         .unwrap();
     drop(cache.get("x.nii.gz").await.unwrap());
-    let to_other = credentials(&other, "x.nii.gz");
-    assert_eq!(to_other.len(), 2);
     assert_eq!(
-        to_other[1],
-        (None, None),
-        "the cache's own redirect drops them"
+        credentials(&server, "data/x.nii.gz"),
+        [(Some(KEY.to_owned()), Some(format!("Bearer {TOKEN}")))]
     );
+    assert_eq!(credentials(&other, "x.nii.gz"), [(None, None)]);
 }
