@@ -305,9 +305,10 @@ impl CacheBuilder {
     /// the user agent. It keeps the redirect guards only if it does not follow redirects
     /// itself (build it with
     /// `redirect(reqwest::redirect::Policy::none())`: the cache then follows them, refusing
-    /// https-to-http and sending [`http_header`](Self::http_header)s to the image server's
-    /// origin only; one that follows a redirect to another origin with those headers is an
-    /// error). It should not decompress bodies: the cache stores bytes exactly as sent. To
+    /// https-to-http). With [`http_header`](Self::http_header)s or a bearer token it is
+    /// refused ([`ErrorKind::Config`] at build): a client that follows redirects itself
+    /// would carry them to the next host before the cache could see it. It should not
+    /// decompress bodies: the cache stores bytes exactly as sent. To
     /// add a proxy or a client certificate and keep every guard, use
     /// [`http_client_with`](Self::http_client_with) instead.
     ///
