@@ -122,7 +122,8 @@ impl ImageCache {
 
     /// What [`cleanup`](Self::cleanup) would remove now, removing nothing: the expired
     /// entries nobody holds, then the least recently used until the total fits the cap. The
-    /// cleanup itself may spare some (one another process holds or has just renewed).
+    /// cleanup itself may spare some (one another process holds or has just renewed) and
+    /// then evict others in their place to reach the cap.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]

@@ -214,9 +214,16 @@ async fn settings_come_from_the_environment_and_dotenv_and_flags_win() {
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["max_size_mb"], 1.0);
     assert_eq!(
-        s["entries_count"], 0,
-        "lowering the cap evicted the 2 MB entry"
+        s["entries_count"], 1,
+        "a command that only looks evicts nothing, even under a lowered cap"
     );
+    let out = run(
+        dir.path(),
+        &["--max-size-mb", "1", "cleanup"],
+        &[("CACHE_MAX_SIZE_MB", "8")],
+    )
+    .await;
+    assert!(stdout(&out).contains("evicted 1"), "{}", stdout(&out));
 
     // A bad value names its variable.
     let out = run(

@@ -233,6 +233,27 @@ async fn dry_runs_print_what_would_go_and_remove_nothing() {
         "{cleanup}"
     );
 
+    // Below a prefix means after a `/`: `ct/b` is not `ct/big.nii.gz`'s parent.
+    let none = c.run(&["invalidate", "--prefix", "ct/b"]).await;
+    assert!(none.status.success());
+    assert!(
+        text(&none.stderr).contains("nothing cached below"),
+        "{}",
+        text(&none.stderr)
+    );
+    let empty = c.run(&["invalidate", "--prefix", ""]).await;
+    assert_eq!(
+        empty.status.code(),
+        Some(1),
+        "an empty prefix is not every entry"
+    );
+    let shared = text(&c.run(&["clear", "--shared", "--dry-run"]).await.stdout);
+    assert!(
+        shared.contains("and everything of the shared tier"),
+        "{shared}"
+    );
+    assert_eq!(c.urls().await, all);
+
     // And for real.
     let out = c.run(&["invalidate", "--prefix", "ct/"]).await;
     assert_eq!(text(&out.stdout).trim(), "removed 2 entries");
@@ -292,6 +313,18 @@ async fn a_large_removal_on_a_terminal_asks_first() {
         "{drawn:?}"
     );
     assert!(drawn.contains("nothing removed"), "{drawn:?}");
+    assert_eq!(c.urls().await.len(), 3);
+    // A cleanup under a lowered cap asks before it evicts, and opening evicted nothing.
+    let lowered = on_a_terminal(
+        c.dir.path(),
+        &format!("env {env} {}", c.shell("--max-size 250KiB cleanup")),
+        "n\n",
+    )
+    .await;
+    assert!(
+        lowered.contains("remove 2 entries (500.0 KiB)?"),
+        "{lowered:?}"
+    );
     assert_eq!(c.urls().await.len(), 3);
     // Below the threshold: no question.
     let small = on_a_terminal(
@@ -469,4 +502,56 @@ async fn bars_follow_stderr_and_colour_follows_the_terminal_and_no_color() {
         !err.contains('\x1b'),
         "no terminal codes without a terminal: {err:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dotenv_cannot_point_a_token_of_the_environment_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("cache");
+    let cache_arg = cache_dir.to_str().unwrap();
+    // A checkout of someone else's, with its .env naming its server.
+    std::fs::write(
+        dir.path().join(".env"),
+        "IMAGE_SERVER=http://127.0.0.1:9/\n",
+    )
+    .unwrap();
+    let out = run(
+        dir.path(),
+        &["--cache-dir", cache_arg, "stats"],
+        &[("CACHE_BEARER_TOKEN", "tok-1")],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("same place") && !err.contains("tok-1"),
+        "{err}"
+    );
+    // Nor send a file of this user's as a token to the server of the environment.
+    std::fs::write(
+        dir.path().join(".env"),
+        "CACHE_BEARER_TOKEN_FILE=/etc/hostname\n",
+    )
+    .unwrap();
+    let out = run(
+        dir.path(),
+        &["--cache-dir", cache_arg, "stats"],
+        &[("IMAGE_SERVER", "http://127.0.0.1:9/")],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    // Both in one place is fine.
+    std::fs::write(
+        dir.path().join(".env"),
+        "IMAGE_SERVER=http://127.0.0.1:9/\nCACHE_BEARER_TOKEN=tok-1\n",
+    )
+    .unwrap();
+    let out = run(
+        dir.path(),
+        &["--cache-dir", cache_arg, "stats", "--json"],
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("authorization") && !text(&out.stdout).contains("tok-1"));
 }

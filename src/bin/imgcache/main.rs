@@ -155,8 +155,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Completions { shell } = cli.command {
         // No cache is opened: completions work before any configuration exists.
-        clap_complete::generate(shell, &mut Cli::command(), "imgcache", &mut io::stdout());
-        return ExitCode::SUCCESS;
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "imgcache", &mut script);
+        return match io::stdout().write_all(&script) {
+            Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+                eprintln!("imgcache: {e}");
+                ExitCode::FAILURE
+            }
+            _ => ExitCode::SUCCESS,
+        };
     }
     init_tracing(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -228,14 +235,10 @@ async fn open(cli: &Cli) -> anyhow::Result<ImageCache> {
     if !matches!(cli.command, Command::Serve { .. }) {
         builder = builder.sweep_interval(Duration::ZERO);
     }
-    // A dry run removes nothing, not even what opening would.
-    let dry_run = match &cli.command {
-        Command::Invalidate { deleting, .. }
-        | Command::Clear { deleting, .. }
-        | Command::Cleanup { deleting } => deleting.dry_run,
-        _ => false,
-    };
-    if dry_run {
+    // Nor does it on opening: what a command removes, it shows or asks about first (a
+    // dry run, a cleanup under a lowered --max-size); downloads still make room for
+    // themselves under the cap.
+    if !matches!(cli.command, Command::Serve { .. }) {
         builder = builder.sweep_on_open(false);
     }
     let cache = builder.build().await?;
@@ -452,7 +455,7 @@ async fn command(
             deleting,
             ..
         } => {
-            let plan = Plan::of(removal::with_prefix(cache, url), "prefix");
+            let plan = Plan::of(removal::with_prefix(cache, url)?, "prefix");
             if plan.entries.is_empty() {
                 eprintln!("imgcache: nothing cached below {}", cache.redacted(url));
             } else if removal::approve(&plan, *deleting, &mut out)? {
@@ -466,7 +469,13 @@ async fn command(
             deleting,
             ..
         } => {
-            let plan = Plan::of(cache.entry(url)?.into_iter().collect(), "asked");
+            let mut plan = Plan::of(cache.entry(url)?.into_iter().collect(), "asked");
+            if *shared {
+                plan.shared = Some(format!(
+                    "the shared tier's record of {}, for every host",
+                    cache.redacted(url)
+                ));
+            }
             if !removal::approve(&plan, *deleting, &mut out)? {
                 return Ok(ExitCode::SUCCESS);
             }
@@ -493,7 +502,13 @@ async fn command(
         Command::Clear {
             shared, deleting, ..
         } => {
-            let plan = Plan::of(cache.entries(), "clear");
+            let mut plan = Plan::of(cache.entries(), "clear");
+            if *shared {
+                plan.shared = Some(
+                    "everything of the shared tier (blobs, records and leases of every host)"
+                        .to_owned(),
+                );
+            }
             if !removal::approve(&plan, *deleting, &mut out)? {
                 return Ok(ExitCode::SUCCESS);
             }

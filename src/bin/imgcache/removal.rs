@@ -38,12 +38,19 @@ pub struct Plan {
     pub entries: Vec<EntryInfo>,
     /// What each entry is removed for, printed beside it in a dry run.
     pub why: Vec<&'static str>,
+    /// What goes from the shared tier too: always asked about on a terminal, whatever its
+    /// size, since it is every host's.
+    pub shared: Option<String>,
 }
 
 impl Plan {
     pub fn of(entries: Vec<EntryInfo>, why: &'static str) -> Plan {
         let why = vec![why; entries.len()];
-        Plan { entries, why }
+        Plan {
+            entries,
+            why,
+            shared: None,
+        }
     }
 
     pub fn bytes(&self) -> u64 {
@@ -52,11 +59,15 @@ impl Plan {
 
     fn summary(&self) -> String {
         let n = self.entries.len();
-        format!(
+        let local = format!(
             "{n} {} ({})",
             if n == 1 { "entry" } else { "entries" },
             human(self.bytes())
-        )
+        );
+        match &self.shared {
+            Some(shared) => format!("{local}, and {shared}"),
+            None => local,
+        }
     }
 }
 
@@ -76,7 +87,8 @@ pub fn approve(plan: &Plan, flags: Deleting, out: &mut impl Write) -> anyhow::Re
         return Ok(false);
     }
     let interactive = io::stdin().is_terminal() && io::stderr().is_terminal();
-    if flags.yes || !interactive || plan.bytes() <= confirm_above()? {
+    let large = plan.bytes() > confirm_above()? || plan.shared.is_some();
+    if flags.yes || !interactive || !large {
         return Ok(true);
     }
     eprint!(
@@ -93,25 +105,36 @@ pub fn approve(plan: &Plan, flags: Deleting, out: &mut impl Write) -> anyhow::Re
     Ok(yes)
 }
 
-/// Entries whose URL starts with `prefix` (a relative one against the image server).
-pub fn with_prefix(cache: &ImageCache, prefix: &str) -> Vec<EntryInfo> {
-    let absolute = match (url::Url::parse(prefix), cache.image_server()) {
-        (Ok(_), _) | (Err(_), None) => prefix.to_owned(),
-        (Err(_), Some(server)) => format!(
-            "{}{}",
-            server.trim_end_matches('/'),
-            if prefix.starts_with('/') {
-                prefix.to_owned()
-            } else {
-                format!("/{prefix}")
-            }
-        ),
+/// Entries below `prefix` (a relative one below the image server): the URL itself, and
+/// those that go on after a `/` (`ct/1` takes `ct/1/a.nii.gz`, never `ct/10.nii.gz`; a
+/// prefix ending in `/` takes everything after it).
+pub fn with_prefix(cache: &ImageCache, prefix: &str) -> anyhow::Result<Vec<EntryInfo>> {
+    anyhow::ensure!(
+        !prefix.trim().is_empty(),
+        "an empty --prefix would take every entry: use clear"
+    );
+    let joined = match (url::Url::parse(prefix), cache.image_server()) {
+        (Ok(url), _) => url,
+        (Err(_), Some(server)) => url::Url::parse(server)?
+            .join(prefix.trim_start_matches('/'))
+            .map_err(|e| anyhow::anyhow!("--prefix {prefix:?}: {e}"))?,
+        (Err(_), None) => anyhow::bail!("a relative --prefix needs IMAGE_SERVER"),
     };
-    cache
+    // As entries show their URLs: normalised, without credentials, signatures redacted.
+    let mut shown = joined;
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    let absolute = cache.redacted(shown.as_str());
+    let below = if absolute.ends_with('/') {
+        absolute.clone()
+    } else {
+        format!("{absolute}/")
+    };
+    Ok(cache
         .entries()
         .into_iter()
-        .filter(|e| e.url.starts_with(&absolute))
-        .collect()
+        .filter(|e| e.url == absolute || e.url.starts_with(&below))
+        .collect())
 }
 
 /// Entries downloaded longer ago than `age`.
@@ -127,11 +150,16 @@ pub fn older_than(cache: &ImageCache, age: Duration) -> Vec<EntryInfo> {
         .collect()
 }
 
-/// Removes the planned entries one by one; returns how many were there to remove.
+/// Removes the planned entries one by one, each only if it is still the version planned
+/// (another process may have downloaded it again since, while the question waited);
+/// returns how many went.
 pub async fn remove(cache: &ImageCache, plan: &Plan) -> anyhow::Result<u64> {
     let mut removed = 0;
     for e in &plan.entries {
-        if cache.invalidate(&e.url).await? {
+        let same = cache
+            .entry(&e.url)?
+            .is_some_and(|now| now.sha256 == e.sha256 && now.fetched_at_ms == e.fetched_at_ms);
+        if same && cache.invalidate(&e.url).await? {
             removed += 1;
         }
     }
