@@ -7,7 +7,7 @@ use crate::support::origin::{Origin, Route, sha256_hex, volume};
 
 /// Runs the binary in `cwd` with a clean environment (no CACHE_* or IMAGE_SERVER from the
 /// machine) and `HOME` inside the test directory.
-async fn run(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+pub(crate) async fn run(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgcache"));
     cmd.current_dir(cwd).args(args).env_clear();
     cmd.env("HOME", cwd.join("home"))

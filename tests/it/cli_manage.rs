@@ -13,16 +13,7 @@ use crate::support::origin::{Origin, Route, sha256_hex, volume};
 
 const KIB: usize = 1024;
 
-async fn run(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgcache"));
-    cmd.current_dir(cwd).args(args).env_clear();
-    cmd.env("HOME", cwd.join("home"))
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().await.expect("run imgcache")
-}
+use crate::cli::run;
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
