@@ -16,6 +16,7 @@ use base64::prelude::BASE64_STANDARD;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use super::entries::api_entries;
 use super::{ApiError, AppResult, AppState, JsonBody, QueryArgs};
 
 /// The dashboard page and the `/api` routes.
@@ -64,10 +65,6 @@ async fn dashboard() -> impl IntoResponse {
 
 async fn api_stats(State(st): State<Arc<AppState>>) -> Json<crate::Stats> {
     Json(st.cache.stats())
-}
-
-async fn api_entries(State(st): State<Arc<AppState>>) -> Json<Vec<crate::EntryInfo>> {
-    Json(st.cache.entries())
 }
 
 /// The counters' table (name, Prometheus name, help), for the dashboard to label its figures.

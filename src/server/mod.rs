@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `GET /` | the dashboard: one page, no external assets, live through server-sent events |
 //! | `GET /api/stats`, `GET /api/entries` | [`Stats`](crate::Stats) and [`EntryInfo`](crate::EntryInfo)s as JSON |
+//! | `GET /api/entries?q=ct_&sort=size&order=desc&offset=0&limit=50` | one page of the entries whose URL contains `q`, sorted by `url`, `size`, `fetched_at_ms`, `expires_at_ms`, `last_access_ms` or `hits`; `X-Total-Count` says how many match |
 //! | `GET /api/counters` | the counters' table ([`CounterInfo`](crate::CounterInfo)s): name, Prometheus name, help |
 //! | `GET /api/history` | the plots' last hour: hits, misses, bytes served from cache and bytes downloaded, sampled every 10 s |
 //! | `GET /api/downloads` | the downloads in progress: bytes received and expected, speed, time left |
@@ -41,6 +42,7 @@
 mod api;
 mod auth;
 mod downloads;
+mod entries;
 mod files;
 mod history;
 mod metrics;

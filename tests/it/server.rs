@@ -12,8 +12,8 @@ use reqwest::StatusCode;
 
 use crate::MB;
 
-/// The dashboard's own endpoints: the page under a mount point, its plots' history and the
-/// downloads in progress.
+/// The dashboard's own endpoints: the page under a mount point, its plots' history, the
+/// downloads in progress and the entry table's search, sort and paging.
 mod dashboard;
 
 struct Server {

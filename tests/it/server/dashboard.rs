@@ -1,5 +1,6 @@
 //! The dashboard's endpoints against a real HTTP client: the page mounted under a prefix and
-//! every request it makes, the history its plots draw, and the downloads in progress.
+//! every request it makes, the history its plots draw, the downloads in progress, and the
+//! entry table's search, sort and paging.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -250,4 +251,80 @@ async fn a_download_in_progress_is_listed_with_its_speed_and_time_left() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_entries_are_searched_sorted_and_paged() {
+    // Each download costs the cache a scan of its directory, so this is a few hundred; the
+    // selection itself is timed at 10,000 entries in server::entries's own tests.
+    const ENTRIES: usize = 200;
+    let origin = Origin::start().await;
+    let size_of = |i: usize| 16 + (i * 7919) % 1000;
+    for i in 0..ENTRIES {
+        let route = Route::ok(volume(i as u64, size_of(i)));
+        origin.route(&format!("data/s/{i:05}.nii.gz"), route);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    let names: Vec<String> = (0..ENTRIES).map(|i| format!("s/{i:05}.nii.gz")).collect();
+    for batch in names.chunks(64) {
+        for got in futures_util::future::join_all(batch.iter().map(|n| cache.get(n))).await {
+            drop(got.unwrap());
+        }
+    }
+    for _ in 0..3 {
+        drop(cache.get("s/00042.nii.gz").await.unwrap());
+    }
+    let server = serve(cache.clone(), ServerOptions::new()).await;
+    let http = reqwest::Client::new();
+    let get = |query: &str| {
+        let url = format!("{}/api/entries{query}", server.base);
+        let (http, query) = (http.clone(), query.to_owned());
+        async move {
+            let answer = http.get(url).send().await.unwrap();
+            assert_eq!(answer.status(), StatusCode::OK, "{query}");
+            let total: usize = answer.headers()["x-total-count"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let page: Vec<Value> = answer.json().await.unwrap();
+            (total, page)
+        }
+    };
+    let url_of = |e: &Value| e["url"].as_str().unwrap().to_owned();
+
+    // Without parameters: every entry, as before.
+    let (total, all) = get("").await;
+    assert_eq!((total, all.len()), (ENTRIES, ENTRIES));
+
+    // A page of the table as the dashboard asks for it.
+    let (total, page) = get("?sort=size&order=desc&offset=50&limit=50").await;
+    assert_eq!(total, ENTRIES);
+    let mut sizes: Vec<u64> = all.iter().map(|e| e["size"].as_u64().unwrap()).collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    let got: Vec<u64> = page.iter().map(|e| e["size"].as_u64().unwrap()).collect();
+    assert_eq!(got, sizes[50..100], "the second page of the largest");
+
+    let (total, page) = get("?q=S/0004&sort=url&limit=5").await;
+    assert_eq!(total, 10, "00040 to 00049, whatever the case");
+    let want: Vec<String> = (40..45)
+        .map(|i| origin.url(&format!("data/s/{i:05}.nii.gz")))
+        .collect();
+    assert_eq!(page.iter().map(url_of).collect::<Vec<_>>(), want);
+    let (_, last) = get("?q=S/0004&sort=url&offset=5&limit=50").await;
+    assert_eq!(last.len(), 5, "the last page holds the rest");
+
+    let (_, top) = get("?sort=hits&order=desc&limit=1").await;
+    assert_eq!(url_of(&top[0]), origin.url("data/s/00042.nii.gz"));
+    assert_eq!(top[0]["hits"], 3);
+
+    let bad = http
+        .get(format!("{}/api/entries?sort=sha256", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let body: Value = bad.json().await.unwrap();
+    assert!(body["error"].is_string(), "{body}");
 }
