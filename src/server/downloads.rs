@@ -22,6 +22,9 @@ use crate::{Event, ImageCache, Received};
 
 /// The span the speed is measured over.
 const WINDOW: Duration = Duration::from_secs(5);
+/// The shortest span a speed is told from: a download of a few milliseconds has none yet
+/// (rather than a speed of zero, which would say it stalled).
+const MIN_SPAN: Duration = Duration::from_secs(1);
 
 /// One download in progress.
 #[derive(Debug)]
@@ -54,7 +57,7 @@ impl Track {
         }
     }
 
-    /// Bytes per second over the window ending `now`, if any time has passed.
+    /// Bytes per second over the window ending `now`, once a second has passed.
     fn speed(&self, now: SystemTime) -> Option<f64> {
         let start = now.checked_sub(WINDOW).unwrap_or(now);
         let base = self
@@ -63,8 +66,9 @@ impl Track {
             .rev()
             .find(|(t, _)| *t <= start)
             .or(self.points.front())?;
-        let elapsed = now.duration_since(base.0).ok()?.as_secs_f64();
-        (elapsed > 0.0).then(|| self.received.saturating_sub(base.1) as f64 / elapsed)
+        let elapsed = now.duration_since(base.0).ok()?;
+        (elapsed >= MIN_SPAN)
+            .then(|| self.received.saturating_sub(base.1) as f64 / elapsed.as_secs_f64())
     }
 
     fn info(&self, url: &str, now: SystemTime) -> DownloadInfo {
@@ -101,7 +105,7 @@ struct DownloadInfo {
     started_at_ms: u64,
     /// Milliseconds since it started.
     elapsed_ms: u64,
-    /// Bytes per second over the last five seconds; `null` until time has passed.
+    /// Bytes per second over the last five seconds; `null` for the first second.
     bytes_per_sec: Option<f64>,
     /// Milliseconds left at that speed; `null` when the total or a speed is unknown.
     eta_ms: Option<u64>,
@@ -210,6 +214,8 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let mut track = Track::new(t0, 0, Some(100_000_000));
         assert_eq!(track.speed(t0), None, "no time has passed");
+        track.progress(at(t0, 500), 100, None);
+        assert_eq!(track.speed(at(t0, 999)), None, "not a second yet");
         // 1 MB/s for 10 s, then 4 MB/s for 5 s.
         for s in 1..=10 {
             track.progress(at(t0, s * 1000), s * 1_000_000, None);
