@@ -10,6 +10,12 @@
 //! rustdoc of `imgcache::server` shows: the dashboard at `/cache` (and `/cache/`), the API at
 //! `/cache/api/...`, metrics at `/cache/metrics` and the sidecar at `/cache/files/PATH`. It
 //! runs until stdin closes or Ctrl-C.
+//!
+//! The image server also has `pet_0100.nii.gz` (16 MiB at 4 MiB/s: fetch
+//! `/cache/files/pet_0100.nii.gz` to watch a download in progress). For the browser test:
+//! `IMGCACHE_EXAMPLE_ENTRIES=200` also caches that many small files (`small/s_0000.nii.gz`,
+//! ...), for the entry table's search, sort and paging; `IMGCACHE_EXAMPLE_HISTORY_MS=1000`
+//! samples the plots' history every second instead of every 10 s.
 
 #[path = "../tests/it/support/origin.rs"]
 mod origin;
@@ -38,6 +44,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let route = Route::ok(volume(i as u64, mb << 20)).etag(&format!("\"v{i}\""));
         images.route(&format!("studies/{name}"), route.rate(200 << 20));
     }
+    let slow = Route::ok(volume(9, 16 << 20)).etag("\"v9\"");
+    images.route("studies/pet_0100.nii.gz", slow.rate(4 << 20));
+    let small = env_number("IMGCACHE_EXAMPLE_ENTRIES")?.unwrap_or(0);
+    for i in 0..small {
+        // Sizes from 1 KiB to 64 KiB, in no order.
+        let route = Route::ok(volume(100 + i, 1024 + (i * 7919 % 64) as usize * 1024));
+        images.route(&format!("studies/small/s_{i:04}.nii.gz"), route);
+    }
     let dir = tempfile::tempdir()?;
     let cache = ImageCache::builder()
         .cache_dir(dir.path())
@@ -50,10 +64,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         cache.get(name).await?;
     }
     cache.get("ct_0042.nii.gz").await?; // a hit, so the figures are not all zero
+    let names: Vec<String> = (0..small)
+        .map(|i| format!("small/s_{i:04}.nii.gz"))
+        .collect();
+    for batch in names.chunks(16) {
+        for got in futures_util::future::join_all(batch.iter().map(|n| cache.get(n))).await {
+            got?;
+        }
+    }
+    // Every seventh small file has a hit, the 21st of them twice.
+    for (i, name) in names.iter().enumerate().step_by(7) {
+        for _ in 0..1 + usize::from(i % 21 == 0) {
+            cache.get(name).await?;
+        }
+    }
 
     // With IMGCACHE_ADMIN_TOKEN set, the dashboard asks for it (a login form) and every route
     // but the page requires it.
     let mut options = imgcache::server::ServerOptions::new();
+    if let Some(ms) = env_number("IMGCACHE_EXAMPLE_HISTORY_MS")? {
+        options = options.history_interval(Duration::from_millis(ms));
+    }
     if let Ok(token) = std::env::var("IMGCACHE_ADMIN_TOKEN") {
         options = options.admin_token(token);
     }
@@ -85,4 +116,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     cache.shutdown().await;
     Ok(())
+}
+
+/// A whole number from the environment, if the variable is set.
+fn env_number(name: &str) -> Result<Option<u64>, String> {
+    match std::env::var(name) {
+        Ok(v) => v.parse().map(Some).map_err(|e| format!("{name}={v}: {e}")),
+        Err(_) => Ok(None),
+    }
 }

@@ -77,7 +77,14 @@ async fn nested_under_cache_the_page_and_every_request_it_makes_answer() {
     );
     let page = page.text().await.unwrap();
     let requests = requests_of(&page);
-    for wanted in ["api/stats", "api/entries", "api/counters", "api/events"] {
+    for wanted in [
+        "api/stats",
+        "api/entries",
+        "api/counters",
+        "api/events",
+        "api/history",
+        "api/downloads",
+    ] {
         assert!(
             requests.iter().any(|(_, p)| p == wanted),
             "the page no longer requests {wanted}: {requests:?}"
