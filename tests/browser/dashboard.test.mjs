@@ -8,7 +8,8 @@
 // none of its Content-Security-Policy.
 //
 //   cargo build --all-features --example dashboard && (cd tests/browser && npm ci && npm test)
-//   IMGCACHE_SCREENSHOT=docs/dashboard.png ...   also writes the screenshot shown in the README
+//   IMGCACHE_SCREENSHOT=docs/dashboard.png npm test   also writes the README's screenshot, after
+//                                                     half a minute of traffic for the plots
 import { spawn } from "node:child_process";
 import { createInterface } from "node:readline";
 import { chromium } from "playwright-core";
@@ -16,7 +17,8 @@ import { chromium } from "playwright-core";
 const root = new URL("../../", import.meta.url).pathname;
 const example = process.env.IMGCACHE_DASHBOARD_BIN || `${root}target/debug/examples/dashboard`;
 const axePath = new URL("node_modules/axe-core/axe.min.js", import.meta.url).pathname;
-const screenshot = process.env.IMGCACHE_SCREENSHOT && new URL(process.env.IMGCACHE_SCREENSHOT, `file://${process.cwd()}/`).pathname;
+// Relative to the repository's root.
+const screenshot = process.env.IMGCACHE_SCREENSHOT && new URL(process.env.IMGCACHE_SCREENSHOT, `file://${root}`).pathname;
 const started = Date.now();
 const MIB = 1024 * 1024;
 
