@@ -192,7 +192,9 @@ async fn the_history_samples_the_counters_by_the_caches_clock_and_keeps_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_in_progress_is_listed_with_its_speed_and_time_left() {
     let origin = Origin::start().await;
-    let (route, gate) = Route::ok(volume(6, 4 * MB)).pause_at(2 * MB + 100);
+    // Progress is reported a mebibyte after the last report: held just short of 3 MiB, the
+    // download reports twice, the second time at 2 MiB or more, and then no more.
+    let (route, gate) = Route::ok(volume(6, 4 * MB)).pause_at(3 * MB - 1);
     origin.route("data/slow.nii.gz", route);
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new());
@@ -211,7 +213,7 @@ async fn a_download_in_progress_is_listed_with_its_speed_and_time_left() {
         let cache = cache.clone();
         async move { cache.get("slow.nii.gz").await.map(drop) }
     });
-    // Held by the origin after 2 MiB: wait for the progress that says so.
+    // Wait for that second report.
     let deadline = Instant::now() + Duration::from_secs(20);
     let received = loop {
         let list = downloads().await;
