@@ -120,6 +120,11 @@ impl Inner {
                     return Err(e);
                 }
                 self.counters.add(Counter::StaleServed, 1);
+                // The download announced by its start ended: a dashboard drops its row.
+                self.events.emit(|| Event::DownloadFailed {
+                    url: r.display.clone(),
+                    error: e.to_string(),
+                });
                 tracing::warn!(
                     url = %r.display,
                     path = %stale.path.display(),
@@ -365,17 +370,18 @@ impl Inner {
         let committed = self
             .commit_transfer(r, transfer, finished, now, expires_at)
             .await?;
-        let pinned = match committed {
-            (pinned, Outcome::Downloaded) => pinned,
-            // A process that downloaded without the lock found another's commit first.
-            found => return Ok(found),
-        };
-        let entry = &pinned.entry;
+        // Finished either way: committed here, or (downloading without the lock) another
+        // process's commit of it found first.
         self.events.emit(|| Event::DownloadFinished {
             url: r.display.clone(),
             bytes: size,
             elapsed_ms: started.elapsed().as_millis() as u64,
         });
+        let pinned = match committed {
+            (pinned, Outcome::Downloaded) => pinned,
+            found => return Ok(found),
+        };
+        let entry = &pinned.entry;
         tracing::info!(
             url = %r.display,
             path = %entry.path.display(),

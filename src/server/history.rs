@@ -86,6 +86,9 @@ impl History {
         let ring = Arc::new(Mutex::new(Ring::default()));
         lock(&ring).push(sample());
         let stop = CancellationToken::new();
+        // At most a day between samples: a "never" written as Duration::MAX would overflow
+        // the timer (zero is the way to say never).
+        let interval = interval.min(Duration::from_secs(86_400));
         if let Ok(rt) = tokio::runtime::Handle::try_current()
             && !interval.is_zero()
         {

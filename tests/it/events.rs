@@ -168,3 +168,34 @@ async fn a_subscriber_that_never_reads_slows_nothing_and_learns_what_it_missed()
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_download_that_starts_ends_with_an_event_even_when_the_stale_copy_is_served() {
+    use crate::support::origin::Fault;
+    let origin = Origin::start().await;
+    let body = volume(4, MB);
+    let cut = Route::ok(body.clone())
+        .fault(Fault::CloseAfter(MB / 2))
+        .ignore_range();
+    origin.route_seq("s.nii.gz", vec![Route::ok(body), cut]);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, clock) = open_without_retries(dir.path()).await;
+    let url = origin.url("s.nii.gz");
+    drop(cache.get(&url).await.unwrap());
+    clock.advance(Duration::from_secs(48 * 3600));
+    let mut events = cache.subscribe();
+    let stale = cache.get(&url).await.unwrap();
+    assert_eq!(stale.status(), imgcache::CacheStatus::Stale);
+    let seen = drain(&mut events);
+    let started = seen
+        .iter()
+        .position(|e| matches!(e, Event::DownloadStarted { .. }))
+        .expect("the download started");
+    // A dashboard that drew a row for it must see it end.
+    assert!(
+        seen[started..]
+            .iter()
+            .any(|e| matches!(e, Event::DownloadFailed { url: u, .. } if *u == url)),
+        "{seen:?}"
+    );
+}
