@@ -17,6 +17,7 @@ use crate::stats::MB;
 
 mod env;
 mod http;
+mod network;
 mod shared;
 
 #[cfg(test)]
@@ -295,102 +296,6 @@ impl CacheBuilder {
         self
     }
 
-    /// The HTTP client to download with, as given. Default: a client built by the cache
-    /// with rustls, the platform's root certificates, no automatic decompression, the
-    /// timeouts below and the extra CA of [`ca_certificate`](Self::ca_certificate).
-    ///
-    /// A client given here loses what the cache builds into its own: the
-    /// [`connect_timeout`](Self::connect_timeout) and [`read_timeout`](Self::read_timeout),
-    /// the extra CA, [`danger_accept_invalid_certs`](Self::danger_accept_invalid_certs) and
-    /// the user agent. It keeps the redirect guards only if it does not follow redirects
-    /// itself (build it with
-    /// `redirect(reqwest::redirect::Policy::none())`: the cache then follows them, refusing
-    /// https-to-http). With [`http_header`](Self::http_header)s or a bearer token it is
-    /// refused ([`ErrorKind::Config`] at build): a client that follows redirects itself
-    /// would carry them to the next host before the cache could see it. It should not
-    /// decompress bodies: the cache stores bytes exactly as sent. To
-    /// add a proxy or a client certificate and keep every guard, use
-    /// [`http_client_with`](Self::http_client_with) instead.
-    ///
-    /// ```
-    /// // reqwest's rustls needs a crypto provider (the cache installs ring for its own).
-    /// let _ = rustls::crypto::ring::default_provider().install_default();
-    /// let client = reqwest::Client::builder()
-    ///     .redirect(reqwest::redirect::Policy::none())
-    ///     .build()?;
-    /// let builder = imgcache::ImageCache::builder().http_client(client);
-    /// # Ok::<(), reqwest::Error>(())
-    /// ```
-    pub fn http_client(mut self, client: reqwest::Client) -> Self {
-        self.http_client = Some(client);
-        self
-    }
-
-    /// Changes the cache's own client builder before it is built: a proxy, a client
-    /// certificate, pool sizes. The cache's guards are applied around it: its timeouts and
-    /// extra CA first (the closure may change them), then, whatever the closure did, no
-    /// automatic redirects (the cache follows them itself, as [`http_client`](Self::http_client)
-    /// says) and no decompression.
-    ///
-    /// ```
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .http_client_with(|b| b.pool_max_idle_per_host(4).tcp_nodelay(true));
-    /// ```
-    pub fn http_client_with(
-        mut self,
-        customize: impl Fn(reqwest::ClientBuilder) -> reqwest::ClientBuilder + Send + Sync + 'static,
-    ) -> Self {
-        self.customize_client = Some(Arc::new(customize));
-        self
-    }
-
-    /// A header sent with every request to the image server's origin (its scheme, host and
-    /// port; see [`image_server`](Self::image_server)), and to no other: a redirect to
-    /// another host goes without it. For servers that want a key (`X-Api-Key`) or a cookie.
-    /// The value is never shown: `Debug`, errors, logs, the dashboard and the API name the
-    /// header only. Env `CACHE_HTTP_HEADERS`, one `Name: value` a line. Needs an image
-    /// server; a later header of the same name replaces an earlier one.
-    ///
-    /// ```
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .image_server("https://pacs.example.org/dicomweb/")
-    ///     .http_header("X-Api-Key", "k-1234");
-    /// assert!(!format!("{builder:?}").contains("k-1234"));
-    /// ```
-    pub fn http_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.http_headers
-            .headers
-            .push((name.into(), Secret(value.into())));
-        self
-    }
-
-    /// `Authorization: Bearer <token>` for the image server's origin only, as
-    /// [`http_header`](Self::http_header) sends its headers (env `CACHE_BEARER_TOKEN`).
-    ///
-    /// ```
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .image_server("https://orthanc.example.org/")
-    ///     .bearer_token("eyJhbGciOi...");
-    /// ```
-    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
-        self.http_headers.bearer_token = Some(Secret(token.into()));
-        self
-    }
-
-    /// The bearer token read from a file when the cache is built (surrounding whitespace
-    /// trimmed), for secrets mounted as files (env `CACHE_BEARER_TOKEN_FILE`). A token given
-    /// by [`bearer_token`](Self::bearer_token) wins.
-    ///
-    /// ```
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .image_server("https://orthanc.example.org/")
-    ///     .bearer_token_file("/run/secrets/orthanc-token");
-    /// ```
-    pub fn bearer_token_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.http_headers.bearer_token_file = Some(path.into());
-        self
-    }
-
     /// How often the background sweeper expires entries, enforces the cap and saves access
     /// times. Default 60 s (env `CACHE_SWEEP_INTERVAL`, e.g. `30s`); zero disables the
     /// background task ([`ImageCache::cleanup`](crate::ImageCache::cleanup) still works).
@@ -480,96 +385,6 @@ impl CacheBuilder {
         self
     }
 
-    /// Connect timeout of the default HTTP client. Default 30 s.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    ///
-    /// // An image server on the local network: give up on an unreachable one quickly.
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .image_server("http://images.lan:8042/data/")
-    ///     .connect_timeout(Duration::from_secs(3));
-    /// ```
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// Idle read timeout of the default HTTP client: a body that sends nothing for this long
-    /// fails, and is retried like any transient failure. Default 12 s (env
-    /// `CACHE_READ_TIMEOUT`), so that a body stalled on every attempt fails within a minute
-    /// with the default retries.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    ///
-    /// // An origin that pauses for a long while before large files (a PACS assembling them).
-    /// let builder = imgcache::ImageCache::builder().read_timeout(Duration::from_secs(60));
-    /// ```
-    pub fn read_timeout(mut self, timeout: Duration) -> Self {
-        self.read_timeout = timeout;
-        self
-    }
-
-    /// Total time one download may take, retries included; none by default
-    /// (env `CACHE_DOWNLOAD_TIMEOUT`, e.g. `30m`). Catches an origin that trickles bytes too
-    /// slowly for the idle timeout to fire.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    ///
-    /// // No 2 GB volume takes longer than 20 minutes here, retries included.
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .download_timeout(Duration::from_secs(20 * 60));
-    /// ```
-    pub fn download_timeout(mut self, timeout: Duration) -> Self {
-        self.download_timeout = Some(timeout);
-        self
-    }
-
-    /// How many times a transient failure (connect error, timeout, 408, 429, 5xx, a body cut
-    /// off midway) is retried. Default 3 (env `CACHE_RETRIES`); 0 turns retries off. A body
-    /// cut off midway resumes with `Range` where the server allows it.
-    ///
-    /// ```
-    /// // Fail fast: a caller that retries itself (a job queue) wants the first error.
-    /// let builder = imgcache::ImageCache::builder().retries(0);
-    /// ```
-    pub fn retries(mut self, retries: u32) -> Self {
-        self.retries = retries;
-        self
-    }
-
-    /// First retry delay, doubled at each attempt with jitter. Default 500 ms
-    /// (env `CACHE_RETRY_DELAY`).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    ///
-    /// // Retries about 1 s, 2 s, 4 s, 8 s and 16 s after each failure.
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .retries(5)
-    ///     .retry_base_delay(Duration::from_secs(1));
-    /// ```
-    pub fn retry_base_delay(mut self, delay: Duration) -> Self {
-        self.retry_base_delay = delay;
-        self
-    }
-
-    /// Longest retry delay, including one asked for by `Retry-After`. Default 30 s
-    /// (env `CACHE_RETRY_MAX_DELAY`).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    ///
-    /// // Never wait more than 5 s between attempts, even when a 429 asks for longer.
-    /// let builder = imgcache::ImageCache::builder().retry_max_delay(Duration::from_secs(5));
-    /// ```
-    pub fn retry_max_delay(mut self, delay: Duration) -> Self {
-        self.retry_max_delay = delay;
-        self
-    }
-
     /// Largest file accepted, so that an origin that sends without end cannot fill the disk.
     /// Default 16 GiB (env `CACHE_MAX_FILE_SIZE_MB`); the size cap limits files too.
     ///
@@ -581,18 +396,6 @@ impl CacheBuilder {
     /// ```
     pub fn max_file_size_bytes(mut self, bytes: u64) -> Self {
         self.max_file_size_bytes = bytes;
-        self
-    }
-
-    /// Redirects followed per request. Default 10 (env `CACHE_MAX_REDIRECTS`). A redirect
-    /// from https to http is always refused.
-    ///
-    /// ```
-    /// // A presigned URL answers with one redirect to the object store; more is a loop.
-    /// let builder = imgcache::ImageCache::builder().max_redirects(2);
-    /// ```
-    pub fn max_redirects(mut self, n: usize) -> Self {
-        self.max_redirects = n;
         self
     }
 
@@ -644,35 +447,6 @@ impl CacheBuilder {
     /// ```
     pub fn offline(mut self, on: bool) -> Self {
         self.offline = on;
-        self
-    }
-
-    /// A PEM file of CA certificates trusted in addition to the platform's roots, for an
-    /// image server with a self-signed or private certificate (env `CACHE_CA_CERT`). Applies
-    /// to the default HTTP client only.
-    ///
-    /// ```
-    /// // The hospital's own CA signed the image server's certificate.
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .image_server("https://pacs.hospital.internal/dicomweb/")
-    ///     .ca_certificate("/etc/ssl/certs/hospital-ca.pem");
-    /// ```
-    pub fn ca_certificate(mut self, pem_file: impl Into<PathBuf>) -> Self {
-        self.ca_certificate = Some(pem_file.into());
-        self
-    }
-
-    /// Accept any TLS certificate. Dangerous: only for a test server you control. Logs a WARN
-    /// at start-up (env `CACHE_INSECURE_TLS=1`). Applies to the default HTTP client only.
-    ///
-    /// ```
-    /// // A throwaway test server with a self-signed certificate, never production.
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .image_server("https://localhost:8443/")
-    ///     .danger_accept_invalid_certs(true);
-    /// ```
-    pub fn danger_accept_invalid_certs(mut self, on: bool) -> Self {
-        self.insecure_tls = on;
         self
     }
 
