@@ -9,10 +9,6 @@
 mod support;
 
 mod capacity;
-#[cfg(feature = "cli")]
-mod cli;
-#[cfg(feature = "cli")]
-mod cli_manage;
 mod coalescing;
 mod crash;
 mod disk_full;
