@@ -72,6 +72,21 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # The handle and its views
+//!
+//! [`ImageCache`] has what an application calls, in the original design's words: `get`
+//! (`get_file`), [`get_with`](ImageCache::get_with), [`get_cached`](ImageCache::get_cached),
+//! the stream forms, [`refresh`](ImageCache::refresh) (`download_and_cache`),
+//! [`invalidate`](ImageCache::invalidate), [`clear`](ImageCache::clear) (`clear_cache`),
+//! [`cleanup`](ImageCache::cleanup), [`stats`](ImageCache::stats) (`get_stats`),
+//! [`subscribe`](ImageCache::subscribe) and [`shutdown`](ImageCache::shutdown). What an
+//! operator adds lives on two views: [`ImageCache::admin`] ([`Admin`]: the directory, entries
+//! one by one, dry runs, integrity checks, counters, the cap and the TTL at run time) and
+//! [`ImageCache::tier`] ([`TierAdmin`]: fleet-wide removals, waiting for uploads). The builder
+//! groups the image server's client, timeouts and retries in [`NetworkOptions`]
+//! ([`CacheBuilder::network`]) and the tier's settings in [`TierOptions`]
+//! ([`CacheBuilder::tier`]).
+//!
 //! # Guarantees
 //!
 //! - A path handed to a caller holds complete bytes whose SHA-256 is recorded in its meta.json.
@@ -136,9 +151,12 @@
 //!
 //! # Features
 //!
-//! - `cli` (default): the `imgcache` binary (with `server`).
+//! - `s3` (default): the shared tier on S3-compatible object storage (`CACHE_SHARED_TIER`).
 //! - `server`: `server::router`, the dashboard, JSON API, Prometheus metrics and the
 //!   `/files` sidecar as an axum router.
+//!
+//! The default features pull in no command-line or server dependency: the `imgcache` binary
+//! is the workspace's `imgcache-cli` package (`cli/`), which turns `server` on for itself.
 //!
 //! The crash tests' abort points are not a feature (a dependent crate could switch a feature
 //! on for everyone): they need `--cfg imgcache_failpoints`, which `IMGCACHE_FAILPOINTS=1`
@@ -166,14 +184,14 @@ mod store;
 mod tier;
 
 pub use cache::{
-    CacheStatus, CachedFile, CleanupPreview, CleanupReport, EntryInfo, FileStream, GetOptions,
-    ImageCache, Verification, VerifyReport,
+    Admin, CacheStatus, CachedFile, CleanupPreview, CleanupReport, EntryInfo, FileStream,
+    GetOptions, ImageCache, TierAdmin, Verification, VerifyReport,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     CacheBuilder, DEFAULT_FILE_MODE, DEFAULT_LOCK_WAIT, DEFAULT_MAX_FILE_SIZE_BYTES,
-    DEFAULT_MAX_SIZE_BYTES, DEFAULT_READ_TIMEOUT, DEFAULT_SHARED_LEASE, DEFAULT_SHARED_WAIT,
-    DEFAULT_STALE_GRACE, DEFAULT_STATE_SAVE_INTERVAL, DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL,
+    DEFAULT_MAX_SIZE_BYTES, DEFAULT_STALE_GRACE, DEFAULT_STATE_SAVE_INTERVAL,
+    DEFAULT_SWEEP_INTERVAL, DEFAULT_TTL, NetworkOptions, TierOptions,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Received, Subscription};
@@ -239,7 +257,7 @@ mod send_sync {
         assert_send(&cache.invalidate("x"));
         assert_send(&cache.clear());
         assert_send(&cache.cleanup());
-        assert_send(&cache.verify_all());
+        assert_send(&cache.admin().verify_all());
         assert_send(&cache.shutdown());
         let mut events = cache.subscribe();
         assert_send(&events.recv());

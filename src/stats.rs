@@ -76,7 +76,7 @@ macro_rules! counters {
         /// A snapshot of the cache's figures, as
         /// [`ImageCache::stats`](crate::ImageCache::stats) returns them. Counters are
         /// cumulative across restarts (saved in state.json) until
-        /// [`ImageCache::reset_stats`](crate::ImageCache::reset_stats).
+        /// [`Admin::reset_stats`](crate::Admin::reset_stats).
         ///
         /// The first five fields are the original design's `get_stats()`.
         #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

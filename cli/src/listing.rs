@@ -60,7 +60,7 @@ pub fn select(
 }
 
 pub fn ls(cache: &ImageCache, args: &LsArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    let entries = select(cache.entries(), args.pattern.as_deref(), args.sort)?;
+    let entries = select(cache.admin().entries(), args.pattern.as_deref(), args.sort)?;
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &entries)?;
         writeln!(out)?;

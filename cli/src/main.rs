@@ -293,9 +293,9 @@ async fn serve(
     let local = listener.local_addr()?;
     let listener = imgcache::server::nodelay(listener);
     eprintln!("imgcache: dashboard on http://{local}/ (API /api, metrics /metrics)");
-    match cache.image_server() {
+    match cache.admin().image_server() {
         Some(server) => {
-            let server = cache.redacted(server);
+            let server = cache.admin().redacted(server);
             eprintln!("imgcache: sidecar http://{local}/files/PATH serves {server}PATH")
         }
         None => eprintln!("imgcache: no IMAGE_SERVER configured: /files/ is off"),
@@ -358,7 +358,7 @@ async fn command(
                     Ok(file) => writeln!(out, "{}", file.path().display())?,
                     Err(e) => {
                         failed = true;
-                        eprintln!("imgcache: {}: {e}", cache.redacted(url));
+                        eprintln!("imgcache: {}: {e}", cache.admin().redacted(url));
                     }
                 }
             }
@@ -379,7 +379,7 @@ async fn command(
                 match result {
                     Ok(file) => files.push(file),
                     Err(e) => {
-                        eprintln!("imgcache: {}: {e}", cache.redacted(url));
+                        eprintln!("imgcache: {}: {e}", cache.admin().redacted(url));
                         return Ok(ExitCode::FAILURE);
                     }
                 }
@@ -415,7 +415,7 @@ async fn command(
                     Ok(_) => fetched += 1,
                     Err(e) => {
                         failed += 1;
-                        let line = format!("imgcache: {}: {e}", cache.redacted(&w.url));
+                        let line = format!("imgcache: {}: {e}", cache.admin().redacted(&w.url));
                         match &overall {
                             Some(bar) => bar.println(line),
                             None => eprintln!("{line}"),
@@ -457,7 +457,10 @@ async fn command(
         } => {
             let plan = Plan::of(removal::with_prefix(cache, url)?, "prefix");
             if plan.entries.is_empty() {
-                eprintln!("imgcache: nothing cached below {}", cache.redacted(url));
+                eprintln!(
+                    "imgcache: nothing cached below {}",
+                    cache.admin().redacted(url)
+                );
             } else if removal::approve(&plan, *deleting, &mut out)? {
                 let n = removal::remove(cache, &plan).await?;
                 writeln!(out, "removed {n} entries")?;
@@ -469,23 +472,23 @@ async fn command(
             deleting,
             ..
         } => {
-            let mut plan = Plan::of(cache.entry(url)?.into_iter().collect(), "asked");
+            let mut plan = Plan::of(cache.admin().entry(url)?.into_iter().collect(), "asked");
             if *shared {
                 plan.shared = Some(format!(
                     "the shared tier's record of {}, for every host",
-                    cache.redacted(url)
+                    cache.admin().redacted(url)
                 ));
             }
             if !removal::approve(&plan, *deleting, &mut out)? {
                 return Ok(ExitCode::SUCCESS);
             }
             let found = if *shared {
-                cache.invalidate_shared(url).await?
+                cache.tier().invalidate(url).await?
             } else {
                 cache.invalidate(url).await?
             };
             if !found {
-                eprintln!("imgcache: {}: not cached here", cache.redacted(url));
+                eprintln!("imgcache: {}: not cached here", cache.admin().redacted(url));
             }
         }
         Command::Clear {
@@ -502,7 +505,7 @@ async fn command(
         Command::Clear {
             shared, deleting, ..
         } => {
-            let mut plan = Plan::of(cache.entries(), "clear");
+            let mut plan = Plan::of(cache.admin().entries(), "clear");
             if *shared {
                 plan.shared = Some(
                     "everything of the shared tier (blobs, records and leases of every host)"
@@ -513,7 +516,7 @@ async fn command(
                 return Ok(ExitCode::SUCCESS);
             }
             if *shared {
-                let (n, objects) = cache.clear_shared().await?;
+                let (n, objects) = cache.tier().clear().await?;
                 writeln!(
                     out,
                     "removed {n} entries, and {objects} objects of the shared tier"
@@ -524,7 +527,7 @@ async fn command(
             }
         }
         Command::Cleanup { deleting } => {
-            let preview = cache.cleanup_preview();
+            let preview = cache.admin().cleanup_preview();
             let mut plan = Plan::of(preview.expired, "expired");
             let evicted = Plan::of(preview.evicted, "evicted");
             plan.entries.extend(evicted.entries);
@@ -541,20 +544,24 @@ async fn command(
             }
         }
         Command::Verify { url: Some(url) } => {
-            let outcome = cache.verify(url).await?;
+            let outcome = cache.admin().verify(url).await?;
             let word = match outcome {
                 Verification::Ok => "ok",
                 Verification::Corrupt => "corrupt (removed)",
                 Verification::NotCached => "not cached",
                 _ => "unknown",
             };
-            writeln!(out, "{word}  {}", cache.redacted(url))?;
+            writeln!(out, "{word}  {}", cache.admin().redacted(url))?;
             if outcome != Verification::Ok {
                 return Ok(ExitCode::FAILURE);
             }
         }
         Command::Verify { url: None } => {
-            let report = cache.verify_all().await.context("verification failed")?;
+            let report = cache
+                .admin()
+                .verify_all()
+                .await
+                .context("verification failed")?;
             for url in &report.corrupt {
                 writeln!(out, "corrupt (removed)  {url}")?;
             }

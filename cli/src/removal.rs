@@ -113,7 +113,7 @@ pub fn with_prefix(cache: &ImageCache, prefix: &str) -> anyhow::Result<Vec<Entry
         !prefix.trim().is_empty(),
         "an empty --prefix would take every entry: use clear"
     );
-    let joined = match (url::Url::parse(prefix), cache.image_server()) {
+    let joined = match (url::Url::parse(prefix), cache.admin().image_server()) {
         (Ok(url), _) => url,
         (Err(_), Some(server)) => url::Url::parse(server)?
             .join(prefix.trim_start_matches('/'))
@@ -124,13 +124,14 @@ pub fn with_prefix(cache: &ImageCache, prefix: &str) -> anyhow::Result<Vec<Entry
     let mut shown = joined;
     let _ = shown.set_username("");
     let _ = shown.set_password(None);
-    let absolute = cache.redacted(shown.as_str());
+    let absolute = cache.admin().redacted(shown.as_str());
     let below = if absolute.ends_with('/') {
         absolute.clone()
     } else {
         format!("{absolute}/")
     };
     Ok(cache
+        .admin()
         .entries()
         .into_iter()
         .filter(|e| e.url == absolute || e.url.starts_with(&below))
@@ -144,6 +145,7 @@ pub fn older_than(cache: &ImageCache, age: Duration) -> Vec<EntryInfo> {
         .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_millis() as u64);
     cache
+        .admin()
         .entries()
         .into_iter()
         .filter(|e| e.fetched_at_ms < cutoff)
@@ -157,6 +159,7 @@ pub async fn remove(cache: &ImageCache, plan: &Plan) -> anyhow::Result<u64> {
     let mut removed = 0;
     for e in &plan.entries {
         let same = cache
+            .admin()
             .entry(&e.url)?
             .is_some_and(|now| now.sha256 == e.sha256 && now.fetched_at_ms == e.fetched_at_ms);
         if same && cache.invalidate(&e.url).await? {

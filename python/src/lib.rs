@@ -21,16 +21,16 @@ mod holds;
 mod logs;
 mod pinned;
 mod process;
+mod state;
 mod stream;
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use imgcache::{CacheBuilder, CachedFile, ErrorKind, GetOptions, ImageCache, MB};
+use imgcache::{CachedFile, ErrorKind, GetOptions, MB};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -39,125 +39,11 @@ use pyo3::types::PyList;
 use errors::IntoPy as _;
 use holds::{Held, Holds};
 use pinned::Pinned;
-use process::{ForkLock, Process};
+use process::ForkLock;
+use state::{Settings, State, let_go, let_go_of_old_holds, unpin};
 
 /// The longest `hold_seconds`: a hold is for the moment between a call and an `open`.
 const MAX_HOLD: Duration = Duration::from_secs(24 * 3600);
-
-/// What a handle is built from. After the first open it records what the cache resolved
-/// (from the arguments, the environment and `.env`), and the setters record their changes,
-/// so that a forked child opens the cache its parent had, whatever the environment says.
-#[derive(Clone)]
-struct Settings {
-    cache_dir: Option<PathBuf>,
-    max_size_bytes: Option<u64>,
-    default_ttl: Option<Duration>,
-    image_server: Option<String>,
-    offline: Option<bool>,
-    dotenv: Option<PathBuf>,
-    clock: Option<Arc<imgcache::ManualClock>>,
-}
-
-impl Settings {
-    fn builder(&self) -> imgcache::Result<CacheBuilder> {
-        let mut b = match &self.dotenv {
-            Some(file) => CacheBuilder::from_env_and_file(file)?,
-            None => CacheBuilder::from_env()?,
-        };
-        if let Some(dir) = &self.cache_dir {
-            b = b.cache_dir(dir);
-        }
-        if let Some(bytes) = self.max_size_bytes {
-            b = b.max_size_bytes(bytes);
-        }
-        if let Some(ttl) = self.default_ttl {
-            b = b.default_ttl(ttl);
-        }
-        if let Some(server) = &self.image_server {
-            b = b.image_server(server);
-        }
-        if let Some(offline) = self.offline {
-            b = b.offline(offline);
-        }
-        if let Some(clock) = &self.clock {
-            b = b.clock(Arc::clone(clock) as Arc<dyn imgcache::Clock>);
-        }
-        Ok(b)
-    }
-
-    /// These settings with what `cache` resolved.
-    fn resolved(&self, cache: &ImageCache) -> Settings {
-        let stats = cache.stats();
-        Settings {
-            cache_dir: Some(cache.cache_dir().to_owned()),
-            max_size_bytes: Some(stats.max_size_bytes),
-            default_ttl: Duration::try_from_secs_f64(stats.default_ttl_hours * 3600.0).ok(),
-            image_server: cache.image_server().map(str::to_owned),
-            ..self.clone()
-        }
-    }
-}
-
-/// One process's open cache behind a handle.
-struct State {
-    generation: u64,
-    process: Arc<Process>,
-    cache: ImageCache,
-    holds: Mutex<Holds>,
-    /// The size cap, which bounds the holds.
-    cap: AtomicU64,
-}
-
-impl State {
-    fn lock_holds(&self) -> std::sync::MutexGuard<'_, Holds> {
-        self.holds.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Lets go of the holds `keep` rejects.
-    fn release(&self, py: Python<'_>, keep: impl FnMut(&str, &Held) -> bool) {
-        let gone = self.lock_holds().take(keep);
-        let_go(py, gone);
-    }
-
-    /// Lets go of the holds on files that are no longer the current version of an entry
-    /// (removed by `invalidate` under another spelling of the URL, or replaced).
-    fn release_stale(&self, py: Python<'_>) {
-        let current: HashSet<PathBuf> =
-            py.detach(|| self.cache.entries().into_iter().map(|e| e.path).collect());
-        self.release(py, |_, h| current.contains(h.file.path()));
-    }
-}
-
-/// Drops pins with the GIL released (letting go of the last pin of a retired version takes
-/// the core's index lock), then their path objects.
-fn let_go(py: Python<'_>, gone: Vec<Held>) {
-    if gone.is_empty() {
-        return;
-    }
-    let (files, paths): (Vec<_>, Vec<_>) = gone.into_iter().map(|h| (h.file, h.path)).unzip();
-    py.detach(move || drop(files));
-    drop(paths);
-}
-
-/// Drops one pin with the GIL released.
-fn unpin(py: Python<'_>, file: CachedFile) {
-    py.detach(move || drop(file));
-}
-
-/// Lets go of the holds whose time is up, every `every`, while the state lives.
-async fn let_go_of_old_holds(state: std::sync::Weak<State>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(state) = state.upgrade() else { return };
-        let now = Instant::now();
-        let gone = state.lock_holds().take(|_, h| h.until > now);
-        // Off the GIL: the paths' references are let go of by PyO3 the next time any
-        // thread holds it.
-        drop(gone);
-    }
-}
 
 static PATH_CLASS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
@@ -596,7 +482,7 @@ impl Cache {
         let state = self.state(py)?;
         let found = state
             .process
-            .block_on(py, state.cache.verify(url))?
+            .block_on(py, state.cache.admin().verify(url))?
             .py_err()?;
         state.release_stale(py);
         convert::record(py, &found)
@@ -607,7 +493,7 @@ impl Cache {
         let state = self.state(py)?;
         let report = state
             .process
-            .block_on(py, state.cache.verify_all())?
+            .block_on(py, state.cache.admin().verify_all())?
             .py_err()?;
         state.release_stale(py);
         convert::record(py, &report)
@@ -623,7 +509,7 @@ impl Cache {
     /// Every entry, most recently used first, as dicts.
     fn entries<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let state = self.state(py)?;
-        let entries = py.detach(|| state.cache.entries());
+        let entries = py.detach(|| state.cache.admin().entries());
         let list = PyList::empty(py);
         for e in &entries {
             list.append(convert::record(py, e)?)?;
@@ -633,7 +519,7 @@ impl Cache {
 
     fn reset_stats(&self, py: Python<'_>) -> PyResult<()> {
         let state = self.state(py)?;
-        py.detach(|| state.cache.reset_stats());
+        py.detach(|| state.cache.admin().reset_stats());
         Ok(())
     }
 
@@ -641,7 +527,7 @@ impl Cache {
     fn set_max_size_bytes(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
         let state = self.state(py)?;
         state.release(py, |_, _| false);
-        py.detach(|| state.cache.set_max_size_bytes(bytes))
+        py.detach(|| state.cache.admin().set_max_size_bytes(bytes))
             .py_err()?;
         state.cap.store(bytes, Ordering::Relaxed);
         self.record(|s| s.max_size_bytes = Some(bytes));
@@ -658,7 +544,8 @@ impl Cache {
                 )));
             }
         };
-        py.detach(|| state.cache.set_default_ttl(ttl)).py_err()?;
+        py.detach(|| state.cache.admin().set_default_ttl(ttl))
+            .py_err()?;
         self.record(|s| s.default_ttl = Some(ttl));
         Ok(())
     }
@@ -678,13 +565,17 @@ impl Cache {
     #[getter]
     fn cache_dir<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let state = self.state(py)?;
-        new_path(py, state.cache.cache_dir())
+        new_path(py, state.cache.admin().cache_dir())
     }
 
     #[getter]
     fn image_server(&self, py: Python<'_>) -> PyResult<Option<String>> {
         let state = self.state(py)?;
-        Ok(state.cache.image_server().map(|s| state.cache.redacted(s)))
+        Ok(state
+            .cache
+            .admin()
+            .image_server()
+            .map(|s| state.cache.admin().redacted(s)))
     }
 
     #[getter]
@@ -702,7 +593,7 @@ impl Cache {
 
     /// `url` without user-info and with signing query parameters redacted.
     fn redacted(&self, py: Python<'_>, url: &str) -> PyResult<String> {
-        Ok(self.state(py)?.cache.redacted(url))
+        Ok(self.state(py)?.cache.admin().redacted(url))
     }
 
     /// Lets go of every path this handle holds and shuts the cache down: the figures are
@@ -733,11 +624,12 @@ impl Cache {
     fn __repr__(&self) -> String {
         let settings = self.settings.load();
         let dir = settings.cache_dir.as_ref().map(|d| d.display().to_string());
-        let server = self
-            .state
-            .load()
-            .as_ref()
-            .and_then(|s| s.cache.image_server().map(|u| s.cache.redacted(u)));
+        let server = self.state.load().as_ref().and_then(|s| {
+            s.cache
+                .admin()
+                .image_server()
+                .map(|u| s.cache.admin().redacted(u))
+        });
         format!("imgcache.Cache(cache_dir={dir:?}, image_server={server:?})")
     }
 }

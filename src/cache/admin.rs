@@ -1,181 +1,70 @@
-//! What an operator reads and changes of a running cache: its entries and figures, its
-//! events, the cap and the TTL, how URLs are shown, and removing entries.
+//! [`Admin`]: what an operator reads and changes of a running cache beside what an
+//! application calls: its directory and image server, its entries one by one, what a cleanup
+//! would remove, integrity checks, the counters, and the cap and TTL at run time. The
+//! dashboard, the CLI and the Python package's controls are built on it.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{CleanupReport, EntryInfo, ImageCache, duration_ms, removal};
+use super::removal::{CleanupPreview, entry_info};
+use super::{EntryInfo, ImageCache, Verification, VerifyReport, duration_ms};
 use crate::error::{Error, ErrorKind, Result};
-use crate::events::Subscription;
 use crate::index::Reason;
-use crate::stats::{Gauges, Stats};
+
+/// The operator's view of a cache, from [`ImageCache::admin`]: a borrow, free to make.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+/// let admin = cache.admin();
+/// println!("{} holds {} entries", admin.cache_dir().display(), admin.entries().len());
+/// admin.set_max_size_bytes(512 * imgcache::MB)?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy)]
+pub struct Admin<'a> {
+    cache: &'a ImageCache,
+}
+
+impl std::fmt::Debug for Admin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Admin").field(self.cache).finish()
+    }
+}
 
 impl ImageCache {
-    /// Every committed entry, most recently used first.
+    /// The operator's view: the directory, the entries one by one, dry runs, integrity
+    /// checks, counters and settings at run time (see [`Admin`]).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// # let dir = tempfile::tempdir()?;
     /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
-    /// for entry in cache.entries() {
-    ///     println!("{:>12} bytes  {} hits  {}", entry.size, entry.hits, entry.url);
-    /// }
-    /// let total: u64 = cache.entries().iter().map(|e| e.size).sum();
-    /// assert_eq!(total, cache.stats().current_size_bytes);
+    /// assert_eq!(cache.admin().cache_dir(), dir.path());
     /// # Ok(()) }
     /// ```
-    pub fn entries(&self) -> Vec<EntryInfo> {
-        let mut all = self.inner().index.entries();
-        all.sort_by_key(|e| std::cmp::Reverse(e.lru()));
-        all.iter().map(|e| removal::entry_info(e)).collect()
+    pub fn admin(&self) -> Admin<'_> {
+        Admin { cache: self }
     }
+}
 
-    /// A snapshot of the figures (the original design's `get_stats`).
+impl<'a> Admin<'a> {
+    /// The cache directory.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// # let dir = tempfile::tempdir()?;
     /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
-    /// let stats = cache.stats();
-    /// println!(
-    ///     "{} entries, {:.1} of {:.0} MB, hit rate {:.0} %",
-    ///     stats.entries_count,
-    ///     stats.current_size_mb,
-    ///     stats.max_size_mb,
-    ///     stats.hit_rate * 100.0
-    /// );
-    /// assert_eq!(stats.hits + stats.misses, 0);
+    /// assert_eq!(cache.admin().cache_dir(), dir.path());
     /// # Ok(()) }
     /// ```
-    pub fn stats(&self) -> Stats {
-        let inner = self.inner();
-        let f = inner.index.figures();
-        inner.counters.stats(
-            &inner.procs.others(),
-            Gauges {
-                entries_count: f.entries,
-                current_size_bytes: f.committed_bytes + f.doomed_bytes,
-                max_size_bytes: inner.index.max(),
-                reserved_bytes: f.reserved_bytes,
-                pinned_entries: f.pinned,
-                downloads_in_progress: inner.inflight.len() as u64,
-                default_ttl_hours: inner.default_ttl_ms.load(Ordering::Relaxed) as f64
-                    / 3_600_000.0,
-                cache_dir: inner.config.cache_dir.display().to_string(),
-                shared_tier: inner.shared_tier_figures(),
-                request_headers: inner.config.http.header_names(),
-            },
-        )
-    }
-
-    /// A stream of [`Event`](crate::Event)s: downloads starting, progressing, finishing or failing, hits,
-    /// coalesced waits, evictions and expirations. A subscriber that falls behind loses the
-    /// oldest events; it never slows the cache down.
-    ///
-    /// ```no_run
-    /// # async fn demo(cache: imgcache::ImageCache) -> Result<(), Box<dyn std::error::Error>> {
-    /// use imgcache::{Event, Received};
-    ///
-    /// let mut events = cache.subscribe();
-    /// tokio::spawn(async move {
-    ///     loop {
-    ///         match events.recv().await {
-    ///             Received::Event(Event::Progress { url, received, total: Some(total) }) => {
-    ///                 println!("{url}: {received} of {total} bytes")
-    ///             }
-    ///             Received::Event(event) => println!("{event:?}"),
-    ///             Received::Missed(n) => println!("({n} events dropped)"),
-    ///             Received::Closed | _ => break,
-    ///         }
-    ///     }
-    /// });
-    /// cache.get("ct/0042.nii.gz").await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn subscribe(&self) -> Subscription {
-        self.inner().events.subscribe()
-    }
-
-    /// Sets every counter to zero.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let dir = tempfile::tempdir()?;
-    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
-    /// # let _ = cache.get_cached("http://images.example/ct/0042.nii.gz");
-    /// cache.reset_stats();
-    /// let stats = cache.stats();
-    /// assert_eq!((stats.hits, stats.misses, stats.total_downloads), (0, 0, 0));
-    /// # Ok(()) }
-    /// ```
-    pub fn reset_stats(&self) {
-        self.inner().reset_all_counters();
-    }
-
-    /// Changes the size cap at run time and evicts at once to honour it.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let dir = tempfile::tempdir()?;
-    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
-    /// use imgcache::{ErrorKind, MB};
-    ///
-    /// cache.set_max_size_bytes(512 * MB)?; // evicts down to 512 MB at once
-    /// assert_eq!(cache.stats().max_size_bytes, 512 * MB);
-    /// assert_eq!(cache.set_max_size_bytes(0).unwrap_err().kind(), ErrorKind::Config);
-    /// # Ok(()) }
-    /// ```
-    ///
-    /// # Errors
-    /// [`ErrorKind::Config`] for zero.
-    pub fn set_max_size_bytes(&self, bytes: u64) -> Result<()> {
-        if bytes == 0 {
-            return Err(Error::new(
-                ErrorKind::Config,
-                "the size cap must be greater than zero",
-            ));
-        }
-        let inner = self.inner();
-        let removed = inner.index.set_max(bytes);
-        inner.dispose_in_background(removed);
-        inner.wake_sweeper.notify_one();
-        Ok(())
-    }
-
-    /// Changes the TTL given to entries downloaded from now on (existing entries keep the
-    /// expiry recorded when they were downloaded; pass [`GetOptions::ttl`](crate::GetOptions::ttl) to demand
-    /// fresher bytes for one call).
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let dir = tempfile::tempdir()?;
-    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
-    /// use std::time::Duration;
-    ///
-    /// cache.set_default_ttl(Duration::from_secs(6 * 3600))?;
-    /// assert_eq!(cache.stats().default_ttl_hours, 6.0);
-    /// # Ok(()) }
-    /// ```
-    ///
-    /// # Errors
-    /// [`ErrorKind::Config`] for zero.
-    pub fn set_default_ttl(&self, ttl: Duration) -> Result<()> {
-        if ttl.is_zero() {
-            return Err(Error::new(
-                ErrorKind::Config,
-                "the TTL must be greater than zero",
-            ));
-        }
-        self.inner()
-            .default_ttl_ms
-            .store(duration_ms(ttl), Ordering::Relaxed);
-        Ok(())
+    pub fn cache_dir(&self) -> &'a Path {
+        &self.cache.inner().config.cache_dir
     }
 
     /// The image server relative URLs resolve against, if one is configured.
@@ -189,11 +78,12 @@ impl ImageCache {
     ///     .image_server("http://images.example:8042/data/")
     ///     .build()
     ///     .await?;
-    /// assert_eq!(cache.image_server(), Some("http://images.example:8042/data/"));
+    /// assert_eq!(cache.admin().image_server(), Some("http://images.example:8042/data/"));
     /// # Ok(()) }
     /// ```
-    pub fn image_server(&self) -> Option<&str> {
-        self.inner()
+    pub fn image_server(&self) -> Option<&'a str> {
+        self.cache
+            .inner()
             .config
             .image_server
             .as_ref()
@@ -212,113 +102,231 @@ impl ImageCache {
     /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
     /// let url = "https://reader:s3cret@bucket.example/ct/0042.nii.gz?X-Amz-Signature=abc123";
     /// assert_eq!(
-    ///     cache.redacted(url),
+    ///     cache.admin().redacted(url),
     ///     "https://bucket.example/ct/0042.nii.gz?X-Amz-Signature=REDACTED"
     /// );
     /// # Ok(()) }
     /// ```
     pub fn redacted(&self, url: impl AsRef<str>) -> String {
-        self.inner().config.url_policy.redact_text(url.as_ref())
+        self.cache
+            .inner()
+            .config
+            .url_policy
+            .redact_text(url.as_ref())
     }
 
-    /// The cache directory.
+    /// Every committed entry, most recently used first.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// # let dir = tempfile::tempdir()?;
     /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
-    /// assert_eq!(cache.cache_dir(), dir.path());
+    /// for entry in cache.admin().entries() {
+    ///     println!("{:>12} bytes  {} hits  {}", entry.size, entry.hits, entry.url);
+    /// }
+    /// let total: u64 = cache.admin().entries().iter().map(|e| e.size).sum();
+    /// assert_eq!(total, cache.stats().current_size_bytes);
     /// # Ok(()) }
     /// ```
-    pub fn cache_dir(&self) -> &Path {
-        &self.inner().config.cache_dir
+    pub fn entries(&self) -> Vec<EntryInfo> {
+        let mut all = self.cache.inner().index.entries();
+        all.sort_by_key(|e| std::cmp::Reverse(e.lru()));
+        all.iter().map(|e| entry_info(e)).collect()
     }
 
-    /// Removes the entry for `url`. Returns whether there was one. A file a caller still holds
-    /// is deleted when it is released.
+    /// The entry of `url`, fresh or expired, if there is one (what
+    /// [`invalidate`](ImageCache::invalidate) would remove).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// assert!(cache.admin().entry("http://images.example.org/ct/1.nii.gz")?.is_none());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidUrl`](crate::ErrorKind::InvalidUrl).
+    pub fn entry(&self, url: impl AsRef<str>) -> crate::Result<Option<EntryInfo>> {
+        let inner = self.cache.inner();
+        let key = inner.resolve(url.as_ref())?.key.clone();
+        Ok(inner
+            .index
+            .entries()
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| entry_info(e)))
+    }
+
+    /// What [`cleanup`](ImageCache::cleanup) would remove now, removing nothing: the expired
+    /// entries nobody holds, then the least recently used until the total fits the cap. The
+    /// cleanup itself may spare some (one another process holds or has just renewed) and
+    /// then evict others in their place to reach the cap.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// let preview = cache.admin().cleanup_preview();
+    /// let bytes: u64 = preview.expired.iter().chain(&preview.evicted).map(|e| e.size).sum();
+    /// println!("cleanup would free {bytes} bytes");
+    /// assert!(preview.expired.is_empty() && preview.evicted.is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub fn cleanup_preview(&self) -> CleanupPreview {
+        let inner = self.cache.inner();
+        let mut preview = CleanupPreview::default();
+        for (entry, reason) in inner.index.sweep_plan(inner.now_ms()) {
+            match reason {
+                Reason::Expired => preview.expired.push(entry_info(&entry)),
+                _ => preview.evicted.push(entry_info(&entry)),
+            }
+        }
+        preview
+    }
+
+    /// Re-hashes the file of `url` and compares it with the recorded SHA-256. A corrupt entry
+    /// is removed and counted as an integrity failure.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// # let dir = tempfile::tempdir()?;
     /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// use imgcache::Verification;
+    ///
     /// let url = "http://images.example:8042/data/ct/0042.nii.gz";
-    /// let removed = cache.invalidate(url).await?;
-    /// assert!(!removed); // there was no entry to remove
-    /// assert!(cache.get_cached(url).is_none());
+    /// match cache.admin().verify(url).await? {
+    ///     Verification::Ok => println!("intact"),
+    ///     Verification::Corrupt => println!("corrupt: removed, the next get downloads it again"),
+    ///     _ => println!("not cached"),
+    /// }
+    /// assert_eq!(cache.admin().verify(url).await?, Verification::NotCached);
     /// # Ok(()) }
     /// ```
     ///
     /// # Errors
     /// [`ErrorKind::InvalidUrl`].
-    pub async fn invalidate(&self, url: impl AsRef<str>) -> Result<bool> {
-        let inner = self.inner();
+    pub async fn verify(&self, url: impl AsRef<str>) -> Result<Verification> {
+        let inner = self.cache.inner();
         let resolved = inner.resolve(url.as_ref())?;
-        let removed = inner.index.remove(&resolved.key, Reason::Invalidated);
-        let found = removed.is_some();
-        inner.dispose_blocking(removed.into_iter().collect()).await;
-        Ok(found)
+        Ok(inner.verify_key(&resolved.key).await)
     }
 
-    /// Removes every entry and returns how many there were. Files callers still hold are
-    /// deleted when released. Counters are kept (see [`reset_stats`](Self::reset_stats)).
+    /// [`verify`](Self::verify) for every entry, one at a time.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// # let dir = tempfile::tempdir()?;
     /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
-    /// let removed = cache.clear().await?;
-    /// println!("removed {removed} entries");
-    /// assert_eq!(cache.stats().entries_count, 0);
+    /// let report = cache.admin().verify_all().await?;
+    /// println!("{} files checked", report.checked);
+    /// for url in &report.corrupt {
+    ///     eprintln!("corrupt, removed: {url}");
+    /// }
+    /// assert!(report.corrupt.is_empty());
     /// # Ok(()) }
     /// ```
     ///
     /// # Errors
     /// None today; the `Result` leaves room for I/O errors to be reported.
-    pub async fn clear(&self) -> Result<u64> {
-        let inner = self.inner();
-        let removed = inner.index.clear();
-        let n = removed.len() as u64;
-        inner.dispose_blocking(removed).await;
-        tracing::info!(entries = n, "cache cleared");
-        Ok(n)
-    }
-
-    /// Expires entries past their TTL and evicts to honour the cap, now. The background
-    /// sweeper does the same periodically.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let dir = tempfile::tempdir()?;
-    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
-    /// let report = cache.cleanup().await?;
-    /// println!(
-    ///     "{} expired, {} evicted, {} bytes freed",
-    ///     report.expired, report.evicted, report.bytes_freed
-    /// );
-    /// assert_eq!(report, imgcache::CleanupReport::default()); // nothing to do in a new cache
-    /// # Ok(()) }
-    /// ```
-    ///
-    /// # Errors
-    /// None today; the `Result` leaves room for I/O errors to be reported.
-    pub async fn cleanup(&self) -> Result<CleanupReport> {
-        let inner = self.inner();
-        let (removed, _) = inner.sweep_now();
-        let mut report = CleanupReport::default();
-        for r in &removed {
-            match r.reason {
-                Reason::Expired => report.expired += 1,
-                Reason::Evicted => report.evicted += 1,
-                _ => continue,
+    pub async fn verify_all(&self) -> Result<VerifyReport> {
+        let inner = self.cache.inner();
+        let mut report = VerifyReport::default();
+        for entry in inner.index.entries() {
+            match inner.verify_key(&entry.key).await {
+                Verification::Ok => report.checked += 1,
+                Verification::Corrupt => {
+                    report.checked += 1;
+                    report.corrupt.push(entry.meta.url.clone());
+                }
+                Verification::NotCached => {}
             }
-            report.bytes_freed += r.entry.meta.size;
         }
-        inner.dispose_blocking(removed).await;
-        inner.save_state_blocking().await;
         Ok(report)
+    }
+
+    /// Sets every counter to zero.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// # let _ = cache.get_cached("http://images.example/ct/0042.nii.gz");
+    /// cache.admin().reset_stats();
+    /// let stats = cache.stats();
+    /// assert_eq!((stats.hits, stats.misses, stats.total_downloads), (0, 0, 0));
+    /// # Ok(()) }
+    /// ```
+    pub fn reset_stats(&self) {
+        self.cache.inner().reset_all_counters();
+    }
+
+    /// Changes the size cap at run time and evicts at once to honour it.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// use imgcache::{ErrorKind, MB};
+    ///
+    /// cache.admin().set_max_size_bytes(512 * MB)?; // evicts down to 512 MB at once
+    /// assert_eq!(cache.stats().max_size_bytes, 512 * MB);
+    /// assert_eq!(cache.admin().set_max_size_bytes(0).unwrap_err().kind(), ErrorKind::Config);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for zero.
+    pub fn set_max_size_bytes(&self, bytes: u64) -> Result<()> {
+        if bytes == 0 {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "the size cap must be greater than zero",
+            ));
+        }
+        let inner = self.cache.inner();
+        let removed = inner.index.set_max(bytes);
+        inner.dispose_in_background(removed);
+        inner.wake_sweeper.notify_one();
+        Ok(())
+    }
+
+    /// Changes the TTL given to entries downloaded from now on (existing entries keep the
+    /// expiry recorded when they were downloaded; pass [`GetOptions::ttl`](crate::GetOptions::ttl) to demand
+    /// fresher bytes for one call).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// use std::time::Duration;
+    ///
+    /// cache.admin().set_default_ttl(Duration::from_secs(6 * 3600))?;
+    /// assert_eq!(cache.stats().default_ttl_hours, 6.0);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for zero.
+    pub fn set_default_ttl(&self, ttl: Duration) -> Result<()> {
+        if ttl.is_zero() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "the TTL must be greater than zero",
+            ));
+        }
+        self.cache
+            .inner()
+            .default_ttl_ms
+            .store(duration_ms(ttl), Ordering::Relaxed);
+        Ok(())
     }
 }

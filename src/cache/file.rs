@@ -67,7 +67,7 @@ pub enum CacheStatus {
     /// expired copy.
     Stale,
     /// Another host of the fleet had downloaded it: read from the shared tier (see
-    /// [`CacheBuilder::shared_tier`](crate::CacheBuilder::shared_tier)), checked against its
+    /// [`CacheBuilder::tier`](crate::CacheBuilder::tier)), checked against its
     /// SHA-256, and committed here.
     Shared,
 }
@@ -201,7 +201,7 @@ impl GetOptions {
     }
 }
 
-/// One entry as [`ImageCache::entries`](crate::ImageCache::entries) lists it.
+/// One entry as [`Admin::entries`](crate::Admin::entries) lists it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct EntryInfo {
@@ -250,7 +250,7 @@ pub enum Verification {
     NotCached,
 }
 
-/// What [`ImageCache::verify_all`](crate::ImageCache::verify_all) found.
+/// What [`Admin::verify_all`](crate::Admin::verify_all) found.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct VerifyReport {

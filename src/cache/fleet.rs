@@ -1,5 +1,6 @@
-//! The fleet's side of a cache: the shared tier's fleet-wide removals, and the uploads to
-//! it that run in the background (counted, so that a flush or the shutdown can wait).
+//! [`TierAdmin`], the operator's view of the tier (fleet-wide removals, waiting for uploads),
+//! and the uploads to the tier that run in the background (counted, so that a flush or the
+//! shutdown can wait).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -60,18 +61,48 @@ impl Uploads {
     }
 }
 
+/// The operator's view of the tier (object storage a fleet of hosts shares), from
+/// [`ImageCache::tier`]: fleet-wide removals and waiting for uploads. A borrow, free to make.
+/// Without the `s3` feature or a configured tier, its removals fail with
+/// [`ErrorKind::Config`](crate::ErrorKind::Config) and [`flush`](Self::flush) returns at once.
+#[derive(Clone, Copy)]
+pub struct TierAdmin<'a> {
+    cache: &'a ImageCache,
+}
+
+impl std::fmt::Debug for TierAdmin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("TierAdmin").field(self.cache).finish()
+    }
+}
+
 impl ImageCache {
-    /// [`invalidate`](Self::invalidate), and the shared tier's record of `url` too, so that
+    /// The tier's view: fleet-wide invalidation and clearing, and waiting for uploads (see
+    /// [`TierAdmin`]).
+    ///
+    /// ```no_run
+    /// # async fn demo(cache: imgcache::ImageCache) -> imgcache::Result<()> {
+    /// // The origin corrected the file: no host may get the old bytes from the tier.
+    /// cache.tier().invalidate("ct/0042.nii.gz").await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn tier(&self) -> TierAdmin<'_> {
+        TierAdmin { cache: self }
+    }
+}
+
+impl TierAdmin<'_> {
+    /// [`ImageCache::invalidate`], and the shared tier's record of `url` too, so that
     /// no host gets it from the tier again: the next host to miss downloads it from the
     /// origin for the fleet. Hosts that have it keep their local copies until they expire or
     /// are invalidated there; its blob stays (other URLs may share it). Needs the `s3`
-    /// feature and a [`shared_tier`](crate::CacheBuilder::shared_tier): without either, it
+    /// feature and a tier ([`CacheBuilder::tier`](crate::CacheBuilder::tier)): without either, it
     /// fails with [`ErrorKind::Config`](crate::ErrorKind::Config).
     ///
     /// ```no_run
     /// # async fn demo(cache: imgcache::ImageCache) -> imgcache::Result<()> {
     /// // The origin corrected the file: no host may get the old bytes from the tier.
-    /// let had_it = cache.invalidate_shared("ct/0042.nii.gz").await?;
+    /// let had_it = cache.tier().invalidate("ct/0042.nii.gz").await?;
     /// println!("local copy removed: {had_it}; the next host to miss downloads it");
     /// # Ok(()) }
     /// ```
@@ -80,15 +111,15 @@ impl ImageCache {
     /// [`ErrorKind::InvalidUrl`](crate::ErrorKind::InvalidUrl); [`ErrorKind::Config`](crate::ErrorKind::Config) when no shared tier is configured;
     /// [`ErrorKind::Network`](crate::ErrorKind::Network) when the tier cannot be reached (the local entry is removed
     /// first).
-    pub async fn invalidate_shared(&self, url: impl AsRef<str>) -> Result<bool> {
+    pub async fn invalidate(&self, url: impl AsRef<str>) -> Result<bool> {
         #[cfg(feature = "s3")]
         {
-            let inner = self.inner();
+            let inner = self.cache.inner();
             if inner.tier.is_none() {
                 return Err(super::shared::no_tier());
             }
             let resolved = inner.resolve(url.as_ref())?;
-            let found = self.invalidate(url).await?;
+            let found = self.cache.invalidate(url).await?;
             inner.forget_shared(&resolved).await?;
             Ok(found)
         }
@@ -99,14 +130,14 @@ impl ImageCache {
         }
     }
 
-    /// [`clear`](Self::clear), and every object of the shared tier (blobs, records and
+    /// [`ImageCache::clear`], and every object of the shared tier (blobs, records and
     /// leases below its prefix). Returns the local entries and the tier's objects removed.
     /// Needs the `s3` feature and a shared tier, as
-    /// [`invalidate_shared`](Self::invalidate_shared) does.
+    /// [`invalidate_shared`](Self::invalidate) does.
     ///
     /// ```no_run
     /// # async fn demo(cache: imgcache::ImageCache) -> imgcache::Result<()> {
-    /// let (entries, objects) = cache.clear_shared().await?;
+    /// let (entries, objects) = cache.tier().clear().await?;
     /// println!("removed {entries} local entries and {objects} objects of the tier");
     /// # Ok(()) }
     /// ```
@@ -114,14 +145,14 @@ impl ImageCache {
     /// # Errors
     /// [`ErrorKind::Config`](crate::ErrorKind::Config) when no shared tier is configured; [`ErrorKind::Network`](crate::ErrorKind::Network) when
     /// the tier cannot be reached (the local entries are removed first).
-    pub async fn clear_shared(&self) -> Result<(u64, u64)> {
+    pub async fn clear(&self) -> Result<(u64, u64)> {
         #[cfg(feature = "s3")]
         {
-            if self.inner().tier.is_none() {
+            if self.cache.inner().tier.is_none() {
                 return Err(super::shared::no_tier());
             }
-            let local = self.clear().await?;
-            let objects = self.inner().clear_shared().await?;
+            let local = self.cache.clear().await?;
+            let objects = self.cache.inner().clear_shared().await?;
             tracing::info!(objects, "shared tier cleared");
             Ok((local, objects))
         }
@@ -130,7 +161,7 @@ impl ImageCache {
     }
 
     /// Waits until the uploads to the shared tier that downloads started are done (they
-    /// run in the background; [`shutdown`](Self::shutdown) waits for them too). Without the
+    /// run in the background; [`ImageCache::shutdown`](ImageCache::shutdown) waits for them too). Without the
     /// `s3` feature or a shared tier there are none, and it returns at once.
     ///
     /// ```no_run
@@ -139,12 +170,12 @@ impl ImageCache {
     /// for url in ["ct/0042.nii.gz", "ct/0043.nii.gz"] {
     ///     cache.get(url).await?;
     /// }
-    /// cache.flush_shared().await;
+    /// cache.tier().flush().await;
     /// println!("{} files published", cache.stats().shared_uploads);
     /// # Ok(()) }
     /// ```
-    pub async fn flush_shared(&self) {
-        self.inner().uploads.idle().await;
+    pub async fn flush(&self) {
+        self.cache.inner().uploads.idle().await;
     }
 }
 

@@ -12,6 +12,7 @@ mod admin;
 mod download;
 mod file;
 mod fleet;
+mod handle;
 mod hit;
 mod inflight;
 mod open;
@@ -33,9 +34,11 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use admin::Admin;
 pub use file::{
     CacheStatus, CachedFile, CleanupReport, EntryInfo, GetOptions, Verification, VerifyReport,
 };
+pub use fleet::TierAdmin;
 pub use removal::CleanupPreview;
 pub use stream::FileStream;
 
@@ -185,7 +188,7 @@ impl ImageCache {
     /// # async fn demo() -> imgcache::Result<()> {
     /// // CACHE_DIR=/var/cache/volumes IMAGE_SERVER=http://images:8042/data/ my-service
     /// let cache = imgcache::ImageCache::from_env().await?;
-    /// println!("caching in {}", cache.cache_dir().display());
+    /// println!("caching in {}", cache.admin().cache_dir().display());
     /// # Ok(()) }
     /// ```
     ///
@@ -369,68 +372,6 @@ impl ImageCache {
     /// As [`get`](Self::get).
     pub async fn refresh(&self, url: impl AsRef<str>) -> Result<CachedFile> {
         self.get_with(url, GetOptions::default().force(true)).await
-    }
-
-    /// Re-hashes the file of `url` and compares it with the recorded SHA-256. A corrupt entry
-    /// is removed and counted as an integrity failure.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let dir = tempfile::tempdir()?;
-    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
-    /// use imgcache::Verification;
-    ///
-    /// let url = "http://images.example:8042/data/ct/0042.nii.gz";
-    /// match cache.verify(url).await? {
-    ///     Verification::Ok => println!("intact"),
-    ///     Verification::Corrupt => println!("corrupt: removed, the next get downloads it again"),
-    ///     _ => println!("not cached"),
-    /// }
-    /// assert_eq!(cache.verify(url).await?, Verification::NotCached);
-    /// # Ok(()) }
-    /// ```
-    ///
-    /// # Errors
-    /// [`ErrorKind::InvalidUrl`].
-    pub async fn verify(&self, url: impl AsRef<str>) -> Result<Verification> {
-        let inner = self.inner();
-        let resolved = inner.resolve(url.as_ref())?;
-        Ok(inner.verify_key(&resolved.key).await)
-    }
-
-    /// [`verify`](Self::verify) for every entry, one at a time.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let dir = tempfile::tempdir()?;
-    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
-    /// let report = cache.verify_all().await?;
-    /// println!("{} files checked", report.checked);
-    /// for url in &report.corrupt {
-    ///     eprintln!("corrupt, removed: {url}");
-    /// }
-    /// assert!(report.corrupt.is_empty());
-    /// # Ok(()) }
-    /// ```
-    ///
-    /// # Errors
-    /// None today; the `Result` leaves room for I/O errors to be reported.
-    pub async fn verify_all(&self) -> Result<VerifyReport> {
-        let inner = self.inner();
-        let mut report = VerifyReport::default();
-        for entry in inner.index.entries() {
-            match inner.verify_key(&entry.key).await {
-                Verification::Ok => report.checked += 1,
-                Verification::Corrupt => {
-                    report.checked += 1;
-                    report.corrupt.push(entry.meta.url.clone());
-                }
-                Verification::NotCached => {}
-            }
-        }
-        Ok(report)
     }
 
     /// The image server as a parsed URL (for the sidecar, which joins paths below it).

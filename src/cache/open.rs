@@ -64,10 +64,10 @@ impl ImageCache {
         let tier = if config.offline {
             None
         } else {
-            crate::tier::Tier::open(&config.shared, Arc::clone(&config.clock))?.map(Arc::new)
+            crate::tier::Tier::open(&config.tier, Arc::clone(&config.clock))?.map(Arc::new)
         };
         #[cfg(not(feature = "s3"))]
-        if config.shared.url.is_some() {
+        if config.tier.url.is_some() {
             return Err(Error::new(
                 ErrorKind::Config,
                 "CACHE_SHARED_TIER needs imgcache built with the s3 feature",

@@ -69,7 +69,7 @@ impl Inner {
 }
 
 /// What [`ImageCache::cleanup`] would remove now: from
-/// [`ImageCache::cleanup_preview`], for a dry run.
+/// [`Admin::cleanup_preview`](super::Admin::cleanup_preview), for a dry run.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CleanupPreview {
@@ -94,57 +94,4 @@ pub(super) fn entry_info(e: &Entry) -> EntryInfo {
     }
 }
 
-impl ImageCache {
-    /// The entry of `url`, fresh or expired, if there is one (what
-    /// [`invalidate`](Self::invalidate) would remove).
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let dir = tempfile::tempdir()?;
-    /// let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
-    /// assert!(cache.entry("http://images.example.org/ct/1.nii.gz")?.is_none());
-    /// # Ok(()) }
-    /// ```
-    ///
-    /// # Errors
-    /// [`ErrorKind::InvalidUrl`](crate::ErrorKind::InvalidUrl).
-    pub fn entry(&self, url: impl AsRef<str>) -> crate::Result<Option<EntryInfo>> {
-        let inner = self.inner();
-        let key = inner.resolve(url.as_ref())?.key.clone();
-        Ok(inner
-            .index
-            .entries()
-            .iter()
-            .find(|e| e.key == key)
-            .map(|e| entry_info(e)))
-    }
-
-    /// What [`cleanup`](Self::cleanup) would remove now, removing nothing: the expired
-    /// entries nobody holds, then the least recently used until the total fits the cap. The
-    /// cleanup itself may spare some (one another process holds or has just renewed) and
-    /// then evict others in their place to reach the cap.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let dir = tempfile::tempdir()?;
-    /// let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
-    /// let preview = cache.cleanup_preview();
-    /// let bytes: u64 = preview.expired.iter().chain(&preview.evicted).map(|e| e.size).sum();
-    /// println!("cleanup would free {bytes} bytes");
-    /// assert!(preview.expired.is_empty() && preview.evicted.is_empty());
-    /// # Ok(()) }
-    /// ```
-    pub fn cleanup_preview(&self) -> CleanupPreview {
-        let inner = self.inner();
-        let mut preview = CleanupPreview::default();
-        for (entry, reason) in inner.index.sweep_plan(inner.now_ms()) {
-            match reason {
-                Reason::Expired => preview.expired.push(entry_info(&entry)),
-                _ => preview.evicted.push(entry_info(&entry)),
-            }
-        }
-        preview
-    }
-}
+impl ImageCache {}

@@ -47,42 +47,57 @@ pub(super) const ENVIRONMENT: &[(&str, Setter)] = &[
     ("CACHE_STALE_GRACE", set!(stale_grace = parse_duration)),
     ("CACHE_STALE_IF_ERROR", set!(stale_if_error = parse_bool)),
     ("CACHE_OFFLINE", set!(offline = parse_bool)),
-    ("CACHE_RETRIES", set!(retries = parse_whole)),
-    ("CACHE_RETRY_DELAY", set!(retry_base_delay = parse_duration)),
+    ("CACHE_RETRIES", set!(network.retries = parse_whole)),
+    (
+        "CACHE_RETRY_DELAY",
+        set!(network.retry_base_delay = parse_duration),
+    ),
     (
         "CACHE_RETRY_MAX_DELAY",
-        set!(retry_max_delay = parse_duration),
+        set!(network.retry_max_delay = parse_duration),
     ),
     (
         "CACHE_CONNECT_TIMEOUT",
-        set!(connect_timeout = parse_duration),
+        set!(network.connect_timeout = parse_duration),
     ),
-    ("CACHE_READ_TIMEOUT", set!(read_timeout = parse_duration)),
+    (
+        "CACHE_READ_TIMEOUT",
+        set!(network.read_timeout = parse_duration),
+    ),
     (
         "CACHE_DOWNLOAD_TIMEOUT",
-        set!(download_timeout = |n, v| parse_duration(n, v).map(Some)),
+        set!(network.download_timeout = |n, v| parse_duration(n, v).map(Some)),
     ),
     (
         "CACHE_MAX_FILE_SIZE_MB",
         set!(max_file_size_bytes = parse_mb),
     ),
-    ("CACHE_MAX_REDIRECTS", set!(max_redirects = parse_whole)),
+    (
+        "CACHE_MAX_REDIRECTS",
+        set!(network.max_redirects = parse_whole),
+    ),
     (
         "CACHE_CA_CERT",
-        set!(ca_certificate = |_, v| ok(Some(expand_home(v)))),
+        set!(network.ca_certificate = |_, v| ok(Some(expand_home(v)))),
     ),
-    ("CACHE_INSECURE_TLS", set!(insecure_tls = parse_bool)),
+    (
+        "CACHE_INSECURE_TLS",
+        set!(network.insecure_tls = parse_bool),
+    ),
     (
         "CACHE_HTTP_HEADERS",
-        set!(http_headers.headers = super::HeaderSettings::parse_lines),
+        set!(network.http_headers.headers = super::http::HeaderSettings::parse_lines),
     ),
     (
         "CACHE_BEARER_TOKEN",
-        set!(http_headers.bearer_token = |_, v: &str| ok(Some(super::Secret(v.trim().to_owned())))),
+        set!(
+            network.http_headers.bearer_token =
+                |_, v: &str| ok(Some(super::http::Secret(v.trim().to_owned())))
+        ),
     ),
     (
         "CACHE_BEARER_TOKEN_FILE",
-        set!(http_headers.bearer_token_file = |_, v| ok(Some(expand_home(v)))),
+        set!(network.http_headers.bearer_token_file = |_, v| ok(Some(expand_home(v)))),
     ),
     (
         "CACHE_IGNORE_QUERY_PARAMS",
@@ -92,15 +107,15 @@ pub(super) const ENVIRONMENT: &[(&str, Setter)] = &[
     ("CACHE_LOCK_WAIT", set!(lock_wait = parse_duration)),
     (
         "CACHE_SHARED_TIER",
-        set!(shared.url = |_, v: &str| ok(Some(v.trim().to_owned()))),
+        set!(tier.url = |_, v: &str| ok(Some(v.trim().to_owned()))),
     ),
     (
         "CACHE_SHARED_LEASE",
-        set!(shared.lease = |n, v| parse_duration(n, v).map(Some)),
+        set!(tier.lease = |n, v| parse_duration(n, v).map(Some)),
     ),
     (
         "CACHE_SHARED_WAIT",
-        set!(shared.wait = |n, v| parse_duration(n, v).map(Some)),
+        set!(tier.wait = |n, v| parse_duration(n, v).map(Some)),
     ),
 ];
 
@@ -115,7 +130,7 @@ impl CacheBuilder {
     ///
     /// // The environment's settings, with one the program always wants.
     /// let cache = CacheBuilder::from_env()?.offline(true).build().await?;
-    /// println!("{} entries in {}", cache.stats().entries_count, cache.cache_dir().display());
+    /// println!("{} entries in {}", cache.stats().entries_count, cache.admin().cache_dir().display());
     /// # Ok(()) }
     /// ```
     ///
@@ -185,8 +200,8 @@ impl CacheBuilder {
                 set(&mut b, name, &value)?;
             }
         }
-        if b.shared.url.is_some() {
-            b.shared.read_aws_variables(&var);
+        if b.tier.url.is_some() {
+            b.tier.read_aws_variables(&var);
         }
         Ok(b)
     }

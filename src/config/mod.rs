@@ -18,22 +18,18 @@ use crate::stats::MB;
 mod env;
 mod http;
 mod network;
-mod shared;
+mod tier;
 
 #[cfg(test)]
 use env::{ENVIRONMENT, read_dotenv};
-use http::{HeaderSettings, Secret};
-pub(crate) use shared::TierSettings;
+pub use network::NetworkOptions;
+pub use tier::TierOptions;
 /// Default size cap: 1024 MB.
 pub const DEFAULT_MAX_SIZE_BYTES: u64 = 1024 * MB;
 /// Default time to live: 24 hours.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Default interval of the background sweep.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-/// Default idle timeout of a body: 12 seconds, so that a body that stalls on every attempt
-/// fails within a minute with the default retries (4 attempts and their backoff: 51.5 s at
-/// most).
-pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(12);
 /// Default longest time between a hit and the saving of its access time: 5 seconds.
 pub const DEFAULT_STATE_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Default permission bits of cached files.
@@ -44,10 +40,6 @@ pub const DEFAULT_STALE_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(180);
 /// Default largest file accepted: 16 GiB (the size cap applies too).
 pub const DEFAULT_MAX_FILE_SIZE_BYTES: u64 = 16 * 1024 * MB;
-/// Default lease time of the shared tier (`CACHE_SHARED_LEASE`).
-pub const DEFAULT_SHARED_LEASE: Duration = Duration::from_secs(30);
-/// Default longest wait for another host's download (`CACHE_SHARED_WAIT`).
-pub const DEFAULT_SHARED_WAIT: Duration = Duration::from_secs(600);
 
 /// Builds an [`ImageCache`](crate::ImageCache). Every setter documents its default; [`build`](Self::build)
 /// validates them and never panics.
@@ -58,30 +50,19 @@ pub struct CacheBuilder {
     max_size_bytes: u64,
     default_ttl: Duration,
     image_server: Option<String>,
-    http_client: Option<reqwest::Client>,
-    customize_client: Option<fetch::CustomizeClient>,
-    http_headers: HeaderSettings,
+    network: NetworkOptions,
     sweep_interval: Duration,
     sweep_on_open: bool,
     state_save_interval: Duration,
     file_mode: u32,
-    connect_timeout: Duration,
-    read_timeout: Duration,
-    download_timeout: Option<Duration>,
-    retries: u32,
-    retry_base_delay: Duration,
-    retry_max_delay: Duration,
     max_file_size_bytes: u64,
-    max_redirects: usize,
     stale_grace: Duration,
     stale_if_error: bool,
     offline: bool,
-    ca_certificate: Option<PathBuf>,
-    insecure_tls: bool,
     ignore_query_params: Option<Vec<String>>,
     exclusive_lock: bool,
     lock_wait: Duration,
-    shared: TierSettings,
+    tier: TierOptions,
     clock: Arc<dyn Clock>,
 }
 
@@ -98,30 +79,19 @@ impl fmt::Debug for CacheBuilder {
                     .as_deref()
                     .map(|s| self.url_policy().redact_text(s)),
             )
-            .field("custom_http_client", &self.http_client.is_some())
-            .field("customized_http_client", &self.customize_client.is_some())
-            .field("http_headers", &self.http_headers)
             .field("sweep_interval", &self.sweep_interval)
             .field("sweep_on_open", &self.sweep_on_open)
             .field("state_save_interval", &self.state_save_interval)
             .field("file_mode", &format_args!("{:o}", self.file_mode))
-            .field("connect_timeout", &self.connect_timeout)
-            .field("read_timeout", &self.read_timeout)
-            .field("download_timeout", &self.download_timeout)
-            .field("retries", &self.retries)
-            .field("retry_base_delay", &self.retry_base_delay)
-            .field("retry_max_delay", &self.retry_max_delay)
             .field("max_file_size_bytes", &self.max_file_size_bytes)
-            .field("max_redirects", &self.max_redirects)
             .field("stale_grace", &self.stale_grace)
             .field("stale_if_error", &self.stale_if_error)
             .field("offline", &self.offline)
-            .field("ca_certificate", &self.ca_certificate)
-            .field("insecure_tls", &self.insecure_tls)
             .field("ignore_query_params", &self.ignore_query_params)
             .field("exclusive_lock", &self.exclusive_lock)
             .field("lock_wait", &self.lock_wait)
-            .field("shared", &self.shared)
+            .field("network", &self.network)
+            .field("tier", &self.tier)
             .field("clock", &self.clock)
             .finish()
     }
@@ -134,30 +104,19 @@ impl Default for CacheBuilder {
             max_size_bytes: DEFAULT_MAX_SIZE_BYTES,
             default_ttl: DEFAULT_TTL,
             image_server: None,
-            http_client: None,
-            customize_client: None,
-            http_headers: HeaderSettings::default(),
+            network: NetworkOptions::default(),
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
             sweep_on_open: true,
             state_save_interval: DEFAULT_STATE_SAVE_INTERVAL,
             file_mode: DEFAULT_FILE_MODE,
-            connect_timeout: Duration::from_secs(30),
-            read_timeout: DEFAULT_READ_TIMEOUT,
-            download_timeout: None,
-            retries: 3,
-            retry_base_delay: Duration::from_millis(500),
-            retry_max_delay: Duration::from_secs(30),
             max_file_size_bytes: DEFAULT_MAX_FILE_SIZE_BYTES,
-            max_redirects: 10,
             stale_grace: DEFAULT_STALE_GRACE,
             stale_if_error: true,
             offline: false,
-            ca_certificate: None,
-            insecure_tls: false,
             ignore_query_params: None,
             exclusive_lock: false,
             lock_wait: DEFAULT_LOCK_WAIT,
-            shared: TierSettings::default(),
+            tier: TierOptions::default(),
             clock: Arc::new(SystemClock),
         }
     }
@@ -187,7 +146,7 @@ pub(crate) struct Config {
     pub(crate) url_policy: UrlPolicy,
     pub(crate) exclusive_lock: bool,
     pub(crate) lock_wait: Duration,
-    pub(crate) shared: TierSettings,
+    pub(crate) tier: TierOptions,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -217,7 +176,7 @@ impl CacheBuilder {
     /// # let dir = tempfile::tempdir()?;
     /// let volumes = dir.path().join("volumes"); // created at build
     /// let cache = imgcache::ImageCache::builder().cache_dir(&volumes).build().await?;
-    /// assert_eq!(cache.cache_dir(), volumes);
+    /// assert_eq!(cache.admin().cache_dir(), volumes);
     /// assert!(volumes.is_dir());
     /// # Ok(()) }
     /// ```
@@ -336,7 +295,7 @@ impl CacheBuilder {
     ///     .sweep_on_open(false)
     ///     .build()
     ///     .await?;
-    /// println!("{} entries would go", cache.cleanup_preview().evicted.len());
+    /// println!("{} entries would go", cache.admin().cleanup_preview().evicted.len());
     /// # Ok(()) }
     /// ```
     pub fn sweep_on_open(mut self, sweep: bool) -> Self {
@@ -468,7 +427,7 @@ impl CacheBuilder {
     ///     .await?;
     /// let url = "https://images.example/ct/0042.nii.gz?token=abc123&series=2";
     /// assert_eq!(
-    ///     cache.redacted(url),
+    ///     cache.admin().redacted(url),
     ///     "https://images.example/ct/0042.nii.gz?token=REDACTED&series=2"
     /// );
     /// # Ok(()) }
@@ -594,22 +553,22 @@ impl CacheBuilder {
                 "the largest file size (CACHE_MAX_FILE_SIZE_MB) must be greater than zero",
             ));
         }
-        let client = match self.http_client.clone() {
+        let client = match self.network.http_client.clone() {
             Some(client) => client,
             None => fetch::default_client(
                 &ClientSettings {
-                    connect: self.connect_timeout,
-                    read: self.read_timeout,
-                    ca_certificate: self.ca_certificate.as_deref(),
-                    insecure: self.insecure_tls,
+                    connect: self.network.connect_timeout,
+                    read: self.network.read_timeout,
+                    ca_certificate: self.network.ca_certificate.as_deref(),
+                    insecure: self.network.insecure_tls,
                 },
-                self.customize_client.as_ref(),
+                self.network.customize_client.as_ref(),
             )?,
         };
-        let headers = if self.http_headers.is_empty() {
+        let headers = if self.network.http_headers.is_empty() {
             None
         } else {
-            if self.http_client.is_some() {
+            if self.network.http_client.is_some() {
                 // A client given whole may follow redirects itself, headers and all: the
                 // cache could only notice once they had reached another host.
                 return Err(Error::new(
@@ -626,12 +585,12 @@ impl CacheBuilder {
                      server (IMAGE_SERVER): they are sent to its origin only",
                 ));
             };
-            Some((server.origin(), self.http_headers.build()?))
+            Some((server.origin(), self.network.http_headers.build()?))
         };
         let http = fetch::Http {
             client,
             headers,
-            max_redirects: self.max_redirects,
+            max_redirects: self.network.max_redirects,
         };
         // Search permission wherever read permission is granted.
         let dir_mode = self.file_mode | ((self.file_mode & 0o444) >> 2);
@@ -647,17 +606,17 @@ impl CacheBuilder {
             state_save_interval: self.state_save_interval,
             file_mode: self.file_mode,
             dir_mode,
-            download_timeout: self.download_timeout,
-            retries: self.retries,
-            retry_base_delay: self.retry_base_delay,
-            retry_max_delay: self.retry_max_delay,
+            download_timeout: self.network.download_timeout,
+            retries: self.network.retries,
+            retry_base_delay: self.network.retry_base_delay,
+            retry_max_delay: self.network.retry_max_delay,
             max_file_size_bytes: self.max_file_size_bytes,
             stale_grace: self.stale_grace,
             stale_if_error: self.stale_if_error,
             offline: self.offline,
             exclusive_lock: self.exclusive_lock,
             lock_wait: self.lock_wait,
-            shared: self.shared,
+            tier: self.tier,
             clock: self.clock,
         })
     }

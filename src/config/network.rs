@@ -1,14 +1,126 @@
-//! The builder's settings for talking to the image server: the HTTP client and what it
-//! sends, timeouts, retries, redirects and TLS.
+//! [`NetworkOptions`]: how the cache talks to the image server (the HTTP client and what it
+//! sends, timeouts, retries, redirects and TLS), set through [`CacheBuilder::network`].
 
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::CacheBuilder;
-use super::http::Secret;
+use super::http::{HeaderSettings, Secret};
+use crate::fetch;
+
+/// How the cache talks to the image server: the HTTP client and what it sends, timeouts,
+/// retries, redirects and TLS. Every setting has a default (below, on each setter), and
+/// [`CacheBuilder::from_env`] reads the `CACHE_*` variables into it; change it with
+/// [`CacheBuilder::network`], which hands over the builder's current options so that what
+/// the environment set is kept.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// let builder = imgcache::ImageCache::builder().network(|n| {
+///     n.read_timeout(Duration::from_secs(30))
+///         .retries(5)
+///         .http_client_with(|b| b.pool_max_idle_per_host(4))
+/// });
+/// ```
+#[must_use]
+#[derive(Clone)]
+pub struct NetworkOptions {
+    pub(super) http_client: Option<reqwest::Client>,
+    pub(super) customize_client: Option<fetch::CustomizeClient>,
+    pub(super) http_headers: HeaderSettings,
+    pub(super) connect_timeout: Duration,
+    pub(super) read_timeout: Duration,
+    pub(super) download_timeout: Option<Duration>,
+    pub(super) retries: u32,
+    pub(super) retry_base_delay: Duration,
+    pub(super) retry_max_delay: Duration,
+    pub(super) max_redirects: usize,
+    pub(super) ca_certificate: Option<PathBuf>,
+    pub(super) insecure_tls: bool,
+}
+
+impl NetworkOptions {
+    /// The connect timeout unless set: 30 s.
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+    /// The read timeout unless set: 12 s, so that a body that stalls on every attempt fails
+    /// within a minute with the default retries (4 attempts and their backoff: 51.5 s at
+    /// most).
+    pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(12);
+    /// Retries after a transient failure unless set: 3.
+    pub const DEFAULT_RETRIES: u32 = 3;
+    /// The first retry's delay unless set: 500 ms.
+    pub const DEFAULT_RETRY_BASE_DELAY: Duration = Duration::from_millis(500);
+    /// The longest delay between retries unless set: 30 s.
+    pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
+    /// Redirects followed unless set: 10.
+    pub const DEFAULT_MAX_REDIRECTS: usize = 10;
+
+    /// Every default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Default for NetworkOptions {
+    fn default() -> Self {
+        NetworkOptions {
+            http_client: None,
+            customize_client: None,
+            http_headers: HeaderSettings::default(),
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            read_timeout: Self::DEFAULT_READ_TIMEOUT,
+            download_timeout: None,
+            retries: Self::DEFAULT_RETRIES,
+            retry_base_delay: Self::DEFAULT_RETRY_BASE_DELAY,
+            retry_max_delay: Self::DEFAULT_RETRY_MAX_DELAY,
+            max_redirects: Self::DEFAULT_MAX_REDIRECTS,
+            ca_certificate: None,
+            insecure_tls: false,
+        }
+    }
+}
+
+impl fmt::Debug for NetworkOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NetworkOptions")
+            .field("custom_http_client", &self.http_client.is_some())
+            .field("customized_http_client", &self.customize_client.is_some())
+            .field("http_headers", &self.http_headers)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("download_timeout", &self.download_timeout)
+            .field("retries", &self.retries)
+            .field("retry_base_delay", &self.retry_base_delay)
+            .field("retry_max_delay", &self.retry_max_delay)
+            .field("max_redirects", &self.max_redirects)
+            .field("ca_certificate", &self.ca_certificate)
+            .field("insecure_tls", &self.insecure_tls)
+            .finish()
+    }
+}
 
 impl CacheBuilder {
+    /// Changes how the cache talks to the image server: `edit` gets the builder's current
+    /// [`NetworkOptions`] (what [`from_env`](Self::from_env) read, or the defaults) and
+    /// returns the ones to use.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .image_server("https://images.example/data/")
+    ///     .network(|n| n.bearer_token("s3cr3t").retries(0).connect_timeout(Duration::from_secs(5)));
+    /// ```
+    pub fn network(mut self, edit: impl FnOnce(NetworkOptions) -> NetworkOptions) -> Self {
+        self.network = edit(self.network);
+        self
+    }
+}
+
+impl NetworkOptions {
     /// The HTTP client to download with, as given. Default: a client built by the cache
     /// with rustls, the platform's root certificates, no automatic decompression, the
     /// timeouts below and the extra CA of [`ca_certificate`](Self::ca_certificate).
@@ -32,7 +144,7 @@ impl CacheBuilder {
     /// let client = reqwest::Client::builder()
     ///     .redirect(reqwest::redirect::Policy::none())
     ///     .build()?;
-    /// let builder = imgcache::ImageCache::builder().http_client(client);
+    /// let builder = imgcache::ImageCache::builder().network(|n| n.http_client(client));
     /// # Ok::<(), reqwest::Error>(())
     /// ```
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
@@ -47,7 +159,7 @@ impl CacheBuilder {
     /// says) and no decompression.
     ///
     /// ```
-    /// let builder = imgcache::ImageCache::builder()
+    /// let options = imgcache::NetworkOptions::new()
     ///     .http_client_with(|b| b.pool_max_idle_per_host(4).tcp_nodelay(true));
     /// ```
     pub fn http_client_with(
@@ -59,17 +171,16 @@ impl CacheBuilder {
     }
 
     /// A header sent with every request to the image server's origin (its scheme, host and
-    /// port; see [`image_server`](Self::image_server)), and to no other: a redirect to
+    /// port; see [`image_server`](CacheBuilder::image_server)), and to no other: a redirect to
     /// another host goes without it. For servers that want a key (`X-Api-Key`) or a cookie.
     /// The value is never shown: `Debug`, errors, logs, the dashboard and the API name the
     /// header only. Env `CACHE_HTTP_HEADERS`, one `Name: value` a line. Needs an image
     /// server; a later header of the same name replaces an earlier one.
     ///
     /// ```
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .image_server("https://pacs.example.org/dicomweb/")
+    /// let options = imgcache::NetworkOptions::new()
     ///     .http_header("X-Api-Key", "k-1234");
-    /// assert!(!format!("{builder:?}").contains("k-1234"));
+    /// assert!(!format!("{options:?}").contains("k-1234"));
     /// ```
     pub fn http_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.http_headers
@@ -82,8 +193,7 @@ impl CacheBuilder {
     /// [`http_header`](Self::http_header) sends its headers (env `CACHE_BEARER_TOKEN`).
     ///
     /// ```
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .image_server("https://orthanc.example.org/")
+    /// let options = imgcache::NetworkOptions::new()
     ///     .bearer_token("eyJhbGciOi...");
     /// ```
     pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
@@ -96,8 +206,7 @@ impl CacheBuilder {
     /// by [`bearer_token`](Self::bearer_token) wins.
     ///
     /// ```
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .image_server("https://orthanc.example.org/")
+    /// let options = imgcache::NetworkOptions::new()
     ///     .bearer_token_file("/run/secrets/orthanc-token");
     /// ```
     pub fn bearer_token_file(mut self, path: impl Into<PathBuf>) -> Self {
@@ -111,8 +220,7 @@ impl CacheBuilder {
     /// use std::time::Duration;
     ///
     /// // An image server on the local network: give up on an unreachable one quickly.
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .image_server("http://images.lan:8042/data/")
+    /// let options = imgcache::NetworkOptions::new()
     ///     .connect_timeout(Duration::from_secs(3));
     /// ```
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
@@ -129,7 +237,7 @@ impl CacheBuilder {
     /// use std::time::Duration;
     ///
     /// // An origin that pauses for a long while before large files (a PACS assembling them).
-    /// let builder = imgcache::ImageCache::builder().read_timeout(Duration::from_secs(60));
+    /// let options = imgcache::NetworkOptions::new().read_timeout(Duration::from_secs(60));
     /// ```
     pub fn read_timeout(mut self, timeout: Duration) -> Self {
         self.read_timeout = timeout;
@@ -144,7 +252,7 @@ impl CacheBuilder {
     /// use std::time::Duration;
     ///
     /// // No 2 GB volume takes longer than 20 minutes here, retries included.
-    /// let builder = imgcache::ImageCache::builder()
+    /// let options = imgcache::NetworkOptions::new()
     ///     .download_timeout(Duration::from_secs(20 * 60));
     /// ```
     pub fn download_timeout(mut self, timeout: Duration) -> Self {
@@ -158,7 +266,7 @@ impl CacheBuilder {
     ///
     /// ```
     /// // Fail fast: a caller that retries itself (a job queue) wants the first error.
-    /// let builder = imgcache::ImageCache::builder().retries(0);
+    /// let options = imgcache::NetworkOptions::new().retries(0);
     /// ```
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
@@ -172,7 +280,7 @@ impl CacheBuilder {
     /// use std::time::Duration;
     ///
     /// // Retries about 1 s, 2 s, 4 s, 8 s and 16 s after each failure.
-    /// let builder = imgcache::ImageCache::builder()
+    /// let options = imgcache::NetworkOptions::new()
     ///     .retries(5)
     ///     .retry_base_delay(Duration::from_secs(1));
     /// ```
@@ -188,7 +296,7 @@ impl CacheBuilder {
     /// use std::time::Duration;
     ///
     /// // Never wait more than 5 s between attempts, even when a 429 asks for longer.
-    /// let builder = imgcache::ImageCache::builder().retry_max_delay(Duration::from_secs(5));
+    /// let options = imgcache::NetworkOptions::new().retry_max_delay(Duration::from_secs(5));
     /// ```
     pub fn retry_max_delay(mut self, delay: Duration) -> Self {
         self.retry_max_delay = delay;
@@ -200,7 +308,7 @@ impl CacheBuilder {
     ///
     /// ```
     /// // A presigned URL answers with one redirect to the object store; more is a loop.
-    /// let builder = imgcache::ImageCache::builder().max_redirects(2);
+    /// let options = imgcache::NetworkOptions::new().max_redirects(2);
     /// ```
     pub fn max_redirects(mut self, n: usize) -> Self {
         self.max_redirects = n;
@@ -213,8 +321,7 @@ impl CacheBuilder {
     ///
     /// ```
     /// // The hospital's own CA signed the image server's certificate.
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .image_server("https://pacs.hospital.internal/dicomweb/")
+    /// let options = imgcache::NetworkOptions::new()
     ///     .ca_certificate("/etc/ssl/certs/hospital-ca.pem");
     /// ```
     pub fn ca_certificate(mut self, pem_file: impl Into<PathBuf>) -> Self {
@@ -227,8 +334,7 @@ impl CacheBuilder {
     ///
     /// ```
     /// // A throwaway test server with a self-signed certificate, never production.
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .image_server("https://localhost:8443/")
+    /// let options = imgcache::NetworkOptions::new()
     ///     .danger_accept_invalid_certs(true);
     /// ```
     pub fn danger_accept_invalid_certs(mut self, on: bool) -> Self {

@@ -107,17 +107,17 @@ fn network_settings_are_read() {
         ("CACHE_INSECURE_TLS", "false"),
     ]))
     .unwrap();
-    assert_eq!(b.connect_timeout, Duration::from_secs(5));
-    assert_eq!(b.read_timeout, Duration::from_secs(20));
-    assert_eq!(b.download_timeout, Some(Duration::from_secs(3600)));
-    assert_eq!((b.retries, b.max_redirects), (7, 3));
-    assert_eq!(b.retry_base_delay, Duration::from_millis(100));
-    assert_eq!(b.retry_max_delay, Duration::from_secs(10));
+    assert_eq!(b.network.connect_timeout, Duration::from_secs(5));
+    assert_eq!(b.network.read_timeout, Duration::from_secs(20));
+    assert_eq!(b.network.download_timeout, Some(Duration::from_secs(3600)));
+    assert_eq!((b.network.retries, b.network.max_redirects), (7, 3));
+    assert_eq!(b.network.retry_base_delay, Duration::from_millis(100));
+    assert_eq!(b.network.retry_max_delay, Duration::from_secs(10));
     assert_eq!(b.max_file_size_bytes, 4096 * MB);
     assert_eq!(b.stale_grace, Duration::from_secs(2 * 86_400));
-    assert!(!b.stale_if_error && b.offline && !b.insecure_tls);
+    assert!(!b.stale_if_error && b.offline && !b.network.insecure_tls);
     let d = CacheBuilder::new();
-    assert!(d.stale_if_error && !d.offline && d.retries == 3);
+    assert!(d.stale_if_error && !d.offline && d.network.retries == 3);
     assert_eq!(d.stale_grace, DEFAULT_STALE_GRACE);
 }
 
@@ -126,7 +126,7 @@ fn a_missing_or_empty_ca_file_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
     let err = CacheBuilder::new()
         .cache_dir(dir.path())
-        .ca_certificate(dir.path().join("absent.pem"))
+        .network(|n| n.ca_certificate(dir.path().join("absent.pem")))
         .into_config()
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
@@ -134,7 +134,7 @@ fn a_missing_or_empty_ca_file_is_a_config_error() {
     std::fs::write(&empty, "not a certificate").unwrap();
     let err = CacheBuilder::new()
         .cache_dir(dir.path())
-        .ca_certificate(&empty)
+        .network(|n| n.ca_certificate(&empty))
         .into_config()
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
@@ -201,14 +201,14 @@ fn dotenv_file_fills_in_what_the_environment_lacks() {
 #[test]
 fn a_body_stalled_on_every_attempt_fails_within_a_minute_by_default() {
     let b = CacheBuilder::new();
-    let attempts = b.retries + 1;
+    let attempts = b.network.retries + 1;
     // Every attempt waits out the idle timeout; between them, the longest backoff.
     let backoff: Duration = (1..attempts)
-        .map(|n| (b.retry_base_delay * (1 << (n - 1))).min(b.retry_max_delay))
+        .map(|n| (b.network.retry_base_delay * (1 << (n - 1))).min(b.network.retry_max_delay))
         .sum();
-    let worst = b.read_timeout * attempts + backoff;
+    let worst = b.network.read_timeout * attempts + backoff;
     assert!(worst < Duration::from_secs(60), "{worst:?}");
-    assert_eq!(b.read_timeout, DEFAULT_READ_TIMEOUT);
+    assert_eq!(b.network.read_timeout, NetworkOptions::DEFAULT_READ_TIMEOUT);
 }
 
 #[test]
@@ -218,7 +218,7 @@ fn a_bare_number_is_seconds() {
         ("CACHE_RETRY_DELAY", "0.25"),
     ]))
     .unwrap();
-    assert_eq!(b.read_timeout, Duration::from_secs(7));
-    assert_eq!(b.retry_base_delay, Duration::from_millis(250));
+    assert_eq!(b.network.read_timeout, Duration::from_secs(7));
+    assert_eq!(b.network.retry_base_delay, Duration::from_millis(250));
     assert!(CacheBuilder::from_lookup(lookup(&[("CACHE_READ_TIMEOUT", "-3")])).is_err());
 }

@@ -95,7 +95,7 @@ async fn api_invalidate(
     } else {
         Err(ApiError(
             StatusCode::NOT_FOUND,
-            format!("not cached: {}", st.cache.redacted(&q.url)),
+            format!("not cached: {}", st.cache.admin().redacted(&q.url)),
         ))
     }
 }
@@ -133,10 +133,12 @@ async fn api_config(
     if let Some(hours) = ttl {
         let ttl = Duration::try_from_secs_f64(hours * 3600.0)
             .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "ttl_hours is out of range".into()))?;
-        st.cache.set_default_ttl(ttl)?;
+        st.cache.admin().set_default_ttl(ttl)?;
     }
     if let Some(mb) = max {
-        st.cache.set_max_size_bytes((mb * MB as f64) as u64)?;
+        st.cache
+            .admin()
+            .set_max_size_bytes((mb * MB as f64) as u64)?;
     }
     Ok(Json(st.cache.stats()))
 }

@@ -98,7 +98,7 @@ pub(super) async fn api_entries(
     State(st): State<Arc<AppState>>,
     QueryArgs(query): QueryArgs<EntryQuery>,
 ) -> Response {
-    let (total, page) = select(st.cache.entries(), &query);
+    let (total, page) = select(st.cache.admin().entries(), &query);
     let mut response = Json(page).into_response();
     response
         .headers_mut()

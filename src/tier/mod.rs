@@ -40,7 +40,7 @@ use tokio::io::AsyncReadExt;
 use url::Url;
 
 use crate::clock::Clock;
-use crate::config::{DEFAULT_SHARED_LEASE, DEFAULT_SHARED_WAIT, TierSettings};
+use crate::config::TierOptions;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::Key;
 
@@ -120,7 +120,7 @@ fn tier_error(what: impl Into<String>, e: object_store::Error) -> Error {
 
 impl Tier {
     /// Connects the tier described by `settings` (no request is made yet).
-    pub(crate) fn open(settings: &TierSettings, clock: Arc<dyn Clock>) -> Result<Option<Tier>> {
+    pub(crate) fn open(settings: &TierOptions, clock: Arc<dyn Clock>) -> Result<Option<Tier>> {
         let Some(raw) = settings.url.as_deref().filter(|u| !u.trim().is_empty()) else {
             return Ok(None);
         };
@@ -144,8 +144,8 @@ impl Tier {
                 url.scheme()
             )));
         }
-        let lease = settings.lease.unwrap_or(DEFAULT_SHARED_LEASE);
-        let wait = settings.wait.unwrap_or(DEFAULT_SHARED_WAIT);
+        let lease = settings.lease.unwrap_or(TierOptions::DEFAULT_LEASE);
+        let wait = settings.wait.unwrap_or(TierOptions::DEFAULT_WAIT);
         if lease < Duration::from_secs(1) {
             return Err(config_error(
                 "the shared lease (CACHE_SHARED_LEASE) must be at least 1s".to_owned(),

@@ -35,8 +35,8 @@ async fn least_recently_used_entries_are_evicted_to_honour_the_cap() {
     assert!(cache.get_cached(origin.url("b.nii.gz")).is_none());
 
     // Lowering the cap evicts at once, least recently used first.
-    cache.set_max_size_bytes(MB as u64 + 100).unwrap();
-    let entries = cache.entries();
+    cache.admin().set_max_size_bytes(MB as u64 + 100).unwrap();
+    let entries = cache.admin().entries();
     assert_eq!(entries.len(), 1);
     assert!(entries[0].url.ends_with("/d.nii.gz"));
 }

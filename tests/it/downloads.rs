@@ -140,7 +140,7 @@ async fn a_stalled_body_times_out_and_releases_the_slot() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(imgcache::ManualClock::new());
     let cache = crate::support::builder(dir.path(), &clock)
-        .read_timeout(Duration::from_millis(300))
+        .network(|n| n.read_timeout(Duration::from_millis(300)))
         .build()
         .await
         .unwrap();

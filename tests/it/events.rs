@@ -111,7 +111,7 @@ async fn coalesced_waits_failures_and_evictions_are_reported() {
     drop(cache.get(origin.url("e1.nii.gz")).await.unwrap());
     drop(cache.get(origin.url("e2.nii.gz")).await.unwrap());
     drain(&mut events);
-    cache.set_max_size_bytes(MB as u64 + 1).unwrap();
+    cache.admin().set_max_size_bytes(MB as u64 + 1).unwrap();
     // The removals (and their events) finish on the blocking pool just after the call.
     let mut evicted = Vec::new();
     while evicted.len() < 2 {

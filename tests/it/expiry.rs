@@ -77,9 +77,16 @@ async fn per_call_ttl_and_default_ttl_changes() {
         .unwrap();
     assert_eq!(origin.hits("t.nii.gz"), 3);
 
-    cache.set_default_ttl(Duration::from_secs(5)).unwrap();
+    cache
+        .admin()
+        .set_default_ttl(Duration::from_secs(5))
+        .unwrap();
     assert_eq!(
-        cache.set_default_ttl(Duration::ZERO).unwrap_err().kind(),
+        cache
+            .admin()
+            .set_default_ttl(Duration::ZERO)
+            .unwrap_err()
+            .kind(),
         ErrorKind::Config
     );
     let u = cache.get(origin.url("u.nii.gz")).await.unwrap();

@@ -224,7 +224,7 @@ async fn retries_are_bounded_and_client_errors_are_not_retried() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new());
     let cache = builder(dir.path(), &clock)
-        .retries(2)
+        .network(|n| n.retries(2))
         .build()
         .await
         .unwrap();
@@ -257,7 +257,7 @@ async fn retry_after_is_honoured() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new());
     let cache = builder(dir.path(), &clock)
-        .retry_max_delay(Duration::from_secs(5))
+        .network(|n| n.retry_max_delay(Duration::from_secs(5)))
         .build()
         .await
         .unwrap();
@@ -288,9 +288,9 @@ async fn a_stalled_or_trickling_origin_fails_in_bounded_time() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new());
     let cache = builder(dir.path(), &clock)
-        .read_timeout(Duration::from_millis(300))
-        .download_timeout(Duration::from_secs(2))
-        .retries(1)
+        .network(|n| n.read_timeout(Duration::from_millis(300)))
+        .network(|n| n.download_timeout(Duration::from_secs(2)))
+        .network(|n| n.retries(1))
         .build()
         .await
         .unwrap();
@@ -353,7 +353,7 @@ async fn not_modified_renews_the_entry_without_a_download() {
     cache.shutdown().await;
     drop(cache);
     let (cache, _clock) = self::cache(dir.path()).await;
-    let entry = &cache.entries()[0];
+    let entry = &cache.admin().entries()[0];
     assert_eq!(
         std::time::UNIX_EPOCH + Duration::from_millis(entry.expires_at_ms),
         expiry
@@ -524,7 +524,7 @@ async fn redirects_are_followed_up_to_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new());
     let cache = builder(dir.path(), &clock)
-        .max_redirects(3)
+        .network(|n| n.max_redirects(3))
         .build()
         .await
         .unwrap();
@@ -560,7 +560,7 @@ async fn space_pressure_evicts_expired_entries_before_fresh_ones() {
         cache.get_cached(url("fresh")).is_some(),
         "the fresh entry stays"
     );
-    let urls: Vec<String> = cache.entries().into_iter().map(|e| e.url).collect();
+    let urls: Vec<String> = cache.admin().entries().into_iter().map(|e| e.url).collect();
     assert!(!urls.iter().any(|u| u.ends_with("/old.nii.gz")), "{urls:?}");
     assert_eq!(cache.stats().evictions, 1);
 }

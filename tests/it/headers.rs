@@ -50,8 +50,8 @@ async fn headers_reach_the_image_server_and_no_other_host() {
     let clock = Arc::new(ManualClock::new());
     let cache = builder(dir.path(), &clock)
         .image_server(server.url("data"))
-        .http_header("X-Api-Key", KEY)
-        .bearer_token(TOKEN)
+        .network(|n| n.http_header("X-Api-Key", KEY))
+        .network(|n| n.bearer_token(TOKEN))
         .build()
         .await
         .unwrap();
@@ -96,9 +96,9 @@ async fn values_never_show_in_debug_errors_or_stats() {
     let clock = Arc::new(ManualClock::new());
     let builder = builder(dir.path(), &clock)
         .image_server(server.url("data"))
-        .http_header("X-Api-Key", KEY)
-        .bearer_token(TOKEN)
-        .retries(0);
+        .network(|n| n.http_header("X-Api-Key", KEY))
+        .network(|n| n.bearer_token(TOKEN))
+        .network(|n| n.retries(0));
     let shown = format!("{builder:?}");
     assert!(!shown.contains(KEY) && !shown.contains(TOKEN), "{shown}");
     let cache = builder.build().await.unwrap();
@@ -119,7 +119,7 @@ async fn headers_need_an_image_server_and_valid_values() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new());
     let err = builder(dir.path(), &clock)
-        .bearer_token(TOKEN)
+        .network(|n| n.bearer_token(TOKEN))
         .build()
         .await
         .unwrap_err();
@@ -127,7 +127,7 @@ async fn headers_need_an_image_server_and_valid_values() {
     assert!(err.to_string().contains("IMAGE_SERVER"), "{err}");
     let err = builder(dir.path(), &clock)
         .image_server("http://127.0.0.1:9/")
-        .http_header("X-Api-Key", format!("{KEY}\r\nX-Injected: 1"))
+        .network(|n| n.http_header("X-Api-Key", format!("{KEY}\r\nX-Injected: 1")))
         .build()
         .await
         .unwrap_err();
@@ -135,7 +135,7 @@ async fn headers_need_an_image_server_and_valid_values() {
     assert!(!err.to_string().contains(KEY), "{err}");
     let err = builder(dir.path(), &clock)
         .image_server("http://127.0.0.1:9/")
-        .bearer_token_file(dir.path().join("absent"))
+        .network(|n| n.bearer_token_file(dir.path().join("absent")))
         .build()
         .await
         .unwrap_err();
@@ -196,8 +196,8 @@ async fn a_client_given_whole_is_refused_and_a_customised_one_keeps_the_guard() 
     // A client given whole may follow redirects itself, headers and all: refused.
     let err = builder(dir.path(), &clock)
         .image_server(server.url("data"))
-        .http_header("X-Api-Key", KEY)
-        .http_client(reqwest::Client::new())
+        .network(|n| n.http_header("X-Api-Key", KEY))
+        .network(|n| n.http_client(reqwest::Client::new()))
         .build()
         .await
         .unwrap_err();
@@ -206,9 +206,9 @@ async fn a_client_given_whole_is_refused_and_a_customised_one_keeps_the_guard() 
     // A customised client, even one told to follow redirects, leaves them to the cache.
     let cache = builder(dir.path(), &clock)
         .image_server(server.url("data"))
-        .http_header("X-Api-Key", KEY)
-        .bearer_token(TOKEN)
-        .http_client_with(|b| b.redirect(reqwest::redirect::Policy::limited(5)))
+        .network(|n| n.http_header("X-Api-Key", KEY))
+        .network(|n| n.bearer_token(TOKEN))
+        .network(|n| n.http_client_with(|b| b.redirect(reqwest::redirect::Policy::limited(5))))
         .build()
         .await
         .unwrap();

@@ -48,8 +48,8 @@ async fn leak_check_body() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new());
     let cache = builder(dir.path(), &clock)
-        .read_timeout(Duration::from_millis(200))
-        .retries(1)
+        .network(|n| n.read_timeout(Duration::from_millis(200)))
+        .network(|n| n.retries(1))
         .build()
         .await
         .unwrap();

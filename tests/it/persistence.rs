@@ -31,13 +31,13 @@ async fn restart_keeps_entries_counters_and_lru_order() {
     assert_eq!((stats.hits, stats.misses, stats.total_downloads), (1, 2, 2));
     assert_eq!(stats.entries_count, 2);
     assert_eq!(stats.current_size_bytes, 2 * MB as u64);
-    assert_eq!(cache.entries()[0].hits, 1);
+    assert_eq!(cache.admin().entries()[0].hits, 1);
     let a = cache.get(origin.url("a.nii.gz")).await.unwrap();
     assert_eq!(a.status(), CacheStatus::Hit);
     assert_eq!(origin.hits("a.nii.gz"), 1);
     drop(a);
     // b is the least recently used across the restart.
-    cache.set_max_size_bytes(MB as u64 + 1).unwrap();
+    cache.admin().set_max_size_bytes(MB as u64 + 1).unwrap();
     assert!(cache.get_cached(origin.url("a.nii.gz")).is_some());
     assert!(cache.get_cached(origin.url("b.nii.gz")).is_none());
 }
@@ -206,7 +206,7 @@ async fn verify_finds_a_flipped_byte_that_the_cheap_check_cannot() {
         .to_owned();
     drop(cache.get(origin.url("w.nii.gz")).await.unwrap());
     assert_eq!(
-        cache.verify(origin.url("v.nii.gz")).await.unwrap(),
+        cache.admin().verify(origin.url("v.nii.gz")).await.unwrap(),
         Verification::Ok
     );
 
@@ -226,13 +226,13 @@ async fn verify_finds_a_flipped_byte_that_the_cheap_check_cannot() {
         "the cheap check passes"
     );
 
-    let report = cache.verify_all().await.unwrap();
+    let report = cache.admin().verify_all().await.unwrap();
     assert_eq!(report.checked, 2);
     assert_eq!(report.corrupt.len(), 1);
     assert!(report.corrupt[0].ends_with("/v.nii.gz"));
     assert!(!v.exists());
     assert_eq!(
-        cache.verify(origin.url("v.nii.gz")).await.unwrap(),
+        cache.admin().verify(origin.url("v.nii.gz")).await.unwrap(),
         Verification::NotCached
     );
     assert_eq!(cache.stats().integrity_failures, 1);

@@ -34,7 +34,7 @@ fn worker() {
             .max_size_bytes(max_mb * MB as u64)
             .sweep_interval(Duration::ZERO)
             .state_save_interval(Duration::from_millis(50))
-            .retry_base_delay(Duration::from_millis(1))
+            .network(|n| n.retry_base_delay(Duration::from_millis(1)))
             .build()
             .await
             .unwrap();
@@ -376,12 +376,12 @@ async fn eviction_in_one_process_skips_a_file_another_holds() {
     }
     assert!(b.stats().evictions >= 1);
     assert_eq!(std::fs::read(&held_path).unwrap(), held_body);
-    let current = |b: &ImageCache| b.entries().iter().any(|e| e.path == held_path);
+    let current = |b: &ImageCache| b.admin().entries().iter().any(|e| e.path == held_path);
     assert!(current(&b), "the held entry is still current");
     std::fs::write(&release, b"").unwrap();
     finish_child(WORKER, a);
     // Now free: the next eviction takes it.
-    b.set_max_size_bytes(5 * MB as u64).unwrap();
+    b.admin().set_max_size_bytes(5 * MB as u64).unwrap();
     b.cleanup().await.unwrap();
     assert!(!current(&b) && !held_path.exists(), "taken once let go");
     let on_disk = bytes_on_disk(dir.path());

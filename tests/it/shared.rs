@@ -125,14 +125,14 @@ impl Moto {
         ImageCache::builder()
             .cache_dir(dir)
             .sweep_interval(Duration::ZERO)
-            .retry_base_delay(Duration::from_millis(1))
-            .shared_tier(self.url())
-            .shared_tier_option("aws_endpoint", self.endpoint())
-            .shared_tier_option("aws_allow_http", "true")
-            .shared_tier_option("aws_region", "us-east-1")
-            .shared_tier_option("aws_access_key_id", KEY_ID)
-            .shared_tier_option("aws_secret_access_key", SECRET)
-            .shared_lease(LEASE)
+            .network(|n| n.retry_base_delay(Duration::from_millis(1)))
+            .tier(|t| t.url(self.url()))
+            .tier(|t| t.option("aws_endpoint", self.endpoint()))
+            .tier(|t| t.option("aws_allow_http", "true"))
+            .tier(|t| t.option("aws_region", "us-east-1"))
+            .tier(|t| t.option("aws_access_key_id", KEY_ID))
+            .tier(|t| t.option("aws_secret_access_key", SECRET))
+            .tier(|t| t.lease(LEASE))
     }
 
     /// The bucket, as the tests reach into it.
@@ -195,7 +195,7 @@ fn host() {
             .unwrap()
             .cache_dir(var("H_DIR"))
             .sweep_interval(Duration::ZERO)
-            .retry_base_delay(Duration::from_millis(1))
+            .network(|n| n.retry_base_delay(Duration::from_millis(1)))
             .build()
             .await
             .unwrap();
@@ -325,7 +325,7 @@ async fn a_lease_holder_killed_mid_download_is_replaced_after_the_lease_time() {
         started.elapsed() < Duration::from_secs(20),
         "taken over once the lease lapsed"
     );
-    second.flush_shared().await;
+    second.tier().flush().await;
     let third = moto.host(&root.path().join("c")).build().await.unwrap();
     let shared = third.get(&url).await.unwrap();
     assert_eq!(shared.status(), CacheStatus::Shared);
@@ -345,7 +345,7 @@ async fn with_the_tier_stopped_gets_still_succeed_from_the_origin() {
     let root = tempfile::tempdir().unwrap();
     let one = moto.host(&root.path().join("one")).build().await.unwrap();
     drop(one.get(origin.url("a.nii.gz")).await.unwrap());
-    one.flush_shared().await;
+    one.tier().flush().await;
     assert_eq!(one.stats().shared_uploads, 1);
     // The tier goes away mid-run.
     moto.child.kill().unwrap();
@@ -356,7 +356,7 @@ async fn with_the_tier_stopped_gets_still_succeed_from_the_origin() {
     assert_eq!(a.status(), CacheStatus::Downloaded);
     let b = one.get(origin.url("b.nii.gz")).await.unwrap();
     assert_eq!(std::fs::read(b.path()).unwrap(), b_body);
-    one.flush_shared().await;
+    one.tier().flush().await;
     assert_eq!(origin.hits("a.nii.gz"), 2);
     let stats = two.stats();
     assert!(stats.shared_errors >= 1, "{stats:?}");
@@ -379,7 +379,7 @@ async fn a_blob_altered_in_the_bucket_is_detected_and_not_served() {
     let root = tempfile::tempdir().unwrap();
     let one = moto.host(&root.path().join("one")).build().await.unwrap();
     drop(one.get(origin.url("x.nii.gz")).await.unwrap());
-    one.flush_shared().await;
+    one.tier().flush().await;
     // Same length, other bytes: only the hash tells.
     let blob = StorePath::from(format!("fleet/blobs/sha256/{}", sha256_hex(&body)));
     let mut altered = body.clone();
@@ -401,7 +401,7 @@ async fn a_blob_altered_in_the_bucket_is_detected_and_not_served() {
     assert_eq!((stats.integrity_failures, stats.shared_hits), (1, 0));
     assert!(stats.shared_errors >= 1);
     // The host that found it put the right bytes back for the fleet.
-    two.flush_shared().await;
+    two.tier().flush().await;
     let repaired = moto
         .store()
         .get(&blob)
@@ -431,7 +431,7 @@ async fn a_stream_on_an_altered_blob_never_ends_cleanly_with_its_bytes() {
     let root = tempfile::tempdir().unwrap();
     let one = moto.host(&root.path().join("one")).build().await.unwrap();
     drop(one.get(origin.url("s.nii.gz")).await.unwrap());
-    one.flush_shared().await;
+    one.tier().flush().await;
     let blob = StorePath::from(format!("fleet/blobs/sha256/{}", sha256_hex(&body)));
     let mut altered = body.clone();
     altered[3 * MB] ^= 0xff;
@@ -491,12 +491,12 @@ async fn expiry_and_a_304_revalidation_go_through_the_tier() {
     };
     let one = host("one").await.unwrap();
     drop(one.get(origin.url("e.nii.gz")).await.unwrap());
-    one.flush_shared().await;
+    one.tier().flush().await;
     clock.advance(2 * hour);
     // Expired for the fleet: this host revalidates it under the lease, with a 304.
     let renewed = one.get(origin.url("e.nii.gz")).await.unwrap();
     assert_eq!(renewed.status(), CacheStatus::Revalidated);
-    one.flush_shared().await;
+    one.tier().flush().await;
     let seen = origin.seen();
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[1].header("if-none-match"), Some("\"v1\""));
@@ -526,7 +526,7 @@ async fn expiry_and_a_304_revalidation_go_through_the_tier() {
     clock.advance(2 * hour);
     let again = one.get(origin.url("e.nii.gz")).await.unwrap();
     assert_eq!(again.status(), CacheStatus::Revalidated);
-    one.flush_shared().await;
+    one.tier().flush().await;
     let renewed_there = two.get(origin.url("e.nii.gz")).await.unwrap();
     assert_eq!(renewed_there.status(), CacheStatus::Revalidated);
     assert_eq!(renewed_there.expires_at(), again.expires_at());
@@ -555,7 +555,7 @@ async fn invalidate_and_clear_shared_reach_the_fleet_and_plain_ones_stay_local()
     let one = moto.host(&root.path().join("one")).build().await.unwrap();
     let url = origin.url("i.nii.gz");
     drop(one.get(&url).await.unwrap());
-    one.flush_shared().await;
+    one.tier().flush().await;
     assert!(one.invalidate(&url).await.unwrap());
     let two = moto.host(&root.path().join("two")).build().await.unwrap();
     assert_eq!(
@@ -563,13 +563,13 @@ async fn invalidate_and_clear_shared_reach_the_fleet_and_plain_ones_stay_local()
         CacheStatus::Shared,
         "plain invalidate is local"
     );
-    assert!(two.invalidate_shared(&url).await.unwrap());
+    assert!(two.tier().invalidate(&url).await.unwrap());
     let three = moto.host(&root.path().join("three")).build().await.unwrap();
     assert_eq!(
         three.get(&url).await.unwrap().status(),
         CacheStatus::Downloaded
     );
-    three.flush_shared().await;
+    three.tier().flush().await;
     assert_eq!(origin.hits("i.nii.gz"), 2);
     // What else the bucket holds is not the tier's to remove.
     for other in ["fleet/notes.txt", "archive/ct/1.nii.gz"] {
@@ -578,7 +578,7 @@ async fn invalidate_and_clear_shared_reach_the_fleet_and_plain_ones_stay_local()
             .await
             .unwrap();
     }
-    let (local, objects) = three.clear_shared().await.unwrap();
+    let (local, objects) = three.tier().clear().await.unwrap();
     assert_eq!(local, 1);
     assert!(
         objects >= 3,
@@ -611,7 +611,7 @@ async fn a_bad_tier_setting_is_a_config_error_and_credentials_never_show() {
     ] {
         let err = ImageCache::builder()
             .cache_dir(dir.path())
-            .shared_tier(bad)
+            .tier(|t| t.url(bad))
             .build()
             .await
             .unwrap_err();
@@ -624,9 +624,9 @@ async fn a_bad_tier_setting_is_a_config_error_and_credentials_never_show() {
     ] {
         let err = ImageCache::builder()
             .cache_dir(dir.path())
-            .shared_tier("s3://bucket/x")
-            .shared_lease(lease)
-            .shared_wait(wait)
+            .tier(|t| t.url("s3://bucket/x"))
+            .tier(|t| t.lease(lease))
+            .tier(|t| t.wait(wait))
             .build()
             .await
             .unwrap_err();
@@ -637,13 +637,13 @@ async fn a_bad_tier_setting_is_a_config_error_and_credentials_never_show() {
         );
     }
     let builder = ImageCache::builder()
-        .shared_tier("s3://bucket/x")
-        .shared_tier_option("aws_secret_access_key", "hunter2");
+        .tier(|t| t.url("s3://bucket/x"))
+        .tier(|t| t.option("aws_secret_access_key", "hunter2"));
     assert!(!format!("{builder:?}").contains("hunter2"));
     let err = ImageCache::builder()
         .cache_dir(dir.path())
-        .shared_tier("s3://bucket/x")
-        .shared_tier_option("aws_no_such_setting", "1")
+        .tier(|t| t.url("s3://bucket/x"))
+        .tier(|t| t.option("aws_no_such_setting", "1"))
         .build()
         .await
         .unwrap_err();
@@ -694,14 +694,14 @@ async fn a_lease_from_a_host_whose_clock_runs_ahead_is_taken_over_after_a_lease_
     // Learn the URL's key from a first download, then leave a lease of a dead host whose
     // clock said the year 292 million.
     drop(host.get(&url).await.unwrap());
-    host.flush_shared().await;
+    host.tier().flush().await;
     let lease = moto
         .objects()
         .await
         .into_iter()
         .find(|o| o.starts_with("fleet/leases/"))
         .unwrap();
-    assert!(host.invalidate_shared(&url).await.unwrap());
+    assert!(host.tier().invalidate(&url).await.unwrap());
     moto.store()
         .put(
             &StorePath::from(lease),
@@ -739,13 +739,13 @@ async fn a_tier_that_never_answers_is_a_failing_tier_not_a_hang() {
     let cache = ImageCache::builder()
         .cache_dir(dir.path())
         .sweep_interval(Duration::ZERO)
-        .shared_tier("s3://imaging-fleet/fleet")
-        .shared_tier_option("aws_endpoint", format!("http://127.0.0.1:{port}"))
-        .shared_tier_option("aws_allow_http", "true")
-        .shared_tier_option("aws_region", "us-east-1")
-        .shared_tier_option("aws_access_key_id", KEY_ID)
-        .shared_tier_option("aws_secret_access_key", SECRET)
-        .shared_lease(LEASE)
+        .tier(|t| t.url("s3://imaging-fleet/fleet"))
+        .tier(|t| t.option("aws_endpoint", format!("http://127.0.0.1:{port}")))
+        .tier(|t| t.option("aws_allow_http", "true"))
+        .tier(|t| t.option("aws_region", "us-east-1"))
+        .tier(|t| t.option("aws_access_key_id", KEY_ID))
+        .tier(|t| t.option("aws_secret_access_key", SECRET))
+        .tier(|t| t.lease(LEASE))
         .build()
         .await
         .unwrap();

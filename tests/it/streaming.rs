@@ -406,8 +406,8 @@ mod sidecar {
             .cache_dir(dir)
             .image_server(origin.url("data"))
             .sweep_interval(Duration::ZERO)
-            .retries(retries)
-            .retry_base_delay(Duration::from_millis(1))
+            .network(|n| n.retries(retries))
+            .network(|n| n.retry_base_delay(Duration::from_millis(1)))
             .build()
             .await
             .unwrap()
@@ -733,7 +733,7 @@ mod sidecar {
             .image_server(origin.url("data"))
             .sweep_interval(Duration::ZERO)
             .default_ttl(Duration::from_secs(60))
-            .retries(0)
+            .network(|n| n.retries(0))
             .clock(Arc::clone(&clock) as Arc<dyn imgcache::Clock>)
             .build()
             .await

@@ -94,7 +94,7 @@ fn worker() {
             .max_size_bytes(CAP_BYTES)
             .sweep_interval(Duration::from_millis(30))
             .state_save_interval(Duration::from_millis(20))
-            .retry_base_delay(Duration::from_millis(1))
+            .network(|n| n.retry_base_delay(Duration::from_millis(1)))
             .build()
             .await
             .unwrap();
@@ -248,10 +248,10 @@ async fn processes_killed_at_random_never_see_wrong_bytes_nor_leave_a_broken_dir
         .build()
         .await
         .unwrap();
-    for entry in cache.entries() {
+    for entry in cache.admin().entries() {
         assert_eq!(file_sha256(&entry.path), want[&entry.url], "{}", entry.url);
     }
-    let report = cache.verify_all().await.unwrap();
+    let report = cache.admin().verify_all().await.unwrap();
     assert!(report.corrupt.is_empty(), "{report:?}");
     let stats = cache.stats();
     assert!(

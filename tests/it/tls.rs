@@ -91,7 +91,7 @@ async fn a_private_ca_is_rejected_by_default_and_trusted_through_a_ca_file() {
     let clock = Arc::new(ManualClock::new());
 
     let strict = builder(&dir.path().join("strict"), &clock)
-        .retries(0)
+        .network(|n| n.retries(0))
         .build()
         .await
         .unwrap();
@@ -101,7 +101,7 @@ async fn a_private_ca_is_rejected_by_default_and_trusted_through_a_ca_file() {
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, &origin.ca_pem).unwrap();
     let trusting = builder(&dir.path().join("ca"), &clock)
-        .ca_certificate(&ca_file)
+        .network(|n| n.ca_certificate(&ca_file))
         .build()
         .await
         .unwrap();
@@ -109,7 +109,7 @@ async fn a_private_ca_is_rejected_by_default_and_trusted_through_a_ca_file() {
     assert_eq!(std::fs::read(file.path()).unwrap(), body);
 
     let insecure = builder(&dir.path().join("insecure"), &clock)
-        .danger_accept_invalid_certs(true)
+        .network(|n| n.danger_accept_invalid_certs(true))
         .build()
         .await
         .unwrap();
@@ -132,7 +132,7 @@ async fn a_redirect_from_https_to_http_is_refused() {
     std::fs::write(&ca_file, &origin.ca_pem).unwrap();
     let clock = Arc::new(ManualClock::new());
     let cache = builder(dir.path(), &clock)
-        .ca_certificate(&ca_file)
+        .network(|n| n.ca_certificate(&ca_file))
         .build()
         .await
         .unwrap();

@@ -37,7 +37,7 @@ async fn a_held_version_keeps_its_bytes_through_refresh_invalidate_and_eviction(
 
     // Invalidating the new version, then squeezing the cap, leave the held file alone.
     assert!(cache.invalidate(&url).await.unwrap());
-    cache.set_max_size_bytes(1).unwrap();
+    cache.admin().set_max_size_bytes(1).unwrap();
     cache.cleanup().await.unwrap();
     assert!(held.path().exists());
     assert_eq!(sha256_of(held.path()), held.sha256());
@@ -188,7 +188,7 @@ mod faults {
             let dir = tempfile::tempdir().unwrap();
             let clock = std::sync::Arc::new(imgcache::ManualClock::new());
             let cache = crate::support::builder(dir.path(), &clock)
-                .download_timeout(Duration::from_millis(150))
+                .network(|n| n.download_timeout(Duration::from_millis(150)))
                 .build()
                 .await
                 .unwrap();
@@ -209,7 +209,7 @@ mod faults {
             let dir = tempfile::tempdir().unwrap();
             let clock = std::sync::Arc::new(imgcache::ManualClock::new());
             let cache = crate::support::builder(dir.path(), &clock)
-                .download_timeout(Duration::from_millis(150))
+                .network(|n| n.download_timeout(Duration::from_millis(150)))
                 .stale_if_error(false)
                 .build()
                 .await

@@ -17,8 +17,8 @@ pub fn builder(dir: &Path, clock: &Arc<ManualClock>) -> CacheBuilder {
         .cache_dir(dir)
         .sweep_interval(Duration::ZERO)
         .state_save_interval(Duration::ZERO)
-        .retry_base_delay(Duration::from_millis(1))
-        .retry_max_delay(Duration::from_millis(5))
+        .network(|n| n.retry_base_delay(Duration::from_millis(1)))
+        .network(|n| n.retry_max_delay(Duration::from_millis(5)))
         .clock(Arc::clone(clock) as Arc<dyn imgcache::Clock>)
 }
 
@@ -26,7 +26,7 @@ pub fn builder(dir: &Path, clock: &Arc<ManualClock>) -> CacheBuilder {
 pub async fn open_without_retries(dir: &Path) -> (ImageCache, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new());
     let cache = builder(dir, &clock)
-        .retries(0)
+        .network(|n| n.retries(0))
         .build()
         .await
         .expect("build");

@@ -1,17 +1,23 @@
-//! The shared tier's settings: `CACHE_SHARED_TIER`, `CACHE_SHARED_LEASE`,
-//! `CACHE_SHARED_WAIT`, the AWS variables, and the builder's `shared_*` options.
+//! [`TierOptions`]: the tier's settings (`CACHE_SHARED_TIER`, `CACHE_SHARED_LEASE`,
+//! `CACHE_SHARED_WAIT` and the AWS variables), set through [`CacheBuilder::tier`].
 
 use std::fmt;
 use std::time::Duration;
 
 use super::CacheBuilder;
-#[cfg(doc)]
-use super::{DEFAULT_SHARED_LEASE, DEFAULT_SHARED_WAIT};
 
-/// How the shared tier is configured: `CACHE_SHARED_TIER` and the AWS variables, or
-/// [`CacheBuilder::shared_tier`] and its siblings.
+/// The tier: object storage that a fleet of hosts shares, asked after the local disk and
+/// before the origin (the `s3` feature). Read from `CACHE_SHARED_TIER` and the AWS variables
+/// by [`CacheBuilder::from_env`]; changed with [`CacheBuilder::tier`], which hands over the
+/// builder's current options so that what the environment set is kept.
+///
+/// ```
+/// let builder = imgcache::ImageCache::builder()
+///     .tier(|t| t.url("s3://imaging-cache/fleet").option("aws_region", "eu-central-1"));
+/// ```
+#[must_use]
 #[derive(Clone, Default)]
-pub(crate) struct TierSettings {
+pub struct TierOptions {
     /// `s3://bucket/prefix`.
     pub(crate) url: Option<String>,
     /// `object_store` configuration keys (`aws_endpoint`, `aws_access_key_id`, ...).
@@ -20,10 +26,10 @@ pub(crate) struct TierSettings {
     pub(crate) wait: Option<Duration>,
 }
 
-impl fmt::Debug for TierSettings {
+impl fmt::Debug for TierOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The option keys only: their values hold credentials.
-        f.debug_struct("TierSettings")
+        f.debug_struct("TierOptions")
             .field("url", &self.url)
             .field(
                 "options",
@@ -58,7 +64,7 @@ const AWS_VARIABLES: &[&str] = &[
     "AWS_SKIP_SIGNATURE",
 ];
 
-impl TierSettings {
+impl TierOptions {
     /// Reads the AWS variables (from the environment or `.env`) into the S3 client's
     /// settings, under their `object_store` names.
     pub(super) fn read_aws_variables(&mut self, var: &impl Fn(&str) -> Option<String>) {
@@ -70,83 +76,109 @@ impl TierSettings {
     }
 }
 
-impl CacheBuilder {
+impl TierOptions {
+    /// How long a lease lasts unless set: 30 s.
+    pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+    /// The longest wait for another host's download unless set: 10 minutes.
+    pub const DEFAULT_WAIT: Duration = Duration::from_secs(600);
+
+    /// No tier: the defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
     /// The shared tier: a fleet's cache on S3-compatible object storage, as
     /// `s3://bucket/prefix` (env `CACHE_SHARED_TIER`). Default: none. A local miss asks the
     /// tier before the origin; one host in the fleet downloads each file from the origin and
     /// uploads it, under a lease, while the others wait for it and read it from the tier.
     /// The endpoint and credentials come from the AWS variables (`AWS_ENDPOINT_URL`,
     /// `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`, ...) or
-    /// [`shared_tier_option`](Self::shared_tier_option). Needs the `s3` feature.
+    /// [`option`](Self::option). Needs the `s3` feature.
     ///
     /// ```no_run
     /// # async fn demo() -> imgcache::Result<()> {
     /// let cache = imgcache::ImageCache::builder()
-    ///     .shared_tier("s3://imaging-cache/fleet")
-    ///     .shared_tier_option("aws_endpoint", "http://minio.internal:9000")
-    ///     .shared_tier_option("aws_allow_http", "true")
+    ///     .tier(|t| {
+    ///         t.url("s3://imaging-cache/fleet")
+    ///             .option("aws_endpoint", "http://minio.internal:9000")
+    ///             .option("aws_allow_http", "true")
+    ///     })
     ///     .build()
     ///     .await?;
     /// # Ok(()) }
     /// ```
-    pub fn shared_tier(mut self, url: impl Into<String>) -> Self {
-        self.shared.url = Some(url.into());
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
         self
     }
 
     /// One setting of the S3 client, by its `object_store` name (`aws_endpoint`,
     /// `aws_region`, `aws_access_key_id`, `aws_secret_access_key`, `aws_session_token`,
     /// `aws_allow_http`, ...); wins over the AWS variable of the same meaning. Used with
-    /// [`shared_tier`](Self::shared_tier) only, which needs the `s3` feature.
+    /// [`url`](Self::url) only, which needs the `s3` feature.
     ///
     /// ```
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .shared_tier("s3://imaging-cache/fleet")
-    ///     .shared_tier_option("aws_region", "eu-central-1")
-    ///     .shared_tier_option("aws_secret_access_key", "wJalrXUtnFEMI");
+    /// let options = imgcache::TierOptions::new()
+    ///     .url("s3://imaging-cache/fleet")
+    ///     .option("aws_region", "eu-central-1")
+    ///     .option("aws_secret_access_key", "wJalrXUtnFEMI");
     /// // The keys are shown, never their values.
-    /// assert!(!format!("{builder:?}").contains("wJalrXUtnFEMI"));
+    /// assert!(!format!("{options:?}").contains("wJalrXUtnFEMI"));
     /// ```
-    pub fn shared_tier_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         let key = key.into().to_ascii_lowercase();
-        self.shared.options.retain(|(k, _)| *k != key);
-        self.shared.options.push((key, value.into()));
+        self.options.retain(|(k, _)| *k != key);
+        self.options.push((key, value.into()));
         self
     }
 
     /// How long a host's lease on a URL lasts without a renewal (its heartbeat renews it
     /// every quarter of this): how soon a host that died while downloading for the fleet is
-    /// replaced. Default [`DEFAULT_SHARED_LEASE`], 30 s (env `CACHE_SHARED_LEASE`). Used
-    /// with [`shared_tier`](Self::shared_tier) only, which needs the `s3` feature.
+    /// replaced. Default [`DEFAULT_LEASE`](Self::DEFAULT_LEASE), 30 s (env `CACHE_SHARED_LEASE`). Used
+    /// with [`url`](Self::url) only, which needs the `s3` feature.
     ///
     /// ```
     /// use std::time::Duration;
     ///
     /// // Hosts that die often (spot instances): another takes over their download in 10 s.
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .shared_tier("s3://imaging-cache/fleet")
-    ///     .shared_lease(Duration::from_secs(10));
+    /// let options = imgcache::TierOptions::new()
+    ///     .url("s3://imaging-cache/fleet")
+    ///     .lease(Duration::from_secs(10));
     /// ```
-    pub fn shared_lease(mut self, lease: Duration) -> Self {
-        self.shared.lease = Some(lease);
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = Some(lease);
         self
     }
 
     /// The longest a host waits for another host's download before it asks the origin
-    /// itself. Default [`DEFAULT_SHARED_WAIT`], 10 minutes (env `CACHE_SHARED_WAIT`); a
-    /// lease that lapses is taken over at once. Used with [`shared_tier`](Self::shared_tier)
+    /// itself. Default [`DEFAULT_WAIT`](Self::DEFAULT_WAIT), 10 minutes (env `CACHE_SHARED_WAIT`); a
+    /// lease that lapses is taken over at once. Used with [`url`](Self::url)
     /// only, which needs the `s3` feature.
     ///
     /// ```
     /// use std::time::Duration;
     ///
     /// // A fast origin: after 2 minutes of waiting on another host, download it here.
-    /// let builder = imgcache::ImageCache::builder()
-    ///     .shared_tier("s3://imaging-cache/fleet")
-    ///     .shared_wait(Duration::from_secs(120));
+    /// let options = imgcache::TierOptions::new()
+    ///     .url("s3://imaging-cache/fleet")
+    ///     .wait(Duration::from_secs(120));
     /// ```
-    pub fn shared_wait(mut self, wait: Duration) -> Self {
-        self.shared.wait = Some(wait);
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+}
+
+impl CacheBuilder {
+    /// Changes the tier's settings: `edit` gets the builder's current [`TierOptions`] (what
+    /// [`from_env`](Self::from_env) read, or none) and returns the ones to use.
+    ///
+    /// ```
+    /// let builder = imgcache::ImageCache::builder()
+    ///     .tier(|t| t.url("s3://imaging-cache/fleet").option("aws_allow_http", "true"));
+    /// ```
+    pub fn tier(mut self, edit: impl FnOnce(TierOptions) -> TierOptions) -> Self {
+        self.tier = edit(self.tier);
         self
     }
 }
