@@ -9,6 +9,7 @@
 //! file while it downloads, `shared` asks the fleet's tier, and [`fleet`] counts its uploads.
 
 mod admin;
+mod commit;
 mod download;
 mod file;
 mod fleet;
@@ -24,6 +25,7 @@ mod state;
 mod stream;
 mod sweeper;
 mod transfer;
+mod wants;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -96,7 +98,7 @@ pub(crate) struct Inner {
     config: Config,
     layout: Layout,
     index: Index,
-    inflight: Arc<Inflight<Key, DownloadResult, Arc<download::Wants>>>,
+    inflight: Arc<Inflight<Key, DownloadResult, Arc<wants::Wants>>>,
     events: Events,
     /// URLs as callers wrote them, resolved (see `resolve`).
     resolved: resolve::Resolutions,
@@ -292,7 +294,7 @@ impl ImageCache {
                         && !force
                         && e.kind() == ErrorKind::ChecksumMismatch
                         && e.actual_digest()
-                            .is_some_and(|sha| download::Want::accepts(&options, sha)) =>
+                            .is_some_and(|sha| wants::Want::accepts(&options, sha)) =>
                 {
                     force = true;
                 }
@@ -451,7 +453,7 @@ enum Joined {
     Download(
         inflight::SharedTask<DownloadResult>,
         CacheStatus,
-        Arc<download::Wants>,
+        Arc<wants::Wants>,
     ),
 }
 
@@ -509,7 +511,7 @@ impl Inner {
         force: bool,
     ) -> Joined {
         let mut recheck = !force;
-        let want = download::Want::of(self, options);
+        let want = wants::Want::of(self, options);
         loop {
             let join = self.inflight.join_or_start(
                 &resolved.key,
@@ -525,7 +527,7 @@ impl Inner {
                         Lookup::Stale(_) | Lookup::Missing => None,
                     }
                 },
-                || Arc::new(download::Wants::from(want.clone())),
+                || Arc::new(wants::Wants::from(want.clone())),
                 |wants| download::run_download(Arc::clone(self), resolved.clone(), force, wants),
                 |why| Err(Error::new(ErrorKind::Internal, format!("download {why}"))),
             );

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use super::download::{Finished, Wants};
+use super::commit::Finished;
 use super::file::Pinned;
 use super::hit::Holding;
 use super::transfer::{Reservation, Transfer};
+use super::wants::Wants;
 use super::{DownloadResult, Inner, Outcome, checksum_error};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::Event;

@@ -1,0 +1,100 @@
+//! What the callers of one download ask of it: each caller's expected digest, TTL and
+//! maximum age, gathered while the download runs, and the progress they all read.
+
+use std::sync::{Arc, Mutex};
+
+use super::file::GetOptions;
+use super::{Inner, duration_ms};
+
+/// What one caller of a download asked for: the digest it expects, and the TTL it gives an
+/// entry it downloads.
+#[derive(Debug, Clone)]
+pub(super) struct Want {
+    expected_sha256: Option<String>,
+    ttl_ms: u64,
+    /// The caller's own maximum age ([`GetOptions::ttl`]), if it gave one.
+    max_age_ms: Option<u64>,
+}
+
+impl Want {
+    pub(super) fn of(inner: &Inner, options: &GetOptions) -> Want {
+        Want {
+            expected_sha256: options
+                .expected_sha256
+                .as_deref()
+                .map(|e| e.trim().to_owned()),
+            ttl_ms: inner.ttl_ms(options),
+            max_age_ms: options.ttl.map(duration_ms),
+        }
+    }
+
+    /// Whether a caller with `options` takes bytes whose SHA-256 is `sha256`.
+    pub(super) fn accepts(options: &GetOptions, sha256: &str) -> bool {
+        options
+            .expected_sha256
+            .as_deref()
+            .is_none_or(|e| e.trim().eq_ignore_ascii_case(sha256))
+    }
+}
+
+/// What every caller joined to one download asked for, so that no caller's options decide
+/// for the others: the bytes are committed if any of them takes their digest (each caller
+/// checks its own), and the entry gets the longest TTL asked for.
+#[derive(Debug)]
+pub(super) struct Wants {
+    // A std Mutex: pushed to once per joined caller, read once at the commit; never held
+    // across an .await.
+    list: Mutex<Vec<Want>>,
+    /// What reaches the download's file, for its streaming readers.
+    progress: Arc<tokio::sync::watch::Sender<super::stream::Progress>>,
+}
+
+impl From<Want> for Wants {
+    fn from(first: Want) -> Wants {
+        Wants {
+            list: Mutex::new(vec![first]),
+            progress: Arc::new(tokio::sync::watch::Sender::new(Default::default())),
+        }
+    }
+}
+
+impl Wants {
+    pub(super) fn progress(&self) -> &Arc<tokio::sync::watch::Sender<super::stream::Progress>> {
+        &self.progress
+    }
+
+    pub(super) fn add(&self, want: Want) {
+        self.list
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(want);
+    }
+
+    /// Whether some caller takes `sha256`; if none does, the digest the first one expected.
+    pub(super) fn check(&self, sha256: &str) -> Result<(), String> {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        let takes = |w: &Want| {
+            w.expected_sha256
+                .as_deref()
+                .is_none_or(|e| e.eq_ignore_ascii_case(sha256))
+        };
+        if list.iter().any(takes) {
+            return Ok(());
+        }
+        Err(list
+            .iter()
+            .find_map(|w| w.expected_sha256.clone())
+            .unwrap_or_default())
+    }
+
+    pub(super) fn ttl_ms(&self) -> u64 {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter().map(|w| w.ttl_ms).max().unwrap_or_default()
+    }
+
+    /// The shortest maximum age a caller asked for: an entry found on disk must be younger.
+    pub(super) fn max_age_ms(&self) -> Option<u64> {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter().filter_map(|w| w.max_age_ms).min()
+    }
+}
