@@ -265,7 +265,7 @@ pub(crate) struct ClientSettings<'a> {
 }
 
 /// A change to the cache's own client builder (proxies, client certificates, pools), from
-/// [`CacheBuilder::http_client_with`](crate::CacheBuilder::http_client_with).
+/// [`NetworkOptions::http_client_with`](crate::NetworkOptions::http_client_with).
 pub(crate) type CustomizeClient =
     std::sync::Arc<dyn Fn(reqwest::ClientBuilder) -> reqwest::ClientBuilder + Send + Sync>;
 

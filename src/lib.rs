@@ -12,9 +12,11 @@
 //!                             │miss/expired
 //!                             v
 //!          in-flight map: join the running download or spawn one        cache/inflight.rs
+//!          (what each caller asks of it: digest, TTL, maximum age)      cache/wants.rs
 //!                             v
 //!          download task: reserve Content-Length, attempts, retries,    cache/download.rs
-//!          Range resume, revalidation, stale copy if the origin fails
+//!          Range resume, revalidation, stale copy if the origin fails   cache/transfer.rs
+//!          the tier (feature `s3`) before the origin, upload after      cache/tier_read.rs
 //!                             v
 //!          fetch: reqwest stream, Accept-Encoding: identity, status     fetch.rs
 //!          mapping, conditional and ranged requests, backoff
@@ -22,6 +24,7 @@
 //!          store: temp file, SHA-256 and length while streaming,        store/
 //!          fsync, install (a version's own directory, meta.json last)
 //!                             v
+//!          commit: callers' digests, meta.json, install, renew          cache/commit.rs
 //!          index insert (size accounting, LRU eviction)                 index/
 //!          ─> every waiter gets the same result
 //!
@@ -31,7 +34,10 @@
 //! start-up recovery: valid entries kept, the rest removed               store/recover.rs
 //! counters (one table) and the Stats snapshot                           stats.rs
 //! settings and the environment table                                    config/
-//! the handle and its public methods, wiring the stages                  cache/mod.rs
+//! the handle: get and its forms, wiring the stages                      cache/mod.rs
+//! the handle's figures and removals; the Admin and TierAdmin views      cache/handle.rs,
+//!                                                                       cache/admin.rs,
+//!                                                                       cache/tier_admin.rs
 //! dashboard, JSON API, /metrics, /files (feature `server`)              server/
 //! ```
 //!
@@ -136,7 +142,7 @@
 //! | `CACHE_IGNORE_QUERY_PARAMS` | [`DEFAULT_IGNORED_QUERY_PARAMS`] | query parameters left out of the key and redacted (`none` for none) |
 //! | `CACHE_LOCK` | `shared` | `exclusive` to use the directory alone |
 //! | `CACHE_LOCK_WAIT` | `3m` | longest wait for another process's download of the same file |
-//! | `CACHE_SHARED_TIER` | none | `s3://bucket/prefix`: the fleet's shared tier (with the `AWS_*` variables; `s3` feature) |
+//! | `CACHE_SHARED_TIER` | none | `s3://bucket/prefix`: the fleet's tier (with the `AWS_*` variables; `s3` feature) |
 //! | `CACHE_SHARED_LEASE` | `30s` | lease time of a host downloading for the fleet (renewed every quarter of it) |
 //! | `CACHE_SHARED_WAIT` | `10m` | longest wait for another host's download before asking the origin |
 //!
@@ -151,7 +157,7 @@
 //!
 //! # Features
 //!
-//! - `s3` (default): the shared tier on S3-compatible object storage (`CACHE_SHARED_TIER`).
+//! - `s3` (default): the tier on S3-compatible object storage (`CACHE_SHARED_TIER`).
 //! - `server`: `server::router`, the dashboard, JSON API, Prometheus metrics and the
 //!   `/files` sidecar as an axum router.
 //!
@@ -257,7 +263,11 @@ mod send_sync {
         assert_send(&cache.invalidate("x"));
         assert_send(&cache.clear());
         assert_send(&cache.cleanup());
-        assert_send(&cache.admin().verify_all());
+        // A view's futures borrow the cache, not the view: they can be kept and awaited later.
+        let verify_all = cache.admin().verify_all();
+        let flush = cache.tier().flush();
+        assert_send(&verify_all);
+        assert_send(&flush);
         assert_send(&cache.shutdown());
         let mut events = cache.subscribe();
         assert_send(&events.recv());

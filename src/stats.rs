@@ -31,7 +31,7 @@ macro_rules! counters {
     )+) => {
         /// A cumulative counter, for [`Counters::add`].
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        // The shared tier's counters stay at zero without the s3 feature.
+        // The tier's counters stay at zero without the s3 feature.
         #[cfg_attr(not(feature = "s3"), allow(dead_code))]
         pub(crate) enum Counter {
             $($variant,)+
@@ -106,9 +106,9 @@ macro_rules! counters {
             pub default_ttl_hours: f64,
             /// The cache directory.
             pub cache_dir: String,
-            /// The shared tier (`s3://bucket/prefix`), if one is configured.
+            /// The tier (`s3://bucket/prefix`), if one is configured.
             pub shared_tier: Option<String>,
-            /// The shared tier's state: `"ok"`, or `"failing: <the last error>"` while it
+            /// The tier's state: `"ok"`, or `"failing: <the last error>"` while it
             /// fails (the origin is asked meanwhile).
             pub shared_tier_state: Option<String>,
             /// The names of the headers sent to the image server (`CACHE_HTTP_HEADERS`,
@@ -178,13 +178,13 @@ counters! {
     resumes, Resumes, "resumes", "Retries that resumed with Range";
     /// Downloads started here after waiting `CACHE_LOCK_WAIT` for another process's.
     lock_timeouts, LockTimeouts, "lock_timeouts", "Downloads started after waiting CACHE_LOCK_WAIT for another process";
-    /// Misses answered from the shared tier (another host's download) instead of the origin.
-    shared_hits, SharedHits, "shared_hits", "Misses answered from the shared tier";
-    /// Files (or renewed records) this host published to the shared tier for the fleet.
-    shared_uploads, SharedUploads, "shared_uploads", "Files published to the shared tier";
-    /// Failures of the shared tier (down, slow, errors, a blob that failed its check); each
+    /// Misses answered from the tier (another host's download) instead of the origin.
+    shared_hits, TierHits, "shared_hits", "Misses answered from the shared tier";
+    /// Files (or renewed records) this host published to the tier for the fleet.
+    shared_uploads, TierUploads, "shared_uploads", "Files published to the shared tier";
+    /// Failures of the tier (down, slow, errors, a blob that failed its check); each
     /// time the origin was asked instead.
-    shared_errors, SharedErrors, "shared_errors", "Failures of the shared tier";
+    shared_errors, TierErrors, "shared_errors", "Failures of the shared tier";
 }
 
 /// The figures of a [`Stats`] that are not counters: read from the index and the settings.
@@ -198,7 +198,7 @@ pub(crate) struct Gauges {
     pub(crate) downloads_in_progress: u64,
     pub(crate) default_ttl_hours: f64,
     pub(crate) cache_dir: String,
-    /// The shared tier and its state.
+    /// The tier and its state.
     pub(crate) shared_tier: Option<(String, String)>,
     /// The names of the headers sent to the image server.
     pub(crate) request_headers: Vec<String>,

@@ -210,7 +210,7 @@ impl<'a> Admin<'a> {
     ///
     /// # Errors
     /// [`ErrorKind::InvalidUrl`].
-    pub async fn verify(&self, url: impl AsRef<str>) -> Result<Verification> {
+    pub async fn verify(self, url: impl AsRef<str>) -> Result<Verification> {
         let inner = self.cache.inner();
         let resolved = inner.resolve(url.as_ref())?;
         Ok(inner.verify_key(&resolved.key).await)
@@ -234,7 +234,7 @@ impl<'a> Admin<'a> {
     ///
     /// # Errors
     /// None today; the `Result` leaves room for I/O errors to be reported.
-    pub async fn verify_all(&self) -> Result<VerifyReport> {
+    pub async fn verify_all(self) -> Result<VerifyReport> {
         let inner = self.cache.inner();
         let mut report = VerifyReport::default();
         for entry in inner.index.entries() {

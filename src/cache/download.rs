@@ -92,9 +92,11 @@ impl Inner {
         let lease = match resume {
             Some(_) => None,
             None => match self.through_tier(r, force, wants, asked_at).await {
-                super::shared::Shared::Served(pinned, outcome) => return Ok((pinned, outcome)),
-                super::shared::Shared::Lease { lease, replace } => Some((lease, replace)),
-                super::shared::Shared::Origin => None,
+                super::tier_read::AfterTier::Served(pinned, outcome) => {
+                    return Ok((pinned, outcome));
+                }
+                super::tier_read::AfterTier::Lease { lease, replace } => Some((lease, replace)),
+                super::tier_read::AfterTier::Origin => None,
             },
         };
         let previous = if force {

@@ -66,7 +66,7 @@ pub enum CacheStatus {
     /// The entry had expired and the origin failed (or the cache is offline): this is the
     /// expired copy.
     Stale,
-    /// Another host of the fleet had downloaded it: read from the shared tier (see
+    /// Another host of the fleet had downloaded it: read from the tier (see
     /// [`CacheBuilder::tier`](crate::CacheBuilder::tier)), checked against its
     /// SHA-256, and committed here.
     Shared,

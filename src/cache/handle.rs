@@ -1,5 +1,5 @@
-//! What an operator reads and changes of a running cache: its entries and figures, its
-//! events, the cap and the TTL, how URLs are shown, and removing entries.
+//! The handle's figures and removals, as an application calls them: `stats` (the original
+//! design's `get_stats`), `subscribe`, `invalidate`, `clear` (`clear_cache`) and `cleanup`.
 
 use std::sync::atomic::Ordering;
 
@@ -43,7 +43,7 @@ impl ImageCache {
                 default_ttl_hours: inner.default_ttl_ms.load(Ordering::Relaxed) as f64
                     / 3_600_000.0,
                 cache_dir: inner.config.cache_dir.display().to_string(),
-                shared_tier: inner.shared_tier_figures(),
+                shared_tier: inner.tier_figures(),
                 request_headers: inner.config.http.header_names(),
             },
         )

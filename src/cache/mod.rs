@@ -1,29 +1,32 @@
-//! [`ImageCache`]: the handle, its public methods, and the only place that wires the stages
-//! together.
+//! [`ImageCache`]: the handle, the engine's shared state (`Inner`), and the only place that
+//! wires the stages together.
 //!
 //! The stages live beside it, in the order a `get` meets them: [`resolve`] (the URL,
 //! remembered), [`hit`] (lookup, cheap check, pin), [`inflight`] (join or start the one
-//! download), [`download`] (fetch with retries, stream, hash, commit), then [`removal`] (what
-//! leaves the index is counted and deleted) and the background [`sweeper`]; [`state`] keeps
-//! state.json and [`file`] the types callers hold. [`open`] opens a cache, [`stream`] reads a
-//! file while it downloads, `shared` asks the fleet's tier, and [`fleet`] counts its uploads.
+//! download), [`wants`] (what its callers ask of it), [`download`] (fetch with retries,
+//! stream, hash), `tier_read` (the tier before the origin, and the upload after), [`commit`]
+//! (meta.json, install, renew), then [`removal`] (what leaves the index is counted and
+//! deleted) and the background [`sweeper`]; [`state`] keeps state.json and [`file`] the types
+//! callers hold. [`open`] opens a cache and [`stream`] reads a file while it downloads.
+//! [`handle`] has the handle's figures and removals, [`admin`] the operator's view, and
+//! [`tier_admin`] the tier's view and the uploads it waits for.
 
 mod admin;
 mod commit;
 mod download;
 mod file;
-mod fleet;
 mod handle;
 mod hit;
 mod inflight;
 mod open;
 mod removal;
 mod resolve;
-#[cfg(feature = "s3")]
-mod shared;
 mod state;
 mod stream;
 mod sweeper;
+mod tier_admin;
+#[cfg(feature = "s3")]
+mod tier_read;
 mod transfer;
 mod wants;
 
@@ -40,9 +43,9 @@ pub use admin::Admin;
 pub use file::{
     CacheStatus, CachedFile, CleanupReport, EntryInfo, GetOptions, Verification, VerifyReport,
 };
-pub use fleet::TierAdmin;
 pub use removal::CleanupPreview;
 pub use stream::FileStream;
+pub use tier_admin::TierAdmin;
 
 use crate::clock::unix_ms;
 use crate::config::{CacheBuilder, Config};
@@ -53,8 +56,8 @@ use crate::key::{Key, Resolved};
 use crate::stats::{Counter, Counters};
 use crate::store::{self, Layout};
 use file::Pinned;
-use fleet::Uploads;
 use inflight::{Inflight, Join};
+use tier_admin::Uploads;
 
 /// The cache. Cheap to clone (one `Arc`): clone it into every task that needs it rather than
 /// wrapping it in another `Arc`. When the last clone is dropped the background sweeper stops;
@@ -89,9 +92,9 @@ enum Outcome {
     Found,
     /// Another process downloaded it while this one waited.
     Joined,
-    /// Read from the shared tier: another host had downloaded it.
+    /// Read from the tier: another host had downloaded it.
     #[cfg(feature = "s3")]
-    Shared,
+    Tier,
 }
 
 pub(crate) struct Inner {
@@ -114,10 +117,10 @@ pub(crate) struct Inner {
     _lock: std::fs::File,
     /// This process's record on the directory, and what the others counted.
     procs: state::Procs,
-    /// The shared tier, if one is configured (and the cache is not offline).
+    /// The tier, if one is configured (and the cache is not offline).
     #[cfg(feature = "s3")]
     tier: Option<Arc<crate::tier::Tier>>,
-    /// Uploads to the shared tier still running: shutdown waits for them.
+    /// Uploads to the tier still running: shutdown waits for them.
     uploads: Uploads,
     /// Sweeps run, for the sweeper's tests.
     #[cfg(test)]
@@ -480,7 +483,7 @@ impl Inner {
             }
             Outcome::Joined => CacheStatus::Coalesced,
             #[cfg(feature = "s3")]
-            Outcome::Shared => CacheStatus::Shared,
+            Outcome::Tier => CacheStatus::Shared,
         };
         let file = CachedFile { pinned, status };
         if let Some(expected) = &options.expected_sha256 {

@@ -1,5 +1,5 @@
 //! Opening a cache: the directory's lock and recovery (off the async workers), the index,
-//! the shared tier, and the background sweeper.
+//! the tier, and the background sweeper.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::fleet::Uploads;
 use super::inflight::Inflight;
+use super::tier_admin::Uploads;
 use super::{Handle, ImageCache, Inner, duration_ms, resolve, state};
 use crate::clock::unix_ms;
 use crate::config::Config;

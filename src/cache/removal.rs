@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{EntryInfo, ImageCache, Inner};
+use super::{EntryInfo, Inner};
 use crate::events::Event;
 use crate::index::{Entry, Reason, Removed};
 use crate::stats::Counter;
@@ -68,7 +68,7 @@ impl Inner {
     }
 }
 
-/// What [`ImageCache::cleanup`] would remove now: from
+/// What [`ImageCache::cleanup`](super::ImageCache::cleanup) would remove now: from
 /// [`Admin::cleanup_preview`](super::Admin::cleanup_preview), for a dry run.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 #[non_exhaustive]
@@ -79,7 +79,7 @@ pub struct CleanupPreview {
     pub evicted: Vec<EntryInfo>,
 }
 
-/// One entry as [`ImageCache::entries`] lists it.
+/// One entry as [`Admin::entries`](super::Admin::entries) lists it.
 pub(super) fn entry_info(e: &Entry) -> EntryInfo {
     EntryInfo {
         url: e.meta.url.clone(),
@@ -93,5 +93,3 @@ pub(super) fn entry_info(e: &Entry) -> EntryInfo {
         pinned: e.is_pinned(),
     }
 }
-
-impl ImageCache {}

@@ -39,7 +39,7 @@ pub(crate) struct Progress {
     /// The full length, once a response said it.
     pub(crate) total: Option<u64>,
     /// Times the file changed under its readers: another file opened (a resumed part, a
-    /// fallback from the shared tier to the origin), or the download started again from
+    /// fallback from the tier to the origin), or the download started again from
     /// byte zero. A reader that has read bytes of an earlier generation cannot go on.
     pub(crate) generation: u32,
 }

@@ -41,7 +41,7 @@ impl fmt::Debug for TierOptions {
     }
 }
 
-/// The AWS variables the shared tier reads (from the environment or `.env`), as the
+/// The AWS variables the tier reads (from the environment or `.env`), as the
 /// `object_store` settings they set. Read only when `CACHE_SHARED_TIER` is set.
 const AWS_VARIABLES: &[&str] = &[
     "AWS_ENDPOINT_URL",
@@ -87,7 +87,7 @@ impl TierOptions {
         Self::default()
     }
 
-    /// The shared tier: a fleet's cache on S3-compatible object storage, as
+    /// The tier: a fleet's cache on S3-compatible object storage, as
     /// `s3://bucket/prefix` (env `CACHE_SHARED_TIER`). Default: none. A local miss asks the
     /// tier before the origin; one host in the fleet downloads each file from the origin and
     /// uploads it, under a lease, while the others wait for it and read it from the tier.

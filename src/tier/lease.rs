@@ -1,4 +1,4 @@
-//! The leases of the shared tier: who downloads a URL from the origin for the fleet.
+//! The leases of the tier: who downloads a URL from the origin for the fleet.
 //! See the module above for how they are taken, renewed, taken over and released.
 
 use std::sync::{Arc, Mutex};

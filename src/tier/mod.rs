@@ -1,4 +1,4 @@
-//! The shared tier: one download per file for a fleet of hosts, through S3-compatible object
+//! The tier: one download per file for a fleet of hosts, through S3-compatible object
 //! storage (AWS S3, MinIO, Ceph RGW, Garage, SeaweedFS), on the `object_store` crate.
 //!
 //! Layout below the tier's prefix:

@@ -14,7 +14,7 @@ use crate::error::Result;
 #[cfg(not(feature = "s3"))]
 use crate::error::{Error, ErrorKind};
 
-/// The background tasks that publish to the shared tier, counted so that a flush or the
+/// The background tasks that publish to the tier, counted so that a flush or the
 /// shutdown can wait for them (any number of waiters, at any time).
 #[derive(Default, Clone)]
 pub(super) struct Uploads(Arc<UploadCount>);
@@ -92,7 +92,7 @@ impl ImageCache {
 }
 
 impl TierAdmin<'_> {
-    /// [`ImageCache::invalidate`], and the shared tier's record of `url` too, so that
+    /// [`ImageCache::invalidate`], and the tier's record of `url` too, so that
     /// no host gets it from the tier again: the next host to miss downloads it from the
     /// origin for the fleet. Hosts that have it keep their local copies until they expire or
     /// are invalidated there; its blob stays (other URLs may share it). Needs the `s3`
@@ -108,19 +108,19 @@ impl TierAdmin<'_> {
     /// ```
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidUrl`](crate::ErrorKind::InvalidUrl); [`ErrorKind::Config`](crate::ErrorKind::Config) when no shared tier is configured;
+    /// [`ErrorKind::InvalidUrl`](crate::ErrorKind::InvalidUrl); [`ErrorKind::Config`](crate::ErrorKind::Config) when no tier is configured;
     /// [`ErrorKind::Network`](crate::ErrorKind::Network) when the tier cannot be reached (the local entry is removed
     /// first).
-    pub async fn invalidate(&self, url: impl AsRef<str>) -> Result<bool> {
+    pub async fn invalidate(self, url: impl AsRef<str>) -> Result<bool> {
         #[cfg(feature = "s3")]
         {
             let inner = self.cache.inner();
             if inner.tier.is_none() {
-                return Err(super::shared::no_tier());
+                return Err(super::tier_read::no_tier());
             }
             let resolved = inner.resolve(url.as_ref())?;
             let found = self.cache.invalidate(url).await?;
-            inner.forget_shared(&resolved).await?;
+            inner.forget_in_tier(&resolved).await?;
             Ok(found)
         }
         #[cfg(not(feature = "s3"))]
@@ -130,10 +130,10 @@ impl TierAdmin<'_> {
         }
     }
 
-    /// [`ImageCache::clear`], and every object of the shared tier (blobs, records and
+    /// [`ImageCache::clear`], and every object of the tier (blobs, records and
     /// leases below its prefix). Returns the local entries and the tier's objects removed.
-    /// Needs the `s3` feature and a shared tier, as
-    /// [`invalidate_shared`](Self::invalidate) does.
+    /// Needs the `s3` feature and a tier, as
+    /// [`invalidate`](Self::invalidate) does.
     ///
     /// ```no_run
     /// # async fn demo(cache: imgcache::ImageCache) -> imgcache::Result<()> {
@@ -143,16 +143,16 @@ impl TierAdmin<'_> {
     /// ```
     ///
     /// # Errors
-    /// [`ErrorKind::Config`](crate::ErrorKind::Config) when no shared tier is configured; [`ErrorKind::Network`](crate::ErrorKind::Network) when
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) when no tier is configured; [`ErrorKind::Network`](crate::ErrorKind::Network) when
     /// the tier cannot be reached (the local entries are removed first).
-    pub async fn clear(&self) -> Result<(u64, u64)> {
+    pub async fn clear(self) -> Result<(u64, u64)> {
         #[cfg(feature = "s3")]
         {
             if self.cache.inner().tier.is_none() {
-                return Err(super::shared::no_tier());
+                return Err(super::tier_read::no_tier());
             }
             let local = self.cache.clear().await?;
-            let objects = self.cache.inner().clear_shared().await?;
+            let objects = self.cache.inner().clear_tier().await?;
             tracing::info!(objects, "shared tier cleared");
             Ok((local, objects))
         }
@@ -160,9 +160,9 @@ impl TierAdmin<'_> {
         Err(no_tier())
     }
 
-    /// Waits until the uploads to the shared tier that downloads started are done (they
+    /// Waits until the uploads to the tier that downloads started are done (they
     /// run in the background; [`ImageCache::shutdown`](ImageCache::shutdown) waits for them too). Without the
-    /// `s3` feature or a shared tier there are none, and it returns at once.
+    /// `s3` feature or a tier there are none, and it returns at once.
     ///
     /// ```no_run
     /// # async fn demo(cache: imgcache::ImageCache) -> imgcache::Result<()> {
@@ -174,7 +174,7 @@ impl TierAdmin<'_> {
     /// println!("{} files published", cache.stats().shared_uploads);
     /// # Ok(()) }
     /// ```
-    pub async fn flush(&self) {
+    pub async fn flush(self) {
         self.cache.inner().uploads.idle().await;
     }
 }
@@ -189,7 +189,7 @@ fn no_tier() -> Error {
 
 #[cfg(not(feature = "s3"))]
 impl Inner {
-    pub(super) fn shared_tier_figures(&self) -> Option<(String, String)> {
+    pub(super) fn tier_figures(&self) -> Option<(String, String)> {
         None
     }
 

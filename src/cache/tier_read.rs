@@ -1,4 +1,4 @@
-//! The shared tier in a download (see `crate::tier`): on a local miss, the tier's copy if it
+//! The tier in a download (see `crate::tier`): on a local miss, the tier's copy if it
 //! has a fresh one; else this host's lease to download the file from the origin for the
 //! fleet, after a bounded wait for a host that holds it; and after the download, the
 //! upload, in the background.
@@ -22,8 +22,8 @@ use crate::store::Validators;
 use crate::tier::{Lease, Lookup, Record, Seen, Take, Tier};
 
 /// How a miss goes on after the tier was asked.
-pub(super) enum Shared {
-    /// Read from the tier and committed here ([`Outcome::Shared`]), or this host's copy
+pub(super) enum AfterTier {
+    /// Read from the tier and committed here ([`Outcome::Tier`]), or this host's copy
     /// renewed from the tier's record ([`Outcome::Revalidated`]).
     Served(Arc<Pinned>, Outcome),
     /// This host downloads from the origin for the fleet, under this lease; `replace` when
@@ -38,12 +38,12 @@ const UPLOAD_ATTEMPTS: u32 = 4;
 
 impl Inner {
     /// The tier and its state, for [`Stats`](crate::Stats).
-    pub(super) fn shared_tier_figures(&self) -> Option<(String, String)> {
+    pub(super) fn tier_figures(&self) -> Option<(String, String)> {
         self.tier.as_ref().map(|t| (t.shown.clone(), t.state()))
     }
 
     fn tier_failed(&self, tier: &Tier, r: &Resolved, e: &Error, what: &str) {
-        self.counters.add(Counter::SharedErrors, 1);
+        self.counters.add(Counter::TierErrors, 1);
         tier.failed(e);
         tracing::warn!(url = %r.display, error = %e, "{what}; asking the origin");
     }
@@ -62,7 +62,7 @@ impl Inner {
     }
 
     /// Asks the tier before the origin. Every failure of the tier ends in
-    /// [`Shared::Origin`], or in the lease (so that this host puts right what was wrong for
+    /// [`AfterTier::Origin`], or in the lease (so that this host puts right what was wrong for
     /// the fleet): the tier never makes a get fail.
     pub(super) async fn through_tier(
         self: &Arc<Self>,
@@ -70,9 +70,9 @@ impl Inner {
         force: bool,
         wants: &Wants,
         asked_at: u64,
-    ) -> Shared {
+    ) -> AfterTier {
         let Some(tier) = self.tier.clone() else {
-            return Shared::Origin;
+            return AfterTier::Origin;
         };
         let started = Instant::now();
         let mut delay = Duration::from_millis(50);
@@ -106,9 +106,9 @@ impl Inner {
                         if let Some(lease) = taken {
                             self.uploads.spawn(lease.release());
                         }
-                        self.counters.add(Counter::SharedHits, 1);
+                        self.counters.add(Counter::TierHits, 1);
                         tracing::info!(url = %r.display, bytes = record.size, "read from the shared tier");
-                        return Shared::Served(pinned, outcome);
+                        return AfterTier::Served(pinned, outcome);
                     }
                     Err(e)
                         if !matches!(
@@ -124,7 +124,7 @@ impl Inner {
                         if let Some(lease) = taken {
                             self.uploads.spawn(lease.release());
                         }
-                        return Shared::Origin;
+                        return AfterTier::Origin;
                     }
                     Err(e) => {
                         if e.kind() == ErrorKind::ChecksumMismatch {
@@ -153,29 +153,29 @@ impl Inner {
                 Ok(Take::Taken(lease)) => taken = Some(lease),
                 Ok(Take::Held) => {
                     if started.elapsed() >= tier.wait {
-                        self.counters.add(Counter::SharedErrors, 1);
+                        self.counters.add(Counter::TierErrors, 1);
                         tracing::warn!(
                             url = %r.display,
                             waited_ms = started.elapsed().as_millis() as u64,
                             "another host has been downloading this file for longer than CACHE_SHARED_WAIT; asking the origin"
                         );
-                        return Shared::Origin;
+                        return AfterTier::Origin;
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
                 Err(e) => {
                     self.tier_failed(&tier, r, &e, "cannot take the shared lease");
-                    return Shared::Origin;
+                    return AfterTier::Origin;
                 }
             }
         }
     }
 
-    fn lease_or_origin(taken: Option<Lease>, replace: bool) -> Shared {
+    fn lease_or_origin(taken: Option<Lease>, replace: bool) -> AfterTier {
         match taken {
-            Some(lease) => Shared::Lease { lease, replace },
-            None => Shared::Origin,
+            Some(lease) => AfterTier::Lease { lease, replace },
+            None => AfterTier::Origin,
         }
     }
 
@@ -307,7 +307,7 @@ impl Inner {
             bytes: size,
             elapsed_ms: started.elapsed().as_millis() as u64,
         });
-        Ok((pinned, Outcome::Shared))
+        Ok((pinned, Outcome::Tier))
     }
 
     /// After the origin was asked under the lease: publishes what was committed (in the
@@ -366,12 +366,12 @@ impl Inner {
                 .await;
                 match sent {
                     Ok(uploaded) => {
-                        this.counters.add(Counter::SharedUploads, 1);
+                        this.counters.add(Counter::TierUploads, 1);
                         tracing::info!(url = %shown, bytes = record.size, blob = uploaded, "published to the shared tier");
                         break;
                     }
                     Err(e) => {
-                        this.counters.add(Counter::SharedErrors, 1);
+                        this.counters.add(Counter::TierErrors, 1);
                         tier.failed(&e);
                         tracing::warn!(url = %shown, attempt, error = %e, "cannot publish to the shared tier");
                         if attempt < UPLOAD_ATTEMPTS {
@@ -387,7 +387,7 @@ impl Inner {
     }
 
     /// Removes the tier's record of `r` (the fleet asks the origin again).
-    pub(super) async fn forget_shared(&self, r: &Resolved) -> Result<()> {
+    pub(super) async fn forget_in_tier(&self, r: &Resolved) -> Result<()> {
         match &self.tier {
             Some(tier) => tier.forget(&r.key).await,
             None => Err(no_tier()),
@@ -395,7 +395,7 @@ impl Inner {
     }
 
     /// Removes everything of the tier; how many objects went.
-    pub(super) async fn clear_shared(&self) -> Result<u64> {
+    pub(super) async fn clear_tier(&self) -> Result<u64> {
         match &self.tier {
             Some(tier) => tier.clear().await,
             None => Err(no_tier()),
