@@ -143,7 +143,7 @@ impl Inner {
             let pinned = self.pinned(Arc::clone(&entry));
             if entry.stamp() == found.stamp && self.hold(&entry) == Holding::Held {
                 tracing::info!(url = %found.meta.url, "another process committed this file first; taking its copy");
-                return Ok((pinned, Outcome::Joined));
+                return Ok((pinned, Outcome::Waited));
             }
         }
         let md = file

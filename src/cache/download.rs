@@ -174,7 +174,7 @@ impl Inner {
             return None;
         }
         let outcome = if newer {
-            Outcome::Joined
+            Outcome::Waited
         } else {
             Outcome::Found
         };

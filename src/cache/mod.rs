@@ -12,6 +12,7 @@
 //! [`tier_admin`] the tier's view and the uploads it waits for.
 
 mod admin;
+mod admit;
 mod commit;
 mod download;
 mod file;
@@ -50,13 +51,13 @@ pub use tier_admin::TierAdmin;
 use crate::clock::unix_ms;
 use crate::config::{CacheBuilder, Config};
 use crate::error::{Error, ErrorKind, Result};
-use crate::events::{Event, Events};
-use crate::index::{Index, Lookup, Reason};
-use crate::key::{Key, Resolved};
+use crate::events::Events;
+use crate::index::{Index, Reason};
+use crate::key::Key;
 use crate::stats::{Counter, Counters};
 use crate::store::{self, Layout};
 use file::Pinned;
-use inflight::{Inflight, Join};
+use inflight::Inflight;
 use tier_admin::Uploads;
 
 /// The cache. Cheap to clone (one `Arc`): clone it into every task that needs it rather than
@@ -91,7 +92,7 @@ enum Outcome {
     /// Another process had committed it before this one asked: a hit after all.
     Found,
     /// Another process downloaded it while this one waited.
-    Joined,
+    Waited,
     /// Read from the tier: another host had downloaded it.
     #[cfg(feature = "s3")]
     Tier,
@@ -261,50 +262,8 @@ impl ImageCache {
     /// As [`get`](Self::get).
     pub async fn get_with(&self, url: impl AsRef<str>, options: GetOptions) -> Result<CachedFile> {
         let inner = self.inner();
-        inner.check_open()?;
-        let resolved = inner.resolve(url.as_ref())?;
-        if inner.config.offline {
-            return inner.get_offline(&resolved, &options);
-        }
-        if !options.force
-            && let Some(hit) = inner.try_hit(&resolved, &options)
-        {
-            return Ok(hit);
-        }
-        let mut force = options.force;
-        let (pinned, outcome, status) = loop {
-            let (download, status) = match inner.join_or_start(&resolved, &options, force) {
-                Joined::Hit(hit) => return Ok(hit),
-                Joined::Download(download, status, _) => (download, status),
-            };
-            if status == CacheStatus::Coalesced {
-                inner.counters.add(Counter::CoalescedWaits, 1);
-                inner.events.emit(|| Event::CoalescedWait {
-                    url: resolved.display.clone(),
-                });
-            }
-            let result = download.await;
-            // A file another process had committed before this call is a hit.
-            if !matches!(&result, Ok((_, Outcome::Found))) {
-                inner.counters.add(Counter::Misses, 1);
-            }
-            match result {
-                Ok((pinned, outcome)) => break (pinned, outcome, status),
-                // Refused for the digests of the callers it knew; this caller joined too late
-                // to be asked, and takes what arrived: its own download, then.
-                Err(e)
-                    if status == CacheStatus::Coalesced
-                        && !force
-                        && e.kind() == ErrorKind::ChecksumMismatch
-                        && e.actual_digest()
-                            .is_some_and(|sha| wants::Want::accepts(&options, sha)) =>
-                {
-                    force = true;
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        inner.concluded(&resolved, &options, pinned, outcome, status)
+        let (resolved, admitted) = inner.admit(url.as_ref(), &options)?;
+        inner.settle(&resolved, &options, admitted).await
     }
 
     /// The cached file for `url` if a fresh, intact entry exists. Never touches the network.
@@ -349,13 +308,7 @@ impl ImageCache {
         url: impl AsRef<str>,
         options: &GetOptions,
     ) -> Option<CachedFile> {
-        if options.force {
-            return None;
-        }
-        let inner = self.inner();
-        inner.check_open().ok()?;
-        let resolved = inner.resolve(url.as_ref()).ok()?;
-        inner.try_hit(&resolved, options)
+        self.inner().admit_cached(url.as_ref(), options)
     }
 
     /// Downloads `url` again even if a fresh entry exists, and replaces the entry (what the
@@ -447,54 +400,7 @@ impl ImageCache {
     }
 }
 
-/// How a miss goes on.
-enum Joined {
-    /// The re-check found a fresh entry after all.
-    Hit(CachedFile),
-    /// The download to wait on, whether this call started it or joined it, and what its
-    /// callers share (their wants, and the download's progress).
-    Download(
-        inflight::SharedTask<DownloadResult>,
-        CacheStatus,
-        Arc<wants::Wants>,
-    ),
-}
-
 impl Inner {
-    /// What a caller of a download gets from its result: the file, with its status, once
-    /// it is checked against the caller's own digest.
-    fn concluded(
-        &self,
-        resolved: &Resolved,
-        options: &GetOptions,
-        pinned: Arc<Pinned>,
-        outcome: Outcome,
-        status: CacheStatus,
-    ) -> Result<CachedFile> {
-        let status = match outcome {
-            Outcome::Downloaded => status,
-            Outcome::Revalidated => CacheStatus::Revalidated,
-            Outcome::Stale => CacheStatus::Stale,
-            Outcome::Found => {
-                self.counters.add(Counter::Hits, 1);
-                self.counters
-                    .add(Counter::BytesServedFromCache, pinned.entry.meta.size);
-                CacheStatus::Hit
-            }
-            Outcome::Joined => CacheStatus::Coalesced,
-            #[cfg(feature = "s3")]
-            Outcome::Tier => CacheStatus::Shared,
-        };
-        let file = CachedFile { pinned, status };
-        if let Some(expected) = &options.expected_sha256 {
-            // A joined download was started without this caller's digest.
-            if !file.sha256().eq_ignore_ascii_case(expected.trim()) {
-                return Err(checksum_error(expected, file.sha256()).with_url(&resolved.display));
-            }
-        }
-        Ok(file)
-    }
-
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::new(ErrorKind::Shutdown, "the cache was shut down"));
@@ -504,51 +410,6 @@ impl Inner {
 
     fn now_ms(&self) -> u64 {
         unix_ms(self.config.clock.now())
-    }
-
-    /// Joins the running download of this key, or starts one.
-    fn join_or_start(
-        self: &Arc<Self>,
-        resolved: &Resolved,
-        options: &GetOptions,
-        force: bool,
-    ) -> Joined {
-        let mut recheck = !force;
-        let want = wants::Want::of(self, options);
-        loop {
-            let join = self.inflight.join_or_start(
-                &resolved.key,
-                // A download may have committed between our lookup and taking the slot; it
-                // clears its slot only after committing, so looking again is enough.
-                || {
-                    if !recheck {
-                        return None;
-                    }
-                    let max_age = options.ttl.map(duration_ms);
-                    match self.index.lookup(&resolved.key, self.now_ms(), max_age) {
-                        Lookup::Hit(entry) => Some(entry),
-                        Lookup::Stale(_) | Lookup::Missing => None,
-                    }
-                },
-                || Arc::new(wants::Wants::from(want.clone())),
-                |wants| download::run_download(Arc::clone(self), resolved.clone(), force, wants),
-                |why| Err(Error::new(ErrorKind::Internal, format!("download {why}"))),
-            );
-            match join {
-                Join::Joined(download, wants) => {
-                    wants.add(want);
-                    return Joined::Download(download, CacheStatus::Coalesced, wants);
-                }
-                Join::Started(download, wants) => {
-                    return Joined::Download(download, CacheStatus::Downloaded, wants);
-                }
-                Join::Found(entry) => match self.accept_hit(entry, options) {
-                    Some(hit) => return Joined::Hit(hit),
-                    // The entry failed its check or has another digest: download after all.
-                    None => recheck = false,
-                },
-            }
-        }
     }
 
     async fn verify_key(self: &Arc<Self>, key: &Key) -> Verification {

@@ -19,11 +19,11 @@ use futures_util::stream::BoxStream;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::watch;
 
+use super::admit::{Admitted, Conclusion, Ticket};
 use super::file::{CacheStatus, CachedFile, GetOptions};
-use super::{DownloadResult, Inner, Joined, Outcome, inflight};
+use super::{DownloadResult, Inner};
 use crate::error::{Error, Result};
 use crate::key::Resolved;
-use crate::stats::Counter;
 use crate::store::{OnWritten, Written};
 
 /// The largest chunk a stream reads at once.
@@ -74,7 +74,7 @@ pub struct FileStream {
     inner: BoxStream<'static, io::Result<Bytes>>,
     len: Option<u64>,
     status: CacheStatus,
-    concluded: Arc<std::sync::OnceLock<CachedFile>>,
+    ended_with: Arc<std::sync::OnceLock<CachedFile>>,
     /// What [`AsyncRead`] has not handed out yet of the last chunk.
     left: Bytes,
 }
@@ -103,8 +103,8 @@ impl FileStream {
     /// The file the download ended with, once it has (its status says how it was had: a
     /// stale copy when the origin failed, for one).
     #[cfg_attr(not(feature = "server"), allow(dead_code))]
-    pub(crate) fn concluded(&self) -> Option<&CachedFile> {
-        self.concluded.get()
+    pub(crate) fn ended_with(&self) -> Option<&CachedFile> {
+        self.ended_with.get()
     }
 
     /// [`CacheStatus::Hit`] for a committed file; [`CacheStatus::Downloaded`] when this
@@ -152,8 +152,8 @@ struct Reader {
     resolved: Arc<Resolved>,
     options: GetOptions,
     status: CacheStatus,
-    /// The download, until it ends.
-    task: Option<inflight::SharedTask<DownloadResult>>,
+    /// This reader's place in the download, until it ends.
+    ticket: Option<Ticket>,
     progress: Option<watch::Receiver<Progress>>,
     /// The temp file being read (its device and inode) and the generation it belongs to.
     /// No handle is kept between reads: one is taken from `progress` for each, so that a
@@ -171,7 +171,7 @@ struct Reader {
     finished: Option<Option<String>>,
     /// The file the download ended with, as soon as it is known (for the sidecar, which
     /// answers a stale copy as a file).
-    concluded: Arc<std::sync::OnceLock<CachedFile>>,
+    ended_with: Arc<std::sync::OnceLock<CachedFile>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -266,7 +266,7 @@ impl Reader {
                     Err(e) => Some(Err(e)),
                 };
             }
-            let task = self.task.clone()?;
+            let task = self.ticket.as_ref()?.task().clone();
             let progress = self.progress.as_mut()?;
             let mut now = progress.borrow_and_update().clone();
             // The handle is dropped before any wait: a reader waiting for bytes holds no
@@ -335,14 +335,14 @@ impl Reader {
                     if changed.is_err() {
                         // The download's state went with it: its result says the rest.
                         self.progress = None;
-                        let result = self.task.clone()?.await;
-                        if let Err(e) = self.conclude(result) {
+                        let result = self.ticket.as_ref()?.task().clone().await;
+                        if let Err(e) = self.download_ended(result) {
                             return Some(Err(e));
                         }
                     }
                 }
                 result = task => {
-                    if let Err(e) = self.conclude(result) {
+                    if let Err(e) = self.download_ended(result) {
                         return Some(Err(e));
                     }
                 }
@@ -352,8 +352,8 @@ impl Reader {
 
     /// The download ended: the committed file is read from now on, if the bytes read so far
     /// are its bytes.
-    fn conclude(&mut self, result: DownloadResult) -> io::Result<()> {
-        let file = self.concluded(result).map_err(to_io)?;
+    fn download_ended(&mut self, result: DownloadResult) -> io::Result<()> {
+        let file = self.file_of(result).map_err(to_io)?;
         let handle = File::open(file.path())?;
         if self.announced.is_some_and(|n| n != file.size()) {
             return Err(io::Error::other(
@@ -379,32 +379,26 @@ impl Reader {
         }
         self.reading = None;
         self.progress = None;
-        let _ = self.concluded.set(file.clone());
+        let _ = self.ended_with.set(file.clone());
         self.committed = Some((file, Arc::new(handle)));
         Ok(())
     }
 }
 
-impl Drop for Reader {
-    fn drop(&mut self) {
-        // A reader that leaves before its download ends (one that read a header, a client
-        // that went away) was a miss all the same.
-        if self.task.is_some() {
-            self.inner.counters.add(Counter::Misses, 1);
-        }
-    }
-}
-
 impl Reader {
-    /// The file a download ended with, counted as this reader's miss (or hit).
-    fn concluded(&mut self, result: DownloadResult) -> Result<CachedFile> {
-        self.task = None;
-        let inner = Arc::clone(&self.inner);
-        if !matches!(&result, Ok((_, Outcome::Found))) {
-            inner.counters.add(Counter::Misses, 1);
+    /// The file a download ended with, for this reader (its ticket counts the miss). A
+    /// download refused for other callers' digests ends a stream that cannot start again.
+    fn file_of(&mut self, result: DownloadResult) -> Result<CachedFile> {
+        let Some(mut ticket) = self.ticket.take() else {
+            return Err(Error::new(
+                crate::ErrorKind::Internal,
+                "the download ended twice",
+            ));
+        };
+        match ticket.conclude(&self.resolved, &self.options, result) {
+            Conclusion::File(file) => Ok(file),
+            Conclusion::DownloadAgain(e) | Conclusion::Failed(e) => Err(e),
         }
-        let (pinned, outcome) = result?;
-        inner.concluded(&self.resolved, &self.options, pinned, outcome, self.status)
     }
 }
 
@@ -502,25 +496,13 @@ impl super::ImageCache {
         options: GetOptions,
     ) -> Result<OpenedStream> {
         let inner = Arc::clone(self.inner());
-        inner.check_open()?;
-        let resolved = inner.resolve(url.as_ref())?;
-        let hit = if inner.config.offline {
-            Some(inner.get_offline(&resolved, &options)?)
-        } else if options.force {
-            None
-        } else {
-            inner.try_hit(&resolved, &options)
-        };
-        let joined = match hit {
-            Some(hit) => Joined::Hit(hit),
-            None => inner.join_or_start(&resolved, &options, options.force),
-        };
+        let (resolved, admitted) = inner.admit(url.as_ref(), &options)?;
         let mut reader = Reader {
             inner: Arc::clone(&inner),
             resolved,
             options,
             status: CacheStatus::Hit,
-            task: None,
+            ticket: None,
             progress: None,
             reading: None,
             committed: None,
@@ -529,10 +511,10 @@ impl super::ImageCache {
             end: None,
             announced: None,
             finished: None,
-            concluded: Arc::default(),
+            ended_with: Arc::default(),
         };
-        match joined {
-            Joined::Hit(file) => {
+        match admitted {
+            Admitted::Hit(file) => {
                 let handle = File::open(file.path()).map_err(|e| {
                     Error::io("cannot open the cached file", e).with_path(file.path())
                 })?;
@@ -540,14 +522,9 @@ impl super::ImageCache {
                 reader.announced = Some(file.size());
                 reader.committed = Some((file, Arc::new(handle)));
             }
-            Joined::Download(task, status, wants) => {
-                if status == CacheStatus::Coalesced {
-                    inner.counters.add(Counter::CoalescedWaits, 1);
-                    inner.events.emit(|| crate::Event::CoalescedWait {
-                        url: reader.resolved.display.clone(),
-                    });
-                }
-                let mut progress = wants.progress().subscribe();
+            Admitted::Download(ticket) => {
+                let task = ticket.task().clone();
+                let mut progress = ticket.wants().progress().subscribe();
                 // The length, once the origin's answer gives it, or its file is open (an
                 // answer without a length), or the download ends.
                 reader.announced = loop {
@@ -563,8 +540,8 @@ impl super::ImageCache {
                         _ = task.clone() => break progress.borrow().total,
                     }
                 };
-                reader.status = status;
-                reader.task = Some(task);
+                reader.status = ticket.status();
+                reader.ticket = Some(ticket);
                 reader.progress = Some(progress);
             }
         }
@@ -596,7 +573,11 @@ impl OpenedStream {
     #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) fn settled(&self) -> bool {
         self.reader.committed.is_some()
-            || self.reader.task.as_ref().is_none_or(|t| t.peek().is_some())
+            || self
+                .reader
+                .ticket
+                .as_ref()
+                .is_none_or(|t| t.task().peek().is_some())
     }
 
     /// The committed file, once the download ends: for a client that cannot take a body
@@ -607,14 +588,20 @@ impl OpenedStream {
         if let Some((file, _)) = reader.committed.take() {
             return Ok(file);
         }
-        let Some(task) = reader.task.clone() else {
+        let Some(ticket) = reader.ticket.take() else {
             return Err(Error::new(
                 crate::ErrorKind::Io,
                 "the download ended without a file",
             ));
         };
-        let result = task.await;
-        reader.concluded(result)
+        let inner = Arc::clone(&reader.inner);
+        inner
+            .settle(
+                &reader.resolved,
+                &reader.options,
+                Admitted::Download(ticket),
+            )
+            .await
     }
 
     /// The bytes from `start` to `end` (exclusive; `None` for the end of the file).
@@ -628,7 +615,7 @@ impl OpenedStream {
             .announced
             .map(|t| end.unwrap_or(t).min(t).saturating_sub(start));
         let status = reader.status;
-        let concluded = Arc::clone(&reader.concluded);
+        let ended_with = Arc::clone(&reader.ended_with);
         let inner = futures_util::stream::unfold(reader, |mut reader| async move {
             let item = reader.next().await?;
             Some((item, reader))
@@ -638,7 +625,7 @@ impl OpenedStream {
             inner: Box::pin(futures_util::StreamExt::fuse(inner)),
             len,
             status,
-            concluded,
+            ended_with,
             left: Bytes::new(),
         }
     }

@@ -63,16 +63,18 @@ async fn files(
     // Joined as a path, so that `http:other-host/x` is a path on the image server and never
     // a URL of its own.
     let url = crate::key::below(server, raw, uri.query())?;
-    let file = match st.cache.get_cached(url.as_str()) {
-        Some(file) => file,
-        None if method == Method::HEAD => return head_from_origin(&st, url.as_str()).await,
-        // A miss is streamed: the client gets the bytes as the download brings them.
-        None => return serve_stream(&st, url.as_str(), version, &headers).await,
-    };
-    serve_file(file, st.cache.now(), &method, &headers).await
+    if method == Method::HEAD {
+        return match st.cache.get_cached(url.as_str()) {
+            Some(file) => serve_file(file, st.cache.now(), &method, &headers).await,
+            None => head_from_origin(&st, url.as_str()).await,
+        };
+    }
+    // One admission: a hit is answered as a file, a miss streamed as the download brings it.
+    serve_stream(&st, url.as_str(), version, &headers).await
 }
 
-/// A file that is not cached (or not fresh), streamed while it is cached: the answer starts
+/// A file as a stream admits it: a committed file (a hit) is served as a file; one that is
+/// not cached (or not fresh) is streamed while it is cached: the answer starts
 /// with the download's first bytes, with the origin's length; every client joined to the
 /// download reads at its own pace. A range inside what is on disk comes at once, one past
 /// it waits for the rest. The body ends only after the commit; a download that fails
@@ -85,7 +87,7 @@ async fn serve_stream(
 ) -> AppResult<Response> {
     let opened = st.cache.open_stream(url, crate::GetOptions::new()).await?;
     if opened.settled() {
-        // A copy renewed by a 304, a stale one, a file another request committed meanwhile:
+        // A hit, a copy renewed by a 304, a stale one, a file another request committed:
         // served as a file, with its validators, ranges and conditionals.
         let file = opened.into_file().await?;
         return serve_file(file, st.cache.now(), &Method::GET, headers).await;
@@ -185,7 +187,7 @@ async fn stream_response(
     };
     // The download ended before the first chunk with another file than its own (the
     // expired copy, when the origin failed): answered as that file, with its validators.
-    if let Some(file) = stream.concluded()
+    if let Some(file) = stream.ended_with()
         && !matches!(
             file.status(),
             CacheStatus::Downloaded | CacheStatus::Coalesced

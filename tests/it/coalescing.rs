@@ -259,3 +259,72 @@ async fn one_callers_short_ttl_does_not_shorten_the_entry_for_the_others() {
     );
     assert_eq!(a.path(), b.path());
 }
+
+/// Every way in is admitted the same way: a `get`, a stream read in part and dropped, a `get`
+/// cancelled while it waits and a stream read to its end, all on one cold URL, make one
+/// download, three coalesced waits and four misses, each counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_way_in_counts_its_miss_once() {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncReadExt;
+
+    let origin = Origin::start().await;
+    let body = volume(77, 3 * MB);
+    let (route, gate) = Route::ok(body.clone()).pause_at(MB);
+    origin.route("ways.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let url = origin.url("ways.nii.gz");
+
+    let first = tokio::spawn({
+        let (cache, url) = (cache.clone(), url.clone());
+        async move { cache.get(url).await }
+    });
+    origin.wait_for_hits("ways.nii.gz", 1).await;
+    // A stream that reads a header from the bytes on disk, then goes away.
+    let mut header = cache.get_stream(&url).await.unwrap();
+    let mut head = [0u8; 352];
+    header.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head[..], &body[..352]);
+    drop(header);
+    // A get that gives up while it waits.
+    let cancelled = tokio::spawn({
+        let (cache, url) = (cache.clone(), url.clone());
+        async move { cache.get(url).await }
+    });
+    wait_until(|| cache.stats().coalesced_waits == 2).await;
+    cancelled.abort();
+    let _ = cancelled.await;
+    // A stream read to its end.
+    let whole = tokio::spawn({
+        let (cache, url) = (cache.clone(), url.clone());
+        async move {
+            let stream = cache.get_stream(url).await.unwrap();
+            let chunks: Vec<_> = stream.collect().await;
+            chunks
+                .into_iter()
+                .map(|c| c.unwrap())
+                .collect::<Vec<_>>()
+                .concat()
+        }
+    });
+    wait_until(|| cache.stats().coalesced_waits == 3).await;
+    gate.add_permits(1);
+
+    let file = first.await.unwrap().unwrap();
+    assert_eq!(file.status(), CacheStatus::Downloaded);
+    assert_eq!(whole.await.unwrap(), body);
+    let stats = cache.stats();
+    assert_eq!(origin.hits("ways.nii.gz"), 1);
+    assert_eq!(stats.total_downloads, 1);
+    assert_eq!(stats.coalesced_waits, 3);
+    assert_eq!((stats.hits, stats.misses), (0, 4));
+    // Now a hit, through each way in, counted once each.
+    let _ = cache.get(&url).await.unwrap();
+    let _ = cache.get_cached(&url).unwrap();
+    let stream = cache.get_stream(&url).await.unwrap();
+    assert_eq!(stream.status(), CacheStatus::Hit);
+    drop(stream);
+    let stats = cache.stats();
+    assert_eq!((stats.hits, stats.misses), (3, 4));
+}
