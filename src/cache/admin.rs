@@ -292,8 +292,7 @@ impl<'a> Admin<'a> {
             ));
         }
         let inner = self.cache.inner();
-        let removed = inner.index.set_max(bytes);
-        inner.dispose_in_background(removed);
+        inner.index.set_max(bytes).dispose_in_background();
         inner.wake_sweeper.notify_one();
         Ok(())
     }

@@ -177,7 +177,7 @@ impl Inner {
         drop(late_lock);
         failpoint("commit-after-meta");
         self.counters.add(Counter::TotalDownloads, 1);
-        self.dispose_now(removed);
+        removed.dispose_now();
         Ok((self.pinned(entry), Outcome::Downloaded))
     }
 }

@@ -188,7 +188,7 @@ impl Inner {
         let found = self.layout.read_entry(key);
         let entry = found.clone().map(Entry::found);
         let removed = self.index.replace_from_disk(key, entry);
-        self.dispose_now(removed);
+        removed.dispose_now();
         found
     }
 

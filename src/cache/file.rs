@@ -34,8 +34,7 @@ impl Inner {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        let removed = self.inner.index.unpin(&self.entry);
-        self.inner.dispose_in_background(removed);
+        self.inner.index.unpin(&self.entry).dispose_in_background();
         // The sweeper does not wake for an entry that pins keep past its grace; now it may be
         // free to go.
         if self

@@ -98,8 +98,8 @@ impl ImageCache {
         let inner = self.inner();
         let resolved = inner.resolve(url.as_ref())?;
         let removed = inner.index.remove(&resolved.key, Reason::Invalidated);
-        let found = removed.is_some();
-        inner.dispose_blocking(removed.into_iter().collect()).await;
+        let found = !removed.is_empty();
+        removed.dispose_off_workers().await;
         Ok(found)
     }
 
@@ -123,7 +123,7 @@ impl ImageCache {
         let inner = self.inner();
         let removed = inner.index.clear();
         let n = removed.len() as u64;
-        inner.dispose_blocking(removed).await;
+        removed.dispose_off_workers().await;
         tracing::info!(entries = n, "cache cleared");
         Ok(n)
     }
@@ -151,7 +151,7 @@ impl ImageCache {
         let inner = self.inner();
         let (removed, _) = inner.sweep_now();
         let mut report = CleanupReport::default();
-        for r in &removed {
+        for r in removed.iter() {
             match r.reason {
                 Reason::Expired => report.expired += 1,
                 Reason::Evicted => report.evicted += 1,
@@ -159,7 +159,7 @@ impl ImageCache {
             }
             report.bytes_freed += r.entry.meta.size;
         }
-        inner.dispose_blocking(removed).await;
+        removed.dispose_off_workers().await;
         inner.save_state_blocking().await;
         Ok(report)
     }

@@ -131,8 +131,9 @@ impl Inner {
                     path = %entry.path.display(),
                     "cached file is missing or was modified; downloading it again"
                 );
-                let removed = self.index.remove_exact(entry, Reason::Corrupt);
-                self.dispose_in_background(removed.into_iter().collect());
+                self.index
+                    .remove_exact(entry, Reason::Corrupt)
+                    .dispose_in_background();
                 Holding::Corrupt
             }
             // Being removed by another process, or out of reach for now (an error that
@@ -142,8 +143,7 @@ impl Inner {
             // Already removed or replaced by another process.
             _ => {
                 tracing::debug!(url = %entry.meta.url, "changed on disk by another process");
-                let removed = self.index.forget(entry);
-                self.dispose_in_background(removed.into_iter().collect());
+                self.index.forget(entry).dispose_in_background();
                 Holding::Changed
             }
         }

@@ -103,10 +103,10 @@ pub(crate) struct Inner {
     layout: Layout,
     index: Index,
     inflight: Arc<Inflight<Key, DownloadResult, Arc<wants::Wants>>>,
-    events: Events,
+    events: Arc<Events>,
     /// URLs as callers wrote them, resolved (see `resolve`).
     resolved: resolve::Resolutions,
-    counters: Counters,
+    counters: Arc<Counters>,
     default_ttl_ms: AtomicU64,
     closed: AtomicBool,
     cancel: CancellationToken,
@@ -433,7 +433,7 @@ impl Inner {
         tracing::warn!(url = %entry.meta.url, path = %entry.path.display(), "verification failed; entry removed");
         let removed = self.index.remove_exact(&entry, Reason::Corrupt);
         drop(pinned);
-        self.dispose_blocking(removed.into_iter().collect()).await;
+        removed.dispose_off_workers().await;
         Verification::Corrupt
     }
 }

@@ -8,6 +8,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::inflight::Inflight;
+use super::removal::Disposal;
 use super::tier_admin::Uploads;
 use super::{Handle, ImageCache, Inner, duration_ms, resolve, state};
 use crate::clock::unix_ms;
@@ -47,15 +48,17 @@ impl ImageCache {
             .map_err(|e| Error::new(ErrorKind::Internal, format!("recovery panicked: {e}")))??
         };
         let (lock, report, state, procs) = opened;
+        let counters = Arc::new(Counters::default());
+        let events = Arc::new(Events::new());
         let index = Index::new(
             layout.clone(),
             config.max_size_bytes,
             duration_ms(config.stale_grace),
             Arc::clone(&config.clock),
+            Arc::new(Disposal::new(&counters, &events)),
         );
         let recovered = report.entries.len();
         index.load(state.entries_from(report.entries));
-        let counters = Counters::default();
         if report.removed > 0 {
             counters.mark_unsaved();
         }
@@ -81,7 +84,7 @@ impl ImageCache {
             layout,
             index,
             inflight: Arc::new(Inflight::new()),
-            events: Events::new(),
+            events,
             resolved: resolve::Resolutions::default(),
             counters,
             closed: AtomicBool::new(false),
@@ -108,7 +111,7 @@ impl ImageCache {
         // The cap may have been lowered since the last run.
         if inner.config.sweep_on_open {
             let (removed, _) = inner.sweep_now();
-            inner.dispose_blocking(removed).await;
+            removed.dispose_off_workers().await;
         }
         inner.start_sweeper();
         Ok(ImageCache {

@@ -1,20 +1,40 @@
-//! After an entry leaves the index: it is counted, announced and logged, and the bytes that
-//! the index moved to a trash name are deleted, off the index lock and, from async code, off
-//! the async workers (deleting gigabytes can take milliseconds). And what a cleanup would
-//! remove, for a dry run.
+//! The removals stage: after an entry leaves the index (as a [`Removals`] value that
+//! disposes of itself), it is counted, announced and logged, and the bytes that the index
+//! moved to a trash name are deleted, off the index lock and, from async code, off the async
+//! workers (deleting gigabytes can take milliseconds). It owns the counters and events it
+//! reports to, nothing else. And what a cleanup would remove, for a dry run.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{EntryInfo, Inner};
-use crate::events::Event;
-use crate::index::{Entry, Reason, Removed};
-use crate::stats::Counter;
+use super::EntryInfo;
+use crate::events::{Event, Events};
+#[cfg(doc)]
+use crate::index::Removals;
+use crate::index::{Disposer, Entry, Reason, Removed};
+use crate::stats::{Counter, Counters};
 use crate::store;
 
-impl Inner {
-    /// Counts and logs removals, then deletes their bytes (blocking).
-    pub(crate) fn dispose_now(&self, removed: Vec<Removed>) {
+/// Where the index's removals go: counted, announced and logged, then their bytes deleted.
+/// It holds only the counters and the events, so that a [`Removals`] value can dispose of
+/// itself wherever it is dropped.
+#[derive(Debug)]
+pub(crate) struct Disposal {
+    counters: Arc<Counters>,
+    events: Arc<Events>,
+}
+
+impl Disposal {
+    pub(super) fn new(counters: &Arc<Counters>, events: &Arc<Events>) -> Disposal {
+        Disposal {
+            counters: Arc::clone(counters),
+            events: Arc::clone(events),
+        }
+    }
+}
+
+impl Disposer for Disposal {
+    fn dispose(&self, removed: Vec<Removed>) {
         for r in removed {
             let m = &r.entry.meta;
             match r.reason {
@@ -40,30 +60,6 @@ impl Inner {
                 store::remove_any(trash);
             }
             self.counters.mark_unsaved();
-        }
-    }
-
-    /// [`dispose_now`](Self::dispose_now) on the blocking pool, waited for.
-    pub(crate) async fn dispose_blocking(self: &Arc<Self>, removed: Vec<Removed>) {
-        if removed.is_empty() {
-            return;
-        }
-        let this = Arc::clone(self);
-        let _ = tokio::task::spawn_blocking(move || this.dispose_now(removed)).await;
-    }
-
-    /// [`dispose_now`](Self::dispose_now) on the blocking pool, not waited for (from `Drop`
-    /// and other synchronous code); inline when there is no runtime.
-    pub(crate) fn dispose_in_background(self: &Arc<Self>, removed: Vec<Removed>) {
-        if removed.is_empty() {
-            return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                let this = Arc::clone(self);
-                rt.spawn_blocking(move || this.dispose_now(removed));
-            }
-            Err(_) => self.dispose_now(removed),
         }
     }
 }

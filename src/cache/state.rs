@@ -219,7 +219,7 @@ impl Inner {
         let scan = store::scan(&self.layout, &self.index.stamps());
         let changed = scan.changed.into_iter().map(Entry::found).collect();
         let removed = self.index.merge_from_disk(&scan.present, changed);
-        self.dispose_now(removed);
+        removed.dispose_now();
     }
 
     /// See [`save_state_now`](Self::save_state_now): the reading half.

@@ -12,12 +12,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Inner;
-use crate::index::Removed;
+use crate::index::Removals;
 
 impl Inner {
     /// Expires and evicts now; returns what was removed and the next instant an entry leaves
     /// its grace period.
-    pub(super) fn sweep_now(&self) -> (Vec<Removed>, Option<u64>) {
+    pub(super) fn sweep_now(&self) -> (Removals, Option<u64>) {
         self.index.sweep(self.now_ms())
     }
 
@@ -27,7 +27,7 @@ impl Inner {
         self.sweeps
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (removed, next) = self.sweep_now();
-        self.dispose_now(removed);
+        removed.dispose_now();
         self.save_state_now();
         next
     }

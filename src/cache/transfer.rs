@@ -41,7 +41,7 @@ impl Reservation {
             let removed = this.index.reserve(bytes);
             this.save_record();
             drop(cap);
-            this.dispose_now(removed);
+            removed.dispose_now();
         })
         .await;
         reservation
@@ -428,7 +428,7 @@ impl<'a> Transfer<'a> {
                     "disk full: evicting to make room"
                 );
             }
-            inner.dispose_now(removed);
+            removed.dispose_now();
             freed
         });
         self.writer = Some(store::spawn_writer(

@@ -20,7 +20,9 @@ use crate::store::{Layout, Meta, Stamp, TempFile, Validators};
 
 mod entry;
 mod removal;
+mod removals;
 pub(crate) use entry::Entry;
+pub(crate) use removals::{Disposer, Removals};
 
 /// Why an entry left the index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,10 +107,18 @@ pub(crate) struct Index {
     others_reserved: AtomicU64,
     clock: Arc<dyn Clock>,
     layout: Layout,
+    /// Where what leaves the index is counted and deleted (see [`Removals`]).
+    disposer: Arc<dyn Disposer>,
 }
 
 impl Index {
-    pub(crate) fn new(layout: Layout, max: u64, grace_ms: u64, clock: Arc<dyn Clock>) -> Index {
+    pub(crate) fn new(
+        layout: Layout,
+        max: u64,
+        grace_ms: u64,
+        clock: Arc<dyn Clock>,
+        disposer: Arc<dyn Disposer>,
+    ) -> Index {
         Index {
             state: Mutex::new(State::default()),
             tick: AtomicU64::new(1),
@@ -117,7 +127,13 @@ impl Index {
             others_reserved: AtomicU64::new(0),
             clock,
             layout,
+            disposer,
         }
+    }
+
+    /// `removed` as a value that disposes of itself.
+    fn removals(&self, removed: Vec<Removed>) -> Removals {
+        Removals::new(removed, &self.disposer)
     }
 
     fn now_ms(&self) -> u64 {
@@ -134,10 +150,10 @@ impl Index {
     }
 
     /// Changes the cap and evicts to honour it.
-    pub(crate) fn set_max(&self, max: u64) -> Vec<Removed> {
+    pub(crate) fn set_max(&self, max: u64) -> Removals {
         let mut st = self.lock();
         self.max.store(max, Ordering::Relaxed);
-        self.evict_locked(&mut st)
+        self.removals(self.evict_locked(&mut st))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -227,7 +243,7 @@ impl Index {
 
     /// Evicts unpinned entries (expired first, then least recently used) until `bytes` are
     /// freed or nothing is left to evict: room for a download that hit a full disk.
-    pub(crate) fn make_room(&self, bytes: u64) -> Vec<Removed> {
+    pub(crate) fn make_room(&self, bytes: u64) -> Removals {
         let mut st = self.lock();
         let mut freed = 0;
         let mut removed = Vec::new();
@@ -240,7 +256,7 @@ impl Index {
                 removed.push(r);
             }
         }
-        removed
+        self.removals(removed)
     }
 
     /// The current entry for `key` if it is fresh or within its grace period; not pinned.
@@ -264,9 +280,9 @@ impl Index {
     /// Drops one pin. When it was the last, this process's lock on the file is released, a
     /// doomed entry's files are removed (unless another process holds them), and entries
     /// that pins kept above the cap are evicted.
-    pub(crate) fn unpin(&self, entry: &Arc<Entry>) -> Vec<Removed> {
+    pub(crate) fn unpin(&self, entry: &Arc<Entry>) -> Removals {
         if entry.pins.fetch_sub(1, Ordering::SeqCst) != 1 {
-            return Vec::new();
+            return self.removals(Vec::new());
         }
         let doomed = entry.doomed.load(Ordering::SeqCst);
         let mut st = self.lock();
@@ -298,15 +314,15 @@ impl Index {
             }
         }
         removed.extend(self.evict_locked(&mut st));
-        removed
+        self.removals(removed)
     }
 
     /// Reserves `bytes` for a download, evicting unpinned LRU entries to make room.
     /// Pinned entries may keep the total above the cap for a while.
-    pub(crate) fn reserve(&self, bytes: u64) -> Vec<Removed> {
+    pub(crate) fn reserve(&self, bytes: u64) -> Removals {
         let mut st = self.lock();
         st.reserved_bytes += bytes;
-        self.evict_locked(&mut st)
+        self.removals(self.evict_locked(&mut st))
     }
 
     /// Returns a reservation that was not committed.
@@ -336,7 +352,7 @@ impl Index {
         meta_file: TempFile,
         reserved: u64,
         now_ms: u64,
-    ) -> io::Result<(Arc<Entry>, Vec<Removed>)> {
+    ) -> io::Result<(Arc<Entry>, Removals)> {
         let entry = Arc::new(entry);
         let mut st = self.lock();
         // Installed first: should it fail, the map, the old entry and the reservation (which
@@ -350,7 +366,7 @@ impl Index {
         let removed = self.insert_pinned_locked(&mut st, &entry, now_ms);
         drop(st);
         self.layout.sync_entry(&entry.key);
-        Ok((entry, removed))
+        Ok((entry, self.removals(removed)))
     }
 
     fn insert_pinned_locked(
@@ -376,11 +392,13 @@ impl Index {
 
     /// Takes `entry` out of the map because the disk no longer has it (another process
     /// removed or replaced it); its meta.json is not this process's to touch.
-    pub(crate) fn forget(&self, entry: &Arc<Entry>) -> Option<Removed> {
+    pub(crate) fn forget(&self, entry: &Arc<Entry>) -> Removals {
         let mut st = self.lock();
-        let entry = st.take_current(entry)?;
+        let Some(entry) = st.take_current(entry) else {
+            return self.removals(Vec::new());
+        };
         st.committed_bytes -= entry.meta.size;
-        Some(self.retire_locked(&mut st, entry, Reason::Replaced))
+        self.removals(vec![self.retire_locked(&mut st, entry, Reason::Replaced)])
     }
 
     /// The stamps of every entry, for a scan of the disk.
@@ -395,11 +413,7 @@ impl Index {
     /// Brings the map in line with a scan of the disk: entries whose meta.json is gone are
     /// forgotten, `changed` ones (new, or with another meta.json) are put in place. Their
     /// access times are the larger of the two known.
-    pub(crate) fn merge_from_disk(
-        &self,
-        present: &HashSet<Key>,
-        changed: Vec<Entry>,
-    ) -> Vec<Removed> {
+    pub(crate) fn merge_from_disk(&self, present: &HashSet<Key>, changed: Vec<Entry>) -> Removals {
         let mut st = self.lock();
         // The scan ran without the lock: what changed since (a commit of this process, say)
         // is what the disk says now, checked again here (one lstat per entry concerned).
@@ -441,25 +455,25 @@ impl Index {
             st.committed_bytes += entry.meta.size;
             st.entries.insert(entry.key.clone(), entry);
         }
-        removed
+        self.removals(removed)
     }
 
     /// Puts `found` (what the disk has for `key`) in place of the current entry, unless it
     /// is the same meta.json; `None` forgets the current entry.
-    pub(crate) fn replace_from_disk(&self, key: &Key, found: Option<Entry>) -> Vec<Removed> {
+    pub(crate) fn replace_from_disk(&self, key: &Key, found: Option<Entry>) -> Removals {
         let mut st = self.lock();
         let current_stamp = st.entries.get(key).map(|e| e.stamp());
         let found_stamp = found.as_ref().map(Entry::stamp);
         // Read without the lock: only what is still on disk counts.
         if current_stamp == found_stamp || self.layout.meta_stamp(key) != found_stamp {
-            return Vec::new();
+            return self.removals(Vec::new());
         }
         if let (Some(old), Some(new)) = (st.entries.get(key), &found)
             && old.path == new.path
         {
             // The same bytes with a renewed meta.json (another process revalidated them).
             old.renew_from(new);
-            return Vec::new();
+            return self.removals(Vec::new());
         }
         let mut removed = Vec::new();
         let mut last = None;
@@ -479,7 +493,7 @@ impl Index {
             st.committed_bytes += entry.meta.size;
             st.entries.insert(key.clone(), Arc::new(entry));
         }
-        removed
+        self.removals(removed)
     }
 
     /// Raises the access times of entries to what other processes recorded.
@@ -494,27 +508,33 @@ impl Index {
 
     /// Removes `key` (invalidate). A pinned entry's bytes stay until its last pin drops, and
     /// those another process holds until it lets them go.
-    pub(crate) fn remove(&self, key: &Key, reason: Reason) -> Option<Removed> {
+    pub(crate) fn remove(&self, key: &Key, reason: Reason) -> Removals {
         let mut st = self.lock();
-        let entry = st.entries.remove(key)?;
-        Some(self.detach_locked(&mut st, entry, reason))
+        let Some(entry) = st.entries.remove(key) else {
+            return self.removals(Vec::new());
+        };
+        self.removals(vec![self.detach_locked(&mut st, entry, reason)])
     }
 
     /// Removes `entry` if it is still the current entry for its key (used after a failed
     /// integrity check, which must not remove a newer download).
-    pub(crate) fn remove_exact(&self, entry: &Arc<Entry>, reason: Reason) -> Option<Removed> {
+    pub(crate) fn remove_exact(&self, entry: &Arc<Entry>, reason: Reason) -> Removals {
         let mut st = self.lock();
-        let entry = st.take_current(entry)?;
-        Some(self.detach_locked(&mut st, entry, reason))
+        let Some(entry) = st.take_current(entry) else {
+            return self.removals(Vec::new());
+        };
+        self.removals(vec![self.detach_locked(&mut st, entry, reason)])
     }
 
     /// Removes every entry.
-    pub(crate) fn clear(&self) -> Vec<Removed> {
+    pub(crate) fn clear(&self) -> Removals {
         let mut st = self.lock();
         let all: Vec<_> = st.entries.drain().map(|(_, e)| e).collect();
-        all.into_iter()
+        let removed = all
+            .into_iter()
             .map(|e| self.detach_locked(&mut st, e, Reason::Invalidated))
-            .collect()
+            .collect();
+        self.removals(removed)
     }
 
     /// Every committed entry.

@@ -5,7 +5,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{Entry, Index, Reason, Removed, State};
+use super::{Entry, Index, Reason, Removals, Removed, State};
 use crate::key::Key;
 use crate::store::Claim;
 
@@ -15,7 +15,7 @@ const PHANTOM_CHECKS: usize = 64;
 impl Index {
     /// Removes unpinned entries past their expiry and grace period, then evicts to honour the
     /// cap. Returns what was removed and the next instant an entry leaves its grace period.
-    pub(crate) fn sweep(&self, now_ms: u64) -> (Vec<Removed>, Option<u64>) {
+    pub(crate) fn sweep(&self, now_ms: u64) -> (Removals, Option<u64>) {
         let mut st = self.lock();
         let grace = self.grace_ms;
         let expired: Vec<Key> = st
@@ -37,7 +37,7 @@ impl Index {
             .map(|e| e.expires_at().saturating_add(grace))
             .filter(|deadline| *deadline > now_ms)
             .min();
-        (removed, next)
+        (self.removals(removed), next)
     }
 
     /// What [`sweep`](Self::sweep) at `now_ms` would remove, removing nothing: the unpinned
