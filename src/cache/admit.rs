@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use super::announce::Announcement;
 use super::file::{CacheStatus, CachedFile, GetOptions};
 use super::inflight::{Join, SharedTask};
 use super::wants::{Want, Wants};
@@ -139,7 +140,10 @@ impl Inner {
                         Lookup::Stale(_) | Lookup::Missing => None,
                     }
                 },
-                || Arc::new(Wants::from(want.clone())),
+                || {
+                    let announcement = Announcement::new(&self.events, &resolved.display);
+                    Arc::new(Wants::new(want.clone(), announcement))
+                },
                 |wants| {
                     download::run_download(Arc::clone(self), (**resolved).clone(), force, wants)
                 },

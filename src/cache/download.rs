@@ -13,7 +13,6 @@ use super::transfer::{Resume, Step, Transfer};
 use super::wants::Wants;
 use super::{DownloadResult, Inner, Outcome, checksum_error, duration_ms};
 use crate::error::{Error, ErrorKind};
-use crate::events::Event;
 use crate::fetch;
 use crate::index::Entry;
 use crate::key::{Key, Resolved};
@@ -37,10 +36,7 @@ pub(super) async fn run_download(
     // deleted file held open.
     wants.progress().send_modify(|p| p.file = None);
     if let Err(e) = &result {
-        inner.events.emit(|| Event::DownloadFailed {
-            url: r.display.clone(),
-            error: e.to_string(),
-        });
+        wants.announcement().failed(e);
         inner.counters.add(Counter::Errors, 1);
         tracing::warn!(url = %r.display, error = %e, "download failed");
     }
@@ -122,10 +118,7 @@ impl Inner {
                 }
                 self.counters.add(Counter::StaleServed, 1);
                 // The download announced by its start ended: a dashboard drops its row.
-                self.events.emit(|| Event::DownloadFailed {
-                    url: r.display.clone(),
-                    error: e.to_string(),
-                });
+                wants.announcement().failed(&e);
                 tracing::warn!(
                     url = %r.display,
                     path = %stale.path.display(),
@@ -265,7 +258,7 @@ impl Inner {
         resume: Option<Resume>,
         asked_at: u64,
     ) -> DownloadResult {
-        let mut transfer = Transfer::new(self, r, lock, asked_at).with_progress(wants.progress());
+        let mut transfer = Transfer::new(self, r, lock, asked_at).for_callers(wants);
         if let Some(resume) = resume {
             transfer.resume_from(resume);
         }
@@ -373,11 +366,7 @@ impl Inner {
             .await?;
         // Finished either way: committed here, or (downloading without the lock) another
         // process's commit of it found first.
-        self.events.emit(|| Event::DownloadFinished {
-            url: r.display.clone(),
-            bytes: size,
-            elapsed_ms: started.elapsed().as_millis() as u64,
-        });
+        wants.announcement().finished(size);
         let pinned = match committed {
             (pinned, Outcome::Downloaded) => pinned,
             found => return Ok(found),

@@ -13,6 +13,7 @@
 
 mod admin;
 mod admit;
+mod announce;
 mod commit;
 mod download;
 mod file;
@@ -440,9 +441,18 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Versions this process let go that others removed meanwhile are deleted now.
-        self.sync_from_disk();
-        self.fold_own_record();
+        // Blocking work: a scan of the directory (versions this process let go that others
+        // removed meanwhile are deleted now) and state.json written. On a worker of a
+        // multi-thread runtime, the worker's other tasks move to another thread first; a
+        // current-thread runtime has no other thread to give them, and there (as outside a
+        // runtime, or on the blocking pool) it runs here.
+        let close = || self.close_record_blocking();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(close)
+            }
+            _ => close(),
+        }
     }
 }
 

@@ -314,8 +314,15 @@ impl Inner {
         self.index.merge_access(&access);
     }
 
-    /// Folds this process's record into state.json and removes it (blocking): at close.
-    pub(super) fn fold_own_record(&self) {
+    /// At close (blocking): brings the index in line with the disk, then folds this
+    /// process's record into state.json and removes it.
+    pub(super) fn close_record_blocking(&self) {
+        self.sync_from_disk();
+        self.fold_own_record();
+    }
+
+    /// Folds this process's record into state.json and removes it (blocking).
+    fn fold_own_record(&self) {
         let record = self.own_record();
         let id = self.procs.id.clone();
         let (_, saved) = self.with_state(|state| state.fold(&id, &record));

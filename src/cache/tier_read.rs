@@ -15,7 +15,6 @@ use super::transfer::{Reservation, Transfer};
 use super::wants::Wants;
 use super::{DownloadResult, Inner, Outcome, checksum_error};
 use crate::error::{Error, ErrorKind, Result};
-use crate::events::Event;
 use crate::key::Resolved;
 use crate::stats::Counter;
 use crate::store::Validators;
@@ -224,7 +223,7 @@ impl Inner {
             tracing::debug!(url = %r.display, "renewed from the shared record");
             return Ok((pinned, Outcome::Revalidated));
         }
-        let mut transfer = Transfer::new(self, r, None, asked_at).with_progress(wants.progress());
+        let mut transfer = Transfer::new(self, r, None, asked_at).for_callers(wants);
         let limit = transfer.limit();
         if record.size > limit {
             return Err(Error::new(
@@ -242,13 +241,12 @@ impl Inner {
                 ),
             ));
         }
-        let started = Instant::now();
         transfer.total = Some(size);
         transfer.validators = Validators {
             etag: record.etag.clone(),
             last_modified: record.last_modified.clone(),
         };
-        transfer.reservation = Some(Reservation::new(self, size).await);
+        transfer.reservation = Some(Reservation::take_under_cap_lock(self, size).await);
         wants.progress().send_modify(|p| p.total = Some(size));
         transfer.start_writer();
         let received = async {
@@ -267,24 +265,19 @@ impl Inner {
             Ok(())
         }
         .await;
-        let failed = |e: Error| {
-            self.events.emit(|| Event::DownloadFailed {
-                url: r.display.clone(),
-                error: e.to_string(),
-            });
-            e
-        };
+        // A failure here is not the download's end: the origin is asked next, under the
+        // same announcement.
         if let Err(e) = received {
             transfer.abandon().await;
-            return Err(failed(e));
+            return Err(e);
         }
-        let (temp, file, sha256, validators) = transfer.finish().await.map_err(failed)?;
+        let (temp, file, sha256, validators) = transfer.finish().await?;
         if !sha256.eq_ignore_ascii_case(&record.sha256) {
             // The temp file goes with `temp`.
-            return Err(failed(checksum_error(&record.sha256, &sha256)));
+            return Err(checksum_error(&record.sha256, &sha256));
         }
         if let Err(expected) = wants.check(&sha256) {
-            return Err(failed(checksum_error(&expected, &sha256)));
+            return Err(checksum_error(&expected, &sha256));
         }
         let finished = Finished {
             temp,
@@ -302,11 +295,7 @@ impl Inner {
                 record.expires_at,
             )
             .await?;
-        self.events.emit(|| Event::DownloadFinished {
-            url: r.display.clone(),
-            bytes: size,
-            elapsed_ms: started.elapsed().as_millis() as u64,
-        });
+        wants.announcement().finished(size);
         Ok((pinned, Outcome::Tier))
     }
 

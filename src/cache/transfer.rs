@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 
 use super::Inner;
+use super::announce::Announcement;
+use super::wants::Wants;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::Event;
 use crate::fetch;
@@ -23,10 +25,11 @@ pub(super) struct Reservation {
 
 impl Reservation {
     /// Reserves `bytes` against the cap of the whole directory: under the directory's cap
-    /// lock, with what every process has committed and reserved read fresh, and this
-    /// process's reservation published before the lock is let go, so that two processes
-    /// never both take the last free bytes.
-    pub(super) async fn new(inner: &Arc<Inner>, bytes: u64) -> Reservation {
+    /// lock, with what every process has committed and reserved read fresh (every process
+    /// record, a scan of the entries), and this process's reservation published before the
+    /// lock is let go, so that two processes never both take the last free bytes. Heavy: a
+    /// lock wait and a directory's worth of reads, on the blocking pool.
+    pub(super) async fn take_under_cap_lock(inner: &Arc<Inner>, bytes: u64) -> Reservation {
         // Made before the await below, so that a deadline firing there still releases it
         // (the count is added by the blocking task, which runs to the end even then).
         let reservation = Reservation {
@@ -182,6 +185,8 @@ pub(super) struct Transfer<'a> {
     pub(super) asked_at: u64,
     /// What the readers of this download in progress see (see `stream`).
     pub(super) progress: Option<Arc<tokio::sync::watch::Sender<super::stream::Progress>>>,
+    /// The guard of the download's events, which says when its bytes start.
+    announcement: Option<&'a Announcement>,
 }
 
 impl<'a> Transfer<'a> {
@@ -210,15 +215,15 @@ impl<'a> Transfer<'a> {
             resumed: None,
             asked_at,
             progress: None,
+            announcement: None,
         }
     }
 
-    /// Tells `progress` (the readers of the download) what reaches the file.
-    pub(super) fn with_progress(
-        mut self,
-        progress: &Arc<tokio::sync::watch::Sender<super::stream::Progress>>,
-    ) -> Self {
-        self.progress = Some(Arc::clone(progress));
+    /// For the callers of the download: its readers see what reaches the file, and its
+    /// announcement says when the bytes start.
+    pub(super) fn for_callers(mut self, wants: &'a Wants) -> Self {
+        self.progress = Some(Arc::clone(wants.progress()));
+        self.announcement = Some(wants.announcement());
         self
     }
 
@@ -336,7 +341,8 @@ impl<'a> Transfer<'a> {
                         return Err(too_large(total, limit));
                     }
                     let wanted = self.total.unwrap_or(0);
-                    self.reservation = Some(Reservation::new(self.inner, wanted).await);
+                    self.reservation =
+                        Some(Reservation::take_under_cap_lock(self.inner, wanted).await);
                 }
                 self.inner.counters.add(Counter::Resumes, 1);
                 tracing::info!(url = %self.r.display, offset = self.received, "resuming");
@@ -355,7 +361,8 @@ impl<'a> Transfer<'a> {
                 let wanted = self.total.unwrap_or(0);
                 if self.reservation.as_ref().map(|r| r.bytes) != Some(wanted) {
                     self.reservation = None; // releases the old amount first
-                    self.reservation = Some(Reservation::new(self.inner, wanted).await);
+                    self.reservation =
+                        Some(Reservation::take_under_cap_lock(self.inner, wanted).await);
                 }
                 response
             }
@@ -382,10 +389,9 @@ impl<'a> Transfer<'a> {
         if self.writer.is_some() {
             return;
         }
-        self.inner.events.emit(|| Event::DownloadStarted {
-            url: self.r.display.clone(),
-            total: self.total,
-        });
+        if let Some(announcement) = self.announcement {
+            announcement.started(self.total);
+        }
         let (temp, existing) = match self.resumed.take() {
             Some((temp, file)) => (temp, Some(file)),
             None => (

@@ -1,8 +1,10 @@
 //! What the callers of one download ask of it: each caller's expected digest, TTL and
-//! maximum age, gathered while the download runs, and the progress they all read.
+//! maximum age, gathered while the download runs; and what they share of it: the progress
+//! its readers follow and the guard of its events.
 
 use std::sync::{Arc, Mutex};
 
+use super::announce::Announcement;
 use super::file::GetOptions;
 use super::{Inner, duration_ms};
 
@@ -47,18 +49,24 @@ pub(super) struct Wants {
     list: Mutex<Vec<Want>>,
     /// What reaches the download's file, for its streaming readers.
     progress: Arc<tokio::sync::watch::Sender<super::stream::Progress>>,
-}
-
-impl From<Want> for Wants {
-    fn from(first: Want) -> Wants {
-        Wants {
-            list: Mutex::new(vec![first]),
-            progress: Arc::new(tokio::sync::watch::Sender::new(Default::default())),
-        }
-    }
+    /// The download's events: one start, one end.
+    announcement: Announcement,
 }
 
 impl Wants {
+    /// A new download's: its first caller's want, and the guard of its events.
+    pub(super) fn new(first: Want, announcement: Announcement) -> Wants {
+        Wants {
+            list: Mutex::new(vec![first]),
+            progress: Arc::new(tokio::sync::watch::Sender::new(Default::default())),
+            announcement,
+        }
+    }
+
+    pub(super) fn announcement(&self) -> &Announcement {
+        &self.announcement
+    }
+
     pub(super) fn progress(&self) -> &Arc<tokio::sync::watch::Sender<super::stream::Progress>> {
         &self.progress
     }
