@@ -72,6 +72,11 @@ impl Clock for ManualClock {
 }
 
 /// Milliseconds since the Unix epoch (0 for times before it).
+/// A duration in whole milliseconds, saturating.
+pub(crate) fn duration_ms(d: std::time::Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
 pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64)

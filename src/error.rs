@@ -143,6 +143,15 @@ impl Error {
     }
 
     /// Attaches the digest the bytes had (a checksum mismatch).
+    /// A digest that is not the one expected.
+    pub(crate) fn checksum(expected: &str, actual: &str) -> Error {
+        Error::new(
+            ErrorKind::ChecksumMismatch,
+            format!("expected {}, got {actual}", expected.trim()),
+        )
+        .with_actual_digest(actual)
+    }
+
     pub(crate) fn with_actual_digest(self, sha256: &str) -> Self {
         self.map_inner(|i| i.actual_digest = Some(sha256.to_owned()))
     }

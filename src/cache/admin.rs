@@ -4,13 +4,19 @@
 //! dashboard, the CLI and the Python package's controls are built on it.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::hit::Holding;
 use super::removal::{CleanupPreview, entry_info};
-use super::{EntryInfo, ImageCache, Verification, VerifyReport, duration_ms};
+use super::{EntryInfo, ImageCache, Inner, Verification, VerifyReport};
+use crate::clock::duration_ms;
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::Reason;
+use crate::key::Key;
+use crate::stats::Counter;
+use crate::store;
 
 /// The operator's view of a cache, from [`ImageCache::admin`]: a borrow, free to make.
 ///
@@ -151,7 +157,7 @@ impl<'a> Admin<'a> {
     /// [`ErrorKind::InvalidUrl`](crate::ErrorKind::InvalidUrl).
     pub fn entry(&self, url: impl AsRef<str>) -> crate::Result<Option<EntryInfo>> {
         let inner = self.cache.inner();
-        let key = inner.resolve(url.as_ref())?.key.clone();
+        let key = inner.resolver.resolve(url.as_ref())?.key.clone();
         Ok(inner
             .index
             .entries()
@@ -179,7 +185,7 @@ impl<'a> Admin<'a> {
     pub fn cleanup_preview(&self) -> CleanupPreview {
         let inner = self.cache.inner();
         let mut preview = CleanupPreview::default();
-        for (entry, reason) in inner.index.sweep_plan(inner.now_ms()) {
+        for (entry, reason) in inner.index.sweep_plan(inner.config.now_ms()) {
             match reason {
                 Reason::Expired => preview.expired.push(entry_info(&entry)),
                 _ => preview.evicted.push(entry_info(&entry)),
@@ -212,7 +218,7 @@ impl<'a> Admin<'a> {
     /// [`ErrorKind::InvalidUrl`].
     pub async fn verify(self, url: impl AsRef<str>) -> Result<Verification> {
         let inner = self.cache.inner();
-        let resolved = inner.resolve(url.as_ref())?;
+        let resolved = inner.resolver.resolve(url.as_ref())?;
         Ok(inner.verify_key(&resolved.key).await)
     }
 
@@ -327,5 +333,34 @@ impl<'a> Admin<'a> {
             .default_ttl_ms
             .store(duration_ms(ttl), Ordering::Relaxed);
         Ok(())
+    }
+}
+
+impl Inner {
+    /// Re-hashes the current entry of `key` (blocking pool) against its recorded digest; a
+    /// corrupt one is removed and counted.
+    async fn verify_key(self: &Arc<Self>, key: &Key) -> Verification {
+        let Some(entry) = self.index.pin_current(key) else {
+            return Verification::NotCached;
+        };
+        let pinned = self.pinned(Arc::clone(&entry));
+        match self.hold(&entry) {
+            Holding::Held => {}
+            Holding::Corrupt => return Verification::Corrupt,
+            Holding::Changed => return Verification::NotCached,
+        }
+        let path = pinned.entry.path.clone();
+        let hashed = tokio::task::spawn_blocking(move || store::hash_file(&path)).await;
+        let entry = Arc::clone(&pinned.entry);
+        let intact = matches!(&hashed, Ok(Ok((sha, len))) if *sha == entry.meta.sha256 && *len == entry.meta.size);
+        if intact {
+            return Verification::Ok;
+        }
+        self.counters.add(Counter::IntegrityFailures, 1);
+        tracing::warn!(url = %entry.meta.url, path = %entry.path.display(), "verification failed; entry removed");
+        let removed = self.index.remove_exact(&entry, Reason::Corrupt);
+        drop(pinned);
+        removed.dispose_off_workers().await;
+        Verification::Corrupt
     }
 }

@@ -8,12 +8,14 @@
 //! included, is decided here too, once.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::announce::Announcement;
 use super::file::{CacheStatus, CachedFile, GetOptions};
 use super::inflight::{Join, SharedTask};
 use super::wants::{Want, Wants};
-use super::{DownloadResult, Inner, Outcome, checksum_error, download, duration_ms};
+use super::{DownloadResult, Inner, Outcome, download};
+use crate::clock::duration_ms;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::Event;
 use crate::index::Lookup;
@@ -54,6 +56,14 @@ pub(super) enum Conclusion {
 }
 
 impl Inner {
+    /// A closed cache admits nothing.
+    pub(super) fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::Shutdown, "the cache was shut down"));
+        }
+        Ok(())
+    }
+
     /// Admits a call: a hit, or the download to wait on. `force` skips the hit path.
     pub(super) fn admit(
         self: &Arc<Self>,
@@ -61,7 +71,7 @@ impl Inner {
         options: &GetOptions,
     ) -> Result<(Arc<Resolved>, Admitted)> {
         self.check_open()?;
-        let resolved = self.resolve(url)?;
+        let resolved = self.resolver.resolve(url)?;
         if self.config.offline {
             let file = self.get_offline(&resolved, options)?;
             return Ok((resolved, Admitted::Hit(file)));
@@ -85,7 +95,7 @@ impl Inner {
             return None;
         }
         self.check_open().ok()?;
-        let resolved = self.resolve(url).ok()?;
+        let resolved = self.resolver.resolve(url).ok()?;
         self.try_hit(&resolved, options)
     }
 
@@ -135,7 +145,10 @@ impl Inner {
                         return None;
                     }
                     let max_age = options.ttl.map(duration_ms);
-                    match self.index.lookup(&resolved.key, self.now_ms(), max_age) {
+                    match self
+                        .index
+                        .lookup(&resolved.key, self.config.now_ms(), max_age)
+                    {
                         Lookup::Hit(entry) => Some(entry),
                         Lookup::Stale(_) | Lookup::Missing => None,
                     }
@@ -246,7 +259,7 @@ impl Ticket {
             // A joined download was started without this caller's digest.
             if !file.sha256().eq_ignore_ascii_case(expected.trim()) {
                 return Conclusion::Failed(
-                    checksum_error(expected, file.sha256()).with_url(&resolved.display),
+                    Error::checksum(expected, file.sha256()).with_url(&resolved.display),
                 );
             }
         }

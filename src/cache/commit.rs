@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use super::file::GetOptions;
 use super::hit::Holding;
 use super::transfer::{Reservation, Transfer, WriterLock};
-use super::{DownloadResult, Inner, Outcome, duration_ms};
+use super::{DownloadResult, Inner, Outcome};
+use crate::clock::duration_ms;
 use crate::error::{Error, ErrorKind, Result};
 use crate::failpoint::failpoint;
 use crate::index::Entry;
@@ -75,7 +76,7 @@ impl Inner {
         validators: Validators,
         ttl_ms: u64,
     ) -> Result<bool> {
-        let now = self.now_ms();
+        let now = self.config.now_ms();
         // A caller that asked for fresher bytes (a short per-call TTL) confirms them
         // current; it does not shorten what the entry had for the others.
         let expires_at = now.saturating_add(ttl_ms).max(entry.expires_at());
@@ -158,7 +159,7 @@ impl Inner {
         meta.generation = Layout::new_generation();
         let meta_temp = self.write_meta_temp(&key, &meta)?;
         let path = self.layout.data_path(&key, &meta);
-        let now = self.now_ms();
+        let now = self.config.now_ms();
         let entry = Entry::new(key, meta, path, now, 0, 0);
         let reserved = reservation.as_ref().map_or(0, |r| r.bytes);
         let (entry, removed) = self

@@ -11,7 +11,8 @@ use super::commit::Finished;
 use super::hit::Holding;
 use super::transfer::{Resume, Step, Transfer};
 use super::wants::Wants;
-use super::{DownloadResult, Inner, Outcome, checksum_error, duration_ms};
+use super::{DownloadResult, Inner, Outcome};
+use crate::clock::duration_ms;
 use crate::error::{Error, ErrorKind};
 use crate::fetch;
 use crate::index::Entry;
@@ -55,7 +56,7 @@ impl Inner {
         force: bool,
         wants: &Wants,
     ) -> DownloadResult {
-        let asked_at = self.now_ms();
+        let asked_at = self.config.now_ms();
         let lock = self
             .layout
             .lock_key(&r.key, self.config.lock_wait)
@@ -151,7 +152,7 @@ impl Inner {
         // Committed by another process since this one asked.
         let newer = before != Some(found.stamp) && found.meta.fetched_at >= asked_at;
         let meta = &found.meta;
-        let now = self.now_ms();
+        let now = self.config.now_ms();
         let usable = now < meta.expires_at
             && wants
                 .max_age_ms()
@@ -350,9 +351,9 @@ impl Inner {
         let size = file.metadata().map(|m| m.len()).unwrap_or_default();
         if let Err(expected) = wants.check(&sha256) {
             self.counters.add(Counter::IntegrityFailures, 1);
-            return Err(checksum_error(&expected, &sha256));
+            return Err(Error::checksum(&expected, &sha256));
         }
-        let now = self.now_ms();
+        let now = self.config.now_ms();
         let finished = Finished {
             temp,
             file,

@@ -40,7 +40,7 @@ impl Drop for Pinned {
         if self
             .inner
             .index
-            .past_grace(&self.entry, self.inner.now_ms())
+            .past_grace(&self.entry, self.inner.config.now_ms())
         {
             self.inner.wake_sweeper.notify_one();
         }

@@ -96,7 +96,7 @@ impl ImageCache {
     /// [`ErrorKind::InvalidUrl`](crate::ErrorKind::InvalidUrl).
     pub async fn invalidate(&self, url: impl AsRef<str>) -> Result<bool> {
         let inner = self.inner();
-        let resolved = inner.resolve(url.as_ref())?;
+        let resolved = inner.resolver.resolve(url.as_ref())?;
         let removed = inner.index.remove(&resolved.key, Reason::Invalidated);
         let found = !removed.is_empty();
         removed.dispose_off_workers().await;

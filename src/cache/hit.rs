@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use super::Inner;
 use super::file::{CacheStatus, CachedFile, GetOptions};
-use super::{Inner, duration_ms};
+use crate::clock::duration_ms;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::Event;
 use crate::index::{Entry, Lookup, Reason};
@@ -29,7 +30,7 @@ impl Inner {
             .with_url(&r.display)
         };
         let max_age = options.ttl.map(duration_ms);
-        let entry = match self.index.lookup(&r.key, self.now_ms(), max_age) {
+        let entry = match self.index.lookup(&r.key, self.config.now_ms(), max_age) {
             Lookup::Hit(entry) => return self.accept_hit(entry, options).ok_or_else(not_cached),
             Lookup::Stale(entry) if self.index.pin_if_current(&entry) => entry,
             Lookup::Stale(_) | Lookup::Missing => return Err(not_cached()),
@@ -48,7 +49,10 @@ impl Inner {
         options: &GetOptions,
     ) -> Option<CachedFile> {
         let max_age = options.ttl.map(duration_ms);
-        let entry = match self.index.lookup(&resolved.key, self.now_ms(), max_age) {
+        let entry = match self
+            .index
+            .lookup(&resolved.key, self.config.now_ms(), max_age)
+        {
             Lookup::Hit(entry) => entry,
             Lookup::Stale(_) | Lookup::Missing => return None,
         };

@@ -35,7 +35,6 @@ mod wants;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -49,14 +48,15 @@ pub use removal::CleanupPreview;
 pub use stream::FileStream;
 pub use tier_admin::TierAdmin;
 
-use crate::clock::unix_ms;
 use crate::config::{CacheBuilder, Config};
-use crate::error::{Error, ErrorKind, Result};
+#[cfg(doc)]
+use crate::error::ErrorKind;
+use crate::error::Result;
 use crate::events::Events;
-use crate::index::{Index, Reason};
+use crate::index::Index;
 use crate::key::Key;
-use crate::stats::{Counter, Counters};
-use crate::store::{self, Layout};
+use crate::stats::Counters;
+use crate::store::Layout;
 use file::Pinned;
 use inflight::Inflight;
 use tier_admin::Uploads;
@@ -106,7 +106,7 @@ pub(crate) struct Inner {
     inflight: Arc<Inflight<Key, DownloadResult, Arc<wants::Wants>>>,
     events: Arc<Events>,
     /// URLs as callers wrote them, resolved (see `resolve`).
-    resolved: resolve::Resolutions,
+    resolver: resolve::Resolver,
     counters: Arc<Counters>,
     default_ttl_ms: AtomicU64,
     closed: AtomicBool,
@@ -351,10 +351,10 @@ impl ImageCache {
     pub(crate) async fn head_origin(&self, url: &str) -> Result<crate::fetch::Head> {
         let inner = self.inner();
         inner.check_open()?;
-        let resolved = inner.resolve(url)?;
+        let resolved = inner.resolver.resolve(url)?;
         if inner.config.offline {
-            return Err(Error::new(
-                ErrorKind::NotCached,
+            return Err(crate::Error::new(
+                crate::ErrorKind::NotCached,
                 "offline mode and the file is not cached",
             )
             .with_url(&resolved.display));
@@ -401,44 +401,6 @@ impl ImageCache {
     }
 }
 
-impl Inner {
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(Error::new(ErrorKind::Shutdown, "the cache was shut down"));
-        }
-        Ok(())
-    }
-
-    fn now_ms(&self) -> u64 {
-        unix_ms(self.config.clock.now())
-    }
-
-    async fn verify_key(self: &Arc<Self>, key: &Key) -> Verification {
-        let Some(entry) = self.index.pin_current(key) else {
-            return Verification::NotCached;
-        };
-        let pinned = self.pinned(Arc::clone(&entry));
-        match self.hold(&entry) {
-            hit::Holding::Held => {}
-            hit::Holding::Corrupt => return Verification::Corrupt,
-            hit::Holding::Changed => return Verification::NotCached,
-        }
-        let path = pinned.entry.path.clone();
-        let hashed = tokio::task::spawn_blocking(move || store::hash_file(&path)).await;
-        let entry = Arc::clone(&pinned.entry);
-        let intact = matches!(&hashed, Ok(Ok((sha, len))) if *sha == entry.meta.sha256 && *len == entry.meta.size);
-        if intact {
-            return Verification::Ok;
-        }
-        self.counters.add(Counter::IntegrityFailures, 1);
-        tracing::warn!(url = %entry.meta.url, path = %entry.path.display(), "verification failed; entry removed");
-        let removed = self.index.remove_exact(&entry, Reason::Corrupt);
-        drop(pinned);
-        removed.dispose_off_workers().await;
-        Verification::Corrupt
-    }
-}
-
 impl Drop for Inner {
     fn drop(&mut self) {
         // Blocking work: a scan of the directory (versions this process let go that others
@@ -454,16 +416,4 @@ impl Drop for Inner {
             _ => close(),
         }
     }
-}
-
-fn duration_ms(d: Duration) -> u64 {
-    d.as_millis().min(u128::from(u64::MAX)) as u64
-}
-
-fn checksum_error(expected: &str, actual: &str) -> Error {
-    Error::new(
-        ErrorKind::ChecksumMismatch,
-        format!("expected {}, got {actual}", expected.trim()),
-    )
-    .with_actual_digest(actual)
 }

@@ -10,7 +10,8 @@ use tokio_util::sync::CancellationToken;
 use super::inflight::Inflight;
 use super::removal::Disposal;
 use super::tier_admin::Uploads;
-use super::{Handle, ImageCache, Inner, duration_ms, resolve, state};
+use super::{Handle, ImageCache, Inner, resolve, state};
+use crate::clock::duration_ms;
 use crate::clock::unix_ms;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
@@ -85,7 +86,10 @@ impl ImageCache {
             index,
             inflight: Arc::new(Inflight::new()),
             events,
-            resolved: resolve::Resolutions::default(),
+            resolver: resolve::Resolver::new(
+                config.image_server.clone(),
+                config.url_policy.clone(),
+            ),
             counters,
             closed: AtomicBool::new(false),
             cancel: CancellationToken::new(),

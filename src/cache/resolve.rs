@@ -1,30 +1,48 @@
-//! Resolving the URLs callers write, remembered: parsing, normalising and hashing a URL costs
-//! more than the rest of a hit together.
+//! The resolver stage: the URLs callers write, resolved against the image server, normalised,
+//! keyed and redacted, and remembered: parsing, normalising and hashing a URL costs more than
+//! the rest of a hit together. It owns the image server, the URL policy and what it
+//! remembers, nothing else.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
-use super::Inner;
-use crate::error::Result;
-use crate::key::{self, Resolved};
+use url::Url;
 
-impl Inner {
+use crate::error::Result;
+use crate::key::{self, Resolved, UrlPolicy};
+
+/// Turns URLs as callers write them into what the cache keys, requests and shows.
+pub(super) struct Resolver {
+    image_server: Option<Url>,
+    policy: UrlPolicy,
+    remembered: Resolutions,
+}
+
+impl Resolver {
+    pub(super) fn new(image_server: Option<Url>, policy: UrlPolicy) -> Resolver {
+        Resolver {
+            image_server,
+            policy,
+            remembered: Resolutions::default(),
+        }
+    }
+
     /// Resolves a URL as the caller wrote it. Parsing, normalising and hashing a URL costs
     /// more than the rest of a hit together, so results are remembered, in a map that is
     /// emptied when it reaches `RESOLVED_CAPACITY` (a bound, not an LRU: the work it saves is
     /// cheap to redo).
     pub(super) fn resolve(&self, url: &str) -> Result<Arc<Resolved>> {
-        if let Some(found) = self.resolved.get(url) {
+        if let Some(found) = self.remembered.get(url) {
             return Ok(found);
         }
         let resolved = Arc::new(key::resolve_with(
             url,
-            self.config.image_server.as_ref(),
-            &self.config.url_policy,
+            self.image_server.as_ref(),
+            &self.policy,
         )?);
-        self.resolved.insert(url, &resolved);
+        self.remembered.insert(url, &resolved);
         Ok(resolved)
     }
 }
@@ -38,7 +56,7 @@ const RESOLVED_BYTES: usize = 4 << 20;
 /// either bound is reached the map is emptied (a bound, not an LRU: the work it saves is cheap
 /// to redo).
 #[derive(Default)]
-pub(super) struct Resolutions {
+struct Resolutions {
     // DashMap: read on every hit from any task; a guard never lives past one call.
     map: DashMap<Box<str>, Arc<Resolved>>,
     /// Bytes held, about: what `cost` says of each entry.
@@ -106,22 +124,25 @@ mod tests {
     async fn resolved_urls_are_remembered_within_a_bound() {
         let (_dir, cache) = bare_cache().await;
         let inner = cache.inner();
-        let a = inner.resolve("http://h/a.nii.gz").unwrap();
-        let again = inner.resolve("http://h/a.nii.gz").unwrap();
+        let a = inner.resolver.resolve("http://h/a.nii.gz").unwrap();
+        let again = inner.resolver.resolve("http://h/a.nii.gz").unwrap();
         assert!(
             Arc::ptr_eq(&a, &again),
             "the second resolution is remembered"
         );
         // Equivalent spellings resolve to one key, remembered separately.
-        let upper = inner.resolve("HTTP://H/a.nii.gz").unwrap();
+        let upper = inner.resolver.resolve("HTTP://H/a.nii.gz").unwrap();
         assert_eq!(upper.key, a.key);
         for i in 0..RESOLVED_CAPACITY + 10 {
-            inner.resolve(&format!("http://h/{i}.nii.gz")).unwrap();
-            assert!(inner.resolved.len() <= RESOLVED_CAPACITY);
+            inner
+                .resolver
+                .resolve(&format!("http://h/{i}.nii.gz"))
+                .unwrap();
+            assert!(inner.resolver.remembered.len() <= RESOLVED_CAPACITY);
         }
         // Errors are not remembered.
-        assert!(inner.resolve("ftp://h/x").is_err());
-        assert!(inner.resolved.get("ftp://h/x").is_none());
+        assert!(inner.resolver.resolve("ftp://h/x").is_err());
+        assert!(inner.resolver.remembered.get("ftp://h/x").is_none());
     }
 
     #[tokio::test]
@@ -132,15 +153,16 @@ mod tests {
         let long = "q".repeat(100_000);
         for i in 0..200 {
             inner
+                .resolver
                 .resolve(&format!("http://h/{i}.nii.gz?{long}"))
                 .unwrap();
-            assert!(inner.resolved.bytes.load(Ordering::Relaxed) <= RESOLVED_BYTES);
-            assert!(inner.resolved.len() * 300_000 <= RESOLVED_BYTES + 300_000);
+            assert!(inner.resolver.remembered.bytes.load(Ordering::Relaxed) <= RESOLVED_BYTES);
+            assert!(inner.resolver.remembered.len() * 300_000 <= RESOLVED_BYTES + 300_000);
         }
         // A URL longer than a sixteenth of the bound is resolved every time, never kept.
         let huge = format!("http://h/x.nii.gz?{}", "z".repeat(RESOLVED_BYTES / 8));
-        let a = inner.resolve(&huge).unwrap();
-        assert!(inner.resolved.get(&huge).is_none());
-        assert_eq!(inner.resolve(&huge).unwrap().key, a.key);
+        let a = inner.resolver.resolve(&huge).unwrap();
+        assert!(inner.resolver.remembered.get(&huge).is_none());
+        assert_eq!(inner.resolver.resolve(&huge).unwrap().key, a.key);
     }
 }

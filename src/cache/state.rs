@@ -338,6 +338,7 @@ impl Inner {
     /// at once, the others' at their next reading (blocking).
     pub(super) fn reset_all_counters(&self) {
         let now = self
+            .config
             .now_ms()
             .max(self.procs.reset_ms.load(Ordering::Relaxed) + 1);
         self.with_state(|state| {

@@ -21,47 +21,13 @@ use tokio::sync::watch;
 
 use super::admit::{Admitted, Conclusion, Ticket};
 use super::file::{CacheStatus, CachedFile, GetOptions};
+use super::wants::Progress;
 use super::{DownloadResult, Inner};
 use crate::error::{Error, Result};
 use crate::key::Resolved;
-use crate::store::{OnWritten, Written};
 
 /// The largest chunk a stream reads at once.
 const CHUNK: usize = 256 * 1024;
-
-/// What the writer of a download has put in its file, for the streams reading it.
-#[derive(Clone, Default, Debug)]
-pub(crate) struct Progress {
-    /// A handle on the file being written.
-    pub(crate) file: Option<Arc<File>>,
-    /// Bytes in the file.
-    pub(crate) written: u64,
-    /// The full length, once a response said it.
-    pub(crate) total: Option<u64>,
-    /// Times the file changed under its readers: another file opened (a resumed part, a
-    /// fallback from the tier to the origin), or the download started again from
-    /// byte zero. A reader that has read bytes of an earlier generation cannot go on.
-    pub(crate) generation: u32,
-}
-
-/// The writer's callback, publishing to `progress`.
-pub(super) fn on_written(progress: Option<Arc<watch::Sender<Progress>>>) -> OnWritten {
-    Box::new(move |w| {
-        let Some(progress) = &progress else { return };
-        progress.send_modify(|p| match w {
-            Written::Opened(file, len) => {
-                p.file = Some(file);
-                p.written = len;
-                p.generation += 1;
-            }
-            Written::Bytes(n) => p.written = n,
-            Written::Restarted => {
-                p.written = 0;
-                p.generation += 1;
-            }
-        });
-    })
-}
 
 /// A file's bytes as they are cached: a [`Stream`] of chunks and an [`AsyncRead`], from
 /// [`ImageCache::get_stream`](crate::ImageCache::get_stream).

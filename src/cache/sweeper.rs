@@ -18,7 +18,7 @@ impl Inner {
     /// Expires and evicts now; returns what was removed and the next instant an entry leaves
     /// its grace period.
     pub(super) fn sweep_now(&self) -> (Removals, Option<u64>) {
-        self.index.sweep(self.now_ms())
+        self.index.sweep(self.config.now_ms())
     }
 
     /// One sweep with its side effects (blocking): removals disposed of, state saved.
@@ -78,7 +78,7 @@ async fn sweeper_loop(inner: Arc<Inner>) {
         .flatten();
         if sweep {
             let until_expiry = next_expiry
-                .map(|at| Duration::from_millis(at.saturating_sub(inner.now_ms())))
+                .map(|at| Duration::from_millis(at.saturating_sub(inner.config.now_ms())))
                 .unwrap_or(sweep_every);
             next_sweep = Some(Instant::now() + until_expiry.min(sweep_every));
         }

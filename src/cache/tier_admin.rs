@@ -118,7 +118,7 @@ impl TierAdmin<'_> {
             if inner.tier.is_none() {
                 return Err(super::tier_read::no_tier());
             }
-            let resolved = inner.resolve(url.as_ref())?;
+            let resolved = inner.resolver.resolve(url.as_ref())?;
             let found = self.cache.invalidate(url).await?;
             inner.forget_in_tier(&resolved).await?;
             Ok(found)

@@ -13,7 +13,7 @@ use super::file::Pinned;
 use super::hit::Holding;
 use super::transfer::{Reservation, Transfer};
 use super::wants::Wants;
-use super::{DownloadResult, Inner, Outcome, checksum_error};
+use super::{DownloadResult, Inner, Outcome};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::Resolved;
 use crate::stats::Counter;
@@ -51,7 +51,7 @@ impl Inner {
     /// and every caller's maximum age, a digest some caller takes, and for a forced download
     /// fetched since the call.
     fn takes(&self, record: &Record, wants: &Wants, force: bool, asked_at: u64) -> bool {
-        let now = self.now_ms();
+        let now = self.config.now_ms();
         now < record.expires_at
             && wants
                 .max_age_ms()
@@ -274,10 +274,10 @@ impl Inner {
         let (temp, file, sha256, validators) = transfer.finish().await?;
         if !sha256.eq_ignore_ascii_case(&record.sha256) {
             // The temp file goes with `temp`.
-            return Err(checksum_error(&record.sha256, &sha256));
+            return Err(Error::checksum(&record.sha256, &sha256));
         }
         if let Err(expected) = wants.check(&sha256) {
-            return Err(checksum_error(&expected, &sha256));
+            return Err(Error::checksum(&expected, &sha256));
         }
         let finished = Finished {
             temp,

@@ -184,7 +184,7 @@ pub(super) struct Transfer<'a> {
     /// When the callers asked, by the cache's clock.
     pub(super) asked_at: u64,
     /// What the readers of this download in progress see (see `stream`).
-    pub(super) progress: Option<Arc<tokio::sync::watch::Sender<super::stream::Progress>>>,
+    pub(super) progress: Option<Arc<tokio::sync::watch::Sender<super::wants::Progress>>>,
     /// The guard of the download's events, which says when its bytes start.
     announcement: Option<&'a Announcement>,
 }
@@ -443,7 +443,7 @@ impl<'a> Transfer<'a> {
             existing,
             make_room,
             on_sync,
-            super::stream::on_written(self.progress.clone()),
+            super::wants::on_written(self.progress.clone()),
         ));
     }
 

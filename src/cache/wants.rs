@@ -2,11 +2,16 @@
 //! maximum age, gathered while the download runs; and what they share of it: the progress
 //! its readers follow and the guard of its events.
 
+use std::fs::File;
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::watch;
+
+use super::Inner;
 use super::announce::Announcement;
 use super::file::GetOptions;
-use super::{Inner, duration_ms};
+use crate::clock::duration_ms;
+use crate::store::{OnWritten, Written};
 
 /// What one caller of a download asked for: the digest it expects, and the TTL it gives an
 /// entry it downloads.
@@ -48,7 +53,7 @@ pub(super) struct Wants {
     // across an .await.
     list: Mutex<Vec<Want>>,
     /// What reaches the download's file, for its streaming readers.
-    progress: Arc<tokio::sync::watch::Sender<super::stream::Progress>>,
+    progress: Arc<tokio::sync::watch::Sender<Progress>>,
     /// The download's events: one start, one end.
     announcement: Announcement,
 }
@@ -67,7 +72,7 @@ impl Wants {
         &self.announcement
     }
 
-    pub(super) fn progress(&self) -> &Arc<tokio::sync::watch::Sender<super::stream::Progress>> {
+    pub(super) fn progress(&self) -> &Arc<tokio::sync::watch::Sender<Progress>> {
         &self.progress
     }
 
@@ -105,4 +110,38 @@ impl Wants {
         let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
         list.iter().filter_map(|w| w.max_age_ms).min()
     }
+}
+
+/// What the writer of a download has put in its file, for the streams reading it.
+#[derive(Clone, Default, Debug)]
+pub(crate) struct Progress {
+    /// A handle on the file being written.
+    pub(crate) file: Option<Arc<File>>,
+    /// Bytes in the file.
+    pub(crate) written: u64,
+    /// The full length, once a response said it.
+    pub(crate) total: Option<u64>,
+    /// Times the file changed under its readers: another file opened (a resumed part, a
+    /// fallback from the tier to the origin), or the download started again from
+    /// byte zero. A reader that has read bytes of an earlier generation cannot go on.
+    pub(crate) generation: u32,
+}
+
+/// The writer's callback, publishing to `progress`.
+pub(super) fn on_written(progress: Option<Arc<watch::Sender<Progress>>>) -> OnWritten {
+    Box::new(move |w| {
+        let Some(progress) = &progress else { return };
+        progress.send_modify(|p| match w {
+            Written::Opened(file, len) => {
+                p.file = Some(file);
+                p.written = len;
+                p.generation += 1;
+            }
+            Written::Bytes(n) => p.written = n,
+            Written::Restarted => {
+                p.written = 0;
+                p.generation += 1;
+            }
+        });
+    })
 }

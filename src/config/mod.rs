@@ -641,3 +641,10 @@ pub(crate) fn default_cache_dir() -> Result<PathBuf> {
 
 #[cfg(test)]
 mod tests;
+
+impl Config {
+    /// Now, by the cache's clock, in milliseconds since the epoch.
+    pub(crate) fn now_ms(&self) -> u64 {
+        crate::clock::unix_ms(self.clock.now())
+    }
+}
