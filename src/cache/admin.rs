@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::hit::Holding;
+use super::pin::Holding;
 use super::removal::{CleanupPreview, entry_info};
 use super::{EntryInfo, ImageCache, Inner, Verification, VerifyReport};
 use crate::clock::duration_ms;

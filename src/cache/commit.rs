@@ -3,14 +3,11 @@
 //! store and the index together (the reservation goes with it); a revalidation renews an
 //! entry's validators and expiry the same way.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use super::file::GetOptions;
-use super::hit::Holding;
+use super::pin::Holding;
 use super::transfer::{Reservation, Transfer, WriterLock};
 use super::{DownloadResult, Inner, Outcome};
-use crate::clock::duration_ms;
 use crate::error::{Error, ErrorKind, Result};
 use crate::failpoint::failpoint;
 use crate::index::Entry;
@@ -61,12 +58,6 @@ impl Inner {
         })
         .await
         .map_err(|e| Error::new(ErrorKind::Internal, format!("commit failed: {e}")))?
-    }
-
-    pub(super) fn ttl_ms(&self, options: &GetOptions) -> u64 {
-        options
-            .ttl
-            .map_or_else(|| self.default_ttl_ms.load(Ordering::Relaxed), duration_ms)
     }
 
     /// Writes the renewed meta.json of `entry` and updates it in place (blocking).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::commit::Finished;
-use super::hit::Holding;
+use super::pin::Holding;
 use super::transfer::{Resume, Step, Transfer};
 use super::wants::Wants;
 use super::{DownloadResult, Inner, Outcome};
@@ -19,7 +19,7 @@ use crate::index::Entry;
 use crate::key::{Key, Resolved};
 use crate::stats::Counter;
 use crate::store::locks::KeyLock;
-use crate::store::{self, Recovered, Validators};
+use crate::store::{self, Validators};
 
 /// The body of the download task that an in-flight slot runs (its slot is cleared however
 /// it ends, a panic included: see `inflight`).
@@ -141,7 +141,7 @@ impl Inner {
         force: bool,
         wants: &Wants,
         asked_at: u64,
-    ) -> Option<(Arc<super::file::Pinned>, Outcome)> {
+    ) -> Option<(Arc<super::pin::Pinned>, Outcome)> {
         let before = self.index.current(&r.key).map(|e| e.stamp());
         let this = Arc::clone(self);
         let key = r.key.clone();
@@ -174,16 +174,6 @@ impl Inner {
         };
         tracing::debug!(url = %r.display, "found on disk, committed by another process");
         Some((pinned, outcome))
-    }
-
-    /// Reads the entry of `key` from disk and puts it in the index in place of what the
-    /// index had, if that differs (blocking).
-    pub(super) fn sync_key(&self, key: &Key) -> Option<Recovered> {
-        let found = self.layout.read_entry(key);
-        let entry = found.clone().map(Entry::found);
-        let removed = self.index.replace_from_disk(key, entry);
-        removed.dispose_now();
-        found
     }
 
     /// The part file a dead holder of `key`'s writer lock left, if the download can resume

@@ -1,5 +1,5 @@
-//! What callers hold and pass: [`CachedFile`] and its pin, [`GetOptions`], [`CacheStatus`],
-//! and the report types of the public methods.
+//! What callers hold and pass: [`CachedFile`] (its pin is `pin.rs`'s), [`GetOptions`],
+//! [`CacheStatus`], and the report types of the public methods.
 
 use std::fmt;
 use std::ops::Deref;
@@ -9,43 +9,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::Inner;
+use super::pin::Pinned;
 use crate::clock::from_unix_ms;
 #[cfg(doc)]
 use crate::error::ErrorKind;
-use crate::index::Entry;
-
-/// A committed entry pinned on behalf of one or more callers: while it lives, eviction and
-/// expiry leave the file alone.
-pub(crate) struct Pinned {
-    pub(super) entry: Arc<Entry>,
-    pub(super) inner: Arc<Inner>,
-}
-
-impl Inner {
-    /// Wraps an entry the index has just pinned, so that dropping it unpins.
-    pub(super) fn pinned(self: &Arc<Self>, entry: Arc<Entry>) -> Arc<Pinned> {
-        Arc::new(Pinned {
-            entry,
-            inner: Arc::clone(self),
-        })
-    }
-}
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        self.inner.index.unpin(&self.entry).dispose_in_background();
-        // The sweeper does not wake for an entry that pins keep past its grace; now it may be
-        // free to go.
-        if self
-            .inner
-            .index
-            .past_grace(&self.entry, self.inner.config.now_ms())
-        {
-            self.inner.wake_sweeper.notify_one();
-        }
-    }
-}
 
 /// How a [`CachedFile`] was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

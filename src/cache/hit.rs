@@ -7,13 +7,13 @@ use std::sync::atomic::Ordering;
 
 use super::Inner;
 use super::file::{CacheStatus, CachedFile, GetOptions};
+use super::pin::Holding;
 use crate::clock::duration_ms;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::Event;
-use crate::index::{Entry, Lookup, Reason};
+use crate::index::{Entry, Lookup};
 use crate::key::Resolved;
 use crate::stats::Counter;
-use crate::store;
 
 impl Inner {
     /// Offline: serve what is cached, fresh or expired; a miss is [`ErrorKind::NotCached`].
@@ -89,78 +89,4 @@ impl Inner {
             status: CacheStatus::Hit,
         })
     }
-
-    /// Makes a pinned entry safe to hand out across processes, with plain syscalls rather
-    /// than a trip through the blocking pool (cargo bench --bench cache -- hit):
-    ///
-    /// - the first pin of the entry in this process opens the data file and takes its shared
-    ///   lock, so that no other process deletes it while this one holds it, and checks its
-    ///   size and mtime (`open`, `flock`, `fstat`); later pins re-check the held file
-    ///   (`fstat`);
-    /// - then the meta.json on disk must still be the one the entry was read from (`lstat`):
-    ///   another process may have removed or replaced the entry.
-    ///
-    /// Otherwise the entry is taken out of the index: counted as an integrity failure when its
-    /// bytes were tampered with, silently when another process changed it. The caller
-    /// downloads (or finds the other process's version on disk).
-    pub(super) fn hold(self: &Arc<Self>, entry: &Arc<Entry>) -> Holding {
-        #[derive(PartialEq)]
-        enum Found {
-            Intact,
-            Busy,
-            Bad,
-        }
-        let found = {
-            let mut held = entry.held.lock().unwrap_or_else(|e| e.into_inner());
-            match &*held {
-                Some(file) if store::still_intact(file, &entry.meta) => Found::Intact,
-                Some(_) => Found::Bad,
-                None => match store::hold(&entry.path, &entry.meta) {
-                    store::Hold::Held(file) => {
-                        *held = Some(file);
-                        Found::Intact
-                    }
-                    store::Hold::Busy => Found::Busy,
-                    store::Hold::Bad => Found::Bad,
-                },
-            }
-        };
-        let unchanged = self.layout.meta_stamp(&entry.key) == Some(entry.stamp());
-        match found {
-            Found::Intact if unchanged => Holding::Held,
-            Found::Bad if unchanged => {
-                self.counters.add(Counter::IntegrityFailures, 1);
-                tracing::warn!(
-                    url = %entry.meta.url,
-                    path = %entry.path.display(),
-                    "cached file is missing or was modified; downloading it again"
-                );
-                self.index
-                    .remove_exact(entry, Reason::Corrupt)
-                    .dispose_in_background();
-                Holding::Corrupt
-            }
-            // Being removed by another process, or out of reach for now (an error that
-            // proves nothing): a miss, and the entry stays; the caller's download finds what
-            // the disk has under the URL's lock.
-            Found::Busy if unchanged => Holding::Changed,
-            // Already removed or replaced by another process.
-            _ => {
-                tracing::debug!(url = %entry.meta.url, "changed on disk by another process");
-                self.index.forget(entry).dispose_in_background();
-                Holding::Changed
-            }
-        }
-    }
-}
-
-/// What [`Inner::hold`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Holding {
-    /// Held by this process, intact, and still the entry on disk.
-    Held,
-    /// Its bytes were tampered with: counted and removed.
-    Corrupt,
-    /// Another process removed or replaced it (or is removing it now).
-    Changed,
 }

@@ -21,6 +21,7 @@ mod handle;
 mod hit;
 mod inflight;
 mod open;
+mod pin;
 mod removal;
 mod resolve;
 mod state;
@@ -29,6 +30,8 @@ mod sweeper;
 mod tier_admin;
 #[cfg(feature = "s3")]
 mod tier_read;
+#[cfg(feature = "s3")]
+mod tier_upload;
 mod transfer;
 mod wants;
 
@@ -57,8 +60,8 @@ use crate::index::Index;
 use crate::key::Key;
 use crate::stats::Counters;
 use crate::store::Layout;
-use file::Pinned;
 use inflight::Inflight;
+use pin::Pinned;
 use tier_admin::Uploads;
 
 /// The cache. Cheap to clone (one `Arc`): clone it into every task that needs it rather than

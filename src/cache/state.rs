@@ -222,6 +222,16 @@ impl Inner {
         removed.dispose_now();
     }
 
+    /// Reads the entry of `key` from disk and puts it in the index in place of what the
+    /// index had, if that differs (blocking).
+    pub(super) fn sync_key(&self, key: &Key) -> Option<Recovered> {
+        let found = self.layout.read_entry(key);
+        let entry = found.clone().map(Entry::found);
+        let removed = self.index.replace_from_disk(key, entry);
+        removed.dispose_now();
+        found
+    }
+
     /// See [`save_state_now`](Self::save_state_now): the reading half.
     pub(super) fn read_others(&self) {
         let dir = self.layout.procs_dir();

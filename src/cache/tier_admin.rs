@@ -7,12 +7,10 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::Notify;
 
-use super::ImageCache;
-#[cfg(not(feature = "s3"))]
-use super::Inner;
-use crate::error::Result;
-#[cfg(not(feature = "s3"))]
-use crate::error::{Error, ErrorKind};
+use super::{ImageCache, Inner};
+use crate::error::{Error, ErrorKind, Result};
+#[cfg(feature = "s3")]
+use crate::key::Resolved;
 
 /// The background tasks that publish to the tier, counted so that a flush or the
 /// shutdown can wait for them (any number of waiters, at any time).
@@ -116,7 +114,7 @@ impl TierAdmin<'_> {
         {
             let inner = self.cache.inner();
             if inner.tier.is_none() {
-                return Err(super::tier_read::no_tier());
+                return Err(no_tier());
             }
             let resolved = inner.resolver.resolve(url.as_ref())?;
             let found = self.cache.invalidate(url).await?;
@@ -149,7 +147,7 @@ impl TierAdmin<'_> {
         #[cfg(feature = "s3")]
         {
             if self.cache.inner().tier.is_none() {
-                return Err(super::tier_read::no_tier());
+                return Err(no_tier());
             }
             let local = self.cache.clear().await?;
             let objects = self.cache.inner().clear_tier().await?;
@@ -196,4 +194,31 @@ impl Inner {
     pub(super) async fn wait_for_uploads(&self) {
         self.uploads.idle().await;
     }
+}
+
+#[cfg(feature = "s3")]
+impl Inner {
+    /// Removes the tier's record of `r` (the fleet asks the origin again).
+    pub(super) async fn forget_in_tier(&self, r: &Resolved) -> Result<()> {
+        match &self.tier {
+            Some(tier) => tier.forget(&r.key).await,
+            None => Err(no_tier()),
+        }
+    }
+
+    /// Removes everything of the tier; how many objects went.
+    pub(super) async fn clear_tier(&self) -> Result<u64> {
+        match &self.tier {
+            Some(tier) => tier.clear().await,
+            None => Err(no_tier()),
+        }
+    }
+}
+
+#[cfg(feature = "s3")]
+pub(super) fn no_tier() -> Error {
+    Error::new(
+        ErrorKind::Config,
+        "no shared tier is configured (CACHE_SHARED_TIER)",
+    )
 }

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 
 use super::commit::Finished;
-use super::file::Pinned;
-use super::hit::Holding;
+use super::pin::Holding;
+use super::pin::Pinned;
 use super::transfer::{Reservation, Transfer};
 use super::wants::Wants;
-use super::{DownloadResult, Inner, Outcome};
+use super::{Inner, Outcome};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::Resolved;
 use crate::stats::Counter;
@@ -31,9 +31,6 @@ pub(super) enum AfterTier {
     /// The origin, without the tier.
     Origin,
 }
-
-/// Upload attempts, one second apart and doubling.
-const UPLOAD_ATTEMPTS: u32 = 4;
 
 impl Inner {
     /// The tier and its state, for [`Stats`](crate::Stats).
@@ -298,114 +295,4 @@ impl Inner {
         wants.announcement().finished(size);
         Ok((pinned, Outcome::Tier))
     }
-
-    /// After the origin was asked under the lease: publishes what was committed (in the
-    /// background: the caller never waits for the tier), or lets the lease go.
-    pub(super) fn publish(
-        self: &Arc<Self>,
-        r: &Resolved,
-        result: &DownloadResult,
-        lease: Lease,
-        replace: bool,
-    ) {
-        let Some(tier) = self.tier.clone() else {
-            return;
-        };
-        let pinned = match result {
-            Ok((pinned, Outcome::Downloaded | Outcome::Revalidated)) => Arc::clone(pinned),
-            _ => {
-                self.uploads.spawn(lease.release());
-                return;
-            }
-        };
-        if lease.is_lost() {
-            // Another host took the lease over and publishes its own download.
-            self.uploads.spawn(lease.release());
-            return;
-        }
-        let this = Arc::clone(self);
-        let key = r.key.clone();
-        let shown = r.display.clone();
-        self.uploads.spawn(async move {
-            let entry = &pinned.entry;
-            let validators = entry.validators();
-            let record = Record {
-                version: 1,
-                url: shown.clone(),
-                sha256: entry.meta.sha256.clone(),
-                size: entry.meta.size,
-                etag: validators.etag,
-                last_modified: validators.last_modified,
-                fetched_at: entry.fetched_at(),
-                expires_at: entry.expires_at(),
-            };
-            let mut delay = Duration::from_secs(1);
-            for attempt in 1..=UPLOAD_ATTEMPTS {
-                if lease.is_lost() {
-                    tracing::warn!(url = %shown, "lost the shared lease; leaving the publishing to its new holder");
-                    break;
-                }
-                let sent = async {
-                    let uploaded = tier
-                        .upload_blob(&record.sha256, record.size, &entry.path, replace)
-                        .await?;
-                    tier.put_record(&key, &record).await?;
-                    Ok::<bool, Error>(uploaded)
-                }
-                .await;
-                match sent {
-                    Ok(uploaded) => {
-                        this.counters.add(Counter::TierUploads, 1);
-                        tracing::info!(url = %shown, bytes = record.size, blob = uploaded, "published to the shared tier");
-                        break;
-                    }
-                    Err(e) => {
-                        this.counters.add(Counter::TierErrors, 1);
-                        tier.failed(&e);
-                        tracing::warn!(url = %shown, attempt, error = %e, "cannot publish to the shared tier");
-                        if attempt < UPLOAD_ATTEMPTS {
-                            tokio::time::sleep(delay).await;
-                            delay *= 2;
-                        }
-                    }
-                }
-            }
-            drop(pinned);
-            lease.release().await;
-        });
-    }
-
-    /// Removes the tier's record of `r` (the fleet asks the origin again).
-    pub(super) async fn forget_in_tier(&self, r: &Resolved) -> Result<()> {
-        match &self.tier {
-            Some(tier) => tier.forget(&r.key).await,
-            None => Err(no_tier()),
-        }
-    }
-
-    /// Removes everything of the tier; how many objects went.
-    pub(super) async fn clear_tier(&self) -> Result<u64> {
-        match &self.tier {
-            Some(tier) => tier.clear().await,
-            None => Err(no_tier()),
-        }
-    }
-
-    /// Waits for the uploads still running (shutdown), at most the tier's wait.
-    pub(super) async fn wait_for_uploads(&self) {
-        let bound = self.tier.as_ref().map_or(Duration::ZERO, |t| t.wait);
-        if tokio::time::timeout(bound, self.uploads.idle())
-            .await
-            .is_err()
-        {
-            tracing::warn!("shut down before every upload to the shared tier was done");
-        }
-    }
-}
-
-pub(super) fn no_tier() -> Error {
-    Error::new(
-        ErrorKind::Config,
-        "no shared tier is configured (CACHE_SHARED_TIER)",
-    )
 }

@@ -3,6 +3,7 @@
 //! its readers follow and the guard of its events.
 
 use std::fs::File;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -21,6 +22,15 @@ pub(super) struct Want {
     ttl_ms: u64,
     /// The caller's own maximum age ([`GetOptions::ttl`]), if it gave one.
     max_age_ms: Option<u64>,
+}
+
+impl Inner {
+    /// The TTL a caller gives an entry it downloads: its own, or the cache's default now.
+    pub(super) fn ttl_ms(&self, options: &GetOptions) -> u64 {
+        options
+            .ttl
+            .map_or_else(|| self.default_ttl_ms.load(Ordering::Relaxed), duration_ms)
+    }
 }
 
 impl Want {
