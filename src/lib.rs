@@ -3,43 +3,73 @@
 //!
 //! # How data travels
 //!
-//! Each stage is a file of its own, named in the margin:
+//! Each stage is a file of its own, named in the margin, and owns what it uses:
 //!
 //! ```text
-//! get(url) ─> key ─> index ──hit──> cheap check, touch LRU, pin ─> CachedFile
-//!            key.rs  index/ │       cache/hit.rs                 cache/file.rs
-//!            (remembered: cache/resolve.rs)
+//! get(url) ─> admission: open? resolve (remembered), hit?            cache/admit.rs
+//!            resolve: key, request, redacted name                    cache/resolve.rs
+//!            hit: lookup, touch LRU, pin, one stat ──hit──> CachedFile cache/hit.rs
 //!                             │miss/expired
 //!                             v
-//!          in-flight map: join the running download or spawn one        cache/inflight.rs
-//!          (what each caller asks of it: digest, TTL, maximum age)      cache/wants.rs
+//!          in-flight map: join the running download or spawn one     cache/inflight.rs
+//!          a Ticket per caller (one miss, one coalesced wait)        cache/admit.rs
+//!          what the callers ask (digest, TTL, maximum age), the      cache/wants.rs
+//!          progress streams read, the events' guard                  cache/announce.rs
 //!                             v
-//!          download task: reserve Content-Length, attempts, retries,    cache/download.rs
-//!          Range resume, revalidation, stale copy if the origin fails   cache/transfer.rs
-//!          the tier (feature `s3`) before the origin, upload after      cache/tier_read.rs
+//!          download task: writer lock, another process's commit?,   cache/download.rs
+//!          resume, revalidation, stale copy if the origin fails
+//!          the tier (feature `s3`) before the origin                 cache/tier_read.rs
+//!          attempts: reservation under the cap, retries, Range       cache/transfer.rs
 //!                             v
-//!          fetch: reqwest stream, Accept-Encoding: identity, status     fetch.rs
+//!          fetch: reqwest stream, Accept-Encoding: identity, status  fetch.rs
 //!          mapping, conditional and ranged requests, backoff
 //!                             v
-//!          store: temp file, SHA-256 and length while streaming,        store/
+//!          store: temp file, SHA-256 and length while streaming,     store/
 //!          fsync, install (a version's own directory, meta.json last)
 //!                             v
-//!          commit: callers' digests, meta.json, install, renew          cache/commit.rs
-//!          index insert (size accounting, LRU eviction)                 index/
-//!          ─> every waiter gets the same result
+//!          commit: callers' digests, meta.json, install, renew       cache/commit.rs
+//!          index insert (size accounting, LRU eviction)              index/
+//!          the upload to the tier, in the background                 cache/tier_upload.rs
+//!          ─> every ticket concludes with the same result            cache/admit.rs
 //!
-//! removals (evicted, expired, invalidated): counted, deleted            cache/removal.rs
-//! sweeper (background task): expire, evict to the cap, save             cache/sweeper.rs
-//! state.json: access times, LRU order, counters across restarts         cache/state.rs
-//! start-up recovery: valid entries kept, the rest removed               store/recover.rs
-//! counters (one table) and the Stats snapshot                           stats.rs
-//! settings and the environment table                                    config/
-//! the handle: get and its forms, wiring the stages                      cache/mod.rs
-//! the handle's figures and removals; the Admin and TierAdmin views      cache/handle.rs,
-//!                                                                       cache/admin.rs,
-//!                                                                       cache/tier_admin.rs
-//! dashboard, JSON API, /metrics, /files (feature `server`)              server/
+//! the shared state and the pin primitives (hold, let go)             cache/engine.rs, pin.rs
+//! removals: a value that disposes of itself, counted and deleted     index/removals.rs,
+//!                                                                    cache/removal.rs
+//! sweeper (background task): expire, evict to the cap, save          cache/sweeper.rs
+//! this process's record, the others', state.json                     cache/procs.rs, state.rs
+//! start-up recovery: valid entries kept, the rest removed            store/recover.rs
+//! counters (one table) and the Stats snapshot                        stats.rs
+//! settings, their option types and the environment table             config/
+//! the handle; the Admin and TierAdmin views                          cache/handle.rs,
+//!                                                                    admin.rs, tier_admin.rs
+//! streams of a file while it downloads                               cache/stream.rs
+//! dashboard, JSON API, /metrics, /files (feature `server`)           server/
 //! ```
+//!
+//! ## A cold `get`, file by file
+//!
+//! Each stage's file is entered once, top to bottom; the layers below the stages (`index/`,
+//! `store/`, `fetch.rs`, the engine's pin in `cache/engine.rs`, this process's record in
+//! `cache/state.rs`, the removals' disposal) are called from several stages and return at
+//! once.
+//!
+//! 1. `cache/handle.rs`: [`ImageCache::get`] is `get_with` with default options.
+//! 2. `cache/admit.rs`: the cache is open; the URL resolved (`cache/resolve.rs`); the hit
+//!    path (`cache/hit.rs`) misses; the in-flight map (`cache/inflight.rs`) has no download
+//!    of the key, so one is spawned with a new `Wants` (`cache/wants.rs`) and its
+//!    `Announcement` (`cache/announce.rs`); the call holds a `Ticket` and waits.
+//! 3. `cache/download.rs`, in the download's task: the URL's writer lock, a look at the disk
+//!    (`cache/state.rs` reads the key again), no part file to resume.
+//! 4. `cache/tier_read.rs` (with a tier): no fresh copy; this host takes the lease.
+//! 5. `cache/transfer.rs`: the attempts. The reservation takes the directory's cap lock and
+//!    reads the other processes' records (`cache/state.rs`); `fetch.rs` sends the request;
+//!    `store/writer.rs` writes, hashes and syncs on its own thread; the announcement says
+//!    the download started.
+//! 6. `cache/commit.rs`: the callers' digests, meta.json, then `index/` and `store/`
+//!    install the version together; the announcement says it finished.
+//! 7. `cache/tier_upload.rs` (with a tier): the upload, in the background.
+//! 8. Back in `cache/admit.rs`: each ticket concludes with the result, its status and its
+//!    caller's digest, counting one miss.
 //!
 //! On disk (`<cache_dir>/v1/...`): `entries/<k[0..2]>/<key>/<gen>/<file name>` holds the bytes
 //! of one version, `entries/<k[0..2]>/<key>/meta.json` the current version's URL, SHA-256,

@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::engine::Inner;
+use super::file::{EntryInfo, Verification, VerifyReport};
+use super::handle::ImageCache;
 use super::pin::Holding;
 use super::removal::{CleanupPreview, entry_info};
-use super::{EntryInfo, ImageCache, Inner, Verification, VerifyReport};
 use crate::clock::duration_ms;
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::Reason;

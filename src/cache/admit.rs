@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::announce::Announcement;
+use super::download;
+use super::engine::{DownloadResult, Inner, Outcome};
 use super::file::{CacheStatus, CachedFile, GetOptions};
 use super::inflight::{Join, SharedTask};
 use super::wants::{Want, Wants};
-use super::{DownloadResult, Inner, Outcome, download};
 use crate::clock::duration_ms;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::Event;
@@ -136,7 +137,7 @@ impl Inner {
         force: bool,
     ) -> Admitted {
         let mut recheck = !force;
-        let want = Want::of(self, options);
+        let want = Want::of(options, self.default_ttl_ms.load(Ordering::Relaxed));
         loop {
             let join = self.inflight.join_or_start(
                 &resolved.key,

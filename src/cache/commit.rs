@@ -5,9 +5,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::engine::{DownloadResult, Inner, Outcome};
 use super::pin::Holding;
 use super::transfer::{Reservation, Transfer, WriterLock};
-use super::{DownloadResult, Inner, Outcome};
 use crate::error::{Error, ErrorKind, Result};
 use crate::failpoint::failpoint;
 use crate::index::Entry;

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::commit::Finished;
+use super::engine::{DownloadResult, Inner, Outcome};
 use super::pin::Holding;
 use super::transfer::{Resume, Step, Transfer};
 use super::wants::Wants;
-use super::{DownloadResult, Inner, Outcome};
 use crate::clock::duration_ms;
 use crate::error::{Error, ErrorKind};
 use crate::fetch;

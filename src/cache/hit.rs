@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::Inner;
+use super::engine::Inner;
 use super::file::{CacheStatus, CachedFile, GetOptions};
 use super::pin::Holding;
 use crate::clock::duration_ms;

@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::engine::Inner;
+use super::handle::{Handle, ImageCache};
 use super::inflight::Inflight;
 use super::removal::Disposal;
-use super::tier_admin::Uploads;
-use super::{Handle, ImageCache, Inner, resolve, state};
+use super::uploads::Uploads;
+use super::{procs, resolve};
 use crate::clock::duration_ms;
 use crate::clock::unix_ms;
 use crate::config::Config;
@@ -38,8 +40,8 @@ impl ImageCache {
                     );
                 }
                 let report = store::recover(&layout)?;
-                let state = state::load(&layout);
-                let procs = state::Procs::start(&layout, now, &state, file_mode).map_err(|e| {
+                let state = procs::load(&layout);
+                let procs = procs::Procs::start(&layout, now, &state, file_mode).map_err(|e| {
                     Error::io("cannot create this process's record", e)
                         .with_path(layout.procs_dir())
                 })?;

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::EntryInfo;
+use super::file::EntryInfo;
 use crate::events::{Event, Events};
 #[cfg(doc)]
 use crate::index::Removals;

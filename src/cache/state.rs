@@ -13,151 +13,16 @@
 //! missing or corrupt file gives empty state, never a failed start.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-
-use super::Inner;
+use super::engine::Inner;
+use super::procs::{ProcRecord, SavedAccess, SavedState};
 use crate::index::Entry;
 use crate::key::Key;
 use crate::stats::SavedCounters;
 use crate::store::locks::{self, Try};
-use crate::store::{self, Layout, Recovered};
-
-/// How many folded record names state.json remembers (so that none is folded twice).
-const FOLDED_KEPT: usize = 256;
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub(super) struct SavedState {
-    version: u32,
-    pub(super) counters: SavedCounters,
-    entries: HashMap<String, SavedAccess>,
-    /// The process records already folded in, newest last.
-    folded: Vec<String>,
-    /// When the counters were last reset (milliseconds since the epoch).
-    reset_ms: u64,
-}
-
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-#[serde(default)]
-struct SavedAccess {
-    last_access_ms: u64,
-    /// Position in LRU order when saved.
-    lru: u64,
-    hits: u64,
-}
-
-/// One live process's record.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-struct ProcRecord {
-    pid: u32,
-    started_ms: u64,
-    /// Counted by this process since it started (or since the reset it last saw).
-    counters: SavedCounters,
-    /// Reserved for its downloads in progress.
-    reserved_bytes: u64,
-    /// Last access and hits (by this process) of the entries it touched.
-    entries: HashMap<String, SavedAccess>,
-    /// The `reset_ms` of state.json this process last applied.
-    reset_ms: u64,
-}
-
-/// This process's own record and what it knows of the others.
-pub(super) struct Procs {
-    id: String,
-    /// Held exclusive while the process lives: a record whose lock can be taken is a dead
-    /// process's.
-    _lock: File,
-    /// Counted by every other process, and those before them: state.json's totals plus the
-    /// live records.
-    others: Mutex<SavedCounters>,
-    /// The counters reset this process last applied.
-    reset_ms: std::sync::atomic::AtomicU64,
-    started_ms: u64,
-}
-
-impl Procs {
-    /// Creates this process's record and takes its lock (blocking).
-    pub(super) fn start(
-        layout: &Layout,
-        now_ms: u64,
-        state: &SavedState,
-        file_mode: u32,
-    ) -> std::io::Result<Procs> {
-        let id = format!("{}-{now_ms}-{:08x}", std::process::id(), fastrand::u32(..));
-        // Locked before it is renamed into place: a free lock in `procs` is always a dead
-        // process's, which any process may remove at once.
-        let temp = layout.unique_temp("proc", "lock");
-        let lock = match locks::try_exclusive(locks::open_lock_file(&temp, file_mode)?)? {
-            Try::Taken(file) => file,
-            _ => return Err(std::io::Error::other("a fresh process record is locked")),
-        };
-        if let Err(e) = std::fs::rename(&temp, layout.procs_dir().join(format!("{id}.lock"))) {
-            let _ = std::fs::remove_file(&temp);
-            return Err(e);
-        }
-        Ok(Procs {
-            id,
-            _lock: lock,
-            others: Mutex::new(state.counters.clone()),
-            reset_ms: std::sync::atomic::AtomicU64::new(state.reset_ms),
-            started_ms: now_ms,
-        })
-    }
-
-    pub(super) fn others(&self) -> SavedCounters {
-        self.others
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn json_path(&self, layout: &Layout) -> PathBuf {
-        layout.procs_dir().join(format!("{}.json", self.id))
-    }
-}
-
-impl SavedState {
-    /// The entries recovery found, with their saved access times, hits and LRU positions
-    /// (an entry the state does not know counts as last used when it was fetched).
-    pub(super) fn entries_from(&self, recovered: Vec<Recovered>) -> Vec<Entry> {
-        recovered
-            .into_iter()
-            .map(|r| {
-                let saved = self.entries.get(r.key.as_str());
-                let last = saved.map_or(r.meta.fetched_at, |s| s.last_access_ms);
-                let hits = saved.map_or(0, |s| s.hits);
-                let lru = saved.map_or(0, |s| s.lru);
-                Entry::new(r.key, r.meta, r.path, last, lru, hits).with_stamp(r.stamp)
-            })
-            .collect()
-    }
-
-    /// Adds a process's record to the totals, once.
-    fn fold(&mut self, name: &str, record: &ProcRecord) {
-        if self.folded.iter().any(|f| f == name) {
-            return;
-        }
-        if record.reset_ms >= self.reset_ms {
-            self.counters = self.counters.plus(&record.counters);
-        }
-        for (key, access) in &record.entries {
-            let saved = self.entries.entry(key.clone()).or_default();
-            saved.last_access_ms = saved.last_access_ms.max(access.last_access_ms);
-            saved.lru = saved.lru.max(access.lru);
-            saved.hits = saved.hits.saturating_add(access.hits);
-        }
-        self.folded.push(name.to_owned());
-        if self.folded.len() > FOLDED_KEPT {
-            self.folded.remove(0);
-        }
-    }
-}
+use crate::store::{self, Recovered};
 
 impl Inner {
     /// This process's record as it stands.
@@ -284,7 +149,7 @@ impl Inner {
             }
         }
         let state = if dead.is_empty() {
-            load(&self.layout)
+            super::procs::load(&self.layout)
         } else {
             let (state, saved) = self.with_state(|state| {
                 for (id, record) in &dead {
@@ -373,7 +238,7 @@ impl Inner {
         if lock.is_none() {
             tracing::debug!("cannot lock state.json; writing it anyway");
         }
-        let mut state = load(&self.layout);
+        let mut state = super::procs::load(&self.layout);
         state.version = 1;
         change(&mut state);
         let known: HashSet<Key> = self.index.stamps().into_keys().collect();
@@ -400,22 +265,5 @@ impl Inner {
     pub(super) async fn save_state_blocking(self: &Arc<Self>) {
         let this = Arc::clone(self);
         let _ = tokio::task::spawn_blocking(move || this.save_state_now()).await;
-    }
-}
-
-/// Loads state.json; a missing or corrupt file gives empty state (with a WARN when corrupt).
-pub(super) fn load(layout: &Layout) -> SavedState {
-    let path = layout.state_path();
-    // Generous: an entry's record is about 100 bytes.
-    match store::read_no_follow(&path, 256 << 20) {
-        Ok(raw) => serde_json::from_slice(&raw).unwrap_or_else(|e| {
-            tracing::warn!(path = %path.display(), error = %e, "state.json is corrupt; counters start from zero");
-            SavedState::default()
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => SavedState::default(),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot read state.json");
-            SavedState::default()
-        }
     }
 }

@@ -20,9 +20,9 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::watch;
 
 use super::admit::{Admitted, Conclusion, Ticket};
+use super::engine::{DownloadResult, Inner};
 use super::file::{CacheStatus, CachedFile, GetOptions};
 use super::wants::Progress;
-use super::{DownloadResult, Inner};
 use crate::error::{Error, Result};
 use crate::key::Resolved;
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::Inner;
+use super::engine::Inner;
 use crate::index::Removals;
 
 impl Inner {

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 
 use super::commit::Finished;
+use super::engine::{Inner, Outcome};
 use super::pin::Holding;
 use super::pin::Pinned;
 use super::transfer::{Reservation, Transfer};
 use super::wants::Wants;
-use super::{Inner, Outcome};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::Resolved;
 use crate::stats::Counter;

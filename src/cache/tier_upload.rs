@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{DownloadResult, Inner, Outcome};
+use super::engine::{DownloadResult, Inner, Outcome};
 use crate::error::Error;
 use crate::key::Resolved;
 use crate::stats::Counter;

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
-use super::Inner;
 use super::announce::Announcement;
+use super::engine::Inner;
 use super::wants::Wants;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::Event;

@@ -3,12 +3,10 @@
 //! its readers follow and the guard of its events.
 
 use std::fs::File;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use super::Inner;
 use super::announce::Announcement;
 use super::file::GetOptions;
 use crate::clock::duration_ms;
@@ -24,23 +22,16 @@ pub(super) struct Want {
     max_age_ms: Option<u64>,
 }
 
-impl Inner {
-    /// The TTL a caller gives an entry it downloads: its own, or the cache's default now.
-    pub(super) fn ttl_ms(&self, options: &GetOptions) -> u64 {
-        options
-            .ttl
-            .map_or_else(|| self.default_ttl_ms.load(Ordering::Relaxed), duration_ms)
-    }
-}
-
 impl Want {
-    pub(super) fn of(inner: &Inner, options: &GetOptions) -> Want {
+    /// What a caller with `options` asks, when the cache's default TTL is `default_ttl_ms`:
+    /// the TTL it gives an entry it downloads is its own, or that default.
+    pub(super) fn of(options: &GetOptions, default_ttl_ms: u64) -> Want {
         Want {
             expected_sha256: options
                 .expected_sha256
                 .as_deref()
                 .map(|e| e.trim().to_owned()),
-            ttl_ms: inner.ttl_ms(options),
+            ttl_ms: options.ttl.map_or(default_ttl_ms, duration_ms),
             max_age_ms: options.ttl.map(duration_ms),
         }
     }

@@ -1,0 +1,172 @@
+//! The engine's state, `Inner`: what the stages share (the settings, the layout on disk, the
+//! index, the in-flight downloads, the counters and events, this process's record, the tier),
+//! each stage in a file of its own reaching only the parts it uses; how a download ends, for
+//! its callers; and the primitives every stage hands files out through: pinning an entry and
+//! holding it across processes (`hold`), and letting a pin go. Closing the process's record
+//! when the last holder lets go is here too.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::inflight::Inflight;
+use super::pin::{Holding, PinHome, Pinned};
+use super::uploads::Uploads;
+use super::{procs, resolve, wants};
+use crate::config::Config;
+use crate::error::Result;
+use crate::events::Events;
+use crate::index::{Entry, Index, Reason};
+use crate::key::Key;
+use crate::stats::Counter;
+use crate::stats::Counters;
+use crate::store;
+use crate::store::Layout;
+
+/// What every caller of one download gets.
+pub(super) type DownloadResult = Result<(Arc<Pinned>, Outcome)>;
+
+/// How a download task ended, for its callers' [`CacheStatus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    Downloaded,
+    Revalidated,
+    Stale,
+    /// Another process had committed it before this one asked: a hit after all.
+    Found,
+    /// Another process downloaded it while this one waited.
+    Waited,
+    /// Read from the tier: another host had downloaded it.
+    #[cfg(feature = "s3")]
+    Tier,
+}
+
+pub(crate) struct Inner {
+    pub(super) config: Config,
+    pub(super) layout: Layout,
+    pub(super) index: Index,
+    pub(super) inflight: Arc<Inflight<Key, DownloadResult, Arc<wants::Wants>>>,
+    pub(super) events: Arc<Events>,
+    /// URLs as callers wrote them, resolved (see `resolve`).
+    pub(super) resolver: resolve::Resolver,
+    pub(super) counters: Arc<Counters>,
+    pub(super) default_ttl_ms: AtomicU64,
+    pub(super) closed: AtomicBool,
+    pub(super) cancel: CancellationToken,
+    pub(super) wake_sweeper: Notify,
+    // A std Mutex: taken once at start and once at shutdown, never across an .await.
+    pub(super) sweeper: Mutex<Option<JoinHandle<()>>>,
+    /// The lock on the cache directory (shared, or exclusive), released when the cache is
+    /// dropped.
+    pub(super) _lock: std::fs::File,
+    /// This process's record on the directory, and what the others counted.
+    pub(super) procs: procs::Procs,
+    /// The tier, if one is configured (and the cache is not offline).
+    #[cfg(feature = "s3")]
+    pub(super) tier: Option<Arc<crate::tier::Tier>>,
+    /// Uploads to the tier still running: shutdown waits for them.
+    pub(super) uploads: Uploads,
+    /// Sweeps run, for the sweeper's tests.
+    #[cfg(test)]
+    pub(super) sweeps: AtomicU64,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Blocking work: a scan of the directory (versions this process let go that others
+        // removed meanwhile are deleted now) and state.json written. On a worker of a
+        // multi-thread runtime, the worker's other tasks move to another thread first; a
+        // current-thread runtime has no other thread to give them, and there (as outside a
+        // runtime, or on the blocking pool) it runs here.
+        let close = || self.close_record_blocking();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(close)
+            }
+            _ => close(),
+        }
+    }
+}
+
+impl PinHome for Inner {
+    fn let_go(&self, entry: &Arc<Entry>) {
+        self.index.unpin(entry).dispose_in_background();
+        // The sweeper does not wake for an entry that pins keep past its grace; now it may be
+        // free to go.
+        if self.index.past_grace(entry, self.config.now_ms()) {
+            self.wake_sweeper.notify_one();
+        }
+    }
+}
+
+impl Inner {
+    /// Wraps an entry the index has just pinned, so that dropping it unpins.
+    pub(super) fn pinned(self: &Arc<Self>, entry: Arc<Entry>) -> Arc<Pinned> {
+        Pinned::new(entry, Arc::clone(self) as Arc<dyn PinHome>)
+    }
+    /// Makes a pinned entry safe to hand out across processes, with plain syscalls rather
+    /// than a trip through the blocking pool (cargo bench --bench cache -- hit):
+    ///
+    /// - the first pin of the entry in this process opens the data file and takes its shared
+    ///   lock, so that no other process deletes it while this one holds it, and checks its
+    ///   size and mtime (`open`, `flock`, `fstat`); later pins re-check the held file
+    ///   (`fstat`);
+    /// - then the meta.json on disk must still be the one the entry was read from (`lstat`):
+    ///   another process may have removed or replaced the entry.
+    ///
+    /// Otherwise the entry is taken out of the index: counted as an integrity failure when its
+    /// bytes were tampered with, silently when another process changed it. The caller
+    /// downloads (or finds the other process's version on disk).
+    pub(super) fn hold(self: &Arc<Self>, entry: &Arc<Entry>) -> Holding {
+        #[derive(PartialEq)]
+        enum Found {
+            Intact,
+            Busy,
+            Bad,
+        }
+        let found = {
+            let mut held = entry.held.lock().unwrap_or_else(|e| e.into_inner());
+            match &*held {
+                Some(file) if store::still_intact(file, &entry.meta) => Found::Intact,
+                Some(_) => Found::Bad,
+                None => match store::hold(&entry.path, &entry.meta) {
+                    store::Hold::Held(file) => {
+                        *held = Some(file);
+                        Found::Intact
+                    }
+                    store::Hold::Busy => Found::Busy,
+                    store::Hold::Bad => Found::Bad,
+                },
+            }
+        };
+        let unchanged = self.layout.meta_stamp(&entry.key) == Some(entry.stamp());
+        match found {
+            Found::Intact if unchanged => Holding::Held,
+            Found::Bad if unchanged => {
+                self.counters.add(Counter::IntegrityFailures, 1);
+                tracing::warn!(
+                    url = %entry.meta.url,
+                    path = %entry.path.display(),
+                    "cached file is missing or was modified; downloading it again"
+                );
+                self.index
+                    .remove_exact(entry, Reason::Corrupt)
+                    .dispose_in_background();
+                Holding::Corrupt
+            }
+            // Being removed by another process, or out of reach for now (an error that
+            // proves nothing): a miss, and the entry stays; the caller's download finds what
+            // the disk has under the URL's lock.
+            Found::Busy if unchanged => Holding::Changed,
+            // Already removed or replaced by another process.
+            _ => {
+                tracing::debug!(url = %entry.meta.url, "changed on disk by another process");
+                self.index.forget(entry).dispose_in_background();
+                Holding::Changed
+            }
+        }
+    }
+}
