@@ -181,9 +181,9 @@
 //!
 //! # Process-wide cache
 //!
-//! [`get_cached_file`], [`clear_cache`] and [`get_cache_stats`] use one cache built from the
-//! environment on first use, as the original design's module-level functions did. It lives in
-//! the runtime that first used it.
+//! The [`global`] module ([`get_cached_file`], [`clear_cache`] and [`get_cache_stats`], also at
+//! the root) uses one cache built from the environment on first use, as the original design's
+//! module-level functions did. It lives in the runtime that first used it.
 //!
 //! # Features
 //!
@@ -198,6 +198,7 @@
 //! on for everyone): they need `--cfg imgcache_failpoints`, which `IMGCACHE_FAILPOINTS=1`
 //! at build time sets.
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 // On docs.rs (`--cfg docsrs`), items gated on a feature say which.
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -209,6 +210,7 @@ mod error;
 mod events;
 mod failpoint;
 mod fetch;
+pub mod global;
 mod index;
 mod key;
 #[cfg(feature = "server")]
@@ -234,45 +236,8 @@ pub use events::{Event, Received, Subscription};
 pub use key::DEFAULT_IGNORED_QUERY_PARAMS;
 pub use stats::{CounterInfo, MB, Stats};
 
-use tokio::sync::OnceCell;
-
-static DEFAULT_CACHE: OnceCell<ImageCache> = OnceCell::const_new();
-
-/// The process-wide cache, built from the environment on first use.
-///
-/// # Errors
-/// As [`ImageCache::from_env`]; a failed build is retried on the next call.
-pub async fn default_cache() -> Result<&'static ImageCache> {
-    DEFAULT_CACHE.get_or_try_init(ImageCache::from_env).await
-}
-
-/// The local path of `url` through the process-wide cache, downloading it if needed (the
-/// original design's `get_cached_file`).
-///
-/// # Errors
-/// As [`default_cache`] and [`ImageCache::get`].
-///
-/// # Cancel safety
-/// As [`ImageCache::get`].
-pub async fn get_cached_file(url: impl AsRef<str>) -> Result<CachedFile> {
-    default_cache().await?.get(url).await
-}
-
-/// Removes every entry of the process-wide cache; returns how many there were.
-///
-/// # Errors
-/// As [`default_cache`].
-pub async fn clear_cache() -> Result<u64> {
-    default_cache().await?.clear().await
-}
-
-/// The statistics of the process-wide cache.
-///
-/// # Errors
-/// As [`default_cache`].
-pub async fn get_cache_stats() -> Result<Stats> {
-    Ok(default_cache().await?.stats())
-}
+// The original design's module-level names, at the root where its users look for them.
+pub use global::{clear_cache, default_cache, get_cache_stats, get_cached_file};
 
 #[cfg(test)]
 mod send_sync {

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success; 1 a download, verification or other operation failed; 2 bad usage.
 //! A closed stdout (`imgcache ls | head -1`) is not an error.
+#![forbid(unsafe_code)]
 
 use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
