@@ -300,7 +300,10 @@ impl<'a> Admin<'a> {
             ));
         }
         let inner = self.cache.inner();
-        inner.index.set_max(bytes).dispose_in_background();
+        inner
+            .index
+            .set_max(bytes)
+            .dispose_in_background_holding(Arc::clone(inner));
         inner.wake_sweeper.notify_one();
         Ok(())
     }

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::events::{Event, Events};
@@ -19,8 +19,8 @@ const ENDED: u8 = 2;
 pub(super) struct Announcement {
     events: Arc<Events>,
     url: String,
-    /// When the download was asked for: its elapsed time includes waiting for another
-    /// process, retries and fallbacks.
+    /// When the download was asked for: the elapsed time of an end that its stage did not
+    /// report (with waits for other processes and hosts).
     since: Instant,
     said: AtomicU8,
 }
@@ -45,13 +45,38 @@ impl Announcement {
         }
     }
 
-    /// The download committed (or found) `bytes`: `DownloadFinished`, unless it has ended.
-    pub(super) fn finished(&self, bytes: u64) {
+    /// The download committed `bytes` after transferring them for `elapsed` (from its first
+    /// attempt, retries included): `DownloadFinished`, unless it has ended.
+    pub(super) fn finished(&self, bytes: u64, elapsed: Duration) {
         if self.end() {
             self.events.emit(|| Event::DownloadFinished {
                 url: self.url.clone(),
                 bytes,
-                elapsed_ms: self.since.elapsed().as_millis() as u64,
+                elapsed_ms: elapsed.as_millis() as u64,
+            });
+        }
+    }
+
+    /// The download task is done with `result`: a download that started and whose stage did
+    /// not say how it ended (a revalidation after a tier read that failed midway, say) ends
+    /// now.
+    pub(super) fn done(&self, result: &super::engine::DownloadResult) {
+        if self.said.load(Ordering::Acquire) != STARTED {
+            return;
+        }
+        match result {
+            Ok((pinned, _)) => self.finished(pinned.entry.meta.size, self.since.elapsed()),
+            Err(e) => self.failed(e),
+        }
+    }
+
+    /// The download task was dropped before it was done (a panic, a runtime shut down): a
+    /// download that started ends now, not when its last caller lets go.
+    pub(super) fn stopped(&self) {
+        if self.said.load(Ordering::Acquire) == STARTED && self.end() {
+            self.events.emit(|| Event::DownloadFailed {
+                url: self.url.clone(),
+                error: "the download was stopped".to_owned(),
             });
         }
     }
@@ -113,9 +138,9 @@ mod tests {
         // A tier read that started, then the origin's writer after the fallback.
         a.started(Some(10));
         a.started(Some(10));
-        a.finished(10);
+        a.finished(10, Duration::ZERO);
         a.failed(&Error::new(ErrorKind::Network, "late"));
-        a.finished(10);
+        a.finished(10, Duration::ZERO);
         drop(a);
         assert_eq!(said(&mut sub), ["started", "finished"]);
     }

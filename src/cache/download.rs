@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::announce::Announcement;
 use super::commit::Finished;
 use super::engine::{DownloadResult, Inner, Outcome};
 use super::pin::Holding;
@@ -29,6 +30,8 @@ pub(super) async fn run_download(
     force: bool,
     wants: Arc<Wants>,
 ) -> DownloadResult {
+    // Dropped with the task if it never gets to the end (a panic, a runtime shut down).
+    let stopped = StopGuard(wants.announcement());
     let result = inner
         .fetch_entry(&r, force, &wants)
         .await
@@ -41,7 +44,18 @@ pub(super) async fn run_download(
         inner.counters.add(Counter::Errors, 1);
         tracing::warn!(url = %r.display, error = %e, "download failed");
     }
+    wants.announcement().done(&result);
+    std::mem::forget(stopped);
     result
+}
+
+/// Ends a download's announcement if its task is dropped before it is done.
+struct StopGuard<'a>(&'a Announcement);
+
+impl Drop for StopGuard<'_> {
+    fn drop(&mut self) {
+        self.0.stopped();
+    }
 }
 
 impl Inner {
@@ -357,7 +371,7 @@ impl Inner {
             .await?;
         // Finished either way: committed here, or (downloading without the lock) another
         // process's commit of it found first.
-        wants.announcement().finished(size);
+        wants.announcement().finished(size, started.elapsed());
         let pinned = match committed {
             (pinned, Outcome::Downloaded) => pinned,
             found => return Ok(found),

@@ -19,7 +19,7 @@ use super::{procs, resolve, wants};
 use crate::config::Config;
 use crate::error::Result;
 use crate::events::Events;
-use crate::index::{Entry, Index, Reason};
+use crate::index::{Entry, Index, Reason, Removals};
 use crate::key::Key;
 use crate::stats::Counter;
 use crate::stats::Counters;
@@ -81,24 +81,36 @@ impl Drop for Inner {
         // multi-thread runtime, the worker's other tasks move to another thread first; a
         // current-thread runtime has no other thread to give them, and there (as outside a
         // runtime, or on the blocking pool) it runs here.
-        let close = || self.close_record_blocking();
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(close)
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            // block_in_place refuses, with a panic before it runs anything, on a thread that
+            // may not block (a current-thread runtime's, with a multi-thread handle entered):
+            // then the work runs here after all, and never twice.
+            let mut ran = false;
+            let moved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                tokio::task::block_in_place(|| {
+                    ran = true;
+                    self.close_record_blocking();
+                })
+            }));
+            if moved.is_ok() || ran {
+                return;
             }
-            _ => close(),
         }
+        self.close_record_blocking();
     }
 }
 
 impl PinHome for Inner {
-    fn let_go(&self, entry: &Arc<Entry>) {
-        self.index.unpin(entry).dispose_in_background();
+    fn let_go(&self, entry: &Arc<Entry>) -> Removals {
+        let removed = self.index.unpin(entry);
         // The sweeper does not wake for an entry that pins keep past its grace; now it may be
         // free to go.
         if self.index.past_grace(entry, self.config.now_ms()) {
             self.wake_sweeper.notify_one();
         }
+        removed
     }
 }
 
@@ -154,7 +166,7 @@ impl Inner {
                 );
                 self.index
                     .remove_exact(entry, Reason::Corrupt)
-                    .dispose_in_background();
+                    .dispose_in_background_holding(Arc::clone(self));
                 Holding::Corrupt
             }
             // Being removed by another process, or out of reach for now (an error that
@@ -164,7 +176,9 @@ impl Inner {
             // Already removed or replaced by another process.
             _ => {
                 tracing::debug!(url = %entry.meta.url, "changed on disk by another process");
-                self.index.forget(entry).dispose_in_background();
+                self.index
+                    .forget(entry)
+                    .dispose_in_background_holding(Arc::clone(self));
                 Holding::Changed
             }
         }

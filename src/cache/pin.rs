@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::index::Entry;
+use crate::index::{Entry, Removals};
 
 /// A committed entry pinned on behalf of one or more callers: while it lives, eviction and
 /// expiry leave the file alone.
@@ -16,7 +16,9 @@ pub(crate) struct Pinned {
 
 /// What a pin is let go to: the index that counts pins (the engine, see `engine.rs`).
 pub(super) trait PinHome: Send + Sync {
-    fn let_go(&self, entry: &Arc<Entry>);
+    /// Lets one pin of `entry` go; returns what that removed (a doomed version, entries
+    /// the pin kept above the cap).
+    fn let_go(&self, entry: &Arc<Entry>) -> Removals;
 }
 
 impl Pinned {
@@ -28,7 +30,11 @@ impl Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        self.home.let_go(&self.entry);
+        let removed = self.home.let_go(&self.entry);
+        if !removed.is_empty() {
+            // Counted before the engine's record can close: the disposal holds the engine.
+            removed.dispose_in_background_holding(Arc::clone(&self.home));
+        }
     }
 }
 

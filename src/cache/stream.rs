@@ -127,6 +127,9 @@ struct Reader {
     reading: Option<Reading>,
     /// After the commit: the file, pinned, and a handle on it.
     committed: Option<(CachedFile, Arc<File>)>,
+    /// A hit, opened at the first read: a caller that takes it as a file (the sidecar's
+    /// hits) never opens it here.
+    hit: Option<CachedFile>,
     start: u64,
     pos: u64,
     end: Option<u64>,
@@ -200,11 +203,21 @@ impl Reader {
             self.progress = None;
             self.reading = None;
             self.committed = None;
+            self.hit = None;
         }
         item
     }
 
     async fn step(&mut self) -> Option<io::Result<Bytes>> {
+        if let Some(file) = self.hit.take() {
+            match File::open(file.path()) {
+                Ok(handle) => self.committed = Some((file, Arc::new(handle))),
+                Err(e) => {
+                    let e = Error::io("cannot open the cached file", e).with_path(file.path());
+                    return Some(Err(to_io(e)));
+                }
+            }
+        }
         loop {
             let end = self.end;
             if let Some((cached, file)) = &self.committed {
@@ -472,6 +485,7 @@ impl super::ImageCache {
             progress: None,
             reading: None,
             committed: None,
+            hit: None,
             start: 0,
             pos: 0,
             end: None,
@@ -481,12 +495,9 @@ impl super::ImageCache {
         };
         match admitted {
             Admitted::Hit(file) => {
-                let handle = File::open(file.path()).map_err(|e| {
-                    Error::io("cannot open the cached file", e).with_path(file.path())
-                })?;
                 reader.status = file.status();
                 reader.announced = Some(file.size());
-                reader.committed = Some((file, Arc::new(handle)));
+                reader.hit = Some(file);
             }
             Admitted::Download(ticket) => {
                 let task = ticket.task().clone();
@@ -538,7 +549,8 @@ impl OpenedStream {
     /// download that has ended (a 304 renewal, a failure).
     #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) fn settled(&self) -> bool {
-        self.reader.committed.is_some()
+        self.reader.hit.is_some()
+            || self.reader.committed.is_some()
             || self
                 .reader
                 .ticket
@@ -551,6 +563,9 @@ impl OpenedStream {
     #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) async fn into_file(self) -> Result<CachedFile> {
         let mut reader = self.reader;
+        if let Some(file) = reader.hit.take() {
+            return Ok(file);
+        }
         if let Some((file, _)) = reader.committed.take() {
             return Ok(file);
         }

@@ -245,6 +245,7 @@ impl Inner {
         };
         transfer.reservation = Some(Reservation::take_under_cap_lock(self, size).await);
         wants.progress().send_modify(|p| p.total = Some(size));
+        let started = Instant::now();
         transfer.start_writer();
         let received = async {
             while let Some(chunk) = body.next().await {
@@ -292,7 +293,7 @@ impl Inner {
                 record.expires_at,
             )
             .await?;
-        wants.announcement().finished(size);
+        wants.announcement().finished(size, started.elapsed());
         Ok((pinned, Outcome::Tier))
     }
 }

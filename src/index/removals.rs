@@ -21,7 +21,9 @@ pub(crate) trait Disposer: fmt::Debug + Send + Sync + 'static {
               with dispose_now or dispose_off_workers, or drop them to do it in the background"]
 pub(crate) struct Removals {
     removed: Vec<Removed>,
-    disposer: Arc<dyn Disposer>,
+    /// `None` when there is nothing to dispose of: the hit path's unpin stays free of
+    /// reference counting.
+    disposer: Option<Arc<dyn Disposer>>,
 }
 
 impl fmt::Debug for Removals {
@@ -34,33 +36,46 @@ impl fmt::Debug for Removals {
 
 impl Removals {
     pub(super) fn new(removed: Vec<Removed>, disposer: &Arc<dyn Disposer>) -> Removals {
-        Removals {
-            removed,
-            disposer: Arc::clone(disposer),
-        }
+        let disposer = (!removed.is_empty()).then(|| Arc::clone(disposer));
+        Removals { removed, disposer }
     }
 
     /// Disposes of them on this thread: for blocking code (the sweeper, a commit on the
     /// blocking pool).
     pub(crate) fn dispose_now(mut self) {
         let removed = std::mem::take(&mut self.removed);
-        if !removed.is_empty() {
-            self.disposer.dispose(removed);
+        if let Some(disposer) = &self.disposer {
+            disposer.dispose(removed);
         }
     }
 
-    /// Disposes of them on the blocking pool without waiting (inline outside a runtime):
-    /// for synchronous code on an async worker, such as a `Drop`. What dropping them does.
-    pub(crate) fn dispose_in_background(self) {}
+    /// Disposes of them on the blocking pool without waiting (inline outside a runtime), for
+    /// synchronous code on an async worker such as a `Drop`, keeping `owner` alive until it
+    /// is done: what they report to (the engine, whose record is saved when it closes) must
+    /// outlive them. Dropping them does the same without an owner.
+    pub(crate) fn dispose_in_background_holding<T: Send + 'static>(mut self, owner: T) {
+        let removed = std::mem::take(&mut self.removed);
+        let Some(disposer) = self.disposer.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || {
+                    disposer.dispose(removed);
+                    drop(owner);
+                });
+            }
+            Err(_) => disposer.dispose(removed),
+        }
+    }
 
     /// Disposes of them on the blocking pool and waits: for async code that reports what
     /// it removed only once it is gone.
     pub(crate) async fn dispose_off_workers(mut self) {
         let removed = std::mem::take(&mut self.removed);
-        if removed.is_empty() {
+        let Some(disposer) = self.disposer.take() else {
             return;
-        }
-        let disposer = Arc::clone(&self.disposer);
+        };
         let _ = tokio::task::spawn_blocking(move || disposer.dispose(removed)).await;
     }
 }
@@ -85,10 +100,9 @@ impl<'a> IntoIterator for &'a Removals {
 impl Drop for Removals {
     fn drop(&mut self) {
         let removed = std::mem::take(&mut self.removed);
-        if removed.is_empty() {
+        let Some(disposer) = self.disposer.take() else {
             return;
-        }
-        let disposer = Arc::clone(&self.disposer);
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn_blocking(move || disposer.dispose(removed));
