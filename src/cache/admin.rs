@@ -304,7 +304,7 @@ impl<'a> Admin<'a> {
             .index
             .set_max(bytes)
             .dispose_in_background_holding(Arc::clone(inner));
-        inner.wake_sweeper.notify_one();
+        inner.sweeper.wake();
         Ok(())
     }
 

@@ -5,15 +5,12 @@
 //! holding it across processes (`hold`), and letting a pin go. Closing the process's record
 //! when the last holder lets go is here too.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex};
-
-use tokio::sync::Notify;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use super::inflight::Inflight;
 use super::pin::{Holding, PinHome, Pinned};
+use super::sweeper::Sweeper;
 use super::uploads::Uploads;
 use super::{procs, resolve, wants};
 use crate::config::Config;
@@ -55,10 +52,8 @@ pub(crate) struct Inner {
     pub(super) counters: Arc<Counters>,
     pub(super) default_ttl_ms: AtomicU64,
     pub(super) closed: AtomicBool,
-    pub(super) cancel: CancellationToken,
-    pub(super) wake_sweeper: Notify,
-    // A std Mutex: taken once at start and once at shutdown, never across an .await.
-    pub(super) sweeper: Mutex<Option<JoinHandle<()>>>,
+    /// The background task and how it is woken and stopped (see `sweeper`).
+    pub(super) sweeper: Sweeper,
     /// The lock on the cache directory (shared, or exclusive), released when the cache is
     /// dropped.
     pub(super) _lock: std::fs::File,
@@ -69,9 +64,6 @@ pub(crate) struct Inner {
     pub(super) tier: Option<Arc<crate::tier::Tier>>,
     /// Uploads to the tier still running: shutdown waits for them.
     pub(super) uploads: Uploads,
-    /// Sweeps run, for the sweeper's tests.
-    #[cfg(test)]
-    pub(super) sweeps: AtomicU64,
 }
 
 impl Drop for Inner {
@@ -108,7 +100,7 @@ impl PinHome for Inner {
         // The sweeper does not wake for an entry that pins keep past its grace; now it may be
         // free to go.
         if self.index.past_grace(entry, self.config.now_ms()) {
-            self.wake_sweeper.notify_one();
+            self.sweeper.wake();
         }
         removed
     }

@@ -33,7 +33,7 @@ pub(super) struct Handle {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        self.inner.cancel.cancel();
+        self.inner.sweeper.cancel();
     }
 }
 

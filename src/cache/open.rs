@@ -1,16 +1,14 @@
 //! Opening a cache: the directory's lock and recovery (off the async workers), the index,
 //! the tier, and the background sweeper.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex};
-
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use super::engine::Inner;
 use super::handle::{Handle, ImageCache};
 use super::inflight::Inflight;
 use super::removal::Disposal;
+use super::sweeper::Sweeper;
 use super::uploads::Uploads;
 use super::{procs, resolve};
 use crate::clock::duration_ms;
@@ -94,13 +92,9 @@ impl ImageCache {
             ),
             counters,
             closed: AtomicBool::new(false),
-            cancel: CancellationToken::new(),
-            wake_sweeper: Notify::new(),
-            sweeper: Mutex::new(None),
+            sweeper: Sweeper::default(),
             _lock: lock,
             procs,
-            #[cfg(test)]
-            sweeps: AtomicU64::new(0),
             config,
         });
         tracing::info!(

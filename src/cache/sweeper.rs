@@ -1,18 +1,46 @@
-//! The background sweeper: expires entries past their TTL and grace, evicts down to the cap,
-//! and saves state.json.
+//! The sweeper stage: the background task that expires entries past their TTL and grace,
+//! evicts down to the cap, and saves state.json. It owns its task, its wake-up and its
+//! cancellation ([`Sweeper`]).
 //!
 //! `sweep_once` is plain synchronous work that returns the next deadline; the loop around it
 //! sleeps until that deadline, the sweep interval, a wake-up or cancellation, whichever comes
 //! first. The task is owned: its handle is kept, the cache's cancellation token stops it, and
 //! [`ImageCache::shutdown`](crate::ImageCache::shutdown) waits for it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::engine::Inner;
 use crate::index::Removals;
+
+/// The sweeper's own state: its task, what wakes it and what stops it.
+#[derive(Default)]
+pub(super) struct Sweeper {
+    // A std Mutex: taken once at start and once at shutdown, never across an .await.
+    task: Mutex<Option<JoinHandle<()>>>,
+    wake: Notify,
+    cancel: CancellationToken,
+    /// Sweeps run, for the tests.
+    #[cfg(test)]
+    sweeps: std::sync::atomic::AtomicU64,
+}
+
+impl Sweeper {
+    /// Sweeps soon: something may be free to go (a pin let go past its grace, a lower cap).
+    pub(super) fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Stops the task without waiting (the last handle went).
+    pub(super) fn cancel(&self) {
+        self.cancel.cancel();
+    }
+}
 
 impl Inner {
     /// Expires and evicts now; returns what was removed and the next instant an entry leaves
@@ -24,7 +52,8 @@ impl Inner {
     /// One sweep with its side effects (blocking): removals disposed of, state saved.
     fn sweep_once(&self) -> Option<u64> {
         #[cfg(test)]
-        self.sweeps
+        self.sweeper
+            .sweeps
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (removed, next) = self.sweep_now();
         removed.dispose_now();
@@ -38,14 +67,15 @@ impl Inner {
             return;
         }
         let task = tokio::spawn(sweeper_loop(Arc::clone(self)));
-        *self.sweeper.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        *self.sweeper.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
     }
 
     /// Stops the background task and waits for it to end.
     pub(super) async fn stop_sweeper(&self) {
-        self.cancel.cancel();
+        self.sweeper.cancel();
         let task = self
             .sweeper
+            .task
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
@@ -87,9 +117,9 @@ async fn sweeper_loop(inner: Arc<Inner>) {
             wait = wait.min(save_every);
         }
         tokio::select! {
-            () = inner.cancel.cancelled() => break,
+            () = inner.sweeper.cancel.cancelled() => break,
             () = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
-            () = inner.wake_sweeper.notified() => {
+            () = inner.sweeper.wake.notified() => {
                 next_sweep = next_sweep.map(|_| Instant::now());
             }
         }
@@ -123,12 +153,12 @@ mod tests {
         let inner = Arc::clone(cache.inner());
         let held = inner.pinned(inner.index.pin_current(&key(1)).unwrap());
         clock.advance(Duration::from_secs(60));
-        inner.wake_sweeper.notify_one();
+        inner.sweeper.wake();
         // Real time, bounded: a sweeper that took the held entry's past deadline for its
         // next would wake every 10 ms.
-        let before = inner.sweeps.load(Ordering::Relaxed);
+        let before = inner.sweeper.sweeps.load(Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let woke = inner.sweeps.load(Ordering::Relaxed) - before;
+        let woke = inner.sweeper.sweeps.load(Ordering::Relaxed) - before;
         assert!(
             woke <= 2,
             "the sweeper woke {woke} times for nothing it could do"
