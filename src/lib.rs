@@ -16,10 +16,12 @@
 //!          what the callers ask (digest, TTL, maximum age), the      cache/wants.rs
 //!          progress streams read, the events' guard                  cache/announce.rs
 //!                             v
-//!          download task: writer lock, another process's commit?,   cache/download.rs
-//!          resume, revalidation, stale copy if the origin fails
+//!          download task, a `Download` carrying what the callers     cache/download.rs
+//!          asked: writer lock, another process's commit?, resume,
+//!          revalidation, stale copy if the origin fails
 //!          the tier (feature `s3`) before the origin                 cache/tier_read.rs
-//!          attempts: reservation under the cap, retries, Range       cache/transfer.rs
+//!          a `Transfer` across attempts: temp file, hash, byte       cache/transfer.rs
+//!          count, reservation under the cap, retries, Range
 //!                             v
 //!          fetch: reqwest stream, Accept-Encoding: identity, status  fetch.rs
 //!          mapping, conditional and ranged requests, backoff
@@ -27,7 +29,8 @@
 //!          store: temp file, SHA-256 and length while streaming,     store/
 //!          fsync, install (a version's own directory, meta.json last)
 //!                             v
-//!          commit: callers' digests, meta.json, install, renew       cache/commit.rs
+//!          a `Commit` owning what it installs (temp file, meta.json, cache/commit.rs
+//!          reservation, writer lock); a 304's renewal
 //!          index insert (size accounting, LRU eviction)              index/
 //!          the upload to the tier, in the background                 cache/tier_upload.rs
 //!          ─> every ticket concludes with the same result            cache/admit.rs
@@ -58,15 +61,15 @@
 //!    path (`cache/hit.rs`) misses; the in-flight map (`cache/inflight.rs`) has no download
 //!    of the key, so one is spawned with a new `Wants` (`cache/wants.rs`) and its
 //!    `Announcement` (`cache/announce.rs`); the call holds a `Ticket` and waits.
-//! 3. `cache/download.rs`, in the download's task: the URL's writer lock, a look at the disk
-//!    (`cache/state.rs` reads the key again), no part file to resume.
+//! 3. `cache/download.rs`, in the download's task: a `Download` takes the URL's writer lock,
+//!    looks at the disk (`cache/state.rs` reads the key again), finds no part file to resume.
 //! 4. `cache/tier_read.rs` (with a tier): no fresh copy; this host takes the lease.
-//! 5. `cache/transfer.rs`: the attempts. The reservation takes the directory's cap lock and
+//! 5. `cache/transfer.rs`: the `Transfer`'s attempts. The reservation takes the directory's cap lock and
 //!    reads the other processes' records (`cache/state.rs`); `fetch.rs` sends the request;
 //!    `store/writer.rs` writes, hashes and syncs on its own thread; the announcement says
 //!    the download started.
-//! 6. `cache/commit.rs`: the callers' digests, meta.json, then `index/` and `store/`
-//!    install the version together; the announcement says it finished.
+//! 6. `cache/commit.rs`: the `Commit`, on the blocking pool: meta.json, then `index/` and
+//!    `store/` install the version together; the announcement says it finished.
 //! 7. `cache/tier_upload.rs` (with a tier): the upload, in the background.
 //! 8. Back in `cache/admit.rs`: each ticket concludes with the result, its status and its
 //!    caller's digest, counting one miss.

@@ -57,15 +57,15 @@ impl Announcement {
         }
     }
 
-    /// The download task is done with `result`: a download that started and whose stage did
-    /// not say how it ended (a revalidation after a tier read that failed midway, say) ends
-    /// now.
-    pub(super) fn done(&self, result: &super::engine::DownloadResult) {
+    /// The download task is done, with a file of this size or an error: a download that
+    /// started and whose stage did not say how it ended (a revalidation after a tier read
+    /// that failed midway, say) ends now.
+    pub(super) fn done(&self, result: std::result::Result<u64, &Error>) {
         if self.said.load(Ordering::Acquire) != STARTED {
             return;
         }
         match result {
-            Ok((pinned, _)) => self.finished(pinned.entry.meta.size, self.since.elapsed()),
+            Ok(size) => self.finished(size, self.since.elapsed()),
             Err(e) => self.failed(e),
         }
     }

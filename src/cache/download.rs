@@ -1,23 +1,29 @@
-//! The download engine: the task that one in-flight slot runs. It revalidates or downloads
-//! with retries (a [`Transfer`] keeps the temp file, the running SHA-256 and the byte count
-//! across attempts, so a cut-off body resumes with `Range`), reserves the file's
-//! `Content-Length` against the cap, and commits: fsync, meta.json, then the index and the
-//! store install the entry together. When the origin fails it falls back to the expired copy.
+//! The download: the task that one in-flight slot runs, as a [`Download`] that carries what
+//! the callers asked for (the resolved URL, their wants, whether forced, when they asked)
+//! through its steps. It takes the URL's writer lock, looks at the disk (another process may
+//! have committed it), resumes a dead process's part file or asks the tier (`tier_read`),
+//! then revalidates or downloads with retries: a [`Transfer`] keeps the temp file, the
+//! running SHA-256 and the byte count across attempts, so that a cut-off body resumes with
+//! `Range`. A finished transfer goes to the [`Commit`]; when the origin fails, the expired
+//! copy is served. The download's events (one start, exactly one end) are its
+//! announcement's, which a guard ends should the task be dropped.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::announce::Announcement;
-use super::commit::Finished;
+use super::commit::{Commit, renew};
 use super::engine::{DownloadResult, Inner, Outcome};
-use super::pin::Holding;
+use super::pin::{Holding, Pinned};
+#[cfg(feature = "s3")]
+use super::tier_read::{AfterTier, TierRead};
 use super::transfer::{Resume, Step, Transfer};
 use super::wants::Wants;
 use crate::clock::duration_ms;
 use crate::error::{Error, ErrorKind};
 use crate::fetch;
 use crate::index::Entry;
-use crate::key::{Key, Resolved};
+use crate::key::Resolved;
 use crate::stats::Counter;
 use crate::store::locks::KeyLock;
 use crate::store::{self, Validators};
@@ -32,10 +38,14 @@ pub(super) async fn run_download(
 ) -> DownloadResult {
     // Dropped with the task if it never gets to the end (a panic, a runtime shut down).
     let stopped = StopGuard(wants.announcement());
-    let result = inner
-        .fetch_entry(&r, force, &wants)
-        .await
-        .map_err(|e| e.with_url(&r.display));
+    let download = Download {
+        inner: &inner,
+        r: &r,
+        wants: &wants,
+        force,
+        asked_at: inner.config.now_ms(),
+    };
+    let result = download.run().await.map_err(|e| e.with_url(&r.display));
     // The temp file's handle goes with the download: a stream that never read leaves no
     // deleted file held open.
     wants.progress().send_modify(|p| p.file = None);
@@ -44,7 +54,9 @@ pub(super) async fn run_download(
         inner.counters.add(Counter::Errors, 1);
         tracing::warn!(url = %r.display, error = %e, "download failed");
     }
-    wants.announcement().done(&result);
+    wants
+        .announcement()
+        .done(result.as_ref().map(|(pinned, _)| pinned.entry.meta.size));
     std::mem::forget(stopped);
     result
 }
@@ -58,41 +70,60 @@ impl Drop for StopGuard<'_> {
     }
 }
 
-impl Inner {
-    /// The download task's work. First the URL's writer lock, so that one process in all
-    /// downloads it (bounded by `CACHE_LOCK_WAIT`, after which this one downloads on its own
-    /// and the first commit wins); then what is on disk, since another process may have
-    /// committed it meanwhile; then revalidate or download with retries, resuming from the
-    /// part file of a holder that died; and the expired copy when the origin fails.
-    async fn fetch_entry(
-        self: &Arc<Self>,
-        r: &Resolved,
-        force: bool,
-        wants: &Wants,
-    ) -> DownloadResult {
-        let asked_at = self.config.now_ms();
-        let lock = self
+/// One download task's work, and what its callers asked for.
+struct Download<'a> {
+    inner: &'a Arc<Inner>,
+    r: &'a Resolved,
+    /// What every caller of the download takes (digests, ages, TTL), its progress and its
+    /// announcement.
+    wants: &'a Wants,
+    force: bool,
+    /// When the callers asked, by the cache's clock.
+    asked_at: u64,
+}
+
+impl<'a> Download<'a> {
+    /// The tier's step of this download (see `tier_read`).
+    #[cfg(feature = "s3")]
+    fn tier_read(&self) -> TierRead<'a> {
+        TierRead {
+            inner: self.inner,
+            r: self.r,
+            wants: self.wants,
+            force: self.force,
+            asked_at: self.asked_at,
+        }
+    }
+
+    /// First the URL's writer lock, so that one process in all downloads it (bounded by
+    /// `CACHE_LOCK_WAIT`, after which this one downloads on its own and the first commit
+    /// wins); then what is on disk, since another process may have committed it meanwhile;
+    /// then revalidate or download with retries, resuming from the part file of a holder
+    /// that died; and the expired copy when the origin fails.
+    async fn run(&self) -> DownloadResult {
+        let (inner, r) = (self.inner, self.r);
+        let lock = inner
             .layout
-            .lock_key(&r.key, self.config.lock_wait)
+            .lock_key(&r.key, inner.config.lock_wait)
             .await
             .unwrap_or_else(|e| {
                 tracing::warn!(url = %r.display, error = %e, "cannot take the download's lock; downloading without it");
                 None
             });
         if lock.is_none() {
-            self.counters.add(Counter::LockTimeouts, 1);
+            inner.counters.add(Counter::LockTimeouts, 1);
             tracing::warn!(
                 url = %r.display,
-                waited_ms = duration_ms(self.config.lock_wait),
+                waited_ms = duration_ms(inner.config.lock_wait),
                 "another process has been downloading this file for longer than CACHE_LOCK_WAIT; downloading it here too"
             );
         }
-        if let Some(found) = self.from_disk(r, force, wants, asked_at).await {
+        if let Some(found) = self.found_on_disk().await {
             return Ok(found);
         }
         let (lock, resume) = match lock {
             Some(mut lock) => {
-                let resume = self.resumable(&mut lock, &r.key).await;
+                let resume = self.resumable(&mut lock).await;
                 (Some(lock), resume)
             }
             None => (None, None),
@@ -102,38 +133,36 @@ impl Inner {
         #[cfg(feature = "s3")]
         let lease = match resume {
             Some(_) => None,
-            None => match self.through_tier(r, force, wants, asked_at).await {
-                super::tier_read::AfterTier::Served(pinned, outcome) => {
+            None => match self.tier_read().run().await {
+                AfterTier::Served(pinned, outcome) => {
                     return Ok((pinned, outcome));
                 }
-                super::tier_read::AfterTier::Lease { lease, replace } => Some((lease, replace)),
-                super::tier_read::AfterTier::Origin => None,
+                AfterTier::Lease { lease, replace } => Some((lease, replace)),
+                AfterTier::Origin => None,
             },
         };
-        let previous = if force {
+        let previous = if self.force {
             None
         } else {
-            self.index.current(&r.key)
+            inner.index.current(&r.key)
         };
-        let result = self
-            .download_with_retries(r, wants, previous.as_ref(), lock, resume, asked_at)
-            .await;
+        let result = self.with_retries(previous.as_ref(), lock, resume).await;
         #[cfg(feature = "s3")]
         if let Some((lease, replace)) = lease {
-            self.publish(r, &result, lease, replace);
+            inner.publish(r, &result, lease, replace);
         }
         match (result, previous) {
-            (Err(e), Some(stale)) if self.config.stale_if_error && e.is_transient() => {
-                if !self.index.pin_if_current(&stale) {
+            (Err(e), Some(stale)) if inner.config.stale_if_error && e.is_transient() => {
+                if !inner.index.pin_if_current(&stale) {
                     return Err(e);
                 }
-                let pinned = self.pinned(Arc::clone(&stale));
-                if self.hold(&stale) != Holding::Held {
+                let pinned = inner.pinned(Arc::clone(&stale));
+                if inner.hold(&stale) != Holding::Held {
                     return Err(e);
                 }
-                self.counters.add(Counter::StaleServed, 1);
+                inner.counters.add(Counter::StaleServed, 1);
                 // The download announced by its start ended: a dashboard drops its row.
-                wants.announcement().failed(&e);
+                self.wants.announcement().failed(&e);
                 tracing::warn!(
                     url = %r.display,
                     path = %stale.path.display(),
@@ -146,39 +175,33 @@ impl Inner {
         }
     }
 
-    /// Brings this process's entry for `r` in line with the disk, and returns it pinned if it
-    /// will do: fresh, with a digest some caller takes, and (for a forced download) committed
-    /// by another process after this one asked.
-    async fn from_disk(
-        self: &Arc<Self>,
-        r: &Resolved,
-        force: bool,
-        wants: &Wants,
-        asked_at: u64,
-    ) -> Option<(Arc<super::pin::Pinned>, Outcome)> {
-        let before = self.index.current(&r.key).map(|e| e.stamp());
-        let this = Arc::clone(self);
-        let key = r.key.clone();
+    /// Brings this process's entry for the URL in line with the disk, and returns it pinned
+    /// if it will do: fresh, with a digest some caller takes, and (for a forced download)
+    /// committed by another process after this one asked.
+    async fn found_on_disk(&self) -> Option<(Arc<Pinned>, Outcome)> {
+        let inner = self.inner;
+        let before = inner.index.current(&self.r.key).map(|e| e.stamp());
+        let this = Arc::clone(inner);
+        let key = self.r.key.clone();
         let found = tokio::task::spawn_blocking(move || this.sync_key(&key))
             .await
             .ok()
             .flatten()?;
         // Committed by another process since this one asked.
-        let newer = before != Some(found.stamp) && found.meta.fetched_at >= asked_at;
+        let newer = before != Some(found.stamp) && found.meta.fetched_at >= self.asked_at;
         let meta = &found.meta;
-        let now = self.config.now_ms();
-        let usable = now < meta.expires_at
-            && wants
-                .max_age_ms()
-                .is_none_or(|age| now < meta.fetched_at.saturating_add(age))
-            && wants.check(&meta.sha256).is_ok()
-            && (!force || newer);
+        let usable = self.wants.takes(
+            inner.config.now_ms(),
+            meta.expires_at,
+            meta.fetched_at,
+            &meta.sha256,
+        ) && (!self.force || newer);
         if !usable {
             return None;
         }
-        let entry = self.index.pin_current(&r.key)?;
-        let pinned = self.pinned(Arc::clone(&entry));
-        if entry.stamp() != found.stamp || self.hold(&entry) != Holding::Held {
+        let entry = inner.index.pin_current(&self.r.key)?;
+        let pinned = inner.pinned(Arc::clone(&entry));
+        if entry.stamp() != found.stamp || inner.hold(&entry) != Holding::Held {
             return None;
         }
         let outcome = if newer {
@@ -186,15 +209,17 @@ impl Inner {
         } else {
             Outcome::Found
         };
-        tracing::debug!(url = %r.display, "found on disk, committed by another process");
+        tracing::debug!(url = %self.r.display, "found on disk, committed by another process");
         Some((pinned, outcome))
     }
 
-    /// The part file a dead holder of `key`'s writer lock left, if the download can resume
+    /// The part file a dead holder of the URL's writer lock left, if the download can resume
     /// from it: named by the lock's record, bound to a version by a validator, not held by
     /// anyone, and at least as long as the record says is durable. Its kept prefix is hashed
     /// again.
-    async fn resumable(self: &Arc<Self>, lock: &mut KeyLock, key: &Key) -> Option<Resume> {
+    async fn resumable(&self, lock: &mut KeyLock) -> Option<Resume> {
+        let inner = self.inner;
+        let key = &self.r.key;
         let record = lock.record()?;
         let validators = Validators {
             etag: record.etag.clone(),
@@ -207,11 +232,11 @@ impl Inner {
         if !ours {
             return None;
         }
-        let path = self.layout.temp_dir().join(&name);
+        let path = inner.layout.temp_dir().join(&name);
         let usable = validators.if_range().is_some() && record.durable > 0;
-        let layout = self.layout.clone();
+        let layout = inner.layout.clone();
         let key = key.clone();
-        let max = self.index.max();
+        let max = inner.index.max();
         let resume = tokio::task::spawn_blocking(move || {
             let resume = if usable {
                 Resume::open(&layout, &key, path.clone(), record, validators, max)
@@ -254,21 +279,18 @@ impl Inner {
 
     /// Attempts within the total deadline; on failure, waits until the writer has removed
     /// its temp file, so that an error never leaves one behind.
-    async fn download_with_retries(
-        self: &Arc<Self>,
-        r: &Resolved,
-        wants: &Wants,
+    async fn with_retries(
+        &self,
         previous: Option<&Arc<Entry>>,
         lock: Option<KeyLock>,
         resume: Option<Resume>,
-        asked_at: u64,
     ) -> DownloadResult {
-        let mut transfer = Transfer::new(self, r, lock, asked_at).for_callers(wants);
+        let mut transfer = Transfer::new(self.inner, self.r, self.wants, lock, self.asked_at);
         if let Some(resume) = resume {
             transfer.resume_from(resume);
         }
-        let attempts = self.attempts(&mut transfer, r, wants, previous);
-        let result = match self.config.download_timeout {
+        let attempts = self.attempts(&mut transfer, previous);
+        let result = match self.inner.config.download_timeout {
             Some(limit) => tokio::time::timeout(limit, attempts)
                 .await
                 .unwrap_or_else(|_| {
@@ -290,12 +312,11 @@ impl Inner {
 
     /// Attempts until the body is complete, a 304 renews `previous`, or a failure is final.
     async fn attempts(
-        self: &Arc<Self>,
-        transfer: &mut Transfer<'_>,
-        r: &Resolved,
-        wants: &Wants,
+        &self,
+        transfer: &mut Transfer<'a>,
         previous: Option<&Arc<Entry>>,
     ) -> DownloadResult {
+        let (inner, r) = (self.inner, self.r);
         let started = Instant::now();
         let mut revalidate = previous
             .map(|p| (p, p.validators()))
@@ -308,34 +329,27 @@ impl Inner {
                 Ok(Step::Complete) => break,
                 Ok(Step::NotModified(validators)) => {
                     let (entry, _) = revalidate.take().expect("a 304 answers a conditional GET");
-                    let this = Arc::clone(self);
-                    let entry = Arc::clone(entry);
-                    let ttl = wants.ttl_ms();
-                    // The renewal pins the entry; it is wrapped at once, on the blocking
-                    // thread, so that a deadline that drops this future unpins it again.
-                    let renewed = tokio::task::spawn_blocking(move || {
-                        this.renew(&entry, validators, ttl)
-                            .map(|ok| ok.then(|| this.pinned(entry)))
-                    })
-                    .await
-                    .map_err(|e| {
-                        Error::new(ErrorKind::Internal, format!("renewal failed: {e}"))
-                    })??;
+                    let now = inner.config.now_ms();
+                    // A caller that asked for fresher bytes (a short per-call TTL) confirms
+                    // them current; it does not shorten what the entry had for the others.
+                    let expires_at = now
+                        .saturating_add(self.wants.ttl_ms())
+                        .max(entry.expires_at());
                     // The entry went away meanwhile: download it after all.
-                    let Some(pinned) = renewed else { continue };
-                    if self.hold(&pinned.entry) != Holding::Held {
+                    let Some(pinned) = renew(inner, entry, validators, now, expires_at).await?
+                    else {
                         continue;
-                    }
-                    self.counters.add(Counter::Revalidations, 1);
+                    };
+                    inner.counters.add(Counter::Revalidations, 1);
                     tracing::info!(url = %r.display, "revalidated: not modified");
                     return Ok((pinned, Outcome::Revalidated));
                 }
-                Err(e) if e.is_transient() && attempt <= self.config.retries => {
-                    self.counters.add(Counter::Retries, 1);
+                Err(e) if e.is_transient() && attempt <= inner.config.retries => {
+                    inner.counters.add(Counter::Retries, 1);
                     let delay = fetch::backoff(
                         attempt,
-                        self.config.retry_base_delay,
-                        self.config.retry_max_delay,
+                        inner.config.retry_base_delay,
+                        inner.config.retry_max_delay,
                         e.retry_after(),
                     );
                     tracing::warn!(
@@ -351,27 +365,20 @@ impl Inner {
                 Err(e) => return Err(e),
             }
         }
-        let (temp, file, sha256, validators) = transfer.finish().await?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or_default();
-        if let Err(expected) = wants.check(&sha256) {
-            self.counters.add(Counter::IntegrityFailures, 1);
-            return Err(Error::checksum(&expected, &sha256));
+        let finished = transfer.finish().await?;
+        let size = finished.size;
+        if let Err(expected) = self.wants.check(&finished.sha256) {
+            inner.counters.add(Counter::IntegrityFailures, 1);
+            return Err(Error::checksum(&expected, &finished.sha256));
         }
-        let now = self.config.now_ms();
-        let finished = Finished {
-            temp,
-            file,
-            sha256,
-            size,
-            validators,
-        };
-        let expires_at = now.saturating_add(wants.ttl_ms());
-        let committed = self
-            .commit_transfer(r, transfer, finished, now, expires_at)
+        let now = inner.config.now_ms();
+        let expires_at = now.saturating_add(self.wants.ttl_ms());
+        let committed = Commit::new(transfer, finished, now, expires_at)
+            .run()
             .await?;
         // Finished either way: committed here, or (downloading without the lock) another
         // process's commit of it found first.
-        wants.announcement().finished(size, started.elapsed());
+        self.wants.announcement().finished(size, started.elapsed());
         let pinned = match committed {
             (pinned, Outcome::Downloaded) => pinned,
             found => return Ok(found),

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use super::inflight::Inflight;
 use super::pin::{Holding, PinHome, Pinned};
-use super::sweeper::Sweeper;
+use super::sweeper::{Sweeper, Swept};
 use super::uploads::Uploads;
 use super::{procs, resolve, wants};
 use crate::config::Config;
@@ -106,7 +106,43 @@ impl PinHome for Inner {
     }
 }
 
+impl Swept for Inner {
+    fn sweeper(&self) -> &Sweeper {
+        &self.sweeper
+    }
+
+    fn sweep(&self) -> Option<u64> {
+        let (removed, next) = self.sweep_now();
+        removed.dispose_now();
+        self.save_state_now();
+        next
+    }
+
+    fn save_state(&self) {
+        self.save_state_now();
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.config.now_ms()
+    }
+}
+
 impl Inner {
+    /// Expires and evicts now; returns what was removed and the next instant an entry leaves
+    /// its grace period.
+    pub(super) fn sweep_now(&self) -> (Removals, Option<u64>) {
+        self.index.sweep(self.config.now_ms())
+    }
+
+    /// Starts the background sweeper, unless both its intervals are zero.
+    pub(super) fn start_sweeper(self: &Arc<Self>) {
+        Sweeper::start(
+            self,
+            self.config.sweep_interval,
+            self.config.state_save_interval,
+        );
+    }
+
     /// Wraps an entry the index has just pinned, so that dropping it unpins.
     pub(super) fn pinned(self: &Arc<Self>, entry: Arc<Entry>) -> Arc<Pinned> {
         Pinned::new(entry, Arc::clone(self) as Arc<dyn PinHome>)

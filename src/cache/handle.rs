@@ -296,7 +296,7 @@ impl ImageCache {
     pub async fn shutdown(&self) {
         let inner = self.inner();
         inner.closed.store(true, Ordering::SeqCst);
-        inner.stop_sweeper().await;
+        inner.sweeper.stop().await;
         // Saved before the wait too, so that a caller that stops waiting (a deadline on
         // shutdown, a second Ctrl-C) loses nothing that was already known.
         inner.save_state_blocking().await;

@@ -2,7 +2,8 @@
 //! evicts down to the cap, and saves state.json. It owns its task, its wake-up and its
 //! cancellation ([`Sweeper`]).
 //!
-//! `sweep_once` is plain synchronous work that returns the next deadline; the loop around it
+//! It sees the engine only as [`Swept`]: a sweep is plain synchronous work that returns the
+//! next deadline; the loop around it
 //! sleeps until that deadline, the sweep interval, a wake-up or cancellation, whichever comes
 //! first. The task is owned: its handle is kept, the cache's cancellation token stops it, and
 //! [`ImageCache::shutdown`](crate::ImageCache::shutdown) waits for it.
@@ -15,8 +16,18 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::engine::Inner;
-use crate::index::Removals;
+/// What the sweeper works on (the engine), seen only through this.
+pub(super) trait Swept: Send + Sync + 'static {
+    /// The sweeper's own state.
+    fn sweeper(&self) -> &Sweeper;
+    /// Expires and evicts now, disposes of what went and saves state.json (blocking);
+    /// returns the next instant an entry leaves its grace period.
+    fn sweep(&self) -> Option<u64>;
+    /// Saves state.json if anything changed (blocking).
+    fn save_state(&self);
+    /// Now, by the cache's clock.
+    fn now_ms(&self) -> u64;
+}
 
 /// The sweeper's own state: its task, what wakes it and what stops it.
 #[derive(Default)]
@@ -27,10 +38,23 @@ pub(super) struct Sweeper {
     cancel: CancellationToken,
     /// Sweeps run, for the tests.
     #[cfg(test)]
-    sweeps: std::sync::atomic::AtomicU64,
+    pub(super) sweeps: std::sync::atomic::AtomicU64,
 }
 
 impl Sweeper {
+    /// Starts the background task of `owner`, unless both its intervals are zero.
+    pub(super) fn start<T: Swept>(owner: &Arc<T>, sweep_every: Duration, save_every: Duration) {
+        if sweep_every.is_zero() && save_every.is_zero() {
+            return;
+        }
+        let task = tokio::spawn(sweeper_loop(Arc::clone(owner), sweep_every, save_every));
+        *owner
+            .sweeper()
+            .task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(task);
+    }
+
     /// Sweeps soon: something may be free to go (a pin let go past its grace, a lower cap).
     pub(super) fn wake(&self) {
         self.wake.notify_one();
@@ -40,66 +64,37 @@ impl Sweeper {
     pub(super) fn cancel(&self) {
         self.cancel.cancel();
     }
-}
-
-impl Inner {
-    /// Expires and evicts now; returns what was removed and the next instant an entry leaves
-    /// its grace period.
-    pub(super) fn sweep_now(&self) -> (Removals, Option<u64>) {
-        self.index.sweep(self.config.now_ms())
-    }
-
-    /// One sweep with its side effects (blocking): removals disposed of, state saved.
-    fn sweep_once(&self) -> Option<u64> {
-        #[cfg(test)]
-        self.sweeper
-            .sweeps
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (removed, next) = self.sweep_now();
-        removed.dispose_now();
-        self.save_state_now();
-        next
-    }
-
-    /// Starts the background task, unless both its intervals are zero.
-    pub(super) fn start_sweeper(self: &Arc<Self>) {
-        if self.config.sweep_interval.is_zero() && self.config.state_save_interval.is_zero() {
-            return;
-        }
-        let task = tokio::spawn(sweeper_loop(Arc::clone(self)));
-        *self.sweeper.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
-    }
 
     /// Stops the background task and waits for it to end.
-    pub(super) async fn stop_sweeper(&self) {
-        self.sweeper.cancel();
-        let task = self
-            .sweeper
-            .task
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+    pub(super) async fn stop(&self) {
+        self.cancel();
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(task) = task {
             let _ = task.await;
         }
     }
 }
 
-/// Sweeps at the next expiry or every `sweep_interval`, whichever comes first, and whenever
-/// woken; between sweeps, saves state.json every `state_save_interval` if anything changed.
-/// Stops when the cache is dropped or shut down.
-async fn sweeper_loop(inner: Arc<Inner>) {
-    let sweep_every = inner.config.sweep_interval;
-    let save_every = inner.config.state_save_interval;
+/// Sweeps at the next expiry or every `sweep_every`, whichever comes first, and whenever
+/// woken; between sweeps, saves state.json every `save_every` if anything changed. Stops
+/// when the cache is dropped or shut down.
+async fn sweeper_loop<T: Swept>(owner: Arc<T>, sweep_every: Duration, save_every: Duration) {
     let mut next_sweep = (!sweep_every.is_zero()).then(Instant::now);
     loop {
         let sweep = next_sweep.is_some_and(|at| Instant::now() >= at);
-        let this = Arc::clone(&inner);
+        #[cfg(test)]
+        if sweep {
+            owner
+                .sweeper()
+                .sweeps
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let this = Arc::clone(&owner);
         let next_expiry = tokio::task::spawn_blocking(move || {
             if sweep {
-                this.sweep_once()
+                this.sweep()
             } else {
-                this.save_state_now();
+                this.save_state();
                 None
             }
         })
@@ -108,7 +103,7 @@ async fn sweeper_loop(inner: Arc<Inner>) {
         .flatten();
         if sweep {
             let until_expiry = next_expiry
-                .map(|at| Duration::from_millis(at.saturating_sub(inner.config.now_ms())))
+                .map(|at| Duration::from_millis(at.saturating_sub(owner.now_ms())))
                 .unwrap_or(sweep_every);
             next_sweep = Some(Instant::now() + until_expiry.min(sweep_every));
         }
@@ -116,10 +111,11 @@ async fn sweeper_loop(inner: Arc<Inner>) {
         if !save_every.is_zero() {
             wait = wait.min(save_every);
         }
+        let sweeper = owner.sweeper();
         tokio::select! {
-            () = inner.sweeper.cancel.cancelled() => break,
+            () = sweeper.cancel.cancelled() => break,
             () = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
-            () = inner.sweeper.wake.notified() => {
+            () = sweeper.wake.notified() => {
                 next_sweep = next_sweep.map(|_| Instant::now());
             }
         }

@@ -146,6 +146,11 @@ impl Inner {
 
 #[cfg(feature = "s3")]
 impl Inner {
+    /// The tier and its state, for [`Stats`](crate::Stats).
+    pub(super) fn tier_figures(&self) -> Option<(String, String)> {
+        self.tier.as_ref().map(|t| (t.shown.clone(), t.state()))
+    }
+
     /// Removes the tier's record of `r` (the fleet asks the origin again).
     pub(super) async fn forget_in_tier(&self, r: &Resolved) -> Result<()> {
         match &self.tier {

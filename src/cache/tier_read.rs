@@ -1,16 +1,15 @@
 //! The tier in a download (see `crate::tier`): on a local miss, the tier's copy if it
 //! has a fresh one; else this host's lease to download the file from the origin for the
-//! fleet, after a bounded wait for a host that holds it; and after the download, the
-//! upload, in the background.
+//! fleet, after a bounded wait for a host that holds it. A step of the download
+//! (`download`), owning what its callers asked for; the upload after it is `tier_upload`'s.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use super::commit::Finished;
+use super::commit::{Commit, renew};
 use super::engine::{Inner, Outcome};
-use super::pin::Holding;
 use super::pin::Pinned;
 use super::transfer::{Reservation, Transfer};
 use super::wants::Wants;
@@ -32,42 +31,38 @@ pub(super) enum AfterTier {
     Origin,
 }
 
-impl Inner {
-    /// The tier and its state, for [`Stats`](crate::Stats).
-    pub(super) fn tier_figures(&self) -> Option<(String, String)> {
-        self.tier.as_ref().map(|t| (t.shown.clone(), t.state()))
-    }
+/// The tier's step of one download: what its callers asked for.
+pub(super) struct TierRead<'a> {
+    pub(super) inner: &'a Arc<Inner>,
+    pub(super) r: &'a Resolved,
+    pub(super) wants: &'a Wants,
+    pub(super) force: bool,
+    /// When the callers asked, by the cache's clock.
+    pub(super) asked_at: u64,
+}
 
-    fn tier_failed(&self, tier: &Tier, r: &Resolved, e: &Error, what: &str) {
-        self.counters.add(Counter::TierErrors, 1);
+impl TierRead<'_> {
+    fn tier_failed(&self, tier: &Tier, e: &Error, what: &str) {
+        self.inner.counters.add(Counter::TierErrors, 1);
         tier.failed(e);
-        tracing::warn!(url = %r.display, error = %e, "{what}; asking the origin");
+        tracing::warn!(url = %self.r.display, error = %e, "{what}; asking the origin");
     }
 
-    /// Whether a caller that asked at `asked_at` takes `record`: fresh by the cache's clock
-    /// and every caller's maximum age, a digest some caller takes, and for a forced download
-    /// fetched since the call.
-    fn takes(&self, record: &Record, wants: &Wants, force: bool, asked_at: u64) -> bool {
-        let now = self.config.now_ms();
-        now < record.expires_at
-            && wants
-                .max_age_ms()
-                .is_none_or(|age| now < record.fetched_at.saturating_add(age))
-            && wants.check(&record.sha256).is_ok()
-            && (!force || record.fetched_at >= asked_at)
+    /// Whether the callers take `record`: fresh, with a digest some caller takes, and for a
+    /// forced download fetched since the call.
+    fn takes_record(&self, record: &Record) -> bool {
+        let now = self.inner.config.now_ms();
+        self.wants
+            .takes(now, record.expires_at, record.fetched_at, &record.sha256)
+            && (!self.force || record.fetched_at >= self.asked_at)
     }
 
     /// Asks the tier before the origin. Every failure of the tier ends in
     /// [`AfterTier::Origin`], or in the lease (so that this host puts right what was wrong for
     /// the fleet): the tier never makes a get fail.
-    pub(super) async fn through_tier(
-        self: &Arc<Self>,
-        r: &Resolved,
-        force: bool,
-        wants: &Wants,
-        asked_at: u64,
-    ) -> AfterTier {
-        let Some(tier) = self.tier.clone() else {
+    pub(super) async fn run(&self) -> AfterTier {
+        let (inner, r) = (self.inner, self.r);
+        let Some(tier) = inner.tier.clone() else {
             return AfterTier::Origin;
         };
         let started = Instant::now();
@@ -84,25 +79,25 @@ impl Inner {
                 Ok(Lookup::Unsound) => {
                     let e = Error::new(ErrorKind::Network, "the shared record is not a record");
                     // Rewritten by this host under the lease.
-                    self.tier_failed(&tier, r, &e, "ignoring it");
+                    self.tier_failed(&tier, &e, "ignoring it");
                     None
                 }
                 Err(e) => {
-                    self.tier_failed(&tier, r, &e, "cannot read the shared tier");
+                    self.tier_failed(&tier, &e, "cannot read the shared tier");
                     return Self::lease_or_origin(taken, failed.is_some());
                 }
             };
             let usable = record.filter(|rec| {
                 failed.as_ref() != Some(&(rec.sha256.clone(), rec.fetched_at))
-                    && self.takes(rec, wants, force, asked_at)
+                    && self.takes_record(rec)
             });
             if let Some(record) = usable {
-                match self.from_tier(&tier, r, &record, wants, asked_at).await {
+                match self.read_tier_copy(&tier, &record).await {
                     Ok((pinned, outcome)) => {
                         if let Some(lease) = taken {
-                            self.uploads.spawn(lease.release());
+                            inner.uploads.spawn(lease.release());
                         }
-                        self.counters.add(Counter::TierHits, 1);
+                        inner.counters.add(Counter::TierHits, 1);
                         tracing::info!(url = %r.display, bytes = record.size, "read from the shared tier");
                         return AfterTier::Served(pinned, outcome);
                     }
@@ -118,22 +113,21 @@ impl Inner {
                         // stays as it is, and the origin is asked.
                         tracing::warn!(url = %r.display, error = %e, "cannot take the shared copy here; asking the origin");
                         if let Some(lease) = taken {
-                            self.uploads.spawn(lease.release());
+                            inner.uploads.spawn(lease.release());
                         }
                         return AfterTier::Origin;
                     }
                     Err(e) => {
                         if e.kind() == ErrorKind::ChecksumMismatch {
-                            self.counters.add(Counter::IntegrityFailures, 1);
+                            inner.counters.add(Counter::IntegrityFailures, 1);
                             self.tier_failed(
                                 &tier,
-                                r,
                                 &e,
                                 "the shared blob failed its check and was removed",
                             );
                             tier.delete_blob(&record.sha256).await;
                         } else {
-                            self.tier_failed(&tier, r, &e, "cannot read the shared blob");
+                            self.tier_failed(&tier, &e, "cannot read the shared blob");
                         }
                         failed = Some((record.sha256.clone(), record.fetched_at));
                         continue;
@@ -149,7 +143,7 @@ impl Inner {
                 Ok(Take::Taken(lease)) => taken = Some(lease),
                 Ok(Take::Held) => {
                     if started.elapsed() >= tier.wait {
-                        self.counters.add(Counter::TierErrors, 1);
+                        inner.counters.add(Counter::TierErrors, 1);
                         tracing::warn!(
                             url = %r.display,
                             waited_ms = started.elapsed().as_millis() as u64,
@@ -161,7 +155,7 @@ impl Inner {
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
                 Err(e) => {
-                    self.tier_failed(&tier, r, &e, "cannot take the shared lease");
+                    self.tier_failed(&tier, &e, "cannot take the shared lease");
                     return AfterTier::Origin;
                 }
             }
@@ -175,16 +169,14 @@ impl Inner {
         }
     }
 
-    /// The local entry of `r` renewed from the fleet's record, when it holds the record's
-    /// bytes (an expired copy that another host revalidated): nothing is streamed. As for a
-    /// 304, the renewal pins the entry, and the pin is wrapped on the blocking thread.
-    async fn renewed_from(self: &Arc<Self>, r: &Resolved, record: &Record) -> Option<Arc<Pinned>> {
-        let entry = self.index.current(&r.key)?;
+    /// The local entry renewed from the fleet's record, when it holds the record's bytes (an
+    /// expired copy that another host revalidated): nothing is streamed.
+    async fn renewed_from(&self, record: &Record) -> Option<Arc<Pinned>> {
+        let entry = self.inner.index.current(&self.r.key)?;
         if !entry.meta.sha256.eq_ignore_ascii_case(&record.sha256) || entry.meta.size != record.size
         {
             return None;
         }
-        let this = Arc::clone(self);
         let validators = Validators {
             etag: record.etag.clone(),
             last_modified: record.last_modified.clone(),
@@ -192,35 +184,21 @@ impl Inner {
         // Never shortens what the entry had (a record of a host with a shorter TTL).
         let fetched_at = record.fetched_at.max(entry.fetched_at());
         let expires_at = record.expires_at.max(entry.expires_at());
-        let renewing = Arc::clone(&entry);
-        let pinned = tokio::task::spawn_blocking(move || {
-            this.renew_to(&renewing, validators, fetched_at, expires_at)
-                .map(|ok| ok.then(|| this.pinned(renewing)))
-        })
-        .await
-        .ok()?
-        .ok()??;
-        if self.hold(&pinned.entry) != Holding::Held {
-            return None;
-        }
-        Some(pinned)
+        renew(self.inner, &entry, validators, fetched_at, expires_at)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Streams the blob of `record` to a temp file, hashed, and commits it if its SHA-256
     /// is the record's (and a caller's).
-    async fn from_tier(
-        self: &Arc<Self>,
-        tier: &Tier,
-        r: &Resolved,
-        record: &Record,
-        wants: &Wants,
-        asked_at: u64,
-    ) -> Result<(Arc<Pinned>, Outcome)> {
-        if let Some(pinned) = self.renewed_from(r, record).await {
-            tracing::debug!(url = %r.display, "renewed from the shared record");
+    async fn read_tier_copy(&self, tier: &Tier, record: &Record) -> Result<(Arc<Pinned>, Outcome)> {
+        let wants = self.wants;
+        if let Some(pinned) = self.renewed_from(record).await {
+            tracing::debug!(url = %self.r.display, "renewed from the shared record");
             return Ok((pinned, Outcome::Revalidated));
         }
-        let mut transfer = Transfer::new(self, r, None, asked_at).for_callers(wants);
+        let mut transfer = Transfer::new(self.inner, self.r, wants, None, self.asked_at);
         let limit = transfer.limit();
         if record.size > limit {
             return Err(Error::new(
@@ -243,7 +221,7 @@ impl Inner {
             etag: record.etag.clone(),
             last_modified: record.last_modified.clone(),
         };
-        transfer.reservation = Some(Reservation::take_under_cap_lock(self, size).await);
+        transfer.reservation = Some(Reservation::take_under_cap_lock(self.inner, size).await);
         wants.progress().send_modify(|p| p.total = Some(size));
         let started = Instant::now();
         transfer.start_writer();
@@ -269,30 +247,22 @@ impl Inner {
             transfer.abandon().await;
             return Err(e);
         }
-        let (temp, file, sha256, validators) = transfer.finish().await?;
-        if !sha256.eq_ignore_ascii_case(&record.sha256) {
-            // The temp file goes with `temp`.
-            return Err(Error::checksum(&record.sha256, &sha256));
+        let finished = transfer.finish().await?;
+        if !finished.sha256.eq_ignore_ascii_case(&record.sha256) {
+            // The temp file goes with `finished`.
+            return Err(Error::checksum(&record.sha256, &finished.sha256));
         }
-        if let Err(expected) = wants.check(&sha256) {
-            return Err(Error::checksum(&expected, &sha256));
+        if let Err(expected) = wants.check(&finished.sha256) {
+            return Err(Error::checksum(&expected, &finished.sha256));
         }
-        let finished = Finished {
-            temp,
-            file,
-            sha256,
-            size,
-            validators,
-        };
-        let (pinned, _) = self
-            .commit_transfer(
-                r,
-                &mut transfer,
-                finished,
-                record.fetched_at,
-                record.expires_at,
-            )
-            .await?;
+        let (pinned, _) = Commit::new(
+            &mut transfer,
+            finished,
+            record.fetched_at,
+            record.expires_at,
+        )
+        .run()
+        .await?;
         wants.announcement().finished(size, started.elapsed());
         Ok((pinned, Outcome::Tier))
     }

@@ -65,6 +65,15 @@ impl Drop for Reservation {
     }
 }
 
+/// A transfer's complete temp file, open, with its digest, length and validators.
+pub(super) struct Finished {
+    pub(super) temp: TempFile,
+    pub(super) file: std::fs::File,
+    pub(super) sha256: String,
+    pub(super) size: u64,
+    pub(super) validators: Validators,
+}
+
 /// What one attempt achieved.
 pub(super) enum Step {
     /// The body is complete.
@@ -184,15 +193,19 @@ pub(super) struct Transfer<'a> {
     /// When the callers asked, by the cache's clock.
     pub(super) asked_at: u64,
     /// What the readers of this download in progress see (see `stream`).
-    pub(super) progress: Option<Arc<tokio::sync::watch::Sender<super::wants::Progress>>>,
+    progress: Arc<tokio::sync::watch::Sender<super::wants::Progress>>,
     /// The guard of the download's events, which says when its bytes start.
-    announcement: Option<&'a Announcement>,
+    announcement: &'a Announcement,
 }
 
 impl<'a> Transfer<'a> {
+    /// A transfer of `r` for callers who asked at `asked_at` and want `wants`: its readers see
+    /// what reaches the file, and its announcement says when the bytes start. `lock` is the
+    /// URL's writer lock, if taken.
     pub(super) fn new(
         inner: &'a Arc<Inner>,
         r: &'a Resolved,
+        wants: &'a Wants,
         lock: Option<KeyLock>,
         asked_at: u64,
     ) -> Transfer<'a> {
@@ -214,29 +227,19 @@ impl<'a> Transfer<'a> {
             }),
             resumed: None,
             asked_at,
-            progress: None,
-            announcement: None,
+            progress: Arc::clone(wants.progress()),
+            announcement: wants.announcement(),
         }
-    }
-
-    /// For the callers of the download: its readers see what reaches the file, and its
-    /// announcement says when the bytes start.
-    pub(super) fn for_callers(mut self, wants: &'a Wants) -> Self {
-        self.progress = Some(Arc::clone(wants.progress()));
-        self.announcement = Some(wants.announcement());
-        self
     }
 
     /// Tells the readers the full length, once a response said it.
     fn publish_total(&self) {
-        if let Some(progress) = &self.progress {
-            let total = self.total;
-            progress.send_if_modified(|p| {
-                let changed = p.total != total;
-                p.total = total;
-                changed
-            });
-        }
+        let total = self.total;
+        self.progress.send_if_modified(|p| {
+            let changed = p.total != total;
+            p.total = total;
+            changed
+        });
     }
 
     /// Goes on from a dead download's part file.
@@ -389,9 +392,7 @@ impl<'a> Transfer<'a> {
         if self.writer.is_some() {
             return;
         }
-        if let Some(announcement) = self.announcement {
-            announcement.started(self.total);
-        }
+        self.announcement.started(self.total);
         let (temp, existing) = match self.resumed.take() {
             Some((temp, file)) => (temp, Some(file)),
             None => (
@@ -443,7 +444,7 @@ impl<'a> Transfer<'a> {
             existing,
             make_room,
             on_sync,
-            super::wants::on_written(self.progress.clone()),
+            super::wants::on_written(Arc::clone(&self.progress)),
         ));
     }
 
@@ -481,9 +482,9 @@ impl<'a> Transfer<'a> {
         Ok(())
     }
 
-    /// Closes the writer (which fsyncs) and returns the temp file, the open file, the digest
-    /// and the validators of the version received.
-    pub(super) async fn finish(&mut self) -> Result<(TempFile, std::fs::File, String, Validators)> {
+    /// Closes the writer (which fsyncs) and returns the temp file, open, with the digest, the
+    /// length and the validators of the version received.
+    pub(super) async fn finish(&mut self) -> Result<Finished> {
         let Some(writer) = self.writer.take() else {
             return Err(Error::new(ErrorKind::Internal, "no body was received"));
         };
@@ -502,8 +503,17 @@ impl<'a> Transfer<'a> {
                 ));
             }
         };
-        let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        Ok((temp, file, sha256, std::mem::take(&mut self.validators)))
+        let size = file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat the download", e))?
+            .len();
+        Ok(Finished {
+            temp,
+            file,
+            sha256: hex::encode(std::mem::take(&mut self.hasher).finalize()),
+            size,
+            validators: std::mem::take(&mut self.validators),
+        })
     }
 }
 

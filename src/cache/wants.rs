@@ -111,6 +111,17 @@ impl Wants {
         let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
         list.iter().filter_map(|w| w.max_age_ms).min()
     }
+
+    /// Whether the callers take, at `now`, a version fetched at `fetched_at` that expires at
+    /// `expires_at` with this digest: fresh, within every caller's maximum age, and a digest
+    /// some caller takes.
+    pub(super) fn takes(&self, now: u64, expires_at: u64, fetched_at: u64, sha256: &str) -> bool {
+        now < expires_at
+            && self
+                .max_age_ms()
+                .is_none_or(|age| now < fetched_at.saturating_add(age))
+            && self.check(sha256).is_ok()
+    }
 }
 
 /// What the writer of a download has put in its file, for the streams reading it.
@@ -129,9 +140,8 @@ pub(crate) struct Progress {
 }
 
 /// The writer's callback, publishing to `progress`.
-pub(super) fn on_written(progress: Option<Arc<watch::Sender<Progress>>>) -> OnWritten {
+pub(super) fn on_written(progress: Arc<watch::Sender<Progress>>) -> OnWritten {
     Box::new(move |w| {
-        let Some(progress) = &progress else { return };
         progress.send_modify(|p| match w {
             Written::Opened(file, len) => {
                 p.file = Some(file);
