@@ -235,11 +235,16 @@ impl Error {
 }
 
 impl Error {
-    /// The [`Display`](fmt::Display) text without the local path: for answers to clients that
-    /// have no business knowing the cache's layout.
+    /// The [`Display`](fmt::Display) text without the local path or the URL: for answers to
+    /// clients that have no business knowing the cache's layout or where its origin is.
     #[cfg_attr(not(feature = "server"), allow(dead_code))]
-    pub(crate) fn to_string_without_path(&self) -> String {
-        self.clone().map_inner(|i| i.path = None).to_string()
+    pub(crate) fn to_string_for_client(&self) -> String {
+        self.clone()
+            .map_inner(|i| {
+                i.path = None;
+                i.url = None;
+            })
+            .to_string()
     }
 }
 

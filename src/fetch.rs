@@ -109,6 +109,29 @@ fn status_error(status: StatusCode, headers: &HeaderMap) -> Error {
 }
 
 /// The validators a later revalidation or resume can send.
+/// The `Cache-Control` directive by which the origin asks that its answer not be stored:
+/// `no-store`, or (for a cache that answers many clients) an unqualified `private`. A
+/// `private="field"` names fields only, and the answer may be stored without them; this
+/// cache stores no header, so it stores that answer.
+pub(crate) fn not_to_store(headers: &HeaderMap, refuse_private: bool) -> Option<&'static str> {
+    let mut found = None;
+    for value in headers.get_all(header::CACHE_CONTROL) {
+        // An unreadable header is no directive.
+        let Ok(value) = value.to_str() else { continue };
+        for directive in value.split(',') {
+            let directive = directive.trim();
+            let name = directive.split('=').next().unwrap_or_default().trim();
+            if name.eq_ignore_ascii_case("no-store") {
+                return Some("no-store");
+            }
+            if refuse_private && directive.eq_ignore_ascii_case("private") {
+                found = Some("private");
+            }
+        }
+    }
+    found
+}
+
 pub(crate) fn validators(headers: &HeaderMap) -> Validators {
     let text = |name| {
         headers
@@ -506,6 +529,38 @@ mod tests {
         );
         assert_eq!(backoff(1, base, max, Some(Duration::from_secs(60))), max);
         assert!(backoff(u32::MAX, base, max, None) <= max);
+    }
+
+    #[test]
+    fn no_store_and_private_are_read_from_every_cache_control_header() {
+        let h = |values: &[&str]| {
+            let mut map = HeaderMap::new();
+            for v in values {
+                map.append(header::CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+            }
+            map
+        };
+        assert_eq!(not_to_store(&h(&["no-store"]), false), Some("no-store"));
+        assert_eq!(
+            not_to_store(&h(&["max-age=60, No-Store"]), false),
+            Some("no-store")
+        );
+        assert_eq!(
+            not_to_store(&h(&["max-age=60", "no-store"]), false),
+            Some("no-store")
+        );
+        assert_eq!(
+            not_to_store(&h(&["private"]), false),
+            None,
+            "one application's own"
+        );
+        assert_eq!(
+            not_to_store(&h(&["private, max-age=5"]), true),
+            Some("private")
+        );
+        assert_eq!(not_to_store(&h(&["private=\"set-cookie\""]), true), None);
+        assert_eq!(not_to_store(&h(&["no-cache", "public"]), true), None);
+        assert_eq!(not_to_store(&h(&[]), true), None);
     }
 
     #[test]

@@ -161,6 +161,8 @@
 //! | `CACHE_STALE_GRACE` | `7days` | expired entries kept for revalidation and stale fallback |
 //! | `CACHE_STALE_IF_ERROR` | `1` | serve an expired copy when the origin fails |
 //! | `CACHE_OFFLINE` | `0` | never touch the network |
+//! | `CACHE_KEEP_NO_STORE` | `0` | keep answers marked `Cache-Control: no-store` (and `private`) |
+//! | `CACHE_REFUSE_PRIVATE` | `0` (`1` for `imgcache serve`) | treat `private` as `no-store` |
 //! | `CACHE_RETRIES` | `3` | retries of transient failures |
 //! | `CACHE_RETRY_DELAY`, `CACHE_RETRY_MAX_DELAY` | `500ms`, `30s` | backoff bounds |
 //! | `CACHE_CONNECT_TIMEOUT`, `CACHE_READ_TIMEOUT` | `30s`, `12s` | connect and idle timeouts |

@@ -96,6 +96,19 @@ enum Command {
         /// Bearer token required by the mutating endpoints
         #[arg(long, env = "IMGCACHE_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
+        /// Time for a client to send a request's headers
+        #[arg(long, env = "IMGCACHE_HEADER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+        header_timeout: Duration,
+        /// Time a keep-alive connection may sit with no request
+        #[arg(long, env = "IMGCACHE_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "75s")]
+        idle_timeout: Duration,
+        /// Time a client may read nothing of an answer before it is cut and its file let go
+        #[arg(long, env = "IMGCACHE_SEND_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
+        send_timeout: Duration,
+        /// Connections served at once [default: half the descriptor limit, less 128 kept
+        /// for the cache's files]
+        #[arg(long, env = "IMGCACHE_MAX_CONNECTIONS")]
+        max_connections: Option<usize>,
     },
     /// Show the statistics
     Stats {
@@ -242,6 +255,13 @@ async fn open(cli: &Cli) -> anyhow::Result<ImageCache> {
     if !matches!(cli.command, Command::Serve { .. }) {
         builder = builder.sweep_on_open(false);
     }
+    // The sidecar answers many clients: what the origin marks `private` is not kept, unless
+    // CACHE_REFUSE_PRIVATE says otherwise.
+    if matches!(cli.command, Command::Serve { .. })
+        && std::env::var_os("CACHE_REFUSE_PRIVATE").is_none()
+    {
+        builder = builder.network(|n| n.refuse_private(true));
+    }
     let cache = builder.build().await?;
     Ok(cache)
 }
@@ -251,9 +271,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Serve {
         listen,
         admin_token,
+        header_timeout,
+        idle_timeout,
+        send_timeout,
+        max_connections,
     } = &cli.command
     {
-        let result = serve(&cache, *listen, admin_token.clone()).await;
+        let mut limits = imgcache::server::Limits::new()
+            .header_read_timeout(*header_timeout)
+            .idle_timeout(*idle_timeout)
+            .send_timeout(*send_timeout);
+        if let Some(max) = max_connections {
+            limits = limits.max_connections(*max);
+        }
+        let result = serve(&cache, *listen, admin_token.clone(), limits).await;
         // Downloads still running get a moment; the state is saved before the wait.
         if tokio::time::timeout(DOWNLOAD_GRACE, cache.shutdown())
             .await
@@ -281,6 +312,7 @@ async fn serve(
     cache: &ImageCache,
     listen: std::net::SocketAddr,
     admin_token: Option<String>,
+    limits: imgcache::server::Limits,
 ) -> anyhow::Result<ExitCode> {
     imgcache::server::check_listen(listen, admin_token.as_deref()).map_err(anyhow::Error::msg)?;
     let mut options = imgcache::server::ServerOptions::new();
@@ -292,7 +324,6 @@ async fn serve(
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr()?;
-    let listener = imgcache::server::nodelay(listener);
     eprintln!("imgcache: dashboard on http://{local}/ (API /api, metrics /metrics)");
     match cache.admin().image_server() {
         Some(server) => {
@@ -302,8 +333,8 @@ async fn serve(
         None => eprintln!("imgcache: no IMAGE_SERVER configured: /files/ is off"),
     }
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
-    let mut server = std::pin::pin!(server.into_future());
+    let server = imgcache::server::serve(listener, app, limits, stop.clone().cancelled_owned());
+    let mut server = std::pin::pin!(server);
     tokio::select! {
         served = &mut server => served?,
         () = signalled() => {
@@ -354,15 +385,23 @@ async fn command(
                 let _ = bars.multi.clear();
             }
             let mut failed = false;
+            let mut held = Vec::with_capacity(results.len());
             for (url, result) in urls.iter().zip(results) {
                 match result {
-                    Ok(file) => writeln!(out, "{}", file.path().display())?,
+                    Ok(file) => {
+                        writeln!(out, "{}", file.path().display())?;
+                        held.push(file);
+                    }
                     Err(e) => {
                         failed = true;
                         eprintln!("imgcache: {}: {e}", cache.admin().redacted(url));
                     }
                 }
             }
+            // Held until the sweeper has stopped: a path printed is never evicted by this
+            // run's own let-go (over the cap, the next run or sweep evicts).
+            cache.shutdown().await;
+            drop(held);
             return Ok(if failed {
                 ExitCode::FAILURE
             } else {

@@ -186,6 +186,7 @@ pub(crate) fn status_name(status: CacheStatus) -> &'static str {
         CacheStatus::Revalidated => "revalidated",
         CacheStatus::Stale => "stale",
         CacheStatus::Shared => "shared",
+        CacheStatus::NotStored => "not_stored",
         _ => "other",
     }
 }

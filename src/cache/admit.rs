@@ -251,6 +251,7 @@ impl Ticket {
             Outcome::Waited => CacheStatus::Coalesced,
             #[cfg(feature = "s3")]
             Outcome::Tier => CacheStatus::Shared,
+            Outcome::NotStored => CacheStatus::NotStored,
         };
         if outcome != Outcome::Found {
             inner.counters.add(Counter::Misses, 1);

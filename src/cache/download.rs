@@ -18,6 +18,7 @@ use super::pin::{Holding, Pinned};
 #[cfg(feature = "s3")]
 use super::tier_read::{AfterTier, TierRead};
 use super::transfer::{Resume, Step, Transfer};
+use super::unstored;
 use super::wants::Wants;
 use crate::clock::duration_ms;
 use crate::error::{Error, ErrorKind};
@@ -373,6 +374,18 @@ impl<'a> Download<'a> {
         }
         let now = inner.config.now_ms();
         let expires_at = now.saturating_add(self.wants.ttl_ms());
+        if let Some(directive) = transfer.not_to_store {
+            let pinned = unstored::hand_out(transfer, finished, now, expires_at)?;
+            self.wants.announcement().finished(size, started.elapsed());
+            inner.counters.add(Counter::NotStored, 1);
+            tracing::info!(
+                url = %r.display,
+                directive,
+                bytes = size,
+                "the origin said not to store this file: handed out, not kept"
+            );
+            return Ok((pinned, Outcome::NotStored));
+        }
         let committed = Commit::new(transfer, finished, now, expires_at)
             .run()
             .await?;

@@ -39,6 +39,8 @@ pub(super) enum Outcome {
     /// Read from the tier: another host had downloaded it.
     #[cfg(feature = "s3")]
     Tier,
+    /// Downloaded, and handed out without being kept (the origin said `no-store`).
+    NotStored,
 }
 
 pub(crate) struct Inner {
@@ -97,9 +99,11 @@ impl Drop for Inner {
 impl PinHome for Inner {
     fn let_go(&self, entry: &Arc<Entry>) -> Removals {
         let removed = self.index.unpin(entry);
-        // The sweeper does not wake for an entry that pins keep past its grace; now it may be
-        // free to go.
-        if self.index.past_grace(entry, self.config.now_ms()) {
+        // The sweeper does not wake for an entry that pins keep past its grace, nor evict for
+        // the cap what is pinned; now it may be free to go. The unpin itself evicts nothing.
+        if !entry.is_pinned()
+            && (self.index.past_grace(entry, self.config.now_ms()) || self.index.over_cap())
+        {
             self.sweeper.wake();
         }
         removed
@@ -114,6 +118,7 @@ impl Swept for Inner {
     fn sweep(&self) -> Option<u64> {
         let (removed, next) = self.sweep_now();
         removed.dispose_now();
+        self.remove_idle_locks();
         self.save_state_now();
         next
     }
@@ -132,6 +137,18 @@ impl Inner {
     /// its grace period.
     pub(super) fn sweep_now(&self) -> (Removals, Option<u64>) {
         self.index.sweep(self.config.now_ms())
+    }
+
+    /// Removes the writer-lock files of URLs with no entry here, no holder and nothing to
+    /// resume (blocking: a scan of `locks/`).
+    pub(super) fn remove_idle_locks(&self) -> usize {
+        let removed = self
+            .layout
+            .remove_idle_locks(|key| self.index.current(key).is_some());
+        if removed > 0 {
+            tracing::debug!(removed, "removed the lock files of URLs without an entry");
+        }
+        removed
     }
 
     /// Starts the background sweeper, unless both its intervals are zero.

@@ -36,6 +36,12 @@ pub enum CacheStatus {
     /// [`CacheBuilder::tier`](crate::CacheBuilder::tier)), checked against its
     /// SHA-256, and committed here.
     Shared,
+    /// The origin said not to store its answer (`Cache-Control: no-store`, or `private` for
+    /// a cache that answers many clients; see
+    /// [`NetworkOptions::keep_no_store`](crate::NetworkOptions::keep_no_store)): downloaded
+    /// and checked for this call and those that joined it, into a file of its own that goes
+    /// when the last handle on it does. Nothing is kept: the next call downloads again.
+    NotStored,
 }
 
 /// A file in the cache, complete and verified. Derefs to its [`Path`].

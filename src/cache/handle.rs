@@ -428,8 +428,9 @@ impl ImageCache {
         Ok(n)
     }
 
-    /// Expires entries past their TTL and evicts to honour the cap, now. The background
-    /// sweeper does the same periodically.
+    /// Expires entries past their TTL and evicts to honour the cap, now, and removes the
+    /// writer-lock files of URLs that no longer have an entry. The background sweeper does
+    /// the same periodically.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -460,6 +461,8 @@ impl ImageCache {
             report.bytes_freed += r.entry.meta.size;
         }
         removed.dispose_off_workers().await;
+        let this = Arc::clone(inner);
+        let _ = tokio::task::spawn_blocking(move || this.remove_idle_locks()).await;
         inner.save_state_blocking().await;
         Ok(report)
     }

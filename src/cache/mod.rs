@@ -5,7 +5,8 @@
 //! remembered), [`hit`] (lookup, cheap check, pin), [`inflight`] (join or start the one
 //! download), [`wants`] (what its callers ask of it), [`download`] (fetch with retries,
 //! stream, hash), `tier_read` (the tier before the origin, and the upload after), [`commit`]
-//! (meta.json, install, renew), then [`removal`] (what leaves the index is counted and
+//! (meta.json, install, renew) or [`unstored`] (an answer the origin said not to store,
+//! handed out and never kept), then [`removal`] (what leaves the index is counted and
 //! deleted) and the background [`sweeper`]; [`state`] keeps state.json and [`file`] the types
 //! callers hold. [`open`] opens a cache and [`stream`] reads a file while it downloads.
 //! [`handle`] has the handle's figures and removals, [`admin`] the operator's view, and
@@ -35,6 +36,7 @@ mod tier_read;
 #[cfg(feature = "s3")]
 mod tier_upload;
 mod transfer;
+mod unstored;
 mod uploads;
 mod wants;
 

@@ -66,6 +66,9 @@ pub(super) struct Procs {
     /// The counters reset this process last applied.
     pub(super) reset_ms: std::sync::atomic::AtomicU64,
     pub(super) started_ms: u64,
+    /// Records of other processes ignored (a reservation beyond the cap), by name: each is
+    /// counted and logged once.
+    pub(super) refused: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Procs {
@@ -94,6 +97,7 @@ impl Procs {
             others: Mutex::new(state.counters.clone()),
             reset_ms: std::sync::atomic::AtomicU64::new(state.reset_ms),
             started_ms: now_ms,
+            refused: Mutex::default(),
         })
     }
 

@@ -20,7 +20,7 @@ use super::engine::Inner;
 use super::procs::{ProcRecord, SavedAccess, SavedState};
 use crate::index::Entry;
 use crate::key::Key;
-use crate::stats::SavedCounters;
+use crate::stats::{Counter, SavedCounters};
 use crate::store::locks::{self, Try};
 use crate::store::{self, Recovered};
 
@@ -136,7 +136,7 @@ impl Inner {
                 Ok(Try::Taken(_) | Try::Gone)
             );
             if alive {
-                live.push(record);
+                live.push((id.to_owned(), record));
             } else {
                 dead.push((id.to_owned(), record));
             }
@@ -174,14 +174,46 @@ impl Inner {
         let mut others = state.counters.clone();
         let mut reserved = 0;
         let mut access: HashMap<String, u64> = HashMap::new();
-        for record in &live {
+        // A process killed after it saved its record: its access times (the hits it served)
+        // count here too, not only in state.json, which this process read before.
+        // Never later than now: a record from the future would keep its entries for ever.
+        let now = self.config.now_ms();
+        for (_, record) in &dead {
+            for (key, a) in &record.entries {
+                let ms = access.entry(key.clone()).or_default();
+                *ms = (*ms).max(a.last_access_ms.min(now));
+            }
+        }
+        let cap = self.index.max();
+        for (id, record) in &live {
+            // No process reserves more than the cap: such a record is forged or corrupt, and
+            // would make this one evict every entry. Ignored whole (its counters and access
+            // times too).
+            if record.reserved_bytes > cap {
+                let first = self
+                    .procs
+                    .refused
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.clone());
+                if first {
+                    self.counters.add(Counter::RecordsRefused, 1);
+                    tracing::warn!(
+                        record = %dir.join(format!("{id}.json")).display(),
+                        reserved_bytes = record.reserved_bytes,
+                        cap,
+                        "ignoring another process's record: it reserves more than the cap"
+                    );
+                }
+                continue;
+            }
             if record.reset_ms >= state.reset_ms {
                 others = others.plus(&record.counters);
             }
             reserved = u64::saturating_add(reserved, record.reserved_bytes);
             for (key, a) in &record.entries {
                 let ms = access.entry(key.clone()).or_default();
-                *ms = (*ms).max(a.last_access_ms);
+                *ms = (*ms).max(a.last_access_ms.min(now));
             }
         }
         *self.procs.others.lock().unwrap_or_else(|e| e.into_inner()) = others;

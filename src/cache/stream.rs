@@ -41,6 +41,8 @@ pub struct FileStream {
     len: Option<u64>,
     status: CacheStatus,
     ended_with: Arc<std::sync::OnceLock<CachedFile>>,
+    /// The origin said not to store the file being read.
+    not_stored: Arc<std::sync::atomic::AtomicBool>,
     /// What [`AsyncRead`] has not handed out yet of the last chunk.
     left: Bytes,
 }
@@ -71,6 +73,17 @@ impl FileStream {
     #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) fn ended_with(&self) -> Option<&CachedFile> {
         self.ended_with.get()
+    }
+
+    /// Whether the origin said not to store the file being read (`Cache-Control:
+    /// no-store`; see [`CacheStatus::NotStored`]), as far as the stream has read (known from
+    /// its first byte on): a program that passes the bytes on should say so to its own
+    /// clients, as the sidecar does.
+    pub fn not_stored(&self) -> bool {
+        self.not_stored.load(std::sync::atomic::Ordering::Acquire)
+            || self
+                .ended_with()
+                .is_some_and(|f| f.status() == CacheStatus::NotStored)
     }
 
     /// [`CacheStatus::Hit`] for a committed file; [`CacheStatus::Downloaded`] when this
@@ -141,6 +154,8 @@ struct Reader {
     /// The file the download ended with, as soon as it is known (for the sidecar, which
     /// answers a stale copy as a file).
     ended_with: Arc<std::sync::OnceLock<CachedFile>>,
+    /// Set once the download's progress says the origin forbade storing the file.
+    not_stored: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -248,6 +263,10 @@ impl Reader {
             let task = self.ticket.as_ref()?.task().clone();
             let progress = self.progress.as_mut()?;
             let mut now = progress.borrow_and_update().clone();
+            if now.not_stored {
+                self.not_stored
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
             // The handle is dropped before any wait: a reader waiting for bytes holds no
             // temp file that a failing download has deleted.
             let file = now.file.take();
@@ -492,6 +511,7 @@ impl super::ImageCache {
             announced: None,
             finished: None,
             ended_with: Arc::default(),
+            not_stored: Arc::default(),
         };
         match admitted {
             Admitted::Hit(file) => {
@@ -597,6 +617,7 @@ impl OpenedStream {
             .map(|t| end.unwrap_or(t).min(t).saturating_sub(start));
         let status = reader.status;
         let ended_with = Arc::clone(&reader.ended_with);
+        let not_stored = Arc::clone(&reader.not_stored);
         let inner = futures_util::stream::unfold(reader, |mut reader| async move {
             let item = reader.next().await?;
             Some((item, reader))
@@ -607,6 +628,7 @@ impl OpenedStream {
             len,
             status,
             ended_with,
+            not_stored,
             left: Bytes::new(),
         }
     }

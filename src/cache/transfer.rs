@@ -30,24 +30,33 @@ impl Reservation {
     /// lock is let go, so that two processes never both take the last free bytes. Heavy: a
     /// lock wait and a directory's worth of reads, on the blocking pool.
     pub(super) async fn take_under_cap_lock(inner: &Arc<Inner>, bytes: u64) -> Reservation {
-        // Made before the await below, so that a deadline firing there still releases it
-        // (the count is added by the blocking task, which runs to the end even then).
-        let reservation = Reservation {
+        let mut reservation = Reservation {
             inner: Arc::clone(inner),
-            bytes,
+            bytes: 0,
         };
-        let this = Arc::clone(inner);
+        reservation.grow(bytes).await;
+        reservation
+    }
+
+    /// Adds `extra` bytes to the reservation, as [`take_under_cap_lock`] takes them: a
+    /// download of unknown length grows its reservation ahead of the bytes that arrive.
+    ///
+    /// [`take_under_cap_lock`]: Reservation::take_under_cap_lock
+    pub(super) async fn grow(&mut self, extra: u64) {
+        // Counted before the await below, so that a deadline firing there still releases it
+        // (the index adds it in the blocking task, which runs to the end even then).
+        self.bytes += extra;
+        let this = Arc::clone(&self.inner);
         let _ = tokio::task::spawn_blocking(move || {
             let cap = this.layout.lock_cap();
             this.read_others();
             this.sync_from_disk();
-            let removed = this.index.reserve(bytes);
+            let removed = this.index.reserve(extra);
             this.save_record();
             drop(cap);
             removed.dispose_now();
         })
         .await;
-        reservation
     }
 
     /// Hands the reservation to the commit, which releases it under the index lock.
@@ -73,6 +82,9 @@ pub(super) struct Finished {
     pub(super) size: u64,
     pub(super) validators: Validators,
 }
+
+/// The least a download of unknown length reserves ahead of its bytes.
+const UNKNOWN_LENGTH_STEP: u64 = 4 << 20;
 
 /// What one attempt achieved.
 pub(super) enum Step {
@@ -192,6 +204,8 @@ pub(super) struct Transfer<'a> {
     pub(super) resumed: Option<(TempFile, std::fs::File)>,
     /// When the callers asked, by the cache's clock.
     pub(super) asked_at: u64,
+    /// The `Cache-Control` directive by which the origin said not to store this answer.
+    pub(super) not_to_store: Option<&'static str>,
     /// What the readers of this download in progress see (see `stream`).
     progress: Arc<tokio::sync::watch::Sender<super::wants::Progress>>,
     /// The guard of the download's events, which says when its bytes start.
@@ -227,6 +241,7 @@ impl<'a> Transfer<'a> {
             }),
             resumed: None,
             asked_at,
+            not_to_store: None,
             progress: Arc::clone(wants.progress()),
             announcement: wants.announcement(),
         }
@@ -357,6 +372,18 @@ impl<'a> Transfer<'a> {
                 }
                 self.validators = fetch::validators(response.headers());
                 self.total = response.content_length();
+                let config = &self.inner.config;
+                self.not_to_store = if config.keep_no_store {
+                    None
+                } else {
+                    fetch::not_to_store(response.headers(), config.refuse_private)
+                };
+                let not_stored = self.not_to_store.is_some();
+                self.progress.send_if_modified(|p| {
+                    let changed = p.not_stored != not_stored;
+                    p.not_stored = not_stored;
+                    changed
+                });
                 let limit = self.limit();
                 if let Some(total) = self.total.filter(|t| *t > limit) {
                     return Err(too_large(total, limit));
@@ -407,7 +434,13 @@ impl<'a> Transfer<'a> {
             .unwrap_or_default();
         let durable = if existing.is_some() { self.received } else { 0 };
         let (validators, total) = (self.validators.clone(), self.total);
+        // An answer not to be stored leaves nothing for a successor to resume.
+        let resumable = self.not_to_store.is_none();
         self.record(|rec| {
+            if !resumable {
+                *rec = Record::default();
+                return;
+            }
             *rec = Record {
                 part,
                 etag: validators.etag,
@@ -448,6 +481,29 @@ impl<'a> Transfer<'a> {
         ));
     }
 
+    /// Without a length, the reservation stays ahead of the bytes received: when they reach
+    /// it, it grows by a quarter of them (at least [`UNKNOWN_LENGTH_STEP`]), so that what
+    /// is on disk never outgrows what the cap counts, and a 2 GB body takes about thirty
+    /// reservations.
+    async fn reserve_ahead(&mut self, limit: u64) {
+        let reserved = self.reservation.as_ref().map_or(0, |r| r.bytes);
+        if self.received <= reserved {
+            return;
+        }
+        let step = (self.received / 4).max(UNKNOWN_LENGTH_STEP);
+        let wanted = self
+            .received
+            .saturating_add(step)
+            .min(limit)
+            .max(self.received);
+        match &mut self.reservation {
+            Some(reservation) => reservation.grow(wanted - reserved).await,
+            None => {
+                self.reservation = Some(Reservation::take_under_cap_lock(self.inner, wanted).await);
+            }
+        }
+    }
+
     /// Takes one chunk of the body: counted against the limits, hashed, and handed to the
     /// writer (started by [`start_writer`](Self::start_writer)).
     pub(super) async fn push(&mut self, chunk: bytes::Bytes) -> Result<()> {
@@ -455,6 +511,9 @@ impl<'a> Transfer<'a> {
         self.received += chunk.len() as u64;
         if self.received > limit {
             return Err(too_large(self.received, limit));
+        }
+        if self.total.is_none() {
+            self.reserve_ahead(limit).await;
         }
         if self.received >= self.reported + crate::events::PROGRESS_STEP
             && self.inner.events.wanted()

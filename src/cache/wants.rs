@@ -137,6 +137,9 @@ pub(crate) struct Progress {
     /// fallback from the tier to the origin), or the download started again from
     /// byte zero. A reader that has read bytes of an earlier generation cannot go on.
     pub(crate) generation: u32,
+    /// The origin said not to store this answer (`Cache-Control: no-store`): its readers
+    /// tell their own clients so.
+    pub(crate) not_stored: bool,
 }
 
 /// The writer's callback, publishing to `progress`.

@@ -85,6 +85,14 @@ pub(super) const ENVIRONMENT: &[(&str, Setter)] = &[
         set!(network.insecure_tls = parse_bool),
     ),
     (
+        "CACHE_KEEP_NO_STORE",
+        set!(network.keep_no_store = parse_bool),
+    ),
+    (
+        "CACHE_REFUSE_PRIVATE",
+        set!(network.refuse_private = parse_bool),
+    ),
+    (
         "CACHE_HTTP_HEADERS",
         set!(network.http_headers.headers = super::http::HeaderSettings::parse_lines),
     ),

@@ -142,6 +142,10 @@ pub(crate) struct Config {
     pub(crate) max_file_size_bytes: u64,
     pub(crate) stale_grace: Duration,
     pub(crate) stale_if_error: bool,
+    /// Answers marked `no-store` (and `private`) kept all the same.
+    pub(crate) keep_no_store: bool,
+    /// `private` read as `no-store` (a cache that answers many clients).
+    pub(crate) refuse_private: bool,
     pub(crate) offline: bool,
     pub(crate) url_policy: UrlPolicy,
     pub(crate) exclusive_lock: bool,
@@ -613,6 +617,8 @@ impl CacheBuilder {
             max_file_size_bytes: self.max_file_size_bytes,
             stale_grace: self.stale_grace,
             stale_if_error: self.stale_if_error,
+            keep_no_store: self.network.keep_no_store,
+            refuse_private: self.network.refuse_private,
             offline: self.offline,
             exclusive_lock: self.exclusive_lock,
             lock_wait: self.lock_wait,

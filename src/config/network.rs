@@ -40,6 +40,8 @@ pub struct NetworkOptions {
     pub(super) max_redirects: usize,
     pub(super) ca_certificate: Option<PathBuf>,
     pub(super) insecure_tls: bool,
+    pub(super) keep_no_store: bool,
+    pub(super) refuse_private: bool,
 }
 
 impl NetworkOptions {
@@ -79,6 +81,8 @@ impl Default for NetworkOptions {
             max_redirects: Self::DEFAULT_MAX_REDIRECTS,
             ca_certificate: None,
             insecure_tls: false,
+            keep_no_store: false,
+            refuse_private: false,
         }
     }
 }
@@ -98,6 +102,8 @@ impl fmt::Debug for NetworkOptions {
             .field("max_redirects", &self.max_redirects)
             .field("ca_certificate", &self.ca_certificate)
             .field("insecure_tls", &self.insecure_tls)
+            .field("keep_no_store", &self.keep_no_store)
+            .field("refuse_private", &self.refuse_private)
             .finish()
     }
 }
@@ -339,6 +345,33 @@ impl NetworkOptions {
     /// ```
     pub fn danger_accept_invalid_certs(mut self, on: bool) -> Self {
         self.insecure_tls = on;
+        self
+    }
+
+    /// Keep answers the origin marks `Cache-Control: no-store` (and `private`) like any
+    /// other. Default: off (env `CACHE_KEEP_NO_STORE=1`): such an answer is downloaded for
+    /// its callers into a file of its own that goes with their last handle
+    /// ([`CacheStatus::NotStored`](crate::CacheStatus::NotStored)), logged once at INFO and
+    /// counted in `not_stored`; nothing is kept, published to the tier, or resumed.
+    ///
+    /// ```
+    /// let options = imgcache::NetworkOptions::new().keep_no_store(true);
+    /// ```
+    pub fn keep_no_store(mut self, on: bool) -> Self {
+        self.keep_no_store = on;
+        self
+    }
+
+    /// Treat `Cache-Control: private` as `no-store`: for a cache that answers many clients,
+    /// as `imgcache serve`'s sidecar does (it turns this on). Default: off (env
+    /// `CACHE_REFUSE_PRIVATE=1`): one application's own cache may keep what is private to
+    /// it.
+    ///
+    /// ```
+    /// let options = imgcache::NetworkOptions::new().refuse_private(true);
+    /// ```
+    pub fn refuse_private(mut self, on: bool) -> Self {
+        self.refuse_private = on;
         self
     }
 }

@@ -313,8 +313,17 @@ impl Index {
                 });
             }
         }
-        removed.extend(self.evict_locked(&mut st));
+        // No eviction here: the entry let go may be the one its caller is handing out (a path
+        // printed, a file about to be opened). The cap is honoured by the next sweep,
+        // reservation or commit; `over_cap` tells the pin's home to wake the sweeper.
         self.removals(removed)
+    }
+
+    /// Whether what is counted (committed, doomed and reserved, here and in the other
+    /// processes) is above the cap: something is to be evicted once it is free to go.
+    pub(crate) fn over_cap(&self) -> bool {
+        let st = self.lock();
+        self.total(&st) > self.max()
     }
 
     /// Reserves `bytes` for a download, evicting unpinned LRU entries to make room.

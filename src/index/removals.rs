@@ -35,6 +35,14 @@ impl fmt::Debug for Removals {
 }
 
 impl Removals {
+    /// Nothing removed.
+    pub(crate) fn none() -> Removals {
+        Removals {
+            removed: Vec::new(),
+            disposer: None,
+        }
+    }
+
     pub(super) fn new(removed: Vec<Removed>, disposer: &Arc<dyn Disposer>) -> Removals {
         let disposer = (!removed.is_empty()).then(|| Arc::clone(disposer));
         Removals { removed, disposer }

@@ -15,6 +15,7 @@ use axum::extract::{OriginalUri, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use ring::hmac;
 use serde::Deserialize;
 
 use super::{ApiError, AppResult, AppState, JsonBody};
@@ -101,6 +102,25 @@ fn from_another_site(headers: &HeaderMap) -> bool {
     }
 }
 
+/// The login cookie's value for `token`: hex HMAC-SHA256 of the token under the router's
+/// key, which comes from the operating system's generator. A cookie that leaks gives nothing
+/// to search the token with offline, and stops working when the server restarts.
+fn session_cookie(key: &hmac::Key, token: &str) -> String {
+    hex::encode(hmac::sign(key, token.as_bytes()))
+}
+
+/// Whether `given` is the login cookie of `token` (compared in constant time).
+fn is_session_cookie(key: &hmac::Key, given: &str, token: &str) -> bool {
+    hex::decode(given).is_ok_and(|tag| hmac::verify(key, token.as_bytes(), &tag).is_ok())
+}
+
+/// Whether `given` is `token`, in time independent of both: their HMACs are compared in
+/// constant time, so that not even the token's length shows.
+fn is_token(key: &hmac::Key, given: &str, token: &str) -> bool {
+    let expected = hmac::sign(key, token.as_bytes());
+    hmac::verify(key, given.as_bytes(), expected.as_ref()).is_ok()
+}
+
 /// Accepts the token as a bearer token or as the login cookie (compared in constant time).
 fn authorize(state: &AppState, headers: &HeaderMap) -> AppResult<()> {
     let Some(token) = &state.token else {
@@ -118,8 +138,8 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> AppResult<()> {
         .filter_map(|c| c.trim().split_once('='))
         .find(|(name, _)| *name == COOKIE)
         .map(|(_, value)| value);
-    let ok = bearer.is_some_and(|given| same(given, token))
-        || cookie.is_some_and(|given| same(given, &state.session_cookie(token)));
+    let ok = bearer.is_some_and(|given| is_token(&state.session_key, given, token))
+        || cookie.is_some_and(|given| is_session_cookie(&state.session_key, given, token));
     if ok {
         Ok(())
     } else {
@@ -129,16 +149,6 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> AppResult<()> {
                 .into(),
         ))
     }
-}
-
-/// Equality in time independent of where the strings differ.
-fn same(given: &str, token: &str) -> bool {
-    given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |a, (x, y)| a | (x ^ y))
-            == 0
 }
 
 #[derive(Deserialize)]
@@ -163,7 +173,7 @@ pub(super) async fn login(
     let Some(token) = &st.token else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
-    if !same(login.token.trim(), token) {
+    if !is_token(&st.session_key, login.token.trim(), token) {
         return Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "wrong admin token".into(),
@@ -173,7 +183,7 @@ pub(super) async fn login(
     // Not the token itself: a value derived from it and a secret of this server's, so that a
     // cookie that leaks (to another server on this host name) gives away no token and stops
     // working when this server restarts.
-    let value = st.session_cookie(token);
+    let value = session_cookie(&st.session_key, token);
     let cookie = format!("{COOKIE}={value}; HttpOnly; SameSite=Strict; Path={path}");
     Ok(([(header::SET_COOKIE, cookie)], StatusCode::NO_CONTENT).into_response())
 }
@@ -263,7 +273,31 @@ mod tests {
 
     #[test]
     fn tokens_compare_whole() {
+        let key = super::super::new_session_key();
+        let same = |a: &str, b: &str| is_token(&key, a, b);
         assert!(same("s3cret", "s3cret"));
         assert!(!same("s3cre", "s3cret") && !same("s3cret!", "s3cret") && !same("", "x"));
+    }
+
+    #[test]
+    fn the_cookie_is_the_tokens_hmac_under_a_key_of_the_servers() {
+        let key = super::super::new_session_key();
+        let cookie = session_cookie(&key, "s3cret");
+        assert_eq!(cookie.len(), 64);
+        assert!(is_session_cookie(&key, &cookie, "s3cret"));
+        assert!(!is_session_cookie(&key, &cookie, "other"));
+        assert!(
+            !is_session_cookie(&key, "s3cret", "s3cret"),
+            "the token is no cookie"
+        );
+        assert!(!is_session_cookie(&key, "zz", "s3cret"));
+        let other = super::super::new_session_key();
+        assert!(
+            !is_session_cookie(&other, &cookie, "s3cret"),
+            "another server's key"
+        );
+        // Not a plain digest of the token.
+        use sha2::Digest;
+        assert_ne!(cookie, hex::encode(sha2::Sha256::digest(b"s3cret")));
     }
 }

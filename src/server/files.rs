@@ -6,11 +6,11 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri, Version, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, Version, header};
 use axum::response::Response;
 use axum::routing::get;
 use futures_util::StreamExt;
-use headers::{ETag, HeaderMapExt, IfModifiedSince, IfNoneMatch, IfRange, LastModified};
+use headers::{ETag, HeaderMapExt, IfModifiedSince, IfNoneMatch, LastModified};
 use std::time::SystemTime;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -63,14 +63,18 @@ async fn files(
     // Joined as a path, so that `http:other-host/x` is a path on the image server and never
     // a URL of its own.
     let url = crate::key::below(server, raw, uri.query())?;
-    if method == Method::HEAD {
-        return match st.cache.get_cached(url.as_str()) {
+    let answer = if method == Method::HEAD {
+        match st.cache.get_cached(url.as_str()) {
             Some(file) => serve_file(file, st.cache.now(), &method, &headers).await,
             None => head_from_origin(&st, url.as_str()).await,
-        };
-    }
-    // One admission: a hit is answered as a file, a miss streamed as the download brings it.
-    serve_stream(&st, url.as_str(), version, &headers).await
+        }
+    } else {
+        // One admission: a hit is answered as a file, a miss streamed as the download
+        // brings it.
+        serve_stream(&st, url.as_str(), version, &headers).await
+    };
+    // The error names the client's own path, never the origin's URL.
+    answer.map_err(|ApiError(status, said)| ApiError(status, format!("{said} (for /files/{raw})")))
 }
 
 /// A file as a stream admits it: a committed file (a hit) is served as a file; one that is
@@ -197,7 +201,9 @@ async fn stream_response(
         drop(stream);
         return serve_file(file, st.cache.now(), &Method::GET, headers).await;
     }
+    let not_stored = stream.not_stored();
     let cache_status = match opened_as {
+        _ if not_stored => "imgcache; fwd=miss; detail=no-store",
         CacheStatus::Coalesced => "imgcache; fwd=miss; collapsed; detail=streamed",
         CacheStatus::Downloaded => "imgcache; fwd=miss; detail=streamed",
         other => cache_status(other),
@@ -219,6 +225,10 @@ async fn stream_response(
     if let Some(len) = len {
         response = response.header(header::CONTENT_LENGTH, len);
     }
+    if not_stored {
+        // What the origin asked of every cache on the way.
+        response = response.header(header::CACHE_CONTROL, "no-store");
+    }
     if status == StatusCode::PARTIAL_CONTENT
         && let (Some(len), Some(total)) = (len, total)
     {
@@ -229,6 +239,25 @@ async fn stream_response(
     }
     let body = futures_util::stream::iter(first.map(Ok)).chain(stream);
     response.body(Body::from_stream(body)).map_err(internal)
+}
+
+/// Whether `If-Range` names this version (RFC 9110 13.1.5): a strong entity tag equal to
+/// the file's, or a date equal to the Last-Modified it is served with. A weak tag, any other
+/// date, or anything that is neither does not, and the whole file is the answer: a client
+/// never splices the bytes of two versions.
+fn if_range_names(value: &HeaderValue, sha256: &str, modified: SystemTime) -> bool {
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let value = value.trim();
+    if let Some(tag) = value.strip_prefix('"') {
+        return tag.strip_suffix('"') == Some(sha256);
+    }
+    if value.starts_with("W/") {
+        return false;
+    }
+    httpdate::parse_http_date(value)
+        .is_ok_and(|date| httpdate::fmt_http_date(date) == httpdate::fmt_http_date(modified))
 }
 
 async fn serve_file(
@@ -256,6 +285,9 @@ async fn serve_file(
         .header("cache-status", cache_status)
         .header(header::AGE, age)
         .header(header::CONTENT_SECURITY_POLICY, FILES_CSP);
+    if file.status() == CacheStatus::NotStored {
+        response = response.header(header::CACHE_CONTROL, "no-store");
+    }
     let typed = response.headers_mut().expect("a fresh builder");
     typed.typed_insert(etag.clone());
     typed.typed_insert(last_modified);
@@ -277,8 +309,8 @@ async fn serve_file(
     // A Range is honoured only if If-Range (when sent) still names this version; otherwise
     // the whole file is the answer.
     let range_applies = headers
-        .typed_get::<IfRange>()
-        .is_none_or(|if_range| !if_range.is_modified(Some(&etag), Some(&last_modified)));
+        .get(header::IF_RANGE)
+        .is_none_or(|v| if_range_names(v, file.sha256(), modified));
     let range = headers
         .get(header::RANGE)
         .filter(|_| range_applies)
@@ -388,6 +420,7 @@ fn cache_status(status: CacheStatus) -> &'static str {
         CacheStatus::Revalidated => "imgcache; fwd=stale; fwd-status=304",
         CacheStatus::Stale => "imgcache; fwd=stale; detail=origin-failed",
         CacheStatus::Shared => "imgcache; fwd=miss; detail=shared-tier",
+        CacheStatus::NotStored => "imgcache; fwd=miss; detail=no-store",
         CacheStatus::Downloaded => "imgcache; fwd=miss",
     }
 }

@@ -18,7 +18,8 @@
 //!
 //! | `POST /api/login`, `POST /api/logout` | `{"token": "..."}`: the dashboard's login cookie |
 //!
-//! Errors are JSON `{"error": "..."}` with a fitting status, and never name a local path.
+//! Errors are JSON `{"error": "..."}` with a fitting status, and never name a local path nor
+//! the image server's address (a `/files` error names the client's own path).
 //! When the router is built with an admin token, every route but the page and its login
 //! requires it, as `Authorization: Bearer <token>` or the login cookie; [`check_listen`]
 //! refuses to serve on a non-loopback address without one. A change (`POST`, `PUT`,
@@ -29,13 +30,20 @@
 //! (`nest("/cache", ...)` serves it at `/cache`, `nest("/cache/", ...)` at `/cache/`): its
 //! requests go to the mount point's `api/...` either way.
 //!
+//! [`serve`] serves a router as a reverse proxy would: a header timeout (30 s), an idle
+//! timeout (75 s), a send timeout after which a client that reads nothing is cut and the file
+//! it held let go (60 s), and a cap on connections that keeps descriptors for the cache's own
+//! files ([`Limits`]). `imgcache serve` uses it. Mounted in an application of your own
+//! served by `axum::serve`, which has none of these, put it behind a proxy that has them.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let cache = imgcache::ImageCache::from_env().await?;
 //! let app = axum::Router::new()
 //!     .nest("/cache", imgcache::server::router(cache));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8787").await?;
-//! axum::serve(imgcache::server::nodelay(listener), app).await?;
+//! imgcache::server::serve(listener, app, imgcache::server::Limits::new(), std::future::pending())
+//!     .await?;
 //! # Ok(()) }
 //! ```
 
@@ -46,6 +54,9 @@ mod entries;
 mod files;
 mod history;
 mod metrics;
+mod serve;
+
+pub use serve::{Limits, serve};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -147,8 +158,9 @@ pub fn router(cache: ImageCache) -> Router {
 struct AppState {
     cache: ImageCache,
     token: Option<String>,
-    /// A secret of this router's, from which the login cookie's value is derived.
-    session_secret: [u8; 32],
+    /// A key of this router's, from the operating system's generator: the login cookie is
+    /// the token's HMAC under it.
+    session_key: ring::hmac::Key,
     metrics: Metrics,
     /// The counters sampled for the dashboard's plots.
     history: History,
@@ -156,15 +168,11 @@ struct AppState {
     downloads: Downloads,
 }
 
-impl AppState {
-    /// The login cookie's value for `token`: hex SHA-256 of this router's secret and the token.
-    fn session_cookie(&self, token: &str) -> String {
-        use sha2::{Digest, Sha256};
-        let mut hash = Sha256::new();
-        hash.update(self.session_secret);
-        hash.update(token.as_bytes());
-        hex::encode(hash.finalize())
-    }
+/// A key from the operating system's generator.
+fn new_session_key() -> ring::hmac::Key {
+    let rng = ring::rand::SystemRandom::new();
+    ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
+        .expect("the operating system's random generator works")
 }
 
 /// The router with `options`.
@@ -180,7 +188,7 @@ pub fn router_with(cache: ImageCache, options: ServerOptions) -> Router {
         downloads: Downloads::start(&cache),
         cache,
         token: options.admin_token.filter(|t| !t.trim().is_empty()),
-        session_secret: std::array::from_fn(|_| fastrand::u8(..)),
+        session_key: new_session_key(),
     });
     api::routes()
         .merge(metrics::routes())
@@ -258,8 +266,9 @@ impl From<crate::Error> for ApiError {
             ErrorKind::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        // Never a local path: a sidecar's clients are not the cache's operators.
-        ApiError(status, e.to_string_without_path())
+        // Never a local path or the origin's address: a sidecar's clients are not the
+        // cache's operators.
+        ApiError(status, e.to_string_for_client())
     }
 }
 

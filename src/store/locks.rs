@@ -71,6 +71,16 @@ pub(crate) fn open_lock_file(path: &Path, mode: u32) -> io::Result<File> {
     Ok(file)
 }
 
+/// Whether `path` still names the open `file` (the same inode): a lock file removed between
+/// its open and its lock is no lock at all.
+fn still_named(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
+}
+
 /// Whether an error of a lock call means the file system does not do locks.
 fn unsupported(e: &io::Error) -> bool {
     matches!(
@@ -234,10 +244,71 @@ impl Layout {
 
     /// Takes the writer lock of `key` if it is free (blocking, a few syscalls).
     pub(crate) fn try_lock_key(&self, key: &Key) -> io::Result<Option<KeyLock>> {
-        Ok(match try_exclusive(self.open_key_lock(key)?)? {
-            Try::Taken(file) => Some(KeyLock { file }),
-            Try::Held | Try::Gone => None,
-        })
+        let path = self.key_lock_path(key);
+        // A lock file removed between the open and the lock (see `remove_idle_locks`) is
+        // opened again, a bounded number of times.
+        for _ in 0..4 {
+            match try_exclusive(self.open_key_lock(key)?)? {
+                Try::Taken(file) if still_named(&file, &path) => {
+                    return Ok(Some(KeyLock { file }));
+                }
+                Try::Taken(_) => continue,
+                Try::Held | Try::Gone => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes the lock files of URLs that `keep` does not name, that nobody holds, and
+    /// whose record leaves nothing to resume from (no part file of theirs on disk): every
+    /// URL ever fetched leaves one, and without this they would grow without bound (blocking;
+    /// a directory scan and a `flock` per candidate). How many went.
+    pub(crate) fn remove_idle_locks(&self, keep: impl Fn(&Key) -> bool) -> usize {
+        let mut removed = 0;
+        let Ok(prefixes) = std::fs::read_dir(self.locks_dir()) else {
+            return 0;
+        };
+        for prefix in prefixes.flatten() {
+            // Real directories only, never through a link.
+            if !prefix.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Ok(items) = std::fs::read_dir(prefix.path()) else {
+                continue;
+            };
+            for item in items.flatten() {
+                let name = item.file_name();
+                let Some(key) = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".lock"))
+                    .and_then(Key::parse)
+                else {
+                    continue;
+                };
+                if keep(&key) || !item.file_type().is_ok_and(|t| t.is_file()) {
+                    continue;
+                }
+                let path = item.path();
+                let Ok(Try::Taken(file)) = try_exclusive_at(&path) else {
+                    continue;
+                };
+                let mut lock = KeyLock { file };
+                let resumable = lock.record().is_some_and(|r| {
+                    r.part.starts_with(&format!("{}.", key.as_str()))
+                        && !r.part.contains('/')
+                        && std::fs::symlink_metadata(self.temp_dir().join(&r.part)).is_ok()
+                });
+                // Removed under its lock: whoever opened it meanwhile finds, once it has the
+                // lock, that the name is no longer its file, and opens the new one.
+                if !resumable
+                    && still_named(&lock.file, &path)
+                    && std::fs::remove_file(&path).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        removed
     }
 
     /// Waits for the writer lock of `key`, polling with backoff (no thread is parked), for at
@@ -251,11 +322,26 @@ impl Layout {
                 .await
                 .map_err(io::Error::other)??
         };
+        let path = self.key_lock_path(key);
+        let (mut file, mut reopened) = (file, 0);
         let started = Instant::now();
         let mut delay = Duration::from_millis(2);
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(Some(KeyLock { file })),
+                Ok(()) if reopened >= 4 || still_named(&file, &path) => {
+                    return Ok(Some(KeyLock { file }));
+                }
+                Ok(()) => {
+                    reopened += 1;
+                    // Removed as idle between the open and the lock: the name has a new file
+                    // (or none), which is the lock now.
+                    let layout = self.clone();
+                    let key = key.clone();
+                    file = tokio::task::spawn_blocking(move || layout.open_key_lock(&key))
+                        .await
+                        .map_err(io::Error::other)??;
+                    continue;
+                }
                 Err(TryLockError::WouldBlock) => {}
                 Err(TryLockError::Error(e)) if unsupported(&e) => {
                     return Ok(Some(KeyLock { file }));

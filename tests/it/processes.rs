@@ -417,12 +417,23 @@ async fn two_processes_filling_one_cap_stay_under_it() {
         finish_child(WORKER, child);
         assert_eq!(answers(&out).len(), 4);
     }
+    // Each held its four files to the end: over the cap until they let go. Letting go evicts
+    // nothing by itself (a caller may be handing the paths on); the next process that sweeps
+    // (here, on opening) honours the cap.
+    let next = ImageCache::builder()
+        .cache_dir(dir.path())
+        .max_size_bytes(50 * MB as u64)
+        .sweep_interval(Duration::ZERO)
+        .build()
+        .await
+        .unwrap();
     let on_disk = bytes_on_disk(dir.path());
     assert!(
         on_disk <= 50 * MB as u64,
         "{on_disk} bytes on disk, cap 50 MB"
     );
     assert!(on_disk >= 20 * MB as u64, "something stays");
+    drop(next);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,8 @@ use crate::MB;
 /// The dashboard's own endpoints: the page under a mount point, its plots' history, the
 /// downloads in progress and the entry table's search, sort and paging.
 mod dashboard;
+/// `serve`'s timeouts and cap on connections against raw TCP clients.
+mod limits;
 
 struct Server {
     base: String,
@@ -152,7 +154,7 @@ async fn metrics_are_prometheus_text() {
     // Every counter of the cache's one table is exported, under its metric name.
     let table: Vec<serde_json::Value> =
         json(reqwest::Client::new().get(format!("{}/api/counters", server.base))).await;
-    assert_eq!(table.len(), 18, "{table:?}");
+    assert_eq!(table.len(), 20, "{table:?}");
     let stats = cache.stats();
     for row in &table {
         let (name, metric) = (
@@ -311,7 +313,15 @@ async fn the_sidecar_answers_ranges_head_and_conditional_requests() {
         .unwrap();
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     let body: serde_json::Value = missing.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("404"));
+    let said = body["error"].as_str().unwrap();
+    assert!(said.contains("404"), "{said}");
+    // The client learns that its path failed, not where the origin is.
+    let port = origin.addr().port().to_string();
+    assert!(
+        !said.contains(&port) && !said.contains("127.0.0.1") && !said.contains("http"),
+        "the origin's address in an error body: {said}"
+    );
+    assert!(said.contains("absent.nii.gz"), "{said}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,6 +402,22 @@ async fn the_sidecar_answers_conditionals_as_rfc_9110_says() {
     assert_eq!(dated.status(), 206);
     let old_date = ranged("Mon, 30 Nov 2026 10:00:00 GMT".to_owned()).await;
     assert_eq!(old_date.status(), 200);
+    // RFC 9110 13.1.5: a date matches only when it is the Last-Modified itself. A later date
+    // or garbage could splice two versions of a file.
+    for other in [
+        "Wed, 02 Dec 2026 10:00:00 GMT",
+        "Tue, 01 Dec 2026 10:00:01 GMT",
+        "not a date",
+        "",
+    ] {
+        let answer = ranged(other.to_owned()).await;
+        assert_eq!(answer.status(), 200, "If-Range: {other:?}");
+        assert_eq!(
+            answer.bytes().await.unwrap(),
+            body,
+            "the whole file for {other:?}"
+        );
+    }
 
     // Age: seconds since the file was fetched, by the cache's clock.
     let hit = http.get(&url).send().await.unwrap();
@@ -506,6 +532,36 @@ async fn raw_get(base: &str, path: &str) -> u16 {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
+}
+
+/// The login cookie's value that a server answers for `token`.
+async fn login_cookie(server: &Server, token: &str) -> String {
+    let ok = reqwest::Client::new()
+        .post(format!("{}/api/login", server.base))
+        .json(&serde_json::json!({ "token": token }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::NO_CONTENT);
+    let cookie = ok.headers()["set-cookie"].to_str().unwrap();
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+// Current-thread: the routers are built on the test's thread, whose generator is seeded.
+#[tokio::test]
+async fn the_login_cookie_owes_nothing_to_a_seeded_generator() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    let mut cookies = Vec::new();
+    for _ in 0..2 {
+        // A generator seeded from the clock can be searched offline: the secret must come
+        // from the operating system.
+        fastrand::seed(7);
+        let server = serve(cache.clone(), ServerOptions::new().admin_token("s3cret")).await;
+        cookies.push(login_cookie(&server, "s3cret").await);
+    }
+    assert_ne!(cookies[0], cookies[1], "two servers, one secret");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,6 +92,33 @@ async fn get_prints_one_path_per_url_in_order_and_shares_repeated_downloads() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_never_prints_a_path_it_has_deleted() {
+    let f = Fixture::new().await;
+    f.origin.route("ct/c.nii.gz", Route::ok(volume(3, 2 << 20)));
+    f.origin.route("ct/d.nii.gz", Route::ok(volume(4, 2 << 20)));
+    let c = f.origin.url("ct/c.nii.gz");
+    let d = f.origin.url("ct/d.nii.gz");
+    // Two files of 2 MiB under a 3 MiB cap: over it until the caller is done with them.
+    let out = f.run(&["--max-size", "3MiB", "get", &c, &d]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<_> = stdout(&out).lines().map(PathBuf::from).collect();
+    assert_eq!(lines.len(), 2);
+    for (path, seed) in lines.iter().zip([3, 4]) {
+        assert_eq!(
+            std::fs::read(path).ok(),
+            Some(volume(seed, 2 << 20)),
+            "{} was printed and is gone",
+            path.display()
+        );
+    }
+    // The next run honours the cap.
+    let clean = f.run(&["--max-size", "3MiB", "cleanup"]).await;
+    assert!(clean.status.success(), "{}", stderr(&clean));
+    let left = lines.iter().filter(|p| p.exists()).count();
+    assert_eq!(left, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_fails_with_a_nonzero_exit_but_prints_what_worked() {
     let f = Fixture::new().await;
     let good = f.origin.url("ct/a.nii.gz");
@@ -517,7 +544,18 @@ async fn start_serve(
     cache: &Path,
     image_server: &str,
 ) -> (tokio::process::Child, String, String) {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgcache"))
+    start_serve_with(f, cache, image_server, &[]).await
+}
+
+/// [`start_serve`] with more variables in its environment.
+async fn start_serve_with(
+    f: &Fixture,
+    cache: &Path,
+    image_server: &str,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, String, String) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgcache"));
+    command
         .args([
             "--cache-dir",
             cache.to_str().unwrap(),
@@ -527,7 +565,11 @@ async fn start_serve(
         ])
         .env_clear()
         .env("HOME", f.dir.path())
-        .env("IMAGE_SERVER", image_server)
+        .env("IMAGE_SERVER", image_server);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -552,6 +594,66 @@ async fn start_serve(
     // Keep reading stderr so the server never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, base, banner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_cuts_slow_clients_and_keeps_no_private_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // reqwest is built without a crypto provider of its own (the cache installs one).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let f = Fixture::new().await;
+    f.origin.route(
+        "ct/p.nii.gz",
+        Route::ok(volume(9, 100_000)).header("cache-control", "private"),
+    );
+    let cache = f.cache_dir();
+    let (mut server, base, _) = start_serve_with(
+        &f,
+        &cache,
+        &f.origin.url("ct/"),
+        &[
+            ("IMGCACHE_HEADER_TIMEOUT", "300ms"),
+            ("IMGCACHE_SEND_TIMEOUT", "300ms"),
+        ],
+    )
+    .await;
+    let addr = base.trim_start_matches("http://").to_owned();
+    // Twenty clients that send half their headers are cut.
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(b"GET /api/stats HTTP/1.1\r\nHost: localhost\r\n")
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    for stream in &mut slow {
+        let mut buf = [0u8; 1024];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "a half-sent request's connection stayed open");
+    }
+    // The sidecar answers many clients: a private answer is served and not kept.
+    let answer = reqwest::get(format!("{base}/files/p.nii.gz"))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.headers()["cache-status"],
+        "imgcache; fwd=miss; detail=no-store"
+    );
+    assert_eq!(answer.bytes().await.unwrap(), volume(9, 100_000));
+    let stats = f.run(&["stats", "--json"]).await;
+    let s: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(s["entries_count"], 0, "{s}");
+    server.kill().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
