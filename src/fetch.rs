@@ -575,3 +575,50 @@ mod tests {
         assert!(v(None, None).is_empty());
     }
 }
+
+/// Property tests of what the cache reads from an origin's headers (`Content-Range`,
+/// `Retry-After`, `Cache-Control`): any value, no panic.
+#[cfg(test)]
+mod outside_input {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use proptest::prelude::*;
+    use reqwest::header::{self, HeaderMap, HeaderValue};
+
+    use super::{content_range_total, not_to_store, retry_after, validators};
+
+    fn with(name: header::HeaderName, value: &str) -> Option<HeaderMap> {
+        let mut map = HeaderMap::new();
+        map.insert(name, HeaderValue::from_str(value).ok()?);
+        Some(map)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn origin_headers_never_panic(value in "\\PC{0,80}") {
+            for name in [header::CONTENT_RANGE, header::RETRY_AFTER, header::CACHE_CONTROL, header::ETAG] {
+                if let Some(map) = with(name, &value) {
+                    let _ = content_range_total(&map);
+                    let _ = retry_after(&map, UNIX_EPOCH + Duration::from_secs(1 << 31));
+                    let _ = not_to_store(&map, true);
+                    let _ = validators(&map);
+                }
+            }
+        }
+
+        #[test]
+        fn a_content_range_gives_its_total(start in 0u64..1 << 50, len in 1u64..1 << 30, extra in 0u64..1 << 30) {
+            let total = start + len + extra;
+            let map = with(header::CONTENT_RANGE, &format!("bytes {start}-{}/{total}", start + len - 1)).unwrap();
+            prop_assert_eq!(content_range_total(&map), Some(total));
+        }
+
+        #[test]
+        fn no_store_is_found_among_any_other_directives(before in "[a-z=0-9 ,-]{0,30}", after in "[a-z=0-9 ,-]{0,30}") {
+            let map = with(header::CACHE_CONTROL, &format!("{before},no-store,{after}")).unwrap();
+            prop_assert_eq!(not_to_store(&map, false), Some("no-store"));
+        }
+    }
+}

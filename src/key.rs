@@ -622,3 +622,32 @@ mod tests {
         assert_eq!(Key::parse(&k.as_str().to_uppercase()), None);
     }
 }
+
+/// Property tests of what a caller (or a sidecar client) gives as a URL, and of keys read
+/// back from file names: any text, no panic; a key is 64 lowercase hex digits.
+#[cfg(test)]
+mod outside_input {
+    use proptest::prelude::*;
+
+    use super::{Key, resolve};
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn any_url_resolves_to_a_well_formed_key_or_an_error(input in "\\PC{0,120}|https?://[a-z.:0-9@%/?&=#-]{0,80}") {
+            let base = url::Url::parse("http://images.example/data/").unwrap();
+            for base in [None, Some(&base)] {
+                if let Ok(r) = resolve(&input, base) {
+                    prop_assert_eq!(Key::parse(r.key.as_str()), Some(r.key.clone()));
+                }
+            }
+        }
+
+        #[test]
+        fn only_64_lowercase_hex_digits_are_a_key(text in "\\PC{0,70}|[0-9a-fA-F]{64}") {
+            let ok = text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            prop_assert_eq!(Key::parse(&text).is_some(), ok);
+        }
+    }
+}

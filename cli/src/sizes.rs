@@ -88,3 +88,30 @@ mod tests {
         assert_eq!(shown(1536, true), "1536");
     }
 }
+
+/// Property tests of `--max-size`'s parser: any text, no panic; a size written with a unit
+/// is read back.
+#[cfg(test)]
+mod outside_input {
+    use proptest::prelude::*;
+
+    use super::parse_size;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn any_text_is_a_size_or_an_error(text in "\\PC{0,30}") {
+            if let Ok(bytes) = parse_size(&text) {
+                prop_assert!(bytes >= 1);
+            }
+        }
+
+        #[test]
+        fn sizes_with_units_are_read_back(n in 1u64..1 << 20) {
+            prop_assert_eq!(parse_size(&format!("{n}KiB")), Ok(n << 10));
+            prop_assert_eq!(parse_size(&format!("{n} MB")), Ok(n * 1_000_000));
+            prop_assert_eq!(parse_size(&n.to_string()), Ok(n));
+        }
+    }
+}

@@ -166,3 +166,31 @@ pub(super) fn load(layout: &Layout) -> SavedState {
         }
     }
 }
+
+/// Property tests of the records other processes leave (state.json, process records): any
+/// bytes, no panic.
+#[cfg(test)]
+mod outside_input {
+    use proptest::prelude::*;
+
+    use super::{ProcRecord, load};
+    use crate::store::testing::disk;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn any_state_json_loads_or_starts_afresh(bytes in proptest::collection::vec(any::<u8>(), 0..300), json in "\\{\"(counters|entries|reset_ms|folded)\": ?(\\{\\}|\\[\\]|[0-9]{1,22}|\"[a-z]{0,5}\"|null)\\}") {
+            let (_dir, layout) = disk();
+            for raw in [bytes.as_slice(), json.as_bytes()] {
+                std::fs::write(layout.state_path(), raw).unwrap();
+                let _ = load(&layout);
+            }
+        }
+
+        #[test]
+        fn any_process_record_parses_or_is_skipped(json in "\\{\"(pid|reserved_bytes|entries|counters|started_ms)\": ?(\\{\\}|[0-9]{1,22}|-1|\"x\"|null)\\}") {
+            let _ = serde_json::from_str::<ProcRecord>(&json);
+        }
+    }
+}

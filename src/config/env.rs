@@ -337,3 +337,35 @@ pub(super) fn read_dotenv(path: &Path) -> Result<HashMap<String, String>> {
         ),
     }
 }
+
+/// Property tests of the settings read from the environment: any value, no panic, and a
+/// value accepted is the one written.
+#[cfg(test)]
+mod outside_input {
+    use proptest::prelude::*;
+
+    use super::{MB, parse_bool, parse_duration, parse_lock_mode, parse_mb, parse_whole};
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn settings_never_panic(value in "\\PC{0,40}") {
+            let _ = parse_mb("CACHE_MAX_SIZE_MB", &value);
+            let _ = parse_duration("CACHE_SWEEP_INTERVAL", &value);
+            let _ = parse_whole::<u32>("CACHE_RETRIES", &value);
+            let _ = parse_bool("CACHE_OFFLINE", &value);
+            let _ = parse_lock_mode("CACHE_LOCK", &value);
+        }
+
+        #[test]
+        fn megabytes_are_read_as_written(mb in 1u64..1 << 30) {
+            prop_assert_eq!(parse_mb("CACHE_MAX_SIZE_MB", &mb.to_string()).unwrap(), mb * MB);
+        }
+
+        #[test]
+        fn durations_are_read_as_written(secs in 0u64..1 << 32) {
+            prop_assert_eq!(parse_duration("CACHE_SWEEP_INTERVAL", &format!("{secs}s")).unwrap().as_secs(), secs);
+        }
+    }
+}

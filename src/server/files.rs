@@ -513,3 +513,61 @@ mod tests {
         }
     }
 }
+
+/// Property tests of the parsers that read what a client sends (`Range`, `If-Range`): any
+/// input, no panic, and only what RFC 9110 allows.
+#[cfg(test)]
+mod outside_input {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use axum::http::HeaderValue;
+    use proptest::prelude::*;
+
+    use super::{RangeRequest, if_range_names, parse_range};
+
+    const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn a_range_is_within_the_file_whatever_is_sent(value in "\\PC{0,40}|bytes=[0-9 ,-]{0,30}", size in 0u64..1 << 40) {
+            if let RangeRequest::Bytes(start, end) = parse_range(&value, size) {
+                prop_assert!(start <= end && end < size, "{value:?} of {size}: {start}-{end}");
+            }
+        }
+
+        #[test]
+        fn a_well_formed_range_is_served_as_asked(size in 1u64..1 << 40, a in 0u64..1 << 40, len in 0u64..1 << 20) {
+            let start = a % size;
+            let end = start.saturating_add(len).min(size - 1);
+            prop_assert_eq!(parse_range(&format!("bytes={start}-{end}"), size), RangeRequest::Bytes(start, end));
+        }
+
+        #[test]
+        fn if_range_names_a_version_only_by_its_own_validators(value in "\\PC{0,80}", secs in 0u64..4_000_000_000) {
+            let modified = UNIX_EPOCH + Duration::from_secs(secs);
+            let Ok(header) = HeaderValue::from_str(&value) else { return Ok(()) };
+            if if_range_names(&header, SHA, modified) {
+                let own_date = httpdate::fmt_http_date(modified);
+                let trimmed = value.trim();
+                prop_assert!(
+                    trimmed == format!("\"{SHA}\"")
+                        || httpdate::parse_http_date(trimmed).is_ok_and(|d| httpdate::fmt_http_date(d) == own_date),
+                    "{value:?} named the version"
+                );
+            }
+        }
+
+        #[test]
+        fn if_range_with_the_exact_validators_names_the_version(secs in 0u64..4_000_000_000) {
+            let modified = UNIX_EPOCH + Duration::from_secs(secs);
+            let date = HeaderValue::from_str(&httpdate::fmt_http_date(modified)).unwrap();
+            prop_assert!(if_range_names(&date, SHA, modified));
+            let later = HeaderValue::from_str(&httpdate::fmt_http_date(modified + Duration::from_secs(1))).unwrap();
+            prop_assert!(!if_range_names(&later, SHA, modified));
+            let tag = HeaderValue::from_str(&format!("\"{SHA}\"")).unwrap();
+            prop_assert!(if_range_names(&tag, SHA, modified));
+        }
+    }
+}

@@ -381,3 +381,27 @@ mod tests {
         assert!(taken.is_some(), "free: taken at once");
     }
 }
+
+/// Property tests of a URL lock's record, which a successor resumes from: any bytes in the
+/// lock file, no panic.
+#[cfg(test)]
+mod outside_input {
+    use proptest::prelude::*;
+
+    use crate::store::testing::{disk, key};
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn any_lock_record_is_read_or_ignored(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let (_dir, layout) = disk();
+            let k = key(3);
+            let mut lock = layout.try_lock_key(&k).unwrap().unwrap();
+            std::fs::write(layout.key_lock_path(&k), &bytes).unwrap();
+            if let Some(record) = lock.record() {
+                prop_assert!(record.part.len() <= bytes.len());
+            }
+        }
+    }
+}

@@ -530,3 +530,45 @@ pub(crate) fn scan(layout: &Layout, known: &std::collections::HashMap<Key, Stamp
     }
     scan
 }
+
+/// Property tests of what the cache reads back from its directory, which anyone with access
+/// may have written: a meta.json of any bytes, or one valid entry's meta.json with any one
+/// field changed, is refused or read as written, never a panic.
+#[cfg(test)]
+mod outside_input {
+    use proptest::prelude::*;
+
+    use super::read_entry;
+    use crate::store::testing::{disk, key, put};
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn any_meta_json_is_refused_or_read(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let (_dir, layout) = disk();
+            let k = key(1);
+            put(&layout, &k, b"abc", u64::MAX / 2);
+            std::fs::write(layout.meta_path(&k), &bytes).unwrap();
+            if let Ok(found) = read_entry(&layout.entry_dir(&k), k) {
+                prop_assert_eq!(found.meta.size, 3, "a meta.json read must name the bytes there");
+            }
+        }
+
+        #[test]
+        fn a_changed_field_is_refused_or_still_names_the_bytes(field in 0usize..11, value in "\\PC{0,70}|[0-9]{1,25}") {
+            let (_dir, layout) = disk();
+            let k = key(2);
+            put(&layout, &k, b"abcdef", u64::MAX / 2);
+            let path = layout.meta_path(&k);
+            let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            let name = ["version", "url", "file_name", "sha256", "size", "mtime_ns", "etag", "last_modified", "fetched_at", "expires_at", "generation"][field];
+            json[name] = value.parse::<u64>().map_or_else(|_| serde_json::Value::from(value.clone()), serde_json::Value::from);
+            std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+            if let Ok(found) = read_entry(&layout.entry_dir(&k), k) {
+                prop_assert_eq!(std::fs::read(&found.path).unwrap(), b"abcdef".to_vec());
+                prop_assert!(found.path.starts_with(layout.entry_dir(&found.key)));
+            }
+        }
+    }
+}
