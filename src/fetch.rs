@@ -108,7 +108,6 @@ fn status_error(status: StatusCode, headers: &HeaderMap) -> Error {
     err
 }
 
-/// The validators a later revalidation or resume can send.
 /// The `Cache-Control` directive by which the origin asks that its answer not be stored:
 /// `no-store`, or (for a cache that answers many clients) an unqualified `private`. A
 /// `private="field"` names fields only, and the answer may be stored without them; this
@@ -132,6 +131,7 @@ pub(crate) fn not_to_store(headers: &HeaderMap, refuse_private: bool) -> Option<
     found
 }
 
+/// The validators a later revalidation or resume can send.
 pub(crate) fn validators(headers: &HeaderMap) -> Validators {
     let text = |name| {
         headers

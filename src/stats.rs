@@ -185,9 +185,9 @@ counters! {
     /// Failures of the tier (down, slow, errors, a blob that failed its check); each
     /// time the origin was asked instead.
     shared_errors, TierErrors, "shared_errors", "Failures of the shared tier";
-    /// Other processes' records ignored: a reservation beyond the cap, forged or corrupt
-    /// (each counted once).
-    records_refused, RecordsRefused, "records_refused", "Other processes' records ignored (a reservation beyond the cap)";
+    /// Other processes' reservations ignored for being larger than the cap: forged or corrupt
+    /// records (each counted once).
+    records_refused, RecordsRefused, "records_refused", "Other processes' reservations ignored (larger than the cap)";
     /// Answers the origin said not to store (`Cache-Control: no-store`), handed out to their
     /// callers and not kept.
     not_stored, NotStored, "not_stored", "Answers handed out and not kept (Cache-Control: no-store)";

@@ -99,14 +99,17 @@ enum Command {
         /// Time for a client to send a request's headers
         #[arg(long, env = "IMGCACHE_HEADER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
         header_timeout: Duration,
+        /// Time a request's body may send nothing while it is read
+        #[arg(long, env = "IMGCACHE_BODY_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
+        body_timeout: Duration,
         /// Time a keep-alive connection may sit with no request
         #[arg(long, env = "IMGCACHE_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "75s")]
         idle_timeout: Duration,
         /// Time a client may read nothing of an answer before it is cut and its file let go
         #[arg(long, env = "IMGCACHE_SEND_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
         send_timeout: Duration,
-        /// Connections served at once [default: half the descriptor limit, less 128 kept
-        /// for the cache's files]
+        /// Connections served at once [default: a quarter of the descriptor limit, less 128
+        /// kept for the cache's files]
         #[arg(long, env = "IMGCACHE_MAX_CONNECTIONS")]
         max_connections: Option<usize>,
     },
@@ -272,6 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         listen,
         admin_token,
         header_timeout,
+        body_timeout,
         idle_timeout,
         send_timeout,
         max_connections,
@@ -279,6 +283,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     {
         let mut limits = imgcache::server::Limits::new()
             .header_read_timeout(*header_timeout)
+            .body_read_timeout(*body_timeout)
             .idle_timeout(*idle_timeout)
             .send_timeout(*send_timeout);
         if let Some(max) = max_connections {
@@ -388,6 +393,15 @@ async fn command(
             let mut held = Vec::with_capacity(results.len());
             for (url, result) in urls.iter().zip(results) {
                 match result {
+                    Ok(file) if file.status() == imgcache::CacheStatus::NotStored => {
+                        // Its copy goes when this command ends: a path printed would be gone.
+                        failed = true;
+                        eprintln!(
+                            "imgcache: {}: the image server said not to store this file (Cache-Control: no-store); \
+                             read it with `imgcache exec URL -- COMMAND`, or set CACHE_KEEP_NO_STORE=1",
+                            cache.admin().redacted(url)
+                        );
+                    }
                     Ok(file) => {
                         writeln!(out, "{}", file.path().display())?;
                         held.push(file);

@@ -123,6 +123,11 @@ impl Swept for Inner {
         next
     }
 
+    fn evict(&self) {
+        let (removed, _) = self.sweep_now();
+        removed.dispose_now();
+    }
+
     fn save_state(&self) {
         self.save_state_now();
     }

@@ -59,7 +59,7 @@ impl ImageCache {
             Arc::new(Disposal::new(&counters, &events)),
         );
         let recovered = report.entries.len();
-        index.load(state.entries_from(report.entries));
+        index.load(state.entries_from(report.entries, config.now_ms()));
         if report.removed > 0 {
             counters.mark_unsaved();
         }

@@ -116,12 +116,16 @@ impl Procs {
 impl SavedState {
     /// The entries recovery found, with their saved access times, hits and LRU positions
     /// (an entry the state does not know counts as last used when it was fetched).
-    pub(super) fn entries_from(&self, recovered: Vec<Recovered>) -> Vec<Entry> {
+    /// The recovered entries with what state.json saved of them; no access time later than
+    /// `now` (a record from the future would keep its entries first in LRU order for ever).
+    pub(super) fn entries_from(&self, recovered: Vec<Recovered>, now: u64) -> Vec<Entry> {
         recovered
             .into_iter()
             .map(|r| {
                 let saved = self.entries.get(r.key.as_str());
-                let last = saved.map_or(r.meta.fetched_at, |s| s.last_access_ms);
+                let last = saved
+                    .map_or(r.meta.fetched_at, |s| s.last_access_ms)
+                    .min(now);
                 let hits = saved.map_or(0, |s| s.hits);
                 let lru = saved.map_or(0, |s| s.lru);
                 Entry::new(r.key, r.meta, r.path, last, lru, hits).with_stamp(r.stamp)

@@ -130,11 +130,15 @@ impl Inner {
             let Ok(record) = serde_json::from_slice::<ProcRecord>(&raw) else {
                 continue;
             };
-            // Dead only when its lock could be taken or is gone: an error proves nothing.
-            let alive = !matches!(
-                locks::try_exclusive_at(&dir.join(format!("{id}.lock"))),
-                Ok(Try::Taken(_) | Try::Gone)
-            );
+            // Dead when its lock could be taken or is gone, or is not a lock file at all (a
+            // link, planted): another error proves nothing.
+            let lock = dir.join(format!("{id}.lock"));
+            let planted = std::fs::symlink_metadata(&lock).is_ok_and(|md| !md.is_file());
+            let alive = !planted
+                && !matches!(
+                    locks::try_exclusive_at(&lock),
+                    Ok(Try::Taken(_) | Try::Gone)
+                );
             if alive {
                 live.push((id.to_owned(), record));
             } else {
@@ -146,6 +150,14 @@ impl Inner {
             if let Ok(Try::Taken(lock)) = locks::try_exclusive_at(&path) {
                 let _ = std::fs::remove_file(&path);
                 drop(lock);
+            }
+        }
+        // Never later than now: a record from the future would keep its entries first in LRU
+        // order for ever, here and, once folded, in state.json.
+        let now = self.config.now_ms();
+        for (_, record) in &mut dead {
+            for access in record.entries.values_mut() {
+                access.last_access_ms = access.last_access_ms.min(now);
             }
         }
         let state = if dead.is_empty() {
@@ -176,8 +188,6 @@ impl Inner {
         let mut access: HashMap<String, u64> = HashMap::new();
         // A process killed after it saved its record: its access times (the hits it served)
         // count here too, not only in state.json, which this process read before.
-        // Never later than now: a record from the future would keep its entries for ever.
-        let now = self.config.now_ms();
         for (_, record) in &dead {
             for (key, a) in &record.entries {
                 let ms = access.entry(key.clone()).or_default();
@@ -186,10 +196,11 @@ impl Inner {
         }
         let cap = self.index.max();
         for (id, record) in &live {
-            // No process reserves more than the cap: such a record is forged or corrupt, and
-            // would make this one evict every entry. Ignored whole (its counters and access
-            // times too).
-            if record.reserved_bytes > cap {
+            // No download reserves more than the cap: a reservation beyond it is forged or
+            // corrupt (or of a process that runs with a larger cap), and would make this one
+            // evict every entry. Ignored, counted and logged once; the record's counters and
+            // access times still count.
+            let reserved_bytes = if record.reserved_bytes > cap {
                 let first = self
                     .procs
                     .refused
@@ -202,15 +213,17 @@ impl Inner {
                         record = %dir.join(format!("{id}.json")).display(),
                         reserved_bytes = record.reserved_bytes,
                         cap,
-                        "ignoring another process's record: it reserves more than the cap"
+                        "ignoring another process's reservation: it is larger than the cap"
                     );
                 }
-                continue;
-            }
+                0
+            } else {
+                record.reserved_bytes
+            };
             if record.reset_ms >= state.reset_ms {
                 others = others.plus(&record.counters);
             }
-            reserved = u64::saturating_add(reserved, record.reserved_bytes);
+            reserved = u64::saturating_add(reserved, reserved_bytes);
             for (key, a) in &record.entries {
                 let ms = access.entry(key.clone()).or_default();
                 *ms = (*ms).max(a.last_access_ms.min(now));

@@ -20,9 +20,12 @@ use tokio_util::sync::CancellationToken;
 pub(super) trait Swept: Send + Sync + 'static {
     /// The sweeper's own state.
     fn sweeper(&self) -> &Sweeper;
-    /// Expires and evicts now, disposes of what went and saves state.json (blocking);
-    /// returns the next instant an entry leaves its grace period.
+    /// Expires and evicts now, disposes of what went, tidies and saves state.json
+    /// (blocking); returns the next instant an entry leaves its grace period.
     fn sweep(&self) -> Option<u64>;
+    /// Expires and evicts now and disposes of what went, nothing more (blocking): what a
+    /// wake-up asks for (a pin let go over the cap or past its grace).
+    fn evict(&self);
     /// Saves state.json if anything changed (blocking).
     fn save_state(&self);
     /// Now, by the cache's clock.
@@ -75,15 +78,16 @@ impl Sweeper {
     }
 }
 
-/// Sweeps at the next expiry or every `sweep_every`, whichever comes first, and whenever
-/// woken; between sweeps, saves state.json every `save_every` if anything changed. Stops
-/// when the cache is dropped or shut down.
+/// Sweeps at the next expiry or every `sweep_every`, whichever comes first, and expires and
+/// evicts whenever woken; between sweeps, saves state.json every `save_every` if anything
+/// changed. Stops when the cache is dropped or shut down.
 async fn sweeper_loop<T: Swept>(owner: Arc<T>, sweep_every: Duration, save_every: Duration) {
     let mut next_sweep = (!sweep_every.is_zero()).then(Instant::now);
+    let mut woken = false;
     loop {
         let sweep = next_sweep.is_some_and(|at| Instant::now() >= at);
         #[cfg(test)]
-        if sweep {
+        if sweep || woken {
             owner
                 .sweeper()
                 .sweeps
@@ -93,6 +97,10 @@ async fn sweeper_loop<T: Swept>(owner: Arc<T>, sweep_every: Duration, save_every
         let next_expiry = tokio::task::spawn_blocking(move || {
             if sweep {
                 this.sweep()
+            } else if woken {
+                // Light: many let-gos may wake it in a row; the scans wait for their time.
+                this.evict();
+                None
             } else {
                 this.save_state();
                 None
@@ -101,6 +109,7 @@ async fn sweeper_loop<T: Swept>(owner: Arc<T>, sweep_every: Duration, save_every
         .await
         .ok()
         .flatten();
+        woken = false;
         if sweep {
             let until_expiry = next_expiry
                 .map(|at| Duration::from_millis(at.saturating_sub(owner.now_ms())))
@@ -115,9 +124,8 @@ async fn sweeper_loop<T: Swept>(owner: Arc<T>, sweep_every: Duration, save_every
         tokio::select! {
             () = sweeper.cancel.cancelled() => break,
             () = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
-            () = sweeper.wake.notified() => {
-                next_sweep = next_sweep.map(|_| Instant::now());
-            }
+            // Only a cache that sweeps at all evicts when woken.
+            () = sweeper.wake.notified() => woken = next_sweep.is_some(),
         }
     }
 }

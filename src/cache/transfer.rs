@@ -43,15 +43,16 @@ impl Reservation {
     ///
     /// [`take_under_cap_lock`]: Reservation::take_under_cap_lock
     pub(super) async fn grow(&mut self, extra: u64) {
-        // Counted before the await below, so that a deadline firing there still releases it
-        // (the index adds it in the blocking task, which runs to the end even then).
+        // Counted here and in the index together, before any await: a deadline that drops
+        // this future releases exactly what was added. Room is made on the blocking pool.
+        self.inner.index.add_reservation(extra);
         self.bytes += extra;
         let this = Arc::clone(&self.inner);
         let _ = tokio::task::spawn_blocking(move || {
             let cap = this.layout.lock_cap();
             this.read_others();
             this.sync_from_disk();
-            let removed = this.index.reserve(extra);
+            let removed = this.index.evict_to_cap();
             this.save_record();
             drop(cap);
             removed.dispose_now();

@@ -1,8 +1,10 @@
 //! Answers the origin said not to store (`Cache-Control: no-store`): the download's own
 //! file, complete and checked, handed out to its callers and never committed. It owns the
-//! file (its name in the temp directory, held with a shared lock so that no tidying removes
-//! it) and the download's reservation, so that the bytes count against the cap for as long
-//! as anyone holds them; both go with the last handle.
+//! file, under the URL's own file name in a directory of its own in the temp directory
+//! (`tmp/<key>.<pid>-<n>-<salt>.nostore/<file name>`, so that a reader that goes by the
+//! extension still finds `.nii.gz`), held with a shared lock so that no tidying removes it,
+//! and the download's reservation, so that the bytes count against the cap for as long as
+//! anyone holds them; all go with the last handle.
 
 use std::sync::{Arc, Mutex};
 
@@ -10,13 +12,20 @@ use super::pin::{PinHome, Pinned};
 use super::transfer::{Finished, Reservation, Transfer, WriterLock};
 use crate::error::{Error, Result};
 use crate::index::{Entry, Removals};
-use crate::store::{Meta, TempFile};
+use crate::store::Meta;
 
-/// The home of an answer not stored: letting its last pin go deletes its file.
+/// The home of an answer not stored: letting its last pin go deletes its file and its
+/// directory.
 struct Unstored {
-    _temp: TempFile,
+    dir: std::path::PathBuf,
     _file: std::fs::File,
     _reservation: Option<Reservation>,
+}
+
+impl Drop for Unstored {
+    fn drop(&mut self) {
+        crate::store::remove_any(&self.dir);
+    }
 }
 
 impl PinHome for Unstored {
@@ -44,10 +53,20 @@ pub(super) fn hand_out(
     // Read by anyone, removed by no one, while it is held.
     file.lock_shared()
         .map_err(|e| Error::io("cannot lock the download", e))?;
+    let r = transfer.r;
+    let layout = &transfer.inner.layout;
+    let dir = layout.unique_temp(r.key.as_str(), "nostore");
+    let path = dir.join(&r.file_name);
+    layout
+        .create_dir_all(&dir)
+        .and_then(|()| temp.persist(&path))
+        .map_err(|e| {
+            crate::store::remove_any(&dir);
+            Error::io("cannot move the download to its own name", e)
+        })?;
     let md = file
         .metadata()
         .map_err(|e| Error::io("cannot stat the download", e))?;
-    let r = transfer.r;
     let meta = Meta {
         version: 1,
         url: r.display.clone(),
@@ -61,19 +80,12 @@ pub(super) fn hand_out(
         expires_at,
         generation: String::new(),
     };
-    let entry = Arc::new(Entry::new(
-        r.key.clone(),
-        meta,
-        temp.path().to_owned(),
-        fetched_at,
-        0,
-        0,
-    ));
+    let entry = Arc::new(Entry::new(r.key.clone(), meta, path, fetched_at, 0, 0));
     if let Some(lock) = transfer.lock.take() {
         clear(&lock);
     }
     let home = Unstored {
-        _temp: temp,
+        dir,
         _file: file,
         _reservation: transfer.reservation.take(),
     };

@@ -328,9 +328,23 @@ impl Index {
 
     /// Reserves `bytes` for a download, evicting unpinned LRU entries to make room.
     /// Pinned entries may keep the total above the cap for a while.
+    #[cfg(test)]
     pub(crate) fn reserve(&self, bytes: u64) -> Removals {
+        self.add_reservation(bytes);
+        self.evict_to_cap()
+    }
+
+    /// Counts `bytes` more as reserved, without evicting (see [`evict_to_cap`]).
+    ///
+    /// [`evict_to_cap`]: Index::evict_to_cap
+    pub(crate) fn add_reservation(&self, bytes: u64) {
+        self.lock().reserved_bytes += bytes;
+    }
+
+    /// Evicts unpinned entries, least recently used first, until what is counted fits the
+    /// cap.
+    pub(crate) fn evict_to_cap(&self) -> Removals {
         let mut st = self.lock();
-        st.reserved_bytes += bytes;
         self.removals(self.evict_locked(&mut st))
     }
 

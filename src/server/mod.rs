@@ -30,10 +30,10 @@
 //! (`nest("/cache", ...)` serves it at `/cache`, `nest("/cache/", ...)` at `/cache/`): its
 //! requests go to the mount point's `api/...` either way.
 //!
-//! [`serve`] serves a router as a reverse proxy would: a header timeout (30 s), an idle
-//! timeout (75 s), a send timeout after which a client that reads nothing is cut and the file
-//! it held let go (60 s), and a cap on connections that keeps descriptors for the cache's own
-//! files ([`Limits`]). `imgcache serve` uses it. Mounted in an application of your own
+//! [`serve`] serves a router as a reverse proxy would: a header timeout (30 s), a request
+//! body timeout (60 s), an idle timeout (75 s), a send timeout after which a client that
+//! reads nothing is cut and the file it held let go (60 s), and a cap on connections that
+//! keeps descriptors for the cache's own files ([`Limits`]). `imgcache serve` uses it. Mounted in an application of your own
 //! served by `axum::serve`, which has none of these, put it behind a proxy that has them.
 //!
 //! ```no_run

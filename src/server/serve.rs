@@ -32,6 +32,7 @@ use tower_service::Service;
 #[derive(Debug, Clone)]
 pub struct Limits {
     header_read_timeout: Duration,
+    body_read_timeout: Duration,
     idle_timeout: Duration,
     send_timeout: Duration,
     max_connections: usize,
@@ -46,6 +47,9 @@ impl Default for Limits {
 impl Limits {
     /// Time for a client to send a request's headers.
     pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Time a request's body may send nothing while the server reads it (nginx's
+    /// `client_body_timeout`).
+    pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
     /// Time a connection may sit with no request in flight.
     pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
     /// Time a client may read nothing of an answer before it is cut (and the file it was
@@ -56,26 +60,34 @@ impl Limits {
     pub fn new() -> Limits {
         Limits {
             header_read_timeout: Self::DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: Self::DEFAULT_BODY_READ_TIMEOUT,
             idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
             send_timeout: Self::DEFAULT_SEND_TIMEOUT,
             max_connections: Self::default_max_connections(),
         }
     }
 
-    /// Half of the descriptors this process may open, less 128 kept for the cache's own
-    /// files, records and locks (each connection may hold a socket and a file): between 16
-    /// and 4096.
+    /// A quarter of the descriptors this process may open, less 128 kept for the cache's
+    /// own records and locks (a connection streaming a miss holds four: its socket, the
+    /// origin's, the part file and the URL's lock): between 16 and 4096.
     pub fn default_max_connections() -> usize {
         let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
             .current
             .unwrap_or(u64::MAX);
-        (soft.saturating_sub(128) / 2).clamp(16, 4096) as usize
+        (soft.saturating_sub(128) / 4).clamp(16, 4096) as usize
     }
 
-    /// Time for a client to send a request's headers, from the first byte of the request
-    /// (or the connection).
+    /// Time for a client to send a request's headers, from the connection's start or the
+    /// first byte of a request after the last answer.
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.header_read_timeout = timeout;
+        self
+    }
+
+    /// Time a request's body may send nothing while the server reads it; then the request
+    /// fails and the connection closes.
+    pub fn body_read_timeout(mut self, timeout: Duration) -> Self {
+        self.body_read_timeout = timeout;
         self
     }
 
@@ -91,9 +103,10 @@ impl Limits {
         self
     }
 
-    /// Connections served at once; more wait in the kernel's queue until one closes.
+    /// Connections served at once (at least 1, at most 2^24); more wait in the kernel's
+    /// queue until one closes.
     pub fn max_connections(mut self, connections: usize) -> Self {
-        self.max_connections = connections.max(1);
+        self.max_connections = connections.clamp(1, 1 << 24);
         self
     }
 }
@@ -119,8 +132,11 @@ pub async fn serve(
     let stop = CancellationToken::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
+    // The header timer is the connection's own (see `Watched`): hyper's also runs while a
+    // keep-alive connection is idle, which would cut it at the header timeout instead of
+    // the idle one.
     http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None)
         .keep_alive(true);
     let mut shutdown = std::pin::pin!(shutdown);
     let connections = tokio_util::task::TaskTracker::new();
@@ -145,11 +161,13 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let active = Arc::new(AtomicUsize::new(0));
+        let active = Arc::new(Requesting::new());
+        let idle = idle_for(Arc::clone(&active), limits.idle_timeout);
         let io = TokioIo::new(Watched::new(stream, &limits, Arc::clone(&active)));
         let service = Requests {
             app: app.clone(),
             active,
+            body_read_timeout: limits.body_read_timeout,
         };
         let connection = http.serve_connection(io, service);
         let stop = stop.clone();
@@ -161,6 +179,9 @@ pub async fn serve(
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
+                // Idle: closed (hyper does not poll an idle keep-alive connection's socket,
+                // so the socket's own clocks cannot tell).
+                () = idle => Ok(()),
             };
             if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended");
@@ -179,7 +200,53 @@ pub async fn serve(
 #[derive(Clone)]
 struct Requests {
     app: Router,
-    active: Arc<AtomicUsize>,
+    active: Arc<Requesting>,
+    body_read_timeout: Duration,
+}
+
+/// One connection's requests, as its service and its socket both see them.
+struct Requesting {
+    /// In flight, their answers' bodies included.
+    active: AtomicUsize,
+    /// Started since the connection opened.
+    started: AtomicUsize,
+    /// When the connection opened, and the last byte moved on it since (in ms).
+    born: Instant,
+    moved_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Requesting {
+    fn new() -> Requesting {
+        Requesting {
+            active: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
+            born: Instant::now(),
+            moved_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn moved(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.moved_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last byte moved.
+    fn still_for(&self) -> Duration {
+        let moved = Duration::from_millis(self.moved_ms.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(moved)
+    }
+}
+
+/// Ends once the connection has had no request in flight and no byte moving for `idle`.
+async fn idle_for(requests: Arc<Requesting>, idle: Duration) {
+    loop {
+        let still = requests.still_for();
+        if requests.active.load(Ordering::Acquire) == 0 && still >= idle {
+            return;
+        }
+        let left = idle.saturating_sub(still).max(Duration::from_millis(10));
+        tokio::time::sleep(left).await;
+    }
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for Requests {
@@ -190,9 +257,17 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Requests {
     fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
         let guard = InFlight::enter(&self.active);
         let mut app = self.app.clone();
+        let timeout = self.body_read_timeout;
         Box::pin(async move {
+            let request = request.map(|body| {
+                Body::new(Sending {
+                    body,
+                    timeout,
+                    waiting: None,
+                })
+            });
             // A Router is always ready.
-            let response = app.call(request.map(Body::new)).await?;
+            let response = app.call(request).await?;
             Ok(response.map(|body| {
                 Body::new(Answer {
                     body,
@@ -204,18 +279,66 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Requests {
 }
 
 /// One request in flight, until its answer's body is dropped.
-struct InFlight(Arc<AtomicUsize>);
+struct InFlight(Arc<Requesting>);
 
 impl InFlight {
-    fn enter(active: &Arc<AtomicUsize>) -> InFlight {
-        active.fetch_add(1, Ordering::AcqRel);
-        InFlight(Arc::clone(active))
+    fn enter(requests: &Arc<Requesting>) -> InFlight {
+        requests.active.fetch_add(1, Ordering::AcqRel);
+        requests.started.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(requests))
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A request's body, read with a timeout between its frames: a client that announces a body
+/// and sends none of it is not waited for forever.
+struct Sending {
+    body: Incoming,
+    timeout: Duration,
+    waiting: Option<Pin<Box<Sleep>>>,
+}
+
+impl http_body::Body for Sending {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.waiting = None;
+                Poll::Ready(frame.map(|f| f.map_err(io::Error::other)))
+            }
+            Poll::Pending => {
+                let timeout = this.timeout;
+                let waiting = this
+                    .waiting
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match waiting.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client sent nothing of its request's body for the body timeout",
+                    )))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -245,37 +368,40 @@ impl http_body::Body for Answer {
     }
 }
 
-/// A connection's socket with two clocks: one cuts a client that reads nothing while the
-/// server has bytes for it (`send_timeout`), one a connection idle with no request in flight
-/// (`idle_timeout`). An error from either closes the connection, and with it the answer and
-/// the file it held.
+/// A connection's socket with two clocks: one cuts a client that takes longer than the
+/// header timeout to send a request's head (from the connection's start, or from the first
+/// byte after the last answer), one a client that reads nothing while the server has bytes
+/// for it (`send_timeout`). An error from either closes the connection, and with it the
+/// answer and the file it held. It also says when bytes last moved, for the idle timeout
+/// (see `idle_for`).
 struct Watched {
     io: TcpStream,
+    header_timeout: Duration,
     send_timeout: Duration,
-    idle_timeout: Duration,
     /// Since when a write has waited for the client, if one does.
     stalled: Option<Pin<Box<Sleep>>>,
-    /// The deadline of an idle connection, moved on by every byte read or written.
-    idle: Pin<Box<Sleep>>,
-    active: Arc<AtomicUsize>,
+    /// The deadline of the head being received, while one is, and how many requests had
+    /// started when it was set (one more, and the head is in).
+    head: Option<(Pin<Box<Sleep>>, usize)>,
+    requests: Arc<Requesting>,
 }
 
 impl Watched {
-    fn new(io: TcpStream, limits: &Limits, active: Arc<AtomicUsize>) -> Watched {
+    fn new(io: TcpStream, limits: &Limits, requests: Arc<Requesting>) -> Watched {
         Watched {
             io,
+            header_timeout: limits.header_read_timeout,
             send_timeout: limits.send_timeout,
-            idle_timeout: limits.idle_timeout,
             stalled: None,
-            idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
-            active,
+            // The first request's head is due from the connection's start.
+            head: Some((Box::pin(tokio::time::sleep(limits.header_read_timeout)), 0)),
+            requests,
         }
     }
 
     fn moved(&mut self) {
         self.stalled = None;
-        let deadline = Instant::now() + self.idle_timeout;
-        self.idle.as_mut().reset(deadline);
+        self.requests.moved();
     }
 
     /// A write that waits for the client: an error once it has waited `send_timeout`.
@@ -315,25 +441,39 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let started = this.requests.started.load(Ordering::Acquire);
+        if this.head.as_ref().is_some_and(|(_, at)| *at != started) {
+            // A request started since: its head is in.
+            this.head = None;
+        }
+        let between_requests = this.requests.active.load(Ordering::Acquire) == 0;
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(done) => {
                 if buf.filled().len() > before {
                     this.moved();
+                    if between_requests && this.head.is_none() {
+                        // The first byte of the next request: its head is due.
+                        let timeout = this.header_timeout;
+                        this.head = Some((Box::pin(tokio::time::sleep(timeout)), started));
+                    }
                 }
                 Poll::Ready(done)
             }
-            Poll::Pending => {
-                if this.active.load(Ordering::Acquire) == 0
-                    && this.idle.as_mut().poll(cx).is_ready()
-                {
+            Poll::Pending if between_requests => {
+                let late = match this.head.as_mut() {
+                    Some((head, _)) => head.as_mut().poll(cx).is_ready(),
+                    None => false,
+                };
+                if late {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        "the connection was idle for the idle timeout",
+                        "the client took longer than the header timeout to send a request",
                     )));
                 }
                 Poll::Pending
             }
+            Poll::Pending => Poll::Pending,
         }
     }
 }

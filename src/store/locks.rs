@@ -289,9 +289,14 @@ impl Layout {
                     continue;
                 }
                 let path = item.path();
-                let Ok(Try::Taken(file)) = try_exclusive_at(&path) else {
+                // Only under a lock really taken: where the file system has no locks, a live
+                // download's lock file looks free.
+                let Ok(file) = super::open_no_follow(&path) else {
                     continue;
                 };
+                if file.try_lock().is_err() {
+                    continue;
+                }
                 let mut lock = KeyLock { file };
                 let resumable = lock.record().is_some_and(|r| {
                     r.part.starts_with(&format!("{}.", key.as_str()))
@@ -328,9 +333,10 @@ impl Layout {
         let mut delay = Duration::from_millis(2);
         loop {
             match file.try_lock() {
-                Ok(()) if reopened >= 4 || still_named(&file, &path) => {
-                    return Ok(Some(KeyLock { file }));
-                }
+                Ok(()) if still_named(&file, &path) => return Ok(Some(KeyLock { file })),
+                // Removed under this process again and again: it downloads without the lock
+                // rather than hold one nobody else can see.
+                Ok(()) if reopened >= 4 => return Ok(None),
                 Ok(()) => {
                     reopened += 1;
                     // Removed as idle between the open and the lock: the name has a new file

@@ -253,6 +253,22 @@ pub(crate) fn remove_unused_temp(layout: &Layout, path: &Path) -> Option<&'stati
         drop(key_lock);
         return Some(why);
     }
+    if path.extension().is_some_and(|e| e == "nostore") {
+        // An answer not to be stored, handed out: its one file is locked shared by the
+        // process that holds it, which removes it when it lets go.
+        let items: Vec<_> = fs::read_dir(path).into_iter().flatten().flatten().collect();
+        let held = items.iter().any(|item| {
+            !matches!(
+                locks::try_exclusive_at(&item.path()),
+                Ok(Try::Taken(_) | Try::Gone)
+            )
+        }) || (items.is_empty() && writer_pid(name).is_some_and(alive));
+        if held {
+            return None;
+        }
+        remove_any(path);
+        return Some("an answer not to be stored, let go by a process that died");
+    }
     match writer_pid(name) {
         Some(pid) if alive(pid) && age(path) < SETTLED => None,
         _ => {

@@ -46,6 +46,22 @@ async fn a_forged_process_record_does_not_empty_the_cache() {
     assert_eq!(stats.evictions, 0);
     assert_eq!(stats.records_refused, 1, "counted once");
     drop(lock);
+
+    // A record whose "lock" is a link is no live process's: folded away, not obeyed.
+    let id = "4000001-1-00000000";
+    std::fs::write(
+        procs.join(format!("{id}.json")),
+        serde_json::json!({ "pid": 4000001, "reserved_bytes": 4 * MB as u64 }).to_string(),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/dev/null", procs.join(format!("{id}.lock"))).unwrap();
+    // Records are read when state is saved (a cleanup saves it).
+    cache.cleanup().await.unwrap();
+    assert!(
+        !procs.join(format!("{id}.json")).exists(),
+        "folded as a dead process's"
+    );
+    assert_eq!(cache.stats().evictions, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,6 +88,36 @@ async fn the_unpin_of_a_file_handed_out_does_not_evict_it() {
     let stats = cache.stats();
     assert_eq!(stats.evictions, 1);
     assert!(stats.current_size_bytes <= stats.max_size_bytes);
+    assert_eq!(data_files(dir.path()).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_that_sweeps_evicts_what_its_holders_let_go_over_the_cap() {
+    let origin = Origin::start().await;
+    route_volumes(&origin, &["a", "b"], 55, 2 * MB);
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(imgcache::ManualClock::new());
+    let cache = crate::support::builder(dir.path(), &clock)
+        .max_size_bytes(3 * MB as u64)
+        .sweep_interval(std::time::Duration::from_secs(3600))
+        .build()
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(
+        cache.get(origin.url("a.nii.gz")),
+        cache.get(origin.url("b.nii.gz"))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(cache.stats().evictions, 0, "both held: over the cap");
+    drop(a);
+    drop(b);
+    // The let-go wakes the background sweeper, which honours the cap.
+    crate::support::wait_until(|| cache.stats().evictions == 1).await;
+    let stats = cache.stats();
+    assert!(
+        stats.current_size_bytes <= stats.max_size_bytes,
+        "{stats:?}"
+    );
     assert_eq!(data_files(dir.path()).len(), 1);
 }
 

@@ -49,6 +49,7 @@ async fn an_answer_marked_no_store_is_handed_out_and_not_kept() {
     let path = first.path().to_owned();
     drop(first);
     assert!(!path.exists(), "gone with its last handle");
+    assert!(!path.parent().unwrap().exists(), "and its directory");
     drop(second);
     wait_until(|| temp_files(dir.path()).is_empty()).await;
     assert!(
@@ -132,7 +133,12 @@ async fn the_sidecar_streams_a_no_store_answer_and_says_so() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = imgcache::server::router(cache.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let server = tokio::spawn(async move {
+        let limits = imgcache::server::Limits::new();
+        imgcache::server::serve(listener, app, limits, std::future::pending())
+            .await
+            .unwrap()
+    });
     let http = reqwest::Client::new();
     for round in 0..2 {
         let answer = http

@@ -111,6 +111,21 @@ async fn get_never_prints_a_path_it_has_deleted() {
             path.display()
         );
     }
+    // A file the image server says not to store has no path to print: its copy goes with
+    // the command.
+    f.origin.route(
+        "ct/n.nii.gz",
+        Route::ok(volume(5, 1000)).header("cache-control", "no-store"),
+    );
+    let n = f.origin.url("ct/n.nii.gz");
+    let refused = f.run(&["get", &n]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stdout(&refused).is_empty());
+    assert!(
+        stderr(&refused).contains("no-store"),
+        "{}",
+        stderr(&refused)
+    );
     // The next run honours the cap.
     let clean = f.run(&["--max-size", "3MiB", "cleanup"]).await;
     assert!(clean.status.success(), "{}", stderr(&clean));

@@ -121,37 +121,84 @@ async fn a_client_that_reads_nothing_is_cut_and_its_file_let_go() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_but_a_slow_answer_is_not() {
     let origin = Origin::start().await;
-    // 1 MB at 2 MB/s: half a second of an answer, longer than the idle timeout.
-    origin.route(
-        "data/slow.nii.gz",
-        Route::ok(volume(5, MB))
-            .rate(2 * MB as u64)
-            .piece(16 * 1024),
-    );
+    // The origin pauses after half the file until released: the answer sends nothing for
+    // longer than the idle timeout.
+    let (route, resume) = Route::ok(volume(5, MB)).pause_at(MB / 2);
+    origin.route("data/slow.nii.gz", route);
     let dir = tempfile::tempdir().unwrap();
     let cache = setup(dir.path(), &origin).await;
     let idle = Duration::from_millis(200);
-    let (addr, _server) = start(cache, Limits::new().idle_timeout(idle)).await;
-    // The miss streams at the origin's pace, with pauses longer than nothing: not idle.
+    let (addr, _server) = start(
+        cache,
+        Limits::new()
+            .idle_timeout(idle)
+            .header_read_timeout(Duration::from_millis(100)),
+    )
+    .await;
     let http = reqwest::Client::new();
-    let body = http
+    let answer = http
         .get(format!("http://{addr}/files/slow.nii.gz"))
         .send()
         .await
-        .unwrap()
-        .bytes()
-        .await
         .unwrap();
-    assert_eq!(body, volume(5, MB));
-    // A connection with nothing in flight is closed once idle.
+    let released = tokio::spawn(async move {
+        tokio::time::sleep(4 * idle).await;
+        resume.add_permits(1);
+    });
+    assert_eq!(
+        answer.bytes().await.unwrap(),
+        volume(5, MB),
+        "cut mid-answer"
+    );
+    released.await.unwrap();
+    // A keep-alive connection outlives the header timeout while it is idle (hyper's own
+    // header timer would close it then) ...
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET /api/stats HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        // Longer than the header timeout, shorter than the idle one.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // ... and is closed once idle.
+    let (_, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(closed, "the idle keep-alive connection stayed open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_never_comes_is_not_waited_for() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    let (addr, _server) = start(
+        cache,
+        Limits::new().body_read_timeout(Duration::from_millis(300)),
+    )
+    .await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream
-        .write_all(b"GET /api/stats HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .write_all(
+            b"POST /api/login HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n",
+        )
         .await
         .unwrap();
     let (answer, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
-    assert!(answer.starts_with(b"HTTP/1.1 200"));
-    assert!(closed, "the idle keep-alive connection stayed open");
+    assert!(
+        closed || !answer.is_empty(),
+        "a request whose body never came held its connection"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
