@@ -40,31 +40,13 @@ impl Commit {
         expires_at: u64,
     ) -> Commit {
         let r = transfer.r;
-        let Finished {
-            temp,
-            file,
-            sha256,
-            size,
-            validators,
-        } = finished;
+        let (temp, file, meta) = finished.into_parts(r, fetched_at, expires_at);
         Commit {
             inner: Arc::clone(transfer.inner),
             key: r.key.clone(),
             temp,
             file,
-            meta: Meta {
-                version: 1,
-                url: r.display.clone(),
-                file_name: r.file_name.clone(),
-                sha256,
-                size,
-                mtime_ns: 0,
-                etag: validators.etag,
-                last_modified: validators.last_modified,
-                fetched_at,
-                expires_at,
-                generation: String::new(),
-            },
+            meta,
             reservation: transfer.reservation.take(),
             lock: transfer.lock.take(),
             asked_at: transfer.asked_at,

@@ -84,6 +84,32 @@ pub(super) struct Finished {
     pub(super) validators: Validators,
 }
 
+impl Finished {
+    /// The temp file, its handle, and the meta.json that describes it as a download of `r`
+    /// stamped with these times (its mtime and generation are set where it is installed).
+    pub(super) fn into_parts(
+        self,
+        r: &Resolved,
+        fetched_at: u64,
+        expires_at: u64,
+    ) -> (TempFile, std::fs::File, store::Meta) {
+        let meta = store::Meta {
+            version: 1,
+            url: r.display.clone(),
+            file_name: r.file_name.clone(),
+            sha256: self.sha256,
+            size: self.size,
+            mtime_ns: 0,
+            etag: self.validators.etag,
+            last_modified: self.validators.last_modified,
+            fetched_at,
+            expires_at,
+            generation: String::new(),
+        };
+        (self.temp, self.file, meta)
+    }
+}
+
 /// The least a download of unknown length reserves ahead of its bytes.
 const UNKNOWN_LENGTH_STEP: u64 = 4 << 20;
 

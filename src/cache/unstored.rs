@@ -12,7 +12,6 @@ use super::pin::{PinHome, Pinned};
 use super::transfer::{Finished, Reservation, Transfer, WriterLock};
 use crate::error::{Error, Result};
 use crate::index::{Entry, Removals};
-use crate::store::Meta;
 
 /// The home of an answer not stored: letting its last pin go deletes its file and its
 /// directory.
@@ -43,17 +42,11 @@ pub(super) fn hand_out(
     fetched_at: u64,
     expires_at: u64,
 ) -> Result<Arc<Pinned>> {
-    let Finished {
-        temp,
-        file,
-        sha256,
-        size,
-        validators,
-    } = finished;
+    let r = transfer.r;
+    let (temp, file, mut meta) = finished.into_parts(r, fetched_at, expires_at);
     // Read by anyone, removed by no one, while it is held.
     file.lock_shared()
         .map_err(|e| Error::io("cannot lock the download", e))?;
-    let r = transfer.r;
     let layout = &transfer.inner.layout;
     let dir = layout.unique_temp(r.key.as_str(), "nostore");
     let path = dir.join(&r.file_name);
@@ -67,19 +60,7 @@ pub(super) fn hand_out(
     let md = file
         .metadata()
         .map_err(|e| Error::io("cannot stat the download", e))?;
-    let meta = Meta {
-        version: 1,
-        url: r.display.clone(),
-        file_name: r.file_name.clone(),
-        sha256,
-        size,
-        mtime_ns: crate::store::mtime_ns(&md),
-        etag: validators.etag,
-        last_modified: validators.last_modified,
-        fetched_at,
-        expires_at,
-        generation: String::new(),
-    };
+    meta.mtime_ns = crate::store::mtime_ns(&md);
     let entry = Arc::new(Entry::new(r.key.clone(), meta, path, fetched_at, 0, 0));
     if let Some(lock) = transfer.lock.take() {
         clear(&lock);
