@@ -428,9 +428,10 @@ impl ImageCache {
         Ok(n)
     }
 
-    /// Expires entries past their TTL and evicts to honour the cap, now, and removes the
-    /// writer-lock files of URLs that no longer have an entry. The background sweeper does
-    /// the same periodically.
+    /// Expires entries past their TTL and evicts to honour the cap, now, over the whole
+    /// directory (what other processes committed, reserved and let go is read first), and
+    /// removes the writer-lock files of URLs that no longer have an entry. The background
+    /// sweeper does the same periodically.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -450,6 +451,13 @@ impl ImageCache {
     /// None today; the `Result` leaves room for I/O errors to be reported.
     pub async fn cleanup(&self) -> Result<CleanupReport> {
         let inner = self.inner();
+        // The whole directory's: what other processes committed, reserved and let go.
+        let this = Arc::clone(inner);
+        let _ = tokio::task::spawn_blocking(move || {
+            this.read_others();
+            this.sync_from_disk();
+        })
+        .await;
         let (removed, _) = inner.sweep_now();
         let mut report = CleanupReport::default();
         for r in removed.iter() {
