@@ -98,12 +98,10 @@ impl Drop for Inner {
 
 impl PinHome for Inner {
     fn let_go(&self, entry: &Arc<Entry>) -> Removals {
-        let removed = self.index.unpin(entry);
+        let (removed, over_cap) = self.index.unpin(entry);
         // The sweeper does not wake for an entry that pins keep past its grace, nor evict for
         // the cap what is pinned; now it may be free to go. The unpin itself evicts nothing.
-        if !entry.is_pinned()
-            && (self.index.past_grace(entry, self.config.now_ms()) || self.index.over_cap())
-        {
+        if over_cap || (!entry.is_pinned() && self.index.past_grace(entry, self.config.now_ms())) {
             self.sweeper.wake();
         }
         removed

@@ -277,12 +277,13 @@ impl Index {
         Some(Arc::clone(entry))
     }
 
-    /// Drops one pin. When it was the last, this process's lock on the file is released, a
-    /// doomed entry's files are removed (unless another process holds them), and entries
-    /// that pins kept above the cap are evicted.
-    pub(crate) fn unpin(&self, entry: &Arc<Entry>) -> Removals {
+    /// Drops one pin. When it was the last, this process's lock on the file is released and
+    /// a doomed entry's files are removed (unless another process holds them); nothing is
+    /// evicted. Also says whether the cache is above the cap once the entry is free to go
+    /// (read under the same lock): something is then for the sweeper to evict.
+    pub(crate) fn unpin(&self, entry: &Arc<Entry>) -> (Removals, bool) {
         if entry.pins.fetch_sub(1, Ordering::SeqCst) != 1 {
-            return self.removals(Vec::new());
+            return (self.removals(Vec::new()), false);
         }
         let doomed = entry.doomed.load(Ordering::SeqCst);
         let mut st = self.lock();
@@ -315,15 +316,9 @@ impl Index {
         }
         // No eviction here: the entry let go may be the one its caller is handing out (a path
         // printed, a file about to be opened). The cap is honoured by the next sweep,
-        // reservation or commit; `over_cap` tells the pin's home to wake the sweeper.
-        self.removals(removed)
-    }
-
-    /// Whether what is counted (committed, doomed and reserved, here and in the other
-    /// processes) is above the cap: something is to be evicted once it is free to go.
-    pub(crate) fn over_cap(&self) -> bool {
-        let st = self.lock();
-        self.total(&st) > self.max()
+        // reservation or commit.
+        let over_cap = !entry.is_pinned() && self.total(&st) > self.max();
+        (self.removals(removed), over_cap)
     }
 
     /// Reserves `bytes` for a download, evicting unpinned LRU entries to make room.

@@ -69,7 +69,7 @@ fn eviction_follows_lru_order_and_a_lookup_moves_an_entry_to_the_back() {
     let index = index_with(&layout, 100, &[10, 10, 10, 10]);
     // Entry 0 is used: 1 is now the least recently used.
     let used = hit(&index, &key(0), 5);
-    assert!(index.unpin(&used).is_empty());
+    assert!(index.unpin(&used).0.is_empty());
     let removed = index.set_max(25);
     assert_eq!(keys(&removed), vec![key(1), key(2)]);
     assert_eq!(index.figures().committed_bytes, 20);
@@ -123,10 +123,10 @@ fn a_pinned_entry_is_skipped_by_eviction_and_doomed_by_removal() {
     assert!(matches!(index.lookup(&key(0), 1, None), Lookup::Missing));
     // A second pin on the doomed entry: the first unpin removes nothing.
     held.pins.fetch_add(1, Ordering::SeqCst);
-    assert!(index.unpin(&held).is_empty());
+    assert!(index.unpin(&held).0.is_empty());
     assert!(held.path.exists());
     // The last unpin takes its bytes away.
-    let removed = index.unpin(&held);
+    let (removed, _) = index.unpin(&held);
     assert_eq!(keys(&removed), vec![key(0)]);
     assert!(!held.path.exists());
     delete_trash(&removed);
@@ -145,16 +145,14 @@ fn entries_held_above_the_cap_are_evicted_when_released() {
     assert_eq!(index.figures().committed_bytes, 80);
     // The unpin evicts nothing (its caller may be handing the file out), and says the cap
     // is exceeded; the next sweep evicts.
-    assert!(
-        index.unpin(&a).is_empty(),
-        "released, but not by its own unpin"
-    );
-    assert!(index.over_cap());
+    let (removed, over_cap) = index.unpin(&a);
+    assert!(removed.is_empty(), "released, but not by its own unpin");
+    assert!(over_cap, "the sweeper is to evict");
     let (removed, _) = index.sweep(0);
     assert_eq!(keys(&removed), vec![key(0)], "released and over the cap");
     delete_trash(&removed);
-    assert!(!index.over_cap());
-    assert!(index.unpin(&b).is_empty(), "40 bytes fit under 50");
+    let (removed, over_cap) = index.unpin(&b);
+    assert!(removed.is_empty() && !over_cap, "40 bytes fit under 50");
 }
 
 #[test]
@@ -247,13 +245,13 @@ fn a_commit_replaces_the_entry_and_releases_its_reservation() {
         "the holder's bytes never change"
     );
     // A later invalidation of the new version leaves the old holder's file alone.
-    assert!(index.unpin(&new).is_empty());
+    assert!(index.unpin(&new).0.is_empty());
     let gone = index.remove(&key(0), Reason::Invalidated);
     assert_eq!(gone.len(), 1);
     delete_trash(&gone);
     assert_eq!(std::fs::read(&old.path).unwrap(), old_bytes);
     // The old version goes with its last pin.
-    let removed = index.unpin(&old);
+    let (removed, _) = index.unpin(&old);
     assert_eq!(keys(&removed), vec![key(0)]);
     assert!(!old.path.exists());
     delete_trash(&removed);
