@@ -317,19 +317,13 @@ impl http_body::Body for Sending {
                 this.waiting = None;
                 Poll::Ready(frame.map(|f| f.map_err(io::Error::other)))
             }
-            Poll::Pending => {
-                let timeout = this.timeout;
-                let waiting = this
-                    .waiting
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                match waiting.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the client sent nothing of its request's body for the body timeout",
-                    )))),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
+            Poll::Pending => timed_out(
+                &mut this.waiting,
+                this.timeout,
+                cx,
+                "the client sent nothing of its request's body for the body timeout",
+            )
+            .map(Some),
         }
     }
 
@@ -339,6 +333,21 @@ impl http_body::Body for Sending {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A wait that has a clock: `clock` starts at the first call (`after` from then) and stays
+/// until the caller clears it when the wait ends; once it has run out, the error `why`.
+fn timed_out<T>(
+    clock: &mut Option<Pin<Box<Sleep>>>,
+    after: Duration,
+    cx: &mut Context<'_>,
+    why: &'static str,
+) -> Poll<io::Result<T>> {
+    let clock = clock.get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+    match clock.as_mut().poll(cx) {
+        Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why))),
+        Poll::Pending => Poll::Pending,
     }
 }
 
@@ -406,17 +415,12 @@ impl Watched {
 
     /// A write that waits for the client: an error once it has waited `send_timeout`.
     fn poll_stalled<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        let send_timeout = self.send_timeout;
-        let stalled = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(send_timeout)));
-        match stalled.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client read nothing for the send timeout",
-            ))),
-            Poll::Pending => Poll::Pending,
-        }
+        timed_out(
+            &mut self.stalled,
+            self.send_timeout,
+            cx,
+            "the client read nothing for the send timeout",
+        )
     }
 
     fn wrote<T>(
