@@ -18,7 +18,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::index::Reason;
 use crate::key::Key;
 use crate::stats::Counter;
-use crate::store;
 
 /// The operator's view of a cache, from [`ImageCache::admin`]: a borrow, free to make.
 ///
@@ -355,7 +354,8 @@ impl Inner {
             Holding::Changed => return Verification::NotCached,
         }
         let path = pinned.entry.path.clone();
-        let hashed = tokio::task::spawn_blocking(move || store::hash_file(&path)).await;
+        let layout = self.layout.clone();
+        let hashed = tokio::task::spawn_blocking(move || layout.hash_file(&path)).await;
         let entry = Arc::clone(&pinned.entry);
         let intact = matches!(&hashed, Ok(Ok((sha, len))) if *sha == entry.meta.sha256 && *len == entry.meta.size);
         if intact {

@@ -247,9 +247,9 @@ impl<'a> Download<'a> {
             // Of no use to anyone now (no validator, nothing durable, or refused): removed
             // while this process holds the URL's lock, unless another process holds it.
             if resume.is_err()
-                && let Ok(store::locks::Try::Taken(lock)) = store::locks::try_exclusive_at(&path)
+                && let Ok(store::locks::Try::Taken(lock)) = layout.try_exclusive_at(&path)
             {
-                let _ = std::fs::remove_file(&path);
+                let _ = layout.remove_file(&path);
                 drop(lock);
             }
             resume

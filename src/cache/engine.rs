@@ -106,6 +106,20 @@ impl PinHome for Inner {
         }
         removed
     }
+
+    fn open(&self, entry: &Entry) -> std::io::Result<std::fs::File> {
+        let held = entry.held.lock().unwrap_or_else(|e| e.into_inner());
+        match &*held {
+            Some(held) => self.layout.reopen(&entry.path, held),
+            None => {
+                let file = self.layout.open_no_follow(&entry.path)?;
+                if !store::still_intact(&file, &entry.meta) {
+                    return Err(store::replaced());
+                }
+                Ok(file)
+            }
+        }
+    }
 }
 
 impl Swept for Inner {
@@ -192,7 +206,7 @@ impl Inner {
             match &*held {
                 Some(file) if store::still_intact(file, &entry.meta) => Found::Intact,
                 Some(_) => Found::Bad,
-                None => match store::hold(&entry.path, &entry.meta) {
+                None => match self.layout.hold(&entry.path, &entry.meta) {
                     store::Hold::Held(file) => {
                         *held = Some(file);
                         Found::Intact

@@ -62,6 +62,25 @@ impl CachedFile {
         &self.pinned.entry.path
     }
 
+    /// Opens the file for reading, with a position of its own: the very file the cache
+    /// checked and holds, reached from the cache directory without following a link. A link
+    /// planted in the directory since, or the file replaced, is an error here rather than a
+    /// read of other bytes (opening [`path`](Self::path) yourself follows whatever is there).
+    ///
+    /// ```no_run
+    /// # async fn run(cache: imgcache::ImageCache) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::io::Read;
+    /// let file = cache.get("https://images.example.org/ct/0042.nii.gz").await?;
+    /// let mut magic = [0u8; 2];
+    /// file.open()?.read_exact(&mut magic)?;
+    /// assert_eq!(magic, [0x1f, 0x8b]); // gzip
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn open(&self) -> std::io::Result<std::fs::File> {
+        self.pinned.open()
+    }
+
     /// The URL, normalised and without credentials.
     pub fn url(&self) -> &str {
         &self.pinned.entry.meta.url

@@ -27,7 +27,6 @@ impl ImageCache {
             let layout = layout.clone();
             let exclusive = config.exclusive_lock;
             let now = unix_ms(config.clock.now());
-            let file_mode = config.file_mode;
             tokio::task::spawn_blocking(move || -> Result<_> {
                 let lock = layout.open(exclusive)?;
                 if let Some(kind) = layout.network_file_system() {
@@ -39,7 +38,7 @@ impl ImageCache {
                 }
                 let report = store::recover(&layout)?;
                 let state = procs::load(&layout);
-                let procs = procs::Procs::start(&layout, now, &state, file_mode).map_err(|e| {
+                let procs = procs::Procs::start(&layout, now, &state).map_err(|e| {
                     Error::io("cannot create this process's record", e)
                         .with_path(layout.procs_dir())
                 })?;
@@ -56,7 +55,7 @@ impl ImageCache {
             config.max_size_bytes,
             duration_ms(config.stale_grace),
             Arc::clone(&config.clock),
-            Arc::new(Disposal::new(&counters, &events)),
+            Arc::new(Disposal::new(&counters, &events, &layout)),
         );
         let recovered = report.entries.len();
         index.load(state.entries_from(report.entries, config.now_ms()));

@@ -19,12 +19,21 @@ pub(super) trait PinHome: Send + Sync {
     /// Lets one pin of `entry` go; returns what that removed (a doomed version, entries
     /// the pin kept above the cap).
     fn let_go(&self, entry: &Arc<Entry>) -> Removals;
+
+    /// Opens `entry`'s file afresh for reading: the very file this home holds, reached
+    /// without following a link.
+    fn open(&self, entry: &Entry) -> std::io::Result<std::fs::File>;
 }
 
 impl Pinned {
     /// Wraps an entry the index has just pinned, so that dropping it unpins.
     pub(super) fn new(entry: Arc<Entry>, home: Arc<dyn PinHome>) -> Arc<Pinned> {
         Arc::new(Pinned { entry, home })
+    }
+
+    /// See [`CachedFile::open`](super::CachedFile::open).
+    pub(super) fn open(&self) -> std::io::Result<std::fs::File> {
+        self.home.open(&self.entry)
     }
 }
 

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::index::Entry;
 use crate::stats::SavedCounters;
 use crate::store::locks::{self, Try};
-use crate::store::{self, Layout, Recovered};
+use crate::store::{Layout, Recovered};
 
 /// How many folded record names state.json remembers (so that none is folded twice).
 const FOLDED_KEPT: usize = 256;
@@ -77,18 +77,17 @@ impl Procs {
         layout: &Layout,
         now_ms: u64,
         state: &SavedState,
-        file_mode: u32,
     ) -> std::io::Result<Procs> {
         let id = format!("{}-{now_ms}-{:08x}", std::process::id(), fastrand::u32(..));
         // Locked before it is renamed into place: a free lock in `procs` is always a dead
         // process's, which any process may remove at once.
         let temp = layout.unique_temp("proc", "lock");
-        let lock = match locks::try_exclusive(locks::open_lock_file(&temp, file_mode)?)? {
+        let lock = match locks::try_exclusive(layout.open_lock_file(&temp)?)? {
             Try::Taken(file) => file,
             _ => return Err(std::io::Error::other("a fresh process record is locked")),
         };
-        if let Err(e) = std::fs::rename(&temp, layout.procs_dir().join(format!("{id}.lock"))) {
-            let _ = std::fs::remove_file(&temp);
+        if let Err(e) = layout.rename(&temp, &layout.procs_dir().join(format!("{id}.lock"))) {
+            let _ = layout.remove_file(&temp);
             return Err(e);
         }
         Ok(Procs {
@@ -158,7 +157,7 @@ impl SavedState {
 pub(super) fn load(layout: &Layout) -> SavedState {
     let path = layout.state_path();
     // Generous: an entry's record is about 100 bytes.
-    match store::read_no_follow(&path, 256 << 20) {
+    match layout.read_no_follow(&path, 256 << 20) {
         Ok(raw) => serde_json::from_slice(&raw).unwrap_or_else(|e| {
             tracing::warn!(path = %path.display(), error = %e, "state.json is corrupt; counters start from zero");
             SavedState::default()

@@ -13,22 +13,24 @@ use crate::events::{Event, Events};
 use crate::index::Removals;
 use crate::index::{Disposer, Entry, Reason, Removed};
 use crate::stats::{Counter, Counters};
-use crate::store;
+use crate::store::Layout;
 
 /// Where the index's removals go: counted, announced and logged, then their bytes deleted.
-/// It holds only the counters and the events, so that a [`Removals`] value can dispose of
-/// itself wherever it is dropped.
+/// It holds only the counters, the events and the directory, so that a [`Removals`] value can
+/// dispose of itself wherever it is dropped.
 #[derive(Debug)]
 pub(crate) struct Disposal {
     counters: Arc<Counters>,
     events: Arc<Events>,
+    layout: Layout,
 }
 
 impl Disposal {
-    pub(super) fn new(counters: &Arc<Counters>, events: &Arc<Events>) -> Disposal {
+    pub(super) fn new(counters: &Arc<Counters>, events: &Arc<Events>, layout: &Layout) -> Disposal {
         Disposal {
             counters: Arc::clone(counters),
             events: Arc::clone(events),
+            layout: layout.clone(),
         }
     }
 }
@@ -57,7 +59,7 @@ impl Disposer for Disposal {
                 Reason::Invalidated | Reason::Corrupt | Reason::Replaced => {}
             }
             if let Some(trash) = &r.trash {
-                store::remove_any(trash);
+                self.layout.remove_any(trash);
             }
             self.counters.mark_unsaved();
         }

@@ -100,7 +100,7 @@ impl Inner {
     /// See [`save_state_now`](Self::save_state_now): the reading half.
     pub(super) fn read_others(&self) {
         let dir = self.layout.procs_dir();
-        let Ok(items) = std::fs::read_dir(&dir) else {
+        let Ok(items) = self.layout.read_dir(&dir) else {
             return;
         };
         let own = format!("{}.json", self.procs.id);
@@ -108,7 +108,7 @@ impl Inner {
         let mut live = Vec::new();
         let mut locks_alone = Vec::new();
         let names: HashSet<String> = items
-            .flatten()
+            .iter()
             .map(|item| item.file_name().to_string_lossy().into_owned())
             .collect();
         for name in &names {
@@ -124,7 +124,7 @@ impl Inner {
             if *name == own {
                 continue;
             }
-            let Ok(raw) = store::read_no_follow(&dir.join(name), 64 << 20) else {
+            let Ok(raw) = self.layout.read_no_follow(&dir.join(name), 64 << 20) else {
                 continue;
             };
             let Ok(record) = serde_json::from_slice::<ProcRecord>(&raw) else {
@@ -133,10 +133,10 @@ impl Inner {
             // Dead when its lock could be taken or is gone, or is not a lock file at all (a
             // link, planted): another error proves nothing.
             let lock = dir.join(format!("{id}.lock"));
-            let planted = std::fs::symlink_metadata(&lock).is_ok_and(|md| !md.is_file());
+            let planted = self.layout.lstat(&lock).is_ok_and(|md| !md.is_file());
             let alive = !planted
                 && !matches!(
-                    locks::try_exclusive_at(&lock),
+                    self.layout.try_exclusive_at(&lock),
                     Ok(Try::Taken(_) | Try::Gone)
                 );
             if alive {
@@ -147,8 +147,8 @@ impl Inner {
         }
         // A process that died before it wrote its first record; removed under its lock.
         for path in locks_alone {
-            if let Ok(Try::Taken(lock)) = locks::try_exclusive_at(&path) {
-                let _ = std::fs::remove_file(&path);
+            if let Ok(Try::Taken(lock)) = self.layout.try_exclusive_at(&path) {
+                let _ = self.layout.remove_file(&path);
                 drop(lock);
             }
         }
@@ -172,8 +172,8 @@ impl Inner {
             // reader from counting them again meanwhile).
             if saved {
                 for (id, _) in &dead {
-                    let _ = std::fs::remove_file(dir.join(format!("{id}.json")));
-                    let _ = std::fs::remove_file(dir.join(format!("{id}.lock")));
+                    let _ = self.layout.remove_file(&dir.join(format!("{id}.json")));
+                    let _ = self.layout.remove_file(&dir.join(format!("{id}.lock")));
                 }
             }
             state
@@ -250,8 +250,10 @@ impl Inner {
             // Left for the next process to fold, as a dead process's record.
             return;
         }
-        let _ = std::fs::remove_file(self.procs.json_path(&self.layout));
-        let _ = std::fs::remove_file(self.layout.procs_dir().join(format!("{id}.lock")));
+        let _ = self.layout.remove_file(&self.procs.json_path(&self.layout));
+        let _ = self
+            .layout
+            .remove_file(&self.layout.procs_dir().join(format!("{id}.lock")));
     }
 
     /// Zeroes the counters of every process on the directory: state.json's, this process's
@@ -277,7 +279,9 @@ impl Inner {
     /// every URL ever cached.
     fn with_state(&self, change: impl FnOnce(&mut SavedState)) -> (SavedState, bool) {
         let lock_path = self.layout.locks_dir().join("state.lock");
-        let lock = locks::open_lock_file(&lock_path, self.config.file_mode)
+        let lock = self
+            .layout
+            .open_lock_file(&lock_path)
             .ok()
             .and_then(|file| locks::lock_bounded(file, "state.lock"));
         if lock.is_none() {

@@ -225,7 +225,7 @@ impl Reader {
 
     async fn step(&mut self) -> Option<io::Result<Bytes>> {
         if let Some(file) = self.hit.take() {
-            match File::open(file.path()) {
+            match file.open() {
                 Ok(handle) => self.committed = Some((file, Arc::new(handle))),
                 Err(e) => {
                     let e = Error::io("cannot open the cached file", e).with_path(file.path());
@@ -352,7 +352,7 @@ impl Reader {
     /// are its bytes.
     fn download_ended(&mut self, result: DownloadResult) -> io::Result<()> {
         let file = self.file_of(result).map_err(to_io)?;
-        let handle = File::open(file.path())?;
+        let handle = file.open()?;
         if self.announced.is_some_and(|n| n != file.size()) {
             return Err(io::Error::other(
                 "the file committed is not of the length announced: read again",

@@ -62,8 +62,12 @@ impl Inner {
                     break;
                 }
                 let sent = async {
+                    // The very file the cache holds, never through a link planted since.
+                    let file = pinned.open().map_err(|e| {
+                        Error::io("cannot read the file to upload", e).with_path(&entry.path)
+                    })?;
                     let uploaded = tier
-                        .upload_blob(&record.sha256, record.size, &entry.path, replace)
+                        .upload_blob(&record.sha256, record.size, file, replace)
                         .await?;
                     tier.put_record(&key, &record).await?;
                     Ok::<bool, Error>(uploaded)

@@ -163,13 +163,13 @@ impl Resume {
         use std::io::{Read, Seek};
         use std::os::unix::fs::MetadataExt;
         let refuse = |why: &str| Err(std::io::Error::other(why.to_owned()));
-        let file = store::open_part(&path)?;
+        let file = store::open_part(layout, &path)?;
         let mut file = match store::locks::try_exclusive(file)? {
             store::locks::Try::Taken(file) => file,
             _ => return refuse("its writer is alive"),
         };
         let md = file.metadata()?;
-        let at_path = std::fs::symlink_metadata(&path)?;
+        let at_path = layout.lstat(&path)?;
         if !md.is_file()
             || md.nlink() != 1
             || md.uid() != rustix::process::geteuid().as_raw()
@@ -183,8 +183,8 @@ impl Resume {
         {
             return refuse("its record does not fit the file");
         }
-        let temp = TempFile::new(layout.temp_path(key, "part"));
-        std::fs::rename(&path, temp.path())?;
+        let temp = layout.temp_file(layout.temp_path(key, "part"));
+        layout.rename(&path, temp.path())?;
         file.set_len(record.durable)?;
         file.rewind()?;
         let mut hasher = Sha256::new();
@@ -450,7 +450,9 @@ impl<'a> Transfer<'a> {
         let (temp, existing) = match self.resumed.take() {
             Some((temp, file)) => (temp, Some(file)),
             None => (
-                TempFile::new(self.inner.layout.temp_path(&self.r.key, "part")),
+                self.inner
+                    .layout
+                    .temp_file(self.inner.layout.temp_path(&self.r.key, "part")),
                 None,
             ),
         };

@@ -16,14 +16,15 @@ use crate::index::{Entry, Removals};
 /// The home of an answer not stored: letting its last pin go deletes its file and its
 /// directory.
 struct Unstored {
+    layout: crate::store::Layout,
     dir: std::path::PathBuf,
-    _file: std::fs::File,
+    file: std::fs::File,
     _reservation: Option<Reservation>,
 }
 
 impl Drop for Unstored {
     fn drop(&mut self) {
-        crate::store::remove_any(&self.dir);
+        self.layout.remove_any(&self.dir);
     }
 }
 
@@ -31,6 +32,10 @@ impl PinHome for Unstored {
     fn let_go(&self, _entry: &Arc<Entry>) -> Removals {
         // Nothing in the index: the file goes when this home is dropped with the pin.
         Removals::none()
+    }
+
+    fn open(&self, entry: &Entry) -> std::io::Result<std::fs::File> {
+        self.layout.reopen(&entry.path, &self.file)
     }
 }
 
@@ -54,7 +59,7 @@ pub(super) fn hand_out(
         .create_dir_all(&dir)
         .and_then(|()| temp.persist(&path))
         .map_err(|e| {
-            crate::store::remove_any(&dir);
+            layout.remove_any(&dir);
             Error::io("cannot move the download to its own name", e)
         })?;
     let md = file
@@ -66,8 +71,9 @@ pub(super) fn hand_out(
         clear(&lock);
     }
     let home = Unstored {
+        layout: layout.clone(),
         dir,
-        _file: file,
+        file,
         _reservation: transfer.reservation.take(),
     };
     Ok(Pinned::new(entry, Arc::new(home)))

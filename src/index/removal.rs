@@ -103,7 +103,7 @@ impl Index {
             let gone = st.entries.get(key).is_some_and(|e| {
                 !e.is_pinned()
                     && matches!(
-                        std::fs::symlink_metadata(&e.path),
+                        self.layout.lstat(&e.path),
                         Err(err) if err.kind() == io::ErrorKind::NotFound
                     )
             });

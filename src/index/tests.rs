@@ -58,7 +58,11 @@ fn hit(index: &Index, k: &Key, now: u64) -> Arc<Entry> {
 fn delete_trash(removed: &[Removed]) {
     for r in removed {
         if let Some(t) = &r.trash {
-            crate::store::remove_any(t);
+            if t.is_dir() {
+                std::fs::remove_dir_all(t).unwrap();
+            } else {
+                std::fs::remove_file(t).unwrap();
+            }
         }
     }
 }

@@ -341,12 +341,12 @@ async fn serve_file(
     if len <= SMALL_BODY {
         // A small body is read at once, like the hit path's stat: three trips through the
         // blocking pool (open, seek, read) cost more than the read of a page-cached file.
-        let bytes = read_range(file.path(), start, len)
+        let bytes = read_range(&file, start, len)
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         return response.body(Body::from(bytes)).map_err(internal);
     }
-    let path = file.path().to_owned();
-    let f = tokio::task::spawn_blocking(move || crate::store::open_no_follow(&path))
+    let opening = file.clone();
+    let f = tokio::task::spawn_blocking(move || opening.open())
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
@@ -370,10 +370,10 @@ const FILES_CSP: &str = "sandbox; default-src 'none'";
 /// Bodies up to this many bytes are read on the request's own task.
 const SMALL_BODY: u64 = 64 * 1024;
 
-/// `len` bytes of `path` from `start` (blocking; for small bodies).
-fn read_range(path: &std::path::Path, start: u64, len: u64) -> std::io::Result<Vec<u8>> {
+/// `len` bytes of `file` from `start` (blocking; for small bodies).
+fn read_range(file: &crate::CachedFile, start: u64, len: u64) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
-    let file = crate::store::open_no_follow(path)?;
+    let file = file.open()?;
     let mut bytes = vec![0; len as usize];
     file.read_exact_at(&mut bytes, start)?;
     Ok(bytes)

@@ -20,15 +20,15 @@
 //! No byte guarantee depends on these locks (on a network file system they may do nothing):
 //! unique temp files, atomic renames and meta.json last keep readers safe regardless.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, TryLockError};
 use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use rustix::fs::OFlags;
 use serde::{Deserialize, Serialize};
 
-use super::{Layout, O_NOFOLLOW};
+use super::Layout;
 use crate::key::Key;
 
 /// How a lock attempt went.
@@ -43,41 +43,44 @@ pub(crate) enum Try {
     Gone,
 }
 
-/// Opens (creating if needed) a lock file: never through a link, never anything but a
-/// regular file.
-/// A lock file another user of a group-shared cache created may not be writable: `flock`
-/// works on a read-only file too (its record then cannot be written, which only costs a
-/// resume).
-pub(crate) fn open_lock_file(path: &Path, mode: u32) -> io::Result<File> {
-    let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
-    let opened = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(mode)
-        .custom_flags(O_NOFOLLOW | nonblocking)
-        .open(path);
-    let file = match opened {
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => OpenOptions::new()
-            .read(true)
-            .custom_flags(O_NOFOLLOW | nonblocking)
-            .open(path)?,
-        opened => opened?,
-    };
-    if !file.metadata()?.is_file() {
-        return Err(io::Error::other("a lock file that is not a regular file"));
+impl Layout {
+    /// Opens (creating if needed) a lock file: never through a link, never anything but a
+    /// regular file.
+    /// A lock file another user of a group-shared cache created may not be writable: `flock`
+    /// works on a read-only file too (its record then cannot be written, which only costs a
+    /// resume).
+    pub(crate) fn open_lock_file(&self, path: &Path) -> io::Result<File> {
+        let create = OFlags::RDWR | OFlags::CREATE | OFlags::NONBLOCK;
+        let file = match self.open_at(path, create, self.file_mode) {
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                self.open_at(path, OFlags::RDONLY | OFlags::NONBLOCK, 0)?
+            }
+            opened => opened?,
+        };
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::other("a lock file that is not a regular file"));
+        }
+        Ok(file)
     }
-    Ok(file)
-}
 
-/// Whether `path` still names the open `file` (the same inode): a lock file removed between
-/// its open and its lock is no lock at all.
-fn still_named(file: &File, path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (file.metadata(), std::fs::symlink_metadata(path)) {
-        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
-        _ => false,
+    /// Whether `path` still names the open `file` (the same inode): a lock file removed
+    /// between its open and its lock is no lock at all.
+    fn still_named(&self, file: &File, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), self.lstat(path)) {
+            (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+            _ => false,
+        }
+    }
+
+    /// Takes the exclusive lock on an existing file (a data file, a part file) if nobody
+    /// holds it. Opened read-only: `flock` does not care about the open mode.
+    pub(crate) fn try_exclusive_at(&self, path: &Path) -> io::Result<Try> {
+        match self.open_no_follow(path) {
+            Ok(file) => try_exclusive(file),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Try::Gone),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -112,16 +115,6 @@ pub(crate) fn try_shared(file: File) -> io::Result<Try> {
         Err(TryLockError::WouldBlock) => Ok(Try::Held),
         Err(TryLockError::Error(e)) if unsupported(&e) => Ok(Try::Taken(file)),
         Err(TryLockError::Error(e)) => Err(e),
-    }
-}
-
-/// Takes the exclusive lock on an existing file (a data file, a part file) if nobody holds
-/// it. Opened read-only: `flock` does not care about the open mode.
-pub(crate) fn try_exclusive_at(path: &Path) -> io::Result<Try> {
-    match super::open_no_follow(path) {
-        Ok(file) => try_exclusive(file),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Try::Gone),
-        Err(e) => Err(e),
     }
 }
 
@@ -226,10 +219,14 @@ impl Layout {
 
     fn open_key_lock(&self, key: &Key) -> io::Result<File> {
         let path = self.key_lock_path(key);
-        match open_lock_file(&path, self.file_mode) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        match self.open_lock_file(&path) {
+            // No fan-out directory yet, or something in place of one (a link).
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || matches!(e.raw_os_error(), Some(super::ELOOP | super::ENOTDIR)) =>
+            {
                 self.create_dir_all(path.parent().unwrap_or(&path))?;
-                open_lock_file(&path, self.file_mode)
+                self.open_lock_file(&path)
             }
             opened => opened,
         }
@@ -238,7 +235,9 @@ impl Layout {
     /// Takes the directory's cap lock, which reservations are made under (blocking; held
     /// for a scan of the directory). `None` where locks cannot be had.
     pub(crate) fn lock_cap(&self) -> Option<File> {
-        let file = open_lock_file(&self.locks_dir().join("cap.lock"), self.file_mode).ok()?;
+        let file = self
+            .open_lock_file(&self.locks_dir().join("cap.lock"))
+            .ok()?;
         lock_bounded(file, "cap.lock")
     }
 
@@ -249,7 +248,7 @@ impl Layout {
         // opened again, a bounded number of times.
         for _ in 0..4 {
             match try_exclusive(self.open_key_lock(key)?)? {
-                Try::Taken(file) if still_named(&file, &path) => {
+                Try::Taken(file) if self.still_named(&file, &path) => {
                     return Ok(Some(KeyLock { file }));
                 }
                 Try::Taken(_) => continue,
@@ -265,18 +264,18 @@ impl Layout {
     /// a directory scan and a `flock` per candidate). How many went.
     pub(crate) fn remove_idle_locks(&self, keep: impl Fn(&Key) -> bool) -> usize {
         let mut removed = 0;
-        let Ok(prefixes) = std::fs::read_dir(self.locks_dir()) else {
+        let Ok(prefixes) = self.read_dir(&self.locks_dir()) else {
             return 0;
         };
-        for prefix in prefixes.flatten() {
+        for prefix in prefixes {
             // Real directories only, never through a link.
-            if !prefix.file_type().is_ok_and(|t| t.is_dir()) {
+            if !prefix.is_dir() {
                 continue;
             }
-            let Ok(items) = std::fs::read_dir(prefix.path()) else {
+            let Ok(items) = self.read_dir(prefix.path()) else {
                 continue;
             };
-            for item in items.flatten() {
+            for item in items {
                 let name = item.file_name();
                 let Some(key) = name
                     .to_str()
@@ -285,13 +284,13 @@ impl Layout {
                 else {
                     continue;
                 };
-                if keep(&key) || !item.file_type().is_ok_and(|t| t.is_file()) {
+                if keep(&key) || !item.is_file() {
                     continue;
                 }
                 let path = item.path();
                 // Only under a lock really taken: where the file system has no locks, a live
                 // download's lock file looks free.
-                let Ok(file) = super::open_no_follow(&path) else {
+                let Ok(file) = self.open_no_follow(path) else {
                     continue;
                 };
                 if file.try_lock().is_err() {
@@ -301,13 +300,13 @@ impl Layout {
                 let resumable = lock.record().is_some_and(|r| {
                     r.part.starts_with(&format!("{}.", key.as_str()))
                         && !r.part.contains('/')
-                        && std::fs::symlink_metadata(self.temp_dir().join(&r.part)).is_ok()
+                        && self.lstat(&self.temp_dir().join(&r.part)).is_ok()
                 });
                 // Removed under its lock: whoever opened it meanwhile finds, once it has the
                 // lock, that the name is no longer its file, and opens the new one.
                 if !resumable
-                    && still_named(&lock.file, &path)
-                    && std::fs::remove_file(&path).is_ok()
+                    && self.still_named(&lock.file, path)
+                    && self.remove_file(path).is_ok()
                 {
                     removed += 1;
                 }
@@ -333,7 +332,7 @@ impl Layout {
         let mut delay = Duration::from_millis(2);
         loop {
             match file.try_lock() {
-                Ok(()) if still_named(&file, &path) => return Ok(Some(KeyLock { file })),
+                Ok(()) if self.still_named(&file, &path) => return Ok(Some(KeyLock { file })),
                 // Removed under this process again and again: it downloads without the lock
                 // rather than hold one nobody else can see.
                 Ok(()) if reopened >= 4 => return Ok(None),
@@ -374,9 +373,9 @@ mod tests {
 
     #[test]
     fn a_directory_lock_held_for_ever_is_waited_for_a_bounded_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cap.lock");
-        let open = || open_lock_file(&path, 0o600).unwrap();
+        let (_dir, layout) = crate::store::testing::disk();
+        let path = layout.root.join("cap.lock");
+        let open = || layout.open_lock_file(&path).unwrap();
         let holder = open();
         holder.lock().unwrap();
         let started = Instant::now();

@@ -16,11 +16,14 @@
 //! version that no meta.json names, which recovery removes, and the bytes of a version a
 //! caller holds are never touched by a newer one.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, DirBuilder, File};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustix::fs::OFlags;
 use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
@@ -30,14 +33,14 @@ use crate::failpoint::{failpoint, failpoint_error};
 use crate::key::{Key, META_FILE};
 
 const FORMAT: &str = "v1";
-/// Opened files are never symbolic links: the cache follows no link it did not make.
-const O_NOFOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
 const WRITE_BUFFER: usize = 1 << 20;
 
-/// Paths inside the cache directory, and the modes new files and directories get.
+/// Paths inside the cache directory, and the modes new files and directories get. Every
+/// path below `v1` is reached through [`Beneath`]: never through a link.
 #[derive(Debug, Clone)]
 pub(crate) struct Layout {
     pub(crate) root: PathBuf,
+    dir: Arc<Beneath>,
     entries: PathBuf,
     tmp: PathBuf,
     file_mode: u32,
@@ -103,6 +106,7 @@ impl Layout {
         Layout {
             entries: root.join("entries"),
             tmp: root.join("tmp"),
+            dir: Arc::new(Beneath::new(root.clone())),
             root,
             file_mode,
             dir_mode,
@@ -156,28 +160,49 @@ impl Layout {
     /// Writes `bytes` to a new temp file named after `prefix` and fsyncs it; the file is
     /// removed if it is dropped before being persisted.
     pub(crate) fn write_temp(&self, prefix: &str, ext: &str, bytes: &[u8]) -> io::Result<TempFile> {
-        let temp = TempFile::new(self.unique_temp(prefix, ext));
+        let temp = self.temp_file(self.unique_temp(prefix, ext));
         let mut f = self.create_new_file(temp.path())?;
         f.write_all(bytes)?;
         f.sync_data()?;
         Ok(temp)
     }
 
-    pub(crate) fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(self.dir_mode)
-            .create(dir)
+    /// A temp file at `path` (in the temp directory), removed when dropped unless persisted.
+    pub(crate) fn temp_file(&self, path: PathBuf) -> TempFile {
+        TempFile {
+            path,
+            dir: Arc::clone(&self.dir),
+            armed: true,
+        }
     }
 
+    /// Makes directory `dir` below `v1` and those above it, replacing whatever stands in
+    /// place of one (see [`Beneath::create_dir_all`]).
+    pub(crate) fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        if dir == self.root {
+            // `v1` itself: what lies above it may be a link (see `open`).
+            return DirBuilder::new()
+                .recursive(true)
+                .mode(self.dir_mode)
+                .create(dir);
+        }
+        self.dir.create_dir_all(dir, self.dir_mode)
+    }
+
+    /// Creates a new file (readable too: the readers of a download in progress read its part
+    /// file). A directory on its way that is gone, or that something stands in place of (a
+    /// link planted at run time), is made again first.
     pub(crate) fn create_new_file(&self, path: &Path) -> io::Result<File> {
-        // Readable too: the readers of a download in progress read its part file.
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(self.file_mode)
-            .open(path)
+        match self.dir.create_new(path, self.file_mode) {
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || matches!(e.raw_os_error(), Some(ELOOP | ENOTDIR)) =>
+            {
+                self.create_dir_all(path.parent().unwrap_or(path))?;
+                self.dir.create_new(path, self.file_mode)
+            }
+            created => created,
+        }
     }
 
     /// Writes `bytes` to `path` atomically: temp file, fsync, rename.
@@ -204,15 +229,16 @@ impl Layout {
             &self.locks_dir(),
             &self.procs_dir(),
         ] {
-            if fs::symlink_metadata(dir).is_ok_and(|md| !md.is_dir()) {
+            if self.lstat(dir).is_ok_and(|md| !md.is_dir()) {
                 tracing::warn!(path = %dir.display(), "removing what stands in place of a cache directory (a link or a file)");
-                remove_any(dir);
+                self.remove_any(dir);
             }
             self.create_dir_all(dir)
                 .map_err(|e| Error::io("cannot create the cache directory", e).with_path(dir))?;
         }
         let lock_path = self.root.join("lock");
-        let lock = locks::open_lock_file(&lock_path, self.file_mode)
+        let lock = self
+            .open_lock_file(&lock_path)
             .map_err(|e| Error::io("cannot open the lock file", e).with_path(&lock_path))?;
         let taken = if exclusive {
             locks::try_exclusive(lock)
@@ -274,6 +300,15 @@ impl Layout {
         if !md.is_dir() {
             return refuse("it is not a directory");
         }
+        // From here on every path below it is reached through this descriptor: it must be the
+        // directory just checked.
+        let pinned = self
+            .dir
+            .pin()
+            .map_err(|e| Error::io("cannot open the cache directory", e).with_path(&self.root))?;
+        if (pinned.dev(), pinned.ino()) != (md.dev(), md.ino()) {
+            return refuse("it was replaced while it was being opened");
+        }
         if md.uid() == rustix::process::geteuid().as_raw() {
             return Ok(());
         }
@@ -317,21 +352,21 @@ impl Layout {
             self.persist_meta(key, meta)
         })();
         if moved.is_err() && version_dir != self.entry_dir(key) {
-            remove_any(version_dir);
+            self.remove_any(version_dir);
         }
         moved
     }
 
     /// Renames a written meta.json into place; returns its stamp.
     fn persist_meta(&self, key: &Key, meta: TempFile) -> io::Result<Stamp> {
-        let md = fs::symlink_metadata(meta.path())?;
+        let md = self.dir.lstat(meta.path())?;
         meta.persist(&self.meta_path(key))?;
         Ok(Stamp::of(&md))
     }
 
     /// Makes the renames of an installed entry durable.
     pub(crate) fn sync_entry(&self, key: &Key) {
-        sync_dir(&self.entry_dir(key));
+        self.sync_dir(&self.entry_dir(key));
     }
 
     /// Replaces the meta.json of entry `key` (a renewal: same bytes, new expiry).
@@ -350,7 +385,7 @@ impl Layout {
             _ => data_path,
         };
         let trash = self.temp_path(key, "trash");
-        let trash = match fs::rename(version, &trash) {
+        let trash = match self.dir.rename(version, &trash) {
             Ok(()) => Some(trash),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => {
@@ -358,7 +393,7 @@ impl Layout {
                 None
             }
         };
-        let _ = fs::remove_dir(entry_dir);
+        let _ = self.dir.remove_dir(&entry_dir);
         trash
     }
 }
@@ -402,7 +437,8 @@ impl Claim {
 impl Layout {
     /// The stamp of the meta.json of `key`, if there is one.
     pub(crate) fn meta_stamp(&self, key: &Key) -> Option<Stamp> {
-        fs::symlink_metadata(self.meta_path(key))
+        self.dir
+            .lstat(&self.meta_path(key))
             .ok()
             .map(|md| Stamp::of(&md))
     }
@@ -410,7 +446,7 @@ impl Layout {
     /// Claims the version of `key` at `data_path` for removal. `None` when another process
     /// holds its bytes.
     pub(crate) fn claim(&self, key: &Key, data_path: &Path) -> Option<Claim> {
-        let data = match locks::try_exclusive_at(data_path) {
+        let data = match self.try_exclusive_at(data_path) {
             Ok(locks::Try::Taken(file)) => Some(file),
             Ok(locks::Try::Gone) => None,
             Ok(locks::Try::Held) => return None,
@@ -433,7 +469,7 @@ impl Layout {
     /// them. A meta.json of another version is left alone.
     pub(crate) fn withdraw(&self, key: &Key, stamp: Stamp, generation: &str) {
         if self.meta_stamp(key) == Some(stamp) || self.names_generation(key, generation) {
-            let _ = fs::remove_file(self.meta_path(key));
+            let _ = self.dir.remove_file(&self.meta_path(key));
         }
     }
 
@@ -445,13 +481,13 @@ impl Layout {
             #[serde(default)]
             generation: String,
         }
-        match read_no_follow(&self.meta_path(key), META_LIMIT) {
+        match self.read_no_follow(&self.meta_path(key), META_LIMIT) {
             Ok(raw) => serde_json::from_slice::<Named>(&raw)
                 .is_ok_and(|named| named.generation == generation),
             // Gone, a link, or not a file: names nothing.
             Err(e)
                 if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::Other)
-                    || e.raw_os_error() == Some(ELOOP) =>
+                    || matches!(e.raw_os_error(), Some(ELOOP | ENOTDIR)) =>
             {
                 false
             }
@@ -463,7 +499,7 @@ impl Layout {
     /// Reads and checks the entry of `key` on disk, as recovery would, without removing
     /// anything. `None` when there is no valid entry.
     pub(crate) fn read_entry(&self, key: &Key) -> Option<Recovered> {
-        recover::read_entry(&self.entry_dir(key), key.clone()).ok()
+        recover::read_entry(self, &self.entry_dir(key), key.clone()).ok()
     }
 }
 
@@ -478,45 +514,52 @@ pub(crate) enum Hold {
     Bad,
 }
 
-/// Takes this process's shared lock on a version's data file, so that no other process
-/// deletes it while it is held, and checks that the file is still the one `meta` records (a
-/// regular file, linked, with its size and mtime).
-///
-/// Only a missing file, a link or other bytes are `Bad` (an integrity failure); an error
-/// that proves nothing (too many open files, a permission) is `Busy`. After the lock, the
-/// path must still lead to the file locked: a remover may have moved it away in between.
-pub(crate) fn hold(path: &Path, meta: &Meta) -> Hold {
-    let file = match open_no_follow(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(ELOOP) => {
-            return Hold::Bad;
-        }
-        Err(_) => return Hold::Busy,
-    };
-    match locks::try_shared(file) {
-        Ok(locks::Try::Taken(file)) => {
-            let md = file.metadata();
-            let at_path = fs::symlink_metadata(path);
-            match (md, at_path) {
-                (Ok(md), Ok(at)) if (md.dev(), md.ino()) == (at.dev(), at.ino()) => {
-                    if intact(&md, meta) {
-                        Hold::Held(file)
-                    } else {
-                        Hold::Bad
-                    }
-                }
-                (Ok(_), Err(e)) if e.kind() != io::ErrorKind::NotFound => Hold::Busy,
-                (Err(_), _) => Hold::Busy,
-                // Moved away or replaced since the open.
-                _ => Hold::Bad,
+impl Layout {
+    /// Takes this process's shared lock on a version's data file, so that no other process
+    /// deletes it while it is held, and checks that the file is still the one `meta` records (a
+    /// regular file, linked, with its size and mtime).
+    ///
+    /// Only a missing file, a link or other bytes are `Bad` (an integrity failure); an error
+    /// that proves nothing (too many open files, a permission) is `Busy`. After the lock, the
+    /// path must still lead to the file locked: a remover may have moved it away in between.
+    pub(crate) fn hold(&self, path: &Path, meta: &Meta) -> Hold {
+        let file = match self.open_no_follow(path) {
+            Ok(file) => file,
+            // Gone, or a link (or a file) met on the way.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || matches!(e.raw_os_error(), Some(ELOOP | ENOTDIR)) =>
+            {
+                return Hold::Bad;
             }
+            Err(_) => return Hold::Busy,
+        };
+        match locks::try_shared(file) {
+            Ok(locks::Try::Taken(file)) => {
+                let md = file.metadata();
+                let at_path = self.dir.lstat(path);
+                match (md, at_path) {
+                    (Ok(md), Ok(at)) if (md.dev(), md.ino()) == (at.dev(), at.ino()) => {
+                        if intact(&md, meta) {
+                            Hold::Held(file)
+                        } else {
+                            Hold::Bad
+                        }
+                    }
+                    (Ok(_), Err(e)) if e.kind() != io::ErrorKind::NotFound => Hold::Busy,
+                    (Err(_), _) => Hold::Busy,
+                    // Moved away or replaced since the open.
+                    _ => Hold::Bad,
+                }
+            }
+            Ok(locks::Try::Held) | Err(_) => Hold::Busy,
+            Ok(locks::Try::Gone) => Hold::Bad,
         }
-        Ok(locks::Try::Held) | Err(_) => Hold::Busy,
-        Ok(locks::Try::Gone) => Hold::Bad,
     }
 }
 
 const ELOOP: i32 = rustix::io::Errno::LOOP.raw_os_error();
+const ENOTDIR: i32 = rustix::io::Errno::NOTDIR.raw_os_error();
 
 fn intact(md: &fs::Metadata, meta: &Meta) -> bool {
     md.is_file() && md.nlink() > 0 && md.len() == meta.size && mtime_ns(md) == meta.mtime_ns
@@ -527,25 +570,22 @@ pub(crate) fn still_intact(file: &File, meta: &Meta) -> bool {
     file.metadata().is_ok_and(|md| intact(&md, meta))
 }
 
-/// A temp file that is removed unless it was renamed away.
+/// A temp file that is removed unless it was renamed away (made by [`Layout::temp_file`]).
 #[derive(Debug)]
 pub(crate) struct TempFile {
     path: PathBuf,
+    dir: Arc<Beneath>,
     armed: bool,
 }
 
 impl TempFile {
-    pub(crate) fn new(path: PathBuf) -> TempFile {
-        TempFile { path, armed: true }
-    }
-
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Renames the file to `to`; after success nothing is removed on drop.
     pub(crate) fn persist(mut self, to: &Path) -> io::Result<()> {
-        fs::rename(&self.path, to)?;
+        self.dir.rename(&self.path, to)?;
         self.armed = false;
         Ok(())
     }
@@ -556,7 +596,7 @@ impl Drop for TempFile {
         if !self.armed {
             return;
         }
-        match fs::remove_file(&self.path) {
+        match self.dir.remove_file(&self.path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 tracing::warn!(path = %self.path.display(), error = %e, "cannot remove temp file");
             }
@@ -574,79 +614,116 @@ pub(crate) fn mtime_ns(md: &fs::Metadata) -> u64 {
         .unwrap_or(0)
 }
 
-/// Full re-hash of a file (blocking).
-pub(crate) fn hash_file(path: &Path) -> io::Result<(String, u64)> {
-    use sha2::{Digest, Sha256};
-    let mut file = open_no_follow(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; WRITE_BUFFER];
-    let mut n = 0u64;
-    loop {
-        let read = io::Read::read(&mut file, &mut buf)?;
-        if read == 0 {
-            break;
+impl Layout {
+    /// Full re-hash of a file (blocking).
+    pub(crate) fn hash_file(&self, path: &Path) -> io::Result<(String, u64)> {
+        use sha2::{Digest, Sha256};
+        let mut file = self.open_no_follow(path)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; WRITE_BUFFER];
+        let mut n = 0u64;
+        loop {
+            let read = io::Read::read(&mut file, &mut buf)?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&buf[..read]);
+            n += read as u64;
         }
-        hasher.update(&buf[..read]);
-        n += read as u64;
+        Ok((hex::encode(hasher.finalize()), n))
     }
-    Ok((hex::encode(hasher.finalize()), n))
+
+    /// Opens `path` for reading, never through a link. Non-blocking, so that a FIFO planted
+    /// in place of a file cannot hang the open (for a regular file the flag changes nothing);
+    /// callers check the type with `fstat` where it matters.
+    pub(crate) fn open_no_follow(&self, path: &Path) -> io::Result<File> {
+        let fd = self.dir.open(path, OFlags::RDONLY | OFlags::NONBLOCK, 0)?;
+        Ok(File::from(fd))
+    }
+
+    /// Reads a whole small file of the cache's own (meta.json, state.json): never through a
+    /// link, never anything but a regular file (a FIFO planted there would block the open, so
+    /// it is opened non-blocking), and never more than `limit` bytes.
+    pub(crate) fn read_no_follow(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+        let file = self.open_no_follow(path)?;
+        let md = file.metadata()?;
+        if !md.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        if md.len() > limit {
+            return Err(io::Error::other(format!("larger than {limit} bytes")));
+        }
+        let mut bytes = Vec::with_capacity(md.len() as usize);
+        io::Read::read_to_end(&mut io::Read::take(file, limit), &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Fsyncs a directory so that renames inside it are durable.
+    pub(crate) fn sync_dir(&self, dir: &Path) {
+        if let Err(e) = self.dir.sync_dir(dir) {
+            tracing::debug!(dir = %dir.display(), error = %e, "directory fsync failed");
+        }
+    }
+
+    /// Removes a file or a directory tree (a link as a link), logging failures.
+    pub(crate) fn remove_any(&self, path: &Path) {
+        match self.dir.remove_all(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove");
+            }
+            _ => {}
+        }
+    }
+
+    /// Opens `path` afresh for reading (its own position), if it is still the file `held`:
+    /// reached without a link, the same inode.
+    pub(crate) fn reopen(&self, path: &Path, held: &File) -> io::Result<File> {
+        let file = self.open_no_follow(path)?;
+        let (a, b) = (file.metadata()?, held.metadata()?);
+        if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+            return Err(replaced());
+        }
+        Ok(file)
+    }
+
+    /// The metadata of what `path` names itself, never through a link (`lstat`).
+    pub(crate) fn lstat(&self, path: &Path) -> io::Result<fs::Metadata> {
+        self.dir.lstat(path)
+    }
+
+    /// The items of directory `path`, never through a link.
+    pub(crate) fn read_dir(&self, path: &Path) -> io::Result<Vec<DirItem>> {
+        self.dir.read_dir(path)
+    }
+
+    pub(crate) fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.dir.rename(from, to)
+    }
+
+    pub(crate) fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.dir.remove_file(path)
+    }
+
+    pub(crate) fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        self.dir.remove_dir(path)
+    }
+
+    /// Opens `path` with `flags`, never through a link (see [`Beneath::open`]).
+    pub(crate) fn open_at(&self, path: &Path, flags: OFlags, mode: u32) -> io::Result<File> {
+        Ok(File::from(self.dir.open(path, flags, mode)?))
+    }
 }
 
-/// Opens `path` for reading unless it is a symbolic link. Non-blocking, so that a FIFO
-/// planted in place of a file cannot hang the open (for a regular file the flag changes
-/// nothing); callers check the type with `fstat` where it matters.
-pub(crate) fn open_no_follow(path: &Path) -> io::Result<File> {
-    let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(O_NOFOLLOW | nonblocking)
-        .open(path)
-}
-
-/// Reads a whole small file of the cache's own (meta.json, state.json): never a symbolic
-/// link, never anything but a regular file (a FIFO planted there would block the open, so it
-/// is opened non-blocking), and never more than `limit` bytes.
-pub(crate) fn read_no_follow(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
-    let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(O_NOFOLLOW | nonblocking)
-        .open(path)?;
-    let md = file.metadata()?;
-    if !md.is_file() {
-        return Err(io::Error::other("not a regular file"));
-    }
-    if md.len() > limit {
-        return Err(io::Error::other(format!("larger than {limit} bytes")));
-    }
-    let mut bytes = Vec::with_capacity(md.len() as usize);
-    io::Read::read_to_end(&mut io::Read::take(file, limit), &mut bytes)?;
-    Ok(bytes)
+/// The error of a cached file whose path no longer leads to the file the cache holds.
+pub(crate) fn replaced() -> io::Error {
+    io::Error::other("the cached file was moved or replaced")
 }
 
 /// The largest meta.json recovery reads.
 pub(crate) const META_LIMIT: u64 = 64 * 1024;
 
-/// Fsyncs a directory so that renames inside it are durable.
-pub(crate) fn sync_dir(dir: &Path) {
-    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-        tracing::debug!(dir = %dir.display(), error = %e, "directory fsync failed");
-    }
-}
-
-/// Removes a file or a directory tree, logging failures.
-pub(crate) fn remove_any(path: &Path) {
-    let result = match fs::symlink_metadata(path) {
-        Ok(md) if md.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = result {
-        tracing::warn!(path = %path.display(), error = %e, "cannot remove");
-    }
-}
-
+mod beneath;
+pub(crate) use beneath::{Beneath, DirItem};
 pub(crate) mod locks;
 mod writer;
 pub(crate) use writer::{

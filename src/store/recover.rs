@@ -2,13 +2,12 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use std::time::{Duration, SystemTime};
 
-use super::locks::{self, Try};
-use super::{Layout, META_LIMIT, Meta, Stamp, mtime_ns, remove_any};
+use super::locks::Try;
+use super::{Layout, META_LIMIT, Meta, Stamp, mtime_ns};
 use crate::error::{Error, Result};
 use crate::key::{Key, META_FILE};
 
@@ -37,25 +36,25 @@ pub(crate) struct RecoveryReport {
 pub(crate) fn recover(layout: &Layout) -> Result<RecoveryReport> {
     let mut report = RecoveryReport::default();
     let read_dir = |dir: &Path| {
-        fs::read_dir(dir)
+        layout
+            .read_dir(dir)
             .map_err(|e| Error::io("cannot read the cache directory", e).with_path(dir))
     };
     read_dir(&layout.tmp)?;
     report.removed += tidy_temp(layout);
     let mut prefixes = Vec::new();
     for prefix in read_dir(&layout.entries)? {
-        let Ok(prefix) = prefix else { continue };
-        let prefix_path = prefix.path();
+        let prefix_path = prefix.path().to_owned();
         let name = prefix.file_name();
         let valid_prefix = name.len() == 2
             && name
                 .to_str()
                 .is_some_and(|n| n.bytes().all(|b| b.is_ascii_hexdigit()))
             // The entry's own type: a link to a directory is not one of ours.
-            && prefix.file_type().is_ok_and(|t| t.is_dir());
+            && prefix.is_dir();
         if !valid_prefix {
             tracing::warn!(path = %prefix_path.display(), "removing a stray item from the cache directory");
-            remove_any(&prefix_path);
+            layout.remove_any(&prefix_path);
             report.removed += 1;
             continue;
         }
@@ -111,15 +110,15 @@ fn recover_prefix(
     prefix: &str,
     report: &mut RecoveryReport,
 ) -> Result<()> {
-    let items = fs::read_dir(prefix_path)
+    let items = layout
+        .read_dir(prefix_path)
         .map_err(|e| Error::io("cannot read the cache directory", e).with_path(prefix_path))?;
     for entry in items {
-        let Ok(entry) = entry else { continue };
         let dir = entry.path();
-        let found = if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            recover_entry(layout, &dir, entry.file_name().to_str(), prefix)
+        let found = if entry.is_dir() {
+            recover_entry(layout, dir, entry.file_name().to_str(), prefix)
         } else {
-            remove_any(&dir);
+            layout.remove_any(dir);
             Err(Invalid::Other("not a directory"))
         };
         match found {
@@ -143,12 +142,12 @@ fn recover_prefix(
 /// at start and by every sweep: a process killed mid-write leaves a temp file that only
 /// another process can remove.
 pub(crate) fn tidy_temp(layout: &Layout) -> usize {
-    let Ok(items) = fs::read_dir(&layout.tmp) else {
+    let Ok(items) = layout.read_dir(&layout.tmp) else {
         return 0;
     };
     let mut removed = 0;
-    for item in items.flatten() {
-        if let Some(why) = remove_unused_temp(layout, &item.path()) {
+    for item in items {
+        if let Some(why) = remove_unused_temp(layout, item.path()) {
             tracing::warn!(path = %item.path().display(), reason = why, "removed a temp file left by a process that died");
             removed += 1;
         }
@@ -184,8 +183,9 @@ const SETTLED: Duration = Duration::from_secs(60);
 /// resume from.
 const KEEP_DEAD_PARTS: Duration = Duration::from_secs(3600);
 
-fn age(path: &Path) -> Duration {
-    fs::symlink_metadata(path)
+fn age(layout: &Layout, path: &Path) -> Duration {
+    layout
+        .lstat(path)
         .and_then(|md| md.modified())
         .ok()
         .and_then(|t| SystemTime::now().duration_since(t).ok())
@@ -223,10 +223,10 @@ impl OkOrEperm for rustix::io::Result<()> {
 pub(crate) fn remove_unused_temp(layout: &Layout, path: &Path) -> Option<&'static str> {
     let name = path.file_name()?.to_str().unwrap_or_default();
     if path.extension().is_some_and(|e| e == "part") {
-        let lock = match locks::try_exclusive_at(path) {
+        let lock = match layout.try_exclusive_at(path) {
             Ok(Try::Held | Try::Gone) => return None,
             Ok(Try::Taken(lock)) => Some(lock),
-            Err(_) if age(path) >= SETTLED => None,
+            Err(_) if age(layout, path) >= SETTLED => None,
             Err(_) => return None,
         };
         // Its URL's lock taken (and kept until the part is gone), or it is left: the lock's
@@ -241,14 +241,14 @@ pub(crate) fn remove_unused_temp(layout: &Layout, path: &Path) -> Option<&'stati
             .as_mut()
             .and_then(|lock| lock.record())
             .is_some_and(|record| record.part == name && record.durable > 0);
-        if lock.is_some() && resumable && age(path) < KEEP_DEAD_PARTS {
+        if lock.is_some() && resumable && age(layout, path) < KEEP_DEAD_PARTS {
             return None;
         }
         let why = match lock {
             Some(_) => "a download that died",
             None => "an unreadable part file",
         };
-        remove_any(path);
+        layout.remove_any(path);
         drop(lock);
         drop(key_lock);
         return Some(why);
@@ -256,23 +256,23 @@ pub(crate) fn remove_unused_temp(layout: &Layout, path: &Path) -> Option<&'stati
     if path.extension().is_some_and(|e| e == "nostore") {
         // An answer not to be stored, handed out: its one file is locked shared by the
         // process that holds it, which removes it when it lets go.
-        let items: Vec<_> = fs::read_dir(path).into_iter().flatten().flatten().collect();
+        let items = layout.read_dir(path).unwrap_or_default();
         let held = items.iter().any(|item| {
             !matches!(
-                locks::try_exclusive_at(&item.path()),
+                layout.try_exclusive_at(item.path()),
                 Ok(Try::Taken(_) | Try::Gone)
             )
         }) || (items.is_empty() && writer_pid(name).is_some_and(alive));
         if held {
             return None;
         }
-        remove_any(path);
+        layout.remove_any(path);
         return Some("an answer not to be stored, let go by a process that died");
     }
     match writer_pid(name) {
-        Some(pid) if alive(pid) && age(path) < SETTLED => None,
+        Some(pid) if alive(pid) && age(layout, path) < SETTLED => None,
         _ => {
-            remove_any(path);
+            layout.remove_any(path);
             Some("left by an interrupted write")
         }
     }
@@ -291,19 +291,20 @@ fn recover_entry(
     prefix: &str,
 ) -> Result<Recovered, Invalid> {
     let Some(key) = name.and_then(Key::parse) else {
-        remove_any(dir);
+        layout.remove_any(dir);
         return Err(Invalid::Other("not a cache key"));
     };
     if key.prefix() != prefix {
-        remove_any(dir);
+        layout.remove_any(dir);
         return Err(Invalid::Other("key in the wrong directory"));
     }
-    let found = read_entry(dir, key.clone());
+    let found = read_entry(layout, dir, key.clone());
     // The common case, a valid entry and nothing else in its directory, needs no lock.
     let tidy = found.as_ref().is_ok_and(|found| {
-        only(dir, &[META_FILE, keep_in_entry(&found.meta)])
+        only(layout, dir, &[META_FILE, keep_in_entry(&found.meta)])
             && (found.meta.generation.is_empty()
                 || only(
+                    layout,
                     &dir.join(&found.meta.generation),
                     &[found.meta.file_name.as_str()],
                 ))
@@ -315,15 +316,15 @@ fn recover_entry(
     let (lock, settled) = match layout.try_lock_key(&key) {
         Ok(Some(lock)) => (Some(lock), true),
         Ok(None) => (None, false),
-        Err(_) => (None, age(dir) >= SETTLED),
+        Err(_) => (None, age(layout, dir) >= SETTLED),
     };
     let found = match found {
         Ok(found) => found,
         Err(_) if !settled => return Err(Invalid::Busy),
         Err(why) => {
             // Under the writer lock, so that no commit lands in the directory meanwhile.
-            if remove_unheld_but(dir, &[]) {
-                let _ = fs::remove_dir(dir);
+            if remove_unheld_but(layout, dir, &[]) {
+                let _ = layout.remove_dir(dir);
             }
             drop(lock);
             return Err(why);
@@ -333,9 +334,13 @@ fn recover_entry(
         // Anything else is not this version: older versions whose holders are gone, and
         // leftovers of an interrupted commit.
         let meta = &found.meta;
-        remove_unheld_but(dir, &[META_FILE, keep_in_entry(meta)]);
+        remove_unheld_but(layout, dir, &[META_FILE, keep_in_entry(meta)]);
         if !meta.generation.is_empty() {
-            remove_all_but(&dir.join(&meta.generation), &[meta.file_name.as_str()]);
+            remove_all_but(
+                layout,
+                &dir.join(&meta.generation),
+                &[meta.file_name.as_str()],
+            );
         }
     }
     drop(lock);
@@ -353,23 +358,22 @@ fn keep_in_entry(meta: &Meta) -> &str {
 }
 
 /// Whether `dir` holds exactly the items named `names`.
-fn only(dir: &Path, names: &[&str]) -> bool {
-    fs::read_dir(dir).is_ok_and(|items| {
-        let mut n = 0;
-        items.flatten().all(|item| {
-            n += 1;
-            item.file_name()
-                .to_str()
-                .is_some_and(|name| names.contains(&name))
-        }) && n == names.len()
+fn only(layout: &Layout, dir: &Path, names: &[&str]) -> bool {
+    layout.read_dir(dir).is_ok_and(|items| {
+        items.len() == names.len()
+            && items.iter().all(|item| {
+                item.file_name()
+                    .to_str()
+                    .is_some_and(|name| names.contains(&name))
+            })
     })
 }
 
 /// Reads and checks one entry directory (no removal): meta.json parses, is valid and
 /// matches its data file.
-pub(super) fn read_entry(dir: &Path, key: Key) -> Result<Recovered, Invalid> {
+pub(super) fn read_entry(layout: &Layout, dir: &Path, key: Key) -> Result<Recovered, Invalid> {
     use Invalid::{Changed, Other};
-    let (raw, stamp) = match read_meta_file(&dir.join(META_FILE)) {
+    let (raw, stamp) = match read_meta_file(layout, &dir.join(META_FILE)) {
         Ok(read) => read,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(Other("bytes without meta.json"));
@@ -395,14 +399,16 @@ pub(super) fn read_entry(dir: &Path, key: Key) -> Result<Recovered, Invalid> {
         "" => dir.to_owned(),
         generation => {
             let version_dir = dir.join(generation);
-            if !fs::symlink_metadata(&version_dir).is_ok_and(|md| md.is_dir()) {
+            if !layout.lstat(&version_dir).is_ok_and(|md| md.is_dir()) {
                 return Err(Other("meta.json without bytes"));
             }
             version_dir
         }
     };
     let path = version_dir.join(&meta.file_name);
-    let md = fs::symlink_metadata(&path).map_err(|_| Other("meta.json without bytes"))?;
+    let md = layout
+        .lstat(&path)
+        .map_err(|_| Other("meta.json without bytes"))?;
     if !md.is_file() {
         return Err(Other("the data file is not a regular file (a link?)"));
     }
@@ -421,13 +427,9 @@ pub(super) fn read_entry(dir: &Path, key: Key) -> Result<Recovered, Invalid> {
 }
 
 /// A meta.json's bytes and stamp: never through a link, never anything but a small regular
-/// file (see [`super::read_no_follow`]).
-fn read_meta_file(path: &Path) -> io::Result<(Vec<u8>, Stamp)> {
-    let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(super::O_NOFOLLOW | nonblocking)
-        .open(path)?;
+/// file (see [`Layout::read_no_follow`]).
+fn read_meta_file(layout: &Layout, path: &Path) -> io::Result<(Vec<u8>, Stamp)> {
+    let file = layout.open_no_follow(path)?;
     let md = file.metadata()?;
     if !md.is_file() || md.len() > META_LIMIT {
         return Err(io::Error::other("not a small regular file"));
@@ -441,20 +443,20 @@ fn read_meta_file(path: &Path) -> io::Result<(Vec<u8>, Stamp)> {
 /// version directory, or a data file written before versions had directories. Each is
 /// removed while its files' exclusive locks are taken, so that no process can take hold of
 /// one between the check and the removal. Returns whether nothing was left but `keep`.
-fn remove_unheld_but(dir: &Path, keep: &[&str]) -> bool {
-    let Ok(items) = fs::read_dir(dir) else {
+fn remove_unheld_but(layout: &Layout, dir: &Path, keep: &[&str]) -> bool {
+    let Ok(items) = layout.read_dir(dir) else {
         return false;
     };
     let mut all = true;
-    for item in items.flatten() {
+    for item in items {
         let name = item.file_name();
         if name.to_str().is_some_and(|n| keep.contains(&n)) {
             continue;
         }
         let path = item.path();
-        match claim_all(&path) {
+        match claim_all(layout, path) {
             Some(claims) => {
-                remove_any(&path);
+                layout.remove_any(path);
                 drop(claims);
             }
             None => all = false,
@@ -466,15 +468,15 @@ fn remove_unheld_but(dir: &Path, keep: &[&str]) -> bool {
 /// The exclusive locks of `path` (a file) or of every regular file in it (a directory), or
 /// `None` when a process may hold one of them (it is held, or cannot be opened to tell).
 /// Links and other non-files are nobody's to hold.
-fn claim_all(path: &Path) -> Option<Vec<fs::File>> {
-    let regular = |p: &Path| fs::symlink_metadata(p).is_ok_and(|md| md.is_file());
-    let files: Vec<PathBuf> = match fs::symlink_metadata(path) {
-        Ok(md) if md.is_dir() => fs::read_dir(path)
+fn claim_all(layout: &Layout, path: &Path) -> Option<Vec<fs::File>> {
+    let files: Vec<PathBuf> = match layout.lstat(path) {
+        Ok(md) if md.is_dir() => layout
+            .read_dir(path)
             .map(|items| {
                 items
-                    .flatten()
-                    .map(|f| f.path())
-                    .filter(|p| regular(p))
+                    .into_iter()
+                    .filter(|f| f.is_file())
+                    .map(|f| f.path().to_owned())
                     .collect()
             })
             .unwrap_or_default(),
@@ -483,7 +485,7 @@ fn claim_all(path: &Path) -> Option<Vec<fs::File>> {
     };
     let mut claims = Vec::with_capacity(files.len());
     for file in files {
-        match locks::try_exclusive_at(&file) {
+        match layout.try_exclusive_at(&file) {
             Ok(Try::Taken(file)) => claims.push(file),
             Ok(Try::Held) | Err(_) => return None,
             Ok(Try::Gone) => {}
@@ -493,11 +495,11 @@ fn claim_all(path: &Path) -> Option<Vec<fs::File>> {
 }
 
 /// Removes everything in `dir` but the items named `keep`.
-fn remove_all_but(dir: &Path, keep: &[&str]) {
-    if let Ok(items) = fs::read_dir(dir) {
-        for item in items.flatten() {
+fn remove_all_but(layout: &Layout, dir: &Path, keep: &[&str]) {
+    if let Ok(items) = layout.read_dir(dir) {
+        for item in items {
             if !item.file_name().to_str().is_some_and(|n| keep.contains(&n)) {
-                remove_any(&item.path());
+                layout.remove_any(item.path());
             }
         }
     }
@@ -516,29 +518,29 @@ pub(crate) struct Scan {
 /// the others committed and removed.
 pub(crate) fn scan(layout: &Layout, known: &std::collections::HashMap<Key, Stamp>) -> Scan {
     let mut scan = Scan::default();
-    let Ok(prefixes) = fs::read_dir(&layout.entries) else {
+    let Ok(prefixes) = layout.read_dir(&layout.entries) else {
         return scan;
     };
-    for prefix in prefixes.flatten() {
-        if !prefix.file_type().is_ok_and(|t| t.is_dir()) {
+    for prefix in prefixes {
+        if !prefix.is_dir() {
             continue;
         }
-        let Ok(entries) = fs::read_dir(prefix.path()) else {
+        let Ok(entries) = layout.read_dir(prefix.path()) else {
             continue;
         };
-        for entry in entries.flatten() {
+        for entry in entries {
             let Some(key) = entry.file_name().to_str().and_then(Key::parse) else {
                 continue;
             };
             let dir = entry.path();
-            let Ok(md) = fs::symlink_metadata(dir.join(META_FILE)) else {
+            let Ok(md) = layout.lstat(&dir.join(META_FILE)) else {
                 continue;
             };
             if known.get(&key) == Some(&Stamp::of(&md)) {
                 scan.present.insert(key);
                 continue;
             }
-            if let Ok(found) = read_entry(&dir, key.clone()) {
+            if let Ok(found) = read_entry(layout, dir, key.clone()) {
                 scan.present.insert(key);
                 scan.changed.push(found);
             }
@@ -566,7 +568,7 @@ mod outside_input {
             let k = key(1);
             put(&layout, &k, b"abc", u64::MAX / 2);
             std::fs::write(layout.meta_path(&k), &bytes).unwrap();
-            if let Ok(found) = read_entry(&layout.entry_dir(&k), k) {
+            if let Ok(found) = read_entry(&layout, &layout.entry_dir(&k), k) {
                 prop_assert_eq!(found.meta.size, 3, "a meta.json read must name the bytes there");
             }
         }
@@ -581,7 +583,7 @@ mod outside_input {
             let name = ["version", "url", "file_name", "sha256", "size", "mtime_ns", "etag", "last_modified", "fetched_at", "expires_at", "generation"][field];
             json[name] = value.parse::<u64>().map_or_else(|_| serde_json::Value::from(value.clone()), serde_json::Value::from);
             std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
-            if let Ok(found) = read_entry(&layout.entry_dir(&k), k) {
+            if let Ok(found) = read_entry(&layout, &layout.entry_dir(&k), k) {
                 prop_assert_eq!(std::fs::read(&found.path).unwrap(), b"abcdef".to_vec());
                 prop_assert!(found.path.starts_with(layout.entry_dir(&found.key)));
             }

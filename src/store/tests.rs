@@ -185,7 +185,7 @@ fn install_moves_data_then_meta_and_trash_takes_the_data_away() {
         b"bytes",
         "the version's directory"
     );
-    remove_any(&trash);
+    layout.remove_any(&trash);
     assert!(layout.trash(&k, &path).is_none(), "nothing left to move");
 }
 

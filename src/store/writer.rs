@@ -1,15 +1,15 @@
 //! The writer thread of a download: chunks through a large buffer, an fsync every
 //! [`SYNC_EVERY`] bytes (what a successor may resume from), the part file created locked.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustix::fs::OFlags;
 use tokio::sync::mpsc;
 
-use super::{Layout, O_NOFOLLOW, TempFile, WRITE_BUFFER, locks};
+use super::{Layout, TempFile, WRITE_BUFFER, locks};
 
 /// What the network side sends the writer thread.
 #[derive(Debug)]
@@ -61,13 +61,8 @@ pub(crate) struct SpawnedWriter {
 }
 
 /// Opens the part file of a dead download to resume it: never through a link.
-pub(crate) fn open_part(path: &Path) -> io::Result<File> {
-    let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(O_NOFOLLOW | nonblocking)
-        .open(path)
+pub(crate) fn open_part(layout: &Layout, path: &Path) -> io::Result<File> {
+    layout.open_at(path, OFlags::RDWR | OFlags::NONBLOCK, 0)
 }
 
 /// Creates the part file at `temp` holding its writer's exclusive lock from the first
@@ -81,8 +76,8 @@ fn create_part(layout: &Layout, temp: &TempFile) -> io::Result<File> {
         Ok(_) => return Err(io::Error::other("a new part file is locked")),
         Err(e) => return Err(e),
     };
-    if let Err(e) = fs::rename(&fresh, temp.path()) {
-        let _ = fs::remove_file(&fresh);
+    if let Err(e) = layout.rename(&fresh, temp.path()) {
+        let _ = layout.remove_file(&fresh);
         return Err(e);
     }
     Ok(file)

@@ -361,7 +361,7 @@ impl Tier {
         &self,
         sha256: &str,
         size: u64,
-        path: &std::path::Path,
+        file: std::fs::File,
         replace: bool,
     ) -> Result<bool> {
         let location = self.blob_path(sha256);
@@ -372,14 +372,12 @@ impl Tier {
                 Err(e) => return Err(tier_error("cannot look for the shared blob", e)),
             }
         }
-        let mut file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| Error::io("cannot read the file to upload", e).with_path(path))?;
+        let mut file = tokio::fs::File::from_std(file);
         if size < PART_BYTES as u64 {
             let mut buf = Vec::with_capacity(size as usize);
             file.read_to_end(&mut buf)
                 .await
-                .map_err(|e| Error::io("cannot read the file to upload", e).with_path(path))?;
+                .map_err(|e| Error::io("cannot read the file to upload", e))?;
             stalled(self.store.put(&location, PutPayload::from(buf)))
                 .await
                 .map_err(|e| tier_error("cannot upload the shared blob", e))?;
@@ -396,7 +394,7 @@ impl Tier {
                 Ok(n) => n,
                 Err(e) => {
                     let _ = writer.abort().await;
-                    return Err(Error::io("cannot read the file to upload", e).with_path(path));
+                    return Err(Error::io("cannot read the file to upload", e));
                 }
             };
             if n == 0 {

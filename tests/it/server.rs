@@ -854,3 +854,60 @@ async fn responses_carry_security_headers_and_errors_no_local_paths() {
     let dir_text = dir.path().to_str().unwrap();
     assert!(!body.contains(dir_text) && !body.contains("v1/"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_never_serves_bytes_behind_a_link_planted_while_it_runs() {
+    let origin = Origin::start().await;
+    // One body read at once, one streamed.
+    let bodies = [
+        ("data/s.nii.gz", volume(71, 20_000)),
+        ("data/l.nii.gz", volume(72, MB)),
+    ];
+    for (path, body) in &bodies {
+        origin.route(path, Route::ok(body.clone()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = setup(dir.path(), &origin).await;
+    let server = serve(cache.clone(), ServerOptions::new()).await;
+    let http = reqwest::Client::new();
+    for (path, body) in &bodies {
+        let name = path.strip_prefix("data/").unwrap();
+        let url = format!("{}/files/{name}", server.base);
+        assert_eq!(
+            http.get(&url).send().await.unwrap().bytes().await.unwrap(),
+            &body[..]
+        );
+        // Held by this process while its directory is moved out and a link put in its place,
+        // with other bytes of the same size and mtime behind it.
+        let held = cache.get(name).await.unwrap();
+        let data = held.path().to_owned();
+        let prefix = data.ancestors().nth(3).unwrap().to_owned();
+        let outside = tempfile::tempdir().unwrap();
+        let moved = outside.path().join("moved");
+        std::fs::rename(&prefix, &moved).unwrap();
+        std::os::unix::fs::symlink(&moved, &prefix).unwrap();
+        let behind = moved.join(data.strip_prefix(&prefix).unwrap());
+        let mtime = std::fs::metadata(&behind).unwrap().modified().unwrap();
+        std::fs::write(&behind, vec![b'v'; body.len()]).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&behind)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+
+        let answer = http.get(&url).send().await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK, "{name}");
+        assert_eq!(
+            answer.bytes().await.unwrap(),
+            &body[..],
+            "{name}: the cache's own bytes"
+        );
+        assert_eq!(
+            std::fs::read(&behind).unwrap(),
+            vec![b'v'; body.len()],
+            "{name}"
+        );
+        drop(held);
+    }
+}

@@ -307,3 +307,160 @@ async fn a_part_file_hard_linked_to_a_file_elsewhere_is_never_resumed_into() {
         "no resume from a linked part"
     );
 }
+
+/// Whether any item from `dir` down to `path` is a link.
+fn through_a_link(dir: &Path, path: &Path) -> bool {
+    path.ancestors()
+        .take_while(|p| p.starts_with(dir) && *p != dir)
+        .any(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()))
+}
+
+/// Plants a link to `target` at every `v1/entries/<pp>` and `v1/locks/<pp>` not there yet,
+/// and in place of `v1/tmp` and `v1/procs`: wherever the next download of any URL goes.
+fn plant_everywhere(v1: &Path, target: &Path) {
+    for parent in ["entries", "locks"] {
+        for pp in 0..=255u8 {
+            let place = v1.join(parent).join(format!("{pp:02x}"));
+            if std::fs::symlink_metadata(&place).is_err() {
+                symlink(target, &place).unwrap();
+            }
+        }
+    }
+    for place in ["tmp", "procs"] {
+        let place = v1.join(place);
+        std::fs::rename(&place, v1.join(format!("{}.moved", place.display()))).unwrap();
+        symlink(target, &place).unwrap();
+    }
+}
+
+fn listing(dir: &Path) -> Vec<PathBuf> {
+    let mut items: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    items.sort();
+    items
+}
+
+#[tokio::test]
+async fn links_planted_while_the_cache_runs_are_not_followed_by_a_download() {
+    let origin = Origin::start().await;
+    let (a, b) = (volume(61, 300_000), volume(62, 300_000));
+    origin.route("a.nii.gz", Route::ok(a.clone()));
+    origin.route("b.nii.gz", Route::ok(b.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    drop(cache.get(origin.url("a.nii.gz")).await.unwrap());
+
+    let (victim_dir, victim_files) = victim();
+    plant_everywhere(&dir.path().join("v1"), victim_dir.path());
+    let file = cache.get(origin.url("b.nii.gz")).await.unwrap();
+    assert_eq!(std::fs::read(file.path()).unwrap(), b);
+    assert!(file.path().starts_with(dir.path()));
+    assert!(
+        !through_a_link(dir.path(), file.path()),
+        "{}",
+        file.path().display()
+    );
+    let mut read = Vec::new();
+    std::io::Read::read_to_end(&mut file.open().unwrap(), &mut read).unwrap();
+    assert_eq!(read, b);
+    drop(file);
+    cache.shutdown().await;
+
+    assert_untouched(&victim_files);
+    assert_eq!(listing(victim_dir.path()), {
+        let mut files = victim_files.clone();
+        files.sort();
+        files
+    });
+    // Both entries are the cache's, in its own directories, for the next process too.
+    let (cache, _clock) = open(dir.path()).await;
+    assert_eq!(cache.stats().entries_count, 2);
+    let file = cache.get(origin.url("b.nii.gz")).await.unwrap();
+    assert_eq!(file.status(), imgcache::CacheStatus::Hit);
+    assert_eq!(origin.hits("b.nii.gz"), 1);
+}
+
+/// Moves the fan-out directory of `data` out of the cache to `to`, puts a link in its place,
+/// and gives the data file there other bytes of the same size and mtime.
+fn move_behind_a_link(data: &Path, to: &Path) -> PathBuf {
+    let prefix = entry_dir_of(data).parent().unwrap().to_owned();
+    std::fs::rename(&prefix, to).unwrap();
+    symlink(to, &prefix).unwrap();
+    let moved = to.join(data.strip_prefix(&prefix).unwrap());
+    let md = std::fs::metadata(&moved).unwrap();
+    std::fs::write(&moved, vec![b'v'; md.len() as usize]).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&moved)
+        .unwrap()
+        .set_modified(md.modified().unwrap())
+        .unwrap();
+    moved
+}
+
+#[tokio::test]
+async fn an_entry_moved_behind_a_link_while_the_cache_runs_is_never_served() {
+    let origin = Origin::start().await;
+    let body = volume(63, 200_000);
+    origin.route("a.nii.gz", Route::ok(body.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let data = cache
+        .get(origin.url("a.nii.gz"))
+        .await
+        .unwrap()
+        .path()
+        .to_owned();
+    let outside = tempfile::tempdir().unwrap();
+    let moved = move_behind_a_link(&data, &outside.path().join("moved"));
+
+    let file = cache.get(origin.url("a.nii.gz")).await.unwrap();
+    let mut read = Vec::new();
+    std::io::Read::read_to_end(&mut file.open().unwrap(), &mut read).unwrap();
+    assert_eq!(
+        read, body,
+        "the cache's own bytes, not the ones behind the link"
+    );
+    assert_eq!(std::fs::read(file.path()).unwrap(), body);
+    assert!(
+        !through_a_link(dir.path(), file.path()),
+        "{}",
+        file.path().display()
+    );
+    assert_eq!(
+        origin.hits("a.nii.gz"),
+        2,
+        "fetched again, into the cache's own directory"
+    );
+    assert_eq!(
+        std::fs::read(&moved).unwrap(),
+        vec![b'v'; body.len()],
+        "what lies behind the link is left alone"
+    );
+}
+
+#[tokio::test]
+async fn a_handed_out_file_opens_only_as_the_file_the_cache_holds() {
+    let origin = Origin::start().await;
+    let body = volume(64, 100_000);
+    origin.route("a.nii.gz", Route::ok(body.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let file = cache.get(origin.url("a.nii.gz")).await.unwrap();
+    let mut read = Vec::new();
+    std::io::Read::read_to_end(&mut file.open().unwrap(), &mut read).unwrap();
+    assert_eq!(read, body);
+
+    let outside = tempfile::tempdir().unwrap();
+    move_behind_a_link(file.path(), &outside.path().join("moved"));
+    let err = file.open().unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(40), "ELOOP: {err}");
+    // Replaced in place (another inode at the same path): refused too.
+    std::fs::remove_file(entry_dir_of(file.path()).parent().unwrap()).unwrap();
+    std::fs::create_dir_all(file.path().parent().unwrap()).unwrap();
+    std::fs::write(file.path(), &body).unwrap();
+    let err = file.open().unwrap_err();
+    assert!(err.to_string().contains("moved or replaced"), "{err}");
+}
