@@ -63,9 +63,9 @@ impl CachedFile {
     }
 
     /// Opens the file for reading, with a position of its own: the very file the cache
-    /// checked and holds, reached from the cache directory without following a link. A link
-    /// planted in the directory since, or the file replaced, is an error here rather than a
-    /// read of other bytes (opening [`path`](Self::path) yourself follows whatever is there).
+    /// checked and holds (the same inode), whatever has been done to its path since, a link
+    /// planted on the way or another file put in its place. Opening [`path`](Self::path)
+    /// yourself follows whatever is there when you open it.
     ///
     /// ```no_run
     /// # async fn run(cache: imgcache::ImageCache) -> Result<(), Box<dyn std::error::Error>> {

@@ -41,7 +41,7 @@ pub(crate) struct Entry {
     /// last, under the index lock.
     pub(crate) held: Mutex<Option<File>>,
     /// Of the meta.json this entry was read from or wrote (see [`Stamp`]).
-    pub(super) stamp: [AtomicU64; 3],
+    pub(super) stamp: [AtomicU64; 4],
 }
 
 impl Entry {
@@ -94,6 +94,7 @@ impl Entry {
             ino: self.stamp[0].load(Ordering::Relaxed),
             mtime_ns: self.stamp[1].load(Ordering::Relaxed),
             len: self.stamp[2].load(Ordering::Relaxed),
+            dev: self.stamp[3].load(Ordering::Relaxed),
         }
     }
 
@@ -101,6 +102,7 @@ impl Entry {
         self.stamp[0].store(stamp.ino, Ordering::Relaxed);
         self.stamp[1].store(stamp.mtime_ns, Ordering::Relaxed);
         self.stamp[2].store(stamp.len, Ordering::Relaxed);
+        self.stamp[3].store(stamp.dev, Ordering::Relaxed);
     }
 
     /// Takes the freshness of `newer`, the same version as read from a renewed meta.json.

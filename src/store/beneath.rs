@@ -149,6 +149,20 @@ impl Beneath {
         File::from(self.open(path, OFlags::PATH, 0)?).metadata()
     }
 
+    /// `fstatat(v1, path, AT_SYMLINK_NOFOLLOW)`: one syscall, for comparing what `path`
+    /// names with a file the cache holds or a stamp it recorded (its device and inode), and
+    /// for nothing else. Unlike every other call here it resolves a link on the way; what
+    /// it finds through one is some other file, or the cache's own inode moved, and a stat
+    /// reads, writes and serves nothing.
+    pub(crate) fn identify(&self, path: &Path) -> io::Result<rustix::fs::Stat> {
+        let rel = self.relative(path)?;
+        let root = self.root_fd()?;
+        if rel.as_os_str().is_empty() {
+            return Ok(rustix::fs::fstat(root)?);
+        }
+        Ok(rustix::fs::statat(root, rel, AtFlags::SYMLINK_NOFOLLOW)?)
+    }
+
     /// The directory that holds `path`, and the name of `path` in it.
     fn parent<'a>(&self, path: &'a Path) -> io::Result<(DirFd<'_>, &'a OsStr)> {
         let rel = self.relative(path)?;

@@ -67,8 +67,8 @@ impl Layout {
     /// between its open and its lock is no lock at all.
     fn still_named(&self, file: &File, path: &Path) -> bool {
         use std::os::unix::fs::MetadataExt;
-        match (file.metadata(), self.lstat(path)) {
-            (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        match (file.metadata(), self.dir.identify(path)) {
+            (Ok(open), Ok(named)) => open.dev() == named.st_dev && open.ino() == named.st_ino,
             _ => false,
         }
     }

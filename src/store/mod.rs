@@ -403,6 +403,7 @@ impl Layout {
 /// did to an entry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Stamp {
+    pub(crate) dev: u64,
     pub(crate) ino: u64,
     pub(crate) mtime_ns: u64,
     pub(crate) len: u64,
@@ -411,9 +412,26 @@ pub(crate) struct Stamp {
 impl Stamp {
     pub(crate) fn of(md: &fs::Metadata) -> Stamp {
         Stamp {
+            dev: md.dev(),
             ino: md.ino(),
             mtime_ns: mtime_ns(md),
             len: md.len(),
+        }
+    }
+
+    // The field types of `stat` differ between targets: casts that are no-ops here.
+    #[allow(clippy::unnecessary_cast)]
+    fn of_stat(st: &rustix::fs::Stat) -> Stamp {
+        // As `mtime_ns`: a time before the epoch is 0.
+        let mtime_ns = u64::try_from(st.st_mtime).map_or(0, |secs| {
+            secs.saturating_mul(1_000_000_000)
+                .saturating_add(st.st_mtime_nsec as u64)
+        });
+        Stamp {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            mtime_ns,
+            len: st.st_size as u64,
         }
     }
 }
@@ -435,12 +453,13 @@ impl Claim {
 }
 
 impl Layout {
-    /// The stamp of the meta.json of `key`, if there is one.
+    /// The stamp of the meta.json of `key`, if there is one: one `fstatat` from `v1`'s
+    /// descriptor, the hit path's check (see [`Beneath::identify`]).
     pub(crate) fn meta_stamp(&self, key: &Key) -> Option<Stamp> {
         self.dir
-            .lstat(&self.meta_path(key))
+            .identify(&self.meta_path(key))
             .ok()
-            .map(|md| Stamp::of(&md))
+            .map(|st| Stamp::of_stat(&st))
     }
 
     /// Claims the version of `key` at `data_path` for removal. `None` when another process
@@ -537,9 +556,9 @@ impl Layout {
         match locks::try_shared(file) {
             Ok(locks::Try::Taken(file)) => {
                 let md = file.metadata();
-                let at_path = self.dir.lstat(path);
+                let at_path = self.dir.identify(path);
                 match (md, at_path) {
-                    (Ok(md), Ok(at)) if (md.dev(), md.ino()) == (at.dev(), at.ino()) => {
+                    (Ok(md), Ok(at)) if (md.dev(), md.ino()) == (at.st_dev, at.st_ino) => {
                         if intact(&md, meta) {
                             Hold::Held(file)
                         } else {
@@ -675,12 +694,28 @@ impl Layout {
         }
     }
 
-    /// Opens `path` afresh for reading (its own position), if it is still the file `held`:
-    /// reached without a link, the same inode.
+    /// A new handle, with a position of its own, on the file `held` (whose name is `path`):
+    /// the same inode, wherever its name leads now. On Linux through `/proc/self/fd`, which
+    /// reopens the held file itself; elsewhere, or without `/proc`, by `path`, never through
+    /// a link, and only if it still names that inode.
     pub(crate) fn reopen(&self, path: &Path, held: &File) -> io::Result<File> {
+        let want = held.metadata()?;
+        let same = |file: &File| {
+            file.metadata()
+                .is_ok_and(|md| (md.dev(), md.ino()) == (want.dev(), want.ino()))
+        };
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let proc = format!("/proc/self/fd/{}", held.as_raw_fd());
+            if let Ok(file) = File::open(proc)
+                && same(&file)
+            {
+                return Ok(file);
+            }
+        }
         let file = self.open_no_follow(path)?;
-        let (a, b) = (file.metadata()?, held.metadata()?);
-        if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+        if !same(&file) {
             return Err(replaced());
         }
         Ok(file)

@@ -858,29 +858,36 @@ async fn responses_carry_security_headers_and_errors_no_local_paths() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_never_serves_bytes_behind_a_link_planted_while_it_runs() {
     let origin = Origin::start().await;
-    // One body read at once, one streamed.
-    let bodies = [
-        ("data/s.nii.gz", volume(71, 20_000)),
-        ("data/l.nii.gz", volume(72, MB)),
+    // A small body is read at once, a large one streamed; each with its entry held by this
+    // process and not.
+    let cases = [
+        ("s1.nii.gz", 20_000, false),
+        ("s2.nii.gz", 20_000, true),
+        ("l1.nii.gz", MB, false),
+        ("l2.nii.gz", MB, true),
     ];
-    for (path, body) in &bodies {
-        origin.route(path, Route::ok(body.clone()));
+    for (i, (name, size, _)) in cases.iter().enumerate() {
+        origin.route(
+            &format!("data/{name}"),
+            Route::ok(volume(71 + i as u64, *size)),
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let cache = setup(dir.path(), &origin).await;
     let server = serve(cache.clone(), ServerOptions::new()).await;
     let http = reqwest::Client::new();
-    for (path, body) in &bodies {
-        let name = path.strip_prefix("data/").unwrap();
+    for (i, (name, size, hold)) in cases.into_iter().enumerate() {
+        let body = volume(71 + i as u64, size);
         let url = format!("{}/files/{name}", server.base);
         assert_eq!(
             http.get(&url).send().await.unwrap().bytes().await.unwrap(),
             &body[..]
         );
-        // Held by this process while its directory is moved out and a link put in its place,
-        // with other bytes of the same size and mtime behind it.
+        // Its directory moved out of the cache and a link put in its place, with another file
+        // of the same size and mtime behind it.
         let held = cache.get(name).await.unwrap();
         let data = held.path().to_owned();
+        let held = hold.then_some(held);
         let prefix = data.ancestors().nth(3).unwrap().to_owned();
         let outside = tempfile::tempdir().unwrap();
         let moved = outside.path().join("moved");
@@ -888,13 +895,15 @@ async fn files_never_serves_bytes_behind_a_link_planted_while_it_runs() {
         std::os::unix::fs::symlink(&moved, &prefix).unwrap();
         let behind = moved.join(data.strip_prefix(&prefix).unwrap());
         let mtime = std::fs::metadata(&behind).unwrap().modified().unwrap();
-        std::fs::write(&behind, vec![b'v'; body.len()]).unwrap();
+        std::fs::remove_file(&behind).unwrap();
+        std::fs::write(&behind, vec![b'v'; size]).unwrap();
         std::fs::File::options()
             .write(true)
             .open(&behind)
             .unwrap()
             .set_modified(mtime)
             .unwrap();
+        let before = crate::support::files(&moved);
 
         let answer = http.get(&url).send().await.unwrap();
         assert_eq!(answer.status(), StatusCode::OK, "{name}");
@@ -903,10 +912,11 @@ async fn files_never_serves_bytes_behind_a_link_planted_while_it_runs() {
             &body[..],
             "{name}: the cache's own bytes"
         );
+        assert_eq!(std::fs::read(&behind).unwrap(), vec![b'v'; size], "{name}");
         assert_eq!(
-            std::fs::read(&behind).unwrap(),
-            vec![b'v'; body.len()],
-            "{name}"
+            crate::support::files(&moved),
+            before,
+            "{name}: nothing written behind the link"
         );
         drop(held);
     }
