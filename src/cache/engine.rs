@@ -111,12 +111,13 @@ impl PinHome for Inner {
         let held = entry.held.lock().unwrap_or_else(|e| e.into_inner());
         match &*held {
             Some(held) => self.layout.reopen(&entry.path, held),
+            // Not reached for a handed-out pin (each passed `hold`): by the path, checked.
             None => {
                 let file = self.layout.open_no_follow(&entry.path)?;
                 if !store::still_intact(&file, &entry.meta) {
                     return Err(store::replaced());
                 }
-                Ok(file)
+                store::blocking(file)
             }
         }
     }
@@ -128,6 +129,7 @@ impl Swept for Inner {
     }
 
     fn sweep(&self) -> Option<u64> {
+        self.layout.warn_if_replaced();
         let (removed, next) = self.sweep_now();
         removed.dispose_now();
         self.remove_idle_locks();

@@ -105,6 +105,7 @@ impl Index {
                     && matches!(
                         self.layout.lstat(&e.path),
                         Err(err) if err.kind() == io::ErrorKind::NotFound
+                            || crate::store::behind_a_link(&err)
                     )
             });
             if gone && let Some(entry) = st.entries.remove(key) {

@@ -30,6 +30,10 @@ use rustix::io::Errno;
 pub(crate) struct Beneath {
     root: PathBuf,
     fd: OnceLock<OwnedFd>,
+    /// The mode of the directories it makes.
+    dir_mode: u32,
+    /// Whether [`replaced`](Self::replaced) was reported.
+    pub(crate) warned: std::sync::atomic::AtomicBool,
 }
 
 /// A directory's descriptor: `v1`'s own, or one opened below it.
@@ -72,9 +76,16 @@ impl DirItem {
     }
 }
 
-/// Set once `openat2` proved missing (an old kernel): the walk is used from then on.
+/// How deep [`Beneath::remove_all`] goes.
+const REMOVE_DEPTH: usize = 16;
+
+/// Set once `openat2` proved missing (an old kernel) or refused: the walk is used from then
+/// on.
 #[cfg(target_os = "linux")]
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+const ELOOP: i32 = Errno::LOOP.raw_os_error();
+const ENOTDIR: i32 = Errno::NOTDIR.raw_os_error();
 
 const DIR_PATH: OFlags = OFlags::PATH
     .union(OFlags::DIRECTORY)
@@ -82,10 +93,12 @@ const DIR_PATH: OFlags = OFlags::PATH
     .union(OFlags::CLOEXEC);
 
 impl Beneath {
-    pub(crate) fn new(root: PathBuf) -> Beneath {
+    pub(crate) fn new(root: PathBuf, dir_mode: u32) -> Beneath {
         Beneath {
             root,
             fd: OnceLock::new(),
+            dir_mode,
+            warned: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -163,6 +176,27 @@ impl Beneath {
         Ok(rustix::fs::statat(root, rel, AtFlags::SYMLINK_NOFOLLOW)?)
     }
 
+    /// Whether `v1` by its path is no longer the directory this process holds (removed,
+    /// renamed, or another made in its place): the process goes on in the one it holds, and
+    /// no other process sees it there.
+    pub(crate) fn replaced(&self) -> bool {
+        let Some(fd) = self.fd.get() else {
+            return false;
+        };
+        match (rustix::fs::fstat(fd), rustix::fs::lstat(&self.root)) {
+            (Ok(held), Ok(named)) => {
+                held.st_nlink == 0 || (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino)
+            }
+            (Ok(_), Err(_)) => true,
+            (Err(_), _) => false,
+        }
+    }
+
+    /// `fstatfs` of `v1`.
+    pub(crate) fn statfs(&self) -> io::Result<rustix::fs::StatFs> {
+        Ok(rustix::fs::fstatfs(self.root_fd()?)?)
+    }
+
     /// The directory that holds `path`, and the name of `path` in it.
     fn parent<'a>(&self, path: &'a Path) -> io::Result<(DirFd<'_>, &'a OsStr)> {
         let rel = self.relative(path)?;
@@ -198,13 +232,30 @@ impl Beneath {
     /// Makes `path` and the directories above it (below `v1`) with `mode`. A link in place
     /// of one of them is removed (with a WARN) and the directory made: nothing the cache
     /// writes next goes through it.
-    pub(crate) fn create_dir_all(&self, path: &Path, mode: u32) -> io::Result<()> {
+    pub(crate) fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         let rel = self.relative(path)?;
         let mut dir = DirFd::Root(self.root_fd()?);
         for name in rel.iter() {
-            dir = DirFd::Owned(make_dir(dir.as_fd(), name, mode, path)?);
+            dir = DirFd::Owned(make_dir(dir.as_fd(), name, self.dir_mode, path)?);
         }
         Ok(())
+    }
+
+    /// [`rename`](Self::rename); when a link stands in place of a directory on the way to
+    /// `to`, it is replaced by the directory (see [`create_dir_all`](Self::create_dir_all))
+    /// and the rename tried once more. (A directory that is gone stays an error: another
+    /// process removed what was to be renamed into it.)
+    pub(crate) fn rename_making_room(&self, from: &Path, to: &Path) -> io::Result<()> {
+        match self.rename(from, to) {
+            Err(e) if matches!(e.raw_os_error(), Some(ELOOP | ENOTDIR)) => {
+                match to.parent() {
+                    Some(parent) if parent != self.root => self.create_dir_all(parent)?,
+                    _ => return Err(e),
+                }
+                self.rename(from, to)
+            }
+            renamed => renamed,
+        }
     }
 
     /// The items of directory `path` (never through a link), without `.` and `..`.
@@ -217,7 +268,7 @@ impl Beneath {
     /// is removed as a link.
     pub(crate) fn remove_all(&self, path: &Path) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
-        remove_at(dir.as_fd(), name)
+        remove_at(dir.as_fd(), name, 0)
     }
 
     /// Fsyncs directory `path` so that the renames in it are durable.
@@ -242,8 +293,12 @@ fn resolve(dir: BorrowedFd<'_>, rel: &Path, flags: OFlags, mode: Mode) -> io::Re
                     NO_OPENAT2.store(true, Ordering::Relaxed);
                     break;
                 }
-                // A sandbox that refuses the call: the walk answers this once.
-                Err(Errno::PERM) => break,
+                // A sandbox that refuses the call (older container runtimes): the walk
+                // answers from now on.
+                Err(Errno::PERM) => {
+                    NO_OPENAT2.store(true, Ordering::Relaxed);
+                    break;
+                }
                 result => return Ok(result?),
             }
         }
@@ -293,7 +348,11 @@ fn make_dir(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, whole: &Path) -> io::R
                     item = %Path::new(name).display(),
                     "removing a link planted in place of a cache directory"
                 );
-                rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
+                match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+                    // Another process replaced it first.
+                    Ok(()) | Err(Errno::NOENT | Errno::ISDIR) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             Err(e) => return Err(e.into()),
         }
@@ -329,12 +388,21 @@ fn list(fd: OwnedFd, path: &Path) -> io::Result<Vec<DirItem>> {
 
 /// Removes `name` in `dir`: a directory with everything in it, anything else (a link
 /// included) by unlinking it.
-fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+///
+/// The cache's own trees are two levels deep (a version's directory and its file); a tree
+/// deeper than [`REMOVE_DEPTH`], planted to exhaust descriptors or the stack, is left with an
+/// error.
+fn remove_at(dir: BorrowedFd<'_>, name: &OsStr, depth: usize) -> io::Result<()> {
     match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
         Ok(()) => return Ok(()),
         // A directory: EISDIR on Linux, EPERM where POSIX allows it.
         Err(Errno::ISDIR | Errno::PERM) => {}
         Err(e) => return Err(e.into()),
+    }
+    if depth >= REMOVE_DEPTH {
+        return Err(io::Error::other(
+            "a directory tree too deep to be the cache's",
+        ));
     }
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let inner = rustix::fs::openat(dir, name, flags, Mode::empty())?;
@@ -343,7 +411,7 @@ fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
         .map(|item| item.file_name().to_owned())
         .collect();
     for child in &names {
-        match remove_at(inner.as_fd(), child) {
+        match remove_at(inner.as_fd(), child, depth + 1) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             other => other?,
         }
@@ -367,7 +435,7 @@ mod tests {
         std::fs::write(outside.path().join("secret"), b"outside").unwrap();
         symlink(outside.path(), root.join("a/out")).unwrap();
         symlink(outside.path().join("secret"), root.join("a/f")).unwrap();
-        (dir, outside, Beneath::new(root))
+        (dir, outside, Beneath::new(root, 0o700))
     }
 
     /// A link met on the way: `ELOOP`, or `ENOTDIR` where a directory was asked for.
@@ -406,6 +474,38 @@ mod tests {
     }
 
     #[test]
+    fn openat2_itself_refuses_links_where_the_kernel_has_it() {
+        let (_dir, _outside, beneath) = tree();
+        let root = beneath.root_fd().unwrap();
+        let how = rustix::fs::ResolveFlags::BENEATH | rustix::fs::ResolveFlags::NO_SYMLINKS;
+        let open = |p: &str| rustix::fs::openat2(root, p, OFlags::RDONLY, Mode::empty(), how);
+        match open("a/b/file") {
+            Err(Errno::NOSYS | Errno::PERM) => {
+                println!("SKIPPED: no openat2 here; the walk answers (tested above)");
+                return;
+            }
+            opened => assert_eq!(read(opened.unwrap()), b"inside"),
+        }
+        assert_eq!(open("a/out/secret").unwrap_err(), Errno::LOOP);
+        assert_eq!(open("a/f").unwrap_err(), Errno::LOOP);
+        assert_eq!(open("../v1/a/b/file").unwrap_err(), Errno::XDEV);
+    }
+
+    #[test]
+    fn a_v1_removed_or_replaced_under_the_process_is_noticed() {
+        let (dir, _outside, beneath) = tree();
+        beneath.pin().unwrap();
+        assert!(!beneath.replaced());
+        std::fs::rename(&beneath.root, dir.path().join("v1.old")).unwrap();
+        assert!(beneath.replaced(), "gone");
+        std::fs::create_dir(&beneath.root).unwrap();
+        assert!(beneath.replaced(), "another in its place");
+        let fresh = Beneath::new(beneath.root.clone(), 0o700);
+        fresh.pin().unwrap();
+        assert!(!fresh.replaced());
+    }
+
+    #[test]
     fn paths_outside_or_with_dot_dot_are_refused() {
         let (dir, _outside, beneath) = tree();
         for path in [
@@ -426,7 +526,7 @@ mod tests {
     fn a_link_in_place_of_a_directory_is_replaced_and_a_file_is_not() {
         let (_dir, outside, beneath) = tree();
         let made = beneath.root.join("a/out/new");
-        beneath.create_dir_all(&made, 0o700).unwrap();
+        beneath.create_dir_all(&made).unwrap();
         assert!(
             std::fs::symlink_metadata(beneath.root.join("a/out"))
                 .unwrap()
@@ -439,7 +539,7 @@ mod tests {
             "nothing made outside"
         );
         let err = beneath
-            .create_dir_all(&beneath.root.join("a/b/file/x"), 0o700)
+            .create_dir_all(&beneath.root.join("a/b/file/x"))
             .unwrap_err();
         assert_eq!(
             err.raw_os_error(),

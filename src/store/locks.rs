@@ -74,11 +74,15 @@ impl Layout {
     }
 
     /// Takes the exclusive lock on an existing file (a data file, a part file) if nobody
-    /// holds it. Opened read-only: `flock` does not care about the open mode.
+    /// holds it. Opened read-only: `flock` does not care about the open mode. A file behind a
+    /// link planted on the way is no file of the cache's: `Gone` (so that an entry moved
+    /// behind one can still be evicted, which touches nothing behind it).
     pub(crate) fn try_exclusive_at(&self, path: &Path) -> io::Result<Try> {
         match self.open_no_follow(path) {
             Ok(file) => try_exclusive(file),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Try::Gone),
+            Err(e) if e.kind() == io::ErrorKind::NotFound || super::behind_a_link(&e) => {
+                Ok(Try::Gone)
+            }
             Err(e) => Err(e),
         }
     }

@@ -106,7 +106,7 @@ impl Layout {
         Layout {
             entries: root.join("entries"),
             tmp: root.join("tmp"),
-            dir: Arc::new(Beneath::new(root.clone())),
+            dir: Arc::new(Beneath::new(root.clone(), dir_mode)),
             root,
             file_mode,
             dir_mode,
@@ -186,7 +186,7 @@ impl Layout {
                 .mode(self.dir_mode)
                 .create(dir);
         }
-        self.dir.create_dir_all(dir, self.dir_mode)
+        self.dir.create_dir_all(dir)
     }
 
     /// Creates a new file (readable too: the readers of a download in progress read its part
@@ -262,8 +262,10 @@ impl Layout {
 
     /// The kind of network file system the cache directory is on, if it is on one: there,
     /// locks may do nothing (every byte guarantee still holds; a file may be downloaded twice).
+    // `f_type`'s type differs between targets.
+    #[allow(clippy::unnecessary_cast)]
     pub(crate) fn network_file_system(&self) -> Option<&'static str> {
-        let f_type = rustix::fs::statfs(&self.root).ok()?.f_type as i64 as u32;
+        let f_type = self.dir.statfs().ok()?.f_type as i64 as u32;
         Some(match f_type {
             0x6969 => "NFS",
             0xFF53_4D42 | 0xFE53_4D42 | 0x517B => "CIFS/SMB",
@@ -275,6 +277,23 @@ impl Layout {
             0x0116_1970 => "GFS2",
             _ => return None,
         })
+    }
+
+    /// Says, once, with an ERROR, when `v1` by its path is no longer the directory this
+    /// process holds (see [`Beneath::replaced`]); the sweeper asks. Returns whether it was.
+    pub(crate) fn warn_if_replaced(&self) -> bool {
+        if !self.dir.replaced() {
+            return false;
+        }
+        if !self.dir.warned.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                path = %self.root.display(),
+                "the cache directory was removed or replaced while this process uses it: it \
+                 goes on in the one it opened, which other processes no longer see; restart it \
+                 (empty a cache with `clear` instead)"
+            );
+        }
+        true
     }
 
     pub(crate) fn procs_dir(&self) -> PathBuf {
@@ -602,9 +621,10 @@ impl TempFile {
         &self.path
     }
 
-    /// Renames the file to `to`; after success nothing is removed on drop.
+    /// Renames the file to `to`; after success nothing is removed on drop. A link planted in
+    /// place of a directory on the way is replaced by the directory first.
     pub(crate) fn persist(mut self, to: &Path) -> io::Result<()> {
-        self.dir.rename(&self.path, to)?;
+        self.dir.rename_making_room(&self.path, to)?;
         self.armed = false;
         Ok(())
     }
@@ -718,7 +738,7 @@ impl Layout {
         if !same(&file) {
             return Err(replaced());
         }
-        Ok(file)
+        blocking(file)
     }
 
     /// The metadata of what `path` names itself, never through a link (`lstat`).
@@ -747,6 +767,18 @@ impl Layout {
     pub(crate) fn open_at(&self, path: &Path, flags: OFlags, mode: u32) -> io::Result<File> {
         Ok(File::from(self.dir.open(path, flags, mode)?))
     }
+}
+
+/// `file` (opened non-blocking, see [`Layout::open_no_follow`]) made blocking again, to be
+/// handed out.
+pub(crate) fn blocking(file: File) -> io::Result<File> {
+    rustix::fs::fcntl_setfl(&file, OFlags::empty())?;
+    Ok(file)
+}
+
+/// Whether an error of a call below `v1` says that a link (or a file) stands on the way.
+pub(crate) fn behind_a_link(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(ELOOP | ENOTDIR))
 }
 
 /// The error of a cached file whose path no longer leads to the file the cache holds.

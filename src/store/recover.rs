@@ -532,11 +532,15 @@ pub(crate) fn scan(layout: &Layout, known: &std::collections::HashMap<Key, Stamp
             let Some(key) = entry.file_name().to_str().and_then(Key::parse) else {
                 continue;
             };
+            if prefix.file_name().to_str() != Some(key.prefix()) {
+                continue;
+            }
             let dir = entry.path();
-            let Ok(md) = layout.lstat(&dir.join(META_FILE)) else {
+            // One `fstatat` (see `Beneath::identify`): compared, then read strictly if new.
+            let Some(stamp) = layout.meta_stamp(&key) else {
                 continue;
             };
-            if known.get(&key) == Some(&Stamp::of(&md)) {
+            if known.get(&key) == Some(&stamp) {
                 scan.present.insert(key);
                 continue;
             }

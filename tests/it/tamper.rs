@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use imgcache::ErrorKind;
 
-use crate::support::origin::{Origin, Route, volume};
+use crate::support::origin::{Origin, Route, sha256_hex, volume};
 use crate::support::{data_files, entry_dir_of, meta_of, open};
 
 /// A directory outside the cache with files that must survive.
@@ -347,14 +347,44 @@ async fn links_planted_while_the_cache_runs_are_not_followed_by_a_download() {
     let origin = Origin::start().await;
     let (a, b) = (volume(61, 300_000), volume(62, 300_000));
     origin.route("a.nii.gz", Route::ok(a.clone()));
-    origin.route("b.nii.gz", Route::ok(b.clone()));
     let dir = tempfile::tempdir().unwrap();
     let (cache, _clock) = open(dir.path()).await;
-    drop(cache.get(origin.url("a.nii.gz")).await.unwrap());
+    let a_data = cache
+        .get(origin.url("a.nii.gz"))
+        .await
+        .unwrap()
+        .path()
+        .to_owned();
+    // A key is the SHA-256 of the URL (these need no normalising): `b` is a URL whose fan-out
+    // directory is not `a`'s, so that its way goes through a planted link.
+    let a_entry = entry_dir_of(&a_data);
+    assert_eq!(
+        a_entry.file_name().unwrap().to_str().unwrap(),
+        sha256_hex(origin.url("a.nii.gz").as_bytes())
+    );
+    let b_name = (0..)
+        .map(|i| format!("b{i}.nii.gz"))
+        .find(|name| {
+            sha256_hex(origin.url(name).as_bytes())[..2]
+                != *a_entry
+                    .parent()
+                    .unwrap()
+                    .file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+        })
+        .unwrap();
+    origin.route(&b_name, Route::ok(b.clone()));
 
     let (victim_dir, victim_files) = victim();
     plant_everywhere(&dir.path().join("v1"), victim_dir.path());
-    let file = cache.get(origin.url("b.nii.gz")).await.unwrap();
+    let b_prefix = dir
+        .path()
+        .join("v1/entries")
+        .join(&sha256_hex(origin.url(&b_name).as_bytes())[..2]);
+    assert!(std::fs::symlink_metadata(&b_prefix).unwrap().is_symlink());
+    let file = cache.get(origin.url(&b_name)).await.unwrap();
     assert_eq!(std::fs::read(file.path()).unwrap(), b);
     assert!(file.path().starts_with(dir.path()));
     assert!(
@@ -377,9 +407,9 @@ async fn links_planted_while_the_cache_runs_are_not_followed_by_a_download() {
     // Both entries are the cache's, in its own directories, for the next process too.
     let (cache, _clock) = open(dir.path()).await;
     assert_eq!(cache.stats().entries_count, 2);
-    let file = cache.get(origin.url("b.nii.gz")).await.unwrap();
+    let file = cache.get(origin.url(&b_name)).await.unwrap();
     assert_eq!(file.status(), imgcache::CacheStatus::Hit);
-    assert_eq!(origin.hits("b.nii.gz"), 1);
+    assert_eq!(origin.hits(&b_name), 1);
 }
 
 /// Moves the fan-out directory of `data` out of the cache to `to`, puts a link in its place,
@@ -485,4 +515,64 @@ async fn a_handed_out_file_opens_as_the_file_the_cache_holds_wherever_its_path_l
     std::io::Read::read_exact(&mut two, &mut first).unwrap();
     assert_eq!(first, body[..10]);
     assert_eq!(std::fs::read(&moved).unwrap(), vec![b'v'; body.len()]);
+}
+
+#[tokio::test]
+async fn an_entry_moved_behind_a_link_is_evicted_before_the_cache_s_own() {
+    let origin = Origin::start().await;
+    for i in 0..8 {
+        origin.route(&format!("e{i}.nii.gz"), Route::ok(volume(80 + i, 1000)));
+    }
+    let prefix_of =
+        |i: u64| sha256_hex(origin.url(&format!("e{i}.nii.gz")).as_bytes())[..2].to_owned();
+    // Three URLs in three fan-out directories: the oldest goes behind a link.
+    let mut picked = vec![0u64];
+    for i in 1..8 {
+        if picked.len() < 3 && picked.iter().all(|p| prefix_of(*p) != prefix_of(i)) {
+            picked.push(i);
+        }
+    }
+    let [old, kept, new] = picked[..] else {
+        panic!("{picked:?}")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = crate::support::open_capped(dir.path(), 2500).await;
+    let old_data = cache
+        .get(origin.url(&format!("e{old}.nii.gz")))
+        .await
+        .unwrap()
+        .path()
+        .to_owned();
+    let kept_data = cache
+        .get(origin.url(&format!("e{kept}.nii.gz")))
+        .await
+        .unwrap()
+        .path()
+        .to_owned();
+    let outside = tempfile::tempdir().unwrap();
+    let moved = move_behind_a_link(&old_data, &outside.path().join("moved"));
+
+    // Over the cap: the entry whose bytes are no longer in the cache goes, not a real one.
+    drop(
+        cache
+            .get(origin.url(&format!("e{new}.nii.gz")))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(std::fs::read(&kept_data).unwrap(), volume(80 + kept, 1000));
+    assert!(
+        cache
+            .get_cached(origin.url(&format!("e{kept}.nii.gz")))
+            .is_some()
+    );
+    assert!(
+        cache
+            .get_cached(origin.url(&format!("e{old}.nii.gz")))
+            .is_none()
+    );
+    assert_eq!(
+        std::fs::read(&moved).unwrap(),
+        vec![b'v'; 1000],
+        "nothing behind the link touched"
+    );
 }
