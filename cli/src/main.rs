@@ -588,13 +588,17 @@ async fn command(
             plan.why.extend(evicted.why);
             if removal::approve(&plan, *deleting, &mut out)? {
                 let r = cache.cleanup().await?;
-                writeln!(
+                write!(
                     out,
                     "expired {}, evicted {}, freed {}",
                     r.expired,
                     r.evicted,
                     sizes::human(r.bytes_freed)
                 )?;
+                if r.kept_in_use > 0 {
+                    write!(out, "; kept {} expired, still in use", r.kept_in_use)?;
+                }
+                writeln!(out)?;
             }
         }
         Command::Verify { url: Some(url) } => {

@@ -190,9 +190,12 @@ class ImageCacheManager:
         return stats
 
     def cleanup(self) -> Dict[str, int]:
-        """Removes expired entries and enforces the size cap now (a background task does it
-        every minute too), after letting go of this manager's holds. Returns
-        ``{"expired": n, "evicted": n, "bytes_freed": n}``."""
+        """Removes every expired entry that nobody holds and enforces the size cap now, after
+        letting go of this manager's holds. (A background task does it every minute too, but
+        keeps an expired copy for a grace period, 7 days by default, for offline use and
+        outages; this call keeps none.) Returns ``{"expired": n, "evicted": n,
+        "bytes_freed": n, "kept_in_use": n}``: ``kept_in_use`` counts the expired files that
+        a caller (another ``open()``, another process) still holds; they go when it lets go."""
         return self._cache.cleanup()
 
     # -- beyond the original ------------------------------------------------------------------

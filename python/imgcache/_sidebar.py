@@ -1,6 +1,6 @@
 """``show_cache_controls()``: the cache's sidebar in Streamlit's own widgets."""
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Dict
 
 try:
     import streamlit as st
@@ -106,11 +106,18 @@ def _clear(manager: "ImageCacheManager") -> None:
 
 
 def _cleanup(manager: "ImageCacheManager") -> None:
-    report = manager.cleanup()
-    st.session_state["imgcache_message"] = (
-        f"Expired files removed: {report['expired']} "
-        f"({report['bytes_freed'] / _MB:.1f} MB freed)"
-    )
+    st.session_state["imgcache_message"] = cleanup_message(manager.cleanup())
+
+
+def cleanup_message(report: Dict[str, int]) -> str:
+    """What the clean-up button says: what went, why, and what was kept."""
+    words = f"Expired files removed: {report['expired']}"
+    if report["evicted"]:
+        words += f"; removed for the size cap: {report['evicted']}"
+    words += f" ({report['bytes_freed'] / _MB:.1f} MB freed)"
+    if report.get("kept_in_use"):
+        words += f". Kept {report['kept_in_use']} expired, still in use: they go when let go"
+    return words
 
 
 def _set_ttl(manager: "ImageCacheManager") -> None:

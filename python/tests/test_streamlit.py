@@ -67,6 +67,18 @@ def test_clean_up_expired_reports(app):
     assert any("Expired files removed: 0" in s.value for s in app.sidebar.success)
 
 
+def test_the_clean_up_message_says_what_went_why_and_what_stayed():
+    from imgcache._sidebar import cleanup_message
+
+    report = {"expired": 2, "evicted": 1, "bytes_freed": 3 * MB, "kept_in_use": 1}
+    assert cleanup_message(report) == (
+        "Expired files removed: 2; removed for the size cap: 1 (3.0 MB freed). "
+        "Kept 1 expired, still in use: they go when let go"
+    )
+    nothing = {"expired": 0, "evicted": 0, "bytes_freed": 0, "kept_in_use": 0}
+    assert cleanup_message(nothing) == "Expired files removed: 0 (0.0 MB freed)"
+
+
 def test_the_ttl_and_size_inputs_apply_at_once(app, cache_dir):
     manager = imgcache.get_cache_manager()
     assert manager.default_ttl_seconds == 24 * 3600

@@ -186,7 +186,7 @@ impl<'a> Admin<'a> {
     pub fn cleanup_preview(&self) -> CleanupPreview {
         let inner = self.cache.inner();
         let mut preview = CleanupPreview::default();
-        for (entry, reason) in inner.index.sweep_plan(inner.config.now_ms()) {
+        for (entry, reason) in inner.index.sweep_plan(inner.config.now_ms(), false) {
             match reason {
                 Reason::Expired => preview.expired.push(entry_info(&entry)),
                 _ => preview.evicted.push(entry_info(&entry)),

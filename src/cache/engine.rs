@@ -152,10 +152,11 @@ impl Swept for Inner {
 }
 
 impl Inner {
-    /// Expires and evicts now; returns what was removed and the next instant an entry leaves
-    /// its grace period.
+    /// The sweeper's sweep, now: expires and evicts; returns what was removed and the next
+    /// instant an entry leaves its grace period (expired entries stay that long, as stale
+    /// copies for offline use and outages; an explicit cleanup keeps none).
     pub(super) fn sweep_now(&self) -> (Removals, Option<u64>) {
-        self.index.sweep(self.config.now_ms())
+        self.index.sweep(self.config.now_ms(), true)
     }
 
     /// Removes the writer-lock files of URLs with no entry here, no holder and nothing to

@@ -226,6 +226,10 @@ pub struct CleanupReport {
     pub evicted: u64,
     /// Bytes those entries held.
     pub bytes_freed: u64,
+    /// Expired entries left because a caller (here or in another process) holds their
+    /// file: they go when it lets go.
+    #[serde(default)]
+    pub kept_in_use: u64,
 }
 
 /// The outcome of verifying one entry.

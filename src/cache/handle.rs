@@ -428,10 +428,13 @@ impl ImageCache {
         Ok(n)
     }
 
-    /// Expires entries past their TTL and evicts to honour the cap, now, over the whole
-    /// directory (what other processes committed, reserved and let go is read first), and
-    /// removes the writer-lock files of URLs that no longer have an entry. The background
-    /// sweeper does the same periodically.
+    /// Removes every entry past its TTL that nobody holds and evicts to honour the cap, now,
+    /// over the whole directory (what other processes committed, reserved and let go is read
+    /// first), and removes the writer-lock files of URLs that no longer have an entry. The
+    /// background sweeper does the same periodically, except that it keeps an expired entry
+    /// for the grace period ([`CacheBuilder::stale_grace`](crate::CacheBuilder::stale_grace)) as a stale copy for offline use and
+    /// outages; an explicit cleanup, like the original design's, keeps none. Expired entries a
+    /// caller holds are counted in [`CleanupReport::kept_in_use`] and go when it lets go.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -458,7 +461,9 @@ impl ImageCache {
             this.sync_from_disk();
         })
         .await;
-        let (removed, _) = inner.sweep_now();
+        // Every expired entry nobody holds, grace or not: what the caller asked for.
+        let now = inner.config.now_ms();
+        let (removed, _) = inner.index.sweep(now, false);
         let mut report = CleanupReport::default();
         for r in removed.iter() {
             match r.reason {
@@ -468,6 +473,7 @@ impl ImageCache {
             }
             report.bytes_freed += r.entry.meta.size;
         }
+        report.kept_in_use = inner.index.expired_count(now);
         removed.dispose_off_workers().await;
         let this = Arc::clone(inner);
         let _ = tokio::task::spawn_blocking(move || this.remove_idle_locks()).await;

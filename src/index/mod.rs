@@ -144,6 +144,16 @@ impl Index {
         self.max.load(Ordering::Relaxed)
     }
 
+    /// How many entries are past their expiry at `now_ms` (after an explicit cleanup: those
+    /// somebody holds).
+    pub(crate) fn expired_count(&self, now_ms: u64) -> u64 {
+        let st = self.lock();
+        st.entries
+            .values()
+            .filter(|e| now_ms >= e.expires_at())
+            .count() as u64
+    }
+
     /// Whether `entry` is past its expiry and grace period at `now_ms`: the sweep's to take.
     pub(crate) fn past_grace(&self, entry: &Entry, now_ms: u64) -> bool {
         now_ms >= entry.expires_at().saturating_add(self.grace_ms)

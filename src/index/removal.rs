@@ -13,11 +13,12 @@ use crate::store::Claim;
 const PHANTOM_CHECKS: usize = 64;
 
 impl Index {
-    /// Removes unpinned entries past their expiry and grace period, then evicts to honour the
-    /// cap. Returns what was removed and the next instant an entry leaves its grace period.
-    pub(crate) fn sweep(&self, now_ms: u64) -> (Removals, Option<u64>) {
+    /// Removes unpinned entries past their expiry and grace period (no grace when
+    /// `keep_grace` is false: an explicit cleanup), then evicts to honour the cap. Returns
+    /// what was removed and the next instant an entry leaves its grace period.
+    pub(crate) fn sweep(&self, now_ms: u64, keep_grace: bool) -> (Removals, Option<u64>) {
         let mut st = self.lock();
-        let grace = self.grace_ms;
+        let grace = if keep_grace { self.grace_ms } else { 0 };
         let expired: Vec<Key> = st
             .entries
             .values()
@@ -43,9 +44,9 @@ impl Index {
     /// What [`sweep`](Self::sweep) at `now_ms` would remove, removing nothing: the unpinned
     /// entries past their grace, then the least recently used until the total fits the cap.
     /// The sweep itself may spare some of them (another process holding or renewing one).
-    pub(crate) fn sweep_plan(&self, now_ms: u64) -> Vec<(Arc<Entry>, Reason)> {
+    pub(crate) fn sweep_plan(&self, now_ms: u64, keep_grace: bool) -> Vec<(Arc<Entry>, Reason)> {
         let st = self.lock();
-        let grace = self.grace_ms;
+        let grace = if keep_grace { self.grace_ms } else { 0 };
         let mut total = self.total(&st);
         let mut plan: Vec<(Arc<Entry>, Reason)> = st
             .entries

@@ -152,7 +152,7 @@ fn entries_held_above_the_cap_are_evicted_when_released() {
     let (removed, over_cap) = index.unpin(&a);
     assert!(removed.is_empty(), "released, but not by its own unpin");
     assert!(over_cap, "the sweeper is to evict");
-    let (removed, _) = index.sweep(0);
+    let (removed, _) = index.sweep(0, true);
     assert_eq!(keys(&removed), vec![key(0)], "released and over the cap");
     delete_trash(&removed);
     let (removed, over_cap) = index.unpin(&b);
@@ -277,7 +277,7 @@ fn the_sweep_removes_entries_past_their_grace_unless_pinned() {
     index.load(entries);
     let held = index.pin_current(&key(0)).unwrap();
     // At 1250 entries 0 (expired at 100) and 1 (at 200) are past their 1000 ms of grace.
-    let (removed, _) = index.sweep(1250);
+    let (removed, _) = index.sweep(1250, true);
     assert_eq!(keys(&removed), vec![key(1)], "the held entry stays");
     delete_trash(&removed);
     // Within its grace an entry is stale, not missing.
@@ -307,7 +307,7 @@ fn an_entry_another_process_renewed_is_neither_expired_nor_removed_on_an_old_rea
     let temp = layout.write_temp(key(0).as_str(), "meta", &json).unwrap();
     layout.replace_meta(&key(0), temp).unwrap();
     // This process still thinks it expired at 100: its sweep must not act on that.
-    let (removed, _) = index.sweep(5000);
+    let (removed, _) = index.sweep(5000, true);
     assert!(removed.is_empty(), "{:?}", keys(&removed));
     assert!(path.exists() && layout.meta_path(&key(0)).exists());
     // An invalidation still takes it, whatever this process last read.

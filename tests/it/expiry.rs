@@ -33,13 +33,13 @@ async fn entries_expire_by_the_controlled_clock() {
         "expired entries are not served"
     );
 
-    // Kept for revalidation and stale fallback during the grace period (7 days by default).
+    // The sweeper would keep it for revalidation and stale fallback during the grace period
+    // (7 days by default); an explicit cleanup removes what expired, as its name says.
     let report = cache.cleanup().await.unwrap();
-    assert_eq!((report.expired, report.evicted), (0, 0));
-    assert_eq!(data_files(dir.path()).len(), 1);
-    clock.advance(imgcache::DEFAULT_STALE_GRACE);
-    let report = cache.cleanup().await.unwrap();
-    assert_eq!((report.expired, report.evicted), (1, 0));
+    assert_eq!(
+        (report.expired, report.evicted, report.kept_in_use),
+        (1, 0, 0)
+    );
     assert_eq!(report.bytes_freed, MB as u64);
     assert!(data_files(dir.path()).is_empty());
     assert_eq!(cache.stats().expirations, 1);
@@ -47,6 +47,49 @@ async fn entries_expire_by_the_controlled_clock() {
     let again = cache.get(&url).await.unwrap();
     assert_eq!(again.status(), CacheStatus::Downloaded);
     assert_eq!(origin.hits("t.nii.gz"), 2);
+}
+
+#[tokio::test]
+async fn an_explicit_cleanup_removes_every_expired_entry_nobody_holds() {
+    let origin = Origin::start().await;
+    let names = ["a.nii.gz", "b.nii.gz", "c.nii.gz"];
+    for (i, name) in names.iter().enumerate() {
+        origin.route(name, Route::ok(volume(20 + i as u64, 1000)));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, clock) = open(dir.path()).await;
+    let short = GetOptions::new().ttl(Duration::from_secs(2));
+    drop(
+        cache
+            .get_with(origin.url("a.nii.gz"), short.clone())
+            .await
+            .unwrap(),
+    );
+    let held = cache.get_with(origin.url("b.nii.gz"), short).await.unwrap();
+    drop(cache.get(origin.url("c.nii.gz")).await.unwrap());
+    clock.advance(Duration::from_millis(2500));
+
+    // What a preview promises is what the cleanup does.
+    let preview = cache.admin().cleanup_preview();
+    let promised: Vec<&str> = preview.expired.iter().map(|e| e.url.as_str()).collect();
+    assert_eq!(promised, [origin.url("a.nii.gz")]);
+    let report = cache.cleanup().await.unwrap();
+    assert_eq!(
+        (report.expired, report.evicted, report.kept_in_use),
+        (1, 0, 1)
+    );
+    assert_eq!(report.bytes_freed, 1000);
+    assert_eq!(
+        data_files(dir.path()).len(),
+        2,
+        "b (held) and c (fresh) stay"
+    );
+    assert_eq!(std::fs::read(held.path()).unwrap(), volume(21, 1000));
+    drop(held);
+    let report = cache.cleanup().await.unwrap();
+    assert_eq!((report.expired, report.kept_in_use), (1, 0));
+    assert_eq!(data_files(dir.path()).len(), 1);
+    assert_eq!(cache.stats().expirations, 2);
 }
 
 #[tokio::test]
