@@ -115,6 +115,12 @@ macro_rules! counters {
             /// `authorization` for a bearer token); their values are never shown.
             #[serde(default)]
             pub request_headers: Vec<String>,
+            /// The share of requests that caused no download: hits, and misses that joined a
+            /// download another request had started (`(hits + coalesced_waits) / (hits +
+            /// misses)`), from 0.0 to 1.0. Sixteen callers on one cold file make one
+            /// download: a `hit_rate` of 0 and a `reuse_rate` of 15/16.
+            #[serde(default)]
+            pub reuse_rate: f64,
         }
 
         impl Stats {
@@ -141,6 +147,10 @@ macro_rules! counters {
                     shared_tier: gauges.shared_tier.as_ref().map(|(url, _)| url.clone()),
                     shared_tier_state: gauges.shared_tier.map(|(_, state)| state),
                     request_headers: gauges.request_headers,
+                    reuse_rate: hit_rate(
+                        saved.hits.saturating_add(saved.coalesced_waits),
+                        saved.misses.saturating_sub(saved.coalesced_waits),
+                    ),
                 }
             }
         }
@@ -340,5 +350,9 @@ mod tests {
             },
         );
         assert_eq!((s.hit_rate, s.max_size_mb), (0.25, 2.0));
+        // Of the three misses, two joined the third's download.
+        c.add(Counter::CoalescedWaits, 2);
+        let s = c.stats(&SavedCounters::default(), Gauges::default());
+        assert_eq!((s.hit_rate, s.reuse_rate), (0.25, 0.75));
     }
 }

@@ -121,6 +121,7 @@ pub fn stats(cache: &ImageCache, json: bool, bytes: bool, out: &mut impl Write) 
             ),
         ),
         ("hit_rate", format!("{:.1} %", s.hit_rate * 100.0)),
+        ("reuse_rate", format!("{:.1} %", s.reuse_rate * 100.0)),
     ];
     for (name, value) in rows {
         writeln!(out, "{name:<24}{value}")?;

@@ -184,7 +184,9 @@ class ImageCacheManager:
         """The figures: the original keys (``hit_rate`` from 0.0 to 1.0, ``entries_count``,
         ``current_size_mb``, ``max_size_mb``, ``hits``, ``misses``, ``evictions``,
         ``total_downloads``, ``total_bytes_cached``, ``cache_dir``) and the rest of the
-        Rust core's (``downloads_in_progress``, ``coalesced_waits``, ...)."""
+        Rust core's (``downloads_in_progress``, ``coalesced_waits``, ...), among them
+        ``reuse_rate``: the share of requests that caused no download (hits, and requests
+        that shared a download another one started), beside ``hit_rate``."""
         stats = self._cache.stats()
         stats["total_bytes_cached"] = stats["bytes_downloaded"]
         return stats

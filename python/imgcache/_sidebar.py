@@ -30,6 +30,11 @@ def _figures(manager: "ImageCacheManager") -> None:
     with col1:
         st.metric("Files Cached", stats["entries_count"])
         st.metric("Hit Rate", f"{stats['hit_rate']:.1%}")
+        st.metric(
+            "Served Without Download",
+            f"{stats['reuse_rate']:.1%}",
+            help="Hits, and requests that shared a download another request had started",
+        )
     with col2:
         st.metric("Cache Size", f"{stats['current_size_mb']:.1f} MB")
         st.metric("Max Size", f"{stats['max_size_mb']:.1f} MB")

@@ -36,6 +36,10 @@ def test_sixteen_threads_on_one_cold_url_make_one_get(origin, cache_dir):
     assert len(paths) == 16 and len(set(paths)) == 1
     assert paths[0].read_bytes() == body
     assert origin.gets["t.nii.gz"] == 1
+    # One download for sixteen requests: fifteen caused none, whether they hit or shared it.
+    stats = m.get_stats()
+    assert stats["reuse_rate"] == 15 / 16
+    assert stats["hit_rate"] <= stats["reuse_rate"]
 
 
 def test_a_download_lets_other_python_threads_run(origin, cache_dir):

@@ -44,6 +44,7 @@ def test_the_sidebar_shows_the_figures(app, origin):
     # A rerun is a hit.
     app.run()
     assert metric(app, "Hit Rate") == "50.0%"
+    assert metric(app, "Served Without Download") == "50.0%"
     assert origin.gets["data/ct/1.nii.gz"] == 1
     assert "Downloads in progress: 0" in app.sidebar.caption[0].value
 

@@ -104,6 +104,13 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let rate = Gauge::<f64, AtomicU64>::default();
     rate.set(s.hit_rate);
     registry.register("hit_rate", "Hits over all requests (0 to 1)", rate);
+    let reuse = Gauge::<f64, AtomicU64>::default();
+    reuse.set(s.reuse_rate);
+    registry.register(
+        "reuse_rate",
+        "Requests that caused no download, hits and shared waits, over all requests (0 to 1)",
+        reuse,
+    );
     registry.register(
         "download_duration_seconds",
         "Time to download and commit a file",

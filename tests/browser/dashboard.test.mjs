@@ -145,6 +145,8 @@ try {
     await waitText(page, "live", "live");
     const rate = await page.textContent("#hit-rate");
     if (rate !== "25.0 %") throw new Error(`hit rate ${rate}`);
+    const reuse = await page.textContent("#reuse-rate");
+    if (reuse !== "25.0 %") throw new Error(`served without download ${reuse}`);
     const rows = await page.locator("#entries-table tr").count();
     if (rows !== 3) throw new Error(`${rows} rows`);
     const size = await page.textContent("#size");

@@ -50,6 +50,9 @@ async fn hundred_concurrent_gets_make_one_request() {
     assert_eq!(stats.coalesced_waits, stats.misses - 1);
     assert_eq!(downloaded, 1);
     assert_eq!(stats.downloads_in_progress, 0);
+    // 99 of the 100 requests caused no download, whether they came early or late.
+    assert_eq!(stats.reuse_rate, 0.99);
+    assert!(stats.hit_rate < stats.reuse_rate);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

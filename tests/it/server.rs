@@ -176,6 +176,7 @@ async fn metrics_are_prometheus_text() {
         "imgcache_downloads_total 1",
         "imgcache_entries 1",
         "imgcache_hit_rate 0.5",
+        "imgcache_reuse_rate 0.5",
         "imgcache_download_duration_seconds_count 1",
     ] {
         assert!(
