@@ -11,15 +11,20 @@ directory) share one download; every file is hashed with SHA-256 while it stream
 committed atomically; entries expire after a TTL; least recently used files are evicted to
 honour the size cap; statistics survive restarts. Configuration comes from the arguments,
 else the environment (``IMAGE_SERVER``, ``CACHE_DIR``, ``CACHE_MAX_SIZE_MB``,
-``CACHE_DEFAULT_TTL_HOURS``, ...), else a ``.env`` file in the current directory.
+``CACHE_DEFAULT_TTL_HOURS``, ...), else a ``.env`` file, found as python-dotenv's
+``find_dotenv`` finds it: in the directory of the script that makes the manager or in one
+above it (so ``streamlit run app/app.py`` from anywhere finds ``app/.env`` or ``./.env``),
+else in the current directory.
 """
 
 import io
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, Awaitable, Dict, Optional, Union
 
 from . import _errors, _fork, _native
@@ -55,6 +60,45 @@ StrPath = Union[str, "os.PathLike[str]"]
 class _FromEnvironment(int):
     """A default the environment overrides: it shows (in ``help`` and ``inspect.signature``)
     as the original design's number, and is told apart from that number given explicitly."""
+
+
+def _dotenv(given: Optional["StrPath"]) -> Optional[str]:
+    """The ``.env`` file to read: ``given`` (which must exist), else the first ``.env`` in
+    the directory of the code that called into imgcache or above it, else ``None`` (the
+    core then reads ``.env`` in the current directory, as the command line does)."""
+    if given is not None:
+        if not os.path.isfile(given):
+            raise ConfigError(f"dotenv={os.fspath(given)!r}: no such file")  # noqa: F405
+        return os.fspath(given)
+    start = _callers_dir()
+    if start is None:
+        return None
+    here = start
+    while True:
+        candidate = os.path.join(here, ".env")
+        if os.path.isfile(candidate):
+            return candidate
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
+
+
+def _callers_dir() -> Optional[str]:
+    """The directory of the first frame outside this package (the application's script),
+    or ``None`` in an interactive session, as python-dotenv's ``find_dotenv``."""
+    main = sys.modules.get("__main__")
+    if main is None or not hasattr(main, "__file__"):
+        # A REPL or a notebook: its cells' files are temporary.
+        return None
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame: Optional[FrameType] = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith("<") and os.path.dirname(os.path.abspath(name)) != package:
+            return os.path.dirname(os.path.abspath(name))
+        frame = frame.f_back
+    return None
 
 
 _DEFAULT_SIZE_MB = _FromEnvironment(1024)
@@ -97,8 +141,10 @@ class ImageCacheManager:
     are a courtesy: together they keep at most half the size cap (and 64 files), the oldest
     going first, and setting the cap, :meth:`cleanup`, :meth:`invalidate` and
     :meth:`clear_cache` let go of them; use :meth:`open` to hold a file for as long as you
-    need it. ``dotenv`` names another ``.env`` file; ``clock`` (a :class:`ManualClock`) lets
-    a test move time on by hand.
+    need it. ``dotenv`` names another ``.env`` file (one that does not exist is a
+    :class:`ConfigError`); without it, the first ``.env`` in the calling script's directory or
+    above is read, as python-dotenv's ``find_dotenv`` finds it. ``clock`` (a
+    :class:`ManualClock`) lets a test move time on by hand.
 
     A forked child (``multiprocessing`` with "fork") uses the manager as it was at the fork,
     settings changed since its creation included: it opens the cache again on first use.
@@ -127,7 +173,7 @@ class ImageCacheManager:
             image_server=image_server_url,
             offline=offline,
             hold_seconds=hold_seconds,
-            dotenv=None if dotenv is None else str(dotenv),
+            dotenv=_dotenv(dotenv),
             clock=clock,
         )
         _fork.track(self._cache)

@@ -4,6 +4,8 @@ import hashlib
 import inspect
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -274,6 +276,37 @@ def test_a_dotenv_file_configures_what_the_environment_does_not(origin, tmp_path
     assert m.cache_dir == dot_dir
     assert m.get_stats()["max_size_mb"] == 16.0, "the environment wins over .env"
     assert m.get_file("d.nii.gz").read_bytes() == volume(10, 100)
+
+
+def test_a_dotenv_above_the_script_is_found_from_any_directory(origin, tmp_path):
+    # `streamlit run app/app.py` from the parent directory, or `python app/app.py` from
+    # anywhere: the .env next to or above the script configures it, as with python-dotenv.
+    origin.route("data/d.nii.gz", Route(volume(12, 100)))
+    project = tmp_path / "project"
+    (project / "app").mkdir(parents=True)
+    cache = tmp_path / "cache-from-dotenv"
+    (project / ".env").write_text(f"CACHE_DIR={cache}\nIMAGE_SERVER={origin.url('data/')}\n")
+    script = project / "app" / "app.py"
+    script.write_text("import imgcache\nprint(imgcache.ImageCacheManager().get_file('d.nii.gz'))\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ran = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=elsewhere,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr
+    path = Path(ran.stdout.strip())
+    assert path.read_bytes() == volume(12, 100)
+    assert path.is_relative_to(cache)
+
+
+def test_a_dotenv_that_does_not_exist_is_an_error(tmp_path):
+    with pytest.raises(imgcache.ConfigError, match="no such file"):
+        ImageCacheManager(dotenv=tmp_path / "missing.env")
 
 
 def test_close_saves_and_later_calls_raise(origin, cache_dir):
