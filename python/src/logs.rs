@@ -1,11 +1,15 @@
 //! The core's `tracing` events, forwarded to Python's `logging` under the logger `imgcache`
 //! (`imgcache.core` for the events of the Rust core, which is a child of it).
 //!
-//! Which levels are wanted is read from the logger by the calls from Python, at most once a
-//! second (and at once after `imgcache._native.refresh_log_level()`), so an event nobody
-//! listens to costs one atomic load and no trip to the interpreter, and a thread of the core
-//! takes the GIL only to hand over an event that is wanted. Each record carries the event's fields as a dict in
-//! its `imgcache` attribute.
+//! Which levels are wanted is read from the logger by the calls from Python when it may have
+//! changed: CPython's `logging` empties every logger's level cache (`Logger._cache`) when a
+//! level changes (`setLevel`, `basicConfig(level=...)`, `logging.disable`), and each call
+//! looks at the length of that dict, one C call, so that a change applies to the next call.
+//! Where there is no such cache, it is read at most once a second (and at once after
+//! `imgcache._native.refresh_log_level()`). An event nobody listens to costs one atomic load
+//! and no trip to the interpreter, and a thread of the core takes the GIL only to hand over an
+//! event that is wanted. Each record carries the event's fields as a dict in its `imgcache`
+//! attribute, numbers as numbers.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -24,6 +28,8 @@ static WANTED: AtomicU8 = AtomicU8::new(0);
 /// When `WANTED` was last read from Python, in ms since the epoch; 0 for "read it now".
 static READ_AT: AtomicU64 = AtomicU64::new(0);
 static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+/// The logger's level cache, which `logging` empties when a level changes (CPython).
+static LEVEL_CACHE: PyOnceLock<Option<Py<PyDict>>> = PyOnceLock::new();
 
 fn rank(level: &Level) -> u8 {
     match *level {
@@ -86,14 +92,22 @@ pub(crate) fn refresh_log_level(py: Python<'_>) {
     READ_AT.store(now_ms(), Ordering::Relaxed);
 }
 
-/// Reads the logger's level again if the last read is a second old. Called by the calls
-/// from Python, which hold the GIL anyway: a thread of the core never takes the GIL to learn
-/// whether an event is wanted (it may hold a lock of the core that a Python thread waits on).
+/// Reads the logger's level again if it may have changed: its level cache was emptied, or
+/// (without one) the last read is a second old. Called by the calls from Python, which hold
+/// the GIL anyway: a thread of the core never takes the GIL to learn whether an event is
+/// wanted (it may hold a lock of the core that a Python thread waits on).
 pub(crate) fn refresh_if_due(py: Python<'_>) {
-    let now = now_ms();
-    if now.saturating_sub(READ_AT.load(Ordering::Relaxed)) >= 1000 {
-        READ_AT.store(now, Ordering::Relaxed);
-        WANTED.store(read_wanted(py), Ordering::Relaxed);
+    let cache = LEVEL_CACHE.get_or_init(py, || {
+        let cache = logger(py).ok()?.getattr("_cache").ok()?;
+        Some(cache.cast_into::<PyDict>().ok()?.unbind())
+    });
+    let due = match cache {
+        // Filled by the reads below (`isEnabledFor`), emptied by any change of level.
+        Some(cache) => cache.bind(py).is_empty(),
+        None => now_ms().saturating_sub(READ_AT.load(Ordering::Relaxed)) >= 1000,
+    };
+    if due {
+        refresh_log_level(py);
     }
 }
 
@@ -130,10 +144,31 @@ impl Drop for Handing {
     }
 }
 
+/// One field of an event, as its type was.
+enum Value {
+    Text(String),
+    Unsigned(u64),
+    Signed(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Text(v) => f.write_str(v),
+            Value::Unsigned(v) => write!(f, "{v}"),
+            Value::Signed(v) => write!(f, "{v}"),
+            Value::Float(v) => write!(f, "{v}"),
+            Value::Bool(v) => write!(f, "{v}"),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Fields {
     message: String,
-    fields: Vec<(&'static str, String)>,
+    fields: Vec<(&'static str, Value)>,
 }
 
 impl Visit for Fields {
@@ -141,8 +176,25 @@ impl Visit for Fields {
         if field.name() == "message" {
             self.message = value.to_owned();
         } else {
-            self.fields.push((field.name(), value.to_owned()));
+            self.fields
+                .push((field.name(), Value::Text(value.to_owned())));
         }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.fields.push((field.name(), Value::Unsigned(value)));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.fields.push((field.name(), Value::Signed(value)));
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.fields.push((field.name(), Value::Float(value)));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.fields.push((field.name(), Value::Bool(value)));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
@@ -150,7 +202,7 @@ impl Visit for Fields {
         if field.name() == "message" {
             self.message = text;
         } else {
-            self.fields.push((field.name(), text));
+            self.fields.push((field.name(), Value::Text(text)));
         }
     }
 }
@@ -192,7 +244,13 @@ impl<S: Subscriber> Layer<S> for Forward {
                 let extra = PyDict::new(py);
                 let values = PyDict::new(py);
                 for (name, value) in &fields.fields {
-                    values.set_item(*name, value)?;
+                    match value {
+                        Value::Text(v) => values.set_item(*name, v)?,
+                        Value::Unsigned(v) => values.set_item(*name, v)?,
+                        Value::Signed(v) => values.set_item(*name, v)?,
+                        Value::Float(v) => values.set_item(*name, v)?,
+                        Value::Bool(v) => values.set_item(*name, v)?,
+                    }
                 }
                 values.set_item("target", event.metadata().target())?;
                 extra.set_item("imgcache", values)?;
