@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Awaitable, Dict, Optional, Union
+from typing import Any, Awaitable, Dict, Generator, Optional, Union
 
 from . import _errors, _fork, _native
 from ._stream import FileReader
@@ -39,6 +39,7 @@ __all__ = [
     "FileReader",
     "ManualClock",
     "get_cache_manager",
+    "get_file",
     "get_cached_file",
     "aget_cached_file",
     "clear_cache",
@@ -99,6 +100,26 @@ def _callers_dir() -> Optional[str]:
             return os.path.dirname(os.path.abspath(name))
         frame = frame.f_back
     return None
+
+
+class _OpenLater:
+    """What :meth:`ImageCacheManager.aopen` returns: awaited, the :class:`CachedFile`; as an
+    async context manager, the file pinned for the block and let go after it."""
+
+    def __init__(self, opening: Awaitable[CachedFile]) -> None:
+        self._opening = opening
+        self._file: Optional[CachedFile] = None
+
+    def __await__(self) -> Generator[Any, None, CachedFile]:
+        return self._opening.__await__()
+
+    async def __aenter__(self) -> CachedFile:
+        self._file = await self._opening
+        return self._file
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 _DEFAULT_SIZE_MB = _FromEnvironment(1024)
@@ -199,7 +220,10 @@ class ImageCacheManager:
 
     def get_cached_file(self, url: str, ttl_seconds: Optional[float] = None) -> Optional[Path]:
         """The local path of ``url`` if it is cached and fresh (younger than
-        ``ttl_seconds`` when given), else ``None``. Never touches the network."""
+        ``ttl_seconds`` when given), else ``None``. Never touches the network.
+
+        Not the module-level :func:`get_cached_file`, which downloads (as in the original
+        design, where that function calls ``get_file``)."""
         return self._cache.get_cached(url, ttl_seconds)
 
     def download_and_cache(
@@ -295,9 +319,10 @@ class ImageCacheManager:
         ttl_seconds: Optional[float] = None,
         *,
         expected_sha256: Optional[str] = None,
-    ) -> Awaitable[CachedFile]:
-        """:meth:`open` for asyncio."""
-        return self._cache.aopen(url, ttl_seconds, expected_sha256)
+    ) -> "_OpenLater":
+        """:meth:`open` for asyncio: ``f = await cache.aopen(url)``, or pinned for a block,
+        ``async with cache.aopen(url) as f: ...``."""
+        return _OpenLater(self._cache.aopen(url, ttl_seconds, expected_sha256))
 
     def refresh(self, url: str, *, expected_sha256: Optional[str] = None) -> Path:
         """Downloads ``url`` again even if a fresh copy is cached, and replaces it: the Rust
@@ -405,9 +430,16 @@ def get_cache_manager() -> ImageCacheManager:
     return manager
 
 
+def get_file(url: str, ttl_seconds: Optional[float] = None) -> Path:
+    """The local path of ``url`` through the process-wide manager, downloading it if
+    needed: :meth:`ImageCacheManager.get_file` without a manager of one's own."""
+    return get_cache_manager().get_file(url, ttl_seconds)
+
+
 def get_cached_file(url: str, ttl_seconds: Optional[float] = None) -> Path:
     """The local path of ``url`` through the process-wide manager, downloading it if needed
-    (the original's module-level ``get_cached_file``, which calls ``get_file``)."""
+    (the original's module-level ``get_cached_file``, which calls ``get_file``; unlike the
+    method :meth:`ImageCacheManager.get_cached_file`, which never downloads)."""
     return get_cache_manager().get_file(url, ttl_seconds)
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "CacheError",
     "InvalidUrlError",
     "HttpStatusError",
+    "NotFoundError",
     "NetworkError",
     "IncompleteDownloadError",
     "ChecksumMismatchError",
@@ -66,6 +67,13 @@ class InvalidUrlError(CacheError, ValueError):
 
 class HttpStatusError(CacheError):
     """The origin answered with a status other than 2xx (``status`` holds it)."""
+
+    kind = "http_status"
+
+
+class NotFoundError(HttpStatusError, FileNotFoundError, LookupError):
+    """The origin has no such file (404 or 410): also a :class:`FileNotFoundError` and a
+    :class:`LookupError`, as a missing key or file is elsewhere in Python."""
 
     kind = "http_status"
 

@@ -71,7 +71,11 @@ fn exception(
             let module = MODULE.get_or_try_init(py, || {
                 Ok::<_, PyErr>(py.import("imgcache._errors")?.unbind())
             })?;
-            let (class, name) = class_name(kind);
+            let (class, name) = match (kind, status) {
+                // A missing file is a FileNotFoundError and a LookupError too.
+                (ErrorKind::HttpStatus, Some(404 | 410)) => ("NotFoundError", "http_status"),
+                _ => class_name(kind),
+            };
             let class = module.bind(py).getattr(class)?.cast_into::<PyType>()?;
             let instance = class.call1((message, url, status, transient, name))?;
             Ok(PyErr::from_value(instance))

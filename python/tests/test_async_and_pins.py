@@ -95,6 +95,31 @@ def test_async_open_pins_too(origin, cache_dir):
     assert not f.path.exists()
 
 
+def test_async_with_aopen_pins_for_the_block(origin, cache_dir):
+    url = origin.route("w.nii.gz", Route(volume(5, 1000)))
+    m = ImageCacheManager(cache_dir=cache_dir, hold_seconds=0)
+
+    async def main():
+        async with m.aopen(url) as f:
+            m.invalidate(url)
+            assert f.path.read_bytes() == volume(5, 1000)
+        assert f.closed
+        return f
+
+    f = asyncio.run(main())
+    assert not f.path.exists(), "let go after the block, the invalidated file went"
+
+
+def test_the_module_level_get_file_downloads_through_the_process_wide_manager(
+    origin, cache_dir, monkeypatch
+):
+    monkeypatch.setenv("CACHE_DIR", str(cache_dir))
+    url = origin.route("m.nii.gz", Route(volume(6, 1000)))
+    path = imgcache.get_file(url)
+    assert path.read_bytes() == volume(6, 1000)
+    assert imgcache.get_cache_manager().get_cached_file(url) == path
+
+
 def test_a_returned_path_is_held_against_another_processs_cap(origin, cache_dir):
     body = volume(10, MB)
     url = origin.route("h.nii.gz", Route(body))

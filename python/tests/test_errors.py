@@ -20,13 +20,18 @@ def test_http_statuses(origin, cache_dir):
     assert (e.status, e.is_transient, e.kind) == (404, False, "http_status")
     assert e.url == origin.url("nothing.nii.gz")
     assert isinstance(e, imgcache.CacheError)
+    # A missing file is what Python code expects a missing file or key to be.
+    assert isinstance(e, FileNotFoundError) and isinstance(e, LookupError)
+    assert type(e) is imgcache.NotFoundError and str(e) == e.message
+    with pytest.raises(FileNotFoundError):
+        m.get_file(origin.url("nothing.nii.gz"))
 
     url = origin.route("busy.nii.gz", Route(status=503))
     with pytest.raises(imgcache.HttpStatusError) as busy:
         m.get_file(url)
     assert (busy.value.status, busy.value.is_transient) == (503, True)
     assert data_files(cache_dir) == []
-    assert m.get_stats()["errors"] == 2
+    assert m.get_stats()["errors"] == 3, "two 404s (errors are not cached) and a 503"
 
 
 def test_a_body_cut_short(origin, cache_dir):
@@ -109,7 +114,7 @@ def test_exceptions_pickle_with_their_fields(origin, cache_dir):
     with pytest.raises(imgcache.HttpStatusError) as missing:
         m.get_file(origin.url("gone.nii.gz"))
     back = pickle.loads(pickle.dumps(missing.value))
-    assert type(back) is imgcache.HttpStatusError
+    assert type(back) is imgcache.NotFoundError
     assert (back.url, back.status, back.is_transient, str(back)) == (
         missing.value.url,
         404,
