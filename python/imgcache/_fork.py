@@ -37,6 +37,41 @@ def track(cache: "_native.Cache") -> None:
     with _dirs_lock:
         _dirs.add(store)
     _caches.add(cache)
+    _close_at_worker_exit()
+
+
+class _Hook:
+    """What ``multiprocessing.util.register_after_fork`` holds (weakly) for this module."""
+
+
+_hook = _Hook()
+_hooked = False
+
+
+def _close_at_worker_exit() -> None:
+    """Makes every ``multiprocessing`` child close the caches when it ends: its workers
+    leave through ``os._exit``, which runs no ``atexit`` handler, but they run
+    ``multiprocessing``'s own finalizers first. Closing saves the child's counts and access
+    times for the parent to read (each download's counts are saved when it ends anyway).
+    A child made by "fork" gets the finalizer from an after-fork hook (``multiprocessing``
+    clears the parent's finalizers in the child); one made by "spawn" or "forkserver" makes
+    its caches itself, and gets it here."""
+    global _hooked
+    if _hooked:
+        return
+    _hooked = True
+    import multiprocessing
+    import multiprocessing.util
+
+    multiprocessing.util.register_after_fork(_hook, lambda _: _finalize_here())
+    if multiprocessing.parent_process() is not None:
+        _finalize_here()
+
+
+def _finalize_here() -> None:
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(None, _close_all, exitpriority=100)
 
 
 def _holds_flock(fd: str) -> bool:

@@ -502,7 +502,11 @@ impl Cache {
     /// The figures, as a dict (the keys of the Rust `Stats`).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let state = self.state(py)?;
-        let stats = py.detach(|| state.cache.stats());
+        // The directory's figures as of now: what other processes (forked workers among
+        // them) counted and saved is read first.
+        let stats = state
+            .process
+            .block_on(py, state.cache.admin().stats_now())?;
         convert::record(py, &stats)
     }
 

@@ -223,3 +223,42 @@ def test_a_forked_child_has_the_settings_of_the_moment_and_not_the_parents_pins(
         other.cleanup()
         time.sleep(0.02)
     assert not pinned.path.exists(), "let go of by the parent, the cap applies"
+
+
+_pool_manager = None
+
+
+def _pool_get(url):
+    return str(_pool_manager.get_file(url))
+
+
+def test_the_counts_of_forked_pool_workers_reach_the_parent(origin, cache_dir):
+    # Workers of a fork Pool leave through os._exit: they must not take their counts along.
+    global _pool_manager
+    urls = [origin.route(f"p{i}.nii.gz", Route(volume(40 + i, 100_000))) for i in range(2)]
+    _pool_manager = ImageCacheManager(cache_dir=cache_dir)
+    try:
+        ctx = multiprocessing.get_context("fork")
+        pool = ctx.Pool(2)
+        try:
+            paths = pool.map(_pool_get, urls + urls, chunksize=1)
+        finally:
+            pool.close()
+            pool.join()
+        assert len(set(paths)) == 2
+        stats = _pool_manager.get_stats()
+        assert stats["hits"] + stats["misses"] == 4, stats
+        assert stats["total_downloads"] == 2, stats
+        assert stats["bytes_downloaded"] == 200_000, stats
+        # Hits alone save nothing as they happen: the workers' exit does.
+        pool = ctx.Pool(2)
+        try:
+            pool.map(_pool_get, urls + urls, chunksize=1)
+        finally:
+            pool.close()
+            pool.join()
+        after = _pool_manager.get_stats()
+        assert after["hits"] == stats["hits"] + 4, after
+        assert after["total_downloads"] == 2, after
+    finally:
+        _pool_manager = None

@@ -274,6 +274,26 @@ impl<'a> Admin<'a> {
         self.cache.inner().reset_all_counters();
     }
 
+    /// [`ImageCache::stats`] with what every other process on the directory counted up to
+    /// now: their records are read first (a read of `procs/` on the blocking pool).
+    /// `stats()` itself uses what the last periodic reading found (every
+    /// `state_save_interval`), so that it never touches the disk.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// let stats = cache.admin().stats_now().await;
+    /// assert_eq!(stats.total_downloads, 0);
+    /// # Ok(()) }
+    /// ```
+    pub async fn stats_now(self) -> crate::Stats {
+        let inner = std::sync::Arc::clone(self.cache.inner());
+        let _ = tokio::task::spawn_blocking(move || inner.read_others()).await;
+        self.cache.stats()
+    }
+
     /// Changes the size cap at run time and evicts at once to honour it.
     ///
     /// ```

@@ -112,8 +112,11 @@ impl Commit {
             .index
             .commit(entry, temp, file, meta_temp, reserved, now)
             .map_err(|e| io_err("cannot commit the download", e))?;
-        // Released by the index with the commit, and so in this process's record.
+        // Released by the index with the commit, and so in this process's record, which
+        // carries the download's counts to the directory at once: a process may end without
+        // a chance to save (a forked worker leaves through `os._exit`).
         reservation.map(Reservation::disarm);
+        inner.counters.add(Counter::TotalDownloads, 1);
         inner.save_record();
         if let Some(lock) = lock {
             lock.lock()
@@ -123,7 +126,6 @@ impl Commit {
         }
         drop(late_lock);
         failpoint("commit-after-meta");
-        inner.counters.add(Counter::TotalDownloads, 1);
         removed.dispose_now();
         Ok((inner.pinned(entry), Outcome::Downloaded))
     }
