@@ -347,8 +347,11 @@ class ImageCacheManager:
         return self._cache.redacted(url)
 
     def close(self) -> None:
-        """Saves the figures and closes the cache; later calls raise
-        :class:`ShutdownError`. Called for every open manager at interpreter exit."""
+        """Saves the figures and closes the cache, after the downloads running in this
+        process end; later calls raise :class:`ShutdownError`. Called for every open manager
+        at interpreter exit, where it does not wait: a download nobody waits for any more
+        (a Ctrl-C stopped its caller) stops, its part file kept, and the next process that
+        asks for the file resumes it."""
         self._cache.close()
 
     def __enter__(self) -> "ImageCacheManager":

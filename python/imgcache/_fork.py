@@ -116,10 +116,13 @@ def _after_fork_in_child() -> None:
 
 
 def _close_all() -> None:
+    """At exit: closes every cache without waiting for the downloads nobody waits for any
+    more (a Ctrl-C while one ran): they stop, their part files kept, and the next process
+    that asks for the file resumes it."""
     for cache in list(_caches):
         try:
-            cache.close()
-        except Exception:  # noqa: BLE001 - exit must go on
+            cache.close(stop_downloads=True)
+        except BaseException:  # noqa: BLE001 - exit must go on, a second Ctrl-C included
             pass
 
 

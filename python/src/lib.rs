@@ -601,8 +601,11 @@ impl Cache {
     }
 
     /// Lets go of every path this handle holds and shuts the cache down: the figures are
-    /// saved and later calls raise `ShutdownError`.
-    fn close(&self, py: Python<'_>) -> PyResult<()> {
+    /// saved and later calls raise `ShutdownError`. It waits for the downloads running in
+    /// this process, unless `stop_downloads` (at interpreter exit: nobody waits for them any
+    /// more), which stops them with their part files kept for the next process to resume.
+    #[pyo3(signature = (stop_downloads=false))]
+    fn close(&self, py: Python<'_>, stop_downloads: bool) -> PyResult<()> {
         process::in_handler()?;
         process::nested()?;
         if self.closed.swap(true, Ordering::AcqRel) {
@@ -616,6 +619,9 @@ impl Cache {
         }
         let gone = state.lock_holds().close();
         let_go(py, gone);
+        if stop_downloads {
+            state.cache.admin().stop_downloads();
+        }
         state.process.block_on(py, state.cache.shutdown())?;
         Ok(())
     }

@@ -2,6 +2,9 @@
 
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -262,3 +265,37 @@ def test_the_counts_of_forked_pool_workers_reach_the_parent(origin, cache_dir):
         assert after["total_downloads"] == 2, after
     finally:
         _pool_manager = None
+
+
+def test_ctrl_c_exits_at_once_and_keeps_the_part_file(origin, cache_dir):
+    # 8 MB at 256 KB/s: the download alone has half a minute to go when Ctrl-C comes.
+    url = origin.route("slow.nii.gz", Route(volume(30, 8 * MB), etag='"v1"', rate=256 * 1024))
+    code = (
+        "import sys, imgcache\n"
+        "imgcache.ImageCacheManager(cache_dir=sys.argv[1]).get_file(sys.argv[2])\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(cache_dir), url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    tmp = cache_dir / "v1" / "tmp"
+
+    def part_bytes():
+        parts = list(tmp.glob("*.part")) if tmp.exists() else []
+        return sum(p.stat().st_size for p in parts)
+
+    deadline = time.monotonic() + 60
+    while part_bytes() < 512 * 1024:
+        assert time.monotonic() < deadline, "the download never started"
+        assert child.poll() is None, child.communicate()
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err = child.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert b"KeyboardInterrupt" in err, err
+    assert b"Exception ignored" not in err, err
+    # Not the rest of the download (over 20 s): the exit does not wait for it.
+    assert took < 10, f"{took:.1f} s to exit"
+    assert part_bytes() >= 512 * 1024, "the part file is kept for a resume"

@@ -294,6 +294,38 @@ impl<'a> Admin<'a> {
         self.cache.stats()
     }
 
+    /// Stops every download running in this process, for a process that is about to end
+    /// and should not wait for them (an interpreter at exit, a second Ctrl-C): each keeps
+    /// its part file, everything written made durable, and its URL's lock record names it,
+    /// so that the next process to ask for the URL resumes with `Range` where this one
+    /// stopped, as after a crash. Their callers get an error. Downloads started later run as
+    /// usual (and keep their part file too if stopped). Returns how many were stopped.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let cache = imgcache::ImageCache::builder().cache_dir(dir.path()).build().await?;
+    /// // At the end of a program that must not wait for downloads nobody needs any more:
+    /// cache.admin().stop_downloads();
+    /// cache.shutdown().await; // saves what it knows; nothing left to wait for
+    /// # Ok(()) }
+    /// ```
+    pub fn stop_downloads(&self) -> usize {
+        let inner = self.cache.inner();
+        inner
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let stopped = inner.inflight.abort_all();
+        if stopped > 0 {
+            tracing::info!(
+                downloads = stopped,
+                "downloads stopped; their part files are kept for a resume"
+            );
+        }
+        stopped
+    }
+
     /// Changes the size cap at run time and evicts at once to honour it.
     ///
     /// ```

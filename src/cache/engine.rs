@@ -54,6 +54,9 @@ pub(crate) struct Inner {
     pub(super) counters: Arc<Counters>,
     pub(super) default_ttl_ms: AtomicU64,
     pub(super) closed: AtomicBool,
+    /// Set by [`Admin::stop_downloads`](super::Admin::stop_downloads): a download stopped
+    /// from now on keeps its part file for a later resume.
+    pub(super) stopping: Arc<AtomicBool>,
     /// The background task and how it is woken and stopped (see `sweeper`).
     pub(super) sweeper: Sweeper,
     /// The lock on the cache directory (shared, or exclusive), released when the cache is

@@ -34,6 +34,8 @@ struct Running<T, S> {
     id: u64,
     task: SharedTask<T>,
     shared: S,
+    /// Stops the task (set once it is spawned).
+    abort: Arc<std::sync::OnceLock<tokio::task::AbortHandle>>,
 }
 
 /// The running tasks by key.
@@ -125,24 +127,26 @@ where
                 .boxed()
                 .shared();
                 let shared = shared();
+                let abort = Arc::default();
                 slot.insert(Running {
                     id,
                     task: task.clone(),
                     shared: shared.clone(),
+                    abort: Arc::clone(&abort),
                 });
-                (id, (result, task), shared)
+                (id, (result, task, abort), shared)
             }
         };
         // Spawned with the shard released: the guard may drop at once (a runtime shutting
         // down drops what is spawned on it), and dropping it takes the shard.
-        let (send, task) = result;
+        let (send, task, abort) = result;
         let guard = SlotGuard {
             inflight: Arc::clone(self),
             key: key.clone(),
             id,
         };
         let work = start(shared.clone());
-        tokio::spawn(async move {
+        let spawned = tokio::spawn(async move {
             let output = match AssertUnwindSafe(work).catch_unwind().await {
                 Ok(output) => output,
                 Err(panic) => lost(format!("task panicked: {}", panic_message(&*panic))),
@@ -157,7 +161,21 @@ where
             // With nobody waiting the result comes back, and is dropped here.
             drop(send.send(output));
         });
+        let _ = abort.set(spawned.abort_handle());
         Join::Started(task, shared)
+    }
+
+    /// Stops every running task: each is dropped where it waits, and its callers get
+    /// `lost(..)`. How many were stopped.
+    pub(crate) fn abort_all(&self) -> usize {
+        let mut stopped = 0;
+        for running in self.map.iter() {
+            if let Some(abort) = running.value().abort.get() {
+                abort.abort();
+                stopped += 1;
+            }
+        }
+        stopped
     }
 
     /// How many tasks are running.

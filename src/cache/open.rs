@@ -91,6 +91,7 @@ impl ImageCache {
             ),
             counters,
             closed: AtomicBool::new(false),
+            stopping: Arc::new(AtomicBool::new(false)),
             sweeper: Sweeper::default(),
             _lock: lock,
             procs,

@@ -507,6 +507,7 @@ impl<'a> Transfer<'a> {
             make_room,
             on_sync,
             super::wants::on_written(Arc::clone(&self.progress)),
+            resumable.then(|| Arc::clone(&self.inner.stopping)),
         ));
     }
 

@@ -621,6 +621,12 @@ impl TempFile {
         &self.path
     }
 
+    /// Leaves the file where it is: nothing is removed on drop (a part file kept for a
+    /// later resume).
+    pub(crate) fn keep(mut self) {
+        self.armed = false;
+    }
+
     /// Renames the file to `to`; after success nothing is removed on drop. A link planted in
     /// place of a directory on the way is replaced by the directory first.
     pub(crate) fn persist(mut self, to: &Path) -> io::Result<()> {

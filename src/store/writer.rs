@@ -87,6 +87,10 @@ fn create_part(layout: &Layout, temp: &TempFile) -> io::Result<File> {
 /// appends to `existing`, a dead download's part file taken over), writes into it, and
 /// removes it on every path but a `Finish`. Owning the file on the thread that creates it
 /// closes a race: a guard on the network side could run before the file exists.
+///
+/// `keep`, when given and set by the time the download is abandoned, keeps the part file
+/// instead (everything written made durable, and said so through `on_sync`): a download
+/// stopped at exit is resumed by the next process, as one killed would be.
 pub(crate) fn spawn_writer(
     layout: &Layout,
     temp: TempFile,
@@ -94,6 +98,7 @@ pub(crate) fn spawn_writer(
     make_room: MakeRoom,
     on_sync: OnSync,
     on_written: OnWritten,
+    keep: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) -> SpawnedWriter {
     let (tx, mut rx) = mpsc::channel::<WriteOp>(64);
     let path = temp.path().to_owned();
@@ -137,6 +142,17 @@ pub(crate) fn spawn_writer(
                 }
             };
             let Some(op) = op else {
+                if keep.is_some_and(|k| k.load(std::sync::atomic::Ordering::Relaxed))
+                    && written + buf.len() as u64 > 0
+                {
+                    flush(&mut file, &buf, &mut written, &mut synced)?;
+                    file.sync_data()?;
+                    on_sync(written);
+                    temp.keep();
+                    return Err(io::Error::other(
+                        "download stopped; its part file is kept for a resume",
+                    ));
+                }
                 // Dropping `temp` on return removes the file.
                 return Err(io::Error::other("download abandoned"));
             };

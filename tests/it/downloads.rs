@@ -251,3 +251,48 @@ async fn downloads_that_fail_at_once_never_leave_a_temp_file() {
     wait_until(|| temp_files(dir.path()).is_empty()).await;
     assert!(data_files(dir.path()).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_download_keeps_its_part_and_the_next_process_resumes_it() {
+    let origin = Origin::start().await;
+    let body = volume(91, 6 * MB);
+    let (paused, gate) = Route::ok(body.clone()).etag("\"v1\"").pause_at(3 * MB);
+    origin.route_seq(
+        "s.nii.gz",
+        vec![paused, Route::ok(body.clone()).etag("\"v1\"")],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open(dir.path()).await;
+    let url = origin.url("s.nii.gz");
+    let waiting = tokio::spawn({
+        let (cache, url) = (cache.clone(), url.clone());
+        async move { cache.get(url).await }
+    });
+    wait_until(|| cache.stats().bytes_downloaded >= 3 * MB as u64).await;
+
+    // An interpreter at exit: nothing waits for the download any more.
+    assert_eq!(cache.admin().stop_downloads(), 1);
+    assert!(waiting.await.unwrap().is_err(), "its caller is told");
+    let part_of_3_mb = || {
+        temp_files(dir.path()).iter().any(|p| {
+            p.extension().is_some_and(|e| e == "part")
+                && std::fs::metadata(dir.path().join("v1/tmp").join(p))
+                    .unwrap()
+                    .len()
+                    == 3 * MB as u64
+        })
+    };
+    wait_until(part_of_3_mb).await;
+    cache.shutdown().await;
+    drop(cache);
+    drop(gate);
+
+    // The next process resumes where this one stopped.
+    let (cache, _clock) = open(dir.path()).await;
+    let file = cache.get(&url).await.unwrap();
+    assert_eq!(std::fs::read(file.path()).unwrap(), body);
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].header("range"), Some("bytes=3145728-"));
+    assert_eq!(cache.stats().resumes, 1);
+}
