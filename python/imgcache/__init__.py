@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Awaitable, Dict, Generator, Optional, Union
+from typing import Any, Awaitable, Dict, Generator, List, Optional, TypedDict, Union, cast
 
 from . import _errors, _fork, _native
 from ._stream import FileReader
@@ -44,6 +44,8 @@ __all__ = [
     "aget_cached_file",
     "clear_cache",
     "get_cache_stats",
+    "CacheStats",
+    "CleanupReport",
     "show_cache_controls",
     *_errors.__all__,
 ]
@@ -100,6 +102,59 @@ def _callers_dir() -> Optional[str]:
             return os.path.dirname(os.path.abspath(name))
         frame = frame.f_back
     return None
+
+
+class CacheStats(TypedDict):
+    """What :meth:`ImageCacheManager.get_stats` returns: a plain ``dict`` with these keys
+    (for editors and type checkers; the original design's keys first)."""
+
+    hit_rate: float
+    entries_count: int
+    current_size_mb: float
+    max_size_mb: float
+    total_downloads: int
+    total_bytes_cached: int
+    cache_dir: str
+    #: The share of requests that caused no download (hits and shared downloads).
+    reuse_rate: float
+    hits: int
+    misses: int
+    coalesced_waits: int
+    bytes_downloaded: int
+    bytes_served_from_cache: int
+    evictions: int
+    expirations: int
+    integrity_failures: int
+    errors: int
+    revalidations: int
+    stale_served: int
+    retries: int
+    resumes: int
+    lock_timeouts: int
+    shared_hits: int
+    shared_uploads: int
+    shared_errors: int
+    records_refused: int
+    not_stored: int
+    current_size_bytes: int
+    max_size_bytes: int
+    reserved_bytes: int
+    pinned_entries: int
+    downloads_in_progress: int
+    default_ttl_hours: float
+    shared_tier: Optional[str]
+    shared_tier_state: Optional[str]
+    request_headers: List[str]
+
+
+class CleanupReport(TypedDict):
+    """What :meth:`ImageCacheManager.cleanup` returns."""
+
+    expired: int
+    evicted: int
+    bytes_freed: int
+    #: Expired files left because a caller holds them; they go when it lets go.
+    kept_in_use: int
 
 
 class _OpenLater:
@@ -250,7 +305,7 @@ class ImageCacheManager:
         :meth:`reset_stats`."""
         return self._cache.clear()
 
-    def get_stats(self) -> Dict[str, Any]:
+    def get_stats(self) -> CacheStats:
         """The figures: the original keys (``hit_rate`` from 0.0 to 1.0, ``entries_count``,
         ``current_size_mb``, ``max_size_mb``, ``hits``, ``misses``, ``evictions``,
         ``total_downloads``, ``total_bytes_cached``, ``cache_dir``) and the rest of the
@@ -259,16 +314,16 @@ class ImageCacheManager:
         that shared a download another one started), beside ``hit_rate``."""
         stats = self._cache.stats()
         stats["total_bytes_cached"] = stats["bytes_downloaded"]
-        return stats
+        return cast(CacheStats, stats)
 
-    def cleanup(self) -> Dict[str, int]:
+    def cleanup(self) -> CleanupReport:
         """Removes every expired entry that nobody holds and enforces the size cap now, after
         letting go of this manager's holds. (A background task does it every minute too, but
         keeps an expired copy for a grace period, 7 days by default, for offline use and
         outages; this call keeps none.) Returns ``{"expired": n, "evicted": n,
         "bytes_freed": n, "kept_in_use": n}``: ``kept_in_use`` counts the expired files that
         a caller (another ``open()``, another process) still holds; they go when it lets go."""
-        return self._cache.cleanup()
+        return cast(CleanupReport, self._cache.cleanup())
 
     # -- beyond the original ------------------------------------------------------------------
 
@@ -456,7 +511,7 @@ def clear_cache() -> int:
     return get_cache_manager().clear_cache()
 
 
-def get_cache_stats() -> Dict[str, Any]:
+def get_cache_stats() -> CacheStats:
     """The statistics of the process-wide manager (see :meth:`ImageCacheManager.get_stats`)."""
     return get_cache_manager().get_stats()
 

@@ -1,6 +1,6 @@
 """``show_cache_controls()``: the cache's sidebar in Streamlit's own widgets."""
 
-from typing import TYPE_CHECKING, Dict
+from typing import TYPE_CHECKING
 
 try:
     import streamlit as st
@@ -10,7 +10,7 @@ except ImportError as e:  # pragma: no cover - the message is the point
     ) from e
 
 if TYPE_CHECKING:
-    from . import ImageCacheManager
+    from . import CleanupReport, ImageCacheManager
 
 _MB = 1024 * 1024
 # The bounds of the settings inputs. A cache configured beyond them (a TTL of years, set in
@@ -114,7 +114,7 @@ def _cleanup(manager: "ImageCacheManager") -> None:
     st.session_state["imgcache_message"] = cleanup_message(manager.cleanup())
 
 
-def cleanup_message(report: Dict[str, int]) -> str:
+def cleanup_message(report: "CleanupReport") -> str:
     """What the clean-up button says: what went, why, and what was kept."""
     words = f"Expired files removed: {report['expired']}"
     if report["evicted"]:

@@ -325,3 +325,11 @@ def test_close_saves_and_later_calls_raise(origin, cache_dir):
     again = ImageCacheManager(cache_dir=cache_dir)
     stats = again.get_stats()
     assert (stats["hits"], stats["total_downloads"], stats["entries_count"]) == (1, 1, 1)
+
+
+def test_the_typed_dicts_name_every_key(origin, cache_dir):
+    # Editors and type checkers see get_stats()'s and cleanup()'s keys: every one of them.
+    m = ImageCacheManager(cache_dir=cache_dir)
+    m.get_file(origin.route("k.nii.gz", Route(volume(13, 100))))
+    assert set(imgcache.CacheStats.__annotations__) == set(m.get_stats())
+    assert set(imgcache.CleanupReport.__annotations__) == set(m.cleanup())
