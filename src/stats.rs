@@ -115,9 +115,10 @@ macro_rules! counters {
             /// `authorization` for a bearer token); their values are never shown.
             #[serde(default)]
             pub request_headers: Vec<String>,
-            /// The share of requests that caused no download: hits, and misses that joined a
-            /// download another request had started (`(hits + coalesced_waits) / (hits +
-            /// misses)`), from 0.0 to 1.0. Sixteen callers on one cold file make one
+            /// The share of requests that caused no transfer, from 0.0 to 1.0: hits, and
+            /// misses that shared a download another request (in this process or another)
+            /// started or were renewed by a 304: `1 - (total_downloads + errors + not_stored
+            /// + shared_hits) / (hits + misses)`. Sixteen callers on one cold file make one
             /// download: a `hit_rate` of 0 and a `reuse_rate` of 15/16.
             #[serde(default)]
             pub reuse_rate: f64,
@@ -147,10 +148,7 @@ macro_rules! counters {
                     shared_tier: gauges.shared_tier.as_ref().map(|(url, _)| url.clone()),
                     shared_tier_state: gauges.shared_tier.map(|(_, state)| state),
                     request_headers: gauges.request_headers,
-                    reuse_rate: hit_rate(
-                        saved.hits.saturating_add(saved.coalesced_waits),
-                        saved.misses.saturating_sub(saved.coalesced_waits),
-                    ),
+                    reuse_rate: reuse_rate(saved),
                 }
             }
         }
@@ -277,6 +275,19 @@ pub(crate) fn mb(bytes: u64) -> f64 {
     bytes as f64 / MB as f64
 }
 
+/// See [`Stats::reuse_rate`]. Counted from transfers, which each count once (a waiter's own
+/// count may land before or after its download's), and never below 0.
+fn reuse_rate(c: &SavedCounters) -> f64 {
+    let requests = c.hits.saturating_add(c.misses);
+    let transfers = c
+        .total_downloads
+        .saturating_add(c.errors)
+        .saturating_add(c.not_stored)
+        .saturating_add(c.shared_hits)
+        .min(requests);
+    hit_rate(requests - transfers, transfers)
+}
+
 pub(crate) fn hit_rate(hits: u64, misses: u64) -> f64 {
     match hits + misses {
         0 => 0.0,
@@ -352,7 +363,22 @@ mod tests {
         assert_eq!((s.hit_rate, s.max_size_mb), (0.25, 2.0));
         // Of the three misses, two joined the third's download.
         c.add(Counter::CoalescedWaits, 2);
+        c.add(Counter::TotalDownloads, 1);
         let s = c.stats(&SavedCounters::default(), Gauges::default());
         assert_eq!((s.hit_rate, s.reuse_rate), (0.25, 0.75));
+        // A failed download is a transfer too; more transfers than requests (counts of
+        // other processes landing first) is 0, not below.
+        c.add(Counter::Errors, 1);
+        assert_eq!(
+            c.stats(&SavedCounters::default(), Gauges::default())
+                .reuse_rate,
+            0.5
+        );
+        c.add(Counter::TotalDownloads, 5);
+        assert_eq!(
+            c.stats(&SavedCounters::default(), Gauges::default())
+                .reuse_rate,
+            0.0
+        );
     }
 }

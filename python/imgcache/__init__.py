@@ -76,15 +76,30 @@ def _dotenv(given: Optional["StrPath"]) -> Optional[str]:
     start = _callers_dir()
     if start is None:
         return None
-    here = start
+    # Upward no further than the home directory, and only through directories and files
+    # that nobody else could have written: a .env planted in /tmp by another user must not
+    # name the image server, or the token file whose first line is sent to it.
+    home = os.path.realpath(os.path.expanduser("~"))
+    here = os.path.realpath(start)
     while True:
+        if not _ours(here):
+            return None
         candidate = os.path.join(here, ".env")
         if os.path.isfile(candidate):
-            return candidate
+            return candidate if _ours(candidate) else None
         parent = os.path.dirname(here)
-        if parent == here:
+        if parent == here or here == home:
             return None
         here = parent
+
+
+def _ours(path: str) -> bool:
+    """Whether only this user (or root) could have written ``path``."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_uid in (os.getuid(), 0) and not st.st_mode & 0o022
 
 
 def _callers_dir() -> Optional[str]:
@@ -95,11 +110,22 @@ def _callers_dir() -> Optional[str]:
         # A REPL or a notebook: its cells' files are temporary.
         return None
     package = os.path.dirname(os.path.abspath(__file__))
+    # Frames of the standard library and installed packages (an executor, a pool, a
+    # Streamlit callback calling into imgcache) are not the application's.
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    roots.update(p for p in sys.path if "site-packages" in p or "dist-packages" in p)
+    libraries = tuple(
+        os.path.realpath(p).rstrip(os.sep) + os.sep
+        for p in roots
+        if p and os.path.realpath(p) != os.sep
+    )
     frame: Optional[FrameType] = sys._getframe(1)
     while frame is not None:
         name = frame.f_code.co_filename
-        if not name.startswith("<") and os.path.dirname(os.path.abspath(name)) != package:
-            return os.path.dirname(os.path.abspath(name))
+        if not name.startswith("<"):
+            where = os.path.dirname(os.path.abspath(name))
+            if where != package and not os.path.realpath(where + os.sep).startswith(libraries):
+                return where
         frame = frame.f_back
     return None
 
@@ -412,7 +438,11 @@ class ImageCacheManager:
     def __enter__(self) -> "ImageCacheManager":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
+        # Leaving on Ctrl-C (or SystemExit): nobody waits for the downloads any more.
+        if exc and exc[0] is not None and not issubclass(exc[0], Exception):
+            self._cache.close(stop_downloads=True)
+            return
         self.close()
 
     # -- the original attributes ------------------------------------------------------------

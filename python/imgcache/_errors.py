@@ -72,10 +72,18 @@ class HttpStatusError(CacheError):
 
 
 class NotFoundError(HttpStatusError, FileNotFoundError, LookupError):
-    """The origin has no such file (404 or 410): also a :class:`FileNotFoundError` and a
-    :class:`LookupError`, as a missing key or file is elsewhere in Python."""
+    """The origin has no such file (404 or 410): also a :class:`FileNotFoundError` (with
+    ``errno`` ``ENOENT`` and ``filename`` the URL) and a :class:`LookupError`, as a missing
+    file or key is elsewhere in Python."""
 
     kind = "http_status"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        import errno
+
+        self.errno = errno.ENOENT
+        self.filename = self.url
 
 
 class NetworkError(CacheError, ConnectionError):

@@ -608,20 +608,22 @@ impl Cache {
     fn close(&self, py: Python<'_>, stop_downloads: bool) -> PyResult<()> {
         process::in_handler()?;
         process::nested()?;
+        let state = self
+            .state
+            .load_full()
+            .filter(|state| state.generation == process::generation());
+        if stop_downloads && let Some(state) = &state {
+            // Also after a close that a Ctrl-C interrupted while it waited for them.
+            state.cache.admin().stop_downloads();
+        }
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let Some(state) = self.state.load_full() else {
+        let Some(state) = state else {
             return Ok(());
         };
-        if state.generation != process::generation() {
-            return Ok(());
-        }
         let gone = state.lock_holds().close();
         let_go(py, gone);
-        if stop_downloads {
-            state.cache.admin().stop_downloads();
-        }
         state.process.block_on(py, state.cache.shutdown())?;
         Ok(())
     }

@@ -90,6 +90,21 @@ fn read_wanted(py: Python<'_>) -> u8 {
 pub(crate) fn refresh_log_level(py: Python<'_>) {
     WANTED.store(read_wanted(py), Ordering::Relaxed);
     READ_AT.store(now_ms(), Ordering::Relaxed);
+    // A mark of this reading in the logger's level cache, which `logging` empties when a
+    // level changes. (The cache's own keys would not do: `logging` fills them again as it
+    // logs, before the next call could look.)
+    if let Some(Some(cache)) = LEVEL_CACHE.get(py) {
+        let _ = cache.bind(py).set_item(mark(py), true);
+    }
+}
+
+/// The key of [`refresh_log_level`]'s mark: a `str`, beside the cache's integer levels.
+fn mark(py: Python<'_>) -> &Bound<'_, pyo3::types::PyString> {
+    static MARK: PyOnceLock<Py<pyo3::types::PyString>> = PyOnceLock::new();
+    MARK.get_or_init(py, || {
+        pyo3::types::PyString::intern(py, "imgcache").unbind()
+    })
+    .bind(py)
 }
 
 /// Reads the logger's level again if it may have changed: its level cache was emptied, or
@@ -102,8 +117,8 @@ pub(crate) fn refresh_if_due(py: Python<'_>) {
         Some(cache.cast_into::<PyDict>().ok()?.unbind())
     });
     let due = match cache {
-        // Filled by the reads below (`isEnabledFor`), emptied by any change of level.
-        Some(cache) => cache.bind(py).is_empty(),
+        // Marked by the last reading, emptied by any change of level.
+        Some(cache) => !cache.bind(py).contains(mark(py)).unwrap_or(false),
         None => now_ms().saturating_sub(READ_AT.load(Ordering::Relaxed)) >= 1000,
     };
     if due {

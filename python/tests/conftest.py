@@ -131,6 +131,8 @@ def clean_environment(monkeypatch, tmp_path):
     import imgcache
 
     monkeypatch.setattr(imgcache, "_manager", None)
+    # Nor a .env above the tests' own directory (a checkout's, a home directory's).
+    monkeypatch.setattr(imgcache, "_callers_dir", lambda: None)
     yield
 
 

@@ -1,5 +1,6 @@
 """One exception class per kind of failure, with url, status and is_transient; nothing cached."""
 
+import errno
 import logging
 import pickle
 import socket
@@ -23,6 +24,7 @@ def test_http_statuses(origin, cache_dir):
     # A missing file is what Python code expects a missing file or key to be.
     assert isinstance(e, FileNotFoundError) and isinstance(e, LookupError)
     assert type(e) is imgcache.NotFoundError and str(e) == e.message
+    assert (e.errno, e.filename) == (errno.ENOENT, e.url)
     with pytest.raises(FileNotFoundError):
         m.get_file(origin.url("nothing.nii.gz"))
 

@@ -304,6 +304,31 @@ def test_a_dotenv_above_the_script_is_found_from_any_directory(origin, tmp_path)
     assert path.is_relative_to(cache)
 
 
+def test_a_dotenv_others_could_write_is_not_read(origin, tmp_path):
+    # A .env in a directory another user could write (as /tmp) names no image server.
+    origin.route("data/d.nii.gz", Route(volume(12, 100)))
+    shared = tmp_path / "shared"
+    (shared / "app").mkdir(parents=True)
+    shared.chmod(0o777)
+    cache = tmp_path / "cache-from-planted"
+    (shared / ".env").write_text(f"CACHE_DIR={cache}\nIMAGE_SERVER={origin.url('data/')}\n")
+    script = shared / "app" / "app.py"
+    script.write_text("import imgcache\nprint(imgcache.ImageCacheManager().get_file('d.nii.gz'))\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ran = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=elsewhere,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode != 0 and "InvalidUrlError" in ran.stderr, ran.stderr
+    assert not cache.exists()
+    assert origin.gets["data/d.nii.gz"] == 0
+
+
 def test_a_dotenv_that_does_not_exist_is_an_error(tmp_path):
     with pytest.raises(imgcache.ConfigError, match="no such file"):
         ImageCacheManager(dotenv=tmp_path / "missing.env")

@@ -57,6 +57,9 @@ pub(crate) struct Inner {
     /// Set by [`Admin::stop_downloads`](super::Admin::stop_downloads): a download stopped
     /// from now on keeps its part file for a later resume.
     pub(super) stopping: Arc<AtomicBool>,
+    /// Writer threads alive: after a stop, shutdown gives them a moment to keep their part
+    /// files (flush, fsync, the lock record's durable length).
+    pub(super) writers: Arc<std::sync::atomic::AtomicUsize>,
     /// The background task and how it is woken and stopped (see `sweeper`).
     pub(super) sweeper: Sweeper,
     /// The lock on the cache directory (shared, or exclusive), released when the cache is

@@ -226,8 +226,9 @@ pub struct CleanupReport {
     pub evicted: u64,
     /// Bytes those entries held.
     pub bytes_freed: u64,
-    /// Expired entries left because a caller (here or in another process) holds their
-    /// file: they go when it lets go.
+    /// Expired entries left in place: a caller (here or in another process) holds their
+    /// file, or, rarely, another process was changing them at that instant. They go when
+    /// let go, by the next cleanup or sweep.
     #[serde(default)]
     pub kept_in_use: u64,
 }

@@ -303,7 +303,19 @@ impl ImageCache {
         for download in inner.inflight.running() {
             let _ = download.await;
         }
-        inner.wait_for_uploads().await;
+        if inner.stopping.load(Ordering::SeqCst) {
+            // Stopped downloads: their writers keep their part files (a flush and an fsync
+            // each), given a bounded moment. Uploads to the tier are left to the next
+            // holder of their lease.
+            let started = std::time::Instant::now();
+            while inner.writers.load(Ordering::SeqCst) > 0
+                && started.elapsed() < std::time::Duration::from_secs(5)
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        } else {
+            inner.wait_for_uploads().await;
+        }
         inner.save_state_blocking().await;
         tracing::info!("cache shut down");
     }

@@ -92,6 +92,7 @@ impl ImageCache {
             counters,
             closed: AtomicBool::new(false),
             stopping: Arc::new(AtomicBool::new(false)),
+            writers: Arc::default(),
             sweeper: Sweeper::default(),
             _lock: lock,
             procs,

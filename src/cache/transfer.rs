@@ -507,7 +507,10 @@ impl<'a> Transfer<'a> {
             make_room,
             on_sync,
             super::wants::on_written(Arc::clone(&self.progress)),
-            resumable.then(|| Arc::clone(&self.inner.stopping)),
+            store::WriterWatch {
+                keep: resumable.then(|| Arc::clone(&self.inner.stopping)),
+                live: Arc::clone(&self.inner.writers),
+            },
         ));
     }
 

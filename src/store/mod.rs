@@ -800,7 +800,8 @@ pub(crate) use beneath::{Beneath, DirItem};
 pub(crate) mod locks;
 mod writer;
 pub(crate) use writer::{
-    MakeRoom, OnSync, OnWritten, SpawnedWriter, WriteOp, Written, open_part, spawn_writer,
+    MakeRoom, OnSync, OnWritten, SpawnedWriter, WriteOp, WriterWatch, Written, open_part,
+    spawn_writer,
 };
 mod recover;
 #[cfg(test)]

@@ -83,12 +83,20 @@ fn create_part(layout: &Layout, temp: &TempFile) -> io::Result<File> {
     Ok(file)
 }
 
+/// What the cache knows of its writers: whether one abandoned now keeps its part file
+/// (`keep`, set by a stop; `None` for a download that leaves nothing to resume), and how
+/// many are alive (`live`).
+pub(crate) struct WriterWatch {
+    pub(crate) keep: Option<Arc<std::sync::atomic::AtomicBool>>,
+    pub(crate) live: Arc<std::sync::atomic::AtomicUsize>,
+}
+
 /// Starts a blocking writer that owns `temp`: it creates the file (mode `file_mode`; or
 /// appends to `existing`, a dead download's part file taken over), writes into it, and
 /// removes it on every path but a `Finish`. Owning the file on the thread that creates it
 /// closes a race: a guard on the network side could run before the file exists.
 ///
-/// `keep`, when given and set by the time the download is abandoned, keeps the part file
+/// `watch.keep`, when given and set by the time the download is abandoned, keeps the part file
 /// instead (everything written made durable, and said so through `on_sync`): a download
 /// stopped at exit is resumed by the next process, as one killed would be.
 pub(crate) fn spawn_writer(
@@ -98,12 +106,22 @@ pub(crate) fn spawn_writer(
     make_room: MakeRoom,
     on_sync: OnSync,
     on_written: OnWritten,
-    keep: Option<Arc<std::sync::atomic::AtomicBool>>,
+    watch: WriterWatch,
 ) -> SpawnedWriter {
+    let WriterWatch { keep, live } = watch;
     let (tx, mut rx) = mpsc::channel::<WriteOp>(64);
     let path = temp.path().to_owned();
     let layout = layout.clone();
+    live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let done = tokio::task::spawn_blocking(move || {
+        /// Counts this thread out however it ends.
+        struct Alive(Arc<std::sync::atomic::AtomicUsize>);
+        impl Drop for Alive {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let _alive = Alive(live);
         let mut file = match existing {
             Some(file) => file,
             None => create_part(&layout, &temp)?,
