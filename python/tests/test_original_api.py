@@ -278,12 +278,13 @@ def test_a_dotenv_file_configures_what_the_environment_does_not(origin, tmp_path
     assert m.get_file("d.nii.gz").read_bytes() == volume(10, 100)
 
 
-def test_a_dotenv_above_the_script_is_found_from_any_directory(origin, tmp_path):
-    # `streamlit run app/app.py` from the parent directory, or `python app/app.py` from
-    # anywhere: the .env next to or above the script configures it, as with python-dotenv.
+def _app_with_dotenv(origin, tmp_path, mode):
+    """Runs ``<tmp>/project/app/app.py`` from another directory, with a .env in ``project``
+    (a directory of mode ``mode``) naming a cache directory and the image server."""
     origin.route("data/d.nii.gz", Route(volume(12, 100)))
     project = tmp_path / "project"
     (project / "app").mkdir(parents=True)
+    project.chmod(mode)
     cache = tmp_path / "cache-from-dotenv"
     (project / ".env").write_text(f"CACHE_DIR={cache}\nIMAGE_SERVER={origin.url('data/')}\n")
     script = project / "app" / "app.py"
@@ -298,6 +299,13 @@ def test_a_dotenv_above_the_script_is_found_from_any_directory(origin, tmp_path)
         text=True,
         timeout=120,
     )
+    return ran, cache
+
+
+def test_a_dotenv_above_the_script_is_found_from_any_directory(origin, tmp_path):
+    # `streamlit run app/app.py` from the parent directory, or `python app/app.py` from
+    # anywhere: the .env next to or above the script configures it, as with python-dotenv.
+    ran, cache = _app_with_dotenv(origin, tmp_path, 0o755)
     assert ran.returncode == 0, ran.stderr
     path = Path(ran.stdout.strip())
     assert path.read_bytes() == volume(12, 100)
@@ -306,24 +314,7 @@ def test_a_dotenv_above_the_script_is_found_from_any_directory(origin, tmp_path)
 
 def test_a_dotenv_others_could_write_is_not_read(origin, tmp_path):
     # A .env in a directory another user could write (as /tmp) names no image server.
-    origin.route("data/d.nii.gz", Route(volume(12, 100)))
-    shared = tmp_path / "shared"
-    (shared / "app").mkdir(parents=True)
-    shared.chmod(0o777)
-    cache = tmp_path / "cache-from-planted"
-    (shared / ".env").write_text(f"CACHE_DIR={cache}\nIMAGE_SERVER={origin.url('data/')}\n")
-    script = shared / "app" / "app.py"
-    script.write_text("import imgcache\nprint(imgcache.ImageCacheManager().get_file('d.nii.gz'))\n")
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    ran = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=elsewhere,
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    ran, cache = _app_with_dotenv(origin, tmp_path, 0o777)
     assert ran.returncode != 0 and "InvalidUrlError" in ran.stderr, ran.stderr
     assert not cache.exists()
     assert origin.gets["data/d.nii.gz"] == 0
