@@ -227,8 +227,9 @@ pub struct CleanupReport {
     /// Bytes those entries held.
     pub bytes_freed: u64,
     /// Expired entries left in place: a caller (here or in another process) holds their
-    /// file, or, rarely, another process was changing them at that instant. They go when
-    /// let go, by the next cleanup or sweep.
+    /// file, or, rarely, another process was changing them at that instant. They have no
+    /// grace period left: they go when let go (those held here, by the sweep that the last
+    /// unpin wakes; others by the next cleanup or sweep).
     #[serde(default)]
     pub kept_in_use: u64,
 }

@@ -485,7 +485,7 @@ impl ImageCache {
             }
             report.bytes_freed += r.entry.meta.size;
         }
-        report.kept_in_use = inner.index.expired_count(now);
+        report.kept_in_use = inner.index.mark_kept_expired(now);
         removed.dispose_off_workers().await;
         let this = Arc::clone(inner);
         let _ = tokio::task::spawn_blocking(move || this.remove_idle_locks()).await;

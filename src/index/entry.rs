@@ -36,6 +36,9 @@ pub(crate) struct Entry {
     /// Removed from the map (or replaced by a newer version) while pinned: its bytes go
     /// when the last pin does.
     pub(super) doomed: AtomicBool,
+    /// An explicit cleanup found it expired but held: it has no grace period left, and the
+    /// sweep that its last unpin wakes removes it.
+    pub(super) no_grace: AtomicBool,
     /// This process's shared lock on the data file while it has pins, so that no other
     /// process deletes the file (see `store::hold`). Taken by the first pin, released by the
     /// last, under the index lock.
@@ -70,6 +73,7 @@ impl Entry {
             own_hits: AtomicU64::new(0),
             pins: AtomicUsize::new(0),
             doomed: AtomicBool::new(false),
+            no_grace: AtomicBool::new(false),
             held: Mutex::new(None),
             stamp: Default::default(),
         }

@@ -146,17 +146,30 @@ impl Index {
 
     /// How many entries are past their expiry at `now_ms` (after an explicit cleanup: those
     /// somebody holds).
-    pub(crate) fn expired_count(&self, now_ms: u64) -> u64 {
+    /// The expired entries left (held), each marked to lose its grace period: an explicit
+    /// cleanup asked for them to go, so the sweep that their last unpin wakes removes them.
+    pub(crate) fn mark_kept_expired(&self, now_ms: u64) -> u64 {
         let st = self.lock();
-        st.entries
-            .values()
-            .filter(|e| now_ms >= e.expires_at())
-            .count() as u64
+        let mut n = 0;
+        for e in st.entries.values().filter(|e| now_ms >= e.expires_at()) {
+            e.no_grace.store(true, Ordering::Relaxed);
+            n += 1;
+        }
+        n
     }
 
     /// Whether `entry` is past its expiry and grace period at `now_ms`: the sweep's to take.
     pub(crate) fn past_grace(&self, entry: &Entry, now_ms: u64) -> bool {
-        now_ms >= entry.expires_at().saturating_add(self.grace_ms)
+        now_ms >= entry.expires_at().saturating_add(self.grace_of(entry))
+    }
+
+    /// The grace period `entry` has after it expires: none once a cleanup asked for it.
+    pub(super) fn grace_of(&self, entry: &Entry) -> u64 {
+        if entry.no_grace.load(Ordering::Relaxed) {
+            0
+        } else {
+            self.grace_ms
+        }
     }
 
     /// Changes the cap and evicts to honour it.

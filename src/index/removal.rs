@@ -18,11 +18,11 @@ impl Index {
     /// what was removed and the next instant an entry leaves its grace period.
     pub(crate) fn sweep(&self, now_ms: u64, keep_grace: bool) -> (Removals, Option<u64>) {
         let mut st = self.lock();
-        let grace = if keep_grace { self.grace_ms } else { 0 };
+        let grace = |e: &Entry| if keep_grace { self.grace_of(e) } else { 0 };
         let expired: Vec<Key> = st
             .entries
             .values()
-            .filter(|e| now_ms >= e.expires_at().saturating_add(grace) && !e.is_pinned())
+            .filter(|e| now_ms >= e.expires_at().saturating_add(grace(e)) && !e.is_pinned())
             .map(|e| e.key.clone())
             .collect();
         let mut removed = Vec::with_capacity(expired.len());
@@ -35,7 +35,7 @@ impl Index {
         let next = st
             .entries
             .values()
-            .map(|e| e.expires_at().saturating_add(grace))
+            .map(|e| e.expires_at().saturating_add(grace(e)))
             .filter(|deadline| *deadline > now_ms)
             .min();
         (self.removals(removed), next)
@@ -46,12 +46,12 @@ impl Index {
     /// The sweep itself may spare some of them (another process holding or renewing one).
     pub(crate) fn sweep_plan(&self, now_ms: u64, keep_grace: bool) -> Vec<(Arc<Entry>, Reason)> {
         let st = self.lock();
-        let grace = if keep_grace { self.grace_ms } else { 0 };
+        let grace = |e: &Entry| if keep_grace { self.grace_of(e) } else { 0 };
         let mut total = self.total(&st);
         let mut plan: Vec<(Arc<Entry>, Reason)> = st
             .entries
             .values()
-            .filter(|e| now_ms >= e.expires_at().saturating_add(grace) && !e.is_pinned())
+            .filter(|e| now_ms >= e.expires_at().saturating_add(grace(e)) && !e.is_pinned())
             .map(|e| (Arc::clone(e), Reason::Expired))
             .collect();
         let mut planned: std::collections::HashSet<Key> =

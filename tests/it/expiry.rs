@@ -6,7 +6,7 @@ use std::time::Duration;
 use imgcache::{CacheStatus, ErrorKind, GetOptions, ImageCache};
 
 use crate::support::origin::{Origin, Route, volume};
-use crate::support::{data_files, open, wait_until};
+use crate::support::{builder, data_files, open, wait_until};
 
 use crate::MB;
 
@@ -57,7 +57,13 @@ async fn an_explicit_cleanup_removes_every_expired_entry_nobody_holds() {
         origin.route(name, Route::ok(volume(20 + i as u64, 1000)));
     }
     let dir = tempfile::tempdir().unwrap();
-    let (cache, clock) = open(dir.path()).await;
+    let clock = Arc::new(imgcache::ManualClock::new());
+    // A sweeper that runs only when woken (by an unpin), with the default grace of 7 days.
+    let cache = builder(dir.path(), &clock)
+        .sweep_interval(Duration::from_secs(3600))
+        .build()
+        .await
+        .unwrap();
     let short = GetOptions::new().ttl(Duration::from_secs(2));
     drop(
         cache
@@ -85,11 +91,13 @@ async fn an_explicit_cleanup_removes_every_expired_entry_nobody_holds() {
         "b (held) and c (fresh) stay"
     );
     assert_eq!(std::fs::read(held.path()).unwrap(), volume(21, 1000));
+    // Let go, it goes without another cleanup: the sweep its unpin wakes gives it no grace
+    // period (the sweeper's own would keep it 7 days), as the cleanup asked.
     drop(held);
-    let report = cache.cleanup().await.unwrap();
-    assert_eq!((report.expired, report.kept_in_use), (1, 0));
-    assert_eq!(data_files(dir.path()).len(), 1);
+    wait_until(|| data_files(dir.path()).len() == 1).await;
     assert_eq!(cache.stats().expirations, 2);
+    let report = cache.cleanup().await.unwrap();
+    assert_eq!((report.expired, report.kept_in_use), (0, 0));
 }
 
 #[tokio::test]
