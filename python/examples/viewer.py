@@ -10,7 +10,7 @@ import os
 
 import streamlit as st
 
-from imgcache import CacheError, get_cached_file, show_cache_controls
+from imgcache import CacheError, get_cache_manager, show_cache_controls
 
 st.set_page_config(page_title="Volume viewer", layout="wide")
 st.title("Volume viewer")
@@ -19,13 +19,17 @@ volumes = [v for v in os.environ.get("VOLUMES", "ct/0001.nii.gz").split(",") if 
 choice = st.selectbox("Volume", volumes, key="volume")
 
 try:
-    path = get_cached_file(choice)
+    # Pinned while the block reads it: no clear, invalidate, expiry or size cap (another
+    # tab's, another process's) removes the file before the block ends. For a quick look,
+    # imgcache.get_cached_file(choice) returns a path that stays readable for 10 s.
+    with get_cache_manager().open(choice) as volume:
+        with open(volume.path, "rb") as f:  # or nib.load(volume.path).get_fdata()
+            header = f.read(16)
+        path, size = volume.path, volume.size
 except CacheError as e:
     st.error(f"Could not load {choice}: {e}")
 else:
-    with open(path, "rb") as f:
-        header = f.read(16)
-    st.success(f"Loaded {path.name}: {path.stat().st_size / 1024 / 1024:.1f} MB")
+    st.success(f"Loaded {path.name}: {size / 1024 / 1024:.1f} MB")
     st.code(f"{path}\nfirst bytes: {header.hex()}", language=None)
 
 show_cache_controls()

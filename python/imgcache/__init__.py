@@ -238,12 +238,18 @@ class ImageCacheManager:
     over ``.env``.
 
     Beyond the original: ``offline`` serves only what is cached; ``hold_seconds`` (10, at
-    most a day) is how long a path that :meth:`get_file` returns is kept from eviction, in
-    any process, so that opening it right after the call does not race the size cap. Holds
-    are a courtesy: together they keep at most half the size cap (and 64 files), the oldest
-    going first, and setting the cap, :meth:`cleanup`, :meth:`invalidate` and
-    :meth:`clear_cache` let go of them; use :meth:`open` to hold a file for as long as you
-    need it. ``dotenv`` names another ``.env`` file (one that does not exist is a
+    most a day) is how long a path that :meth:`get_file` returns stays readable whatever
+    other calls do, in any process: :meth:`clear_cache`, :meth:`invalidate`,
+    :meth:`cleanup` and a smaller size cap remove the entry at once and its file when the
+    hold ends, so that a reader that reopens the path lazily (``nib.load(path)``, then
+    ``img.dataobj[...]``) finds it. Holds are a courtesy: together they keep at most half
+    the size cap (and 64 files), the oldest going first. For a reader that lives longer,
+    pin the file for as long as it needs it::
+
+        with cache.open(url) as f:
+            img = nib.load(f.path)
+            data = img.get_fdata()
+ ``dotenv`` names another ``.env`` file (one that does not exist is a
     :class:`ConfigError`); without it, the first ``.env`` in the calling script's directory or
     above is read, as python-dotenv's ``find_dotenv`` finds it. ``clock`` (a
     :class:`ManualClock`) lets a test move time on by hand.
@@ -321,13 +327,15 @@ class ImageCacheManager:
 
     def invalidate(self, url: str) -> bool:
         """Removes ``url``'s entry; returns whether there was one. A file that someone holds
-        (:meth:`open`, or another process) is deleted when it is let go of; this manager's
-        own holds on it go at once."""
+        (a path :meth:`get_file` returned within ``hold_seconds``, :meth:`open`, another
+        process) is deleted when it is let go of; the next :meth:`get_file` downloads it
+        again."""
         return self._cache.invalidate(url)
 
     def clear_cache(self) -> int:
-        """Removes every entry; returns how many there were. The statistics are kept (they
-        belong to the cache directory, which other processes share); see
+        """Removes every entry; returns how many there were. Held files (see
+        ``hold_seconds`` and :meth:`open`) are deleted when let go of. The statistics are
+        kept (they belong to the cache directory, which other processes share); see
         :meth:`reset_stats`."""
         return self._cache.clear()
 
@@ -343,12 +351,12 @@ class ImageCacheManager:
         return cast(CacheStats, stats)
 
     def cleanup(self) -> CleanupReport:
-        """Removes every expired entry that nobody holds and enforces the size cap now, after
-        letting go of this manager's holds. (A background task does it every minute too, but
-        keeps an expired copy for a grace period, 7 days by default, for offline use and
-        outages; this call keeps none.) Returns ``{"expired": n, "evicted": n,
-        "bytes_freed": n, "kept_in_use": n}``: ``kept_in_use`` counts the expired files that
-        a caller (another ``open()``, another process) still holds; they go when it lets go."""
+        """Removes every expired entry that nobody holds and enforces the size cap now. (A
+        background task does it every minute too, but keeps an expired copy for a grace
+        period, 7 days by default, for offline use and outages; this call keeps none.)
+        Returns ``{"expired": n, "evicted": n, "bytes_freed": n, "kept_in_use": n}``:
+        ``kept_in_use`` counts the expired files still held (a path handed out within
+        ``hold_seconds``, an ``open()``, another process); they go when let go of."""
         return cast(CleanupReport, self._cache.cleanup())
 
     # -- beyond the original ------------------------------------------------------------------
@@ -461,7 +469,8 @@ class ImageCacheManager:
 
     @max_cache_size_bytes.setter
     def max_cache_size_bytes(self, value: int) -> None:
-        """Applies at once: this manager's holds go, and a smaller cap evicts."""
+        """Applies at once: a smaller cap evicts what nobody holds now, and held files
+        when let go of."""
         self._cache.set_max_size_bytes(int(value))
 
     @property

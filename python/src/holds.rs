@@ -1,11 +1,13 @@
 //! The paths `get` hands out, each pinned for a while after the call.
 //!
-//! A path returned to Python is only a name: between the call and the caller's `open` the
-//! size cap (of this process or another) could remove the file. So the handle keeps the
-//! file's pin for `hold_seconds`, and a call within that time hands out the same
-//! `pathlib.Path` object again. Holds are a courtesy, never a second cache: together they
-//! pin at most half the size cap (and at most [`MAX_HOLDS`] files); a new hold lets go of
-//! the oldest ones beyond that, so that a cap always stays enforceable.
+//! A path returned to Python is only a name: between the call and the caller's `open` (or
+//! a lazy reader's later reopening) the size cap, a clear or an invalidate (of this process
+//! or another) could remove the file. So the handle keeps the file's pin for
+//! `hold_seconds`, whatever other calls do (the core deletes a removed file when its last
+//! pin goes), and a call within that time hands out the same `pathlib.Path` object again.
+//! Holds are a courtesy, never a second cache: together they pin at most half the size cap
+//! (and at most [`MAX_HOLDS`] files); a new hold lets go of the oldest ones beyond that, so
+//! that a cap always stays enforceable.
 //!
 //! No Python code runs while the map's lock is held (Python code can let the GIL go to a
 //! thread that then waits on the lock), and the pins taken out of the map are dropped with

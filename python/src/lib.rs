@@ -27,7 +27,7 @@ mod stream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use imgcache::{CachedFile, ErrorKind, GetOptions, MB};
@@ -40,7 +40,7 @@ use errors::IntoPy as _;
 use holds::{Held, Holds};
 use pinned::Pinned;
 use process::ForkLock;
-use state::{Settings, State, let_go, let_go_of_old_holds, unpin};
+use state::{HoldClock, Settings, State, let_go, let_go_of_old_holds, unpin};
 
 /// The longest `hold_seconds`: a hold is for the moment between a call and an `open`.
 const MAX_HOLD: Duration = Duration::from_secs(24 * 3600);
@@ -136,6 +136,7 @@ impl Cache {
             cap: AtomicU64::new(cache.stats().max_size_bytes),
             cache,
             holds: Mutex::new(Holds::default()),
+            hold_clock: HoldClock::new(settings.clock.as_ref()),
         });
         if !self.hold.is_zero() {
             let every = (self.hold / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -175,7 +176,7 @@ impl Cache {
             return path;
         }
         // `hold` is at most MAX_HOLD: the sum cannot overflow.
-        let until = Instant::now() + self.hold;
+        let until = state.hold_clock.now() + self.hold;
         let renewed = state.lock_holds().renew(py, url, file, until);
         let file = match renewed {
             Ok((path, older)) => {
@@ -444,32 +445,28 @@ impl Cache {
         )
     }
 
-    /// Removes `url`'s entry; whether there was one.
+    /// Removes `url`'s entry; whether there was one. A held path stays readable until its
+    /// hold ends (the core deletes a removed file when its last pin goes).
     fn invalidate(&self, py: Python<'_>, url: &str) -> PyResult<bool> {
         let state = self.state(py)?;
-        // This spelling's holds go first, so that the file can go at once.
-        state.release(py, |typed, _| typed != url);
         let removed = state
             .process
             .block_on(py, state.cache.invalidate(url))?
             .py_err()?;
-        // And the holds on it under other spellings of the URL.
-        state.release_stale(py);
         Ok(removed)
     }
 
-    /// Removes every entry; how many there were.
+    /// Removes every entry; how many there were. Held paths stay until their holds end.
     fn clear(&self, py: Python<'_>) -> PyResult<u64> {
         let state = self.state(py)?;
-        state.release(py, |_, _| false);
         state.process.block_on(py, state.cache.clear())?.py_err()
     }
 
-    /// Removes expired entries and enforces the cap now: `{expired, evicted, bytes_freed}`.
-    /// The holds go first: they are not there to keep a file from an explicit clean-up.
+    /// Removes expired entries and enforces the cap now:
+    /// `{expired, evicted, bytes_freed, kept_in_use}`. A held expired file is kept in use
+    /// and goes when its hold ends.
     fn cleanup<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let state = self.state(py)?;
-        state.release(py, |_, _| false);
         let report = state
             .process
             .block_on(py, state.cache.cleanup())?
@@ -527,10 +524,10 @@ impl Cache {
         Ok(())
     }
 
-    /// Sets the size cap; a smaller one evicts at once, held paths included.
+    /// Sets the size cap; a smaller one evicts at once what nobody holds, and held paths
+    /// when their holds end.
     fn set_max_size_bytes(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
         let state = self.state(py)?;
-        state.release(py, |_, _| false);
         py.detach(|| state.cache.admin().set_max_size_bytes(bytes))
             .py_err()?;
         state.cap.store(bytes, Ordering::Relaxed);

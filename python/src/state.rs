@@ -76,6 +76,35 @@ pub(crate) struct State {
     pub(crate) holds: Mutex<Holds>,
     /// The size cap, which bounds the holds.
     pub(crate) cap: AtomicU64,
+    /// The time by which holds end.
+    pub(crate) hold_clock: HoldClock,
+}
+
+/// The time by which holds end: the monotonic clock, or the cache's hand-moved one (a test
+/// moves both the TTLs and the holds on).
+pub(crate) struct HoldClock {
+    manual: Option<(Arc<imgcache::ManualClock>, Instant, std::time::SystemTime)>,
+}
+
+impl HoldClock {
+    pub(crate) fn new(manual: Option<&Arc<imgcache::ManualClock>>) -> HoldClock {
+        use imgcache::Clock;
+        HoldClock {
+            manual: manual.map(|c| (Arc::clone(c), Instant::now(), c.now())),
+        }
+    }
+
+    /// Now, as an instant: for a hand-moved clock, the instant it was made plus how far it
+    /// has been moved since.
+    pub(crate) fn now(&self) -> Instant {
+        use imgcache::Clock;
+        match &self.manual {
+            None => Instant::now(),
+            Some((clock, base, then)) => {
+                *base + clock.now().duration_since(*then).unwrap_or_default()
+            }
+        }
+    }
 }
 
 impl State {
@@ -127,7 +156,7 @@ pub(crate) async fn let_go_of_old_holds(state: std::sync::Weak<State>, every: Du
     loop {
         tick.tick().await;
         let Some(state) = state.upgrade() else { return };
-        let now = Instant::now();
+        let now = state.hold_clock.now();
         let gone = state.lock_holds().take(|_, h| h.until > now);
         // Off the GIL: the paths' references are let go of by PyO3 the next time any
         // thread holds it.

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import imgcache
-from imgcache import ImageCacheManager
+from imgcache import ImageCacheManager, ManualClock
 
 from conftest import Route, data_files, volume
 
@@ -141,7 +141,8 @@ def test_a_returned_path_is_held_against_another_processs_cap(origin, cache_dir)
 def test_holds_keep_at_most_half_the_cap_so_the_cap_holds(origin, cache_dir):
     # The default hold, and files that together are twice the cap.
     urls = [origin.route(f"c{i}.nii.gz", Route(volume(40 + i, MB))) for i in range(6)]
-    m = ImageCacheManager(cache_dir=cache_dir, max_cache_size_mb=3)
+    clock = ManualClock()
+    m = ImageCacheManager(cache_dir=cache_dir, max_cache_size_mb=3, clock=clock)
     assert m.hold_seconds == 10.0
     for i, url in enumerate(urls):
         path = m.get_file(url)
@@ -151,25 +152,37 @@ def test_holds_keep_at_most_half_the_cap_so_the_cap_holds(origin, cache_dir):
         assert m.get_stats()["current_size_bytes"] <= 3 * MB
         assert len(data_files(cache_dir)) <= 3
     assert [origin.gets[f"c{i}.nii.gz"] for i in range(6)] == [1] * 6
-    # A smaller cap lets go of the holds and applies at once.
+    # A smaller cap applies at once to what is not held, and to the held paths when their
+    # holds end.
+    files, held = m._cache.held
     m.max_cache_size_bytes = 1
+    assert len(data_files(cache_dir)) == files and held > 0
+    clock.advance(10)
+    wait_for(lambda: data_files(cache_dir) == [])
     assert m._cache.held == (0, 0)
-    assert data_files(cache_dir) == []
 
 
-def test_invalidate_lets_go_of_holds_under_another_spelling(origin, cache_dir):
+def test_invalidate_under_another_spelling_removes_the_file_when_its_hold_ends(
+    origin, cache_dir
+):
     url = origin.route("s.nii.gz", Route(volume(11, 1000)))
-    m = ImageCacheManager(cache_dir=cache_dir)
+    clock = ManualClock()
+    m = ImageCacheManager(cache_dir=cache_dir, clock=clock)
     path = m.get_file(url)
     spelled = url.replace("http://", "HTTP://").replace("/s.nii.gz", "/./s.nii.gz")
     assert m.invalidate(spelled) is True
+    assert m.get_cached_file(url) is None
+    assert path.read_bytes() == volume(11, 1000), "readable for its hold"
+    clock.advance(10)
+    wait_for(lambda: not path.exists())
     assert m._cache.held == (0, 0)
-    assert not path.exists(), "no hold of this handle keeps the invalidated file"
+    assert m.get_file(url) != path and origin.gets["s.nii.gz"] == 2
 
 
 def test_a_refreshed_url_keeps_the_hold_on_the_older_file(origin, cache_dir):
     url = origin.route("v.nii.gz", Route(volume(12, 1000)))
-    m = ImageCacheManager(cache_dir=cache_dir)
+    clock = ManualClock()
+    m = ImageCacheManager(cache_dir=cache_dir, clock=clock)
     old = m.get_file(url)
     origin.routes["v.nii.gz"] = Route(volume(13, 2000))
     new = m.download_and_cache(url)
@@ -178,7 +191,10 @@ def test_a_refreshed_url_keeps_the_hold_on_the_older_file(origin, cache_dir):
     assert old.read_bytes() == volume(12, 1000)
     assert m._cache.held == (2, 3000)
     m.cleanup()
-    assert not old.exists() and new.exists()
+    assert old.exists(), "a cleanup leaves held paths"
+    clock.advance(10)
+    wait_for(lambda: not old.exists())
+    assert new.exists()
 
 
 def test_an_async_call_without_an_event_loop_takes_nothing(origin, cache_dir):
@@ -191,3 +207,11 @@ def test_an_async_call_without_an_event_loop_takes_nothing(origin, cache_dir):
     with pytest.raises(RuntimeError):
         m.aopen(url)
     assert m.get_stats()["hits"] == before, "no hit was taken for a future never made"
+
+
+def wait_for(condition, seconds: float = 10.0) -> None:
+    """Holds end on the hold clock's next tick (a real-time timer): wait for it, bounded."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert condition()

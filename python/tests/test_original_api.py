@@ -156,14 +156,56 @@ def test_invalidate_and_clear_cache_remove_the_files(origin, cache_dir):
 
     assert m.invalidate(urls[0]) is True
     assert m.invalidate(urls[0]) is False
-    assert not paths[0].exists(), "the handle's own hold is let go of by invalidate"
     assert m.get_cached_file(urls[0]) is None
 
     assert m.clear_cache() == 2
-    assert data_files(cache_dir) == []
     assert m.get_stats()["entries_count"] == 0
     m.get_file(urls[1])
     assert origin.gets["1.nii.gz"] == 2
+    # The paths handed out stay for their hold (10 s): see test_returned_paths_stay_*.
+    m.close()
+    assert [p for p in paths if p.exists()] == []
+    assert len(data_files(cache_dir)) == 1
+
+
+def _wait_gone(path, seconds: float = 10.0) -> None:
+    """Holds end on the hold clock's next tick (a real-time timer): wait for it, bounded."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not path.exists(), f"{path} outlived its hold"
+
+
+@pytest.mark.parametrize("remove", ["clear_cache", "invalidate", "cleanup", "max_size", "other"])
+def test_returned_paths_stay_readable_for_their_hold(origin, cache_dir, remove):
+    # nibabel reads a .nii.gz lazily, reopening it by path: p = get_file(u);
+    # img = nib.load(p); clear_cache(); img.dataobj[...] must still read.
+    body = volume(40, 3 * MB)
+    url = origin.route("lazy.nii.gz", Route(body))
+    clock = ManualClock()
+    m = ImageCacheManager(cache_dir=cache_dir, default_ttl_hours=1, clock=clock, hold_seconds=30)
+    path = m.get_file(url)
+    if remove == "clear_cache":
+        assert m.clear_cache() == 1
+    elif remove == "invalidate":
+        assert m.invalidate(url) is True
+    elif remove == "cleanup":
+        clock.advance(3600 + 1)
+        assert m.cleanup() == {"expired": 0, "evicted": 0, "bytes_freed": 0, "kept_in_use": 1}
+    elif remove == "max_size":
+        m.max_cache_size_bytes = MB
+    else:
+        # Another tab's manager on the same directory clears it.
+        other = ImageCacheManager(cache_dir=cache_dir, clock=clock, hold_seconds=0)
+        assert other.clear_cache() == 1
+        other.close()
+    with open(path, "rb") as f:
+        assert f.read() == body, "a returned path is readable for its hold time"
+    clock.advance(31)
+    _wait_gone(path)
+    assert data_files(cache_dir) == []
 
 
 def test_cleanup_removes_expired_files_by_the_clock(origin, cache_dir):
@@ -181,7 +223,7 @@ def test_cleanup_removes_expired_files_by_the_clock(origin, cache_dir):
     assert m.get_stats()["expirations"] == 1
 
 
-def test_cleanup_lets_go_of_the_holds_of_expired_files(origin, cache_dir):
+def test_cleanup_removes_held_expired_files_when_their_hold_ends(origin, cache_dir):
     url = origin.route("h.nii.gz", Route(volume(6, 5000)))
     fresh_url = origin.route("f.nii.gz", Route(volume(7, 5000)))
     clock = ManualClock()
@@ -189,18 +231,19 @@ def test_cleanup_lets_go_of_the_holds_of_expired_files(origin, cache_dir):
     path = m.get_file(url)
     clock.advance(3600 + 1)
     fresh = m.get_file(fresh_url)
-    m.cleanup()
-    # Its hold let go of, the expired file went: by this cleanup, or by the background
-    # sweeper that the hold's release woke (whichever came first).
-    assert not path.exists()
+    assert m.cleanup()["kept_in_use"] == 1
+    assert path.exists(), "held: kept until the hold ends"
+    # The hold's end wakes the background sweeper, which gives it no grace period.
+    clock.advance(600)
+    _wait_gone(path)
     assert m.get_stats()["expirations"] == 1
     assert fresh.exists()
 
 
 def test_settings_apply_at_once(origin, cache_dir):
     urls = [origin.route(f"s{i}.nii.gz", Route(volume(20 + i, MB))) for i in range(3)]
-    # With the default hold: setting the cap lets go of the paths just handed out.
-    m = ImageCacheManager(cache_dir=cache_dir)
+    # Without holds: the paths handed out are not kept from the smaller cap.
+    m = ImageCacheManager(cache_dir=cache_dir, hold_seconds=0)
     for u in urls:
         m.get_file(u)
     m.max_cache_size_bytes = 2 * MB
@@ -260,7 +303,9 @@ def test_the_module_functions_use_the_environment(origin, cache_dir, monkeypatch
     assert stats["max_size_mb"] == 64.0 and stats["entries_count"] == 1
     assert imgcache.get_cache_manager().default_ttl_seconds == 2 * 3600
     assert imgcache.clear_cache() == 1
-    assert data_files(cache_dir) == []
+    assert path.read_bytes() == volume(9, 2 * MB), "held for its hold time"
+    imgcache.get_cache_manager().close()
+    assert data_files(cache_dir) == [], "let go of, it goes"
     # An argument wins over the environment.
     assert ImageCacheManager(max_cache_size_mb=8).get_stats()["max_size_mb"] == 8.0
 

@@ -17,13 +17,20 @@ MB = 1024 * 1024
 
 
 @pytest.fixture
-def app(origin, cache_dir, monkeypatch):
+def clock():
+    return imgcache.ManualClock()
+
+
+@pytest.fixture
+def app(origin, cache_dir, monkeypatch, clock):
     origin.route("data/ct/1.nii.gz", Route(volume(1, 3 * MB)))
     origin.route("data/ct/2.nii.gz", Route(volume(2, MB)))
     monkeypatch.setenv("CACHE_DIR", str(cache_dir))
     monkeypatch.setenv("IMAGE_SERVER", origin.url("data/"))
     monkeypatch.setenv("CACHE_MAX_SIZE_MB", "100")
     monkeypatch.setenv("VOLUMES", "ct/1.nii.gz,ct/2.nii.gz")
+    # The process-wide manager the app uses, on a clock the test moves (for the holds).
+    monkeypatch.setattr(imgcache, "_manager", imgcache.ImageCacheManager(clock=clock))
     at = AppTest.from_file(APP, default_timeout=30)
     at.run()
     assert not at.exception, at.exception
@@ -56,7 +63,8 @@ def test_clear_cache_empties_the_cache(app, origin, cache_dir):
     app.sidebar.button(key="imgcache_clear").click().run()
     assert not app.exception
     assert any("Cache cleared: 2 files removed" in s.value for s in app.sidebar.success)
-    # Both files went; the rerun that followed the click loaded the selected volume again.
+    # Both files went (the app pins a volume only while it reads it); the rerun that
+    # followed the click loaded the selected volume again.
     after = set(data_files(cache_dir))
     assert len(after) == 1 and not (before & after)
     assert origin.gets["data/ct/2.nii.gz"] == 2
