@@ -165,6 +165,7 @@
 //! | `CACHE_REFUSE_PRIVATE` | `0` (`1` for `imgcache serve`) | treat `private` as `no-store` |
 //! | `CACHE_RETRIES` | `3` | retries of transient failures |
 //! | `CACHE_RETRY_DELAY`, `CACHE_RETRY_MAX_DELAY` | `500ms`, `30s` | backoff bounds |
+//! | `CACHE_OUTAGE_MEMORY` | `30s` | how long an origin that did not answer is not asked again |
 //! | `CACHE_CONNECT_TIMEOUT`, `CACHE_READ_TIMEOUT` | `30s`, `12s` | connect and idle timeouts |
 //! | `CACHE_DOWNLOAD_TIMEOUT` | none | total time of one download, retries included |
 //! | `CACHE_MAX_FILE_SIZE_MB` | `16384` | largest file accepted |

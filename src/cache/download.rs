@@ -286,6 +286,9 @@ impl<'a> Download<'a> {
         lock: Option<KeyLock>,
         resume: Option<Resume>,
     ) -> DownloadResult {
+        let origin = self.r.request.origin().ascii_serialization();
+        let outages = &self.inner.outages;
+        outages.check(&origin, self.inner.config.now_ms())?;
         let mut transfer = Transfer::new(self.inner, self.r, self.wants, lock, self.asked_at);
         if let Some(resume) = resume {
             transfer.resume_from(resume);
@@ -305,6 +308,12 @@ impl<'a> Download<'a> {
                 }),
             None => attempts.await,
         };
+        outages.after(
+            &origin,
+            self.inner.config.now_ms(),
+            &result,
+            transfer.answered,
+        );
         if result.is_err() {
             transfer.abandon().await;
         }

@@ -72,6 +72,8 @@ pub(crate) struct Inner {
     pub(super) tier: Option<Arc<crate::tier::Tier>>,
     /// Uploads to the tier still running: shutdown waits for them.
     pub(super) uploads: Uploads,
+    /// Origins that did not answer, remembered for `CACHE_OUTAGE_MEMORY`.
+    pub(super) outages: super::outage::Outages,
 }
 
 impl Drop for Inner {

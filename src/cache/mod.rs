@@ -23,6 +23,7 @@ mod handle;
 mod hit;
 mod inflight;
 mod open;
+mod outage;
 mod pin;
 mod procs;
 mod removal;

@@ -80,6 +80,7 @@ impl ImageCache {
             #[cfg(feature = "s3")]
             tier,
             uploads: Uploads::default(),
+            outages: super::outage::Outages::new(config.outage_memory),
             default_ttl_ms: AtomicU64::new(duration_ms(config.default_ttl)),
             layout,
             index,

@@ -224,6 +224,8 @@ pub(super) struct Transfer<'a> {
     pub(super) validators: Validators,
     /// `received` when progress was last reported.
     pub(super) reported: u64,
+    /// Whether the origin answered an attempt (with any status): it is reachable.
+    pub(super) answered: bool,
     pub(super) reservation: Option<Reservation>,
     /// The URL's writer lock; `None` when this process downloads without it.
     pub(super) lock: Option<Arc<Mutex<WriterLock>>>,
@@ -259,6 +261,7 @@ impl<'a> Transfer<'a> {
             total: None,
             validators: Validators::default(),
             reported: 0,
+            answered: false,
             reservation: None,
             lock: lock.map(|lock| {
                 Arc::new(Mutex::new(WriterLock {
@@ -360,7 +363,14 @@ impl<'a> Transfer<'a> {
             }
             _ => revalidate.map_or(fetch::Ask::Whole, fetch::Ask::IfChanged),
         };
-        let mut response = match fetch::send(client, url, ask).await? {
+        let sent = fetch::send(client, url, ask).await;
+        if sent
+            .as_ref()
+            .map_or_else(|e| e.kind() == ErrorKind::HttpStatus, |_| true)
+        {
+            self.answered = true;
+        }
+        let mut response = match sent? {
             fetch::Answer::NotModified(v) => return Ok(Step::NotModified(v)),
             fetch::Answer::RangeRefused => {
                 self.restart().await?;

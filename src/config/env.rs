@@ -57,6 +57,10 @@ pub(super) const ENVIRONMENT: &[(&str, Setter)] = &[
         set!(network.retry_max_delay = parse_duration),
     ),
     (
+        "CACHE_OUTAGE_MEMORY",
+        set!(network.outage_memory = parse_duration),
+    ),
+    (
         "CACHE_CONNECT_TIMEOUT",
         set!(network.connect_timeout = parse_duration),
     ),

@@ -37,6 +37,7 @@ pub struct NetworkOptions {
     pub(super) retries: u32,
     pub(super) retry_base_delay: Duration,
     pub(super) retry_max_delay: Duration,
+    pub(super) outage_memory: Duration,
     pub(super) max_redirects: usize,
     pub(super) ca_certificate: Option<PathBuf>,
     pub(super) insecure_tls: bool,
@@ -57,6 +58,8 @@ impl NetworkOptions {
     pub const DEFAULT_RETRY_BASE_DELAY: Duration = Duration::from_millis(500);
     /// The longest delay between retries unless set: 30 s.
     pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
+    /// How long an origin that did not answer is remembered unless set: 30 s.
+    pub const DEFAULT_OUTAGE_MEMORY: Duration = Duration::from_secs(30);
     /// Redirects followed unless set: 10.
     pub const DEFAULT_MAX_REDIRECTS: usize = 10;
 
@@ -78,6 +81,7 @@ impl Default for NetworkOptions {
             retries: Self::DEFAULT_RETRIES,
             retry_base_delay: Self::DEFAULT_RETRY_BASE_DELAY,
             retry_max_delay: Self::DEFAULT_RETRY_MAX_DELAY,
+            outage_memory: Self::DEFAULT_OUTAGE_MEMORY,
             max_redirects: Self::DEFAULT_MAX_REDIRECTS,
             ca_certificate: None,
             insecure_tls: false,
@@ -99,6 +103,7 @@ impl fmt::Debug for NetworkOptions {
             .field("retries", &self.retries)
             .field("retry_base_delay", &self.retry_base_delay)
             .field("retry_max_delay", &self.retry_max_delay)
+            .field("outage_memory", &self.outage_memory)
             .field("max_redirects", &self.max_redirects)
             .field("ca_certificate", &self.ca_certificate)
             .field("insecure_tls", &self.insecure_tls)
@@ -263,6 +268,24 @@ impl NetworkOptions {
     /// ```
     pub fn download_timeout(mut self, timeout: Duration) -> Self {
         self.download_timeout = Some(timeout);
+        self
+    }
+
+    /// How long an origin whose download failed on the network (after its retries: refused,
+    /// reset, timed out) is remembered as down. Meanwhile a download from it fails at once,
+    /// saying when and why it last failed, and an expired copy is served at once instead of
+    /// after the retries; the first download after that time asks again, and any answer
+    /// from the origin (an error status included) forgets the outage. Default 30 s (env
+    /// `CACHE_OUTAGE_MEMORY`); zero turns it off.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // A viewer on a flaky link: ask a silent server again after 5 s.
+    /// let options = imgcache::NetworkOptions::new().outage_memory(Duration::from_secs(5));
+    /// ```
+    pub fn outage_memory(mut self, memory: Duration) -> Self {
+        self.outage_memory = memory;
         self
     }
 

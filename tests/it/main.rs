@@ -20,6 +20,7 @@ mod headers;
 mod hostile;
 mod leaks;
 mod no_store;
+mod outage;
 mod persistence;
 mod process_wide;
 mod processes;
