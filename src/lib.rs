@@ -229,7 +229,7 @@ mod tier;
 
 pub use cache::{
     Admin, CacheStatus, CachedFile, CleanupPreview, CleanupReport, EntryInfo, FileStream,
-    GetOptions, ImageCache, TierAdmin, Verification, VerifyReport,
+    GetOptions, ImageCache, OnProgress, TierAdmin, Verification, VerifyReport,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{

@@ -116,9 +116,19 @@ impl Inner {
                 Admitted::Hit(file) => return Ok(file),
                 Admitted::Download(ticket) => ticket,
             };
-            let result = ticket.task.clone().await;
+            let result = match &options.progress {
+                None => ticket.task.clone().await,
+                Some(report) => ticket.wait_reporting(report).await,
+            };
             match ticket.conclude(resolved, options, result) {
-                Conclusion::File(file) => return Ok(file),
+                Conclusion::File(file) => {
+                    if let Some(report) = &options.progress
+                        && !matches!(file.status(), CacheStatus::Hit)
+                    {
+                        (report.0)(file.size(), Some(file.size()));
+                    }
+                    return Ok(file);
+                }
                 Conclusion::Failed(e) => return Err(e),
                 Conclusion::DownloadAgain(_) => {
                     admitted = self.join_or_start(resolved, options, true);
@@ -195,6 +205,39 @@ impl Inner {
 }
 
 impl Ticket {
+    /// Waits on the download, reporting what reaches its file (see [`GetOptions::progress`]).
+    async fn wait_reporting(&self, report: &super::file::OnProgress) -> DownloadResult {
+        const MIB: u64 = 1 << 20;
+        let mut seen = self.wants.progress().subscribe();
+        let task = self.task.clone();
+        tokio::pin!(task);
+        let mut last: Option<u64> = None;
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut task => return result,
+                changed = seen.changed() => {
+                    if changed.is_err() {
+                        return task.await;
+                    }
+                    let (done, total) = {
+                        let p = seen.borrow_and_update();
+                        (p.written, p.total)
+                    };
+                    let step = total.map_or(MIB, |t| (t / 100).max(MIB));
+                    let due = match last {
+                        None => true,
+                        Some(last) => done < last || done >= last.saturating_add(step),
+                    };
+                    if due {
+                        last = Some(done);
+                        (report.0)(done, total);
+                    }
+                }
+            }
+        }
+    }
+
     /// The download to wait on.
     pub(super) fn task(&self) -> &SharedTask<DownloadResult> {
         &self.task

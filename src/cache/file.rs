@@ -162,6 +162,20 @@ pub struct GetOptions {
     pub expected_sha256: Option<String>,
     /// Download even if a fresh entry exists (a download already running is joined).
     pub force: bool,
+    /// Called while this call waits on a download (the one it started, or the one it
+    /// joined): see [`GetOptions::progress`].
+    pub progress: Option<OnProgress>,
+}
+
+/// What [`GetOptions::progress`] calls: bytes in the file so far, and the full length when
+/// a response said it.
+#[derive(Clone)]
+pub struct OnProgress(pub Arc<dyn Fn(u64, Option<u64>) + Send + Sync>);
+
+impl fmt::Debug for OnProgress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OnProgress(..)")
+    }
 }
 
 impl GetOptions {
@@ -188,6 +202,30 @@ impl GetOptions {
     #[must_use]
     pub fn force(mut self, force: bool) -> Self {
         self.force = force;
+        self
+    }
+
+    /// Calls `report(done, total)` while this call waits on a download: every 1% of the
+    /// length (at least every MiB), when a download starts again from an earlier byte (a
+    /// retry the server would not resume, a fallback from the tier to the origin: `done`
+    /// goes down), and once at the end with the full size. A hit calls nothing. It runs on
+    /// the task that awaits the call, so it must be quick (update a bar, send to a
+    /// channel); every caller of one shared download gets its own reports.
+    ///
+    /// ```no_run
+    /// # async fn demo(cache: imgcache::ImageCache) -> imgcache::Result<()> {
+    /// use imgcache::GetOptions;
+    ///
+    /// let options = GetOptions::new().progress(|done, total| match total {
+    ///     Some(total) => eprint!("\r{} of {} MiB", done >> 20, total >> 20),
+    ///     None => eprint!("\r{} MiB", done >> 20),
+    /// });
+    /// let file = cache.get_with("ct/0042.nii.gz", options).await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn progress(mut self, report: impl Fn(u64, Option<u64>) + Send + Sync + 'static) -> Self {
+        self.progress = Some(OnProgress(Arc::new(report)));
         self
     }
 }

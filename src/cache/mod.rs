@@ -43,7 +43,8 @@ mod wants;
 
 pub use admin::Admin;
 pub use file::{
-    CacheStatus, CachedFile, CleanupReport, EntryInfo, GetOptions, Verification, VerifyReport,
+    CacheStatus, CachedFile, CleanupReport, EntryInfo, GetOptions, OnProgress, Verification,
+    VerifyReport,
 };
 pub use handle::ImageCache;
 pub use removal::CleanupPreview;

@@ -199,3 +199,67 @@ async fn every_download_that_starts_ends_with_an_event_even_when_the_stale_copy_
         "{seen:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_caller_of_a_shared_download_gets_its_progress_and_a_hit_none() {
+    use std::sync::{Arc, Mutex};
+
+    use imgcache::{CacheStatus, GetOptions};
+    type Reports = Arc<Mutex<Vec<(u64, Option<u64>)>>>;
+
+    let len = 8 * MB + 3;
+    let (route, gate) = Route::ok(volume(7, len)).pause_at(3 * MB);
+    let origin = Origin::start().await;
+    origin.route("g.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _clock) = open_capped(dir.path(), 64 * MB as u64).await;
+    let cache = Arc::new(cache);
+    let url = origin.url("g.nii.gz");
+    let reporting = |seen: &Reports| {
+        let seen = Arc::clone(seen);
+        GetOptions::new().progress(move |done, total| seen.lock().unwrap().push((done, total)))
+    };
+    let (first, second) = (Arc::default(), Arc::default());
+    let a = tokio::spawn({
+        let (cache, url, options) = (Arc::clone(&cache), url.clone(), reporting(&first));
+        async move { cache.get_with(url, options).await }
+    });
+    origin.wait_for_hits("g.nii.gz", 1).await;
+    let b = tokio::spawn({
+        let (cache, url, options) = (Arc::clone(&cache), url.clone(), reporting(&second));
+        async move { cache.get_with(url, options).await }
+    });
+    // Both wait at 3 MiB of 8: each has seen part of it, then the rest.
+    let partial = |seen: &Reports| {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|&(done, total)| done > 0 && done < len as u64 && total == Some(len as u64))
+    };
+    crate::support::wait_until(|| partial(&first) && partial(&second)).await;
+    gate.add_permits(1);
+    let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+    assert_eq!(
+        (a.status(), b.status()),
+        (CacheStatus::Downloaded, CacheStatus::Coalesced)
+    );
+    assert_eq!(origin.hits("g.nii.gz"), 1);
+    for seen in [&first, &second] {
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen.last(),
+            Some(&(len as u64, Some(len as u64))),
+            "{seen:?}"
+        );
+        assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "{seen:?}");
+        // Every 1% (at least a MiB): a handful of reports for 8 MiB, not one per chunk.
+        assert!((2..=12).contains(&seen.len()), "{seen:?}");
+    }
+    let hit_reports = Arc::default();
+    let hit = cache.get_with(&url, reporting(&hit_reports)).await.unwrap();
+    assert_eq!(hit.status(), CacheStatus::Hit);
+    assert!(
+        hit_reports.lock().unwrap().is_empty(),
+        "a hit reports nothing"
+    );
+}
