@@ -10,7 +10,7 @@ import os
 
 import streamlit as st
 
-from imgcache import CacheError, get_cache_manager, show_cache_controls
+from imgcache import CacheError, get_cache_manager, show_cache_controls, streamlit_progress
 
 st.set_page_config(page_title="Volume viewer", layout="wide")
 st.title("Volume viewer")
@@ -22,7 +22,9 @@ try:
     # Pinned while the block reads it: no clear, invalidate, expiry or size cap (another
     # tab's, another process's) removes the file before the block ends. For a quick look,
     # imgcache.get_cached_file(choice) returns a path that stays readable for 10 s.
-    with get_cache_manager().open(choice) as volume:
+    # A progress bar while a download runs (a hit shows none); 5 minutes at most.
+    loading = streamlit_progress(f"Loading {choice}")
+    with get_cache_manager().open(choice, progress=loading, timeout=300) as volume:
         with open(volume.path, "rb") as f:  # or nib.load(volume.path).get_fdata()
             header = f.read(16)
         path, size = volume.path, volume.size

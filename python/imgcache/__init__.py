@@ -25,7 +25,19 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Awaitable, Dict, Generator, List, Optional, TypedDict, Union, cast
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Dict,
+    Generator,
+    List,
+    Optional,
+    Protocol,
+    TypedDict,
+    Union,
+    cast,
+)
 
 from . import _errors, _fork, _native
 from ._stream import FileReader
@@ -47,6 +59,8 @@ __all__ = [
     "CacheStats",
     "CleanupReport",
     "show_cache_controls",
+    "streamlit_progress",
+    "Progress",
     *_errors.__all__,
 ]
 
@@ -58,6 +72,45 @@ logging.getLogger("imgcache").addHandler(logging.NullHandler())
 
 _MB = 1024 * 1024
 StrPath = Union[str, "os.PathLike[str]"]
+
+
+class _ProgressBar(Protocol):
+    """What ``progress=`` takes besides a callable: a tqdm-like bar."""
+
+    def update(self, n: int) -> Any: ...
+
+
+#: What ``progress=`` takes: a callable ``(bytes_done, total_or_None)``, or a tqdm-like bar
+#: (an object with ``update(n)``; its ``total`` is set when the length is known).
+Progress = Union[Callable[[int, Optional[int]], Any], _ProgressBar]
+
+
+def _reporter(progress: Optional[Progress]) -> Optional[Callable[[int, Optional[int]], Any]]:
+    """``progress`` as the callable the core calls: a tqdm-like bar is updated by the bytes
+    that arrived since the last report (and reset when a download starts again)."""
+    if progress is None:
+        return None
+    bar = progress
+    if not hasattr(bar, "update"):
+        return cast(Callable[[int, Optional[int]], Any], progress)
+    shown = [0]
+
+    def report(done: int, total: Optional[int]) -> None:
+        b: Any = bar
+        if total is not None and getattr(b, "total", None) != total:
+            try:
+                b.total = total
+            except AttributeError:
+                pass
+        if done < shown[0]:
+            if hasattr(b, "reset"):
+                b.reset(total=total)
+            shown[0] = 0
+        if done > shown[0]:
+            b.update(done - shown[0])
+            shown[0] = done
+
+    return report
 
 
 class _FromEnvironment(int):
@@ -296,14 +349,25 @@ class ImageCacheManager:
         ttl_seconds: Optional[float] = None,
         *,
         expected_sha256: Optional[str] = None,
+        timeout: Optional[float] = None,
+        progress: Optional[Progress] = None,
     ) -> Path:
         """The local path of ``url``: from the cache if it is there and fresh, else
         downloaded (once, however many threads and processes ask at the same time).
 
         ``ttl_seconds`` is the TTL of a new entry and the oldest a cached one may be;
         ``expected_sha256`` refuses bytes with another digest (:class:`ChecksumMismatchError`).
-        Raises a :class:`CacheError` subclass on failure."""
-        return self._get(url, ttl_seconds, expected_sha256)
+        ``timeout`` is the most seconds this call waits (then
+        :class:`DownloadTimeoutError`, also a ``TimeoutError``; the download goes on, and a
+        later call joins it). ``progress`` is told of a download's bytes as they arrive: a
+        callable ``(bytes_done, total_or_None)`` or a tqdm-like bar, called on this thread
+        about ten times a second at most and once at the end; a hit calls nothing (see
+        :func:`streamlit_progress`). Raises a :class:`CacheError` subclass on failure."""
+        if timeout is None and progress is None:
+            return self._get(url, ttl_seconds, expected_sha256)
+        return self._cache.get(
+            url, ttl_seconds, expected_sha256, timeout=timeout, progress=_reporter(progress)
+        )
 
     def get_cached_file(self, url: str, ttl_seconds: Optional[float] = None) -> Optional[Path]:
         """The local path of ``url`` if it is cached and fresh (younger than
@@ -319,11 +383,16 @@ class ImageCacheManager:
         ttl_seconds: Optional[float] = None,
         *,
         expected_sha256: Optional[str] = None,
+        timeout: Optional[float] = None,
+        progress: Optional[Progress] = None,
     ) -> Path:
         """As in the original, downloads ``url`` and caches it, replacing what is cached
         (the original's :meth:`get_file` called it on a miss; call :meth:`get_file` for the
-        cached copy). A download of ``url`` already running is joined, not repeated."""
-        return self._cache.get(url, ttl_seconds, expected_sha256, True)
+        cached copy). A download of ``url`` already running is joined, not repeated.
+        ``timeout`` and ``progress`` as in :meth:`get_file`."""
+        return self._cache.get(
+            url, ttl_seconds, expected_sha256, True, timeout=timeout, progress=_reporter(progress)
+        )
 
     def invalidate(self, url: str) -> bool:
         """Removes ``url``'s entry; returns whether there was one. A file that someone holds
@@ -378,12 +447,17 @@ class ImageCacheManager:
         ttl_seconds: Optional[float] = None,
         *,
         expected_sha256: Optional[str] = None,
+        timeout: Optional[float] = None,
+        progress: Optional[Progress] = None,
     ) -> CachedFile:
         """The file, pinned until closed: ``with cache.open(url) as f: nib.load(f)``.
         While the block runs no eviction, expiry, invalidate or clear (in any process)
         removes it. ``f`` is path-like (``os.fspath(f)``); ``f.path``, ``f.sha256``,
-        ``f.size`` and ``f.status`` tell the rest."""
-        return self._cache.open(url, ttl_seconds, expected_sha256)
+        ``f.size`` and ``f.status`` tell the rest. ``timeout`` and ``progress`` as in
+        :meth:`get_file`."""
+        return self._cache.open(
+            url, ttl_seconds, expected_sha256, timeout=timeout, progress=_reporter(progress)
+        )
 
     def open_stream(
         self,
@@ -413,10 +487,19 @@ class ImageCacheManager:
         ``async with cache.aopen(url) as f: ...``."""
         return _OpenLater(self._cache.aopen(url, ttl_seconds, expected_sha256))
 
-    def refresh(self, url: str, *, expected_sha256: Optional[str] = None) -> Path:
+    def refresh(
+        self,
+        url: str,
+        *,
+        expected_sha256: Optional[str] = None,
+        timeout: Optional[float] = None,
+        progress: Optional[Progress] = None,
+    ) -> Path:
         """Downloads ``url`` again even if a fresh copy is cached, and replaces it: the Rust
         core's name for :meth:`download_and_cache`."""
-        return self._cache.get(url, None, expected_sha256, True)
+        return self._cache.get(
+            url, None, expected_sha256, True, timeout=timeout, progress=_reporter(progress)
+        )
 
     def verify(self, url: str) -> str:
         """Re-hashes ``url``'s file: ``"ok"``, ``"corrupt"`` (and removed) or
@@ -527,17 +610,29 @@ def get_cache_manager() -> ImageCacheManager:
     return manager
 
 
-def get_file(url: str, ttl_seconds: Optional[float] = None) -> Path:
+def get_file(
+    url: str,
+    ttl_seconds: Optional[float] = None,
+    *,
+    timeout: Optional[float] = None,
+    progress: Optional[Progress] = None,
+) -> Path:
     """The local path of ``url`` through the process-wide manager, downloading it if
     needed: :meth:`ImageCacheManager.get_file` without a manager of one's own."""
-    return get_cache_manager().get_file(url, ttl_seconds)
+    return get_cache_manager().get_file(url, ttl_seconds, timeout=timeout, progress=progress)
 
 
-def get_cached_file(url: str, ttl_seconds: Optional[float] = None) -> Path:
+def get_cached_file(
+    url: str,
+    ttl_seconds: Optional[float] = None,
+    *,
+    timeout: Optional[float] = None,
+    progress: Optional[Progress] = None,
+) -> Path:
     """The local path of ``url`` through the process-wide manager, downloading it if needed
     (the original's module-level ``get_cached_file``, which calls ``get_file``; unlike the
     method :meth:`ImageCacheManager.get_cached_file`, which never downloads)."""
-    return get_cache_manager().get_file(url, ttl_seconds)
+    return get_cache_manager().get_file(url, ttl_seconds, timeout=timeout, progress=progress)
 
 
 def aget_cached_file(url: str, ttl_seconds: Optional[float] = None) -> Awaitable[Path]:
@@ -565,4 +660,17 @@ def show_cache_controls(
     from ._sidebar import show_cache_controls as show
 
     show(manager or get_cache_manager(), refresh_seconds=refresh_seconds)
+
+
+def streamlit_progress(text: str = "Downloading") -> Callable[[int, Optional[int]], None]:
+    """A ``progress=`` for a Streamlit app: a progress bar that appears when a download's
+    first bytes arrive (a hit shows nothing), counts megabytes against the total, and goes
+    when the file is there::
+
+        path = imgcache.get_file(url, progress=imgcache.streamlit_progress("Loading CT"))
+
+    Call it in the script's run (it draws where it is called, as ``st.progress`` does)."""
+    from ._sidebar import streamlit_progress as make
+
+    return make(text)
 

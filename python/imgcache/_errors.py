@@ -14,6 +14,7 @@ __all__ = [
     "HttpStatusError",
     "NotFoundError",
     "NetworkError",
+    "DownloadTimeoutError",
     "IncompleteDownloadError",
     "ChecksumMismatchError",
     "TooLargeError",
@@ -88,6 +89,13 @@ class NotFoundError(HttpStatusError, FileNotFoundError, LookupError):
 
 class NetworkError(CacheError, ConnectionError):
     """The connection failed, was reset, or timed out."""
+
+    kind = "network"
+
+
+class DownloadTimeoutError(NetworkError, TimeoutError):
+    """The call's ``timeout=`` passed before its file was there. The download goes on: a
+    later call joins it, or finds the file. Also a :class:`TimeoutError`."""
 
     kind = "network"
 

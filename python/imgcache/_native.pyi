@@ -2,7 +2,7 @@
 
 import os
 from pathlib import Path
-from typing import Any, Awaitable, Dict, List, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 
 _StrPath = Union[str, "os.PathLike[str]"]
 
@@ -69,6 +69,9 @@ class Cache:
         ttl_seconds: Optional[float] = None,
         expected_sha256: Optional[str] = None,
         force: bool = False,
+        *,
+        timeout: Optional[float] = None,
+        progress: Optional[Callable[[int, Optional[int]], Any]] = None,
     ) -> Path: ...
     def get_cached(
         self, url: str, ttl_seconds: Optional[float] = None, expected_sha256: Optional[str] = None
@@ -79,6 +82,9 @@ class Cache:
         ttl_seconds: Optional[float] = None,
         expected_sha256: Optional[str] = None,
         force: bool = False,
+        *,
+        timeout: Optional[float] = None,
+        progress: Optional[Callable[[int, Optional[int]], Any]] = None,
     ) -> CachedFile: ...
     def stream(
         self,

@@ -1,6 +1,6 @@
 """``show_cache_controls()``: the cache's sidebar in Streamlit's own widgets."""
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
 try:
     import streamlit as st
@@ -131,3 +131,22 @@ def _set_ttl(manager: "ImageCacheManager") -> None:
 
 def _set_max_size(manager: "ImageCacheManager") -> None:
     manager.max_cache_size_bytes = int(st.session_state["imgcache_max_size_mb"]) * _MB
+
+
+def streamlit_progress(text: str) -> "Callable[[int, Optional[int]], None]":
+    """See :func:`imgcache.streamlit_progress`."""
+    slot = st.empty()
+
+    def report(done: int, total: "Optional[int]") -> None:
+        if total and done >= total:
+            slot.empty()
+            return
+        if total:
+            slot.progress(
+                min(done / total, 1.0),
+                text=f"{text}: {done / _MB:.0f} of {total / _MB:.0f} MB",
+            )
+        else:
+            slot.progress(0.0, text=f"{text}: {done / _MB:.0f} MB")
+
+    return report

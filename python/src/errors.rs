@@ -59,8 +59,39 @@ pub(crate) fn of_kind(kind: ErrorKind, message: &str) -> PyErr {
     exception(kind, message, None, None, false)
 }
 
+/// The error of a call whose `timeout=` passed: a `NetworkError` and a `TimeoutError`.
+pub(crate) fn timeout(url: &str, after: std::time::Duration) -> PyErr {
+    let message = format!(
+        "no file within the call's timeout of {:.1} s; the download goes on, and a later call joins it or finds the file",
+        after.as_secs_f64()
+    );
+    made(
+        ("DownloadTimeoutError", "network"),
+        &message,
+        Some(url),
+        None,
+        true,
+    )
+}
+
 fn exception(
     kind: ErrorKind,
+    message: &str,
+    url: Option<&str>,
+    status: Option<u16>,
+    transient: bool,
+) -> PyErr {
+    let class = match (kind, status) {
+        // A missing file is a FileNotFoundError and a LookupError too.
+        (ErrorKind::HttpStatus, Some(404 | 410)) => ("NotFoundError", "http_status"),
+        _ => class_name(kind),
+    };
+    made(class, message, url, status, transient)
+}
+
+/// An instance of the class named `class`, of kind `name`.
+fn made(
+    (class, name): (&str, &str),
     message: &str,
     url: Option<&str>,
     status: Option<u16>,
@@ -71,11 +102,6 @@ fn exception(
             let module = MODULE.get_or_try_init(py, || {
                 Ok::<_, PyErr>(py.import("imgcache._errors")?.unbind())
             })?;
-            let (class, name) = match (kind, status) {
-                // A missing file is a FileNotFoundError and a LookupError too.
-                (ErrorKind::HttpStatus, Some(404 | 410)) => ("NotFoundError", "http_status"),
-                _ => class_name(kind),
-            };
             let class = module.bind(py).getattr(class)?.cast_into::<PyType>()?;
             let instance = class.call1((message, url, status, transient, name))?;
             Ok(PyErr::from_value(instance))

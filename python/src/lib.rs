@@ -23,6 +23,7 @@ mod pinned;
 mod process;
 mod state;
 mod stream;
+mod wait;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,6 +42,7 @@ use holds::{Held, Holds};
 use pinned::Pinned;
 use process::ForkLock;
 use state::{HoldClock, Settings, State, let_go, let_go_of_old_holds, unpin};
+use wait::{Asked, Waiting, options, seconds};
 
 /// The longest `hold_seconds`: a hold is for the moment between a call and an `open`.
 const MAX_HOLD: Duration = Duration::from_secs(24 * 3600);
@@ -54,31 +56,6 @@ fn new_path<'py>(py: Python<'py>, path: &std::path::Path) -> PyResult<Bound<'py,
         })?
         .bind(py)
         .call1((path,))
-}
-
-fn seconds(value: Option<f64>, what: &str) -> PyResult<Option<Duration>> {
-    match value {
-        None => Ok(None),
-        // The original design's `ttl_seconds or default`: 0 asks for the default.
-        Some(0.0) => Ok(None),
-        Some(s) => match Duration::try_from_secs_f64(s) {
-            Ok(d) if !d.is_zero() => Ok(Some(d)),
-            _ => Err(PyValueError::new_err(format!(
-                "{what} must be a positive number of seconds, not {s}"
-            ))),
-        },
-    }
-}
-
-fn options(ttl_seconds: Option<f64>, expected_sha256: Option<String>) -> PyResult<GetOptions> {
-    let mut o = GetOptions::new();
-    if let Some(ttl) = seconds(ttl_seconds, "ttl_seconds")? {
-        o = o.ttl(ttl);
-    }
-    if let Some(sha) = expected_sha256 {
-        o = o.expected_sha256(sha);
-    }
-    Ok(o)
 }
 
 fn closed_error() -> PyErr {
@@ -206,17 +183,17 @@ impl Cache {
         py: Python<'_>,
         url: &str,
         options: GetOptions,
-        force: bool,
+        asked: Asked,
     ) -> PyResult<(Arc<State>, CachedFile)> {
         let state = self.state(py)?;
         let cache = &state.cache;
-        let options = options.force(force);
+        let options = options.force(asked.force);
+        let (waiting, options) = Waiting::new(asked.timeout, asked.progress, options)?;
         if let Some(hit) = py.detach(|| cache.get_cached_with(url, &options)) {
             return Ok((state, hit));
         }
-        let file = state
-            .process
-            .block_on(py, cache.get_with(url, options))?
+        let file = waiting
+            .block_on(py, &state.process, url, cache.get_with(url, options))?
             .py_err()?;
         Ok((state, file))
     }
@@ -333,7 +310,8 @@ impl Cache {
     }
 
     /// The local path of `url`, downloaded if it is not cached and fresh.
-    #[pyo3(signature = (url, ttl_seconds=None, expected_sha256=None, force=false))]
+    #[pyo3(signature = (url, ttl_seconds=None, expected_sha256=None, force=false, *, timeout=None, progress=None))]
+    #[allow(clippy::too_many_arguments)]
     fn get(
         &self,
         py: Python<'_>,
@@ -341,9 +319,16 @@ impl Cache {
         ttl_seconds: Option<f64>,
         expected_sha256: Option<String>,
         force: bool,
+        timeout: Option<f64>,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let options = options(ttl_seconds, expected_sha256)?;
-        let (state, file) = self.get_file(py, url, options, force)?;
+        let asked = Asked {
+            force,
+            timeout,
+            progress,
+        };
+        let (state, file) = self.get_file(py, url, options, asked)?;
         self.hand_out(py, &state, url, file)
     }
 
@@ -366,7 +351,8 @@ impl Cache {
     }
 
     /// `url`'s file, pinned until the returned object is closed.
-    #[pyo3(signature = (url, ttl_seconds=None, expected_sha256=None, force=false))]
+    #[pyo3(signature = (url, ttl_seconds=None, expected_sha256=None, force=false, *, timeout=None, progress=None))]
+    #[allow(clippy::too_many_arguments)]
     fn open(
         &self,
         py: Python<'_>,
@@ -374,9 +360,16 @@ impl Cache {
         ttl_seconds: Option<f64>,
         expected_sha256: Option<String>,
         force: bool,
+        timeout: Option<f64>,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<Pinned> {
         let options = options(ttl_seconds, expected_sha256)?;
-        let (_, file) = self.get_file(py, url, options, force)?;
+        let asked = Asked {
+            force,
+            timeout,
+            progress,
+        };
+        let (_, file) = self.get_file(py, url, options, asked)?;
         Pinned::new(py, file)
     }
 

@@ -15,13 +15,14 @@ import pytest
 class Route:
     def __init__(self, body: bytes = b"", status: int = 200, etag: Optional[str] = None,
                  rate: Optional[int] = None, cut_at: Optional[int] = None,
-                 first_byte_delay: float = 0.0):
+                 first_byte_delay: float = 0.0, no_answer: bool = False):
         self.body = body
         self.status = status
         self.etag = etag
         self.rate = rate  # bytes per second, or None for as fast as possible
         self.cut_at = cut_at  # send only this many bytes of a longer Content-Length
         self.first_byte_delay = first_byte_delay
+        self.no_answer = no_answer  # hang up without a word, as a server that is down
 
     @property
     def sha256(self) -> str:
@@ -60,6 +61,9 @@ class Origin:
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                    return
+                if route.no_answer:
+                    self.close_connection = True
                     return
                 if route.first_byte_delay:
                     time.sleep(route.first_byte_delay)
