@@ -383,16 +383,26 @@ impl<'a> Download<'a> {
         }
         let now = inner.config.now_ms();
         let expires_at = now.saturating_add(self.wants.ttl_ms());
-        if let Some(directive) = transfer.not_to_store {
+        if transfer.not_to_store.is_some() || transfer.oversize {
+            let (directive, oversize) = (transfer.not_to_store, transfer.oversize);
             let pinned = unstored::hand_out(transfer, finished, now, expires_at)?;
             self.wants.announcement().finished(size, started.elapsed());
             inner.counters.add(Counter::NotStored, 1);
-            tracing::info!(
-                url = %r.display,
-                directive,
-                bytes = size,
-                "the origin said not to store this file: handed out, not kept"
-            );
+            match directive {
+                Some(directive) => tracing::info!(
+                    url = %r.display,
+                    directive,
+                    bytes = size,
+                    "the origin said not to store this file: handed out, not kept"
+                ),
+                None if oversize => tracing::warn!(
+                    url = %r.display,
+                    bytes = size,
+                    max_size_bytes = inner.index.max(),
+                    "larger than the cache's size cap: handed out uncached, deleted when let go"
+                ),
+                None => {}
+            }
             return Ok((pinned, Outcome::NotStored));
         }
         let committed = Commit::new(transfer, finished, now, expires_at)

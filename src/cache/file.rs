@@ -165,6 +165,10 @@ pub struct GetOptions {
     /// Called while this call waits on a download (the one it started, or the one it
     /// joined): see [`GetOptions::progress`].
     pub progress: Option<OnProgress>,
+    /// A file larger than the size cap is downloaded and handed out uncached (status
+    /// [`CacheStatus::NotStored`], deleted when the last handle goes) instead of refused
+    /// with [`ErrorKind::TooLarge`]. See [`GetOptions::uncached_if_too_large`].
+    pub uncached_if_too_large: bool,
 }
 
 /// What [`GetOptions::progress`] calls: bytes in the file so far, and the full length when
@@ -202,6 +206,29 @@ impl GetOptions {
     #[must_use]
     pub fn force(mut self, force: bool) -> Self {
         self.force = force;
+        self
+    }
+
+    /// Sets [`uncached_if_too_large`](Self::uncached_if_too_large): a volume larger than the
+    /// whole cache can still be viewed. Its bytes do not count against the cap (nothing is
+    /// evicted for it) and it is logged at WARN; it still needs the disk space, and
+    /// `CACHE_MAX_FILE_SIZE_MB` still bounds it. A caller that joins such a download gets
+    /// the same uncached file.
+    ///
+    /// ```no_run
+    /// # async fn demo(cache: imgcache::ImageCache) -> imgcache::Result<()> {
+    /// use imgcache::{CacheStatus, GetOptions};
+    ///
+    /// let options = GetOptions::new().uncached_if_too_large(true);
+    /// let file = cache.get_with("ct/whole-body-4gb.nii.gz", options).await?;
+    /// if file.status() == CacheStatus::NotStored {
+    ///     eprintln!("read it now: it goes when `file` is dropped");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn uncached_if_too_large(mut self, allow: bool) -> Self {
+        self.uncached_if_too_large = allow;
         self
     }
 

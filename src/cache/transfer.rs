@@ -226,6 +226,11 @@ pub(super) struct Transfer<'a> {
     pub(super) reported: u64,
     /// Whether the origin answered an attempt (with any status): it is reachable.
     pub(super) answered: bool,
+    /// Larger than the size cap, and a caller takes it uncached: no reservation, and handed
+    /// out as an answer not stored.
+    pub(super) oversize: bool,
+    /// What the callers ask (whether one takes a file larger than the cap).
+    wants: &'a Wants,
     pub(super) reservation: Option<Reservation>,
     /// The URL's writer lock; `None` when this process downloads without it.
     pub(super) lock: Option<Arc<Mutex<WriterLock>>>,
@@ -262,6 +267,8 @@ impl<'a> Transfer<'a> {
             validators: Validators::default(),
             reported: 0,
             answered: false,
+            oversize: false,
+            wants,
             reservation: None,
             lock: lock.map(|lock| {
                 Arc::new(Mutex::new(WriterLock {
@@ -307,10 +314,21 @@ impl<'a> Transfer<'a> {
     }
 
     pub(super) fn limit(&self) -> u64 {
-        self.inner
-            .index
-            .max()
-            .min(self.inner.config.max_file_size_bytes)
+        let file_limit = self.inner.config.max_file_size_bytes;
+        if self.wants.uncached_ok() {
+            return file_limit;
+        }
+        self.inner.index.max().min(file_limit)
+    }
+
+    /// Whether `bytes` are more than the cap while a caller takes them uncached: then the
+    /// download holds no reservation (nothing is evicted for a file that is not kept).
+    fn goes_uncached(&mut self, bytes: u64) -> bool {
+        if !self.oversize && bytes > self.inner.index.max() && self.wants.uncached_ok() {
+            self.oversize = true;
+            self.reservation = None;
+        }
+        self.oversize
     }
 
     /// Forgets the bytes received so far (the next body starts at zero).
@@ -389,7 +407,7 @@ impl<'a> Transfer<'a> {
                     ));
                 }
                 self.total = self.total.or(total);
-                if self.reservation.is_none() {
+                if self.reservation.is_none() && !self.goes_uncached(self.total.unwrap_or(0)) {
                     // A download taken over from a dead process starts with a 206.
                     let limit = self.limit();
                     if let Some(total) = self.total.filter(|t| *t > limit) {
@@ -426,7 +444,9 @@ impl<'a> Transfer<'a> {
                     return Err(too_large(total, limit));
                 }
                 let wanted = self.total.unwrap_or(0);
-                if self.reservation.as_ref().map(|r| r.bytes) != Some(wanted) {
+                if !self.goes_uncached(wanted)
+                    && self.reservation.as_ref().map(|r| r.bytes) != Some(wanted)
+                {
                     self.reservation = None; // releases the old amount first
                     self.reservation =
                         Some(Reservation::take_under_cap_lock(self.inner, wanted).await);
@@ -474,7 +494,7 @@ impl<'a> Transfer<'a> {
         let durable = if existing.is_some() { self.received } else { 0 };
         let (validators, total) = (self.validators.clone(), self.total);
         // An answer not to be stored leaves nothing for a successor to resume.
-        let resumable = self.not_to_store.is_none();
+        let resumable = self.not_to_store.is_none() && !self.oversize;
         self.record(|rec| {
             if !resumable {
                 *rec = Record::default();
@@ -555,8 +575,9 @@ impl<'a> Transfer<'a> {
         if self.received > limit {
             return Err(too_large(self.received, limit));
         }
-        if self.total.is_none() {
-            self.reserve_ahead(limit).await;
+        if self.total.is_none() && !self.goes_uncached(self.received) {
+            // Never more than the cap, even for a caller that takes a larger file uncached.
+            self.reserve_ahead(limit.min(self.inner.index.max())).await;
         }
         if self.received >= self.reported + crate::events::PROGRESS_STEP
             && self.inner.events.wanted()

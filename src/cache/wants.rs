@@ -20,6 +20,8 @@ pub(super) struct Want {
     ttl_ms: u64,
     /// The caller's own maximum age ([`GetOptions::ttl`]), if it gave one.
     max_age_ms: Option<u64>,
+    /// It takes a file larger than the cap, uncached ([`GetOptions::uncached_if_too_large`]).
+    uncached_ok: bool,
 }
 
 impl Want {
@@ -33,6 +35,7 @@ impl Want {
                 .map(|e| e.trim().to_owned()),
             ttl_ms: options.ttl.map_or(default_ttl_ms, duration_ms),
             max_age_ms: options.ttl.map(duration_ms),
+            uncached_ok: options.uncached_if_too_large,
         }
     }
 
@@ -99,6 +102,12 @@ impl Wants {
             .iter()
             .find_map(|w| w.expected_sha256.clone())
             .unwrap_or_default())
+    }
+
+    /// Whether some caller takes a file larger than the cap, uncached.
+    pub(super) fn uncached_ok(&self) -> bool {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter().any(|w| w.uncached_ok)
     }
 
     pub(super) fn ttl_ms(&self) -> u64 {

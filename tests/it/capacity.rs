@@ -103,6 +103,60 @@ async fn files_larger_than_the_cap_are_refused() {
     assert_eq!(cache.stats().reserved_bytes, 0);
 }
 
+#[tokio::test]
+async fn a_file_larger_than_the_cap_is_handed_out_uncached_when_the_caller_allows() {
+    use imgcache::{CacheStatus, GetOptions};
+
+    let origin = Origin::start().await;
+    origin.route("small.nii.gz", Route::ok(volume(42, MB)));
+    origin.route("big.nii.gz", Route::ok(volume(43, 3 * MB)));
+    origin.route(
+        "big-chunked.nii.gz",
+        Route::ok(volume(44, 3 * MB)).fault(Fault::Chunked),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(imgcache::ManualClock::new());
+    let cache = crate::support::builder(dir.path(), &clock)
+        .max_size_bytes(2 * MB as u64)
+        .build()
+        .await
+        .unwrap();
+    let small = cache.get(origin.url("small.nii.gz")).await.unwrap();
+    let small_path = small.path().to_owned();
+    drop(small);
+    let allow = GetOptions::new().uncached_if_too_large(true);
+    for (name, seed) in [("big.nii.gz", 43), ("big-chunked.nii.gz", 44)] {
+        let big = cache
+            .get_with(origin.url(name), allow.clone())
+            .await
+            .unwrap();
+        assert_eq!(big.status(), CacheStatus::NotStored, "{name}");
+        assert_eq!(std::fs::read(big.path()).unwrap(), volume(seed, 3 * MB));
+        assert!(big.path().to_string_lossy().ends_with(name), "{name}");
+        // It is not counted against the cap. With a length, nothing was evicted for it;
+        // without one, it reserved ahead up to the cap first, as any such download does.
+        let stats = cache.stats();
+        assert_eq!(stats.reserved_bytes, 0);
+        if name == "big.nii.gz" {
+            assert!(small_path.exists(), "the cached file stays");
+            assert_eq!(
+                (stats.entries_count, stats.current_size_bytes),
+                (1, MB as u64)
+            );
+            assert_eq!(stats.evictions, 0);
+        }
+        let path = big.path().to_owned();
+        drop(big);
+        wait_until(|| !path.exists()).await;
+        assert!(cache.get_cached(origin.url(name)).is_none(), "{name}");
+    }
+    assert!(temp_files(dir.path()).is_empty());
+    assert_eq!(cache.stats().not_stored, 2);
+    // Without the option it is still refused.
+    let err = cache.get(origin.url("big.nii.gz")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TooLarge);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_downloads_reserve_space_and_never_overshoot_the_cap() {
     let origin = Origin::start().await;
