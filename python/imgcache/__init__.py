@@ -351,6 +351,7 @@ class ImageCacheManager:
         expected_sha256: Optional[str] = None,
         timeout: Optional[float] = None,
         progress: Optional[Progress] = None,
+        uncached_if_too_large: bool = False,
     ) -> Path:
         """The local path of ``url``: from the cache if it is there and fresh, else
         downloaded (once, however many threads and processes ask at the same time).
@@ -362,11 +363,19 @@ class ImageCacheManager:
         later call joins it). ``progress`` is told of a download's bytes as they arrive: a
         callable ``(bytes_done, total_or_None)`` or a tqdm-like bar, called on this thread
         about ten times a second at most and once at the end; a hit calls nothing (see
-        :func:`streamlit_progress`). Raises a :class:`CacheError` subclass on failure."""
-        if timeout is None and progress is None:
+        :func:`streamlit_progress`). ``uncached_if_too_large``: a file larger than the whole
+        size cap is downloaded and handed out uncached, with a ``UserWarning`` (it is deleted
+        when the hold ends: prefer :meth:`open`), instead of :class:`TooLargeError`.
+        Raises a :class:`CacheError` subclass on failure."""
+        if timeout is None and progress is None and not uncached_if_too_large:
             return self._get(url, ttl_seconds, expected_sha256)
         return self._cache.get(
-            url, ttl_seconds, expected_sha256, timeout=timeout, progress=_reporter(progress)
+            url,
+            ttl_seconds,
+            expected_sha256,
+            timeout=timeout,
+            progress=_reporter(progress),
+            uncached_if_too_large=uncached_if_too_large,
         )
 
     def get_cached_file(self, url: str, ttl_seconds: Optional[float] = None) -> Optional[Path]:
@@ -449,14 +458,21 @@ class ImageCacheManager:
         expected_sha256: Optional[str] = None,
         timeout: Optional[float] = None,
         progress: Optional[Progress] = None,
+        uncached_if_too_large: bool = False,
     ) -> CachedFile:
         """The file, pinned until closed: ``with cache.open(url) as f: nib.load(f)``.
         While the block runs no eviction, expiry, invalidate or clear (in any process)
         removes it. ``f`` is path-like (``os.fspath(f)``); ``f.path``, ``f.sha256``,
-        ``f.size`` and ``f.status`` tell the rest. ``timeout`` and ``progress`` as in
-        :meth:`get_file`."""
+        ``f.size`` and ``f.status`` tell the rest. ``timeout``, ``progress`` and
+        ``uncached_if_too_large`` as in :meth:`get_file` (an uncached file, ``f.status ==
+        "not_stored"``, stays for the block and goes after it)."""
         return self._cache.open(
-            url, ttl_seconds, expected_sha256, timeout=timeout, progress=_reporter(progress)
+            url,
+            ttl_seconds,
+            expected_sha256,
+            timeout=timeout,
+            progress=_reporter(progress),
+            uncached_if_too_large=uncached_if_too_large,
         )
 
     def open_stream(
@@ -466,14 +482,18 @@ class ImageCacheManager:
         *,
         expected_sha256: Optional[str] = None,
         buffer_size: int = 256 * 1024,
+        uncached_if_too_large: bool = False,
     ) -> "io.BufferedReader":
         """The file's bytes as a file object, before its download ends: a NIfTI header can
         be read (``gzip.open(cache.open_stream(url)).read(352)``) while the rest is still
         arriving. Any number of readers share the one download, each at its own pace; reads
         end only after the file is committed, and a failed download raises its
         :class:`CacheError`, never a short read taken for the whole file. On a hit it reads
-        the cached file."""
-        stream = self._cache.stream(url, ttl_seconds, expected_sha256)
+        the cached file. ``uncached_if_too_large``: a file larger than the size cap is read
+        as it arrives and not kept."""
+        stream = self._cache.stream(
+            url, ttl_seconds, expected_sha256, uncached_if_too_large=uncached_if_too_large
+        )
         return io.BufferedReader(FileReader(stream), buffer_size=buffer_size)
 
     def aopen(
@@ -656,7 +676,8 @@ def show_cache_controls(
     """The cache's sidebar in a Streamlit app: hit rate, files, size against the cap,
     downloads in progress, "Clear cache" and "Clean up expired" buttons, and the TTL and size
     cap, which apply at once. The figures re-run every ``refresh_seconds``. Needs the
-    ``streamlit`` extra (``pip install 'imgcache[streamlit]'``)."""
+    ``streamlit`` extra (``pip install 'imgcache-....whl[streamlit]'``, or ``pip install
+    streamlit`` beside imgcache)."""
     from ._sidebar import show_cache_controls as show
 
     show(manager or get_cache_manager(), refresh_seconds=refresh_seconds)

@@ -72,6 +72,7 @@ class Cache:
         *,
         timeout: Optional[float] = None,
         progress: Optional[Callable[[int, Optional[int]], Any]] = None,
+        uncached_if_too_large: bool = False,
     ) -> Path: ...
     def get_cached(
         self, url: str, ttl_seconds: Optional[float] = None, expected_sha256: Optional[str] = None
@@ -85,6 +86,7 @@ class Cache:
         *,
         timeout: Optional[float] = None,
         progress: Optional[Callable[[int, Optional[int]], Any]] = None,
+        uncached_if_too_large: bool = False,
     ) -> CachedFile: ...
     def stream(
         self,
@@ -92,6 +94,8 @@ class Cache:
         ttl_seconds: Optional[float] = None,
         expected_sha256: Optional[str] = None,
         force: bool = False,
+        *,
+        uncached_if_too_large: bool = False,
     ) -> Stream: ...
     def aget(
         self,

@@ -6,7 +6,7 @@ try:
     import streamlit as st
 except ImportError as e:  # pragma: no cover - the message is the point
     raise ImportError(
-        "imgcache.show_cache_controls needs Streamlit: pip install 'imgcache[streamlit]'"
+        "imgcache.show_cache_controls needs Streamlit: pip install streamlit"
     ) from e
 
 if TYPE_CHECKING:

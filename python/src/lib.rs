@@ -15,6 +15,7 @@
 //! - After a fork the child builds its runtime and each cache again, from the settings the
 //!   parent had at the moment of the fork, and never drops (nor locks) what it inherited.
 
+mod clock;
 mod convert;
 mod errors;
 mod holds;
@@ -31,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use clock::ManualClock;
 use imgcache::{CachedFile, ErrorKind, GetOptions, MB};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -187,7 +189,9 @@ impl Cache {
     ) -> PyResult<(Arc<State>, CachedFile)> {
         let state = self.state(py)?;
         let cache = &state.cache;
-        let options = options.force(asked.force);
+        let options = options
+            .force(asked.force)
+            .uncached_if_too_large(asked.uncached_if_too_large);
         let (waiting, options) = Waiting::new(asked.timeout, asked.progress, options)?;
         if let Some(hit) = py.detach(|| cache.get_cached_with(url, &options)) {
             return Ok((state, hit));
@@ -195,6 +199,7 @@ impl Cache {
         let file = waiting
             .block_on(py, &state.process, url, cache.get_with(url, options))?
             .py_err()?;
+        wait::warn_if_uncached(py, &file, state.cap.load(Ordering::Relaxed))?;
         Ok((state, file))
     }
 
@@ -310,7 +315,7 @@ impl Cache {
     }
 
     /// The local path of `url`, downloaded if it is not cached and fresh.
-    #[pyo3(signature = (url, ttl_seconds=None, expected_sha256=None, force=false, *, timeout=None, progress=None))]
+    #[pyo3(signature = (url, ttl_seconds=None, expected_sha256=None, force=false, *, timeout=None, progress=None, uncached_if_too_large=false))]
     #[allow(clippy::too_many_arguments)]
     fn get(
         &self,
@@ -321,12 +326,14 @@ impl Cache {
         force: bool,
         timeout: Option<f64>,
         progress: Option<Py<PyAny>>,
+        uncached_if_too_large: bool,
     ) -> PyResult<Py<PyAny>> {
         let options = options(ttl_seconds, expected_sha256)?;
         let asked = Asked {
             force,
             timeout,
             progress,
+            uncached_if_too_large,
         };
         let (state, file) = self.get_file(py, url, options, asked)?;
         self.hand_out(py, &state, url, file)
@@ -351,7 +358,7 @@ impl Cache {
     }
 
     /// `url`'s file, pinned until the returned object is closed.
-    #[pyo3(signature = (url, ttl_seconds=None, expected_sha256=None, force=false, *, timeout=None, progress=None))]
+    #[pyo3(signature = (url, ttl_seconds=None, expected_sha256=None, force=false, *, timeout=None, progress=None, uncached_if_too_large=false))]
     #[allow(clippy::too_many_arguments)]
     fn open(
         &self,
@@ -362,12 +369,14 @@ impl Cache {
         force: bool,
         timeout: Option<f64>,
         progress: Option<Py<PyAny>>,
+        uncached_if_too_large: bool,
     ) -> PyResult<Pinned> {
         let options = options(ttl_seconds, expected_sha256)?;
         let asked = Asked {
             force,
             timeout,
             progress,
+            uncached_if_too_large,
         };
         let (_, file) = self.get_file(py, url, options, asked)?;
         Pinned::new(py, file)
@@ -375,7 +384,7 @@ impl Cache {
 
     /// `url`'s bytes as they are cached: a `Stream` whose reads start with the download's
     /// first bytes and end after the commit.
-    #[pyo3(signature = (url, ttl_seconds=None, expected_sha256=None, force=false))]
+    #[pyo3(signature = (url, ttl_seconds=None, expected_sha256=None, force=false, *, uncached_if_too_large=false))]
     fn stream(
         &self,
         py: Python<'_>,
@@ -383,8 +392,11 @@ impl Cache {
         ttl_seconds: Option<f64>,
         expected_sha256: Option<String>,
         force: bool,
+        uncached_if_too_large: bool,
     ) -> PyResult<stream::Stream> {
-        let options = options(ttl_seconds, expected_sha256)?.force(force);
+        let options = options(ttl_seconds, expected_sha256)?
+            .force(force)
+            .uncached_if_too_large(uncached_if_too_large);
         let state = self.state(py)?;
         let opened = state
             .process
@@ -633,38 +645,6 @@ impl Cache {
                 .map(|u| s.cache.admin().redacted(u))
         });
         format!("imgcache.Cache(cache_dir={dir:?}, image_server={server:?})")
-    }
-}
-
-/// A clock that moves only when told to, for tests of expiry: pass it as `clock=`.
-#[pyclass(module = "imgcache._native", frozen)]
-struct ManualClock {
-    clock: Arc<imgcache::ManualClock>,
-}
-
-#[pymethods]
-impl ManualClock {
-    #[new]
-    fn new() -> Self {
-        ManualClock {
-            clock: Arc::new(imgcache::ManualClock::new()),
-        }
-    }
-
-    /// Moves the clock on by `seconds`.
-    fn advance(&self, seconds: f64) -> PyResult<()> {
-        let by = seconds_or_zero(seconds)?;
-        self.clock.advance(by);
-        Ok(())
-    }
-}
-
-fn seconds_or_zero(s: f64) -> PyResult<Duration> {
-    match Duration::try_from_secs_f64(s) {
-        Ok(d) => Ok(d),
-        Err(_) => Err(PyValueError::new_err(format!(
-            "expected zero or more seconds, not {s}"
-        ))),
     }
 }
 

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use imgcache::GetOptions;
+use imgcache::{CacheStatus, CachedFile, GetOptions};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use tokio::sync::watch;
@@ -31,6 +31,24 @@ pub(crate) struct Asked {
     pub(crate) timeout: Option<f64>,
     /// A callable taking bytes done and the total (or `None`).
     pub(crate) progress: Option<Py<PyAny>>,
+    /// A file larger than the cap is handed out uncached rather than refused.
+    pub(crate) uncached_if_too_large: bool,
+}
+
+/// A `UserWarning` when `file` is larger than the cap `cap` and was handed out uncached.
+pub(crate) fn warn_if_uncached(py: Python<'_>, file: &CachedFile, cap: u64) -> PyResult<()> {
+    if file.status() != CacheStatus::NotStored || file.size() <= cap {
+        return Ok(());
+    }
+    let message = format!(
+        "{}: {:.1} MB is more than the cache's size cap ({:.1} MB): handed out uncached, and deleted when let go (keep it open with `with cache.open(url, uncached_if_too_large=True)`)",
+        file.url(),
+        file.size() as f64 / 1048576.0,
+        cap as f64 / 1048576.0,
+    );
+    let category = py.get_type::<pyo3::exceptions::PyUserWarning>();
+    let message = std::ffi::CString::new(message).unwrap_or_default();
+    PyErr::warn(py, &category, &message, 2)
 }
 
 /// What one call asked of its wait.

@@ -144,3 +144,23 @@ def test_an_image_server_that_does_not_answer_is_remembered(origin, cache_dir, m
     assert m.get_stats()["stale_served"] == 2
     assert origin.gets["k.nii.gz"] == 2 and origin.gets["m.nii.gz"] == 0
     assert len(data_files(cache_dir)) == 1
+
+
+def test_a_volume_larger_than_the_cap_is_viewed_uncached_when_the_caller_allows(
+    origin, cache_dir
+):
+    body = volume(7, 3 * MB)
+    url = origin.route("whole-body.nii.gz", Route(body))
+    m = ImageCacheManager(cache_dir=cache_dir, max_cache_size_mb=2, hold_seconds=0)
+    with pytest.raises(imgcache.TooLargeError):
+        m.get_file(url)
+    with pytest.warns(UserWarning, match="more than the cache's size cap"):
+        with m.open(url, uncached_if_too_large=True) as f:
+            assert f.status == "not_stored" and f.path.read_bytes() == body
+            assert f.path.name == "whole-body.nii.gz"
+    assert not f.path.exists(), "uncached: gone when let go"
+    with m.open_stream(url, uncached_if_too_large=True) as s:
+        assert s.read() == body
+    assert data_files(cache_dir) == []
+    assert m.get_stats()["current_size_bytes"] == 0
+    assert m.get_stats()["not_stored"] == 2
