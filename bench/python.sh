@@ -17,8 +17,10 @@ VENV="$ROOT/bench/.venv"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-"$VENV/bin/pip" install -q pooch fsspec aiohttp requests "maturin>=1.7,<2"
-(cd python && VIRTUAL_ENV="$VENV" "$VENV/bin/maturin" develop -q --release)
+"$VENV/bin/pip" install -q pooch fsspec aiohttp requests
+# The wheel users install (release, manylinux2014, stripped).
+bash python/wheel.sh "$WORK/wheels" >/dev/null
+"$VENV/bin/pip" install -q --force-reinstall --no-deps "$WORK"/wheels/imgcache-*.whl
 
 mkdir -p "$WORK/www"
 head -c $((10 * 1024 * 1024)) /dev/urandom > "$WORK/www/ct_010mb.nii.gz"

@@ -38,9 +38,25 @@ def main():
         with held.open(url):
             pass
 
+    # The original module functions, through the process-wide manager of the environment.
+    import imgcache
+
+    base, _, name = url.rpartition("/")
+    os.environ["CACHE_DIR"] = cache_dir
+    os.environ["CACHE_MAX_SIZE_MB"] = "4096"
+    os.environ["IMAGE_SERVER"] = base + "/"
+    imgcache.get_cached_file(url)
+
     rows = [
         ("imgcache get_file (default: held 10 s)", lambda: held.get_file(url), calls),
         ("imgcache get_cached_file", lambda: held.get_cached_file(url), calls),
+        ("imgcache get_file(url, ttl_seconds=3600)", lambda: held.get_file(url, 3600), calls),
+        ("imgcache.get_cached_file(url) (module)", lambda: imgcache.get_cached_file(url), calls),
+        (
+            "imgcache.get_cached_file(relative) (module, IMAGE_SERVER)",
+            lambda: imgcache.get_cached_file(name),
+            calls,
+        ),
         ("imgcache get_file, hold_seconds=0", lambda: loose.get_file(url), calls // 10),
         ("imgcache `with open(url)`", pinned, calls // 10),
         ("os.stat of the cached file", lambda: os.stat(path), calls),
