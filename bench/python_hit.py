@@ -41,7 +41,7 @@ def main():
     # The original module functions, through the process-wide manager of the environment.
     import imgcache
 
-    base, _, name = url.rpartition("/")
+    base, _, file_name = url.rpartition("/")
     os.environ["CACHE_DIR"] = cache_dir
     os.environ["CACHE_MAX_SIZE_MB"] = "4096"
     os.environ["IMAGE_SERVER"] = base + "/"
@@ -54,7 +54,7 @@ def main():
         ("imgcache.get_cached_file(url) (module)", lambda: imgcache.get_cached_file(url), calls),
         (
             "imgcache.get_cached_file(relative) (module, IMAGE_SERVER)",
-            lambda: imgcache.get_cached_file(name),
+            lambda: imgcache.get_cached_file(file_name),
             calls,
         ),
         ("imgcache get_file, hold_seconds=0", lambda: loose.get_file(url), calls // 10),
