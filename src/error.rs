@@ -100,6 +100,9 @@ struct Inner {
     retry_after: Option<std::time::Duration>,
     /// The SHA-256 the bytes had, for a [`ErrorKind::ChecksumMismatch`].
     actual_digest: Option<String>,
+    /// The request failed after the server asked had answered with a redirect: that server
+    /// is up (see the outage memory).
+    after_redirect: bool,
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
@@ -114,6 +117,7 @@ impl Error {
                 status: None,
                 retry_after: None,
                 actual_digest: None,
+                after_redirect: false,
                 source: None,
             }),
         }
@@ -133,6 +137,7 @@ impl Error {
                     status: old.status,
                     retry_after: old.retry_after,
                     actual_digest: old.actual_digest.clone(),
+                    after_redirect: old.after_redirect,
                     source: Some(Box::new(self.clone())),
                 };
                 f(&mut inner);
@@ -178,6 +183,15 @@ impl Error {
 
     pub(crate) fn with_retry_after(self, after: std::time::Duration) -> Self {
         self.map_inner(|i| i.retry_after = Some(after))
+    }
+
+    pub(crate) fn with_after_redirect(self) -> Self {
+        self.map_inner(|i| i.after_redirect = true)
+    }
+
+    /// Whether the server asked answered (with a redirect) before the request failed.
+    pub(crate) fn after_redirect(&self) -> bool {
+        self.inner.after_redirect
     }
 
     /// The delay the server asked for with `Retry-After`, if it did.

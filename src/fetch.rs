@@ -348,7 +348,11 @@ impl Http {
                 }
                 _ => false,
             };
-            let response = request.send().await.map_err(|e| classify(e, what))?;
+            let response = request.send().await.map_err(|e| {
+                let e = classify(e, what);
+                // The first server answered: it is not the one that is down.
+                if hops > 0 { e.with_after_redirect() } else { e }
+            })?;
             if authorised && response.url().origin() != url.origin() {
                 // A client given by the caller followed a redirect itself, headers and all.
                 return Err(Error::new(

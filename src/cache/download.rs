@@ -96,6 +96,11 @@ impl<'a> Download<'a> {
         }
     }
 
+    /// The origin whose outages are remembered: scheme, host and port of the URL asked.
+    fn origin(&self) -> String {
+        self.r.request.origin().ascii_serialization()
+    }
+
     /// First the URL's writer lock, so that one process in all downloads it (bounded by
     /// `CACHE_LOCK_WAIT`, after which this one downloads on its own and the first commit
     /// wins); then what is on disk, since another process may have committed it meanwhile;
@@ -122,12 +127,18 @@ impl<'a> Download<'a> {
         if let Some(found) = self.found_on_disk().await {
             return Ok(found);
         }
+        // An origin remembered as down is not asked (the fleet's tier still is), and a dead
+        // process's part file is left as it is for when it answers again.
+        let down = inner
+            .outages
+            .check(&self.origin(), inner.config.now_ms())
+            .err();
         let (lock, resume) = match lock {
-            Some(mut lock) => {
+            Some(mut lock) if down.is_none() => {
                 let resume = self.resumable(&mut lock).await;
                 (Some(lock), resume)
             }
-            None => (None, None),
+            lock => (lock, None),
         };
         // The fleet's copy, or this host's lease to download it for the fleet. Not when
         // resuming a dead process's download: the origin has the rest of those bytes.
@@ -147,7 +158,10 @@ impl<'a> Download<'a> {
         } else {
             inner.index.current(&r.key)
         };
-        let result = self.with_retries(previous.as_ref(), lock, resume).await;
+        let result = match down {
+            Some(e) => Err(e),
+            None => self.with_retries(previous.as_ref(), lock, resume).await,
+        };
         #[cfg(feature = "s3")]
         if let Some((lease, replace)) = lease {
             inner.publish(r, &result, lease, replace);
@@ -286,9 +300,7 @@ impl<'a> Download<'a> {
         lock: Option<KeyLock>,
         resume: Option<Resume>,
     ) -> DownloadResult {
-        let origin = self.r.request.origin().ascii_serialization();
-        let outages = &self.inner.outages;
-        outages.check(&origin, self.inner.config.now_ms())?;
+        let started_ms = self.inner.config.now_ms();
         let mut transfer = Transfer::new(self.inner, self.r, self.wants, lock, self.asked_at);
         if let Some(resume) = resume {
             transfer.resume_from(resume);
@@ -308,8 +320,9 @@ impl<'a> Download<'a> {
                 }),
             None => attempts.await,
         };
-        outages.after(
-            &origin,
+        self.inner.outages.after(
+            &self.origin(),
+            started_ms,
             self.inner.config.now_ms(),
             &result,
             transfer.answered,

@@ -121,3 +121,30 @@ async fn an_error_status_is_an_answer_and_a_zero_memory_remembers_nothing() {
         assert_eq!(origin.hits("c.nii.gz"), n, "asked every time");
     }
 }
+
+#[tokio::test]
+async fn a_redirect_to_a_server_that_is_down_is_an_answer_of_the_first() {
+    let origin = Origin::start().await;
+    // Somewhere that refuses connections: a port that was bound and let go.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let elsewhere = format!("http://{}/r.nii.gz", gone.local_addr().unwrap());
+    drop(gone);
+    origin.route(
+        "r.nii.gz",
+        Route::status(302).header("Location", &elsewhere),
+    );
+    origin.route("ok.nii.gz", Route::ok(volume(3, 5000)));
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new());
+    let cache = builder(dir.path(), &clock)
+        .network(|n| n.retries(0))
+        .build()
+        .await
+        .unwrap();
+    let e = cache.get(origin.url("r.nii.gz")).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Network, "{e}");
+    // The image server answered (with the redirect): it is not remembered as down.
+    let ok = cache.get(origin.url("ok.nii.gz")).await.unwrap();
+    assert_eq!(std::fs::read(ok.path()).unwrap(), volume(3, 5000));
+    assert_eq!(origin.hits("ok.nii.gz"), 1);
+}
