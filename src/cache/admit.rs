@@ -123,7 +123,7 @@ impl Inner {
             match ticket.conclude(resolved, options, result) {
                 Conclusion::File(file) => {
                     if let Some(report) = &options.progress
-                        && !matches!(file.status(), CacheStatus::Hit)
+                        && !matches!(file.status(), CacheStatus::Hit | CacheStatus::Stale)
                     {
                         (report.0)(file.size(), Some(file.size()));
                     }
@@ -270,9 +270,12 @@ impl Ticket {
                 inner.counters.add(Counter::Misses, 1);
                 let refused_for_others = self.status == CacheStatus::Coalesced
                     && !self.force
-                    && e.kind() == ErrorKind::ChecksumMismatch
-                    && e.actual_digest()
-                        .is_some_and(|sha| Want::accepts(options, sha));
+                    && ((e.kind() == ErrorKind::ChecksumMismatch
+                        && e.actual_digest()
+                            .is_some_and(|sha| Want::accepts(options, sha)))
+                        // Refused as larger than the cap before this caller, who takes it
+                        // uncached, was asked.
+                        || (e.kind() == ErrorKind::TooLarge && options.uncached_if_too_large));
                 return if refused_for_others {
                     Conclusion::DownloadAgain(e)
                 } else {
@@ -300,6 +303,16 @@ impl Ticket {
             inner.counters.add(Counter::Misses, 1);
         }
         let file = CachedFile { pinned, status };
+        // A joined download that a caller took uncached, for a caller that did not ask.
+        if status == CacheStatus::NotStored
+            && !options.uncached_if_too_large
+            && file.size() > inner.index.max()
+        {
+            return Conclusion::Failed(
+                super::transfer::too_large(file.size(), inner.index.max())
+                    .with_url(&resolved.display),
+            );
+        }
         if let Some(expected) = &options.expected_sha256 {
             // A joined download was started without this caller's digest.
             if !file.sha256().eq_ignore_ascii_case(expected.trim()) {

@@ -336,6 +336,7 @@ impl<'a> Transfer<'a> {
         self.hasher = Sha256::new();
         self.received = 0;
         self.reported = 0;
+        self.oversize = false;
         // A part file taken over and not yet written to: dropped (and removed).
         self.resumed = None;
         if let Some(writer) = &self.writer
@@ -382,10 +383,10 @@ impl<'a> Transfer<'a> {
             _ => revalidate.map_or(fetch::Ask::Whole, fetch::Ask::IfChanged),
         };
         let sent = fetch::send(client, url, ask).await;
-        if sent
-            .as_ref()
-            .map_or_else(|e| e.kind() == ErrorKind::HttpStatus, |_| true)
-        {
+        if sent.as_ref().map_or_else(
+            |e| e.kind() == ErrorKind::HttpStatus || e.after_redirect(),
+            |_| true,
+        ) {
             self.answered = true;
         }
         let mut response = match sent? {
@@ -575,9 +576,11 @@ impl<'a> Transfer<'a> {
         if self.received > limit {
             return Err(too_large(self.received, limit));
         }
-        if self.total.is_none() && !self.goes_uncached(self.received) {
-            // Never more than the cap, even for a caller that takes a larger file uncached.
-            self.reserve_ahead(limit.min(self.inner.index.max())).await;
+        // Without a length, a download a caller takes uncached reserves nothing as it goes
+        // (it may end over the cap, and nothing is evicted for it); if it ends within the
+        // cap, its commit makes room as a commit does.
+        if self.total.is_none() && !self.goes_uncached(self.received) && !self.wants.uncached_ok() {
+            self.reserve_ahead(limit).await;
         }
         if self.received >= self.reported + crate::events::PROGRESS_STEP
             && self.inner.events.wanted()
@@ -640,7 +643,7 @@ impl<'a> Transfer<'a> {
     }
 }
 
-fn too_large(bytes: u64, max: u64) -> Error {
+pub(super) fn too_large(bytes: u64, max: u64) -> Error {
     Error::new(
         ErrorKind::TooLarge,
         format!("{bytes} bytes exceed the cache's size cap of {max} bytes"),

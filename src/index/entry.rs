@@ -36,9 +36,10 @@ pub(crate) struct Entry {
     /// Removed from the map (or replaced by a newer version) while pinned: its bytes go
     /// when the last pin does.
     pub(super) doomed: AtomicBool,
-    /// An explicit cleanup found it expired but held: it has no grace period left, and the
-    /// sweep that its last unpin wakes removes it.
-    pub(super) no_grace: AtomicBool,
+    /// An explicit cleanup found it expired (at this expiry) but held: it has no grace period
+    /// left, and the sweep that its last unpin wakes removes it. A renewal, which moves the
+    /// expiry, ends the mark. Zero: no mark.
+    pub(super) no_grace_at: AtomicU64,
     /// This process's shared lock on the data file while it has pins, so that no other
     /// process deletes the file (see `store::hold`). Taken by the first pin, released by the
     /// last, under the index lock.
@@ -73,7 +74,7 @@ impl Entry {
             own_hits: AtomicU64::new(0),
             pins: AtomicUsize::new(0),
             doomed: AtomicBool::new(false),
-            no_grace: AtomicBool::new(false),
+            no_grace_at: AtomicU64::new(0),
             held: Mutex::new(None),
             stamp: Default::default(),
         }

@@ -152,7 +152,8 @@ impl Index {
         let st = self.lock();
         let mut n = 0;
         for e in st.entries.values().filter(|e| now_ms >= e.expires_at()) {
-            e.no_grace.store(true, Ordering::Relaxed);
+            e.no_grace_at
+                .store(e.expires_at().max(1), Ordering::Relaxed);
             n += 1;
         }
         n
@@ -165,7 +166,7 @@ impl Index {
 
     /// The grace period `entry` has after it expires: none once a cleanup asked for it.
     pub(super) fn grace_of(&self, entry: &Entry) -> u64 {
-        if entry.no_grace.load(Ordering::Relaxed) {
+        if entry.no_grace_at.load(Ordering::Relaxed) == entry.expires_at().max(1) {
             0
         } else {
             self.grace_ms

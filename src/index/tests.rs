@@ -317,3 +317,29 @@ fn an_entry_another_process_renewed_is_neither_expired_nor_removed_on_an_old_rea
     delete_trash(&removed);
     assert!(!path.exists());
 }
+
+#[test]
+fn a_cleanups_mark_on_a_held_entry_ends_when_the_entry_is_renewed() {
+    let (_dir, layout) = disk();
+    let index = index(&layout, 100);
+    let (meta, path) = put(&layout, &key(0), b"abc", 100);
+    let stamp = layout.meta_stamp(&key(0)).unwrap();
+    index.load(vec![
+        Entry::new(key(0), meta.clone(), path.clone(), 0, 0, 0).with_stamp(stamp),
+    ]);
+    let held = index.pin_current(&key(0)).unwrap();
+    // An explicit cleanup at 150 finds it expired and held: no grace left for it.
+    assert_eq!(index.mark_kept_expired(150), 1);
+    assert!(index.past_grace(&held, 150));
+    // A 304 renews it to expire at 2000; expired again at 2100, it has its grace (1000 ms).
+    let renewed = Meta {
+        expires_at: 2000,
+        ..meta
+    };
+    let json = serde_json::to_vec(&renewed).unwrap();
+    let temp = layout.write_temp(key(0).as_str(), "meta", &json).unwrap();
+    assert!(index.renew(&held, &renewed, temp).unwrap());
+    assert!(!index.past_grace(&held, 2100), "the renewal ended the mark");
+    assert!(index.past_grace(&held, 3000), "past its own grace");
+    assert!(path.exists());
+}

@@ -133,18 +133,15 @@ async fn a_file_larger_than_the_cap_is_handed_out_uncached_when_the_caller_allow
         assert_eq!(big.status(), CacheStatus::NotStored, "{name}");
         assert_eq!(std::fs::read(big.path()).unwrap(), volume(seed, 3 * MB));
         assert!(big.path().to_string_lossy().ends_with(name), "{name}");
-        // It is not counted against the cap. With a length, nothing was evicted for it;
-        // without one, it reserved ahead up to the cap first, as any such download does.
+        // Nothing was evicted for it (with a length or without), and it is not counted
+        // against the cap.
+        assert!(small_path.exists(), "{name}: the cached file stays");
         let stats = cache.stats();
-        assert_eq!(stats.reserved_bytes, 0);
-        if name == "big.nii.gz" {
-            assert!(small_path.exists(), "the cached file stays");
-            assert_eq!(
-                (stats.entries_count, stats.current_size_bytes),
-                (1, MB as u64)
-            );
-            assert_eq!(stats.evictions, 0);
-        }
+        assert_eq!(
+            (stats.entries_count, stats.current_size_bytes),
+            (1, MB as u64)
+        );
+        assert_eq!((stats.reserved_bytes, stats.evictions), (0, 0));
         let path = big.path().to_owned();
         drop(big);
         wait_until(|| !path.exists()).await;
@@ -201,4 +198,44 @@ async fn concurrent_downloads_reserve_space_and_never_overshoot_the_cap() {
     );
     assert_eq!(stats.entries_count, 2);
     assert_eq!(data_files(dir.path()).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_callers_that_take_a_file_uncached_get_it_uncached() {
+    use imgcache::{CacheStatus, GetOptions};
+
+    let (route, gate) = Route::ok(volume(45, 3 * MB)).gated();
+    let origin = Origin::start().await;
+    origin.route("shared-big.nii.gz", route);
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(imgcache::ManualClock::new());
+    let cache = Arc::new(
+        crate::support::builder(dir.path(), &clock)
+            .max_size_bytes(2 * MB as u64)
+            .build()
+            .await
+            .unwrap(),
+    );
+    let url = origin.url("shared-big.nii.gz");
+    // One caller that did not ask starts the download; one that asks joins it.
+    let plain = tokio::spawn({
+        let (cache, url) = (Arc::clone(&cache), url.clone());
+        async move { cache.get(url).await }
+    });
+    origin.wait_for_hits("shared-big.nii.gz", 1).await;
+    let allowing = tokio::spawn({
+        let (cache, url) = (Arc::clone(&cache), url.clone());
+        async move {
+            let options = GetOptions::new().uncached_if_too_large(true);
+            cache.get_with(url, options).await
+        }
+    });
+    wait_until(|| cache.stats().coalesced_waits == 1).await;
+    gate.add_permits(1);
+    let err = plain.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TooLarge, "{err}");
+    let file = allowing.await.unwrap().unwrap();
+    assert_eq!(file.status(), CacheStatus::NotStored);
+    assert_eq!(std::fs::read(file.path()).unwrap(), volume(45, 3 * MB));
+    assert_eq!(origin.hits("shared-big.nii.gz"), 1);
 }
