@@ -296,8 +296,8 @@ class ImageCacheManager:
     :meth:`cleanup` and a smaller size cap remove the entry at once and its file when the
     hold ends, so that a reader that reopens the path lazily (``nib.load(path)``, then
     ``img.dataobj[...]``) finds it. Holds are a courtesy: together they keep at most half
-    the size cap (and 64 files), the oldest going first. For a reader that lives longer,
-    pin the file for as long as it needs it::
+    the size cap (and 64 files), and a newer hold beyond that lets the oldest go early. For
+    a reader that lives longer, pin the file for as long as it needs it::
 
         with cache.open(url) as f:
             img = nib.load(f.path)
@@ -363,7 +363,7 @@ class ImageCacheManager:
         later call joins it). ``progress`` is told of a download's bytes as they arrive: a
         callable ``(bytes_done, total_or_None)`` or a tqdm-like bar, called on this thread
         about ten times a second at most and once at the end; a hit calls nothing (see
-        :func:`streamlit_progress`). ``uncached_if_too_large``: a file larger than the whole
+        :func:`streamlit_progress`); it must not call into imgcache. ``uncached_if_too_large``: a file larger than the whole
         size cap is downloaded and handed out uncached, with a ``UserWarning`` (it is deleted
         when the hold ends: prefer :meth:`open`), instead of :class:`TooLargeError`.
         Raises a :class:`CacheError` subclass on failure."""

@@ -21,6 +21,16 @@ use std::time::Instant;
 use imgcache::CachedFile;
 use pyo3::prelude::*;
 
+/// The bytes a held file counts against the holds' half of the cap: none for one handed out
+/// uncached (it is not in the cache, and may be larger than the whole cap).
+fn counted(file: &CachedFile) -> u64 {
+    if file.status() == imgcache::CacheStatus::NotStored {
+        0
+    } else {
+        file.size()
+    }
+}
+
 /// The most files the holds of one handle pin at once.
 pub(crate) const MAX_HOLDS: usize = 64;
 
@@ -76,7 +86,7 @@ impl Holds {
         held.until = held.until.max(until);
         // The same path is the same version, so the same size; a tampered meta.json could
         // say otherwise, and the count follows the pin it keeps.
-        self.bytes = self.bytes.saturating_sub(held.file.size()) + file.size();
+        self.bytes = self.bytes.saturating_sub(counted(&held.file)) + counted(&file);
         let old = std::mem::replace(&mut held.file, file);
         Ok((held.path.clone_ref(py), old))
     }
@@ -108,7 +118,7 @@ impl Holds {
             ),
             Err(file) => {
                 self.count += 1;
-                self.bytes += file.size();
+                self.bytes += counted(&file);
                 let handed = path.clone_ref(py);
                 self.by_url
                     .entry(url.to_owned())
@@ -141,7 +151,7 @@ impl Holds {
             !list.is_empty()
         });
         self.count -= gone.len();
-        let freed = gone.iter().map(|h| h.file.size()).sum::<u64>();
+        let freed = gone.iter().map(|h| counted(&h.file)).sum::<u64>();
         self.bytes = self.bytes.saturating_sub(freed);
         gone
     }
@@ -161,7 +171,7 @@ impl Holds {
             self.by_url.remove(&url);
         }
         self.count -= 1;
-        self.bytes = self.bytes.saturating_sub(held.file.size());
+        self.bytes = self.bytes.saturating_sub(counted(&held.file));
         Some(held)
     }
 }

@@ -154,8 +154,11 @@ impl Cache {
             unpin(py, file);
             return path;
         }
-        // `hold` is at most MAX_HOLD: the sum cannot overflow.
-        let until = state.hold_clock.now() + self.hold;
+        let until = state
+            .hold_clock
+            .now()
+            .checked_add(self.hold)
+            .unwrap_or_else(state::far_future);
         let renewed = state.lock_holds().renew(py, url, file, until);
         let file = match renewed {
             Ok((path, older)) => {
@@ -328,6 +331,13 @@ impl Cache {
         progress: Option<Py<PyAny>>,
         uncached_if_too_large: bool,
     ) -> PyResult<Py<PyAny>> {
+        if uncached_if_too_large && self.hold.is_zero() {
+            // An uncached file goes with its last handle: without a hold, before the caller
+            // could open the path.
+            return Err(PyValueError::new_err(
+                "uncached_if_too_large needs hold_seconds > 0 for a path; open() keeps the file for a block",
+            ));
+        }
         let options = options(ttl_seconds, expected_sha256)?;
         let asked = Asked {
             force,

@@ -10,7 +10,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use pyo3::prelude::*;
@@ -146,21 +145,7 @@ impl Process {
         py: Python<'_>,
         fut: impl Future<Output = T> + Send,
     ) -> PyResult<T> {
-        nested()?;
-        py.detach(|| {
-            self.runtime.block_on(async {
-                tokio::pin!(fut);
-                loop {
-                    tokio::select! {
-                        biased;
-                        out = &mut fut => return Ok(out),
-                        () = tokio::time::sleep(Duration::from_millis(100)) => {
-                            Python::attach(|py| py.check_signals())?;
-                        }
-                    }
-                }
-            })
-        })
+        crate::wait::Waiting::plain().block_on(py, self, "", fut)
     }
 }
 

@@ -101,10 +101,18 @@ impl HoldClock {
         match &self.manual {
             None => Instant::now(),
             Some((clock, base, then)) => {
-                *base + clock.now().duration_since(*then).unwrap_or_default()
+                let moved = clock.now().duration_since(*then).unwrap_or_default();
+                base.checked_add(moved).unwrap_or_else(far_future)
             }
         }
     }
+}
+
+/// An instant no hold reaches: a century from now.
+pub(crate) fn far_future() -> Instant {
+    let now = Instant::now();
+    now.checked_add(Duration::from_secs(100 * 365 * 86_400))
+        .unwrap_or(now)
 }
 
 impl State {

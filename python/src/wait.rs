@@ -1,7 +1,8 @@
 //! How a Python call waits on the core: `timeout=` (the longest this call waits; the
 //! download goes on for anyone else) and `progress=` (a callable taking bytes done and the
 //! total, called on the caller's own thread, so that a Streamlit element it updates belongs
-//! to the script's run). Ctrl-C is checked every 100 ms, as in every wait.
+//! to the script's run; it runs inside the wait, so it must not call into imgcache). Ctrl-C
+//! is checked every 100 ms, as in every wait.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -90,6 +91,14 @@ impl Waiting {
         Ok((Waiting { timeout, progress }, options))
     }
 
+    /// A wait with no timeout and no progress (only Ctrl-C).
+    pub(crate) fn plain() -> Waiting {
+        Waiting {
+            timeout: None,
+            progress: None,
+        }
+    }
+
     /// Runs `fut` with the GIL released until it ends, the timeout passes (an error naming
     /// `url`; `fut` is cancel safe, the download goes on), a signal handler raises, or the
     /// progress callable raises.
@@ -114,6 +123,11 @@ impl Waiting {
         let out = py.detach(|| {
             process.runtime.block_on(async {
                 tokio::pin!(fut);
+                // One timer for the whole wait: reports arriving faster than it must not
+                // keep Ctrl-C from being checked.
+                let mut signals = tokio::time::interval(Duration::from_millis(100));
+                signals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                signals.tick().await;
                 loop {
                     tokio::select! {
                         biased;
@@ -128,7 +142,7 @@ impl Waiting {
                                 call(progress, report)?;
                             }
                         }
-                        () = tokio::time::sleep(Duration::from_millis(100)) => {
+                        _ = signals.tick() => {
                             Python::attach(|py| py.check_signals())?;
                         }
                     }
@@ -137,9 +151,11 @@ impl Waiting {
         })?;
         // The last report (the whole file, which came with the end) is always made. Read as
         // the value, not as a change: the sender went with the call, which closed the channel.
+        // Only a complete one: after a failure, the callable has no say over the error.
         let last = reports.as_ref().and_then(|rx| *rx.borrow());
         if let Some(report) = last
             && made != Some(report)
+            && report.1 == Some(report.0)
         {
             call(progress, report)?;
         }

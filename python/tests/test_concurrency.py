@@ -11,7 +11,7 @@ import time
 import imgcache
 from imgcache import ImageCacheManager
 
-from conftest import Route, volume
+from conftest import Route, data_files, volume
 
 MB = 1024 * 1024
 
@@ -299,3 +299,36 @@ def test_ctrl_c_exits_at_once_and_keeps_the_part_file(origin, cache_dir):
     # Not the rest of the download (over 20 s): the exit does not wait for it.
     assert took < 10, f"{took:.1f} s to exit"
     assert part_bytes() >= 512 * 1024, "the part file is kept for a resume"
+
+
+def test_ctrl_c_is_noticed_while_progress_reports_arrive(origin, cache_dir):
+    # 60 MB at 20 MB/s: a progress report every 50 ms or so, faster than the 100 ms at which
+    # Ctrl-C is checked; the download has seconds to go when Ctrl-C comes.
+    url = origin.route("busy.nii.gz", Route(volume(31, 60 * MB), etag='"v1"', rate=20 * MB))
+    code = (
+        "import sys, imgcache\n"
+        "m = imgcache.ImageCacheManager(cache_dir=sys.argv[1])\n"
+        "m.get_file(sys.argv[2], progress=lambda done, total: None)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(cache_dir), url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    tmp = cache_dir / "v1" / "tmp"
+
+    def part_bytes():
+        parts = list(tmp.glob("*.part")) if tmp.exists() else []
+        return sum(p.stat().st_size for p in parts)
+
+    deadline = time.monotonic() + 60
+    while part_bytes() < 4 * MB:
+        assert time.monotonic() < deadline, "the download never started"
+        assert child.poll() is None, child.communicate()
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert b"KeyboardInterrupt" in err, err
+    # Noticed while the reports came: the call did not run to the end of the download.
+    assert data_files(cache_dir) == [], "the download ran to its end before Ctrl-C was seen"
+    assert 4 * MB <= part_bytes() < 60 * MB, "the part file is kept for a resume"

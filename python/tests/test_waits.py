@@ -154,6 +154,8 @@ def test_a_volume_larger_than_the_cap_is_viewed_uncached_when_the_caller_allows(
     m = ImageCacheManager(cache_dir=cache_dir, max_cache_size_mb=2, hold_seconds=0)
     with pytest.raises(imgcache.TooLargeError):
         m.get_file(url)
+    with pytest.raises(ValueError, match="hold_seconds"):
+        m.get_file(url, uncached_if_too_large=True)  # a path that would be gone at once
     with pytest.warns(UserWarning, match="more than the cache's size cap"):
         with m.open(url, uncached_if_too_large=True) as f:
             assert f.status == "not_stored" and f.path.read_bytes() == body
