@@ -18,9 +18,9 @@ if [ ! -x "$VENV/bin/maturin" ] || [ ! -x "$VENV/bin/auditwheel" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check "maturin>=1.7,<2" "ziglang>=0.13,<0.14" "auditwheel>=6,<7"
 fi
 VENV=$(cd "$VENV" && pwd)
-rm -rf "$OUT"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+rm -f "$OUT"/imgcache-*.whl
 # maturin finds zig through the ziglang module of the Python it runs under.
 (cd python && PATH="$VENV/bin:$PATH" "$VENV/bin/maturin" build -q --release --strip \
   --zig --compatibility manylinux2014 --out "$OUT")
@@ -28,7 +28,7 @@ wheel=$(ls "$OUT"/imgcache-*.whl)
 # What auditwheel reads off the extension's symbol versions: it must fit manylinux2014.
 report=$("$VENV/bin/auditwheel" show "$wheel")
 echo "$report"
-if ! grep -q 'manylinux_2_17_x86_64' <<<"$report"; then
+if ! grep -q "manylinux_2_17_$(uname -m)" <<<"$report"; then
   echo "the wheel does not fit manylinux2014 (glibc 2.17)" >&2
   exit 1
 fi
