@@ -10,11 +10,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use pyo3::prelude::*;
 use pyo3_async_runtimes::TaskLocals;
 use pyo3_async_runtimes::generic::{ContextExt, JoinError, Runtime as PyRuntime};
+use tokio::sync::watch;
 
 /// Moved on by [`forked`] in each child.
 static GENERATION: AtomicU64 = AtomicU64::new(0);
@@ -145,7 +147,65 @@ impl Process {
         py: Python<'_>,
         fut: impl Future<Output = T> + Send,
     ) -> PyResult<T> {
-        crate::wait::Waiting::plain().block_on(py, self, "", fut)
+        let none: Option<&mut watch::Receiver<Option<()>>> = None;
+        let out = self.wait(py, fut, None, none, |()| Ok(()))?;
+        Ok(out.expect("a wait without a deadline ends with its future"))
+    }
+
+    /// [`block_on`](Self::block_on), ending at `deadline` too (with `None`), and handing each
+    /// value that arrives on `reports` to `on_report` (on this thread, with the GIL
+    /// released: it takes it if it needs it); an error of `on_report` ends the wait.
+    pub(crate) fn wait<T: Send, R: Copy + Send + Sync>(
+        &self,
+        py: Python<'_>,
+        fut: impl Future<Output = T> + Send,
+        deadline: Option<tokio::time::Instant>,
+        mut reports: Option<&mut watch::Receiver<Option<R>>>,
+        mut on_report: impl FnMut(R) -> PyResult<()> + Send,
+    ) -> PyResult<Option<T>> {
+        nested()?;
+        py.detach(|| {
+            self.runtime.block_on(async {
+                tokio::pin!(fut);
+                // One timer for the whole wait: reports arriving faster than it must not
+                // keep Ctrl-C from being checked.
+                let mut signals = tokio::time::interval(Duration::from_millis(100));
+                signals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                signals.tick().await;
+                loop {
+                    tokio::select! {
+                        biased;
+                        out = &mut fut => return Ok(Some(out)),
+                        () = until(deadline) => return Ok(None),
+                        Some(report) = changed(reports.as_deref_mut()) => on_report(report)?,
+                        _ = signals.tick() => {
+                            Python::attach(|py| py.check_signals())?;
+                        }
+                    }
+                }
+            })
+        })
+    }
+}
+
+/// The next value on `rx`, or never.
+async fn changed<R: Copy>(rx: Option<&mut watch::Receiver<Option<R>>>) -> Option<R> {
+    match rx {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            *rx.borrow_and_update()
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// `deadline`, or never.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use tokio::sync::watch;
 
 use crate::errors;
-use crate::process::{Process, nested};
+use crate::process::Process;
 
 /// The least time between two calls of a progress callable (the last one always comes).
 const REPORT_EVERY: Duration = Duration::from_millis(100);
@@ -91,14 +91,6 @@ impl Waiting {
         Ok((Waiting { timeout, progress }, options))
     }
 
-    /// A wait with no timeout and no progress (only Ctrl-C).
-    pub(crate) fn plain() -> Waiting {
-        Waiting {
-            timeout: None,
-            progress: None,
-        }
-    }
-
     /// Runs `fut` with the GIL released until it ends, the timeout passes (an error naming
     /// `url`; `fut` is cancel safe, the download goes on), a signal handler raises, or the
     /// progress callable raises.
@@ -109,7 +101,6 @@ impl Waiting {
         url: &str,
         fut: impl Future<Output = T> + Send,
     ) -> PyResult<T> {
-        nested()?;
         let Waiting { timeout, progress } = self;
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let (progress, mut reports) = match progress {
@@ -120,35 +111,17 @@ impl Waiting {
         let mut last_report: Option<Instant> = None;
         // The last report made: one skipped for coming too soon after it is made at the end.
         let mut made: Option<Report> = None;
-        let out = py.detach(|| {
-            process.runtime.block_on(async {
-                tokio::pin!(fut);
-                // One timer for the whole wait: reports arriving faster than it must not
-                // keep Ctrl-C from being checked.
-                let mut signals = tokio::time::interval(Duration::from_millis(100));
-                signals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                signals.tick().await;
-                loop {
-                    tokio::select! {
-                        biased;
-                        out = &mut fut => return Ok(out),
-                        () = until(deadline) => {
-                            return Err(errors::timeout(url, timeout.unwrap_or_default()));
-                        }
-                        Some(report) = changed(reports.as_mut()) => {
-                            if last_report.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
-                                last_report = Some(Instant::now());
-                                made = Some(report);
-                                call(progress, report)?;
-                            }
-                        }
-                        _ = signals.tick() => {
-                            Python::attach(|py| py.check_signals())?;
-                        }
-                    }
-                }
-            })
+        let out = process.wait(py, fut, deadline, reports.as_mut(), |report| {
+            if last_report.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
+                last_report = Some(Instant::now());
+                made = Some(report);
+                call(progress, report)?;
+            }
+            Ok(())
         })?;
+        let Some(out) = out else {
+            return Err(errors::timeout(url, timeout.unwrap_or_default()));
+        };
         // The last report (the whole file, which came with the end) is always made. Read as
         // the value, not as a change: the sender went with the call, which closed the channel.
         // Only a complete one: after a failure, the callable has no say over the error.
@@ -168,27 +141,6 @@ fn call(progress: Option<&Py<PyAny>>, (done, total): Report) -> PyResult<()> {
     match progress {
         Some(callable) => Python::attach(|py| callable.call1(py, (done, total)).map(drop)),
         None => Ok(()),
-    }
-}
-
-/// The next report, or never.
-async fn changed(rx: Option<&mut Reports>) -> Option<Report> {
-    match rx {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-            *rx.borrow_and_update()
-        }
-        None => std::future::pending().await,
-    }
-}
-
-/// `deadline`, or never.
-async fn until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
