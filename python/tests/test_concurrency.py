@@ -267,13 +267,9 @@ def test_the_counts_of_forked_pool_workers_reach_the_parent(origin, cache_dir):
         _pool_manager = None
 
 
-def test_ctrl_c_exits_at_once_and_keeps_the_part_file(origin, cache_dir):
-    # 8 MB at 256 KB/s: the download alone has half a minute to go when Ctrl-C comes.
-    url = origin.route("slow.nii.gz", Route(volume(30, 8 * MB), etag='"v1"', rate=256 * 1024))
-    code = (
-        "import sys, imgcache\n"
-        "imgcache.ImageCacheManager(cache_dir=sys.argv[1]).get_file(sys.argv[2])\n"
-    )
+def _child_downloading(code, cache_dir, url, at_least):
+    """A Python child running `code` (argv: cache_dir, url), once `at_least` bytes of its
+    download are in a part file; and a function that counts the part files' bytes."""
     child = subprocess.Popen(
         [sys.executable, "-c", code, str(cache_dir), url],
         stdout=subprocess.PIPE,
@@ -286,10 +282,21 @@ def test_ctrl_c_exits_at_once_and_keeps_the_part_file(origin, cache_dir):
         return sum(p.stat().st_size for p in parts)
 
     deadline = time.monotonic() + 60
-    while part_bytes() < 512 * 1024:
+    while part_bytes() < at_least:
         assert time.monotonic() < deadline, "the download never started"
         assert child.poll() is None, child.communicate()
-        time.sleep(0.05)
+        time.sleep(0.01)
+    return child, part_bytes
+
+
+def test_ctrl_c_exits_at_once_and_keeps_the_part_file(origin, cache_dir):
+    # 8 MB at 256 KB/s: the download alone has half a minute to go when Ctrl-C comes.
+    url = origin.route("slow.nii.gz", Route(volume(30, 8 * MB), etag='"v1"', rate=256 * 1024))
+    code = (
+        "import sys, imgcache\n"
+        "imgcache.ImageCacheManager(cache_dir=sys.argv[1]).get_file(sys.argv[2])\n"
+    )
+    child, part_bytes = _child_downloading(code, cache_dir, url, 512 * 1024)
     child.send_signal(signal.SIGINT)
     sent = time.monotonic()
     _, err = child.communicate(timeout=60)
@@ -310,22 +317,7 @@ def test_ctrl_c_is_noticed_while_progress_reports_arrive(origin, cache_dir):
         "m = imgcache.ImageCacheManager(cache_dir=sys.argv[1])\n"
         "m.get_file(sys.argv[2], progress=lambda done, total: None)\n"
     )
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, str(cache_dir), url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    tmp = cache_dir / "v1" / "tmp"
-
-    def part_bytes():
-        parts = list(tmp.glob("*.part")) if tmp.exists() else []
-        return sum(p.stat().st_size for p in parts)
-
-    deadline = time.monotonic() + 60
-    while part_bytes() < 4 * MB:
-        assert time.monotonic() < deadline, "the download never started"
-        assert child.poll() is None, child.communicate()
-        time.sleep(0.01)
+    child, part_bytes = _child_downloading(code, cache_dir, url, 4 * MB)
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=60)
     assert b"KeyboardInterrupt" in err, err

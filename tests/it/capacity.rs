@@ -115,12 +115,7 @@ async fn a_file_larger_than_the_cap_is_handed_out_uncached_when_the_caller_allow
         Route::ok(volume(44, 3 * MB)).fault(Fault::Chunked),
     );
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(imgcache::ManualClock::new());
-    let cache = crate::support::builder(dir.path(), &clock)
-        .max_size_bytes(2 * MB as u64)
-        .build()
-        .await
-        .unwrap();
+    let (cache, _clock) = open_capped(dir.path(), 2 * MB as u64).await;
     let small = cache.get(origin.url("small.nii.gz")).await.unwrap();
     let small_path = small.path().to_owned();
     drop(small);
@@ -208,14 +203,7 @@ async fn only_the_callers_that_take_a_file_uncached_get_it_uncached() {
     let origin = Origin::start().await;
     origin.route("shared-big.nii.gz", route);
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(imgcache::ManualClock::new());
-    let cache = Arc::new(
-        crate::support::builder(dir.path(), &clock)
-            .max_size_bytes(2 * MB as u64)
-            .build()
-            .await
-            .unwrap(),
-    );
+    let cache = Arc::new(open_capped(dir.path(), 2 * MB as u64).await.0);
     let url = origin.url("shared-big.nii.gz");
     // One caller that did not ask starts the download; one that asks joins it.
     let plain = tokio::spawn({
