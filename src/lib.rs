@@ -212,6 +212,7 @@
 mod cache;
 mod clock;
 mod config;
+mod digest;
 mod error;
 mod events;
 mod failpoint;

@@ -4,11 +4,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use sha2::{Digest, Sha256};
-
 use super::announce::Announcement;
 use super::engine::Inner;
 use super::wants::Wants;
+use crate::digest::Sha256;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::Event;
 use crate::fetch;
@@ -636,7 +635,7 @@ impl<'a> Transfer<'a> {
         Ok(Finished {
             temp,
             file,
-            sha256: hex::encode(std::mem::take(&mut self.hasher).finalize()),
+            sha256: std::mem::take(&mut self.hasher).hex(),
             size,
             validators: std::mem::take(&mut self.validators),
         })

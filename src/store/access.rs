@@ -75,9 +75,8 @@ pub(crate) fn mtime_ns(md: &fs::Metadata) -> u64 {
 impl Layout {
     /// Full re-hash of a file (blocking).
     pub(crate) fn hash_file(&self, path: &Path) -> io::Result<(String, u64)> {
-        use sha2::{Digest, Sha256};
         let mut file = self.open_no_follow(path)?;
-        let mut hasher = Sha256::new();
+        let mut hasher = crate::digest::Sha256::new();
         let mut buf = vec![0u8; WRITE_BUFFER];
         let mut n = 0u64;
         loop {
@@ -88,7 +87,7 @@ impl Layout {
             hasher.update(&buf[..read]);
             n += read as u64;
         }
-        Ok((hex::encode(hasher.finalize()), n))
+        Ok((hasher.hex(), n))
     }
 
     /// Opens `path` for reading, never through a link. Non-blocking, so that a FIFO planted
