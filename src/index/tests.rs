@@ -1,6 +1,6 @@
 //! Unit tests of the index.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::clock::ManualClock;
@@ -42,6 +42,16 @@ fn index_with(layout: &Layout, max: u64, sizes: &[usize]) -> Index {
         .collect();
     index.load(entries);
     index
+}
+
+/// Entry 0 of "abc", expiring at `expires_at`, loaded into `index`: its meta and path.
+fn load_one(index: &Index, layout: &Layout, expires_at: u64) -> (Meta, PathBuf) {
+    let (meta, path) = put(layout, &key(0), b"abc", expires_at);
+    let stamp = layout.meta_stamp(&key(0)).unwrap();
+    index.load(vec![
+        Entry::new(key(0), meta.clone(), path.clone(), 0, 0, 0).with_stamp(stamp),
+    ]);
+    (meta, path)
 }
 
 fn keys(removed: &[Removed]) -> Vec<Key> {
@@ -293,11 +303,7 @@ fn the_sweep_removes_entries_past_their_grace_unless_pinned() {
 fn an_entry_another_process_renewed_is_neither_expired_nor_removed_on_an_old_reading() {
     let (_dir, layout) = disk();
     let index = index(&layout, 100);
-    let (meta, path) = put(&layout, &key(0), b"abc", 100);
-    let stamp = layout.meta_stamp(&key(0)).unwrap();
-    index.load(vec![
-        Entry::new(key(0), meta.clone(), path.clone(), 0, 0, 0).with_stamp(stamp),
-    ]);
+    let (meta, path) = load_one(&index, &layout, 100);
     // Another process revalidated it: a new meta.json of the same version, fresh for long.
     let renewed = Meta {
         expires_at: FAR,
@@ -322,11 +328,7 @@ fn an_entry_another_process_renewed_is_neither_expired_nor_removed_on_an_old_rea
 fn a_cleanups_mark_on_a_held_entry_ends_when_the_entry_is_renewed() {
     let (_dir, layout) = disk();
     let index = index(&layout, 100);
-    let (meta, path) = put(&layout, &key(0), b"abc", 100);
-    let stamp = layout.meta_stamp(&key(0)).unwrap();
-    index.load(vec![
-        Entry::new(key(0), meta.clone(), path.clone(), 0, 0, 0).with_stamp(stamp),
-    ]);
+    let (meta, path) = load_one(&index, &layout, 100);
     let held = index.pin_current(&key(0)).unwrap();
     // An explicit cleanup at 150 finds it expired and held: no grace left for it.
     assert_eq!(index.mark_kept_expired(150), 1);

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use imgcache::{CacheStatus, ErrorKind, GetOptions, ManualClock};
 
-use crate::support::builder;
 use crate::support::origin::{Fault, Origin, Route, volume};
+use crate::support::{builder, open_without_retries};
 
 #[tokio::test]
 async fn an_origin_that_does_not_answer_is_not_asked_again_for_a_while() {
@@ -96,12 +96,7 @@ async fn an_error_status_is_an_answer_and_a_zero_memory_remembers_nothing() {
         Route::ok(Vec::new()).fault(Fault::CloseImmediately),
     );
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new());
-    let cache = builder(dir.path(), &clock)
-        .network(|n| n.retries(0))
-        .build()
-        .await
-        .unwrap();
+    let (cache, clock) = open_without_retries(dir.path()).await;
     // 503s: the server is up; each call asks.
     for n in 1..=2 {
         let e = cache.get(origin.url("s.nii.gz")).await.unwrap_err();
@@ -135,12 +130,7 @@ async fn a_redirect_to_a_server_that_is_down_is_an_answer_of_the_first() {
     );
     origin.route("ok.nii.gz", Route::ok(volume(3, 5000)));
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new());
-    let cache = builder(dir.path(), &clock)
-        .network(|n| n.retries(0))
-        .build()
-        .await
-        .unwrap();
+    let (cache, _clock) = open_without_retries(dir.path()).await;
     let e = cache.get(origin.url("r.nii.gz")).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Network, "{e}");
     // The image server answered (with the redirect): it is not remembered as down.
