@@ -363,9 +363,10 @@ class ImageCacheManager:
         later call joins it). ``progress`` is told of a download's bytes as they arrive: a
         callable ``(bytes_done, total_or_None)`` or a tqdm-like bar, called on this thread
         about ten times a second at most and once at the end; a hit calls nothing (see
-        :func:`streamlit_progress`); it must not call into imgcache. ``uncached_if_too_large``: a file larger than the whole
-        size cap is downloaded and handed out uncached, with a ``UserWarning`` (it is deleted
-        when the hold ends: prefer :meth:`open`), instead of :class:`TooLargeError`.
+        :func:`streamlit_progress`); it must not call into imgcache.
+        ``uncached_if_too_large``: a file larger than the whole size cap is downloaded and
+        handed out uncached, with a ``UserWarning`` (it is deleted when the hold ends: prefer
+        :meth:`open`), instead of :class:`TooLargeError`.
         Raises a :class:`CacheError` subclass on failure."""
         if timeout is None and progress is None and not uncached_if_too_large:
             return self._get(url, ttl_seconds, expected_sha256)
@@ -517,8 +518,8 @@ class ImageCacheManager:
     ) -> Path:
         """Downloads ``url`` again even if a fresh copy is cached, and replaces it: the Rust
         core's name for :meth:`download_and_cache`."""
-        return self._cache.get(
-            url, None, expected_sha256, True, timeout=timeout, progress=_reporter(progress)
+        return self.download_and_cache(
+            url, expected_sha256=expected_sha256, timeout=timeout, progress=progress
         )
 
     def verify(self, url: str) -> str:

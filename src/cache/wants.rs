@@ -3,6 +3,7 @@
 //! its readers follow and the guard of its events.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -56,6 +57,9 @@ pub(super) struct Wants {
     // A std Mutex: pushed to once per joined caller, read once at the commit; never held
     // across an .await.
     list: Mutex<Vec<Want>>,
+    /// Whether some caller takes a file larger than the cap uncached: read for every chunk
+    /// of a download, so kept apart from the list's lock.
+    uncached_ok: AtomicBool,
     /// What reaches the download's file, for its streaming readers.
     progress: Arc<tokio::sync::watch::Sender<Progress>>,
     /// The download's events: one start, one end.
@@ -66,6 +70,7 @@ impl Wants {
     /// A new download's: its first caller's want, and the guard of its events.
     pub(super) fn new(first: Want, announcement: Announcement) -> Wants {
         Wants {
+            uncached_ok: AtomicBool::new(first.uncached_ok),
             list: Mutex::new(vec![first]),
             progress: Arc::new(tokio::sync::watch::Sender::new(Default::default())),
             announcement,
@@ -81,6 +86,9 @@ impl Wants {
     }
 
     pub(super) fn add(&self, want: Want) {
+        if want.uncached_ok {
+            self.uncached_ok.store(true, Ordering::Release);
+        }
         self.list
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -106,8 +114,7 @@ impl Wants {
 
     /// Whether some caller takes a file larger than the cap, uncached.
     pub(super) fn uncached_ok(&self) -> bool {
-        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
-        list.iter().any(|w| w.uncached_ok)
+        self.uncached_ok.load(Ordering::Acquire)
     }
 
     pub(super) fn ttl_ms(&self) -> u64 {
